@@ -1,0 +1,216 @@
+// CUDA kernels of the PGD inner loop. Memory-bound element-wise work: each thread handles kUnroll
+// elements of one sample (grid.y = sample chunk, grid.x = chunk within the sample) so the per-sample
+// eps/step are read once per thread and no integer division is needed per element. The arithmetic is
+// the same header the CPU kernels use (../pgd_math.h), in fp32 with one rounding on store.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../pgd_math.h"
+#include "pgd_kernels.h"
+
+namespace roli {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T>
+struct io;
+template <>
+struct io<float> {
+  __device__ static float ld(float v) { return v; }
+  __device__ static float st(float v) { return v; }
+};
+template <>
+struct io<__half> {
+  __device__ static float ld(__half v) { return __half2float(v); }
+  __device__ static __half st(float v) { return __float2half_rn(v); }
+};
+template <>
+struct io<__nv_bfloat16> {
+  __device__ static float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 st(float v) { return __float2bfloat16_rn(v); }
+};
+
+dim3 grid_for(int64_t per_sample, int64_t batch, int64_t per_block) {
+  const int64_t gx = (per_sample + per_block - 1) / per_block;
+  const int64_t gy = batch < kMaxGridY ? batch : kMaxGridY;
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+__device__ __forceinline__ float pick(const float* t, float v, int64_t b) { return t ? t[b] : v; }
+
+// Samples are visited by a grid-stride loop over grid.y so that any batch size fits the grid limits.
+template <typename T>
+__global__ void linf_kernel(StepArgs a) {
+  T* x = static_cast<T*>(a.x);
+  const T* g = static_cast<const T*>(a.g);
+  const T* xn = static_cast<const T*>(a.xn);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const float eps = pick(a.eps_t, a.eps, b), step = pick(a.step_t, a.step, b);
+    const int64_t base = b * a.per_sample;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = chunk + u * kThreads;
+      if (i < a.per_sample) {
+        const int64_t k = base + i;
+        x[k] = io<T>::st(linf_update(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), eps, step, a.lo, a.hi));
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  __syncthreads();
+  return v;
+}
+
+// PASS 0: sum of g^2 per sample into sums[b]. PASS 1: sum of (x + gscale*g - xn)^2 into sums[B + b].
+template <typename T, int PASS>
+__global__ void l2_reduce_kernel(StepArgs a, float* sums) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* g = static_cast<const T*>(a.g);
+  const T* xn = static_cast<const T*>(a.xn);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const int64_t base = b * a.per_sample;
+    const float gscale = PASS == 1 ? l2_grad_scale(sums[b], pick(a.step_t, a.step, b)) : 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = chunk + u * kThreads;
+      if (i < a.per_sample) {
+        const int64_t k = base + i;
+        const float v = PASS == 0 ? io<T>::ld(g[k]) : l2_delta(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), gscale);
+        acc += v * v;
+      }
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(&sums[PASS * a.batch + b], acc);
+  }
+}
+
+template <typename T>
+__global__ void l2_update_kernel(StepArgs a, const float* sums) {
+  T* x = static_cast<T*>(a.x);
+  const T* g = static_cast<const T*>(a.g);
+  const T* xn = static_cast<const T*>(a.xn);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const float gscale = l2_grad_scale(sums[b], pick(a.step_t, a.step, b));
+    const float dscale = l2_proj_scale(sums[a.batch + b], pick(a.eps_t, a.eps, b));
+    const int64_t base = b * a.per_sample;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = chunk + u * kThreads;
+      if (i < a.per_sample) {
+        const int64_t k = base + i;
+        x[k] = io<T>::st(l2_update(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), gscale, dscale, a.lo, a.hi));
+      }
+    }
+  }
+}
+
+// W is the copy word (uint4, unsigned or unsigned char), chosen by the launcher from the alignment.
+template <typename W>
+__global__ void keep_best_copy_kernel(W* best_x, const float* best_score, const W* x, const float* score,
+                                      int64_t batch, int64_t words_per_sample) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    if (i < words_per_sample && score[b] > best_score[b]) best_x[b * words_per_sample + i] = x[b * words_per_sample + i];
+  }
+}
+
+template <typename W>
+void keep_best_copy(void* best_x, const float* best_score, const void* x, const float* score, int64_t batch,
+                    int64_t bytes_per_sample, cudaStream_t s) {
+  const int64_t words = bytes_per_sample / static_cast<int64_t>(sizeof(W));
+  keep_best_copy_kernel<W><<<grid_for(words, batch, kThreads), kThreads, 0, s>>>(
+      static_cast<W*>(best_x), best_score, static_cast<const W*>(x), score, batch, words);
+}
+
+__global__ void keep_best_score_kernel(float* best_score, const float* score, int64_t batch) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b < batch && score[b] > best_score[b]) best_score[b] = score[b];
+}
+
+template <template <typename> class Launch, typename... Args>
+cudaError_t by_dtype(DType dtype, Args&&... args) {
+  switch (dtype) {
+    case DType::kFloat: return Launch<float>::run(args...);
+    case DType::kHalf: return Launch<__half>::run(args...);
+    case DType::kBFloat16: return Launch<__nv_bfloat16>::run(args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+struct LinfLaunch {
+  static cudaError_t run(const StepArgs& a, cudaStream_t s) {
+    linf_kernel<T><<<grid_for(a.per_sample, a.batch, kThreads * kUnroll), kThreads, 0, s>>>(a);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct L2Launch {
+  static cudaError_t run(const StepArgs& a, float* ws, cudaStream_t s) {
+    const dim3 grid = grid_for(a.per_sample, a.batch, kThreads * kUnroll);
+    cudaError_t err = cudaMemsetAsync(ws, 0, sizeof(float) * 2 * a.batch, s);
+    if (err != cudaSuccess) return err;
+    l2_reduce_kernel<T, 0><<<grid, kThreads, 0, s>>>(a, ws);
+    l2_reduce_kernel<T, 1><<<grid, kThreads, 0, s>>>(a, ws);
+    l2_update_kernel<T><<<grid, kThreads, 0, s>>>(a, ws);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_linf(DType dtype, const StepArgs& a, cudaStream_t stream) {
+  if (a.batch == 0 || a.per_sample == 0) return cudaSuccess;
+  return by_dtype<LinfLaunch>(dtype, a, stream);
+}
+
+cudaError_t launch_l2(DType dtype, const StepArgs& a, float* workspace, cudaStream_t stream) {
+  if (a.batch == 0 || a.per_sample == 0) return cudaSuccess;
+  return by_dtype<L2Launch>(dtype, a, workspace, stream);
+}
+
+cudaError_t launch_keep_best(void* best_x, float* best_score, const void* x, const float* score, int64_t batch,
+                             int64_t bytes_per_sample, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  if (bytes_per_sample > 0) {
+    const auto aligned = [&](int64_t w) {
+      return bytes_per_sample % w == 0 && reinterpret_cast<uintptr_t>(best_x) % w == 0 &&
+             reinterpret_cast<uintptr_t>(x) % w == 0;
+    };
+    if (aligned(16)) {
+      keep_best_copy<uint4>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+    } else if (aligned(4)) {
+      keep_best_copy<unsigned>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+    } else {
+      keep_best_copy<unsigned char>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+    }
+  }
+  keep_best_score_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      best_score, score, batch);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace roli

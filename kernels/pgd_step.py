@@ -1,0 +1,144 @@
+"""Triton kernels of the PGD step with projection (Linf and L2), per-sample budgets.
+
+Design: a 1-D grid of (sample, chunk) programs, so the per-sample eps/step are scalars of the program
+and any batch size fits the grid. Operands are converted to fp32 on load and rounded once on store
+(the same arithmetic as csrc/pgd_math.h). L2 needs two per-sample reductions before the update; they
+are atomics into a (2, B) fp32 workspace (three launches, no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from roli.kernels._jit import block_for, dual_jit, finish_write, readable_like, writable
+
+GPU_BLOCK = 2048
+
+
+@dual_jit
+def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
+                          BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // CHUNKS).to(tl.int64)
+    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    ptr = b * N + offs
+    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
+    if EPS_T:
+        e = tl.load(EPS + b)
+    else:
+        e = eps
+    if STEP_T:
+        s = tl.load(STEP + b)
+    else:
+        s = step
+    sgn = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
+    v = x + s * sgn
+    v = tl.minimum(tl.maximum(v, xn - e), xn + e)
+    v = tl.minimum(tl.maximum(v, lo), hi)
+    tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
+
+
+@dual_jit
+def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, SUMS, B, N, CHUNKS,
+                               BLOCK: tl.constexpr, STEP_T: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
+    # PASS 0: SUMS[b] += sum g^2.  PASS 1: SUMS[B + b] += sum (x + gscale * g - xn)^2.
+    pid = tl.program_id(0)
+    b = (pid // CHUNKS).to(tl.int64)
+    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    ptr = b * N + offs
+    g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
+    if PASS == 0:
+        tl.atomic_add(SUMS + b, tl.sum(g * g, axis=0))
+    else:
+        if STEP_T:
+            s = tl.load(STEP + b)
+        else:
+            s = step
+        gsq = tl.load(SUMS + b)
+        gscale = tl.where(gsq > 0.0, s / tl.sqrt(gsq), 0.0)
+        x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+        xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, (x + gscale * g) - xn, 0.0)
+        tl.atomic_add(SUMS + B + b, tl.sum(d * d, axis=0))
+
+
+@dual_jit
+def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, SUMS, B, N, CHUNKS,
+                               BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // CHUNKS).to(tl.int64)
+    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    ptr = b * N + offs
+    if EPS_T:
+        e = tl.load(EPS + b)
+    else:
+        e = eps
+    if STEP_T:
+        s = tl.load(STEP + b)
+    else:
+        s = step
+    gsq = tl.load(SUMS + b)
+    gscale = tl.where(gsq > 0.0, s / tl.sqrt(gsq), 0.0)
+    dnorm = tl.sqrt(tl.load(SUMS + B + b))
+    dscale = tl.where(dnorm > e, e / dnorm, 1.0)
+    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
+    v = xn + ((x + gscale * g) - xn) * dscale
+    v = tl.minimum(tl.maximum(v, lo), hi)
+    tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
+
+
+def _operands(x_adv, grad, x_nat):
+    x = writable(x_adv)
+    return x, readable_like(grad, x), readable_like(x_nat, x)
+
+
+def _budget_ptr(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer argument even where the constexpr flag says it is unused.
+    return t if t is not None else like
+
+
+def pgd_step_linf_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) -> None:
+    """In place: x_adv = clamp(clamp(x_adv + step * sign(grad), x_nat - eps, x_nat + eps), lo, hi)."""
+    if x_adv.numel() == 0:
+        return
+    x, g, xn = _operands(x_adv, grad, x_nat)
+    batch = x.shape[0] if x.dim() else 1
+    n = x.numel() // batch
+    block = block_for(n, x.device, GPU_BLOCK)
+    chunks = triton.cdiv(n, block)
+    _pgd_step_linf_kernel.launcher(x.device)[(batch * chunks,)](
+        x, g, xn, _budget_ptr(eps_t, x), _budget_ptr(step_t, x), float(eps), float(step), float(lo), float(hi),
+        n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, num_warps=8,
+    )  # fmt: skip
+    finish_write(x_adv, x)
+
+
+def pgd_step_l2_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) -> None:
+    """In place: step along grad / ||grad||_2 per sample, project onto the L2 eps-ball around x_nat, clip."""
+    if x_adv.numel() == 0:
+        return
+    x, g, xn = _operands(x_adv, grad, x_nat)
+    batch = x.shape[0] if x.dim() else 1
+    n = x.numel() // batch
+    block = block_for(n, x.device, GPU_BLOCK)
+    chunks = triton.cdiv(n, block)
+    sums = torch.zeros(2 * batch, device=x.device, dtype=torch.float32)
+    step_ptr = _budget_ptr(step_t, sums)
+    for pass_ in (0, 1):
+        _pgd_step_l2_reduce_kernel.launcher(x.device)[(batch * chunks,)](
+            x, g, xn, step_ptr, float(step), sums, batch, n, chunks,
+            BLOCK=block, STEP_T=step_t is not None, PASS=pass_, num_warps=8,
+        )  # fmt: skip
+    _pgd_step_l2_update_kernel.launcher(x.device)[(batch * chunks,)](
+        x, g, xn, _budget_ptr(eps_t, sums), step_ptr, float(eps), float(step), float(lo), float(hi), sums,
+        batch, n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, num_warps=8,
+    )  # fmt: skip
+    finish_write(x_adv, x)

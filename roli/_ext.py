@@ -1,0 +1,139 @@
+"""Loads the compiled extension ``roli._C`` once and remembers why it could not.
+
+Order: the ahead-of-time build from ``setup.py`` (``import roli._C``); else a just-in-time build with
+ninja into a cache directory (first use only, ~15-30 s); else nothing, with the reason kept for
+``python -m roli.info`` and for the errors of a forced ``impl="cpp"``/``"cuda"``. Loading is lazy
+(first op call that wants it), never at import, and makes no CUDA calls.
+
+Environment: ``ROLI_NO_EXT=1`` disables the extension; ``ROLI_NO_JIT=1`` disables only the
+just-in-time build; ``ROLI_EXT_DIR`` sets the build cache (default ``~/.cache/roli/ext``);
+``ROLI_BUILD_CUDA=auto|0|1`` decides whether the JIT build includes the CUDA sources.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+OPS = ("pgd_step_linf_", "pgd_step_l2_", "keep_best_")
+CPU_SOURCES = ("ops.cpp", "pgd_cpu.cpp")
+CUDA_SOURCES = ("cuda/pgd_kernels.cu", "cuda/ops_cuda.cpp")
+
+HAS_EXT: bool = False
+EXT_MODE: str | None = None  # "aot" | "jit"
+EXT_ERROR: str | None = None
+_loaded = False
+_lock = threading.Lock()
+
+
+def cpu_cflags() -> list[str]:
+    """Flags of the CPU sources, shared with setup.py: OpenMP makes at::parallel_for parallel."""
+    return ["-O3", "-g0", "-fopenmp", "-fopenmp-simd", "-std=c++20"]
+
+
+def source_dir() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_csrc", here.parent / "csrc"):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    return None
+
+
+def want_cuda_build() -> tuple[bool, str]:
+    """Whether to compile the CUDA sources, and why not."""
+    setting = os.environ.get("ROLI_BUILD_CUDA", "auto").lower()
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"ROLI_BUILD_CUDA={setting!r} must be auto, 0 or 1")
+    if setting == "0":
+        return False, "ROLI_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "this torch has no CUDA (torch.version.cuda is None)"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, ""
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import load
+
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("the C++ sources (csrc/) are not installed with this copy of roli")
+    sources = [str(src / s) for s in CPU_SOURCES]
+    with_cuda, _ = want_cuda_build()
+    if with_cuda:
+        sources += [str(src / s) for s in CUDA_SOURCES]
+    build_dir = Path(os.environ.get("ROLI_EXT_DIR", Path.home() / ".cache" / "roli" / "ext"))
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    build_dir = build_dir / tag.replace("+", "_")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print("roli: building the C++ extension just in time (first use only) ...", file=sys.stderr)
+    load(
+        name="roli_C",
+        sources=sources,
+        extra_cflags=cpu_cflags(),
+        extra_ldflags=["-fopenmp"],
+        extra_cuda_cflags=["-O3", "-std=c++20"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("ROLI_VERBOSE_BUILD") == "1",
+    )
+
+
+def _register_fakes() -> None:
+    # Mutating ops with no outputs: the fake kernel only has to exist (torch.compile traces through it).
+    def step_fake(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi):
+        return None
+
+    def keep_best_fake(best_x, best_score, x_adv, score):
+        return None
+
+    torch.library.register_fake("roli::pgd_step_linf_")(step_fake)
+    torch.library.register_fake("roli::pgd_step_l2_")(step_fake)
+    torch.library.register_fake("roli::keep_best_")(keep_best_fake)
+
+
+def load() -> bool:
+    """Load the extension if not done yet. Returns HAS_EXT."""
+    global HAS_EXT, EXT_MODE, EXT_ERROR, _loaded
+    if _loaded:
+        return HAS_EXT
+    with _lock:
+        if _loaded:
+            return HAS_EXT
+        try:
+            if os.environ.get("ROLI_NO_EXT") == "1":
+                raise RuntimeError("disabled by ROLI_NO_EXT=1")
+            try:
+                import roli._C  # noqa: F401
+
+                EXT_MODE = "aot"
+            except ImportError as aot_error:
+                if os.environ.get("ROLI_NO_JIT") == "1":
+                    raise RuntimeError(f"roli._C not built ({aot_error}) and ROLI_NO_JIT=1") from None
+                try:
+                    _jit_build()
+                except Exception as jit_error:  # noqa: BLE001 - any build failure becomes the recorded reason
+                    first_line = str(jit_error).strip().splitlines()[0] if str(jit_error).strip() else repr(jit_error)
+                    raise RuntimeError(
+                        f"roli._C not built ({aot_error}) and the just-in-time build failed: {first_line}"
+                    ) from None
+                EXT_MODE = "jit"
+            _register_fakes()
+            HAS_EXT = True
+        except RuntimeError as e:
+            EXT_ERROR = str(e)
+            HAS_EXT = False
+        _loaded = True
+    return HAS_EXT
+
+
+def has_cuda_kernels() -> bool:
+    return load() and torch._C._dispatch_has_kernel_for_dispatch_key("roli::pgd_step_linf_", "CUDA")

@@ -1,0 +1,26 @@
+"""Fused ops of the PGD inner loop, each with torch / cpp / cuda / triton backends.
+
+- pgd_step_(x_adv, grad, x_nat, eps, step_size, norm="linf", clip=(0, 1), impl=None)
+- pgd_init(x_nat, eps, norm="linf", generator=None, clip=(0, 1))
+- keep_best_(best_x, best_score, x_adv, score, impl=None)
+
+impl="auto" | "torch" | "cpp" | "cuda" | "triton"; the environment variable ROLI_IMPL sets the default.
+"""
+
+from roli.ops._dispatch import IMPLS, resolve, unavailable_reason
+from roli.ops.keep_best import keep_best_, keep_best_torch
+from roli.ops.pgd_init import pgd_init
+from roli.ops.pgd_step import pgd_step_, pgd_step_l2_torch, pgd_step_linf_torch, pgd_step_ref
+
+__all__ = [
+    "IMPLS",
+    "keep_best_",
+    "keep_best_torch",
+    "pgd_init",
+    "pgd_step_",
+    "pgd_step_l2_torch",
+    "pgd_step_linf_torch",
+    "pgd_step_ref",
+    "resolve",
+    "unavailable_reason",
+]

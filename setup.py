@@ -1,0 +1,58 @@
+"""Builds roli._C where it can, pure Python where it can't.
+
+- CPU sources (csrc/*.cpp) wherever torch and a C++ compiler are present at build time
+  (pip install --no-build-isolation -e .).
+- CUDA sources (csrc/cuda/) only where torch has CUDA and nvcc exists: ROLI_BUILD_CUDA=auto|0|1,
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS honoured by torch's ninja build.
+- No torch at build time (an isolated pip install -e .) or ROLI_NO_EXT=1: pure Python; roli then
+  builds the extension just in time on first use (roli/_ext.py) and falls back to torch if that fails.
+"""
+
+import os
+
+from setuptools import setup
+
+PACKAGES = ["roli", "roli.ops", "roli.kernels", "roli._csrc"]
+PACKAGE_DIR = {"roli": "roli", "roli.kernels": "kernels", "roli._csrc": "csrc"}
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/pgd_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/pgd_kernels.cu", "csrc/cuda/ops_cuda.cpp"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fopenmp-simd", "-std=c++20"]  # same as roli/_ext.py cpu_cflags()
+
+
+def extensions():
+    if os.environ.get("ROLI_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("roli setup: torch not importable at build time; roli._C will be built just in time on first use")
+        return [], {}
+    build_cuda = os.environ.get("ROLI_BUILD_CUDA", "auto").lower()
+    if build_cuda not in ("auto", "0", "1"):
+        raise SystemExit(f"ROLI_BUILD_CUDA={build_cuda!r} must be auto, 0 or 1")
+    cuda_ok = torch.version.cuda is not None and CUDA_HOME is not None
+    if build_cuda == "1" and not cuda_ok:
+        raise SystemExit("ROLI_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
+    if cuda_ok and build_cuda != "0":
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "roli._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("roli._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"roli._csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
