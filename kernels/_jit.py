@@ -5,6 +5,9 @@ That makes one process unable to both interpret a kernel (CPU tests) and compile
 sm_80/sm_90 (also CPU tests). ``DualKernel`` keeps the Python function and builds either form on
 demand; the choice is made at launch: interpreted when ``TRITON_INTERPRET=1`` and the tensors are on
 the CPU, compiled otherwise.
+
+Note: kernels that call Triton's standard library (tl.sum) interpret correctly only when
+TRITON_INTERPRET=1 was set before triton was imported, because those helpers are themselves jitted.
 """
 
 from __future__ import annotations

@@ -14,15 +14,23 @@ from roli.kernels._jit import block_for, dual_jit, finish_write, readable_like, 
 GPU_BLOCK = 4096
 
 
+@triton.jit
+def _widen(v):
+    # bf16/fp16 scores compare exactly in fp32 (and bf16 comparisons are broken in the interpreter).
+    if v.dtype == tl.float64:
+        return v
+    return v.to(tl.float32)
+
+
 @dual_jit
 def _keep_best_copy_kernel(BX, BS, X, S, N, CHUNKS, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // CHUNKS).to(tl.int64)
     offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # The two scores loaded as vectors (every lane the same address, served from cache) so the
-    # comparison is element-wise and combines with the bounds mask.
+    # comparison is element-wise and combines with the bounds mask; compared in fp32 or wider.
     same = b + tl.zeros((BLOCK,), dtype=tl.int64)
-    mask = (offs < N) & (tl.load(S + same) > tl.load(BS + same))
+    mask = (offs < N) & (_widen(tl.load(S + same)) > _widen(tl.load(BS + same)))
     v = tl.load(X + b * N + offs, mask=mask)
     tl.store(BX + b * N + offs, v, mask=mask)
 
@@ -33,7 +41,7 @@ def _keep_best_score_kernel(BS, S, B, BLOCK: tl.constexpr):
     mask = offs < B
     s = tl.load(S + offs, mask=mask)
     bs = tl.load(BS + offs, mask=mask)
-    tl.store(BS + offs, s, mask=mask & (s > bs))
+    tl.store(BS + offs, s, mask=mask & (_widen(s) > _widen(bs)))
 
 
 def keep_best_forward(best_x: torch.Tensor, best_score: torch.Tensor, x_adv: torch.Tensor, score: torch.Tensor) -> None:

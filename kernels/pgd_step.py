@@ -14,6 +14,7 @@ import triton.language as tl
 from roli.kernels._jit import block_for, dual_jit, finish_write, readable_like, writable
 
 GPU_BLOCK = 2048
+FLT_MIN = tl.constexpr(1.1754944e-38)  # keeps the untaken branch of a where() free of 0/0
 
 
 @dual_jit
@@ -60,7 +61,7 @@ def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, SUMS, B, N, CHUNKS,
         else:
             s = step
         gsq = tl.load(SUMS + b)
-        gscale = tl.where(gsq > 0.0, s / tl.sqrt(gsq), 0.0)
+        gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
         x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
         xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, (x + gscale * g) - xn, 0.0)
@@ -84,9 +85,9 @@ def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, SUMS, B, 
     else:
         s = step
     gsq = tl.load(SUMS + b)
-    gscale = tl.where(gsq > 0.0, s / tl.sqrt(gsq), 0.0)
+    gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
     dnorm = tl.sqrt(tl.load(SUMS + B + b))
-    dscale = tl.where(dnorm > e, e / dnorm, 1.0)
+    dscale = tl.where(dnorm > e, e / tl.maximum(dnorm, FLT_MIN), 1.0)
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)

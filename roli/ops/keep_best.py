@@ -11,6 +11,7 @@ import torch
 
 from roli.ops._checks import check_image, check_writable, per_sample_view
 from roli.ops._dispatch import resolve
+from roli.ops._triton import triton_keep_best_
 
 
 def keep_best_torch(best_x, best_score, x_adv, score) -> None:
@@ -23,13 +24,7 @@ def _cpp(best_x, best_score, x_adv, score) -> None:
     torch.ops.roli.keep_best_(best_x, best_score, x_adv, score)
 
 
-def _triton(best_x, best_score, x_adv, score) -> None:
-    from roli.ops._triton import triton_ops
-
-    triton_ops()["keep_best"](best_x, best_score, x_adv, score)
-
-
-_BACKENDS = {"torch": keep_best_torch, "cpp": _cpp, "cuda": _cpp, "triton": _triton}
+_BACKENDS = {"torch": keep_best_torch, "cpp": _cpp, "cuda": _cpp, "triton": triton_keep_best_}
 
 
 def _check_score(name: str, t, batch: int, like: torch.Tensor) -> None:

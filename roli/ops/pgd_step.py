@@ -16,25 +16,36 @@ import torch
 
 from roli.ops._checks import check_budget, check_clip, check_image, check_norm, check_writable, per_sample_view
 from roli.ops._dispatch import resolve
+from roli.ops._triton import triton_pgd_step_l2_, triton_pgd_step_linf_
 
 
 def _scale(t: torch.Tensor | None, value: float, ndim: int):
     return per_sample_view(t, ndim) if t is not None else value
 
 
+def _opmath(*ts: torch.Tensor) -> list[torch.Tensor]:
+    # fp32 arithmetic for fp32/bf16/fp16 (one rounding at the end), fp64 for fp64.
+    dtype = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+    return [t.to(dtype) for t in ts]
+
+
 def pgd_step_linf_torch(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) -> None:
-    x, g, xn = x_adv.float(), grad.float(), x_nat.float()
+    x, g, xn = _opmath(x_adv, grad, x_nat)
     e, s = _scale(eps_t, eps, x.dim()), _scale(step_t, step, x.dim())
+    if isinstance(e, torch.Tensor):
+        e = e.to(x.dtype)
+    if isinstance(s, torch.Tensor):
+        s = s.to(x.dtype)
     v = x + s * torch.sign(g)
     v = torch.clamp(v, xn - e, xn + e).clamp_(lo, hi)
     x_adv.copy_(v)
 
 
 def pgd_step_l2_torch(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) -> None:
-    x, g, xn = x_adv.float(), grad.float(), x_nat.float()
+    x, g, xn = _opmath(x_adv, grad, x_nat)
     batch = x.shape[0]
-    e = eps_t if eps_t is not None else torch.full((batch,), eps, device=x.device)
-    s = step_t if step_t is not None else torch.full((batch,), step, device=x.device)
+    e = eps_t.to(x.dtype) if eps_t is not None else torch.full((batch,), eps, device=x.device, dtype=x.dtype)
+    s = step_t.to(x.dtype) if step_t is not None else torch.full((batch,), step, device=x.device, dtype=x.dtype)
     gnorm = g.reshape(batch, -1).norm(dim=1)  # (B,)
     gscale = torch.where(gnorm > 0, s / gnorm, torch.zeros_like(gnorm))
     d = (x + per_sample_view(gscale, x.dim()) * g) - xn
@@ -50,27 +61,18 @@ def _cpp(name):
     return run
 
 
-def _triton(norm):
-    def run(*args):
-        from roli.ops._triton import triton_ops
-
-        triton_ops()[norm](*args)
-
-    return run
-
-
 _BACKENDS = {
     "linf": {
         "torch": pgd_step_linf_torch,
         "cpp": _cpp("pgd_step_linf_"),
         "cuda": _cpp("pgd_step_linf_"),
-        "triton": _triton("linf"),
+        "triton": triton_pgd_step_linf_,
     },
     "l2": {
         "torch": pgd_step_l2_torch,
         "cpp": _cpp("pgd_step_l2_"),
         "cuda": _cpp("pgd_step_l2_"),
-        "triton": _triton("l2"),
+        "triton": triton_pgd_step_l2_,
     },
 }
 

@@ -1,0 +1,84 @@
+"""Shared test helpers: which backends run here, an independent float64 reference, ulp distances."""
+
+from __future__ import annotations
+
+import os
+
+# Triton's interpreter must be chosen before triton is imported (its standard library, e.g. tl.sum, is
+# itself @triton.jit). CPU test processes therefore interpret; GPU runs set ROLI_TEST_GPU=1 to compile.
+# Ahead-of-time compilation is checked in a subprocess without the interpreter (test_triton_kernels.py).
+if os.environ.get("ROLI_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from roli import _ext  # noqa: E402
+from roli.ops._dispatch import triton_error  # noqa: E402
+
+
+def cpu_backends() -> list[str]:
+    """Backends that can run on CPU tensors in this process (triton through its interpreter)."""
+    out = ["torch"]
+    if _ext.load():
+        out.append("cpp")
+    if triton_error() is None:
+        out.append("triton")
+    return out
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run Triton kernels through the interpreter on CPU tensors for this test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def backend_param(backend: str):
+    marks = []
+    if backend == "cpp" and not _ext.load():
+        marks.append(pytest.mark.skip(reason=f"C++ extension unavailable: {_ext.EXT_ERROR}"))
+    if backend == "triton" and triton_error() is not None:
+        marks.append(pytest.mark.skip(reason=triton_error()))
+    return pytest.param(backend, marks=marks, id=backend)
+
+
+BACKENDS = [backend_param(b) for b in ("torch", "cpp", "triton")]
+
+
+def per_sample(v, batch: int, ndim: int) -> torch.Tensor:
+    t = v if isinstance(v, torch.Tensor) else torch.full((batch,), float(v), dtype=torch.float64)
+    return t.double().view((-1,) + (1,) * (ndim - 1))
+
+
+def ref_step(x, g, xn, eps, step, norm="linf", lo=0.0, hi=1.0) -> torch.Tensor:
+    """Independent reference in float64 (returns float64)."""
+    x, g, xn = x.double(), g.double(), xn.double()
+    b, nd = x.shape[0], x.dim()
+    e, s = per_sample(eps, b, nd), per_sample(step, b, nd)
+    if norm == "linf":
+        v = torch.minimum(torch.maximum(x + s * torch.sign(g), xn - e), xn + e)
+    else:
+        gn = g.reshape(b, -1).norm(dim=1).view(e.shape)
+        v = x + torch.where(gn > 0, s / gn, torch.zeros_like(gn)) * g
+        d = v - xn
+        dn = d.reshape(b, -1).norm(dim=1).view(e.shape)
+        v = xn + d * torch.where(dn > e, e / dn, torch.ones_like(dn))
+    return v.clamp(lo, hi)
+
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """Integers that are consecutive for consecutive representable values of a 16-bit float dtype."""
+    i = t.contiguous().view(torch.int16).to(torch.int32)
+    return torch.where(i < 0, -(i & 0x7FFF), i)
+
+
+def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, max_ulp: int = 1) -> None:
+    """fp32: max abs diff <= 1e-6. bf16/fp16: within `max_ulp` of the reference rounded to the dtype."""
+    if out.dtype == torch.float32:
+        diff = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+        assert diff <= 1e-6, f"max abs diff {diff:.3g} > 1e-6"
+    elif out.dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, rtol=0, atol=1e-12)
+    else:
+        ulps = (ordered_bits(out) - ordered_bits(ref64.to(out.dtype))).abs()
+        assert ulps.numel() == 0 or int(ulps.max()) <= max_ulp, f"{int(ulps.max())} ulp apart"
