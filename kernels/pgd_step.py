@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from roli.kernels._jit import block_for, dual_jit, finish_write, readable_like, writable
 
 GPU_BLOCK = 2048

@@ -1,0 +1,34 @@
+"""Triton kernels compile ahead of time for sm_80 and sm_90 with no GPU present.
+
+(Their results are checked against the reference under TRITON_INTERPRET=1 in test_pgd_step.py and
+test_keep_best.py, where "triton" is one of the backends.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from roli.ops._dispatch import triton_error
+
+pytestmark = pytest.mark.skipif(triton_error() is not None, reason=str(triton_error()))
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).with_name("aot_compile_triton.py")
+    out = subprocess.run(
+        [sys.executable, str(script), "80", "90"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 5 * 3 * 2
+    for row in rows:
+        assert row["ptx"] > 1000 and row["cubin"] > 1000, row
+    assert {r["arch"] for r in rows} == {80, 90}
