@@ -68,45 +68,25 @@ void for_each_sample_piece(int64_t begin, int64_t end, int64_t n, const F& fn) {
   }
 }
 
-template <typename T>
-ROLI_CPU_CLONES void linf_piece(raw_t<T>* __restrict x, const raw_t<T>* __restrict g, const raw_t<T>* __restrict xn, int64_t n,
-                float eps, float step, float lo, float hi) {
+// x[i] = op(x[i], g[i], xn[i]) over one piece of one sample.
+template <typename T, typename Op>
+ROLI_CPU_CLONES void update_piece(raw_t<T>* __restrict x, const raw_t<T>* __restrict g,
+                                  const raw_t<T>* __restrict xn, int64_t n, Op op) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = io<T>::st(linf_update(io<T>::ld(x[i]), io<T>::ld(g[i]), io<T>::ld(xn[i]), eps, step, lo, hi));
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = io<T>::st(op(io<T>::ld(x[i]), io<T>::ld(g[i]), io<T>::ld(xn[i])));
 }
 
-template <typename T>
-ROLI_CPU_CLONES double sumsq_grad_piece(const raw_t<T>* __restrict g, int64_t n) {
+// sum_i op(x[i], g[i], xn[i])^2 over one piece of one sample, accumulated in double.
+template <typename T, typename Op>
+ROLI_CPU_CLONES double sumsq_piece(const raw_t<T>* __restrict x, const raw_t<T>* __restrict g,
+                                   const raw_t<T>* __restrict xn, int64_t n, Op op) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) {
-    const float v = io<T>::ld(g[i]);
+    const float v = op(io<T>::ld(x[i]), io<T>::ld(g[i]), io<T>::ld(xn[i]));
     acc += static_cast<double>(v * v);
   }
   return acc;
-}
-
-template <typename T>
-ROLI_CPU_CLONES double sumsq_delta_piece(const raw_t<T>* __restrict x, const raw_t<T>* __restrict g, const raw_t<T>* __restrict xn,
-                         int64_t n, float gscale) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = l2_delta(io<T>::ld(x[i]), io<T>::ld(g[i]), io<T>::ld(xn[i]), gscale);
-    acc += static_cast<double>(d * d);
-  }
-  return acc;
-}
-
-template <typename T>
-ROLI_CPU_CLONES void l2_piece(raw_t<T>* __restrict x, const raw_t<T>* __restrict g, const raw_t<T>* __restrict xn, int64_t n,
-              float gscale, float dscale, float lo, float hi) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = io<T>::st(l2_update(io<T>::ld(x[i]), io<T>::ld(g[i]), io<T>::ld(xn[i]), gscale, dscale, lo, hi));
-  }
 }
 
 // Per-sample sums over a flat (B, N) block. Tasks are (sample, chunk) pairs with chunks of kGrain
@@ -151,7 +131,7 @@ void linf_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor& xn,
   const int64_t total = x.numel(), n = total / batch_of(x);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, n, [&](int64_t s, int64_t e, int64_t b) {
-      linf_piece<T>(X + s, G + s, XN + s, e - s, bud.eps_of(b), bud.step_of(b), lo, hi);
+      update_piece<T>(X + s, G + s, XN + s, e - s, LinfOp{bud.eps_of(b), bud.step_of(b), lo, hi});
     });
   });
 }
@@ -162,16 +142,18 @@ void l2_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor& xn, B
   const auto* G = reinterpret_cast<const raw_t<T>*>(g.data_ptr());
   const auto* XN = reinterpret_cast<const raw_t<T>*>(xn.data_ptr());
   const int64_t batch = batch_of(x), total = x.numel(), n = total / batch;
-  const auto gsum = per_sample_sums(batch, n, [&](int64_t s, int64_t e, int64_t) { return sumsq_grad_piece<T>(G + s, e - s); });
+  const auto gsum = per_sample_sums(batch, n, [&](int64_t s, int64_t e, int64_t) {
+    return sumsq_piece<T>(X + s, G + s, XN + s, e - s, GradOf{});
+  });
   std::vector<float> gscale(batch), dscale(batch);
   for (int64_t b = 0; b < batch; ++b) gscale[b] = l2_grad_scale(static_cast<float>(gsum[b]), bud.step_of(b));
   const auto dsum = per_sample_sums(batch, n, [&](int64_t s, int64_t e, int64_t b) {
-    return sumsq_delta_piece<T>(X + s, G + s, XN + s, e - s, gscale[b]);
+    return sumsq_piece<T>(X + s, G + s, XN + s, e - s, DeltaOf{gscale[b]});
   });
   for (int64_t b = 0; b < batch; ++b) dscale[b] = l2_proj_scale(static_cast<float>(dsum[b]), bud.eps_of(b));
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, n, [&](int64_t s, int64_t e, int64_t b) {
-      l2_piece<T>(X + s, G + s, XN + s, e - s, gscale[b], dscale[b], lo, hi);
+      update_piece<T>(X + s, G + s, XN + s, e - s, L2Op{gscale[b], dscale[b], lo, hi});
     });
   });
 }

@@ -46,6 +46,23 @@ ROLI_HD float l2_proj_scale(float sumsq_d, float eps) {
   return n > eps ? eps / n : 1.f;
 }
 
+// The element-wise ops as functors, so one loop (CPU) or one element walker (CUDA) serves all of them.
+struct LinfOp {
+  float eps, step, lo, hi;
+  ROLI_HD float operator()(float x, float g, float xn) const { return linf_update(x, g, xn, eps, step, lo, hi); }
+};
+struct L2Op {
+  float gscale, dscale, lo, hi;
+  ROLI_HD float operator()(float x, float g, float xn) const { return l2_update(x, g, xn, gscale, dscale, lo, hi); }
+};
+struct GradOf {  // the value whose square the first L2 reduction sums
+  ROLI_HD float operator()(float, float g, float) const { return g; }
+};
+struct DeltaOf {  // ... and the second
+  float gscale;
+  ROLI_HD float operator()(float x, float g, float xn) const { return l2_delta(x, g, xn, gscale); }
+};
+
 // bf16 <-> fp32 with round-to-nearest-even (NaN kept quiet), written on the bits so that it vectorises.
 inline float bf16_bits_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;

@@ -18,27 +18,42 @@ GPU_BLOCK = 2048
 FLT_MIN = tl.constexpr(1.1754944e-38)  # keeps the untaken branch of a where() free of 0/0
 
 
+@triton.jit
+def _sample_block(pid, CHUNKS, N, BLOCK: tl.constexpr):
+    # Program pid -> sample b, its element offsets, their bounds mask and the flat pointers offsets.
+    b = (pid // CHUNKS).to(tl.int64)
+    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return b, offs < N, b * N + offs
+
+
+@triton.jit
+def _budget(PTR, b, value, PER_SAMPLE: tl.constexpr):
+    if PER_SAMPLE:
+        return tl.load(PTR + b)
+    else:
+        return value
+
+
+@triton.jit
+def _l2_scales(SUMS, B, b, e, s):
+    # gscale = step / ||g|| (0 for a zero gradient); dscale = min(1, eps / ||delta||). FLT_MIN keeps the
+    # untaken branch of each where() free of 0/0.
+    gsq = tl.load(SUMS + b)
+    gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
+    dnorm = tl.sqrt(tl.load(SUMS + B + b))
+    return gscale, tl.where(dnorm > e, e / tl.maximum(dnorm, FLT_MIN), 1.0)
+
+
 @dual_jit
 def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
                           BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // CHUNKS).to(tl.int64)
-    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    ptr = b * N + offs
+    b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
-    if EPS_T:
-        e = tl.load(EPS + b)
-    else:
-        e = eps
-    if STEP_T:
-        s = tl.load(STEP + b)
-    else:
-        s = step
+    e = _budget(EPS, b, eps, EPS_T)
     sgn = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
-    v = x + s * sgn
+    v = x + _budget(STEP, b, step, STEP_T) * sgn
     v = tl.minimum(tl.maximum(v, xn - e), xn + e)
     v = tl.minimum(tl.maximum(v, lo), hi)
     tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
@@ -48,21 +63,13 @@ def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
 def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, SUMS, B, N, CHUNKS,
                                BLOCK: tl.constexpr, STEP_T: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
     # PASS 0: SUMS[b] += sum g^2.  PASS 1: SUMS[B + b] += sum (x + gscale * g - xn)^2.
-    pid = tl.program_id(0)
-    b = (pid // CHUNKS).to(tl.int64)
-    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    ptr = b * N + offs
+    b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     if PASS == 0:
         tl.atomic_add(SUMS + b, tl.sum(g * g, axis=0))
     else:
-        if STEP_T:
-            s = tl.load(STEP + b)
-        else:
-            s = step
         gsq = tl.load(SUMS + b)
-        gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
+        gscale = tl.where(gsq > 0.0, _budget(STEP, b, step, STEP_T) / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
         x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
         xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, (x + gscale * g) - xn, 0.0)
@@ -72,23 +79,8 @@ def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, SUMS, B, N, CHUNKS,
 @dual_jit
 def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, SUMS, B, N, CHUNKS,
                                BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // CHUNKS).to(tl.int64)
-    offs = (pid % CHUNKS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    ptr = b * N + offs
-    if EPS_T:
-        e = tl.load(EPS + b)
-    else:
-        e = eps
-    if STEP_T:
-        s = tl.load(STEP + b)
-    else:
-        s = step
-    gsq = tl.load(SUMS + b)
-    gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
-    dnorm = tl.sqrt(tl.load(SUMS + B + b))
-    dscale = tl.where(dnorm > e, e / tl.maximum(dnorm, FLT_MIN), 1.0)
+    b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
+    gscale, dscale = _l2_scales(SUMS, B, b, _budget(EPS, b, eps, EPS_T), _budget(STEP, b, step, STEP_T))
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
@@ -97,9 +89,14 @@ def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, SUMS, B, 
     tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
 
 
-def _operands(x_adv, grad, x_nat):
+def _geometry(x_adv, grad, x_nat):
+    """Operands in one batch-major dense layout, and the (sample, chunk) launch geometry."""
     x = writable(x_adv)
-    return x, readable_like(grad, x), readable_like(x_nat, x)
+    g, xn = readable_like(grad, x), readable_like(x_nat, x)
+    batch = x.shape[0] if x.dim() else 1
+    n = x.numel() // batch
+    block = block_for(n, x.device, GPU_BLOCK)
+    return x, g, xn, batch, n, block, triton.cdiv(n, block)
 
 
 def _budget_ptr(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -111,11 +108,7 @@ def pgd_step_linf_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) 
     """In place: x_adv = clamp(clamp(x_adv + step * sign(grad), x_nat - eps, x_nat + eps), lo, hi)."""
     if x_adv.numel() == 0:
         return
-    x, g, xn = _operands(x_adv, grad, x_nat)
-    batch = x.shape[0] if x.dim() else 1
-    n = x.numel() // batch
-    block = block_for(n, x.device, GPU_BLOCK)
-    chunks = triton.cdiv(n, block)
+    x, g, xn, batch, n, block, chunks = _geometry(x_adv, grad, x_nat)
     _pgd_step_linf_kernel.launcher(x.device)[(batch * chunks,)](
         x, g, xn, _budget_ptr(eps_t, x), _budget_ptr(step_t, x), float(eps), float(step), float(lo), float(hi),
         n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, num_warps=8,
@@ -127,11 +120,7 @@ def pgd_step_l2_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) ->
     """In place: step along grad / ||grad||_2 per sample, project onto the L2 eps-ball around x_nat, clip."""
     if x_adv.numel() == 0:
         return
-    x, g, xn = _operands(x_adv, grad, x_nat)
-    batch = x.shape[0] if x.dim() else 1
-    n = x.numel() // batch
-    block = block_for(n, x.device, GPU_BLOCK)
-    chunks = triton.cdiv(n, block)
+    x, g, xn, batch, n, block, chunks = _geometry(x_adv, grad, x_nat)
     sums = torch.zeros(2 * batch, device=x.device, dtype=torch.float32)
     step_ptr = _budget_ptr(step_t, sums)
     for pass_ in (0, 1):

@@ -39,6 +39,8 @@ def backend_param(backend: str):
         marks.append(pytest.mark.skip(reason=f"C++ extension unavailable: {_ext.EXT_ERROR}"))
     if backend == "triton" and triton_error() is not None:
         marks.append(pytest.mark.skip(reason=triton_error()))
+    elif backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        marks.append(pytest.mark.skip(reason="CPU tensors need TRITON_INTERPRET=1 (set unless ROLI_TEST_GPU=1)"))
     return pytest.param(backend, marks=marks, id=backend)
 
 

@@ -45,25 +45,28 @@ dim3 grid_for(int64_t per_sample, int64_t batch, int64_t per_block) {
 
 __device__ __forceinline__ float pick(const float* t, float v, int64_t b) { return t ? t[b] : v; }
 
-// Samples are visited by a grid-stride loop over grid.y so that any batch size fits the grid limits.
-template <typename T>
-__global__ void linf_kernel(StepArgs a) {
+// This thread's elements: kUnroll of them per sample, for every sample of a grid-stride loop over
+// grid.y (so any batch size fits the grid limits). make_op(b) builds the per-sample functor.
+template <typename T, typename MakeOp>
+__device__ __forceinline__ void update_elements(const StepArgs& a, const MakeOp& make_op) {
   T* x = static_cast<T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* xn = static_cast<const T*>(a.xn);
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
-    const float eps = pick(a.eps_t, a.eps, b), step = pick(a.step_t, a.step, b);
+    const auto op = make_op(b);
     const int64_t base = b * a.per_sample;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = chunk + u * kThreads;
-      if (i < a.per_sample) {
-        const int64_t k = base + i;
-        x[k] = io<T>::st(linf_update(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), eps, step, a.lo, a.hi));
-      }
+      if (i < a.per_sample) x[base + i] = io<T>::st(op(io<T>::ld(x[base + i]), io<T>::ld(g[base + i]), io<T>::ld(xn[base + i])));
     }
   }
+}
+
+template <typename T>
+__global__ void linf_kernel(StepArgs a) {
+  update_elements<T>(a, [&](int64_t b) { return LinfOp{pick(a.eps_t, a.eps, b), pick(a.step_t, a.step, b), a.lo, a.hi}; });
 }
 
 __device__ __forceinline__ float block_sum(float v) {
@@ -88,14 +91,14 @@ __global__ void l2_reduce_kernel(StepArgs a, float* sums) {
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const int64_t base = b * a.per_sample;
-    const float gscale = PASS == 1 ? l2_grad_scale(sums[b], pick(a.step_t, a.step, b)) : 0.f;
+    const DeltaOf delta{PASS == 1 ? l2_grad_scale(sums[b], pick(a.step_t, a.step, b)) : 0.f};
     float acc = 0.f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = chunk + u * kThreads;
       if (i < a.per_sample) {
-        const int64_t k = base + i;
-        const float v = PASS == 0 ? io<T>::ld(g[k]) : l2_delta(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), gscale);
+        const float xv = io<T>::ld(x[base + i]), gv = io<T>::ld(g[base + i]), nv = io<T>::ld(xn[base + i]);
+        const float v = PASS == 0 ? GradOf{}(xv, gv, nv) : delta(xv, gv, nv);
         acc += v * v;
       }
     }
@@ -106,23 +109,10 @@ __global__ void l2_reduce_kernel(StepArgs a, float* sums) {
 
 template <typename T>
 __global__ void l2_update_kernel(StepArgs a, const float* sums) {
-  T* x = static_cast<T*>(a.x);
-  const T* g = static_cast<const T*>(a.g);
-  const T* xn = static_cast<const T*>(a.xn);
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
-  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
-    const float gscale = l2_grad_scale(sums[b], pick(a.step_t, a.step, b));
-    const float dscale = l2_proj_scale(sums[a.batch + b], pick(a.eps_t, a.eps, b));
-    const int64_t base = b * a.per_sample;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = chunk + u * kThreads;
-      if (i < a.per_sample) {
-        const int64_t k = base + i;
-        x[k] = io<T>::st(l2_update(io<T>::ld(x[k]), io<T>::ld(g[k]), io<T>::ld(xn[k]), gscale, dscale, a.lo, a.hi));
-      }
-    }
-  }
+  update_elements<T>(a, [&](int64_t b) {
+    return L2Op{l2_grad_scale(sums[b], pick(a.step_t, a.step, b)),
+                l2_proj_scale(sums[a.batch + b], pick(a.eps_t, a.eps, b)), a.lo, a.hi};
+  });
 }
 
 // W is the copy word (uint4, unsigned or unsigned char), chosen by the launcher from the alignment.

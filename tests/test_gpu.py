@@ -1,0 +1,74 @@
+"""GPU checks: the triton and cuda backends on CUDA tensors, and CUDA-graph capture of the Linf step.
+
+Skipped without a CUDA device. Run on a GPU machine as: ROLI_TEST_GPU=1 python -m pytest tests/test_gpu.py
+(ROLI_TEST_GPU=1 keeps Triton compiling instead of interpreting; see conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_ulp, ref_step
+
+from roli.ops import keep_best_, pgd_step_, unavailable_reason
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+GPU_BACKENDS = ["torch", "triton", "cuda"]
+
+
+def _skip_unavailable(backend):
+    reason = unavailable_reason(backend, torch.device("cuda"), torch.float32)
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (7, 3, 33, 17), (64, 3, 32, 32), (4, 3, 224, 224)], ids=str)
+def test_matches_reference_on_gpu(backend, norm, dtype, shape):
+    _skip_unavailable(backend)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x_nat = torch.rand(shape, generator=gen, device="cuda")
+    x_adv = (x_nat + (torch.rand(shape, generator=gen, device="cuda") - 0.5) * 0.05).clamp(0, 1).to(dtype)
+    grad = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    x_nat = x_nat.to(dtype)
+    eps = torch.rand(shape[0], generator=gen, device="cuda") * (0.1 if norm == "linf" else 2.0)
+    step = 2 / 255 if norm == "linf" else 0.3
+    out = x_adv.clone()
+    pgd_step_(out, grad, x_nat, eps, step, norm=norm, impl=backend)
+    assert_close_ulp(out.cpu(), ref_step(x_adv.cpu(), grad.cpu(), x_nat.cpu(), eps.cpu(), step, norm))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_keep_best_on_gpu(backend):
+    _skip_unavailable(backend)
+    best_x, x_adv = torch.rand(2, 33, 3, 8, 8, device="cuda").unbind(0)
+    best_s, score = torch.rand(2, 33, device="cuda").unbind(0)
+    want_x = torch.where((score > best_s).view(-1, 1, 1, 1), x_adv, best_x)
+    want_s = torch.maximum(score, best_s)
+    keep_best_(best_x, best_s, x_adv, score, impl=backend)
+    assert torch.equal(best_x, want_x) and torch.equal(best_s, want_s)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_linf_step_is_capturable_in_a_cuda_graph(backend):
+    _skip_unavailable(backend)
+    x_nat = torch.rand(64, 3, 32, 32, device="cuda")
+    grad = torch.randn_like(x_nat)
+    eps = torch.full((64,), 8 / 255, device="cuda")
+    x_adv = x_nat.clone()
+    pgd_step_(x_adv, grad, x_nat, eps, 2 / 255, impl=backend)  # warm-up: compile/load outside capture
+    torch.cuda.synchronize()
+    x_adv.copy_(x_nat)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pgd_step_(x_adv, grad, x_nat, eps, 2 / 255, impl=backend)
+    x_adv.copy_(x_nat)
+    for _ in range(3):
+        graph.replay()
+    want = x_nat.double()
+    for _ in range(3):
+        want = ref_step(want, grad.double(), x_nat.double(), 8 / 255, 2 / 255)
+    torch.cuda.synchronize()
+    assert (x_adv.double() - want).abs().max().item() <= 1e-6
