@@ -160,11 +160,7 @@ def main() -> None:
     _ext.load()
     reps_big, reps_small = (5, 30) if args.quick else (15, 100)
     copy_gbs = copy_bandwidth(device, reps_big)
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-    )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     calls, eps, step = providers(device, args.norm, use_compile=not (args.quick or args.no_compile))
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
