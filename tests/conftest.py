@@ -84,3 +84,35 @@ def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, max_ulp: int = 1) -
     else:
         ulps = (ordered_bits(out) - ordered_bits(ref64.to(out.dtype))).abs()
         assert ulps.numel() == 0 or int(ulps.max()) <= max_ulp, f"{int(ulps.max())} ulp apart"
+
+
+DIGITS_EPS = 0.1  # digits are 8x8 in [0, 1]: 8/255 would be a very small budget there
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """roli.models.small.small_cnn adversarially trained on scikit-learn digits with our PGD (~3 s),
+    in eval mode, with the test split: (model, x_test, y_test)."""
+    import torch.nn.functional as F
+
+    from roli.attacks import PGD
+    from roli.data import load_arrays
+    from roli.models import NormalizedModel
+    from roli.models.small import small_cnn
+
+    pytest.importorskip("sklearn")
+    torch.manual_seed(0)
+    tr, te = load_arrays("digits", "train"), load_arrays("digits", "test")
+    model = NormalizedModel(small_cnn(10, 1), None, None)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):
+        perm = torch.randperm(len(tr.y))
+        for i in range(0, len(perm), 64):
+            x, y = tr.x[perm[i : i + 64]], tr.y[perm[i : i + 64]]
+            x_adv = PGD(model, eps=DIGITS_EPS, step_size=DIGITS_EPS / 4, steps=5, keep="last")(x, y)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), te.x, te.y

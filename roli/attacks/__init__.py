@@ -1,0 +1,20 @@
+"""Attacks and robust evaluation: PGD on the fused ops, eps-sweeps, AutoAttack (pyautoattack)."""
+
+from roli.attacks._mode import attack_mode, unwrap
+from roli.attacks.autoattack import AutoAttackResult, run_autoattack
+from roli.attacks.losses import ce_loss, dlr_loss
+from roli.attacks.pgd import PGD, PGDResult
+from roli.attacks.sweep import clean_correct, eps_sweep
+
+__all__ = [
+    "PGD",
+    "AutoAttackResult",
+    "PGDResult",
+    "attack_mode",
+    "ce_loss",
+    "clean_correct",
+    "dlr_loss",
+    "eps_sweep",
+    "run_autoattack",
+    "unwrap",
+]

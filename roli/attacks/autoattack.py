@@ -1,0 +1,162 @@
+"""AutoAttack (Croce & Hein, ICML 2020) through its reference implementation, `pyautoattack` on PyPI.
+
+roli does not re-implement any attack of AutoAttack. It puts its model contract in front (images in
+[0, 1], eval mode, frozen parameters, optional bf16 autocast) and runs the attacks of the chosen
+version (configured by pyautoattack itself) one after another, each only on the points still unbroken,
+exactly as AutoAttack's own evaluation does, recording the robust accuracy after each attack.
+
+Resuming: pyautoattack 0.2.0's own state file cannot be resumed (it writes its sets of attack names as
+strings and reads them back unconverted, and its restore path returns an unbound variable). So roli
+keeps its own state file, written atomically after every finished attack: robust flags, adversarial
+images and per-attack accuracy. An interrupted evaluation restarts at the first unfinished attack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from roli.attacks._mode import attack_mode
+from roli.attacks.pgd import autocast_for, check_images, check_labels
+
+VERSIONS = ("standard", "plus", "rand", "custom")
+STATE_FORMAT = 1
+
+
+@dataclass
+class AutoAttackResult:
+    x_adv: torch.Tensor  # (B, ...): the first successful adversarial image per point, else the clean one
+    clean_accuracy: float
+    robust_accuracy: float  # worst case over the attacks that ran
+    per_attack: dict[str, float] = field(default_factory=dict)  # robust accuracy after each attack, in order
+    robust: torch.Tensor | None = None  # (B,) bool
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, x):
+        with autocast_for(x.device, self.precision):
+            return self.model(x).float()
+
+
+def _fingerprint(x, y, **config) -> str:
+    h = hashlib.sha1(repr(sorted(config.items())).encode())
+    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"AutoAttack state file {path} is unreadable ({str(e).splitlines()[0]}); delete it") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a roli AutoAttack state file; delete it or pass another path")
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"AutoAttack state file {path} was made for another evaluation (data, eps, norm, version, attacks or "
+            "seed differ); delete it or pass another path"
+        )
+    return state
+
+
+def run_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    attacks: list[str] | None = None,
+    state_path: str | Path | None = None,
+    batch_size: int = 250,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> AutoAttackResult:
+    """Run AutoAttack on (x, y).
+
+    Args:
+        model: images in [0, 1] -> logits (roli's model contract).
+        x, y: (B, C, H, W) images in [0, 1] and (B,) labels.
+        eps: the budget; norm: "linf" or "l2".
+        version: "standard" (APGD-CE, APGD-T, FAB-T, Square), "plus", "rand", or "custom" with `attacks`
+            (names from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
+        state_path: makes the evaluation resumable (see the module docstring).
+        batch_size, seed: passed to AutoAttack; precision: "fp32" or "bf16" (autocast around the model).
+    """
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:
+        raise ImportError(f"AutoAttack needs the reference implementation: pip install pyautoattack ({e})") from None
+    if version not in VERSIONS:
+        raise ValueError(f"AutoAttack version must be one of {VERSIONS}; got {version!r}")
+    if (version == "custom") != (attacks is not None):
+        raise ValueError("pass attacks=[...] exactly when version='custom'")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    aa_norm = {"linf": "Linf", "l2": "L2"}.get(norm)
+    if aa_norm is None:
+        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
+    check_images(x, (0.0, 1.0))
+    check_labels("y", y, x)
+    path = Path(state_path) if state_path is not None else None
+    with attack_mode(model) as inner, torch.no_grad():
+        wrapped = _Logits(inner, precision)
+        adversary = AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks, seed=seed,
+                               device=x.device)  # fmt: skip
+        adversary.verbose = False
+        order = list(adversary.attacks_to_run)
+        fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed)
+        state = _load_state(path, fingerprint) if path is not None else None
+
+        def predict(images):
+            return torch.cat([wrapped(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+
+        if state is None:
+            robust = predict(x) == y
+            state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "done": [], "per_attack": {},
+                     "clean": float(robust.float().mean()), "robust": robust.cpu(),
+                     "x_adv": x.detach().cpu()}  # fmt: skip
+        robust = state["robust"].to(x.device)
+        x_adv = state["x_adv"].to(device=x.device, dtype=x.dtype)
+        for name in order:
+            if name in state["done"]:
+                continue
+            idx = torch.nonzero(robust)[:, 0]
+            if idx.numel():
+                adversary.attacks_to_run = [name]
+                with torch.enable_grad():
+                    cand, _ = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
+                broken = predict(cand) != y[idx]
+                x_adv[idx[broken]] = cand[broken]
+                robust[idx[broken]] = False
+            state["done"].append(name)
+            state["per_attack"][name] = float(robust.float().mean())
+            state["robust"], state["x_adv"] = robust.cpu(), x_adv.cpu()
+            if path is not None:
+                _save_state(path, state)
+    return AutoAttackResult(x_adv, state["clean"], float(robust.float().mean()), dict(state["per_attack"]), robust)

@@ -1,0 +1,256 @@
+"""PGD (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018).
+
+The inner loop of everything roli does. Per step: one forward with a graph and one input-only backward
+(parameters are frozen while the attack runs, so no weight-gradient work and no .grad is written), then
+the fused step + projection + clip of roli.ops. Restarts keep the per-sample worst case, and the best
+iterate is chosen per example (the RoLI reference code picks it per batch by the mean loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from roli.attacks._mode import attack_mode
+from roli.attacks.losses import LOSSES, attack_loss
+from roli.ops import keep_best_, pgd_init, pgd_step_
+
+PRECISIONS = ("fp32", "bf16")
+INF = float("inf")
+
+
+@dataclass
+class PGDResult:
+    """x_adv: (B, ...) adversarial images. success: (B,) bool, the attack's goal reached (misclassified,
+    or the target class predicted) at some evaluated iterate, or None where plain PGD did not evaluate
+    its final iterate (restarts=1, keep="last", early_stop=False)."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor | None
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_labels(name: str, y, x: torch.Tensor) -> None:
+    if not isinstance(y, torch.Tensor) or y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of class indices; got {getattr(y, 'dtype', type(y))}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape ({x.shape[0]},), one label per image; got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but the images are on {x.device}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name} must be >= 0; got {int(y.min())}")
+
+
+def check_images(x, clip: tuple[float, float] | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(
+            f"images must be a floating-point tensor in pixel space; got {getattr(x, 'dtype', type(x).__name__)} "
+            "(convert with x.float() / 255)"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"images must have shape (B, ...); got {tuple(x.shape)}")
+    if clip is not None and x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < clip[0] - 1e-6 or hi > clip[1] + 1e-6:
+            raise ValueError(
+                f"images must lie in [{clip[0]:g}, {clip[1]:g}] (pixel space; normalisation belongs inside the "
+                f"model); got values in [{lo:.4g}, {hi:.4g}]"
+            )
+
+
+def _take(t, index: torch.Tensor | None):
+    """Rows `index` of a per-sample tensor (None: all); floats and None pass through."""
+    return t.index_select(0, index) if isinstance(t, torch.Tensor) and index is not None else t
+
+
+class PGD:
+    """Projected gradient descent, Linf or L2, on images in [0, 1].
+
+    Args:
+        model: images (B, C, H, W) in [0, 1] -> logits (B, K). Normalisation lives inside the model
+            (roli.models.NormalizedModel). A DDP model is attacked through its inner module.
+        eps: budget, a float or a (B,) tensor (per-sample budgets).
+        step_size: step length (> 0), a float or a (B,) tensor.
+        steps: number of gradient steps (>= 0).
+        norm: "linf" or "l2".
+        random_start: start uniformly in the budget ball (Linf box / L2 ball) instead of at x.
+        restarts: independent runs; a sample counts as broken if any run breaks it, otherwise the
+            highest-loss iterate is kept. Later restarts attack only the samples still unbroken.
+        loss: "ce" (cross-entropy) or "dlr" (Difference of Logits Ratio).
+        targeted: push towards `target` labels passed to the call instead of away from `y`.
+        keep: "best" (per-sample highest-loss / first successful iterate, including the clean image) or
+            "last" (the final iterate, as in adversarial training: no extra forward pass).
+        early_stop: stop attacking samples whose goal is reached (evaluation: same accuracy, less work).
+        precision: "fp32" or "bf16" (forward and backward under autocast; CPU and GPU).
+        impl: backend of the fused step (roli.ops), default $ROLI_IMPL or "auto".
+        seed: seeds the random starts (identical runs); None uses the global generator.
+        clip: the pixel range.
+
+    Shapes: x (B, ...) float in [0, 1]; y (B,) int64. Returns x_adv with x's shape and dtype.
+
+    Example:
+        >>> attack = PGD(model, eps=8 / 255, step_size=2 / 255, steps=10)
+        >>> x_adv = attack(x, y)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor = 8 / 255,
+        step_size: float | torch.Tensor = 2 / 255,
+        steps: int = 10,
+        norm: str = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        targeted: bool = False,
+        keep: str = "best",
+        early_stop: bool = False,
+        precision: str = "fp32",
+        impl: str | None = None,
+        seed: int | None = None,
+        clip: tuple[float, float] | None = (0.0, 1.0),
+    ):
+        for name, value, positive in (("eps", eps, False), ("step_size", step_size, True)):
+            if isinstance(value, torch.Tensor):
+                if value.numel() and (not bool(torch.isfinite(value).all()) or float(value.min()) < 0):
+                    raise ValueError(f"{name} must be finite and >= 0; got a tensor with min {float(value.min())}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number or a (B,) tensor; got {value!r}")
+            elif value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}; got {value}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1; got {restarts!r}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last'; got {keep!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
+        self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
+        self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
+        self.impl, self.seed, self.clip = impl, seed, clip
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        return self.perturb(x, y, target).x_adv
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _budget(self, value, x: torch.Tensor):
+        if isinstance(value, torch.Tensor):
+            if value.shape != (x.shape[0],):
+                raise ValueError(f"a per-sample budget must have shape ({x.shape[0]},); got {tuple(value.shape)}")
+            return value.to(device=x.device, dtype=torch.float32)
+        return float(value)
+
+    def _forward(self, model, x_adv, y, target, with_grad: bool, check: bool):
+        with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.precision):
+            logits = model(x_adv)
+        if check:
+            if logits.dim() != 2 or logits.shape[0] != x_adv.shape[0]:
+                raise ValueError(f"the model must return logits of shape (B, K); got {tuple(logits.shape)}")
+            if int(y.max()) >= logits.shape[1] or (target is not None and int(target.max()) >= logits.shape[1]):
+                raise ValueError(f"labels must be < the number of classes ({logits.shape[1]}); got {int(y.max())}")
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("the model returned non-finite logits (NaN/inf) on these images")
+        loss = attack_loss(self.loss, logits, y, target)
+        pred = logits.argmax(1)
+        success = pred == target if target is not None else pred != y
+        return loss, success
+
+    @staticmethod
+    def _record(best_x, best_score, idx, x_cur, score, impl):
+        if idx is None:
+            keep_best_(best_x, best_score, x_cur, score, impl=impl)
+            return
+        bx, bs = best_x.index_select(0, idx), best_score.index_select(0, idx)
+        keep_best_(bx, bs, x_cur, score, impl=impl)
+        best_x.index_copy_(0, idx, bx)
+        best_score.index_copy_(0, idx, bs)
+
+    # -- the attack -----------------------------------------------------------------------------------
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> PGDResult:
+        """Attack a batch. See the class docstring."""
+        check_images(x, self.clip)
+        check_labels("y", y, x)
+        if self.targeted and target is None:
+            raise ValueError("targeted PGD needs target labels: attack(x, y, target)")
+        if target is not None:
+            check_labels("target", target, x)
+        target = target if self.targeted else None
+        x_nat = x.detach()
+        eps, step = self._budget(self.eps, x), self._budget(self.step_size, x)
+        gen = torch.Generator(device=x.device).manual_seed(self.seed) if self.seed is not None else None
+        scored = self.keep == "best" or self.restarts > 1 or self.early_stop
+        batch = x.shape[0]
+        best_x = x_nat.clone()
+        best_score = torch.full((batch,), -INF, device=x.device)
+        if batch == 0:
+            return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=x.device))
+        with attack_mode(self.model) as model, torch.no_grad():
+            idx = None  # None: all samples active (no gather/scatter needed)
+            check = True
+            if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
+                loss, success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
+                check = False
+                self._record(best_x, best_score, None, x_nat, torch.where(success, INF, loss), self.impl)
+            for restart in range(self.restarts):
+                if restart > 0 or self.early_stop:
+                    idx = torch.nonzero(best_score != INF)[:, 0]
+                    if idx.numel() == 0:
+                        break
+                    if idx.numel() == batch:
+                        idx = None
+                x_last = self._run(model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check)
+                check = False
+            if not scored:
+                return PGDResult(x_last, None)
+        return PGDResult(best_x, best_score == INF)
+
+    def _run(self, model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check):
+        """One restart on the samples `idx` (None: all). Returns the final iterate (plain PGD)."""
+        start = pgd_init(x_nat, eps, self.norm, generator=gen, clip=self.clip) if self.random_start else None
+        # The random start is drawn for the whole batch and then subset, so which samples are still
+        # active never changes the random numbers of the others (early_stop keeps the same accuracy).
+        xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps, step))
+        x_adv = _take(start, idx) if start is not None else xn.clone()
+        scored = self.keep == "best" or self.restarts > 1 or self.early_stop
+        for it in range(self.steps + 1):
+            last = it == self.steps
+            if last and not scored:
+                return x_adv
+            x_adv.requires_grad_(not last)
+            with torch.enable_grad():
+                loss, success = self._forward(model, x_adv, yy, tt, with_grad=not last, check=check)
+                check = False
+                grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
+            x_adv = x_adv.detach()
+            if self.keep == "best" or last or self.early_stop:
+                score = torch.where(success, INF, loss.detach()) if (self.keep == "best" or last) else \
+                    torch.where(success, INF, -INF)  # fmt: skip
+                self._record(best_x, best_score, idx, x_adv, score, self.impl)
+            if last:
+                return x_adv
+            if self.early_stop and bool(success.any()):
+                keep = torch.nonzero(~success)[:, 0]
+                if keep.numel() == 0:
+                    return x_adv
+                idx = keep if idx is None else idx.index_select(0, keep)
+                x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
+            pgd_step_(x_adv, grad, xn, e, s, norm=self.norm, clip=self.clip, impl=self.impl)
+        return x_adv

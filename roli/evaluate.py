@@ -1,0 +1,218 @@
+"""`python -m roli.evaluate`: clean, PGD, eps-sweep and AutoAttack accuracy of a model on a dataset.
+
+    python -m roli.evaluate --model mypkg.nets:small_cnn --checkpoint net.pt --dataset digits \\
+        --attack pgd --steps 10 --eps 0.1 --eps-sweep 0.02,0.05,0.1 --autoattack standard --out res.json
+
+Budgets accept fractions ("8/255"). The worst case counts a sample as robust only if it is correct on
+the clean image and under every attack that ran. Results print as a table and are written as JSON
+(atomically: an interrupted run never leaves a half-written file in place of a good one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
+from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
+from roli.data import load_arrays
+from roli.models import NormalizedModel, build_model, load_into, load_state_dict_file
+
+
+class CliError(Exception):
+    """A bad flag value: printed as one line, exit code 2."""
+
+
+def parse_budget(text: str, flag: str = "--eps") -> float:
+    """'8/255' -> 0.03137..., '0.5' -> 0.5; finite and >= 0."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise CliError(f"{flag}: {text!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(value) or value < 0:
+        raise CliError(f"{flag}: budgets must be >= 0; got {text}")
+    return value
+
+
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CliError(f"{flag}: expected comma-separated numbers; got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="'package.module:function' (an nn.Module factory) or a timm name")
+    g.add_argument("--checkpoint", help="state dict (.pt/.pth/.bin/.safetensors) loaded strictly into the model")
+    g.add_argument("--num-classes", type=int, help="classes of the model (default: the dataset's)")
+    g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="per-channel std applied inside the model")
+    g.add_argument("--input-size", type=int, help="resize images to this size inside the model (bilinear)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="'digits' (scikit-learn) or 'npz:PATH'")
+    g.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate")
+    g.add_argument("--n-ex", type=int, help="evaluate the first N examples only")
+    g.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
+    g = p.add_argument_group("attacks")
+    g.add_argument("--attack", default="pgd", choices=["pgd", "none"], help="the PGD attack, or none")
+    g.add_argument("--norm", default="linf", choices=["linf", "l2"], help="threat model")
+    g.add_argument("--eps", default="8/255", help="budget, a number or a fraction like 8/255")
+    g.add_argument("--step-size", help="PGD step (default: eps/4, i.e. 2/255 for 8/255)")
+    g.add_argument("--steps", type=int, default=10, help="PGD steps")
+    g.add_argument("--restarts", type=int, default=1, help="PGD random restarts (per-sample worst case)")
+    g.add_argument("--loss", default="ce", choices=["ce", "dlr"], help="PGD loss")
+    g.add_argument("--eps-sweep", help="comma-separated budgets, all attacked in one batched run")
+    g.add_argument("--autoattack", choices=[v for v in AA_VERSIONS if v != "custom"], help="also run AutoAttack")
+    g.add_argument("--aa-state", help="AutoAttack state file: an interrupted evaluation resumes from it")
+    g = p.add_argument_group("run")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="forward/backward precision")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
+    g.add_argument("--seed", type=int, default=0, help="seeds the random starts")
+    g.add_argument("--out", help="write the results as JSON here")
+    return p
+
+
+def _model(args, num_classes: int, device: torch.device) -> NormalizedModel:
+    try:
+        net, cfg = build_model(args.model, num_classes)
+    except ValueError as e:
+        raise CliError(f"--model: {e}") from None
+    mean = parse_floats(args.mean, "--mean") or cfg.get("mean")
+    std = parse_floats(args.std, "--std") or cfg.get("std")
+    if args.checkpoint:
+        try:
+            load_into(net, load_state_dict_file(args.checkpoint), args.checkpoint)
+        except ValueError as e:
+            raise CliError(f"--checkpoint: {e}") from None
+    try:
+        model = NormalizedModel(net, mean=mean, std=std, input_size=args.input_size or cfg.get("input_size"))
+    except ValueError as e:
+        raise CliError(f"--mean/--std: {e}") from None
+    return model.to(device).eval()
+
+
+def _batches(n: int, size: int):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def evaluate(args) -> dict:
+    for flag, value, low in (("--steps", args.steps, 0), ("--restarts", args.restarts, 1),
+                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
+        if value < low:
+            raise CliError(f"{flag} must be >= {low}; got {value}")
+    if args.n_ex is not None and args.n_ex < 1:
+        raise CliError(f"--n-ex must be >= 1; got {args.n_ex}")
+    eps = parse_budget(args.eps)
+    step = parse_budget(args.step_size, "--step-size") if args.step_size else eps / 4
+    if args.attack == "pgd" and step <= 0:
+        raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
+    sweep = [parse_budget(v, "--eps-sweep") for v in args.eps_sweep.split(",")] if args.eps_sweep else None
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available")
+    try:
+        data = load_arrays(args.dataset, args.split, args.n_ex)
+    except ValueError as e:
+        raise CliError(f"--dataset: {e}") from None
+    num_classes = args.num_classes or data.num_classes
+    if data.y.numel() and int(data.y.max()) >= num_classes:
+        raise CliError(f"--num-classes {num_classes} but the labels go up to {int(data.y.max())}")
+    model = _model(args, num_classes, device)
+    if model.mean is not None and model.mean.shape[1] != data.x.shape[1]:
+        raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {data.x.shape[1]}")
+    x, y = data.x.to(device), data.y.to(device)
+    t0 = time.time()
+    parts = _batches(len(y), args.batch_size)
+    clean = torch.cat([clean_correct(model, x[s], y[s], args.precision) for s in parts])
+    robust = clean.clone()
+    results: dict = {"n": len(y), "clean": float(clean.float().mean()), "attacks": {}}
+    if args.attack == "pgd":
+        attack = PGD(model, eps=eps, step_size=step, steps=args.steps, norm=args.norm, restarts=args.restarts,
+                     loss=args.loss, keep="best", early_stop=True, precision=args.precision, impl=args.impl,
+                     seed=args.seed)  # fmt: skip
+        broken = torch.cat([attack.perturb(x[s], y[s]).success for s in parts])
+        pgd_ok = clean & ~broken
+        robust &= pgd_ok
+        name = f"PGD-{args.steps} ({args.norm}, eps={args.eps}" + (
+            f", {args.restarts} restarts)" if args.restarts > 1 else ")"
+        )
+        results["attacks"][name] = float(pgd_ok.float().mean())
+    if sweep:
+        accs = eps_sweep(model, x, y, sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
+                         loss=args.loss, precision=args.precision, impl=args.impl, seed=args.seed,
+                         chunk_size=args.batch_size)  # fmt: skip
+        results["eps_sweep"] = {f"{e:.6g}": a for e, a in accs.items()}
+    if args.autoattack:
+        aa = run_autoattack(model, x, y, eps, norm=args.norm, version=args.autoattack, state_path=args.aa_state,
+                            batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
+        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = aa.robust_accuracy
+        results["autoattack_per_attack"] = aa.per_attack
+        robust &= aa.robust.to(robust.device)
+    results["worst_case"] = float(robust.float().mean())
+    results["seconds"] = round(time.time() - t0, 2)
+    results["config"] = {k: v for k, v in vars(args).items()}
+    return results
+
+
+def render(results: dict) -> str:
+    rows = [("clean", results["clean"])] + list(results["attacks"].items())
+    if results["attacks"]:
+        rows.append(("worst case (all attacks)", results["worst_case"]))
+    rows += [(f"PGD sweep eps={e}", a) for e, a in results.get("eps_sweep", {}).items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]
+    lines += [f"{name:<{width}} | {100 * acc:7.2f}%" for name, acc in rows]
+    return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s)"
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate(args)
+    except CliError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(render(results))
+    if args.out:
+        write_json_atomic(args.out, results)
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""PGD, eps-sweep and AutoAttack: invariants on random models, parity with torchattacks, strength on a
+small model adversarially trained inside the test (scikit-learn digits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DIGITS_EPS as EPS  # noqa: E402
+from torch import nn
+
+from roli.attacks import PGD, clean_correct, dlr_loss, eps_sweep, run_autoattack
+from roli.models import NormalizedModel
+
+
+def random_model(seed=0, classes=10, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                        nn.Flatten(), nn.Linear(8 * 8 * 8, classes))  # fmt: skip
+    return NormalizedModel(net, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).to(dtype).train()
+
+
+def batch(seed=1, n=24, classes=10, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_perturbation_within_budget_and_range(norm, per_sample):
+    model = random_model()
+    x, y = batch()
+    eps = torch.linspace(0.0, 0.2, len(y)) if per_sample else 0.1
+    if norm == "l2":
+        eps = eps * 5
+    step = eps / 4 if per_sample else eps / 4
+    x_adv = PGD(model, eps=eps, step_size=step if not per_sample else step + 1e-3, steps=7, norm=norm, seed=0)(x, y)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    limit = eps if per_sample else torch.full((len(y),), float(eps))
+    assert bool((size <= limit * (1 + 1e-5) + 1e-7).all())
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    if per_sample:
+        assert torch.equal(x_adv[0], x[0])  # eps = 0
+
+
+def test_robust_accuracy_not_above_clean_and_loss_goes_up():
+    model = random_model()
+    x, y = batch(n=64)
+    model.eval()
+    with torch.no_grad():
+        start_loss = F.cross_entropy(model(x), y, reduction="none")
+    res = PGD(model, eps=0.05, step_size=0.01, steps=10, seed=0, keep="last", restarts=1).perturb(x, y)
+    with torch.no_grad():
+        logits = model(res.x_adv)
+    assert float(F.cross_entropy(logits, y, reduction="none").mean()) > float(start_loss.mean())
+    best = PGD(model, eps=0.05, step_size=0.01, steps=10, seed=0).perturb(x, y)
+    clean = clean_correct(model, x, y)
+    robust = clean & ~best.success
+    assert bool((robust <= clean).all()) and int(robust.sum()) <= int(clean.sum())
+    assert bool(best.success[~clean].all())  # clean mistakes count as broken (the clean image is an iterate)
+
+
+def test_seeded_runs_identical_and_seeds_differ():
+    model = random_model()
+    x, y = batch()
+    a = PGD(model, eps=0.1, steps=3, seed=5, restarts=2)(x, y)
+    b = PGD(model, eps=0.1, steps=3, seed=5, restarts=2)(x, y)
+    c = PGD(model, eps=0.1, steps=3, seed=6, restarts=2, keep="last")(x, y)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_no_parameter_gradient_and_mode_restored():
+    model = random_model()
+    model.train()
+    frozen = model.model[0].bias
+    frozen.requires_grad_(False)  # a user's frozen parameter must stay frozen, the others trainable
+    x, y = batch()
+    PGD(model, eps=0.1, steps=3, restarts=2, precision="bf16")(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "model.0.bias")
+
+
+def test_mode_restored_after_exception():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3 * 8 * 8, 10)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return self.lin(x.flatten(1))
+
+    model = Boom().train()
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="boom"):
+        PGD(model, eps=0.1, steps=5)(x, y)
+    assert model.training and model.lin.weight.requires_grad and model.lin.weight.grad is None
+
+
+def test_ddp_model_is_attacked_through_its_module(monkeypatch):
+    from roli.attacks import unwrap
+
+    inner = random_model()
+
+    class FakeDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module):  # no process group: only the unwrapping is under test
+            nn.Module.__init__(self)
+            self.module = module
+
+        def forward(self, *a, **k):
+            raise AssertionError("the DDP wrapper must not be called by an attack")
+
+    wrapped = FakeDDP(inner)
+    assert unwrap(wrapped) is inner
+    x, y = batch()
+    x_adv = PGD(wrapped, eps=0.1, steps=2, seed=0)(x, y)
+    assert torch.equal(x_adv, PGD(inner, eps=0.1, steps=2, seed=0)(x, y))
+
+
+def test_parity_with_torchattacks():
+    torchattacks = pytest.importorskip("torchattacks")
+    model = random_model()
+    x, y = batch(n=32)
+    ours = PGD(model, eps=8 / 255, step_size=2 / 255, steps=10, random_start=False, keep="last")(x, y)
+    model.eval()
+    theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=False)(x, y)
+    assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+def test_targeted_and_dlr():
+    model = random_model().eval()
+    x, y = batch(n=32)
+    target = (y + 1) % 10
+    res = PGD(model, eps=0.3, step_size=0.05, steps=20, targeted=True, seed=0).perturb(x, y, target)
+    with torch.no_grad():
+        hit = model(res.x_adv).argmax(1) == target
+    assert torch.equal(hit, res.success) and float(hit.float().mean()) > 0.5
+    logits = torch.randn(5, 10)
+    yy = torch.randint(0, 10, (5,))
+    z = logits.sort(1, descending=True).values
+    other = torch.stack([torch.cat([logits[i, :c], logits[i, c + 1 :]]).max() for i, c in enumerate(yy)])
+    want = -(logits[torch.arange(5), yy] - other) / (z[:, 0] - z[:, 2] + 1e-12)
+    torch.testing.assert_close(dlr_loss(logits, yy), want)
+    x_adv = PGD(model, eps=0.05, steps=5, loss="dlr", seed=0)(x, y)
+    assert float((x_adv - x).abs().max()) <= 0.05 + 1e-7
+
+
+def test_early_stop_same_accuracy_less_work(digits_model):
+    model, x, y = digits_model
+    model64 = NormalizedModel(model.model, None, None)
+    import copy
+
+    model64 = copy.deepcopy(model64).double()
+    x64 = x.double()
+    calls = {"n": 0}
+    hook = model64.register_forward_hook(lambda m, i, o: calls.__setitem__("n", calls["n"] + len(i[0])))
+    plain = PGD(model64, eps=EPS, step_size=EPS / 8, steps=10, restarts=2, seed=3).perturb(x64, y)
+    work_plain, calls["n"] = calls["n"], 0
+    early = PGD(model64, eps=EPS, step_size=EPS / 8, steps=10, restarts=2, seed=3, early_stop=True).perturb(x64, y)
+    hook.remove()
+    assert int(plain.success.sum()) == int(early.success.sum())
+    assert calls["n"] < work_plain
+
+
+def test_strength_vs_torchattacks(digits_model):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    clean = clean_correct(model, x, y)
+    ours = PGD(model, eps=EPS, step_size=EPS / 8, steps=20, restarts=3, seed=0).perturb(x, y)
+    ours_acc = float((clean & ~ours.success).float().mean())
+    torch.manual_seed(0)
+    x_ta = torchattacks.PGD(model, eps=EPS, alpha=EPS / 8, steps=20)(x, y)
+    with torch.no_grad():
+        ta_acc = float((model(x_ta).argmax(1) == y).float().mean())
+    assert ours_acc <= ta_acc + 0.005, (ours_acc, ta_acc)
+    assert 0.3 < ours_acc < float(clean.float().mean())  # a robust model, and the attack does work
+
+
+@pytest.mark.slow
+def test_autoattack_standard_not_weaker_than_pgd(digits_model):
+    model, x, y = digits_model
+    clean = clean_correct(model, x, y)
+    ours = PGD(model, eps=EPS, step_size=EPS / 8, steps=20, restarts=3, seed=0).perturb(x, y)
+    pgd_acc = float((clean & ~ours.success).float().mean())
+    aa = run_autoattack(model, x, y, EPS, version="standard")
+    assert set(aa.per_attack) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert aa.robust_accuracy <= pgd_acc, (aa.robust_accuracy, pgd_acc)
+    assert float((aa.x_adv - x).abs().max()) <= EPS + 1e-6
+
+
+def test_autoattack_custom_with_resumable_state(digits_model, tmp_path):
+    model, x, y = digits_model
+    x, y = x[:64], y[:64]
+    state = tmp_path / "aa_state.pt"
+    attacks = ["apgd-ce", "apgd-dlr"]
+    full = run_autoattack(model, x, y, EPS, version="custom", attacks=attacks)
+    assert list(full.per_attack) == attacks
+    assert full.robust_accuracy <= full.clean_accuracy and full.robust_accuracy == full.per_attack["apgd-dlr"]
+    assert float((full.x_adv - x).abs().max()) <= EPS + 1e-6
+    # An evaluation interrupted after its first attack resumes from the state file and runs only the rest.
+    import pyautoattack
+
+    calls = []
+    original = pyautoattack.AutoAttack.run_standard_evaluation
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(list(self.attacks_to_run))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    pyautoattack.AutoAttack.run_standard_evaluation = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_autoattack(model, x, y, EPS, version="custom", attacks=attacks, state_path=state)
+        resumed = run_autoattack(model, x, y, EPS, version="custom", attacks=attacks, state_path=state)
+    finally:
+        pyautoattack.AutoAttack.run_standard_evaluation = original
+    assert calls == [["apgd-ce"], ["apgd-dlr"], ["apgd-dlr"]]
+    assert resumed.per_attack == full.per_attack and torch.equal(resumed.robust, full.robust)
+    with pytest.raises(ValueError, match="made for another evaluation"):
+        run_autoattack(model, x, y, EPS * 2, version="custom", attacks=attacks, state_path=state)
+    with pytest.raises(ValueError, match="attacks"):
+        run_autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
+
+
+def test_eps_sweep_equals_separate_runs(digits_model):
+    model, x, y = digits_model
+    x, y = x[:80], y[:80]
+    budgets = [0.0, 0.05, 0.1, 0.2]
+    sweep = eps_sweep(model, x, y, budgets, steps=5, random_start=False)
+    clean = clean_correct(model, x, y)
+    for e in budgets:
+        if e == 0:
+            assert sweep[e] == pytest.approx(float(clean.float().mean()))
+            continue
+        res = PGD(model, eps=e, step_size=e / 4, steps=5, random_start=False).perturb(x, y)
+        assert sweep[e] == pytest.approx(float((clean & ~res.success).float().mean()), abs=1 / 80 + 1e-9)
+    values = [sweep[e] for e in budgets]
+    assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, pattern",
+    [
+        (dict(eps=-0.1), None, "eps must be >= 0"),
+        (dict(step_size=0.0), None, "step_size must be > 0"),
+        (dict(steps=-1), None, "steps must be an integer >= 0"),
+        (dict(restarts=0), None, "restarts must be an integer >= 1"),
+        (dict(norm="l1"), None, "norm must be"),
+        (dict(precision="fp16"), None, "precision must be one of"),
+        (dict(), lambda x, y: (x * 2, y), r"images must lie in \[0, 1\]"),
+        (dict(), lambda x, y: ((x * 255).to(torch.uint8), y), "images must be a floating-point tensor"),
+        (dict(), lambda x, y: (x, y + 10), r"labels must be < the number of classes \(10\)"),
+        (dict(), lambda x, y: (x, y - 20), "y must be >= 0"),
+        (dict(), lambda x, y: (x, y.float()), "y must be an integer tensor"),
+        (dict(), lambda x, y: (x, y[:-1]), r"y must have shape \(24,\)"),
+        (dict(targeted=True), None, "targeted PGD needs target labels"),
+    ],
+)
+def test_bad_input(kwargs, call, pattern):
+    model = random_model()
+    x, y = batch()
+    with pytest.raises(ValueError, match=pattern):
+        attack = PGD(model, **{"eps": 0.1, **kwargs})
+        if call is not None:
+            x, y = call(x, y)
+        attack(x, y)
+
+
+def test_non_finite_logits_rejected():
+    model = random_model()
+    model.model[-1].bias.data[0] = float("nan")
+    x, y = batch()
+    with pytest.raises(ValueError, match="non-finite logits"):
+        PGD(model, eps=0.1, steps=2)(x, y)

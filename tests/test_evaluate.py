@@ -1,0 +1,133 @@
+"""python -m roli.evaluate: end to end on digits, JSON output, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from roli.evaluate import main, parse_budget
+
+
+@pytest.fixture(scope="module")
+def checkpoint(digits_model, tmp_path_factory):
+    model, _, _ = digits_model
+    path = tmp_path_factory.mktemp("ck") / "digits_cnn.pt"
+    torch.save({"state_dict": model.model.state_dict()}, path)
+    return path
+
+
+BASE = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "120"]
+
+
+def test_end_to_end_subprocess(checkpoint, tmp_path):
+    out = tmp_path / "res.json"
+    cmd = [sys.executable, "-m", "roli.evaluate", *BASE, "--checkpoint", str(checkpoint), "--eps", "1/10",
+           "--steps", "10", "--restarts", "2", "--eps-sweep", "1/20,1/10,1/5", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "clean" in run.stdout and "PGD-10" in run.stdout and "worst case" in run.stdout
+    res = json.loads(out.read_text())
+    assert res["n"] == 120
+    pgd = next(v for k, v in res["attacks"].items() if k.startswith("PGD-10"))
+    assert 0.3 < pgd <= res["clean"] and res["clean"] > 0.9
+    assert res["worst_case"] <= pgd
+    sweep = [res["eps_sweep"][k] for k in ("0.05", "0.1", "0.2")]
+    assert sweep == sorted(sweep, reverse=True)
+
+
+def test_bf16_and_l2(checkpoint, capsys):
+    assert main([*BASE, "--checkpoint", str(checkpoint), "--precision", "bf16", "--steps", "3"]) == 0
+    assert main([*BASE, "--checkpoint", str(checkpoint), "--norm", "l2", "--eps", "0.5", "--steps", "3"]) == 0
+    assert capsys.readouterr().out.count("PGD-3") == 2
+
+
+@pytest.mark.slow
+def test_autoattack_from_the_cli(checkpoint, tmp_path):
+    out = tmp_path / "aa.json"
+    argv = [*BASE, "--checkpoint", str(checkpoint), "--eps", "0.1", "--autoattack", "standard",
+            "--aa-state", str(tmp_path / "aa_state.pt"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert list(res["autoattack_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert res["worst_case"] <= min(res["attacks"].values())
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--checkpoint", "/nonexistent/ck.pt"], "--checkpoint: checkpoint not found"),
+        (["--eps", "8/0"], "--eps: '8/0' is not a number"),
+        (["--eps=-1/255"], "--eps: budgets must be >= 0"),
+        (["--eps-sweep", "1/255,x"], "--eps-sweep: 'x' is not a number"),
+        (["--steps", "-1"], "--steps must be >= 0"),
+        (["--restarts", "0"], "--restarts must be >= 1"),
+        (["--n-ex", "0"], "--n-ex must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--num-classes", "5"], "--num-classes 5 but the labels go up to 9"),
+        (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "--mean/--std"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--eps", "x"], "--"),
+    ],
+)
+def test_bad_flags_one_line_exit_2(extra, pattern, capsys, checkpoint):
+    argv = [*BASE, *(["--checkpoint", str(checkpoint)] if "--checkpoint" not in extra else []), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("python -m roli.evaluate: error:") and pattern in err
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--model", "roli.models.small:nope", "--dataset", "digits"], "--model: cannot import model factory"),
+        (["--model", "not_a_model_name", "--dataset", "digits"], "--model: unknown model"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "imagenet"], "--dataset: unknown dataset"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "npz:/nope.npz"], "--dataset: npz file not found"),
+    ],
+)
+def test_bad_model_or_dataset(argv, pattern, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and pattern in err
+
+
+def test_checkpoint_for_other_class_count_and_argparse_errors(tmp_path, capsys):
+    from roli.models.small import small_cnn
+
+    wrong = tmp_path / "ck5.pt"
+    torch.save(small_cnn(num_classes=5).state_dict(), wrong)
+    assert main([*BASE, "--checkpoint", str(wrong)]) == 2
+    assert "does not match the model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, "--attack", "fgsm"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_failed_run_keeps_previous_results(checkpoint, tmp_path):
+    out = tmp_path / "res.json"
+    out.write_text('{"good": true}')
+    assert main([*BASE, "--checkpoint", str(checkpoint), "--eps", "bad", "--out", str(out)]) == 2
+    assert json.loads(out.read_text()) == {"good": True}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_npz_dataset(tmp_path, checkpoint, capsys):
+    rng = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 8, 8, 1, generator=rng) * 255).to(torch.uint8).numpy()  # NHWC uint8
+    y = torch.randint(0, 10, (30,), generator=rng).numpy()
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x_test=x, y_test=y)
+    argv = ["--model", "roli.models.small:small_cnn", "--dataset", f"npz:{tmp_path / 'd.npz'}",
+            "--num-classes", "10", "--checkpoint", str(checkpoint), "--steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(30 examples" in capsys.readouterr().out
+
+
+def test_parse_budget():
+    assert parse_budget("8/255") == pytest.approx(8 / 255)
+    assert parse_budget("0.5") == 0.5
