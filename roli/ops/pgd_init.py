@@ -37,14 +37,15 @@ def pgd_init(
         raise ValueError(f"generator is on {generator.device} but x_nat is on {x_nat.device}")
     batch = x_nat.shape[0]
     e = per_sample_view(eps_t, x_nat.dim()) if eps_t is not None else eps_f
-    kw = dict(generator=generator, device=x_nat.device, dtype=torch.float32)
     with torch.no_grad():
+        # empty_like keeps x_nat's layout (channels_last stays channels_last for the model that follows).
+        noise = torch.empty_like(x_nat, dtype=torch.float32)
         if norm == "linf":
-            delta = torch.rand(x_nat.shape, **kw).mul_(2).sub_(1).mul_(e)
+            delta = noise.uniform_(-1.0, 1.0, generator=generator).mul_(e)
         else:
-            z = torch.randn(x_nat.shape, **kw)
+            z = noise.normal_(generator=generator)
             znorm = z.reshape(batch, -1).norm(dim=1).clamp_min_(1e-12)  # (B,)
             d = max(1, x_nat[0].numel())
-            radius = torch.rand(batch, **kw).pow_(1.0 / d)  # (B,)
+            radius = torch.rand(batch, generator=generator, device=x_nat.device).pow_(1.0 / d)  # (B,)
             delta = z.mul_(per_sample_view(radius / znorm, z.dim())).mul_(e)
         return delta.add_(x_nat.float()).clamp_(lo, hi).to(x_nat.dtype)

@@ -1,0 +1,223 @@
+"""Throughput of PGD-10 (images/s), FLOP utilisation, and the robust accuracy each attack reaches.
+
+Attacks, all PGD-10 with a random start on the same model and batch, parameters requiring grad (as
+inside a training loop):
+  ours fp32    roli.attacks.PGD (input-only gradients, frozen parameters, fused step), keep="last"
+  ours bf16    the same under bf16 autocast
+  torchattacks torchattacks.PGD
+  reference    the RoLI reference code's attack: .backward() on every parameter at every step, the best
+               iterate chosen per batch by the mean loss, and one more forward with a graph at the end
+Models: timm resnet18 at 32x32 (CIFAR-sized input) and vit_tiny_patch16_224 at 224, random weights;
+labels are the model's own clean predictions, so clean accuracy is 100% and the robust accuracy
+measures the attack. FLOPs per PGD-10 come from torch.utils.flop_counter (forward + input backward,
+10 steps); utilisation is over a matmul peak measured in the same run, fp32 or bf16 as the variant.
+
+    python benchmarks/bench_attack.py            # both models
+    python benchmarks/bench_attack.py --quick    # fewer repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import roli
+from roli._compat import import_timm
+from roli.attacks import PGD
+from roli.attacks.pgd import autocast_for
+from roli.models import NormalizedModel
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# (timm name, input size, batch, eps): the budgets put these random-weight models between "all robust"
+# and "all broken", so robust accuracy compares attack strength (throughput does not depend on eps).
+MODELS = [("resnet18", 32, 128, 1 / 255), ("vit_tiny_patch16_224", 224, 16, 0.25 / 255)]
+
+
+def reference_pgd(model, x, y, eps, alpha, steps):
+    """The attack as the RoLI reference code writes it (see ROLI_SPEC.md: what not to copy)."""
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
+    best_loss, best_x = -float("inf"), x_adv
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        model.zero_grad()
+        loss.backward()  # every parameter gradient, at every attack step
+        with torch.no_grad():
+            if loss.item() > best_loss:  # batch-level "best iterate"
+                best_loss, best_x = loss.item(), x_adv.detach().clone()
+            x_adv = x_adv + alpha * x_adv.grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
+    F.cross_entropy(model(x_adv), y)  # the extra forward with a graph
+    model.zero_grad()
+    return best_x
+
+
+def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
+    """label -> (precision, a function running that attack on (x, y))."""
+
+    def ours(precision):
+        return lambda: PGD(model, eps=eps, step_size=alpha, steps=steps, keep="last", precision=precision)(x, y)
+
+    return {
+        "ours fp32": ("fp32", ours("fp32")),
+        "ours bf16": ("bf16", ours("bf16")),
+        "torchattacks": ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y)),
+        "reference-style": ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps)),
+    }
+
+
+def matmul_peak(dtype, reps=10) -> float:
+    """Best median GFLOP/s over two square sizes (the machine is shared: take its best, not a bad moment)."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = max(best, 2 * n**3 / median_time(lambda a=a, b=b: a @ b, reps) / 1e9)
+    return best
+
+
+def median_time(fn, reps, warmup=2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def round_robin(runs: dict, reps: int) -> dict:
+    """Median seconds per run, timed in rounds (every variant once per round, after one warm-up round),
+    so that load drift on a shared machine affects all variants alike."""
+    times = {label: [] for label in runs}
+    for r in range(reps + 1):
+        for label, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if r > 0:
+                times[label].append(time.perf_counter() - t)
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def pgd_flops(model, x, y, steps, precision) -> int:
+    """FLOPs of `steps` attack steps: forward + backward to the input only (what our attack computes)."""
+    xi = x.clone().requires_grad_(True)
+    params = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            with autocast_for(x.device, precision):
+                loss = F.cross_entropy(model(xi).float(), y)
+            loss.backward()  # parameters frozen: the input gradient only
+    finally:
+        for p, flag in zip(model.parameters(), params, strict=True):
+            p.requires_grad_(flag)
+    return counter.get_total_flops() * steps
+
+
+def robust_accuracy(model, x_adv, y) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x_adv).argmax(1) == y).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--eps", type=float, help="budget for every model (default: per model, see MODELS)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--models", default=",".join(m[0] for m in MODELS), help="comma list of the models above")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    import torchattacks
+
+    timm = import_timm()
+    reps = 2 if args.quick else 5
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = []
+    for name, size, batch, model_eps in MODELS:
+        if name not in args.models.split(","):
+            continue
+        torch.manual_seed(0)
+        model = NormalizedModel(timm.create_model(name, pretrained=False, num_classes=10), CIFAR_MEAN, CIFAR_STD)
+        model.eval()
+        x = torch.rand(batch, 3, size, size)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        eps = args.eps if args.eps is not None else model_eps
+        alpha = eps / 4
+        variants = make_variants(model, x, y, eps, alpha, args.steps, torchattacks)
+        flops = {p: pgd_flops(model, x, y, args.steps, p) for p in ("fp32", "bf16")}
+        checked = {}
+        for label, (_, run) in variants.items():  # correctness and strength first
+            torch.manual_seed(1)
+            x_adv = run()
+            assert float((x_adv - x).abs().max()) <= eps + 1e-6 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+            assert all(p.requires_grad for p in model.parameters()), f"{label} left parameters frozen"
+            checked[label] = robust_accuracy(model, x_adv, y)
+        times = round_robin({label: run for label, (_, run) in variants.items()}, reps)
+        base = times["torchattacks"]
+        for label, (precision, _) in variants.items():
+            t = times[label]
+            util = flops[precision] / t / 1e9 / peaks[precision]
+            row = {"model": f"{name} @{size}", "eps": f"{eps * 255:.3g}/255", "batch": batch, "attack": label}
+            row.update(seconds=t, images_per_s=batch / t, robust_acc=checked[label], gflops=flops[precision] / 1e9,
+                       utilisation=util, precision=precision, vs_torchattacks=base / t,
+                       vs_reference=times["reference-style"] / t)  # fmt: skip
+            rows.append(row)
+    end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    for r in rows:  # utilisation against the best peak seen at the start or the end of the run
+        peak = max(peaks[r["precision"]], end_peaks[r["precision"]])
+        r["utilisation"] = r["gflops"] / r["seconds"] / peak
+    peaks = {k: max(peaks[k], end_peaks[k]) for k in peaks}
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    device = _cpu_name()
+    head = (f"PGD-{args.steps} (Linf, step eps/4, random start) on {device}, {stamp}; "
+            f"torch {torch.__version__}; same-run matmul peak fp32 {peaks['fp32']:.0f} / "
+            f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+    cols = ["model", "eps", "batch", "attack", "images/s", "vs torchattacks", "vs reference-style", "robust acc",
+            "GFLOP per PGD", "FLOP utilisation"]  # fmt: skip
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['eps']} | {r['batch']} | {r['attack']} | {r['images_per_s']:.1f} | "
+                     f"{r['vs_torchattacks']:.2f}x | {r['vs_reference']:.2f}x | {100 * r['robust_acc']:.1f}% | "
+                     f"{r['gflops']:.1f} | {100 * r['utilisation']:.0f}% ({r['precision']}) |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_attack_cpu.md").write_text(table + "\n")
+    path = out / "bench_attack.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        meta = {"date": stamp, "device": device, "torch": torch.__version__, "roli": roli.__version__}
+        w = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} CPU, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
