@@ -26,6 +26,8 @@ from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.data import load_arrays
 from roli.models import NormalizedModel, build_model, load_into, load_state_dict_file
+from roli.ops import unavailable_reason
+from roli.ops._dispatch import requested_impl
 
 
 class CliError(Exception):
@@ -126,9 +128,18 @@ def evaluate(args) -> dict:
     if args.attack == "pgd" and step <= 0:
         raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
     sweep = [parse_budget(v, "--eps-sweep") for v in args.eps_sweep.split(",")] if args.eps_sweep else None
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device: {args.device!r} is not a device (use cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device is available")
+    try:
+        impl = requested_impl(args.impl)
+    except ValueError as e:
+        raise CliError(f"--impl: {e}") from None
+    if impl != "auto" and (reason := unavailable_reason(impl, device, torch.float32)):
+        raise CliError(f"--impl {impl} cannot run here: {reason}")
     try:
         data = load_arrays(args.dataset, args.split, args.n_ex)
     except ValueError as e:
