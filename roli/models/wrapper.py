@@ -16,19 +16,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class NormalizedModel(nn.Module):
-    """`forward(x) = model(normalize(resize(x)))` for x of shape (B, C, H, W) in [0, 1].
-
-    Args:
-        model: the network on normalised inputs, returning logits (B, num_classes).
-        mean, std: per-channel statistics (length C), or None for no normalisation.
-        input_size: (H, W) to resize to inside the model (bilinear, antialias off, as the reference),
-            or None to keep the input size.
-    """
+class Preprocess(nn.Module):
+    """x (B, C, H, W) in [0, 1] -> normalize(resize(x)). Buffers are not saved in state dicts."""
 
     def __init__(
         self,
-        model: nn.Module,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
         input_size: int | tuple[int, int] | None = None,
@@ -40,7 +32,6 @@ class NormalizedModel(nn.Module):
             raise ValueError(f"std must be > 0 per channel; got {tuple(std)}")
         if mean is not None and len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        self.model = model
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else input_size
         if mean is None:
             self.register_buffer("mean", None)
@@ -49,7 +40,7 @@ class NormalizedModel(nn.Module):
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         if self.mean is not None:
@@ -58,5 +49,27 @@ class NormalizedModel(nn.Module):
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
 
+
+class NormalizedModel(nn.Module):
+    """`forward(x) = model(normalize(resize(x)))` for x of shape (B, C, H, W) in [0, 1].
+
+    Args:
+        model: the network on normalised inputs, returning logits (B, num_classes).
+        mean, std: per-channel statistics (length C), or None for no normalisation.
+        input_size: (H, W) to resize to inside the model (bilinear, as the reference), or None.
+    """
+
+    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=None):
+        super().__init__()
+        self.pre = Preprocess(mean, std, input_size)
+        self.model = model
+
+    @property
+    def mean(self):
+        return self.pre.mean
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(x))
+        return self.model(self.pre(x))

@@ -1,0 +1,129 @@
+"""RobustClassifier: a backbone (any timm model or a user's nn.Module) plus a linear head, in pixel space.
+
+    forward(x) = head(features(x)),  features(x) = backbone(normalize(resize(x)))   (pre-logits, (B, D))
+
+The head is a plain nn.Linear(D, num_classes): the object adversarial linear probing trains and RoLI
+initialises finetuning from. A backbone is used through the timm protocol when it has it
+(reset_classifier(0) removes its own classifier, num_features gives D); any other module is taken as
+a feature extractor returning (B, D) and D is found by one forward pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from roli._compat import import_timm
+from roli.models.wrapper import Preprocess
+
+
+class RobustClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean=None, std=None,
+                 input_size=None, name: str = "custom", classifier_key: str | None = None):  # fmt: skip
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+        self.pre = Preprocess(mean, std, input_size)
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, num_classes)
+        self.name, self.classifier_key = name, classifier_key
+        self.feat_dim, self.num_classes = feat_dim, num_classes
+        self.backbone_frozen = False  # set by the "linear" PEFT method: backbone stays in eval mode
+
+    @property
+    def mean(self):
+        return self.pre.mean
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits (B, D) of images in [0, 1]."""
+        return self.backbone(self.pre(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # a frozen backbone keeps BatchNorm statistics and no dropout
+        return self
+
+    def reset_head(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.feat_dim, num_classes).to(self.head.weight.device)
+        self.num_classes = num_classes
+
+
+def _timm_cfg(net: nn.Module) -> dict:
+    return dict(getattr(net, "pretrained_cfg", None) or getattr(net, "default_cfg", None) or {})
+
+
+def _factory(spec: str):
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {spec!r}: {e}") from None
+
+
+def create_classifier(
+    model: str | nn.Module,
+    num_classes: int,
+    *,
+    mean="auto",
+    std="auto",
+    input_size="auto",
+    feat_dim: int | None = None,
+    in_chans: int = 3,
+    **model_kwargs,
+) -> RobustClassifier:
+    """Build a RobustClassifier.
+
+    Args:
+        model: a timm model name (created without weights: load robust weights with
+            roli.models.load_pretrained), "package.module:function" (a factory returning an nn.Module,
+            called with **model_kwargs), or an nn.Module.
+        num_classes: classes of the new linear head.
+        mean, std, input_size: preprocessing inside the model; "auto" takes them from the timm config
+            (input_size: its native resolution) or, for other modules, none; None disables each.
+        feat_dim: the feature dimension of a non-timm module (default: found by one forward pass).
+        in_chans: image channels (for timm models and the feature-dimension probe).
+        model_kwargs: passed to timm.create_model or the factory (e.g. img_size=32 for a ViT).
+    """
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, nn.Module):
+        net = model
+    elif ":" in model:
+        net = _factory(model)(**model_kwargs)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model factory {model!r} returned {type(net).__name__}, not an nn.Module")
+    else:
+        try:
+            timm = import_timm()
+        except ImportError:
+            raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
+        if model not in timm.list_models():
+            raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
+        net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs)
+    cfg = _timm_cfg(net)
+    classifier_key = cfg.get("classifier")
+    if hasattr(net, "reset_classifier") and hasattr(net, "num_features"):
+        net.reset_classifier(0)
+        feat_dim = feat_dim or int(net.num_features)
+    if mean == "auto":
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is not None and len(mean) != in_chans:
+            mean, std = None, None
+    if input_size == "auto":
+        native = cfg.get("input_size")
+        input_size = tuple(native[-2:]) if native and "img_size" not in model_kwargs else None
+    if feat_dim is None:
+        probe = torch.zeros(2, in_chans, *(input_size or (32, 32)))
+        was_training = net.training
+        with torch.no_grad():
+            out = net.eval()(probe)
+        net.train(was_training)
+        if out.dim() != 2:
+            raise ValueError(f"{name} returns shape {tuple(out.shape)}; a feature extractor must return (B, D)")
+        feat_dim = out.shape[1]
+    return RobustClassifier(net, feat_dim, num_classes, mean, std, input_size, name, classifier_key)

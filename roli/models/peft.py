@@ -1,0 +1,193 @@
+"""Parameter-efficient finetuning methods of the RoLI paper, each exactly the base model at initialisation.
+
+apply_peft(model, method, ...) modifies a RobustClassifier in place and sets which parameters train:
+- "full": everything.
+- "linear": the head only; the backbone is frozen and kept in eval mode (BatchNorm statistics fixed).
+- "lora": low-rank updates W + (alpha/r) B A on the qkv projection of every attention block (timm ViT
+  and Swin, or any nn.Linear named qkv): targets "qv" (the paper) or "qkv". A random, B zero.
+- "adapter": a bottleneck after each block's MLP, h + up(act(down(h))), reduction factor r. Down random,
+  up zero.
+- "vpt": deep visual prompts, n learned tokens per block that the block's tokens attend to, through a
+  zero-initialised per-head gate (as in LLaMA-Adapter's zero-init attention): out = attn(x) +
+  proj(g * softmax(q k_p^T) v_p). The RoLI protocol needs every branch to output zero at init so the
+  finetuned model starts exactly at the ALP model; plain prompt concatenation would change every
+  token's attention at init. timm ViT blocks.
+- "bias": BitFit, the biases (and the head).
+The head always trains. The reference code's bugs are not reproduced: its LoRA zero-initialises both
+matrices (no gradient ever reaches them) and its Adapter zero-initialises both projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("full", "linear", "lora", "adapter", "vpt", "bias")
+
+
+class LoRAQKV(nn.Module):
+    """qkv Linear (dim -> 3 dim) plus low-rank updates on the chosen parts (q, k, v)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, targets: str):
+        super().__init__()
+        if base.out_features % 3:
+            raise ValueError(f"a qkv projection must have 3 x dim outputs; got {base.out_features}")
+        self.base, self.targets, self.scale = base, targets, alpha / rank
+        dim = base.out_features // 3
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for t in targets:
+            a = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear: random A
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(torch.zeros(dim, rank))  # zero B: the update starts at zero
+        self.dim = dim
+
+    def delta_weight(self) -> torch.Tensor:
+        """(3 dim, in) update of the qkv weight."""
+        parts = []
+        for t in "qkv":
+            if t in self.targets:
+                parts.append(self.lora_B[t] @ self.lora_A[t] * self.scale)
+            else:
+                parts.append(self.lora_B[self.targets[0]].new_zeros(self.dim, self.base.in_features))
+        return torch.cat(parts, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = self.dropout(x)
+        updates = [(h @ self.lora_A[t].t() @ self.lora_B[t].t()) * self.scale if t in self.targets else None
+                   for t in "qkv"]  # fmt: skip
+        zero = torch.zeros_like(out[..., : self.dim])
+        return out + torch.cat([u if u is not None else zero for u in updates], -1)
+
+    def merged(self) -> nn.Linear:
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.base.weight + self.delta_weight())
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin.to(self.base.weight.device, self.base.weight.dtype)
+
+
+class Adapter(nn.Module):
+    """Wraps an MLP: h = mlp(x); h + up(act(down(h))). Down random (nn.Linear default), up zero."""
+
+    def __init__(self, mlp: nn.Module, dim: int, reduction: int):
+        super().__init__()
+        self.mlp = mlp
+        hidden = max(1, dim // reduction)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)
+        return h + self.up(self.act(self.down(h)))
+
+
+class PromptedAttention(nn.Module):
+    """timm ViT Attention plus n learned prompt tokens, attended through a zero-initialised per-head gate."""
+
+    def __init__(self, attn: nn.Module, n_tokens: int):
+        super().__init__()
+        self.attn = attn
+        dim = attn.qkv.in_features
+        self.prompts = nn.Parameter(torch.empty(n_tokens, dim).uniform_(-0.5, 0.5) * dim**-0.5)
+        self.gate = nn.Parameter(torch.zeros(attn.num_heads))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.attn(x, *args, **kwargs)  # the unmodified block: exact at init
+        a = self.attn
+        b, n, c = x.shape
+        heads, hd = a.num_heads, c // a.num_heads
+        q = F.linear(x, a.qkv.weight[:c], a.qkv.bias[:c] if a.qkv.bias is not None else None)
+        kv = F.linear(self.prompts, a.qkv.weight[c:], a.qkv.bias[c:] if a.qkv.bias is not None else None)
+        q = a.q_norm(q.view(b, n, heads, hd).transpose(1, 2))  # (B, H, N, hd)
+        k, v = kv.view(-1, 2, heads, hd).permute(1, 2, 0, 3)  # (H, P, hd) each
+        k = a.k_norm(k)
+        o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+        o = (o * self.gate.view(1, -1, 1, 1)).transpose(1, 2).reshape(b, n, c)
+        return out + F.linear(o, a.proj.weight)  # the proj bias is already in `out`
+
+
+def _vit_attention(attn: nn.Module) -> bool:
+    # The gated prompt term is added after the output projection: exact only when no non-linear norm
+    # sits between attention and projection (timm's default: attn.norm is Identity).
+    return all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "proj", "num_heads")) and isinstance(
+        getattr(attn, "norm", nn.Identity()), nn.Identity
+    )
+
+
+def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module)]
+
+
+def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+               lora_targets: str = "qv", adapter_reduction: int = 8, vpt_tokens: int = 10) -> dict:  # fmt: skip
+    """Apply `method` to a RobustClassifier in place. Returns {"method", "trainable", "total"}."""
+    if method not in METHODS:
+        raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
+    backbone = model.backbone
+    for p in model.parameters():
+        p.requires_grad_(method == "full")
+    model.backbone_frozen = method == "linear"
+    if method == "linear":
+        backbone.eval()
+    elif method == "lora":
+        if lora_rank < 1 or sorted(set(lora_targets)) != sorted(lora_targets) or not set(lora_targets) <= set("qkv"):
+            raise ValueError(f"LoRA needs rank >= 1 and targets from q, k, v; got rank {lora_rank}, {lora_targets!r}")
+        sites = [(n, m) for n, m in _blocks_with(backbone, "qkv") if isinstance(m.qkv, nn.Linear)]
+        if not sites:
+            raise ValueError(f"{model.name} has no attention qkv projection: LoRA applies to ViT/Swin-style models")
+        for _, m in sites:
+            m.qkv = LoRAQKV(m.qkv, lora_rank, lora_alpha, lora_dropout, lora_targets).to(m.qkv.weight.device)
+    elif method == "adapter":
+        if adapter_reduction < 1:
+            raise ValueError(f"adapter_reduction must be >= 1; got {adapter_reduction}")
+        sites = [(n, m) for n, m in _blocks_with(backbone, "mlp") if hasattr(m.mlp, "fc1")]
+        if not sites:
+            raise ValueError(f"{model.name} has no transformer blocks with an MLP: Adapter applies to ViT/Swin")
+        for _, m in sites:
+            m.mlp = Adapter(m.mlp, m.mlp.fc1.in_features, adapter_reduction).to(m.mlp.fc1.weight.device)
+    elif method == "vpt":
+        if vpt_tokens < 1:
+            raise ValueError(f"vpt_tokens must be >= 1; got {vpt_tokens}")
+        sites = [
+            (n, m) for n, m in _blocks_with(backbone, "attn") if hasattr(m.attn, "qkv") and hasattr(m.attn, "q_norm")
+        ]
+        if not sites:
+            raise ValueError(f"{model.name} has no timm ViT attention blocks: VPT applies to ViT models")
+        for _, m in sites:
+            m.attn = PromptedAttention(m.attn, vpt_tokens).to(m.attn.qkv.weight.device)
+    for name, p in model.named_parameters():
+        trainable = (
+            method == "full"
+            or name.startswith("head.")
+            or (method == "lora" and "lora_" in name)
+            or (method == "adapter" and (".down." in name or ".up." in name))
+            or (method == "vpt" and (name.endswith(".prompts") or name.endswith(".gate")))
+            or (method == "bias" and name.endswith("bias"))
+        )
+        p.requires_grad_(trainable)
+    return {"method": method, "trainable": count_trainable(model), "total": sum(p.numel() for p in model.parameters())}
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base qkv weight (for export). Returns how many were merged."""
+    merged = 0
+    for m in list(model.modules()):
+        if hasattr(m, "qkv") and isinstance(m.qkv, LoRAQKV):
+            m.qkv = m.qkv.merged()
+            merged += 1
+    return merged
