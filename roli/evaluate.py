@@ -24,8 +24,8 @@ import torch
 
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
-from roli.data import load_arrays
-from roli.models import NormalizedModel, build_model, load_into, load_state_dict_file
+from roli.data import ArrayData, load_dataset
+from roli.models import RobustClassifier, create_classifier, load_pretrained
 from roli.ops import unavailable_reason
 from roli.ops._dispatch import requested_impl
 
@@ -63,14 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="'package.module:function' (an nn.Module factory) or a timm name")
-    g.add_argument("--checkpoint", help="state dict (.pt/.pth/.bin/.safetensors) loaded strictly into the model")
+    g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, MadryLab, ARES or roli format)")
+    g.add_argument("--non-strict", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the model constructor, e.g. img_size=32 (repeatable)")  # fmt: skip
     g.add_argument("--num-classes", type=int, help="classes of the model (default: the dataset's)")
     g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", help="per-channel std applied inside the model")
     g.add_argument("--input-size", type=int, help="resize images to this size inside the model (bilinear)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="'digits' (scikit-learn) or 'npz:PATH'")
-    g.add_argument("--split", default="test", choices=["train", "test"], help="which split to evaluate")
+    g.add_argument("--dataset", required=True,
+                   help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR")  # fmt: skip
+    g.add_argument("--image-root", help="image root of a json:DIR dataset (default: DIR)")
+    g.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     g.add_argument("--n-ex", type=int, help="evaluate the first N examples only")
     g.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     g = p.add_argument_group("attacks")
@@ -93,23 +98,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(args, num_classes: int, device: torch.device) -> NormalizedModel:
+def _model_kwargs(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--model-arg: expected KEY=VALUE; got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _model(args, num_classes: int, in_chans: int, device: torch.device) -> RobustClassifier:
+    mean = parse_floats(args.mean, "--mean") if args.mean else "auto"
+    std = parse_floats(args.std, "--std") if args.std else "auto"
+    if (mean == "auto") != (std == "auto"):
+        raise CliError("--mean and --std go together")
     try:
-        net, cfg = build_model(args.model, num_classes)
-    except ValueError as e:
+        model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
+                                  input_size=args.input_size or "auto", **_model_kwargs(args.model_arg))  # fmt: skip
+    except (ValueError, TypeError) as e:
         raise CliError(f"--model: {e}") from None
-    mean = parse_floats(args.mean, "--mean") or cfg.get("mean")
-    std = parse_floats(args.std, "--std") or cfg.get("std")
     if args.checkpoint:
         try:
-            load_into(net, load_state_dict_file(args.checkpoint), args.checkpoint)
+            report = load_pretrained(model, args.checkpoint, strict=not args.non_strict)
         except ValueError as e:
             raise CliError(f"--checkpoint: {e}") from None
-    try:
-        model = NormalizedModel(net, mean=mean, std=std, input_size=args.input_size or cfg.get("input_size"))
-    except ValueError as e:
-        raise CliError(f"--mean/--std: {e}") from None
+        print(f"checkpoint: {report}")
     return model.to(device).eval()
+
+
+def _images(data, n: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, ArrayData):
+        if n is not None:
+            data = data.subset(torch.arange(min(n, len(data))))
+        return data.to_float(device)
+    if n is not None:
+        data = data.subset(torch.arange(min(n, len(data))))
+    xs, ys = zip(*data.loader(batch_size=64, device=device, workers=0), strict=True)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _batches(n: int, size: int):
@@ -141,16 +174,19 @@ def evaluate(args) -> dict:
     if impl != "auto" and (reason := unavailable_reason(impl, device, torch.float32)):
         raise CliError(f"--impl {impl} cannot run here: {reason}")
     try:
-        data = load_arrays(args.dataset, args.split, args.n_ex)
+        splits = load_dataset(args.dataset, image_root=args.image_root)
+        data = getattr(splits, args.split)
+        if data is None:
+            raise ValueError(f"{args.dataset} has no {args.split} split")
+        x, y = _images(data, args.n_ex, device)
     except ValueError as e:
         raise CliError(f"--dataset: {e}") from None
-    num_classes = args.num_classes or data.num_classes
-    if data.y.numel() and int(data.y.max()) >= num_classes:
-        raise CliError(f"--num-classes {num_classes} but the labels go up to {int(data.y.max())}")
-    model = _model(args, num_classes, device)
-    if model.mean is not None and model.mean.shape[1] != data.x.shape[1]:
-        raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {data.x.shape[1]}")
-    x, y = data.x.to(device), data.y.to(device)
+    num_classes = args.num_classes or splits.num_classes
+    if y.numel() and int(y.max()) >= num_classes:
+        raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
+    model = _model(args, num_classes, x.shape[1], device)
+    if model.mean is not None and model.mean.shape[1] != x.shape[1]:
+        raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
     parts = _batches(len(y), args.batch_size)
     clean = torch.cat([clean_correct(model, x[s], y[s], args.precision) for s in parts])

@@ -96,23 +96,25 @@ def digits_model():
     import torch.nn.functional as F
 
     from roli.attacks import PGD
-    from roli.data import load_arrays
+    from roli.data.arrays import digits
     from roli.models import NormalizedModel
     from roli.models.small import small_cnn
 
     pytest.importorskip("sklearn")
     torch.manual_seed(0)
-    tr, te = load_arrays("digits", "train"), load_arrays("digits", "test")
+    train, test = digits()
+    tr_x, tr_y = train.to_float()
+    te_x, te_y = test.to_float()
     model = NormalizedModel(small_cnn(10, 1), None, None)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     for _ in range(8):
-        perm = torch.randperm(len(tr.y))
+        perm = torch.randperm(len(tr_y))
         for i in range(0, len(perm), 64):
-            x, y = tr.x[perm[i : i + 64]], tr.y[perm[i : i + 64]]
+            x, y = tr_x[perm[i : i + 64]], tr_y[perm[i : i + 64]]
             x_adv = PGD(model, eps=DIGITS_EPS, step_size=DIGITS_EPS / 4, steps=5, keep="last")(x, y)
             model.train()
             loss = F.cross_entropy(model(x_adv), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model.eval(), te.x, te.y
+    return model.eval(), te_x, te_y

@@ -89,6 +89,8 @@ def test_bad_flags_one_line_exit_2(extra, pattern, capsys, checkpoint):
         (["--model", "not_a_model_name", "--dataset", "digits"], "--model: unknown model"),
         (["--model", "roli.models.small:small_cnn", "--dataset", "imagenet"], "--dataset: unknown dataset"),
         (["--model", "roli.models.small:small_cnn", "--dataset", "npz:/nope.npz"], "--dataset: npz file not found"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "cifar10:/nope"], "--dataset: CIFAR file not found"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--model-arg", "x"], "--model-arg"),
     ],
 )
 def test_bad_model_or_dataset(argv, pattern, capsys):
@@ -102,8 +104,12 @@ def test_checkpoint_for_other_class_count_and_argparse_errors(tmp_path, capsys):
 
     wrong = tmp_path / "ck5.pt"
     torch.save(small_cnn(num_classes=5).state_dict(), wrong)
-    assert main([*BASE, "--checkpoint", str(wrong)]) == 2
-    assert "does not match the model" in capsys.readouterr().err
+    assert main([*BASE, "--checkpoint", str(wrong), "--steps", "1"]) == 0  # the backbone loads, the head is dropped
+    assert "head: dropped (checkpoint has 5 classes, the model 10)" in capsys.readouterr().out
+    other = tmp_path / "wide.pt"
+    torch.save(small_cnn(width=16).state_dict(), other)
+    assert main([*BASE, "--checkpoint", str(other)]) == 2
+    assert "other shapes" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main([*BASE, "--attack", "fgsm"])
     assert e.value.code == 2

@@ -1,6 +1,120 @@
-"""Datasets. Today: in-memory image arrays (scikit-learn digits, .npz files); the models/data issue
-adds the torchvision CIFAR layout, ImageFolder and JSON split files."""
+"""Datasets: load_dataset(name, ...) -> train / val / test splits for the RoLI protocol.
 
-from roli.data.arrays import ArraySplit, load_arrays
+names: "digits" (scikit-learn), "npz:PATH", "cifar10:ROOT", "cifar100:ROOT" (torchvision pickle layout),
+"imagefolder:ROOT" (ROOT/train, ROOT/test[, ROOT/val], each ROOT/<split>/<class>/<image>), and
+"json:DIR" (DIR/train.json, DIR/test.json[, DIR/val.json] mapping relative paths to labels; images
+under DIR or `image_root`).
 
-__all__ = ["ArraySplit", "load_arrays"]
+Validation: the format's own val split when it has one, else the last `val_percent` % of train
+(split_seed=None: the reference CIFAR protocol, train[:45000] / train[45000:]) or a seeded random
+`val_percent` % (split_seed=int). Arrays stay uint8 in memory; file datasets get the reference
+transforms (train: Resize(256)+RandomCrop(224)+flip; eval: Resize(256)+CenterCrop(224)), configurable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from roli.data import arrays, files
+from roli.data.arrays import ArrayData, ArrayLoader, to_float
+from roli.data.files import FileData, FileLoader
+from roli.data.transforms import ProtocolTransform
+
+KINDS = ("digits", "npz", "cifar10", "cifar100", "imagefolder", "json")
+
+
+@dataclass
+class Splits:
+    train: ArrayData | FileData | None  # None only for a test-only npz
+    val: ArrayData | FileData | None
+    test: ArrayData | FileData | None
+    num_classes: int
+    name: str
+
+
+def _split_val(train, val_percent: float, split_seed: int | None):
+    if not 0 < val_percent < 100:
+        raise ValueError(f"val_percent must be in (0, 100); got {val_percent}")
+    n = len(train)
+    n_val = max(1, round(n * val_percent / 100))
+    if n_val >= n:
+        raise ValueError(f"{n} training examples are too few for a {val_percent}% validation split")
+    if split_seed is None:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return train.subset(order[: n - n_val]), train.subset(order[n - n_val :])
+
+
+def load_dataset(
+    name: str,
+    val_percent: float = 10.0,
+    split_seed: int | None = None,
+    image_root: str | Path | None = None,
+    resize: int = 256,
+    crop_size: int = 224,
+    train_augment: bool = True,
+) -> Splits:
+    """Load `name` (see the module docstring) as train/val/test splits."""
+    kind, _, arg = name.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset {name!r}; use one of digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, "
+                         "imagefolder:ROOT, json:DIR")  # fmt: skip
+    if kind != "digits" and not arg:
+        raise ValueError(f"dataset {kind!r} needs a path: {kind}:PATH")
+    val = None
+    if kind == "digits":
+        train, test = arrays.digits()
+    elif kind == "npz":
+        train, test = arrays.npz(arg)
+    elif kind in ("cifar10", "cifar100"):
+        train, test = arrays.cifar(arg, kind)
+    elif kind == "imagefolder":
+        root = Path(arg).expanduser()
+        train = files.image_folder(root / "train")
+        test = files.image_folder(root / "test", train.classes) if (root / "test").is_dir() else None
+        val = files.image_folder(root / "val", train.classes) if (root / "val").is_dir() else None
+    else:
+        d = Path(arg).expanduser()
+        img_root = Path(image_root).expanduser() if image_root else d
+        train = files.json_split(d / "train.json", img_root)
+        k = train.num_classes
+        test = files.json_split(d / "test.json", img_root) if (d / "test.json").is_file() else None
+        val = files.json_split(d / "val.json", img_root) if (d / "val.json").is_file() else None
+        k = max([k] + [s.num_classes for s in (test, val) if s is not None])
+        train, test, val = (s if s is None else FileData(s.items, k, s.name) for s in (train, test, val))
+    if train is None and test is None:
+        raise ValueError(f"{name} holds no images")
+    if val is None and train is not None:
+        train, val = _split_val(train, val_percent, split_seed)
+    num_classes = max(s.num_classes for s in (train, val, test) if s is not None)
+    if isinstance(train, FileData):  # file datasets always have a train split
+        train = train.with_transform(ProtocolTransform(train_augment, resize, crop_size) if train_augment
+                                     else ProtocolTransform(False, resize, crop_size))  # fmt: skip
+        val = val.with_transform(ProtocolTransform(False, resize, crop_size))
+        test = test.with_transform(ProtocolTransform(False, resize, crop_size)) if test is not None else None
+    return Splits(train, val, test, num_classes, name)
+
+
+def load_arrays(spec: str, split: str = "test", n: int | None = None) -> ArrayData:
+    """One split of an array dataset as ArrayData (uint8), first `n` examples. Kept for simple evaluation."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test; got {split!r}")
+    splits = load_dataset(spec)
+    data = getattr(splits, split)
+    if data is None:
+        raise ValueError(f"{spec} has no {split} split")
+    if not isinstance(data, ArrayData):
+        raise ValueError(f"{spec} is a file dataset; use load_dataset(...).{split}.loader(...)")
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"the number of examples must be >= 1; got {n}")
+        data = data.subset(torch.arange(min(n, len(data))))
+    return data
+
+
+__all__ = ["ArrayData", "ArrayLoader", "FileData", "FileLoader", "ProtocolTransform", "Splits", "load_arrays",
+           "load_dataset", "to_float"]  # fmt: skip

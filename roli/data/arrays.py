@@ -1,11 +1,12 @@
-"""Image arrays held in memory as tensors in [0, 1], shape (N, C, H, W), with int64 labels.
+"""In-memory image datasets: uint8 tensors (N, C, H, W) converted to float on the device per batch.
 
-Specs: "digits" (scikit-learn's 8x8 digits, 1 channel, a fixed 80/20 train/test split with seed 0) and
-"npz:PATH" (keys x/y, or x_<split>/y_<split>; uint8 images NHWC, NCHW or NHW, or floats in [0, 1]).
+Sources: scikit-learn's digits, .npz files (x uint8 NHWC/NCHW/NHW, y), and CIFAR-10/100 in the
+torchvision python-pickle layout (read with a restricted unpickler that only builds numpy arrays).
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,69 +15,164 @@ import torch
 
 
 @dataclass
-class ArraySplit:
-    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (N,) int64
+class ArrayData:
+    """x: (N, C, H, W) uint8 on the CPU; y: (N,) int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
     num_classes: int
     name: str
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: torch.Tensor) -> ArrayData:
+        return ArrayData(self.x[idx], self.y[idx], self.num_classes, self.name, self.classes)
+
+    def to_float(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as float in [0, 1] on `device` (for evaluation of small sets)."""
+        return to_float(self.x.to(device)), self.y.to(device)
+
+    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, drop_last: bool = False,
+               indices: torch.Tensor | None = None):  # fmt: skip
+        return ArrayLoader(self, batch_size, shuffle, device, seed, drop_last, indices)
 
 
-def _to_nchw(x: np.ndarray, source: str) -> torch.Tensor:
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255)
+
+
+class ArrayLoader:
+    """Batches of (float images in [0, 1] on `device`, labels on `device`); the uint8 -> float conversion
+    happens on the device. Each epoch reshuffles with (seed, epoch), so runs are reproducible."""
+
+    def __init__(self, data: ArrayData, batch_size, shuffle, device, seed, drop_last, indices):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.device, self.seed, self.drop_last, self.epoch = torch.device(device), seed, drop_last, 0
+        self.indices = indices if indices is not None else torch.arange(len(data))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        idx = self.indices
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        for i in range(len(self)):
+            b = idx[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.data.x[b].to(self.device, non_blocking=True)
+            yield to_float(x), self.data.y[b].to(self.device, non_blocking=True)
+
+
+def _labels(y, source: str, num_classes: int | None = None) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be a 1-D integer array; got {y.dtype} with shape {y.shape}")
+    bad = np.nonzero((y < 0) | ((y >= num_classes) if num_classes else False))[0]
+    if len(bad):
+        raise ValueError(f"{source}: labels out of range at indices {bad[:5].tolist()} (values {y[bad[:5]].tolist()})")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def to_nchw_uint8(x: np.ndarray, source: str) -> torch.Tensor:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"{source}: images must have 3 or 4 dimensions (N,H,W / NHWC / NCHW); got shape {x.shape}")
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype == torch.uint8:
-        return t.float().div_(255)
-    t = t.float()
-    if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
-        raise ValueError(f"{source}: float images must lie in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}]")
-    return t
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating) or x.size and (x.min() < 0 or x.max() > 1):
+            raise ValueError(f"{source}: images must be uint8, or floats in [0, 1]; got {x.dtype}")
+        x = np.rint(x * 255).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+def digits() -> tuple[ArrayData, ArrayData]:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes) as (train, test): a fixed 80/20 split, seed 0."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ValueError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
     d = load_digits()
-    order = np.random.default_rng(0).permutation(len(d.target))
-    cut = int(0.8 * len(order))
-    idx = order[:cut] if split == "train" else order[cut:]
-    return (d.images[idx] / 16.0).astype(np.float32), d.target[idx]
+    x = to_nchw_uint8((d.images / 16.0).astype(np.float32), "digits")
+    y = _labels(d.target, "digits")
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    cut = int(0.8 * len(y))
+    full = ArrayData(x, y, 10, "digits", [str(i) for i in range(10)])
+    return full.subset(order[:cut]), full.subset(order[cut:])
 
 
-def _npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def npz(path: str | Path) -> tuple[ArrayData | None, ArrayData | None]:
+    """(train, test) from an npz with x_train/y_train and/or x_test/y_test, or (all, None) from x/y."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"npz file not found: {path}")
     with np.load(path, allow_pickle=False) as f:
-        for xk, yk in ((f"x_{split}", f"y_{split}"), ("x", "y")):
-            if xk in f and yk in f:
-                return f[xk], f[yk]
-        raise ValueError(f"{path}: no arrays x_{split}/y_{split} or x/y (has {sorted(f.keys())})")
+        keys = set(f.keys())
+        pairs = [(f"x_{s}", f"y_{s}") for s in ("train", "test")] if {"x_train", "x_test"} & keys else [("x", "y")]
+        if not any(set(p) <= keys for p in pairs):
+            raise ValueError(
+                f"{path}: expected arrays x_train/y_train and/or x_test/y_test, or x/y; found {sorted(keys)}"
+            )
+        ys = {p: np.asarray(f[p[1]]).reshape(-1) for p in pairs if set(p) <= keys}
+        k = max(int(y.max()) for y in ys.values() if y.size) + 1 if any(y.size for y in ys.values()) else 0
+        out = [_check_sizes(ArrayData(to_nchw_uint8(f[p[0]], str(path)), _labels(ys[p], str(path)), k, path.stem))
+               if p in ys else None for p in pairs]  # fmt: skip
+    return (out[0], out[1]) if len(out) == 2 else (out[0], None)
 
 
-def load_arrays(spec: str, split: str = "test", n: int | None = None) -> ArraySplit:
-    """Load a dataset spec ("digits" or "npz:PATH") split ("train" or "test"), first `n` examples."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    if spec == "digits":
-        x, y = _digits(split)
-    elif spec.startswith("npz:"):
-        x, y = _npz(Path(spec[4:]).expanduser(), split)
-    else:
-        raise ValueError(f"unknown dataset {spec!r}; use 'digits' or 'npz:PATH'")
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"the number of examples must be >= 1; got {n}")
-        x, y = x[:n], y[:n]
-    yt = torch.as_tensor(np.asarray(y), dtype=torch.int64).reshape(-1)
-    if len(yt) != len(x):
-        raise ValueError(f"{spec}: {len(x)} images but {len(yt)} labels")
-    if len(yt) and int(yt.min()) < 0:
-        raise ValueError(f"{spec}: labels must be >= 0; got {int(yt.min())}")
-    num_classes = 10 if spec == "digits" else int(yt.max()) + 1 if len(yt) else 0
-    return ArraySplit(_to_nchw(np.asarray(x), spec), yt, num_classes, spec)
+def _check_sizes(d: ArrayData) -> ArrayData:
+    if len(d.x) != len(d.y):
+        raise ValueError(f"{d.name}: {len(d.x)} images but {len(d.y)} labels")
+    return d
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's pickles hold dicts of bytes, lists and numpy arrays: allow exactly what builds those."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}  # fmt: skip
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"CIFAR file not found: {path}")
+    with path.open("rb") as f:
+        try:
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ValueError(f"cannot read CIFAR pickle {path}: {e}") from None
+
+
+def cifar(root: str | Path, which: str = "cifar10") -> tuple[ArrayData, ArrayData]:
+    """(train, test) of CIFAR-10 or CIFAR-100 from the torchvision layout (root or root/cifar-10-batches-py)."""
+    root = Path(root).expanduser()
+    sub, files, label_key = {
+        "cifar10": ("cifar-10-batches-py", ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]), b"labels"),
+        "cifar100": ("cifar-100-python", (["train"], ["test"]), b"fine_labels"),
+    }[which]
+    base = root / sub if (root / sub).is_dir() else root
+    k = 10 if which == "cifar10" else 100
+    out = []
+    for names in files:
+        parts = [_unpickle(base / n) for n in names]
+        x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(p[label_key]) for p in parts])
+        out.append(ArrayData(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), _labels(y, str(base), k),
+                             k, which))  # fmt: skip
+    return out[0], out[1]

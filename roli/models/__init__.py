@@ -1,6 +1,25 @@
-"""Models: the pixel-space wrapper every attack and trainer in roli assumes."""
+"""Models: backbones with a linear head in pixel space, robust checkpoints, PEFT methods."""
 
-from roli.models.factory import build_model, load_into, load_state_dict_file
-from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel
+from roli.models.checkpoint import LoadReport, load_checkpoint, load_pretrained, read_state_dict, save_checkpoint
+from roli.models.classifier import RobustClassifier, create_classifier
+from roli.models.peft import METHODS as PEFT_METHODS
+from roli.models.peft import apply_peft, count_trainable, merge_lora
+from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel, Preprocess
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NormalizedModel", "build_model", "load_into", "load_state_dict_file"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PEFT_METHODS",
+    "LoadReport",
+    "NormalizedModel",
+    "Preprocess",
+    "RobustClassifier",
+    "apply_peft",
+    "count_trainable",
+    "create_classifier",
+    "load_checkpoint",
+    "load_pretrained",
+    "merge_lora",
+    "read_state_dict",
+    "save_checkpoint",
+]

@@ -1,0 +1,136 @@
+"""Image-file datasets: ImageFolder trees and JSON split files ({relative_path: label} + an image root,
+the format the RoLI reference uses for Caltech256, CUB-200-2011 and Stanford Dogs).
+
+Images are decoded with PIL into uint8 (C, H, W) tensors in DataLoader workers, transformed there
+(roli.data.transforms), batched as uint8 in pinned memory and converted to float on the device.
+Missing files are reported at construction (first few named); an unreadable image raises an error
+naming it when decoded, and verify() scans all of them and names the first few.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from roli.data.arrays import to_float
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def _decode(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise ValueError(f"unreadable image {path}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+
+
+class FileData(Dataset):
+    """(path, label) pairs; __getitem__ returns (uint8 (3, H, W) after `transform`, label)."""
+
+    def __init__(self, items: list[tuple[Path, int]], num_classes: int, name: str, classes=None, transform=None):
+        missing = [str(p) for p, _ in items if not p.is_file()]
+        if missing:
+            raise ValueError(f"{name}: {len(missing)} image files are missing, e.g. {', '.join(missing[:3])}")
+        bad = [(str(p), y) for p, y in items if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"{name}: labels out of range [0, {num_classes}): {bad[:3]}")
+        self.items, self.num_classes, self.name, self.classes = items, num_classes, name, classes
+        self.transform = transform
+        self.y = torch.tensor([y for _, y in items], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        img = _decode(path)
+        return (self.transform(img) if self.transform else img), label
+
+    def subset(self, idx: torch.Tensor) -> FileData:
+        return FileData([self.items[int(i)] for i in idx], self.num_classes, self.name, self.classes, self.transform)
+
+    def with_transform(self, transform) -> FileData:
+        return FileData(self.items, self.num_classes, self.name, self.classes, transform)
+
+    def verify(self, limit: int = 5) -> None:
+        """Decode every image; raise naming the first `limit` unreadable ones."""
+        bad = []
+        for path, _ in self.items:
+            try:
+                _decode(path)
+            except ValueError as e:
+                bad.append(str(e))
+                if len(bad) >= limit:
+                    break
+        if bad:
+            raise ValueError(f"{self.name}: unreadable images: {'; '.join(bad)}")
+
+    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 2,
+               drop_last: bool = False, sampler=None):  # fmt: skip
+        return FileLoader(self, batch_size, shuffle, device, seed, workers, drop_last, sampler)
+
+
+class FileLoader:
+    """DataLoader with workers and pinned memory; yields (float images in [0, 1] on device, labels)."""
+
+    def __init__(self, data, batch_size, shuffle, device, seed, workers, drop_last, sampler):
+        self.device = torch.device(device)
+        g = torch.Generator().manual_seed(seed)
+        self.dl = DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                             generator=g, persistent_workers=workers > 0)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dl.sampler, "set_epoch"):
+            self.dl.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for x, y in self.dl:
+            yield to_float(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+
+
+def image_folder(root: str | Path, classes: list[str] | None = None) -> FileData:
+    """root/<class>/<image>; classes sorted by name (or given, to share one mapping across splits)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders")
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(p, index[d.name]) for d in sorted(root.iterdir()) if d.is_dir() and d.name in index
+             for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    if not items:
+        raise ValueError(f"{root}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return FileData(items, len(classes), root.name, classes)
+
+
+def json_split(split_file: str | Path, image_root: str | Path, num_classes: int | None = None) -> FileData:
+    """{relative_path: label} from `split_file`, images under `image_root`."""
+    split_file, image_root = Path(split_file).expanduser(), Path(image_root).expanduser()
+    if not split_file.is_file():
+        raise ValueError(f"JSON split file not found: {split_file}")
+    if not image_root.is_dir():
+        raise ValueError(f"image root not found: {image_root}")
+    try:
+        mapping = json.loads(split_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{split_file} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"{split_file} must hold a non-empty object {{relative_path: label}}")
+    bad = [(k, v) for k, v in mapping.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ValueError(f"{split_file}: labels must be integers >= 0; got e.g. {bad[:3]}")
+    k = num_classes or max(mapping.values()) + 1
+    return FileData([(image_root / p, y) for p, y in mapping.items()], k, split_file.stem)
