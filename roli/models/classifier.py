@@ -58,6 +58,14 @@ def _timm_cfg(net: nn.Module) -> dict:
     return dict(getattr(net, "pretrained_cfg", None) or getattr(net, "default_cfg", None) or {})
 
 
+def _classifier_name(net: nn.Module) -> str | None:
+    """The attribute path of a timm-style model's classifier (e.g. "fc", "head", "head.fc")."""
+    if not hasattr(net, "get_classifier"):
+        return None
+    clf = net.get_classifier()
+    return next((name for name, mod in net.named_modules() if mod is clf and name), None)
+
+
 def _factory(spec: str):
     module_name, _, fn_name = spec.partition(":")
     try:
@@ -106,7 +114,7 @@ def create_classifier(
             raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
         net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs)
     cfg = _timm_cfg(net)
-    classifier_key = cfg.get("classifier")
+    classifier_key = cfg.get("classifier") or _classifier_name(net)
     if hasattr(net, "reset_classifier") and hasattr(net, "num_features"):
         net.reset_classifier(0)
         feat_dim = feat_dim or int(net.num_features)

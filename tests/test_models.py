@@ -1,0 +1,309 @@
+"""Backbones, robust checkpoints and PEFT methods on small timm models (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from roli._compat import import_timm
+from roli.models import (
+    apply_peft,
+    count_trainable,
+    create_classifier,
+    load_checkpoint,
+    load_pretrained,
+    merge_lora,
+    save_checkpoint,
+)
+from roli.models.peft import LoRAQKV
+
+timm = import_timm()
+VIT = dict(img_size=32, patch_size=4, depth=2)
+SWIN = dict(img_size=32, window_size=2, embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+
+
+def small_resnet(num_classes=10):
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 32, 64), num_classes=num_classes)
+
+
+def images(n=4, seed=0, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# -- classifier -------------------------------------------------------------------------------------
+
+
+def test_timm_classifier_api():
+    m = create_classifier("vit_tiny_patch16_224", 7, **VIT).eval()
+    x = images()
+    f = m.features(x)
+    assert f.shape == (4, 192) and m.feat_dim == 192
+    torch.testing.assert_close(m(x), m.head(f))
+    assert m.mean is not None and m.pre.input_size is None  # img_size given: no resize inside
+    native = create_classifier("resnet18", 3)
+    assert native.pre.input_size == (224, 224)  # timm's native resolution: a 32x32 image is resized inside
+    assert native.eval()(images()).shape == (4, 3)
+
+
+def test_user_module_and_factory():
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    m = create_classifier(plain, 5, mean=None, std=None)
+    assert m.feat_dim == 4 and m(images()).shape == (4, 5)
+    f = create_classifier("roli.models.small:small_cnn", 10, in_chans=1, width=8)
+    assert f.feat_dim == 16 and f.classifier_key == "fc"
+    with pytest.raises(ValueError, match="cannot import model factory"):
+        create_classifier("roli.models.small:nope", 10)
+    with pytest.raises(ValueError, match="not a timm model name"):
+        create_classifier("resnet_does_not_exist", 10)
+    with pytest.raises(ValueError, match="must return \\(B, D\\)"):
+        create_classifier(nn.Conv2d(3, 4, 3), 5, mean=None, std=None)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def _save(state, path, nest):
+    obj = state if nest is None else {nest: state, "epoch": 3}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(obj, path)
+
+
+def _expect_same(target, src, x):
+    target.eval()
+    src.eval()
+    with torch.no_grad():
+        want_f = src.forward_head(src.forward_features(target.pre(x)), pre_logits=True)
+        torch.testing.assert_close(target.features(x), want_f, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors"])
+@pytest.mark.parametrize("nest", [None, "state_dict", "model", "model_state", "net"])
+@pytest.mark.parametrize("prefix", ["", "module.", "model.", "module.model.", "backbone."])
+def test_checkpoint_formats_round_trip(tmp_path, suffix, nest, prefix):
+    if suffix == ".safetensors" and nest is not None:
+        pytest.skip("safetensors files hold a flat state dict")
+    torch.manual_seed(1)
+    src = small_resnet(10)
+    state = {prefix + k: v for k, v in src.state_dict().items()}
+    path = tmp_path / f"ck{suffix}"
+    _save(state, path, nest)
+    target = create_classifier(small_resnet(0), 10)
+    report = load_pretrained(target, path)
+    assert report.head == "loaded" and report.prefix == prefix
+    _expect_same(target, src, images())
+    torch.testing.assert_close(target.eval()(images()), src.eval()(target.pre(images())), rtol=0, atol=0)
+
+
+def test_madrylab_format_drops_normalizer(tmp_path):
+    src = small_resnet(10)
+    sd = src.state_dict()
+    state = {f"module.model.{k}": v for k, v in sd.items()}
+    state |= {f"module.attacker.model.{k}": v.clone() for k, v in sd.items()}
+    state |= {"module.normalizer.new_mean": torch.rand(3, 1, 1), "module.normalizer.new_std": torch.rand(3, 1, 1),
+              "module.attacker.normalize.new_mean": torch.rand(3, 1, 1),
+              "module.attacker.normalize.new_std": torch.rand(3, 1, 1)}  # fmt: skip
+    torch.save({"model": state, "epoch": 90, "optimizer": {"lr": 0.1}}, tmp_path / "madry.pt")
+    target = create_classifier(small_resnet(0), 10)
+    report = load_pretrained(target, tmp_path / "madry.pt")
+    assert report.prefix == "module.model." and len(report.ignored) == len(sd) + 4
+    _expect_same(target, src, images())
+
+
+def test_head_of_other_class_count_is_dropped_and_reported(tmp_path):
+    src = small_resnet(1000)
+    torch.save(src.state_dict(), tmp_path / "in1k.pth")
+    target = create_classifier(small_resnet(0), 10)
+    head_before = target.head.weight.clone()
+    report = load_pretrained(target, tmp_path / "in1k.pth")
+    assert report.head.startswith("dropped (checkpoint has 1000 classes")
+    assert torch.equal(target.head.weight, head_before)
+    _expect_same(target, src, images())
+
+
+def test_timm_vit_names_and_head(tmp_path):
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **VIT)
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "ares.pth")
+    target = create_classifier("vit_tiny_patch16_224", 10, **VIT)
+    assert load_pretrained(target, tmp_path / "ares.pth").head == "loaded"
+    _expect_same(target, src, images())
+
+
+def test_strict_errors_and_non_strict(tmp_path):
+    sd = small_resnet(10).state_dict()
+    missing = {k: v for k, v in sd.items() if not k.startswith("layer4.0.conv1")}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(
+        ValueError, match=r"1 missing keys \(layer4.0.conv1.weight\).*strict=False \(CLI: --non-strict\)"
+    ):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "missing.pt")
+    report = load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "missing.pt", strict=False)
+    assert report.missing == ["layer4.0.conv1.weight"] and "NOT STRICT" in str(report)
+    torch.save(sd | {"extra.weight": torch.rand(3)}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"1 unexpected keys \(extra.weight\)"):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "extra.pt")
+    torch.save({"foo.weight": torch.rand(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="no tensor matches the backbone"):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "foreign.pt", strict=False)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(ValueError, match="other shapes"):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "r18.pt", strict=False)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_refuses_arbitrary_pickles_and_missing_files(tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": {"w": _Evil()}}, f)
+    with pytest.raises(ValueError, match="weights-only"):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "nope.pt")
+
+
+def test_own_checkpoints_full_and_trainable_only(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    m = create_classifier("vit_tiny_patch16_224", 5, **VIT)
+    apply_peft(m, "lora", lora_rank=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_checkpoint(m, tmp_path / "full.pt", meta={"epoch": 3})
+    save_checkpoint(m, tmp_path / "peft.pt", trainable_only=True)
+    fresh = create_classifier("vit_tiny_patch16_224", 5, **VIT)
+    apply_peft(fresh, "lora", lora_rank=4)
+    assert load_checkpoint(fresh, tmp_path / "full.pt") == {"epoch": 3}
+    torch.testing.assert_close(fresh.eval()(images()), m.eval()(images()))
+    base = create_classifier("vit_tiny_patch16_224", 5, **VIT)
+    apply_peft(base, "lora", lora_rank=4)
+    frozen = {k: v for k, v in m.state_dict().items() if "lora_" not in k and not k.startswith("head.")}
+    assert not base.load_state_dict(frozen, strict=False).unexpected_keys  # the pretrained backbone
+    load_checkpoint(base, tmp_path / "peft.pt")  # only the trainable tensors: LoRA and head
+    torch.testing.assert_close(base.eval()(images()), m.eval()(images()))
+    assert (tmp_path / "peft.pt").stat().st_size < (tmp_path / "full.pt").stat().st_size / 4
+    # A failed save leaves the previous checkpoint intact and no temporary file behind.
+    good = (tmp_path / "full.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(m, tmp_path / "full.pt")
+    assert (tmp_path / "full.pt").read_bytes() == good and not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_checkpoint(create_classifier("vit_tiny_patch16_224", 7, **VIT), tmp_path / "full.pt")
+
+
+# -- PEFT -----------------------------------------------------------------------------------------------
+
+
+CASES = [
+    ("vit_tiny_patch16_224", VIT, ("full", "linear", "lora", "adapter", "vpt", "bias")),
+    ("swin_tiny_patch4_window7_224", SWIN, ("full", "linear", "lora", "adapter", "bias")),
+    ("resnet", None, ("full", "linear", "bias")),
+]
+
+
+def _model(name, kwargs, classes=10):
+    torch.manual_seed(0)
+    return (
+        create_classifier(small_resnet(0), classes) if name == "resnet" else create_classifier(name, classes, **kwargs)
+    )
+
+
+@pytest.mark.parametrize("name, kwargs, methods", CASES, ids=[c[0] for c in CASES])
+def test_peft_is_the_base_function_at_init(name, kwargs, methods):
+    base = _model(name, kwargs).eval()
+    x = images(6, seed=3)
+    with torch.no_grad():
+        ref = base(x)
+    for method in methods:
+        m = copy.deepcopy(base)
+        apply_peft(m, method)
+        with torch.no_grad():
+            out = m.eval()(x)
+        assert (out - ref).abs().max().item() <= 1e-6, method
+
+
+def test_trainable_counts_vit():
+    d, heads, blocks, classes, r = 192, 3, 2, 10, 16
+    head = d * classes + classes
+    expected = {
+        "linear": head,
+        "lora": head + blocks * 2 * (r * d + d * r),  # q and v: A (r, d) and B (d, r)
+        "adapter": head + blocks * (d * (d // 8) + d // 8 + (d // 8) * d + d),
+        "vpt": head + blocks * (10 * d + heads),
+    }
+    for method, want in expected.items():
+        m = _model("vit_tiny_patch16_224", VIT)
+        info = apply_peft(m, method)
+        assert info["trainable"] == want == count_trainable(m), method
+    m = _model("vit_tiny_patch16_224", VIT)
+    bias = sum(p.numel() for n, p in m.named_parameters() if n.endswith("bias") and not n.startswith("head."))
+    assert apply_peft(m, "bias")["trainable"] == bias + head
+    assert (
+        apply_peft(_model("vit_tiny_patch16_224", VIT), "lora", lora_targets="qkv")["trainable"]
+        == head + blocks * 3 * 2 * r * d
+    )
+
+
+def test_peft_branches_receive_gradients_and_reference_bugs_absent():
+    x, y = images(4, seed=5), torch.tensor([0, 1, 2, 3])
+    for method, names in (("lora", ("lora_B",)), ("adapter", (".up.",)), ("vpt", (".gate",))):
+        m = _model("vit_tiny_patch16_224", VIT)
+        apply_peft(m, method)
+        nn.functional.cross_entropy(m.train()(x), y).backward()
+        grads = [p.grad for n, p in m.named_parameters() if any(s in n for s in names)]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), method
+        assert all(p.grad is None for n, p in m.named_parameters() if not p.requires_grad)
+    m = _model("vit_tiny_patch16_224", VIT)
+    apply_peft(m, "lora")
+    q = m.backbone.blocks[0].attn.qkv
+    assert isinstance(q, LoRAQKV) and q.lora_A["q"].abs().sum() > 0 and q.lora_B["q"].abs().sum() == 0
+    m = _model("vit_tiny_patch16_224", VIT)
+    apply_peft(m, "adapter")
+    ad = m.backbone.blocks[0].mlp
+    assert ad.down.weight.abs().sum() > 0 and ad.up.weight.abs().sum() == 0
+
+
+def test_linear_probe_keeps_backbone_in_eval_mode():
+    m = _model("resnet", None)
+    apply_peft(m, "linear")
+    m.train()
+    assert m.head.training and not any(mod.training for mod in m.backbone.modules())
+    assert all(not p.requires_grad for p in m.backbone.parameters())
+
+
+def test_merge_lora_for_export():
+    m = _model("vit_tiny_patch16_224", VIT)
+    apply_peft(m, "lora", lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x = images(3, seed=9)
+    with torch.no_grad():
+        before = m.eval()(x)
+        assert merge_lora(m) == 2
+        after = m(x)
+    assert not any(isinstance(mod, LoRAQKV) for mod in m.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_rejects_unsupported():
+    with pytest.raises(ValueError, match="LoRA applies to ViT/Swin"):
+        apply_peft(_model("resnet", None), "lora")
+    with pytest.raises(ValueError, match="VPT applies to ViT"):
+        apply_peft(_model("swin_tiny_patch4_window7_224", SWIN), "vpt")
+    with pytest.raises(ValueError, match="unknown PEFT method"):
+        apply_peft(_model("resnet", None), "prefix")
