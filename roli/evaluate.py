@@ -11,17 +11,14 @@ the clean image and under every attack that ran. Results print as a table and ar
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 
+from roli._io import save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.data import ArrayData, load_dataset
@@ -231,21 +228,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s)"
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -256,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(results))
     if args.out:
-        write_json_atomic(args.out, results)
+        save_json(results, args.out)
         print(f"results written to {args.out}")
     return 0
 

@@ -14,14 +14,13 @@ images and per-attack accuracy. An interrupted evaluation restarts at the first 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from roli._io import load_tagged, save_torch
 from roli.attacks._mode import attack_mode
 from roli.attacks.pgd import autocast_for, check_images, check_labels
 
@@ -55,27 +54,10 @@ def _fingerprint(x, y, **config) -> str:
     return h.hexdigest()
 
 
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_state(path: Path, fingerprint: str) -> dict | None:
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"AutoAttack state file {path} is unreadable ({str(e).splitlines()[0]}); delete it") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a roli AutoAttack state file; delete it or pass another path")
+    state = load_tagged(path, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another path)")
     if state.get("fingerprint") != fingerprint:
         raise ValueError(
             f"AutoAttack state file {path} was made for another evaluation (data, eps, norm, version, attacks or "
@@ -158,5 +140,5 @@ def run_autoattack(
             state["per_attack"][name] = float(robust.float().mean())
             state["robust"], state["x_adv"] = robust.cpu(), x_adv.cpu()
             if path is not None:
-                _save_state(path, state)
+                save_torch(state, path)
     return AutoAttackResult(x_adv, state["clean"], float(robust.float().mean()), dict(state["per_attack"]), robust)

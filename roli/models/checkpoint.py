@@ -20,13 +20,13 @@ with metadata, written atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from roli._io import load_tagged, save_torch
 
 NESTING_KEYS = ("state_dict", "model", "model_state", "net")
 PREFIXES = ("", "module.", "model.", "module.model.", "attacker.model.", "module.attacker.model.", "backbone.",
@@ -164,18 +164,6 @@ def _shapes(keys, got, want) -> str:
     return ", ".join(f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in keys)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, trainable_only: bool = False, meta: dict | None = None) -> None:
     """Save the model (or only its trainable parameters, for PEFT) atomically, with plain-data metadata."""
     state = model.state_dict()
@@ -184,7 +172,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, trainable_only: bool = F
         state = {k: v for k, v in state.items() if k in names}
     payload = {"format": ROLI_FORMAT, "version": 1, "trainable_only": trainable_only,
                "state_dict": {k: v.detach().cpu() for k, v in state.items()}, "meta": dict(meta or {})}  # fmt: skip
-    _atomic_save(payload, Path(path))
+    save_torch(payload, path)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
@@ -192,12 +180,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != ROLI_FORMAT:
-        raise ValueError(f"{path} is not a roli checkpoint (for published weights use load_pretrained)")
+    payload = load_tagged(path, ROLI_FORMAT, "roli checkpoint (for published weights use load_pretrained)")
     state = payload["state_dict"]
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
