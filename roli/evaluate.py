@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="'package.module:function' (an nn.Module factory) or a timm name")
     g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, MadryLab, ARES or roli format)")
     g.add_argument("--non-strict", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    g.add_argument("--timm-pretrained", action="store_true", help="start from timm's weights (needs a reachable hub)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the model constructor, e.g. img_size=32 (repeatable)")  # fmt: skip
     g.add_argument("--num-classes", type=int, help="classes of the model (default: the dataset's)")
@@ -119,7 +120,8 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
         raise CliError("--mean and --std go together")
     try:
         model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
-                                  input_size=args.input_size or "auto", **_model_kwargs(args.model_arg))  # fmt: skip
+                                  input_size=args.input_size or "auto", pretrained=args.timm_pretrained,
+                                  **_model_kwargs(args.model_arg))  # fmt: skip
     except (ValueError, TypeError) as e:
         raise CliError(f"--model: {e}") from None
     if args.checkpoint:

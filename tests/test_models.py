@@ -51,6 +51,19 @@ def test_timm_classifier_api():
     assert native.eval()(images()).shape == (4, 3)
 
 
+def test_timm_pretrained_without_hub_is_a_clear_error(monkeypatch):
+    calls = []
+
+    def no_hub(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        raise OSError("We couldn't connect to the hub to load this model")
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    with pytest.raises(ValueError, match="could not fetch pretrained weights for 'resnet18'.*load_pretrained"):
+        create_classifier("resnet18", 3, pretrained=True)
+    assert calls == [True]
+
+
 def test_user_module_and_factory():
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     m = create_classifier(plain, 5, mean=None, std=None)

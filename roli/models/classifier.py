@@ -83,6 +83,7 @@ def create_classifier(
     input_size="auto",
     feat_dim: int | None = None,
     in_chans: int = 3,
+    pretrained: bool = False,
     **model_kwargs,
 ) -> RobustClassifier:
     """Build a RobustClassifier.
@@ -96,6 +97,8 @@ def create_classifier(
             (input_size: its native resolution) or, for other modules, none; None disables each.
         feat_dim: the feature dimension of a non-timm module (default: found by one forward pass).
         in_chans: image channels (for timm models and the feature-dimension probe).
+        pretrained: for timm names, download timm's (standard, non-robust) weights; needs a reachable hub.
+            Robust checkpoints are loaded with load_pretrained.
         model_kwargs: passed to timm.create_model or the factory (e.g. img_size=32 for a ViT).
     """
     name = model if isinstance(model, str) else type(model).__name__
@@ -112,7 +115,13 @@ def create_classifier(
             raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
         if model not in timm.list_models():
             raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
-        net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs)
+        try:
+            net = timm.create_model(model, pretrained=pretrained, num_classes=0, in_chans=in_chans, **model_kwargs)
+        except (OSError, RuntimeError) as e:  # no hub, no cached weights
+            if not pretrained:
+                raise
+            raise ValueError(f"timm could not fetch pretrained weights for {model!r} ({str(e).splitlines()[0]}); "
+                             "load a local checkpoint with load_pretrained instead") from None  # fmt: skip
     cfg = _timm_cfg(net)
     classifier_key = cfg.get("classifier") or _classifier_name(net)
     if hasattr(net, "reset_classifier") and hasattr(net, "num_features"):
