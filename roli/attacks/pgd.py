@@ -205,6 +205,15 @@ class PGD:
             not x.is_contiguous() else torch.contiguous_format  # fmt: skip
         return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success)
 
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        # One seeded generator per attack object, kept across calls: every batch gets fresh random
+        # starts, and a new attack object with the same seed replays the same sequence.
+        if self.seed is None:
+            return None
+        if getattr(self, "_gen", None) is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device).manual_seed(self.seed)
+        return self._gen
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         want = self.memory_format
         if want == "auto":
@@ -218,7 +227,7 @@ class PGD:
     def _perturb(self, x_nat: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> PGDResult:
         x = x_nat
         eps, step = self._budget(self.eps, x), self._budget(self.step_size, x)
-        gen = torch.Generator(device=x.device).manual_seed(self.seed) if self.seed is not None else None
+        gen = self._generator(x.device)
         scored = self.keep == "best" or self.restarts > 1 or self.early_stop
         batch = x.shape[0]
         best_x = x_nat.clone(memory_format=torch.preserve_format)

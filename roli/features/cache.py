@@ -1,0 +1,201 @@
+"""Frozen-backbone features computed once, stored on disk, reused across runs.
+
+Only clean, deterministic views can be cached: features of images under random training
+augmentation (random crops, flips) differ every epoch, and input-space PGD (ALP) must go through the
+backbone at every step, so adversarial features are never cached. Cached clean features serve clean
+linear probing (the LP baseline, LP-FT initialisation, LR/WD sweeps that train many heads from one
+pass) and clean validation of probes.
+
+An entry lives in <root>/<key>/ (features.npy memory-mappable, labels.npy, meta.json). The key is a
+hash of everything that changes the features: backbone name and the content of its weights,
+preprocessing (resize, mean/std, the deterministic transform), dataset identity (array content, or
+file paths, sizes and labels), split, dtype and roli version. An entry is written into a temporary
+folder and renamed into place only when complete, so a run killed while writing leaves nothing that
+reads as valid. Under torchrun each rank computes its shard; rank 0 assembles the entry once.
+
+Root: $ROLI_CACHE_DIR/features, else ~/.cache/roli/features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import roli
+from roli.attacks.pgd import autocast_for
+from roli.data import ArrayData, FileData
+from roli.data.arrays import to_float
+
+DTYPES = ("fp32", "bf16")
+
+
+def default_root() -> Path:
+    base = os.environ.get("ROLI_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "roli") / "features"
+
+
+@dataclass
+class Features:
+    """x: (N, D) float32 (memory-mapped from the cache when loaded); y: (N,) int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    key: str
+    hit: bool
+
+
+def _hash_tensors(h, tensors) -> None:
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def dataset_identity(data) -> str:
+    h = hashlib.sha256()
+    if isinstance(data, ArrayData):
+        _hash_tensors(h, [data.x, data.y])
+    elif isinstance(data, FileData):
+        for path, label in data.items:
+            h.update(f"{path}\0{path.stat().st_size}\0{label}\n".encode())
+    else:
+        raise TypeError(f"cannot cache features of {type(data).__name__}; use ArrayData or FileData")
+    return h.hexdigest()
+
+
+def cache_key(model, data, split: str, dtype: str) -> tuple[str, dict]:
+    """(hex key, the human-readable description hashed into it)."""
+    transform = getattr(data, "transform", None)
+    if transform is not None and getattr(transform, "train", False):
+        raise ValueError(
+            f"cannot cache features of {data.name!r}: it uses random training augmentation ({transform!r}); "
+            "cache a deterministic view (an eval transform) instead"
+        )
+    wh = hashlib.sha256()
+    _hash_tensors(wh, model.backbone.state_dict().values())
+    pre = model.pre
+    desc = {
+        "backbone": model.name,
+        "weights_sha256": wh.hexdigest(),
+        "mean": None if pre.mean is None else pre.mean.flatten().tolist(),
+        "std": None if pre.std is None else pre.std.flatten().tolist(),
+        "input_size": list(pre.input_size) if pre.input_size else None,
+        "transform": repr(transform) if transform is not None else None,
+        "dataset": dataset_identity(data),
+        "split": split,
+        "dtype": dtype,
+        "roli": roli.__version__,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
+
+
+def _batches(data, batch_size: int, device, indices):
+    if isinstance(data, ArrayData):
+        for i in range(0, len(indices), batch_size):
+            b = indices[i : i + batch_size]
+            yield to_float(data.x[b].to(device)), data.y[b]
+    else:
+        sub = data.subset(indices)
+        for x, y in sub.loader(batch_size, device=device, workers=min(4, os.cpu_count() or 1)):
+            yield x, y.cpu()
+
+
+@torch.no_grad()
+def compute_features(model, data, batch_size: int = 256, dtype: str = "fp32", device="cpu",
+                     indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Features (N, D) float32 and labels of `data` (or its rows `indices`), backbone in eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
+    device = torch.device(device)
+    indices = torch.arange(len(data)) if indices is None else indices
+    was_training = model.training
+    model.eval()
+    try:
+        feats, labels = [], []
+        for x, y in _batches(data, batch_size, device, indices):
+            with autocast_for(device, "bf16" if dtype == "bf16" else "fp32"):
+                feats.append(model.features(x).float().cpu())
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    if not feats:
+        return torch.zeros(0, model.feat_dim), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def valid(self, key: str) -> bool:
+        return (self.path(key) / "meta.json").is_file()
+
+    def invalidate(self, key: str) -> None:
+        shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def load(self, key: str) -> Features:
+        d = self.path(key)
+        x = torch.from_numpy(np.load(d / "features.npy", mmap_mode="c"))  # copy-on-write: the file stays as is
+        y = torch.from_numpy(np.load(d / "labels.npy"))
+        return Features(x, y, key, hit=True)
+
+    def get(self, model, data, split: str, dtype: str = "fp32", batch_size: int = 256, device="cpu") -> Features:
+        """The cached features of (model, data, split, dtype), computed and stored on a miss."""
+        key, desc = cache_key(model, data, split, dtype)
+        if self.valid(key):
+            return self.load(key)
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        )
+        tmp = self.root / f".tmp-{key}"
+        if world == 1:
+            tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        shard = torch.arange(len(data)).tensor_split(world)[rank]
+        x, y = compute_features(model, data, batch_size, dtype, device, shard)
+        if world > 1:
+            torch.save({"x": x, "y": y}, tmp / f"shard{rank}.pt")
+            dist.barrier()
+        if rank == 0:
+            if world > 1:
+                parts = [torch.load(tmp / f"shard{r}.pt", weights_only=True) for r in range(world)]
+                x, y = torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts])
+            self._commit(key, desc, tmp, x, y)
+        if world > 1:
+            dist.barrier()
+        if rank:
+            loaded = self.load(key)
+            return Features(loaded.x, loaded.y, key, hit=False)
+        return Features(x, y, key, hit=False)
+
+    def _commit(self, key, desc, tmp: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+        out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=tuple(x.shape))
+        out[:] = x.numpy()
+        out.flush()
+        del out
+        np.save(tmp / "labels.npy", y.numpy())
+        (tmp / "meta.json").write_text(json.dumps({**desc, "n": len(y), "dim": int(x.shape[1])}, indent=1))
+        for f in tmp.glob("shard*.pt"):
+            f.unlink()
+        final = self.path(key)
+        try:
+            os.rename(tmp, final)  # atomic: the entry appears complete or not at all
+        except OSError:  # another process committed the same key first
+            shutil.rmtree(tmp, ignore_errors=True)

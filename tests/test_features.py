@@ -1,0 +1,283 @@
+"""Feature cache (keys, hits, atomicity, torchrun shards), clean linear probes and sweeps, and ALP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import roli
+from roli.attacks import PGD
+from roli.data.arrays import digits
+from roli.features import (
+    FeatureCache,
+    adversarial_linear_probe,
+    compute_features,
+    robust_accuracy,
+    train_linear_probe,
+    train_linear_probes,
+)
+from roli.models import NormalizedModel, create_classifier, load_checkpoint
+from roli.models.small import small_cnn
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def transfer():
+    """A small_cnn adversarially pretrained on digits 0-4 (source); digits 5-9 as the target task."""
+    torch.manual_seed(0)
+    train, test = digits()
+
+    def part(d, lo):
+        s = d.subset(torch.nonzero((d.y >= lo) & (d.y < lo + 5))[:, 0])
+        s.y, s.num_classes = s.y - lo, 5
+        return s
+
+    src = part(train, 0)
+    sx, sy = src.to_float()
+    net = small_cnn(5, 1)
+    model = NormalizedModel(net, None, None)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(10):
+        perm = torch.randperm(len(sy))
+        for i in range(0, len(perm), 64):
+            x, y = sx[perm[i : i + 64]], sy[perm[i : i + 64]]
+            x_adv = PGD(model, eps=EPS, step_size=EPS / 4, steps=5, keep="last")(x, y)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    tgt = part(train, 5)
+    n_val = len(tgt) // 10
+    return net.eval(), tgt.subset(torch.arange(n_val, len(tgt))), tgt.subset(torch.arange(n_val)), part(test, 5)
+
+
+def classifier(net):
+    return create_classifier(copy.deepcopy(net), 5)
+
+
+# -- cache ------------------------------------------------------------------------------------------
+
+
+def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypatch):
+    net, train, _, _ = transfer
+    cache = FeatureCache(tmp_path)
+    model = classifier(net)
+    first = cache.get(model, train, "train")
+    again = cache.get(model, train, "train")
+    assert not first.hit and again.hit and torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    torch.testing.assert_close(first.x, compute_features(model, train)[0])
+    keys = {first.key}
+
+    def miss(m=model, data=train, split="train", dtype="fp32"):
+        f = cache.get(m, data, split, dtype)
+        assert not f.hit and f.key not in keys
+        keys.add(f.key)
+
+    changed = classifier(net)
+    with torch.no_grad():
+        changed.backbone.features[0].weight[0, 0, 0, 0] += 1e-3  # another checkpoint
+    miss(m=changed)
+    miss(m=create_classifier(copy.deepcopy(net), 5, mean=(0.5,), std=(0.25,)))  # preprocessing
+    miss(m=create_classifier(copy.deepcopy(net), 5, input_size=16))  # resize inside the model
+    other = copy.deepcopy(train)
+    other.x[0, 0, 0, 0] ^= 1  # one pixel: another dataset
+    miss(data=other)
+    miss(split="val")
+    miss(dtype="bf16")
+    monkeypatch.setattr(roli, "__version__", "9.9.9")
+    miss()
+    monkeypatch.undo()
+    assert cache.get(model, train, "train").hit
+    cache.invalidate(first.key)
+    assert not cache.get(model, train, "train").hit
+
+
+def test_cache_refuses_random_augmentation(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "img" / "train" / c / "0.png")
+        Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "img" / "train" / c / "1.png")
+    from roli.data import load_dataset
+
+    s = load_dataset(f"imagefolder:{tmp_path / 'img'}", resize=36, crop_size=32, val_percent=50, split_seed=0)
+    model = create_classifier(small_cnn(2, 3, width=4), 2)
+    with pytest.raises(ValueError, match="random training augmentation"):
+        FeatureCache(tmp_path / "c").get(model, s.train, "train")
+    assert len(FeatureCache(tmp_path / "c").get(model, s.val, "val").y) == 2  # the eval view is fine
+
+
+SLOW_WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    from roli.data.arrays import ArrayData
+    from roli.features import FeatureCache
+    from roli.models import create_classifier
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x.flatten(1)[:, :4]
+    data = ArrayData(torch.randint(0, 255, (4000, 1, 4, 4), dtype=torch.uint8), torch.zeros(4000, dtype=torch.long), 2, "d")
+    model = create_classifier(Slow(), 2, mean=None, std=None, feat_dim=4)
+    FeatureCache(sys.argv[1]).get(model, data, "train", batch_size=16)
+    """
+)
+
+
+def test_killed_writer_leaves_no_valid_entry(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(SLOW_WRITER)
+    root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(script), str(root)])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(root.glob(".tmp-*")):
+            time.sleep(0.1)
+        assert list(root.glob(".tmp-*")), "the writer never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    entries = [d for d in root.iterdir() if not d.name.startswith(".tmp-")]
+    assert entries == [] and not list(root.glob("*/meta.json"))
+
+
+def test_torchrun_shards_assemble_once(transfer, tmp_path):
+    net, train, _, _ = transfer
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    script = tmp_path / "shard.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import torch, torch.distributed as dist
+        from roli.data.arrays import digits
+        from roli.features import FeatureCache
+        from roli.models import create_classifier
+        from roli.models.small import small_cnn
+        dist.init_process_group("gloo")
+        net = small_cnn(5, 1)
+        net.load_state_dict(torch.load({str(tmp_path / 'net.pt')!r}))
+        train, _ = digits()
+        f = FeatureCache({str(tmp_path / 'cache')!r}).get(create_classifier(net, 5), train, "all")
+        print("rank", dist.get_rank(), "n", len(f.y))
+        dist.destroy_process_group()
+        """
+    ))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD", "LOCAL_RANK", "MASTER"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("n 1437") == 2
+    full, _ = digits()
+    model = create_classifier(copy.deepcopy(net), 5)
+    cached = FeatureCache(tmp_path / "cache").get(model, full, "all")
+    assert cached.hit and len(list((tmp_path / "cache").iterdir())) == 1
+    torch.testing.assert_close(cached.x, compute_features(model, full)[0], rtol=1e-5, atol=1e-5)
+
+
+# -- clean linear probes ----------------------------------------------------------------------------
+
+
+def test_lp_from_cache_matches_recomputing_every_epoch(transfer, tmp_path):
+    net, train, val, _ = transfer
+    model = classifier(net)
+    cache = FeatureCache(tmp_path)
+    tr, va = cache.get(model, train, "train"), cache.get(model, val, "val")
+    cached = train_linear_probe((tr.x, tr.y), (va.x, va.y), 5, lr=0.1, epochs=8, batch_size=64, seed=3)
+    calls = []
+
+    def recompute(epoch):
+        calls.append(epoch)
+        return compute_features(model, train)
+
+    fresh = train_linear_probe(recompute, (va.x, va.y), 5, lr=0.1, epochs=8, batch_size=64, seed=3)
+    assert calls == list(range(8))
+    assert abs(cached.val_acc - fresh.val_acc) <= 0.005
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_sweep_best_head_equals_training_it_alone(transfer, optimizer):
+    net, train, val, _ = transfer
+    model = classifier(net)
+    tr, va = compute_features(model, train), compute_features(model, val)
+    lrs = (
+        [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+        if optimizer == "sgd"
+        else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+    )
+    wds = [0.0, 1e-3, 1e-2, 0.0, 1e-3, 1e-2, 0.0, 1e-3]
+    sweep = train_linear_probes(tr, va, 5, lrs, wds, epochs=6, warmup=2, batch_size=128, optimizer=optimizer)
+    alone = train_linear_probe(tr, va, 5, lr=sweep.lr, weight_decay=sweep.weight_decay, epochs=6, warmup=2,
+                               batch_size=128, optimizer=optimizer)  # fmt: skip
+    assert alone.val_acc == sweep.val_acc and alone.epoch == sweep.epoch
+    torch.testing.assert_close(alone.weight, sweep.weight, rtol=1e-4, atol=1e-5)
+    per_head = torch.tensor(sweep.history[sweep.epoch]["val_acc"])
+    assert float(per_head.max()) == sweep.val_acc and len(set(per_head.tolist())) > 1
+
+
+def test_probe_bad_input():
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="optimizer"):
+        train_linear_probe((x, y), (x, y), 3, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="2 learning rates but 1 weight decays"):
+        train_linear_probes((x, y), (x, y), 3, [0.1, 0.2], [0.0])
+
+
+# -- adversarial linear probing ---------------------------------------------------------------------------
+
+
+def test_alp_beats_clean_lp_in_pgd_accuracy_and_keeps_the_backbone(transfer, tmp_path):
+    net, train, val, test = transfer
+    tex, tey = test.to_float()
+    vx, vy = val.to_float()
+    lp_model = classifier(net)
+    lp = train_linear_probe(compute_features(lp_model, train), compute_features(lp_model, val), 5, lr=0.1,
+                            epochs=30, batch_size=64)  # fmt: skip
+    with torch.no_grad():
+        lp_model.head.weight.copy_(lp.weight)
+        lp_model.head.bias.copy_(lp.bias)
+    lp_clean, lp_robust = robust_accuracy(lp_model, (tex, tey), EPS, EPS / 8, 10)
+    model = classifier(net)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    res = adversarial_linear_probe(model, train.loader(64, shuffle=True), (vx, vy), epochs=10, lr=0.1,
+                                   weight_decay=1e-4, warmup=1, eps=EPS, step_size=EPS / 4, steps=5, log=None,
+                                   checkpoint=tmp_path / "alp.pt")  # fmt: skip
+    alp_clean, alp_robust = robust_accuracy(model, (tex, tey), EPS, EPS / 8, 10)
+    print(
+        f"target digits 5-9, PGD-10 eps {EPS}: clean LP {lp_clean:.3f}/{lp_robust:.3f}, ALP {alp_clean:.3f}/{alp_robust:.3f}"
+    )
+    assert alp_robust > lp_robust
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics, bitwise
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert len(res.history) == 10 and res.val_robust == max(h["val_robust"] for h in res.history)
+    fresh = classifier(net)
+    from roli.models import apply_peft
+
+    apply_peft(fresh, "linear")
+    assert load_checkpoint(fresh, tmp_path / "alp.pt")["stage"] == "alp"
+    assert torch.equal(fresh.head.weight, model.head.weight)
+
+
+def test_alp_warm_start_from_lp_head(transfer):
+    net, train, val, _ = transfer
+    model = classifier(net)
+    w, b = torch.randn(5, model.feat_dim), torch.randn(5)
+    seen = {}
+    res = adversarial_linear_probe(model, train.loader(256), val.to_float(), epochs=1, lr=0.0, warmup=0, steps=1,
+                                   init_head=(w, b), log=seen.setdefault("log", None))  # fmt: skip
+    assert torch.equal(res.weight, w) and torch.equal(res.bias, b)  # lr 0: the warm start is what comes out
