@@ -130,7 +130,8 @@ SLOW_WRITER = textwrap.dedent(
         def forward(self, x):
             time.sleep(0.05)
             return x.flatten(1)[:, :4]
-    data = ArrayData(torch.randint(0, 255, (4000, 1, 4, 4), dtype=torch.uint8), torch.zeros(4000, dtype=torch.long), 2, "d")
+    x = torch.randint(0, 255, (4000, 1, 4, 4), dtype=torch.uint8)
+    data = ArrayData(x, torch.zeros(4000, dtype=torch.long), 2, "d")
     model = create_classifier(Slow(), 2, mean=None, std=None, feat_dim=4)
     FeatureCache(sys.argv[1]).get(model, data, "train", batch_size=16)
     """
@@ -258,7 +259,8 @@ def test_alp_beats_clean_lp_in_pgd_accuracy_and_keeps_the_backbone(transfer, tmp
                                    checkpoint=tmp_path / "alp.pt")  # fmt: skip
     alp_clean, alp_robust = robust_accuracy(model, (tex, tey), EPS, EPS / 8, 10)
     print(
-        f"target digits 5-9, PGD-10 eps {EPS}: clean LP {lp_clean:.3f}/{lp_robust:.3f}, ALP {alp_clean:.3f}/{alp_robust:.3f}"
+        f"target digits 5-9, PGD-10 eps {EPS}: clean LP {lp_clean:.3f}/{lp_robust:.3f}, "
+        f"ALP {alp_clean:.3f}/{alp_robust:.3f}"
     )
     assert alp_robust > lp_robust
     after = model.backbone.state_dict()
