@@ -56,6 +56,30 @@ def robust_accuracy(model, val, eps: float, step_size: float, steps: int, precis
     return clean / max(1, n), robust / max(1, n)
 
 
+def fast_layout(model, precision: str, channels_last: bool | None = None) -> bool:
+    """Put a convolutional backbone in channels_last for bf16 (same values, another memory layout)."""
+    if channels_last is None:
+        channels_last = precision == "bf16" and any(isinstance(m, torch.nn.Conv2d) for m in model.backbone.modules())
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    return channels_last
+
+
+def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
+    """One ALP step: k attack steps through the frozen model, then the head update on the features of the
+    final adversarial batch, computed without a backbone graph. Returns (loss, correct count)."""
+    x_adv = attack(x, y)
+    with torch.no_grad(), autocast_for(x.device, precision):
+        feats = model.features(x_adv).float()
+    logits = model.head(feats)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+
 def adversarial_linear_probe(
     model,
     train: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -73,6 +97,7 @@ def adversarial_linear_probe(
     precision: str = "fp32",
     init_head: tuple[torch.Tensor, torch.Tensor] | None = None,
     checkpoint: str | Path | None = None,
+    channels_last: bool | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
 ) -> ALPResult:
@@ -88,8 +113,11 @@ def adversarial_linear_probe(
         eps, step_size, steps: the training attack (reference: Linf 8/255, 2/255, PGD-7, random start).
         init_head: (weight, bias) to start from, e.g. the clean linear-probe head (warm start).
         checkpoint: where to save the model with the best head (atomic), for the finetuning stage.
+        channels_last: run the frozen backbone in channels_last; None: when precision is bf16 and the
+            backbone has convolutions (oneDNN's bf16 convolutions are 1.2-1.5x faster in it on CPU).
     """
     apply_peft(model, "linear")
+    fast_layout(model, precision, channels_last)
     if init_head is not None:
         with torch.no_grad():
             model.head.weight.copy_(init_head[0])
@@ -108,17 +136,10 @@ def adversarial_linear_probe(
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
         model.train()  # the head; the frozen backbone stays in eval mode
         for x, y in train:
-            x_adv = attack(x, y)
-            with torch.no_grad(), autocast_for(x.device, precision):
-                feats = model.features(x_adv).float()  # no backbone graph
-            logits = model.head(feats)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, ok = alp_step(model, attack, opt, x, y, precision)
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss * len(y)
+            correct += ok
         seconds = time.time() - t0
         clean, robust = robust_accuracy(model, val, eps, step_size, val_steps, precision, seed)
         row = {"epoch": epoch, "lr": lr * factor, "train_loss": loss_sum / max(1, seen),

@@ -31,6 +31,12 @@ class ProbeResult:
     history: list[dict] = field(default_factory=list)  # per epoch: train loss and val acc of every head
 
 
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D) x (H, C, D) -> (B, H, C) as one GEMM against the (H*C, D) view: no copy of the weights."""
+    heads, classes, dim = w.shape
+    return torch.addmm(b.reshape(-1), x, w.reshape(heads * classes, dim).t()).view(-1, heads, classes)
+
+
 def accuracy(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536):
     """Accuracy of head(s) on features: weight (C, D) -> float, or (H, C, D) -> (H,) tensor."""
     stacked = weight.dim() == 3
@@ -38,8 +44,8 @@ def accuracy(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch
     correct = torch.zeros(w.shape[0], device=w.device)
     for i in range(0, len(y), chunk):
         xb, yb = x[i : i + chunk].to(w.device, w.dtype), y[i : i + chunk].to(w.device)
-        logits = torch.einsum("nd,hcd->hnc", xb, w) + b[:, None, :]
-        correct += (logits.argmax(-1) == yb[None]).sum(-1)
+        logits = _logits(xb, w, b)  # (B, H, C)
+        correct += (logits.argmax(-1) == yb[:, None]).sum(0)
     acc = correct / max(1, len(y))
     return acc if stacked else float(acc[0])
 
@@ -108,9 +114,9 @@ def train_linear_probes(
         for i in range(0, n, size):
             idx = order[i : i + size]
             xb, yb = x[idx].to(w.dtype), y[idx]
-            logits = torch.einsum("nd,hcd->hnc", xb, w) + b[:, None, :]  # (H, B, C)
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), yb.repeat(heads), reduction="none")
-            per_head = loss.view(heads, -1).mean(1)  # each head's own mean loss: independent gradients
+            logits = _logits(xb, w, b)  # (B, H, C)
+            loss = F.cross_entropy(logits.permute(0, 2, 1), yb[:, None].expand(-1, heads), reduction="none")
+            per_head = loss.mean(0)  # (H,): each head's own mean loss, so the heads' gradients are independent
             gw, gb = torch.autograd.grad(per_head.sum(), [w, b])
             _step(w, b, gw, gb, lr_t * factor, wd_t, optimizer, momentum, state)
             total += per_head.detach() * len(idx)

@@ -1,0 +1,179 @@
+"""Benchmark of stage 1: linear probing from the feature cache, multi-head sweeps, and ALP steps.
+
+1. One clean-LP epoch from cached features vs one epoch that recomputes the features (the backbone
+   forward over the training set) as a run without the cache must.
+2. An 8-head sweep (one pass, (8, C, D) weights, batched matmul) vs training one head.
+3. One ALP step (PGD-7 + head update) ours vs a reference-style ALP step (the RoLI reference code:
+   .backward() inside the attack, a batch-level best iterate, one more forward with a graph, then the
+   head update through a full forward), fp32 and bf16.
+Model: timm resnet18 at 32x32 (random weights; CIFAR statistics), batch 64 as in the reference protocol.
+Timings: medians after warm-up, variants interleaved round-robin, ratios within one run.
+
+    python benchmarks/bench_probe.py [--quick] [--n 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import roli
+from roli.attacks import PGD
+from roli.data import ArrayData
+from roli.features import FeatureCache, alp_step, compute_features, train_linear_probe, train_linear_probes
+from roli.features.alp import fast_layout
+from roli.models import apply_peft, create_classifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def reference_alp_step(model, opt, x, y, eps=8 / 255, alpha=2 / 255, steps=7):
+    """As the reference code: attack with .backward(), batch-level best iterate, an extra forward with a
+    graph, then a training forward through the whole model and the head update."""
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
+    best_loss, best_x = -float("inf"), x_adv
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            if loss.item() > best_loss:
+                best_loss, best_x = loss.item(), x_adv.detach().clone()
+            x_adv = x_adv + alpha * x_adv.grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
+    F.cross_entropy(model(x_adv), y)  # the wasted forward with a graph
+    model.train()
+    loss = F.cross_entropy(model(best_x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def timed(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def round_robin(runs: dict, reps: int) -> dict:
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int, default=2048, help="training images for the LP measurements")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    reps = 3 if args.quick else 7
+    torch.manual_seed(0)
+    model = create_classifier("resnet18", 10, mean=CIFAR_MEAN, std=CIFAR_STD, input_size=None)
+    data = ArrayData(torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8),
+                     torch.randint(0, 10, (args.n,)), 10, "random")  # fmt: skip
+    val = compute_features(model, ArrayData(data.x[:256], data.y[:256], 10, "v"))
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        cache = FeatureCache(root)
+        cache.get(model, data, "train")  # the one pass that fills the cache (not timed)
+
+        t_lookup = timed(lambda: cache.get(model, data, "train"), reps)  # once per run, not per epoch
+        cached = cache.get(model, data, "train")
+
+        def lp_cached():
+            train_linear_probe((cached.x, cached.y), val, 10, lr=0.1, epochs=1, batch_size=256)
+
+        def lp_recompute():
+            train_linear_probe(lambda e: compute_features(model, data), val, 10, lr=0.1, epochs=1, batch_size=256)
+
+        t_cached, t_recomp = timed(lp_cached, reps), timed(lp_recompute, max(2, reps // 2))
+        rows.append({"measure": "LP epoch", "variant": "from the cache", "seconds": t_cached,
+                     "ratio": t_recomp / t_cached, "target": ">= 100x faster than recomputing"})  # fmt: skip
+        rows.append({"measure": "LP epoch", "variant": "recompute features", "seconds": t_recomp, "ratio": 1.0,
+                     "target": ""})  # fmt: skip
+        rows.append({"measure": "cache lookup (once per run)", "variant": "hash weights + data, mmap",
+                     "seconds": t_lookup, "ratio": t_recomp / t_lookup, "target": ""})  # fmt: skip
+        f = cache.get(model, data, "train")
+        lrs = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+        sweep = round_robin({
+            "1 head": lambda: train_linear_probes((f.x, f.y), val, 10, lrs[:1], epochs=5, batch_size=256),
+            "8 heads": lambda: train_linear_probes((f.x, f.y), val, 10, lrs, epochs=5, batch_size=256),
+        }, reps)  # fmt: skip
+        for k, t in sweep.items():
+            rows.append({"measure": "LP sweep (5 epochs)", "variant": k, "seconds": t, "ratio": t / sweep["1 head"],
+                         "target": "<= 1.5x the time of one head" if k == "8 heads" else ""})  # fmt: skip
+    apply_peft(model, "linear")
+    x, y = data.x[:64].float() / 255, data.y[:64]
+    ours16 = copy.deepcopy(model)
+    fast_layout(ours16, "bf16")  # what adversarial_linear_probe does for bf16 on a conv backbone
+    opts = {k: torch.optim.SGD(m.head.parameters(), lr=0.01, momentum=0.9) for k, m in (("32", model), ("16", ours16))}
+    budget = dict(eps=8 / 255, step_size=2 / 255, steps=7, keep="last", seed=0)
+    attacks = {"fp32": PGD(model, **budget), "bf16": PGD(ours16, precision="bf16", **budget)}
+    steps = round_robin({
+        "reference-style fp32": lambda: reference_alp_step(model, opts["32"], x, y),
+        "ours fp32": lambda: alp_step(model, attacks["fp32"], opts["32"], x, y, "fp32"),
+        "ours bf16": lambda: alp_step(ours16, attacks["bf16"], opts["16"], x, y, "bf16"),
+    }, reps)  # fmt: skip
+    ref = steps["reference-style fp32"]
+    for k, t in steps.items():
+        target = {"ours fp32": ">= 1.1x", "ours bf16": ">= 1.8x"}.get(k, "")
+        rows.append({"measure": "ALP step (PGD-7 + update, batch 64)", "variant": k, "seconds": t,
+                     "ratio": ref / t, "target": target, "images_per_s": 64 / t})  # fmt: skip
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    device = _cpu_name()
+    lines = [f"Stage-1 benchmark on {device}, {stamp}; torch {torch.__version__}; resnet18 @32x32, {args.n} images",
+             "", "| measure | variant | median s | ratio | target |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ratio = f"{r['ratio']:.1f}x faster" if r["measure"] == "LP epoch" and r["variant"] == "from the cache" else (
+            f"{r['ratio']:.2f}x the time" if r["measure"].startswith("LP sweep") else f"{r['ratio']:.2f}x")  # fmt: skip
+        lines.append(f"| {r['measure']} | {r['variant']} | {r['seconds']:.4f} | {ratio} | {r['target']} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_probe_cpu.md").write_text(table + "\n")
+    path = out / "bench_probe.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        meta = {"date": stamp, "device": device, "torch": torch.__version__, "roli": roli.__version__}
+        w = csv.DictWriter(fh, fieldnames=[*meta, "measure", "variant", "seconds", "ratio", "target", "images_per_s"])
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}})
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} CPU, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
