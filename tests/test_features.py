@@ -283,3 +283,17 @@ def test_alp_warm_start_from_lp_head(transfer):
     res = adversarial_linear_probe(model, train.loader(256), val.to_float(), epochs=1, lr=0.0, warmup=0, steps=1,
                                    init_head=(w, b), log=seen.setdefault("log", None))  # fmt: skip
     assert torch.equal(res.weight, w) and torch.equal(res.bias, b)  # lr 0: the warm start is what comes out
+
+
+def test_alp_bf16_uses_channels_last_and_matches_fp32_roughly(transfer):
+    net, train, val, _ = transfer
+    small = train.subset(torch.arange(128))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = classifier(net)
+        res = adversarial_linear_probe(model, small.loader(64), val.to_float(), epochs=2, lr=0.1, warmup=0,
+                                       eps=EPS, step_size=EPS / 4, steps=3, precision=precision, log=None)  # fmt: skip
+        conv = model.backbone.features[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
+        results[precision] = res.val_robust
+    assert abs(results["bf16"] - results["fp32"]) <= 0.1
