@@ -19,18 +19,16 @@ measures the attack. FLOPs per PGD-10 come from torch.utils.flop_counter (forwar
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name, reference_pgd, round_robin, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
-import roli
 from roli._compat import import_timm
 from roli.attacks import PGD
 from roli.attacks.pgd import autocast_for
@@ -41,26 +39,6 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # (timm name, input size, batch, eps): the budgets put these random-weight models between "all robust"
 # and "all broken", so robust accuracy compares attack strength (throughput does not depend on eps).
 MODELS = [("resnet18", 32, 128, 1 / 255), ("vit_tiny_patch16_224", 224, 16, 0.25 / 255)]
-
-
-def reference_pgd(model, x, y, eps, alpha, steps):
-    """The attack as the RoLI reference code writes it (see ROLI_SPEC.md: what not to copy)."""
-    model.eval()
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
-    best_loss, best_x = -float("inf"), x_adv
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        model.zero_grad()
-        loss.backward()  # every parameter gradient, at every attack step
-        with torch.no_grad():
-            if loss.item() > best_loss:  # batch-level "best iterate"
-                best_loss, best_x = loss.item(), x_adv.detach().clone()
-            x_adv = x_adv + alpha * x_adv.grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
-    F.cross_entropy(model(x_adv), y)  # the extra forward with a graph
-    model.zero_grad()
-    return best_x
 
 
 def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
@@ -95,19 +73,6 @@ def median_time(fn, reps, warmup=2) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
-
-
-def round_robin(runs: dict, reps: int) -> dict:
-    """Median seconds per run, timed in rounds (every variant once per round, after one warm-up round),
-    so that load drift on a shared machine affects all variants alike."""
-    times = {label: [] for label in runs}
-    for r in range(reps + 1):
-        for label, run in runs.items():
-            t = time.perf_counter()
-            run()
-            if r > 0:
-                times[label].append(time.perf_counter() - t)
-    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def pgd_flops(model, x, y, steps, precision) -> int:
@@ -182,7 +147,7 @@ def main() -> None:
         r["utilisation"] = r["gflops"] / r["seconds"] / peak
     peaks = {k: max(peaks[k], end_peaks[k]) for k in peaks}
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    device = _cpu_name()
+    device = cpu_name()
     head = (f"PGD-{args.steps} (Linf, step eps/4, random start) on {device}, {stamp}; "
             f"torch {torch.__version__}; same-run matmul peak fp32 {peaks['fp32']:.0f} / "
             f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
@@ -195,28 +160,7 @@ def main() -> None:
                      f"{r['gflops']:.1f} | {100 * r['utilisation']:.0f}% ({r['precision']}) |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_attack_cpu.md").write_text(table + "\n")
-    path = out / "bench_attack.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        meta = {"date": stamp, "device": device, "torch": torch.__version__, "roli": roli.__version__}
-        w = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} CPU, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    write_results(args.out, "bench_attack", table, rows, {"date": stamp, "device": device})
 
 
 if __name__ == "__main__":

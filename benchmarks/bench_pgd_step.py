@@ -22,12 +22,12 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import argparse  # noqa: E402
 import csv
 import datetime as dt  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 import roli  # noqa: E402
 from roli import _ext  # noqa: E402
@@ -205,18 +205,6 @@ def main() -> None:
             w.writeheader()
         for r in rows:
             w.writerow({**meta, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
-
-
-def cpu_name() -> str:
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} CPU, {torch.get_num_threads()} threads"
 
 
 def _triton_version() -> str:

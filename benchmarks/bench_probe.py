@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as dt
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name, reference_pgd, round_robin, write_results
 
-import roli
 from roli.attacks import PGD
 from roli.data import ArrayData
 from roli.features import FeatureCache, alp_step, compute_features, train_linear_probe, train_linear_probes
@@ -38,22 +35,9 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def reference_alp_step(model, opt, x, y, eps=8 / 255, alpha=2 / 255, steps=7):
-    """As the reference code: attack with .backward(), batch-level best iterate, an extra forward with a
-    graph, then a training forward through the whole model and the head update."""
-    model.eval()
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
-    best_loss, best_x = -float("inf"), x_adv
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            if loss.item() > best_loss:
-                best_loss, best_x = loss.item(), x_adv.detach().clone()
-            x_adv = x_adv + alpha * x_adv.grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
-    F.cross_entropy(model(x_adv), y)  # the wasted forward with a graph
+    """As the reference code: its attack (.backward() inside, batch-level best iterate, an extra forward
+    with a graph), then a training forward through the whole model and the head update."""
+    best_x = reference_pgd(model, x, y, eps, alpha, steps, zero_grad=opt.zero_grad)
     model.train()
     loss = F.cross_entropy(model(best_x), y)
     opt.zero_grad()
@@ -62,24 +46,7 @@ def reference_alp_step(model, opt, x, y, eps=8 / 255, alpha=2 / 255, steps=7):
 
 
 def timed(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def round_robin(runs: dict, reps: int) -> dict:
-    for fn in runs.values():
-        fn()  # warm-up
-    times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return round_robin({"run": fn}, reps)["run"]
 
 
 def main() -> None:
@@ -142,7 +109,7 @@ def main() -> None:
         rows.append({"measure": "ALP step (PGD-7 + update, batch 64)", "variant": k, "seconds": t,
                      "ratio": ref / t, "target": target, "images_per_s": 64 / t})  # fmt: skip
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    device = _cpu_name()
+    device = cpu_name()
     lines = [f"Stage-1 benchmark on {device}, {stamp}; torch {torch.__version__}; resnet18 @32x32, {args.n} images",
              "", "| measure | variant | median s | ratio | target |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -151,28 +118,7 @@ def main() -> None:
         lines.append(f"| {r['measure']} | {r['variant']} | {r['seconds']:.4f} | {ratio} | {r['target']} |")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_probe_cpu.md").write_text(table + "\n")
-    path = out / "bench_probe.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        meta = {"date": stamp, "device": device, "torch": torch.__version__, "roli": roli.__version__}
-        w = csv.DictWriter(fh, fieldnames=[*meta, "measure", "variant", "seconds", "ratio", "target", "images_per_s"])
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}})
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} CPU, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"CPU, {torch.get_num_threads()} threads"
+    write_results(args.out, "bench_probe", table, rows, {"date": stamp, "device": device})
 
 
 if __name__ == "__main__":

@@ -89,13 +89,29 @@ def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, max_ulp: int = 1) -
 DIGITS_EPS = 0.1  # digits are 8x8 in [0, 1]: 8/255 would be a very small budget there
 
 
+def adversarially_train(model, x, y, epochs: int, eps: float = DIGITS_EPS, batch: int = 64) -> None:
+    """Madry adversarial training with our PGD-5 (Adam, lr 3e-3): seconds on digits."""
+    import torch.nn.functional as F
+
+    from roli.attacks import PGD
+
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(perm), batch):
+            xb, yb = x[perm[i : i + batch]], y[perm[i : i + batch]]
+            x_adv = PGD(model, eps=eps, step_size=eps / 4, steps=5, keep="last")(xb, yb)
+            model.train()
+            loss = F.cross_entropy(model(x_adv), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 @pytest.fixture(scope="session")
 def digits_model():
     """roli.models.small.small_cnn adversarially trained on scikit-learn digits with our PGD (~3 s),
     in eval mode, with the test split: (model, x_test, y_test)."""
-    import torch.nn.functional as F
-
-    from roli.attacks import PGD
     from roli.data.arrays import digits
     from roli.models import NormalizedModel
     from roli.models.small import small_cnn
@@ -106,15 +122,5 @@ def digits_model():
     tr_x, tr_y = train.to_float()
     te_x, te_y = test.to_float()
     model = NormalizedModel(small_cnn(10, 1), None, None)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(8):
-        perm = torch.randperm(len(tr_y))
-        for i in range(0, len(perm), 64):
-            x, y = tr_x[perm[i : i + 64]], tr_y[perm[i : i + 64]]
-            x_adv = PGD(model, eps=DIGITS_EPS, step_size=DIGITS_EPS / 4, steps=5, keep="last")(x, y)
-            model.train()
-            loss = F.cross_entropy(model(x_adv), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    adversarially_train(model, tr_x, tr_y, epochs=8)
     return model.eval(), te_x, te_y

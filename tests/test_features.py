@@ -12,10 +12,9 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import adversarially_train
 
 import roli
-from roli.attacks import PGD
 from roli.data.arrays import digits
 from roli.features import (
     FeatureCache,
@@ -45,18 +44,7 @@ def transfer():
     src = part(train, 0)
     sx, sy = src.to_float()
     net = small_cnn(5, 1)
-    model = NormalizedModel(net, None, None)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(10):
-        perm = torch.randperm(len(sy))
-        for i in range(0, len(perm), 64):
-            x, y = sx[perm[i : i + 64]], sy[perm[i : i + 64]]
-            x_adv = PGD(model, eps=EPS, step_size=EPS / 4, steps=5, keep="last")(x, y)
-            model.train()
-            loss = F.cross_entropy(model(x_adv), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    adversarially_train(NormalizedModel(net, None, None), sx, sy, epochs=10, eps=EPS)
     tgt = part(train, 5)
     n_val = len(tgt) // 10
     return net.eval(), tgt.subset(torch.arange(n_val, len(tgt))), tgt.subset(torch.arange(n_val)), part(test, 5)

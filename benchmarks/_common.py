@@ -1,0 +1,76 @@
+"""Shared by the benchmark scripts: the machine's name, round-robin timing, writing the results."""
+
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import roli
+
+
+def cpu_name() -> str:
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} CPU, {torch.get_num_threads()} threads"
+
+
+def round_robin(runs: dict, reps: int, warmup: int = 1) -> dict:
+    """Median seconds per run, every variant once per round (after `warmup` rounds), so that load drift on
+    a shared machine affects all variants alike."""
+    times = {label: [] for label in runs}
+    for r in range(warmup + reps):
+        for label, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if r >= warmup:
+                times[label].append(time.perf_counter() - t)
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta: dict) -> None:
+    """The Markdown table to <out>/<name>_<device>.md and the rows appended to <out>/<name>.csv."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_cpu.md").write_text(table + "\n")
+    meta = {**meta, "torch": torch.__version__, "roli": roli.__version__}
+    fields = list(meta) + list(dict.fromkeys(k for r in rows for k in r))
+    path = out / f"{name}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}})
+
+
+def reference_pgd(model, x, y, eps, alpha, steps, zero_grad=None):
+    """The attack as the RoLI reference code writes it (see ROLI_SPEC.md: what not to copy)."""
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
+    best_loss, best_x = -float("inf"), x_adv
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        (zero_grad or model.zero_grad)()
+        loss.backward()  # every parameter gradient that is enabled, at every attack step
+        with torch.no_grad():
+            if loss.item() > best_loss:  # batch-level "best iterate"
+                best_loss, best_x = loss.item(), x_adv.detach().clone()
+            x_adv = x_adv + alpha * x_adv.grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
+    F.cross_entropy(model(x_adv), y)  # the extra forward with a graph
+    (zero_grad or model.zero_grad)()
+    return best_x
