@@ -1,0 +1,169 @@
+"""The trainer's configuration: one dataclass, validated field by field, with the reference-protocol
+defaults of ROLI_SPEC.md (Linf 8/255, step 2/255, PGD-7 train / PGD-10 val, batch 64, warmup-cosine,
+SGD for ALP, AdamW for finetuning). Flags and YAML/JSON config files map onto it; the resolved
+config is written into the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+
+from roli.models.peft import METHODS as PEFT_METHODS
+
+METHODS = ("pretrain", "lp", "alp", "ft", "roli")
+# Effective learning rates of the reference (CIFAR-10): ALP 0.0125 (SGD); full FT 2.5e-5 from the ALP head
+# (RoLI) and 1.25e-4 from a random head (RanLI) (AdamW); pretraining from scratch: SGD 0.1.
+DEFAULT_LR = {"pretrain": 0.1, "lp": 0.1, "alp": 0.0125, "ft": 2.5e-5, "ranli": 1.25e-4}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: reported as one line, exit code 2."""
+
+
+def parse_budget(value, name: str) -> float:
+    """8/255, "8/255", 0.03 -> float >= 0 (finite)."""
+    try:
+        out = float(Fraction(str(value).strip())) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise ConfigError(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(out) or out < 0:
+        raise ConfigError(f"{name}: must be a finite number >= 0; got {value}")
+    return out
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """ "0-4" or "5,6,7" -> class indices (relabelled 0..k-1 in that order)."""
+    if text in (None, ""):
+        return None
+    out = []
+    try:
+        for part in str(text).split(","):
+            lo, sep, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise ConfigError(f"classes: {text!r} is not a list like 0-4 or 1,3,5") from None
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ConfigError(f"classes: {text!r} must name distinct classes >= 0")
+    return out
+
+
+@dataclass
+class TrainConfig:
+    method: str = "roli"
+    run_dir: str = "runs/roli"
+    # model
+    model: str = "roli.models.small:small_cnn"
+    model_args: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    non_strict: bool = False
+    peft: str = "full"
+    init: str = "alp"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    adapter_reduction: int = 8
+    vpt_tokens: int = 10
+    # data
+    dataset: str = "digits"
+    classes: str | None = None
+    image_root: str | None = None
+    val_percent: float = 10.0
+    split_seed: int | None = None
+    # optimisation
+    epochs: int = 20
+    warmup: int = 10
+    batch_size: int = 64
+    optimizer: str | None = None  # default: sgd for pretrain/lp/alp, adamw for ft
+    lr: float | None = None  # default: DEFAULT_LR[...]
+    weight_decay: float | None = None  # default: 0.01 (ALP/FT), 5e-4 (pretrain)
+    momentum: float = 0.9
+    # attack
+    attack: str = "pgd"
+    norm: str = "linf"
+    eps: float | str = "8/255"
+    step_size: float | str = "2/255"
+    steps: int = 7
+    val_steps: int = 10
+    autoattack: str | None = None
+    # run
+    precision: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    compare_ranli: bool = False
+
+    def __post_init__(self):
+        def need(cond: bool, message: str):
+            if not cond:
+                raise ConfigError(message)
+
+        need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        need(self.peft in PEFT_METHODS, f"peft: {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
+        need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
+             f"init: {self.init!r} is not random, lp, alp or a checkpoint path")  # fmt: skip
+        need(self.attack in ("pgd", "none"), f"attack: {self.attack!r} is not pgd or none")
+        need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
+        need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
+        need(self.optimizer in (None, "sgd", "adamw"), f"optimizer: {self.optimizer!r} is not sgd or adamw")
+        need(
+            self.autoattack in (None, "standard", "plus", "rand"),
+            f"autoattack: {self.autoattack!r} is not standard, plus or rand",
+        )
+        for name in ("epochs", "batch_size", "steps", "val_steps", "lora_rank", "adapter_reduction", "vpt_tokens"):
+            value = getattr(self, name)
+            low = 0 if name in ("steps",) else 1
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            need(ok, f"{name.replace('_', '-')}: must be an integer >= {low}; got {value!r}")
+        need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
+             f"warmup: must be an integer in [0, epochs={self.epochs}]; got {self.warmup!r}")  # fmt: skip
+        need(0 < self.val_percent < 100, f"val-percent: must be in (0, 100); got {self.val_percent}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
+                 f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
+        self.eps = parse_budget(self.eps, "eps")
+        self.step_size = parse_budget(self.step_size, "step-size")
+        if self.norm == "linf":
+            need(self.eps <= 1, f"eps: {self.eps:g} is out of range for Linf on images in [0, 1] (use e.g. 8/255)")
+        need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
+        parse_classes(self.classes)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(path.read_text()) or {}
+            else:
+                data = json.loads(path.read_text())
+        except Exception as e:  # noqa: BLE001 - any parse error
+            raise ConfigError(f"config: cannot parse {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of options")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in data if k.replace("-", "_") not in known)
+        if unknown:
+            raise ConfigError(f"config: unknown options in {path}: {', '.join(unknown)}")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        return cls(**{**data, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lr_for(self, stage: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR["ranli" if stage == "ft" and self.init == "random" else stage]
+
+    def optimizer_for(self, stage: str) -> str:
+        return self.optimizer or ("adamw" if stage == "ft" else "sgd")
+
+    def weight_decay_for(self, stage: str) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if stage == "pretrain" else 0.01

@@ -1,0 +1,197 @@
+"""The epoch loop shared by pretraining, ALP and finetuning: runs that lose nothing.
+
+- `last.pt` (model, optimizer, epoch/step, torch and attack RNG states, best so far, history) is written
+  atomically after every epoch and when a SIGINT/SIGTERM arrives (after the current step finishes);
+  `best.pt` holds the best model by validation robust accuracy. A resumed run restores all of it and
+  skips the steps already taken in the interrupted epoch (the data order is a function of seed and
+  epoch), so it ends where an uninterrupted run would.
+- metrics.jsonl is rewritten from the history at every epoch, so a resumed run never duplicates lines.
+- A non-finite loss stops the run with an error; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from roli._io import atomic_write, load_tagged, save_torch
+from roli.attacks import PGD
+from roli.attacks.pgd import autocast_for
+from roli.features.alp import alp_step, robust_accuracy
+from roli.models import save_checkpoint
+from roli.schedule import warmup_cosine
+
+STATE_FORMAT = "roli-train-state"
+log = logging.getLogger("roli.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, where: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.where = signum, where
+
+
+@dataclass
+class Stage:
+    name: str  # "pretrain" | "alp" | "ft"
+    model: torch.nn.Module
+    train: object  # a loader with set_epoch; yields (x in [0, 1], y)
+    val: object  # (x, y) tensors or an iterable of batches
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    warmup: int
+    attack: PGD | None
+    eps: float
+    step_size: float
+    val_steps: int
+    precision: str = "fp32"
+    seed: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class _StopOnSignal:
+    """While active, SIGINT/SIGTERM only set a flag; the loop checks it after each step."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def make_optimizer(params_groups, kind: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        opt = torch.optim.SGD(params_groups, lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.AdamW(params_groups, lr=lr)
+    for g in opt.param_groups:
+        g["base_lr"] = lr
+    return opt
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on weights (ndim >= 2) only, not on biases, norms, prompts' gates."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _train_step(stage: Stage, x, y) -> tuple[float, int]:
+    if stage.name == "alp":
+        return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision)
+    x_in = stage.attack(x, y) if stage.attack is not None else x
+    stage.model.train()
+    with autocast_for(x.device, stage.precision):
+        logits = stage.model(x_in)
+    loss = F.cross_entropy(logits.float(), y)
+    stage.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stage.optimizer.step()
+    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+
+def _state(stage: Stage, epoch: int, step: int, best: dict) -> dict:
+    gen = stage.attack._generator(torch.device("cpu")) if stage.attack is not None else None
+    return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
+            "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "attack_rng": gen.get_state() if gen is not None else None,
+            "best": best, "history": stage.history}  # fmt: skip
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    atomic_write(
+        run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history))
+    )
+
+
+def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None = None) -> dict:
+    """Train `stage` for its epochs in run_dir (resuming from run_dir/last.pt when asked).
+    Returns the best {"epoch", "val_clean", "val_robust"}."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    start_epoch, start_step, best = 0, 0, {"epoch": -1, "val_clean": 0.0, "val_robust": -1.0}
+    if resume and last.exists():
+        state = load_tagged(last, STATE_FORMAT, "roli training state")
+        stage.model.load_state_dict(state["model"])
+        stage.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if stage.attack is not None and state["attack_rng"] is not None:
+            stage.attack._generator(torch.device("cpu")).set_state(state["attack_rng"])
+        start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
+        log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
+    show = progress if progress is not None else sys.stderr.isatty()
+    with _StopOnSignal() as stop:
+        for epoch in range(start_epoch, stage.epochs):
+            factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
+            for g in stage.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            if hasattr(stage.train, "set_epoch"):
+                stage.train.set_epoch(epoch)
+            t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            batches = _progress(stage.train, show, f"{stage.name} epoch {epoch}")
+            for i, (x, y) in enumerate(batches):
+                if i < start_step:
+                    continue
+                loss, ok = _train_step(stage, x, y)
+                if not math.isfinite(loss):
+                    good = last if last.exists() else "none (first epoch)"
+                    raise NonFiniteLoss(f"{stage.name}: the loss became {loss} at epoch {epoch}, step {i}; "
+                                        f"the last good checkpoint is {good}")  # fmt: skip
+                seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
+                if stop.signum is not None:
+                    save_torch(_state(stage, epoch, i + 1, best), last)
+                    raise Interrupted(stop.signum, last)
+            start_step = 0
+            seconds = time.time() - t0
+            clean, robust = robust_accuracy(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
+                                            stage.precision, stage.seed)  # fmt: skip
+            row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
+                   "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+                   "val_clean": clean, "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9),
+                   "seconds": round(seconds, 3)}  # fmt: skip
+            stage.history.append(row)
+            log.info("%s epoch %d: loss %.4f, train acc %.4f, val clean %.4f, val PGD-%d %.4f, %.1f img/s",
+                     stage.name, epoch, row["train_loss"], row["train_acc"], clean, stage.val_steps, robust,
+                     row["images_per_s"])  # fmt: skip
+            _write_metrics(run_dir, stage.history)
+            if robust > best["val_robust"]:
+                best = {"epoch": epoch, "val_clean": clean, "val_robust": robust}
+                save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
+            save_torch(_state(stage, epoch + 1, 0, best), last)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, last)
+    return best
+
+
+def _progress(loader, show: bool, desc: str):
+    if not show:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, total=len(loader) if hasattr(loader, "__len__") else None)
