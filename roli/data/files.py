@@ -82,7 +82,7 @@ class FileLoader:
     """DataLoader with workers and pinned memory; yields (float images in [0, 1] on device, labels)."""
 
     def __init__(self, data, batch_size, shuffle, device, seed, workers, drop_last, sampler):
-        self.device = torch.device(device)
+        self.device, self.seed = torch.device(device), seed
         g = torch.Generator().manual_seed(seed)
         self.dl = DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                              num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
@@ -92,6 +92,8 @@ class FileLoader:
         return len(self.dl)
 
     def set_epoch(self, epoch: int) -> None:
+        """Shuffling and random transforms become a function of (seed, epoch): resumable runs."""
+        self.dl.generator.manual_seed(self.seed * 100_003 + epoch)
         if hasattr(self.dl.sampler, "set_epoch"):
             self.dl.sampler.set_epoch(epoch)
 

@@ -116,12 +116,12 @@ def _train_step(stage: Stage, x, y) -> tuple[float, int]:
     return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
 
-def _state(stage: Stage, epoch: int, step: int, best: dict) -> dict:
+def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0)) -> dict:
     gen = stage.attack._generator(torch.device("cpu")) if stage.attack is not None else None
     return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "attack_rng": gen.get_state() if gen is not None else None,
-            "best": best, "history": stage.history}  # fmt: skip
+            "best": best, "history": stage.history, "partial": list(partial)}  # fmt: skip
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -136,6 +136,7 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
     run_dir.mkdir(parents=True, exist_ok=True)
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     start_epoch, start_step, best = 0, 0, {"epoch": -1, "val_clean": 0.0, "val_robust": -1.0}
+    partial = (0, 0.0, 0)  # (seen, loss sum, correct) of an epoch interrupted mid-way
     if resume and last.exists():
         state = load_tagged(last, STATE_FORMAT, "roli training state")
         stage.model.load_state_dict(state["model"])
@@ -144,6 +145,7 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
         if stage.attack is not None and state["attack_rng"] is not None:
             stage.attack._generator(torch.device("cpu")).set_state(state["attack_rng"])
         start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
+        partial = tuple(state["partial"])
         log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
     show = progress if progress is not None else sys.stderr.isatty()
     with _StopOnSignal() as stop:
@@ -153,7 +155,8 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
                 g["lr"] = g["base_lr"] * factor
             if hasattr(stage.train, "set_epoch"):
                 stage.train.set_epoch(epoch)
-            t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            t0 = time.time()
+            seen, loss_sum, correct = partial if epoch == start_epoch else (0, 0.0, 0)
             batches = _progress(stage.train, show, f"{stage.name} epoch {epoch}")
             for i, (x, y) in enumerate(batches):
                 if i < start_step:
@@ -165,7 +168,7 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
                                         f"the last good checkpoint is {good}")  # fmt: skip
                 seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
                 if stop.signum is not None:
-                    save_torch(_state(stage, epoch, i + 1, best), last)
+                    save_torch(_state(stage, epoch, i + 1, best, (seen, loss_sum, correct)), last)
                     raise Interrupted(stop.signum, last)
             start_step = 0
             seconds = time.time() - t0

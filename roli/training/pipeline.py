@@ -1,0 +1,188 @@
+"""The RoLI pipeline on top of the loop: data, model, each method's stages, test evaluation, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from roli._io import save_json
+from roli.attacks import PGD, run_autoattack
+from roli.data import ArrayData, load_dataset
+from roli.features import FeatureCache, robust_accuracy, train_linear_probes
+from roli.features.alp import fast_layout
+from roli.models import apply_peft, create_classifier, load_checkpoint, load_pretrained, save_checkpoint
+from roli.training.config import ConfigError, TrainConfig, parse_classes
+from roli.training.loop import Stage, fit, make_optimizer, param_groups
+
+log = logging.getLogger("roli.train")
+
+
+def load_splits(cfg: TrainConfig):
+    """(train, val, test, num_classes), restricted to cfg.classes (relabelled 0..k-1) when given."""
+    try:
+        s = load_dataset(cfg.dataset, val_percent=cfg.val_percent, split_seed=cfg.split_seed, image_root=cfg.image_root)
+    except ValueError as e:
+        raise ConfigError(f"dataset: {e}") from None
+    if s.train is None or s.test is None:
+        raise ConfigError(f"dataset: {cfg.dataset} needs train and test splits for training")
+    classes = parse_classes(cfg.classes)
+    if classes is None:
+        return s.train, s.val, s.test, s.num_classes
+    if max(classes) >= s.num_classes:
+        raise ConfigError(f"classes: {cfg.classes} names a class >= {s.num_classes} (the dataset's count)")
+    table = torch.full((s.num_classes,), -1, dtype=torch.long)
+    table[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def keep(d):
+        idx = torch.nonzero(table[d.y] >= 0)[:, 0]
+        sub = d.subset(idx)
+        if isinstance(sub, ArrayData):
+            sub.y, sub.num_classes = table[sub.y], len(classes)
+        else:
+            sub = type(sub)([(p, int(table[y])) for p, y in sub.items], len(classes), sub.name, None, sub.transform)
+        return sub
+
+    return keep(s.train), keep(s.val), keep(s.test), len(classes)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int):
+    try:
+        model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **cfg.model_args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.checkpoint:
+        try:
+            log.info("checkpoint: %s", load_pretrained(model, cfg.checkpoint, strict=not cfg.non_strict))
+        except ValueError as e:
+            raise ConfigError(f"checkpoint: {e}") from None
+    return model.to(cfg.device)
+
+
+def _loader(cfg: TrainConfig, data, shuffle: bool):
+    return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed)
+
+
+def _val(cfg: TrainConfig, data):
+    return data.to_float(cfg.device) if isinstance(data, ArrayData) else _loader(cfg, data, False)
+
+
+def _done(stage_dir: Path) -> bool:
+    return (stage_dir / "done.json").is_file()
+
+
+def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, resume: bool) -> dict:
+    """Run one trained stage (pretrain | alp | ft) into stage_dir; leave the best model in `model`."""
+    train, val, _, _ = splits
+    if _done(stage_dir):  # a resumed run skips finished stages
+        load_checkpoint(model, stage_dir / "best.pt")
+        return json.loads((stage_dir / "done.json").read_text())
+    if name == "alp":
+        apply_peft(model, "linear")
+        fast_layout(model, cfg.precision)
+    opt = make_optimizer(param_groups(model, cfg.weight_decay_for(name)), cfg.optimizer_for(name), cfg.lr_for(name),
+                         cfg.momentum)  # fmt: skip
+    attack = None
+    if cfg.attack == "pgd" and cfg.steps > 0:
+        attack = PGD(model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
+                     precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+    stage = Stage(name, model, _loader(cfg, train, True), _val(cfg, val), opt, cfg.epochs, cfg.warmup, attack,
+                  cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)  # fmt: skip
+    best = fit(stage, stage_dir, resume=resume)
+    load_checkpoint(model, stage_dir / "best.pt")
+    plot_curves(stage.history, stage_dir / "curves.png", name)
+    save_json(best, stage_dir / "done.json")
+    return best
+
+
+def linear_probe(cfg: TrainConfig, model, splits, stage_dir: Path) -> dict:
+    """Clean LP through the feature cache: a sweep over learning rates around cfg.lr, best by val accuracy."""
+    train, val, _, _ = splits
+    if _done(stage_dir):
+        load_checkpoint(model, stage_dir / "best.pt")
+        return json.loads((stage_dir / "done.json").read_text())
+    apply_peft(model, "linear")
+    cache = FeatureCache()
+    tr, va = cache.get(model, train, "train", device=cfg.device), cache.get(model, val, "val", device=cfg.device)
+    base = cfg.lr_for("lp")
+    lrs = [base * f for f in (0.1, 0.3, 1.0, 3.0)]
+    wds = [cfg.weight_decay_for("lp")] * len(lrs)
+    res = train_linear_probes((tr.x, tr.y), (va.x, va.y), model.num_classes, lrs, wds, epochs=cfg.epochs,
+                              warmup=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    with torch.no_grad():
+        model.head.weight.copy_(res.weight)
+        model.head.bias.copy_(res.bias)
+    best = {"epoch": res.epoch, "val_clean": res.val_acc, "lr": res.lr}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, stage_dir / "best.pt", meta={"stage": "lp", **best})
+    save_json(best, stage_dir / "done.json")
+    return best
+
+
+def load_init(cfg: TrainConfig, model, path: str) -> None:
+    """--init PATH: a roli checkpoint holding a head for this class count (from lp, alp or ft)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"init: cannot read {path}: {str(e).splitlines()[0][:150]}") from None
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or "head.weight" not in sd:
+        raise ConfigError(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
+    if sd["head.weight"].shape != model.head.weight.shape:
+        raise ConfigError(f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has "
+                          f"{model.num_classes}")  # fmt: skip
+    try:
+        load_checkpoint(model, path)
+    except ValueError as e:
+        raise ConfigError(f"init: {e}") from None
+
+
+def evaluate_test(cfg: TrainConfig, model, test) -> dict:
+    x, y = test.to_float(cfg.device) if isinstance(test, ArrayData) else _collect(cfg, test)
+    clean, robust = robust_accuracy(model, (x, y), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
+    out = {"n": len(y), "clean": clean, f"pgd{cfg.val_steps}": robust}
+    if cfg.autoattack:
+        aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)
+        out["autoattack"], out["autoattack_per_attack"] = aa.robust_accuracy, aa.per_attack
+    return out
+
+
+def _collect(cfg, data):
+    xs, ys = zip(*_loader(cfg, data, False), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Clean and robust validation accuracy per epoch as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot at %s (pip install matplotlib)", path)
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(epochs, [h["val_clean"] for h in history], marker="o", label="val clean")
+    ax.plot(epochs, [h["val_robust"] for h in history], marker="s", label="val robust (PGD)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+                              "--overwrite to start over")  # fmt: skip
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
