@@ -76,7 +76,9 @@ class TrainConfig:
     warmup: int = 10
     batch_size: int = 64
     optimizer: str | None = None  # default: sgd for pretrain/lp/alp, adamw for ft
-    lr: float | None = None  # default: DEFAULT_LR[...]
+    lr: float | None = None  # the method's own stage (FT for ft/roli); default: DEFAULT_LR[...]
+    alp_lr: float | None = None  # the ALP stage inside ft/roli (default 0.0125)
+    ranli_lr: float | None = None  # the random-head FT of --compare-ranli (default 1.25e-4)
     weight_decay: float | None = None  # default: 0.01 (ALP/FT), 5e-4 (pretrain)
     momentum: float = 0.9
     # attack
@@ -118,7 +120,7 @@ class TrainConfig:
         need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
              f"warmup: must be an integer in [0, epochs={self.epochs}]; got {self.warmup!r}")  # fmt: skip
         need(0 < self.val_percent < 100, f"val-percent: must be in (0, 100); got {self.val_percent}")
-        for name in ("lr", "weight_decay"):
+        for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
                  f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
@@ -156,7 +158,10 @@ class TrainConfig:
         return asdict(self)
 
     def lr_for(self, stage: str) -> float:
-        if self.lr is not None:
+        primary = {"pretrain": "pretrain", "lp": "lp", "alp": "alp", "ft": "ft", "roli": "ft"}[self.method]
+        if stage == "alp" and primary != "alp" and self.alp_lr is not None:
+            return self.alp_lr
+        if stage == primary and self.lr is not None:
             return self.lr
         return DEFAULT_LR["ranli" if stage == "ft" and self.init == "random" else stage]
 

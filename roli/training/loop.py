@@ -161,7 +161,12 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
             for i, (x, y) in enumerate(batches):
                 if i < start_step:
                     continue
-                loss, ok = _train_step(stage, x, y)
+                try:
+                    loss, ok = _train_step(stage, x, y)
+                except ValueError as e:  # the attack found the model's outputs non-finite
+                    if "non-finite" not in str(e):
+                        raise
+                    loss, ok = float("nan"), 0
                 if not math.isfinite(loss):
                     good = last if last.exists() else "none (first epoch)"
                     raise NonFiniteLoss(f"{stage.name}: the loss became {loss} at epoch {epoch}, step {i}; "

@@ -179,10 +179,16 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not overwrite:
+        raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+                          "--overwrite to start over")  # fmt: skip
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
-                              "--overwrite to start over")  # fmt: skip
+    check_run_dir(run_dir, resume, overwrite)
+    if overwrite and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,84 @@
+"""The built-in default of `python -m roli.train`: a complete, real RoLI demonstration offline.
+
+No robust checkpoint can be downloaded here, so the demonstration makes its own:
+1. Adversarially pretrain a small CNN on scikit-learn's digits 0-4 (the source task; cached under
+   ~/.cache/roli/demo after the first run, keyed by its configuration).
+2. Transfer to digits 5-9 (the target task) with the robust backbone, and compare clean LP, ALP,
+   RanLI-FT (full finetuning from a random head) and RoLI-FT (full finetuning from the ALP head).
+The threat model is Linf with eps 0.1 on 8x8 digits in [0, 1] (8/255 would be a negligible budget at
+that resolution). Whatever the comparison shows is printed; RoLI's gain depends on the regime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import roli
+from roli.training.config import TrainConfig
+
+COMMON = dict(model="roli.models.small:small_cnn", dataset="digits", eps=0.1, step_size=0.025, steps=5,
+              val_steps=10, batch_size=64, seed=0)  # fmt: skip
+
+
+def source_backbone(epochs: int = 15) -> Path:
+    """The robust source backbone (digits 0-4), trained once and cached; returns its weights file."""
+    from roli.train import run
+
+    cfg = TrainConfig(method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, **COMMON)
+    key = hashlib.sha256(json.dumps({**cfg.to_dict(), "run_dir": None, "roli": roli.__version__},
+                                    sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
+    base = Path(os.environ.get("ROLI_CACHE_DIR", Path.home() / ".cache" / "roli")) / "demo" / key
+    weights = base / "backbone.pt"
+    if weights.is_file():
+        print(f"robust source backbone (digits 0-4): cached at {weights}")
+        return weights
+    print("1/3 adversarially pretraining the source backbone on digits 0-4 (cached for later runs) ...")
+    work = base / "run"
+    run(dataclasses.replace(cfg, run_dir=str(work)), overwrite=True)
+    state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
+    from roli._io import save_torch
+
+    save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
+    shutil.rmtree(work, ignore_errors=True)
+    return weights
+
+
+def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 15) -> dict:
+    from roli.train import run
+
+    t0 = time.time()
+    run_dir = Path(run_dir or f"runs/roli-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    weights = source_backbone(source_epochs)
+    target = dict(COMMON, classes="5-9", checkpoint=str(weights))
+    print("2/3 clean linear probing on digits 5-9 (through the feature cache) ...")
+    lp = run(
+        TrainConfig(method="lp", epochs=30, warmup=0, lr=0.1, weight_decay=0.0, run_dir=str(run_dir / "lp"), **target)
+    )
+    print("3/3 ALP, then RoLI-FT (from the ALP head) and RanLI-FT (from a random head) on digits 5-9 ...")
+    roli_runs = run(TrainConfig(method="roli", compare_ranli=True, epochs=epochs, warmup=1, alp_lr=0.05, lr=2e-4,
+                                ranli_lr=1e-3, weight_decay=0.01, run_dir=str(run_dir / "roli"), **target))  # fmt: skip
+    rows = {"clean LP": lp["lp"], "ALP": roli_runs["alp"], "RanLI-FT (full)": roli_runs["RanLI-full"],
+            "RoLI-FT (full)": roli_runs["RoLI-full"]}  # fmt: skip
+    lines = ["", f"RoLI demonstration: robust small CNN pretrained on digits 0-4, transferred to digits 5-9 "
+             f"(test set, Linf eps 0.1, PGD-10); {time.time() - t0:.0f} s", "",
+             "| method | clean acc | PGD-10 acc |", "|---|---|---|"]  # fmt: skip
+    for name, r in rows.items():
+        lines.append(f"| {name} | {100 * r['test']['clean']:.2f}% | {100 * r['test']['pgd10']:.2f}% |")
+    gain = rows["RoLI-FT (full)"]["test"]["pgd10"] - rows["RanLI-FT (full)"]["test"]["pgd10"]
+    lines.append(f"\nRoLI vs RanLI: {100 * gain:+.2f} PGD points on this run"
+                 + (" (no gain in this regime)" if gain <= 0 else ""))  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    summary = {name: r["test"] for name, r in rows.items()}
+    from roli._io import save_json
+
+    save_json({"table": table, "results": summary, "seconds": round(time.time() - t0, 1)}, run_dir / "demo.json")
+    return summary

@@ -1,0 +1,228 @@
+"""python -m roli.train: every method and PEFT choice end to end on tiny settings, outputs, resume after
+SIGKILL and SIGTERM, non-finite loss, the bad-flag matrix, and the built-in default in a reduced mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from roli.train import main
+
+TINY = ["--dataset", "digits", "--classes", "0-4", "--eps", "0.1", "--step-size", "0.025", "--steps", "1",
+        "--val-steps", "2", "--epochs", "2", "--warmup", "1"]  # fmt: skip
+VIT = ["--model", "vit_tiny_patch16_224", "--model-arg", "img_size=8", "--model-arg", "patch_size=4",
+       "--model-arg", "depth=1", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=2"]  # fmt: skip
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["pretrain", "lp", "alp", "ft", "roli"])
+def test_every_method_end_to_end(method, tmp_path, capsys):
+    run = tmp_path / method
+    extra = ["--compare-ranli"] if method == "roli" else []
+    assert main(["--method", method, "--run-dir", str(run), *TINY, *extra]) == 0
+    out = capsys.readouterr().out
+    assert "| stage |" in out
+    res = results(run)
+    stages = {"pretrain": ["pretrain"], "lp": ["lp"], "alp": ["alp"], "ft": ["alp", "ft (full, init alp)"],
+              "roli": ["alp", "RoLI-full", "RanLI-full"]}[method]  # fmt: skip
+    assert list(res) == stages
+    for r in res.values():
+        assert 0 <= r["test"]["pgd2"] <= r["test"]["clean"] <= 1 and r["test"]["n"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == method and config["eps"] == 0.1
+    for stage_dir in [d for d in run.iterdir() if d.is_dir()]:
+        assert (stage_dir / "best.pt").is_file()
+        if stage_dir.name != "lp":
+            rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+            assert [r["epoch"] for r in rows] == [0, 1]
+            assert {"train_loss", "train_acc", "val_clean", "val_robust", "lr", "images_per_s", "seconds"} <= set(
+                rows[0]
+            )
+            assert (stage_dir / "last.pt").is_file() and (stage_dir / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("peft", ["lora", "adapter", "vpt", "bias", "linear"])
+def test_every_peft_choice(peft, tmp_path):
+    run = tmp_path / peft
+    assert main(["--method", "ft", "--peft", peft, "--init", "random", "--run-dir", str(run), *TINY, *VIT,
+                 "--epochs", "1", "--warmup", "0"]) == 0  # fmt: skip
+    assert (run / "ft" / "best.pt").is_file()
+
+
+def test_init_path_and_yaml_config(tmp_path):
+    first = tmp_path / "alp"
+    assert main(["--method", "alp", "--run-dir", str(first), *TINY]) == 0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: ft\ndataset: digits\nclasses: 0-4\neps: 0.1\nstep-size: 0.025\nsteps: 1\nval_steps: 2\n"
+                   "epochs: 3\nwarmup: 1\n")  # fmt: skip
+    run = tmp_path / "ft"
+    assert main(["--config", str(cfg), "--init", str(first / "alp" / "best.pt"), "--epochs", "1", "--warmup", "0",
+                 "--run-dir", str(run)]) == 0  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 1 and config["init"].endswith("best.pt") and config["method"] == "ft"
+
+
+def _bad(tmp_path):
+    ck10 = tmp_path / "alp10" / "alp" / "best.pt"
+    not_head = tmp_path / "tensor.pt"
+    torch.save({"w": torch.zeros(3)}, not_head)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    return ck10, not_head, full
+
+
+BAD = [
+    (["--method", "distill"], "argument --method: invalid choice"),
+    (["--peft", "prefix"], "peft: 'prefix' is not one of"),
+    (["--model", "not_a_model"], "model: unknown model"),
+    (["--dataset", "mnist"], "dataset: unknown dataset"),
+    (["--eps", "2"], "eps: 2 is out of range for Linf"),
+    (["--eps", "8/0"], "eps: '8/0' is not a number"),
+    (["--eps=-1/255"], "eps: must be a finite number >= 0"),
+    (["--checkpoint", "/nonexistent.pt"], "checkpoint: checkpoint not found"),
+    (["--batch-size", "0"], "batch-size: must be an integer >= 1"),
+    (["--epochs", "0"], "epochs: must be an integer >= 1"),
+    (["--warmup", "5"], "warmup: must be an integer in [0, epochs=2]"),
+    (["--classes", "a-b"], "classes: 'a-b' is not a list"),
+    (["--classes", "0-20"], "classes: 0-20 names a class >= 10"),
+    (["--val-percent", "0"], "val-percent: must be in (0, 100)"),
+    (["--lr", "-1"], "lr: must be a number >= 0"),
+    (["--steps", "-1"], "steps: must be an integer >= 0"),
+    (["--config", "/nonexistent.yaml"], "config: file not found"),
+    (["--model-arg", "depth"], "--model-arg: expected KEY=VALUE"),
+    (["--resume", "/tmp"], "resume: /tmp holds no config.json"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[b[1].split(":")[0] + str(i) for i, b in enumerate(BAD)])
+def test_bad_flags_one_line_exit_2(extra, message, tmp_path, capsys):
+    argv = ["--method", "alp", "--run-dir", str(tmp_path / "r"), *TINY, *extra]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bad_combinations(tmp_path, capsys):
+    ck10, not_head, full = _bad(tmp_path)
+    assert main(["--method", "alp", "--run-dir", str(tmp_path / "alp10"), *TINY, "--classes", "0-9"]) == 0
+    cases = [
+        (["--method", "ft", "--init", str(ck10)], "init: " + str(ck10) + " has a head for 10 classes; this run has 5"),
+        (["--method", "ft", "--init", str(not_head)], "is not a head checkpoint"),
+        (["--method", "alp", "--run-dir", str(full)], "is not empty; pass --resume"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        argv = ["--run-dir", str(tmp_path / "x"), *TINY, *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert (full / "something").read_text() == "x"  # nothing lost
+    assert main(["--method", "alp", "--run-dir", str(full), "--overwrite", *TINY]) == 0
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    run = tmp_path / "nan"
+    code = main(["--method", "pretrain", "--model", "nan_model:make", "--model-arg", "after=60", "--run-dir", str(run),
+                 *TINY, "--epochs", "3"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss became nan" in err and "last good checkpoint" in err
+    assert (run / "pretrain" / "last.pt").is_file()  # the epoch before the NaN is kept
+
+
+def _cli(run_dir: Path, extra=()) -> list[str]:
+    flags = ["--method", "pretrain", "--run-dir", str(run_dir), "--dataset", "digits", "--classes", "0-4",
+             "--eps", "0.1", "--step-size", "0.025", "--steps", "5", "--val-steps", "3", "--epochs", "4",
+             "--warmup", "1", "--batch-size", "16"]  # fmt: skip
+    return [sys.executable, "-m", "roli.train", *flags, *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    out = subprocess.run(_cli(run), capture_output=True, text=True, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    return results(run), [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_epoch(run: Path, epochs: int, proc, timeout=300):
+    deadline = time.time() + timeout
+    metrics = run / "pretrain" / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the epoch in time")
+
+
+def _strip_time(rows):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in rows]
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_results(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    _wait_for_epoch(run, 2, proc)
+    time.sleep(0.3)  # into the third epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run / "results.json").exists()
+    out = subprocess.run([sys.executable, "-m", "roli.train", "--resume", str(run)], capture_output=True, text=True,
+                         timeout=600, env=_env())  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ref_results, ref_rows = uninterrupted
+    assert results(run) == ref_results
+    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_time(rows) == _strip_time(ref_rows)
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for_epoch(run, 1, proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and f"--resume {run}" in err
+    state = torch.load(run / "pretrain" / "last.pt", weights_only=True)
+    assert state["epoch"] >= 1
+    out = subprocess.run([sys.executable, "-m", "roli.train", "--resume", str(run)], capture_output=True, text=True,
+                         timeout=600, env=_env())  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ref_results, ref_rows = uninterrupted
+    assert results(run) == ref_results
+    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_time(rows) == _strip_time(ref_rows)
+
+
+def test_default_run_in_reduced_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
+    from roli.training.demo import run_demo
+
+    summary = run_demo(run_dir=str(tmp_path / "demo"), epochs=2, source_epochs=2)
+    assert set(summary) == {"clean LP", "ALP", "RanLI-FT (full)", "RoLI-FT (full)"}
+    out = capsys.readouterr().out
+    assert "RoLI demonstration" in out and "| RoLI-FT (full) |" in out and "RoLI vs RanLI:" in out
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["results"] == summary
+    again = run_demo(run_dir=str(tmp_path / "demo2"), epochs=2, source_epochs=2)  # the source backbone is cached
+    assert "cached at" in capsys.readouterr().out and set(again) == set(summary)
