@@ -26,6 +26,7 @@ import torch
 from roli._io import save_json
 from roli.data import ArrayData
 from roli.models import apply_peft
+from roli.training import dist as D
 from roli.training.config import METHODS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.pipeline import (
@@ -51,6 +52,9 @@ def _peft(cfg: TrainConfig, model) -> None:
 def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}."""
     run_dir = Path(cfg.run_dir)
+    D.init_from_env(cfg.device)
+    if D.active() and cfg.batch_size % D.world():
+        raise ConfigError(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
     check_run_dir(run_dir, resume, overwrite)  # nothing is written before every input is validated
     splits = load_splits(cfg)
     train, _, test, num_classes = splits
@@ -62,15 +66,19 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(cfg, fresh(), cfg.init)  # validates the head checkpoint up front
-    prepare_run_dir(run_dir, resume, overwrite)
+    D.barrier()  # every rank has validated before rank 0 touches the run directory
+    if D.is_main():
+        prepare_run_dir(run_dir, resume, overwrite)
+        save_json(cfg.to_dict(), run_dir / "config.json")
+    D.barrier()
     _log_to(run_dir / "train.log")
-    save_json(cfg.to_dict(), run_dir / "config.json")
 
     results = {}
 
     def finish(name, model, best):
         results[name] = {"val": best, "test": evaluate_test(cfg, model, test)}
-        save_json(results, run_dir / "results.json")
+        if D.is_main():
+            save_json(results, run_dir / "results.json")
 
     m = cfg.method
     if m == "pretrain":
@@ -104,7 +112,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
             model = fresh()
             _peft(cfg, model)
             finish(f"RanLI-{cfg.peft}", model, train_stage(ranli, "ft", model, splits, run_dir / "ranli-ft", resume))
-    print(render(results, cfg))
+    if D.is_main():
+        print(render(results, cfg))
     return results
 
 
@@ -135,7 +144,9 @@ def render(results: dict, cfg: TrainConfig) -> str:
 
 def _log_to(path: Path) -> None:
     root = logging.getLogger("roli")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if D.is_main() else logging.WARNING)  # rank-0-only logging
+    if not D.is_main():
+        return
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -198,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-size", help="PGD step, e.g. 2/255")
     g.add_argument("--steps", type=int, help="PGD steps for training (default 7)")
     g.add_argument("--val-steps", type=int, help="PGD steps for validation and test (default 10)")
+    g.add_argument("--no-random-start", dest="random_start", action="store_false", default=None,
+                   help="training PGD starts at the clean image instead of a random point of the ball")  # fmt: skip
     g.add_argument("--autoattack", choices=["standard", "plus", "rand"], help="also run AutoAttack on the test set")
     g.add_argument("--compare-ranli", action="store_true", help="with --method roli: also run the random-head baseline")
     return p
@@ -241,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _main(parser, args)
+    finally:
+        D.shutdown()  # a gloo group left alive at exit aborts the process
+
+
+def _main(parser, args) -> int:
+    cfg = None
+    try:
         cfg, resume, overwrite = config_from_args(args)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available")
@@ -249,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        where = args.resume or cfg.run_dir
+        where = args.resume or (cfg.run_dir if cfg else "RUN_DIR")
         print(f"{PROG}: {e}; the state is saved in {e.where}. Resume with: {PROG} --resume {where}", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLoss as e:

@@ -35,8 +35,8 @@ class ArrayData:
         return to_float(self.x.to(device)), self.y.to(device)
 
     def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, drop_last: bool = False,
-               indices: torch.Tensor | None = None):  # fmt: skip
-        return ArrayLoader(self, batch_size, shuffle, device, seed, drop_last, indices)
+               indices: torch.Tensor | None = None, rank: int = 0, world: int = 1):  # fmt: skip
+        return ArrayLoader(self, batch_size, shuffle, device, seed, drop_last, indices, rank, world)
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -47,9 +47,10 @@ class ArrayLoader:
     """Batches of (float images in [0, 1] on `device`, labels on `device`); the uint8 -> float conversion
     happens on the device. Each epoch reshuffles with (seed, epoch), so runs are reproducible."""
 
-    def __init__(self, data: ArrayData, batch_size, shuffle, device, seed, drop_last, indices):
+    def __init__(self, data: ArrayData, batch_size, shuffle, device, seed, drop_last, indices, rank=0, world=1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.rank, self.world = rank, world
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.device, self.seed, self.drop_last, self.epoch = torch.device(device), seed, drop_last, 0
         self.indices = indices if indices is not None else torch.arange(len(data))
@@ -58,14 +59,21 @@ class ArrayLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.indices)
+        n = -(-len(self.indices) // self.world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
+    def _order(self) -> torch.Tensor:
         idx = self.indices
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             idx = idx[torch.randperm(len(idx), generator=g)]
+        if self.world > 1:  # like DistributedSampler: pad to a multiple of world, then every world-th sample
+            pad = (-len(idx)) % self.world
+            idx = torch.cat([idx, idx[:pad]])[self.rank :: self.world]
+        return idx
+
+    def __iter__(self):
+        idx = self._order()
         for i in range(len(self)):
             b = idx[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.data.x[b].to(self.device, non_blocking=True)

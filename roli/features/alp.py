@@ -66,7 +66,7 @@ def fast_layout(model, precision: str, channels_last: bool | None = None) -> boo
 
 
 def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
+             precision: str = "fp32", before_step=None) -> tuple[float, int]:  # fmt: skip
     """One ALP step: k attack steps through the frozen model, then the head update on the features of the
     final adversarial batch, computed without a backbone graph. Returns (loss, correct count)."""
     x_adv = attack(x, y)
@@ -76,6 +76,8 @@ def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     loss = F.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if before_step is not None:
+        before_step()  # e.g. averaging the head's gradients over ranks
     opt.step()
     return float(loss.detach()), int((logits.argmax(1) == y).sum())
 

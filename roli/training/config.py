@@ -87,6 +87,7 @@ class TrainConfig:
     eps: float | str = "8/255"
     step_size: float | str = "2/255"
     steps: int = 7
+    random_start: bool = True
     val_steps: int = 10
     autoattack: str | None = None
     # run

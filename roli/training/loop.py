@@ -29,6 +29,7 @@ from roli.attacks.pgd import autocast_for
 from roli.features.alp import alp_step, robust_accuracy
 from roli.models import save_checkpoint
 from roli.schedule import warmup_cosine
+from roli.training import dist as D
 
 STATE_FORMAT = "roli-train-state"
 log = logging.getLogger("roli.train")
@@ -59,6 +60,7 @@ class Stage:
     val_steps: int
     precision: str = "fp32"
     seed: int = 0
+    train_model: torch.nn.Module | None = None  # the DDP wrapper under torchrun (gradient all-reduce)
     history: list[dict] = field(default_factory=list)
 
 
@@ -104,11 +106,14 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def _train_step(stage: Stage, x, y) -> tuple[float, int]:
     if stage.name == "alp":
-        return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision)
-    x_in = stage.attack(x, y) if stage.attack is not None else x
-    stage.model.train()
+        head = list(stage.model.head.parameters())
+        return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision,
+                        before_step=lambda: D.average_grads(head))  # fmt: skip
+    x_in = stage.attack(x, y) if stage.attack is not None else x  # the attack unwraps DDP: no all-reduce
+    net = stage.train_model or stage.model
+    net.train()
     with autocast_for(x.device, stage.precision):
-        logits = stage.model(x_in)
+        logits = net(x_in)
     loss = F.cross_entropy(logits.float(), y)
     stage.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -117,11 +122,33 @@ def _train_step(stage: Stage, x, y) -> tuple[float, int]:
 
 
 def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0)) -> dict:
+    """The resumable state (a collective under torchrun: every rank contributes its RNG states)."""
     gen = stage.attack._generator(torch.device("cpu")) if stage.attack is not None else None
+    rngs = D.gather_objects((torch.get_rng_state(), gen.get_state() if gen is not None else None, list(partial)))
     return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "attack_rng": gen.get_state() if gen is not None else None,
-            "best": best, "history": stage.history, "partial": list(partial)}  # fmt: skip
+            "torch_rng": [r[0] for r in rngs], "attack_rng": [r[1] for r in rngs],
+            "best": best, "history": stage.history, "partial": [r[2] for r in rngs]}  # fmt: skip
+
+
+def _save_state(state: dict, path: Path) -> None:
+    if D.is_main():
+        save_torch(state, path)
+    D.barrier()
+
+
+def _validate(stage: Stage) -> tuple[float, float]:
+    """Clean and PGD accuracy on the validation set, sharded over ranks and reduced."""
+    val = stage.val
+    if isinstance(val, tuple) and D.active():
+        val = (val[0][D.rank() :: D.world()], val[1][D.rank() :: D.world()])
+    n = len(val[1]) if isinstance(val, tuple) else None
+    clean, robust = robust_accuracy(stage.model, val, stage.eps, stage.step_size, stage.val_steps, stage.precision,
+                                    stage.seed)  # fmt: skip
+    if not D.active() or n is None:
+        return clean, robust
+    c, r, total = D.sum_(clean * n, robust * n, n)
+    return c / max(total, 1), r / max(total, 1)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -141,13 +168,14 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
         state = load_tagged(last, STATE_FORMAT, "roli training state")
         stage.model.load_state_dict(state["model"])
         stage.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if stage.attack is not None and state["attack_rng"] is not None:
-            stage.attack._generator(torch.device("cpu")).set_state(state["attack_rng"])
+        r = D.rank() if len(state["torch_rng"]) == D.world() else 0
+        torch.set_rng_state(state["torch_rng"][r])
+        if stage.attack is not None and state["attack_rng"][r] is not None:
+            stage.attack._generator(torch.device("cpu")).set_state(state["attack_rng"][r])
         start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
-        partial = tuple(state["partial"])
+        partial = tuple(state["partial"][r])
         log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
-    show = progress if progress is not None else sys.stderr.isatty()
+    show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
     with _StopOnSignal() as stop:
         for epoch in range(start_epoch, stage.epochs):
             factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
@@ -172,13 +200,13 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
                     raise NonFiniteLoss(f"{stage.name}: the loss became {loss} at epoch {epoch}, step {i}; "
                                         f"the last good checkpoint is {good}")  # fmt: skip
                 seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
-                if stop.signum is not None:
-                    save_torch(_state(stage, epoch, i + 1, best, (seen, loss_sum, correct)), last)
-                    raise Interrupted(stop.signum, last)
+                if D.any_(stop.signum is not None):  # every rank stops after the same step
+                    _save_state(_state(stage, epoch, i + 1, best, (seen, loss_sum, correct)), last)
+                    raise Interrupted(stop.signum or signal.SIGTERM, last)
             start_step = 0
             seconds = time.time() - t0
-            clean, robust = robust_accuracy(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
-                                            stage.precision, stage.seed)  # fmt: skip
+            seen, loss_sum, correct = D.sum_(seen, loss_sum, correct)
+            clean, robust = _validate(stage)
             row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
                    "val_clean": clean, "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9),
@@ -187,13 +215,15 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
             log.info("%s epoch %d: loss %.4f, train acc %.4f, val clean %.4f, val PGD-%d %.4f, %.1f img/s",
                      stage.name, epoch, row["train_loss"], row["train_acc"], clean, stage.val_steps, robust,
                      row["images_per_s"])  # fmt: skip
-            _write_metrics(run_dir, stage.history)
+            if D.is_main():
+                _write_metrics(run_dir, stage.history)
             if robust > best["val_robust"]:
                 best = {"epoch": epoch, "val_clean": clean, "val_robust": robust}
-                save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
-            save_torch(_state(stage, epoch + 1, 0, best), last)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, last)
+                if D.is_main():
+                    save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
+            _save_state(_state(stage, epoch + 1, 0, best, (0, 0.0, 0)), last)
+            if D.any_(stop.signum is not None):
+                raise Interrupted(stop.signum or signal.SIGTERM, last)
     return best
 
 

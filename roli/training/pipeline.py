@@ -15,6 +15,7 @@ from roli.data import ArrayData, load_dataset
 from roli.features import FeatureCache, robust_accuracy, train_linear_probes
 from roli.features.alp import fast_layout
 from roli.models import apply_peft, create_classifier, load_checkpoint, load_pretrained, save_checkpoint
+from roli.training import dist as D
 from roli.training.config import ConfigError, TrainConfig, parse_classes
 from roli.training.loop import Stage, fit, make_optimizer, param_groups
 
@@ -63,6 +64,15 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int):
 
 
 def _loader(cfg: TrainConfig, data, shuffle: bool):
+    """Per-rank batches under torchrun (the global batch stays cfg.batch_size); the whole set otherwise."""
+    if D.active() and shuffle:
+        per_rank = cfg.batch_size // D.world()
+        if isinstance(data, ArrayData):
+            return data.loader(per_rank, shuffle=True, device=cfg.device, seed=cfg.seed, rank=D.rank(), world=D.world())
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data, num_replicas=D.world(), rank=D.rank(), shuffle=True, seed=cfg.seed)
+        return data.loader(per_rank, device=cfg.device, seed=cfg.seed, sampler=sampler)
     return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed)
 
 
@@ -88,13 +98,23 @@ def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, res
     attack = None
     if cfg.attack == "pgd" and cfg.steps > 0:
         attack = PGD(model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
-                     precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+                     random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+    ddp = None
+    if D.active() and name != "alp":  # ALP averages its head's gradients itself (no DDP forward)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model)
+        if attack is not None:
+            attack.model = ddp  # attacks unwrap it: no gradient all-reduce inside the attack
     stage = Stage(name, model, _loader(cfg, train, True), _val(cfg, val), opt, cfg.epochs, cfg.warmup, attack,
-                  cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)  # fmt: skip
+                  cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed, ddp)  # fmt: skip
     best = fit(stage, stage_dir, resume=resume)
+    D.barrier()
     load_checkpoint(model, stage_dir / "best.pt")
-    plot_curves(stage.history, stage_dir / "curves.png", name)
-    save_json(best, stage_dir / "done.json")
+    if D.is_main():
+        plot_curves(stage.history, stage_dir / "curves.png", name)
+        save_json(best, stage_dir / "done.json")
+    D.barrier()
     return best
 
 
@@ -116,9 +136,11 @@ def linear_probe(cfg: TrainConfig, model, splits, stage_dir: Path) -> dict:
         model.head.weight.copy_(res.weight)
         model.head.bias.copy_(res.bias)
     best = {"epoch": res.epoch, "val_clean": res.val_acc, "lr": res.lr}
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, stage_dir / "best.pt", meta={"stage": "lp", **best})
-    save_json(best, stage_dir / "done.json")
+    if D.is_main():  # every rank trained the same heads from the same features
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, stage_dir / "best.pt", meta={"stage": "lp", **best})
+        save_json(best, stage_dir / "done.json")
+    D.barrier()
     return best
 
 
@@ -142,7 +164,11 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
 
 def evaluate_test(cfg: TrainConfig, model, test) -> dict:
     x, y = test.to_float(cfg.device) if isinstance(test, ArrayData) else _collect(cfg, test)
-    clean, robust = robust_accuracy(model, (x, y), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
+    xs, ys = (x[D.rank() :: D.world()], y[D.rank() :: D.world()]) if D.active() else (x, y)
+    clean, robust = robust_accuracy(model, (xs, ys), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
+    if D.active():
+        c, r, n = D.sum_(clean * len(ys), robust * len(ys), len(ys))
+        clean, robust = c / n, r / n
     out = {"n": len(y), "clean": clean, f"pgd{cfg.val_steps}": robust}
     if cfg.autoattack:
         aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)

@@ -1,0 +1,82 @@
+"""torchrun support: process group from the environment, rank-0-only writes, reductions, barriers.
+
+`torchrun --nproc_per_node=N -m roli.train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; roli then uses gloo on
+CPU and nccl on GPU. Without torchrun every helper is a no-op for a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device: str) -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def sum_(*values: float, device="cpu") -> list[float]:
+    """Element-wise sum over ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if active():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_(flag: bool) -> bool:
+    return sum_(float(flag))[0] > 0 if active() else flag
+
+
+def gather_objects(obj) -> list:
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_grads(params) -> None:
+    """All-reduce-average the gradients of `params` (for updates done outside a DDP forward, e.g. ALP's head)."""
+    if not active():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world())
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
