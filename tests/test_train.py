@@ -178,6 +178,17 @@ def _strip_time(rows):
     return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in rows]
 
 
+def _resume_and_compare(run: Path, uninterrupted) -> None:
+    """Resume `run` to the end; its results and per-epoch metrics must equal the uninterrupted run's."""
+    out = subprocess.run([sys.executable, "-m", "roli.train", "--resume", str(run)], capture_output=True, text=True,
+                         timeout=600, env=_env())  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ref_results, ref_rows = uninterrupted
+    assert results(run) == ref_results
+    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_time(rows) == _strip_time(ref_rows)
+
+
 def test_sigkill_mid_epoch_then_resume_gives_the_same_results(uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
@@ -186,13 +197,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_results(uninterrupted, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (run / "results.json").exists()
-    out = subprocess.run([sys.executable, "-m", "roli.train", "--resume", str(run)], capture_output=True, text=True,
-                         timeout=600, env=_env())  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    ref_results, ref_rows = uninterrupted
-    assert results(run) == ref_results
-    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert _strip_time(rows) == _strip_time(ref_rows)
+    _resume_and_compare(run, uninterrupted)
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes(uninterrupted, tmp_path):
@@ -206,13 +211,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(uninterrupted, tmp_path):
     assert "interrupted by SIGTERM" in err and f"--resume {run}" in err
     state = torch.load(run / "pretrain" / "last.pt", weights_only=True)
     assert state["epoch"] >= 1
-    out = subprocess.run([sys.executable, "-m", "roli.train", "--resume", str(run)], capture_output=True, text=True,
-                         timeout=600, env=_env())  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    ref_results, ref_rows = uninterrupted
-    assert results(run) == ref_results
-    rows = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert _strip_time(rows) == _strip_time(ref_rows)
+    _resume_and_compare(run, uninterrupted)
 
 
 def test_default_run_in_reduced_mode(tmp_path, monkeypatch, capsys):
