@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start over in a non-empty run directory")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu or cuda")
-    g.add_argument("--precision", choices=["fp32", "bf16"])
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for attack and update (CPU and GPU)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="conv nets: channels_last memory layout")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (attack and update)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm name or package.module:function (default roli.models.small:small_cnn)")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
@@ -230,9 +232,16 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     flags.pop("model_arg", None)
     if args.model_arg:
         flags["model_args"] = _model_args(args.model_arg)
-    for b in ("non_strict", "compare_ranli"):
+    for b in ("non_strict", "compare_ranli", "channels_last", "compile"):
         if not flags.get(b):
             flags.pop(b, None)
+    try:
+        return _config(args, flags)
+    except TypeError as e:  # e.g. an option a config file names that TrainConfig does not have
+        raise ConfigError(f"config: {e}") from None
+
+
+def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
     if args.resume:
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
@@ -266,7 +275,7 @@ def _main(parser, args) -> int:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available")
         run(cfg, resume=resume, overwrite=overwrite)
-    except (ConfigError, TypeError) as e:
+    except ConfigError as e:
         print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except Interrupted as e:

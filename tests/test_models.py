@@ -70,6 +70,8 @@ def test_user_module_and_factory():
     assert m.feat_dim == 4 and m(images()).shape == (4, 5)
     f = create_classifier("roli.models.small:small_cnn", 10, in_chans=1, width=8)
     assert f.feat_dim == 16 and f.classifier_key == "fc"
+    rgb = create_classifier("roli.models.small:small_cnn", 10, in_chans=3, width=8)  # in_chans reaches the factory
+    assert rgb(images()).shape == (4, 10)
     with pytest.raises(ValueError, match="cannot import model factory"):
         create_classifier("roli.models.small:nope", 10)
     with pytest.raises(ValueError, match="not a timm model name"):

@@ -11,6 +11,7 @@ a feature extractor returning (B, D) and D is found by one forward pass.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -105,7 +106,14 @@ def create_classifier(
     if isinstance(model, nn.Module):
         net = model
     elif ":" in model:
-        net = _factory(model)(**model_kwargs)
+        fn = _factory(model)
+        try:
+            takes_chans = "in_chans" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_chans = False
+        if takes_chans and "in_chans" not in model_kwargs:
+            model_kwargs = {**model_kwargs, "in_chans": in_chans}
+        net = fn(**model_kwargs)
         if not isinstance(net, nn.Module):
             raise ValueError(f"model factory {model!r} returned {type(net).__name__}, not an nn.Module")
     else:

@@ -92,6 +92,8 @@ class TrainConfig:
     autoattack: str | None = None
     # run
     precision: str = "fp32"
+    channels_last: bool = False  # conv nets: the model and the attack's images in channels_last
+    compile: bool = False  # torch.compile the model used by the attack and the update
     device: str = "cpu"
     seed: int = 0
     compare_ranli: bool = False

@@ -110,7 +110,7 @@ def _train_step(stage: Stage, x, y) -> tuple[float, int]:
         return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision,
                         before_step=lambda: D.average_grads(head))  # fmt: skip
     x_in = stage.attack(x, y) if stage.attack is not None else x  # the attack unwraps DDP: no all-reduce
-    net = stage.train_model or stage.model
+    net = stage.train_model if stage.train_model is not None else stage.model
     net.train()
     with autocast_for(x.device, stage.precision):
         logits = net(x_in)

@@ -95,17 +95,23 @@ def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, res
         fast_layout(model, cfg.precision)
     opt = make_optimizer(param_groups(model, cfg.weight_decay_for(name)), cfg.optimizer_for(name), cfg.lr_for(name),
                          cfg.momentum)  # fmt: skip
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile and name != "alp" else model  # checkpoints keep `model`'s keys
     attack = None
     if cfg.attack == "pgd" and cfg.steps > 0:
-        attack = PGD(model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
-                     random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+        attack = PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
+                     random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed,
+                     memory_format="channels_last" if cfg.channels_last else "auto")  # fmt: skip
     ddp = None
     if D.active() and name != "alp":  # ALP averages its head's gradients itself (no DDP forward)
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(net)
         if attack is not None:
             attack.model = ddp  # attacks unwrap it: no gradient all-reduce inside the attack
+    elif net is not model:
+        ddp = net  # the compiled module does the training forward
     stage = Stage(name, model, _loader(cfg, train, True), _val(cfg, val), opt, cfg.epochs, cfg.warmup, attack,
                   cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed, ddp)  # fmt: skip
     best = fit(stage, stage_dir, resume=resume)

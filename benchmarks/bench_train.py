@@ -1,0 +1,245 @@
+"""Throughput of one adversarial training step, the whole step: attack + update.
+
+Steps measured (batch 64): an adversarial finetuning step (PGD-7 + forward/backward/update of all
+parameters) and an ALP step (PGD-7 + head update), on timm resnet18 at 32x32, a small ViT (vit_tiny,
+patch 4 at 32x32) and roli's small CNN (3 channels, 32x32). Variants:
+  ours fp32          roli's PGD (input-only gradients, fused step) + the update, eager
+  ours bf16          the same under bf16 autocast (channels_last images for conv nets)
+  ours all fast      bf16 + channels_last model (conv nets) + torch.compile of the model
+  reference-style    the RoLI reference code: .backward() on every parameter inside the attack, a
+                     batch-level best iterate, one more forward with a graph, then the update
+  torchattacks+loop  torchattacks.PGD + a plain PyTorch update (FT step only)
+FLOP utilisation: FLOPs of one step (torch.utils.flop_counter over the ours-fp32 step) over the time,
+relative to a matmul peak measured in the same run (fp32 for fp32 variants, bf16 otherwise). Results:
+Markdown table, CSV rows and a PNG bar chart in benchmarks/results/. On a GPU the same script times with
+CUDA events (--device cuda).
+
+    python benchmarks/bench_train.py [--quick] [--models resnet18,vit,cnn] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import cpu_name, reference_pgd, write_results
+from torch.utils.flop_counter import FlopCounterMode
+
+from roli.attacks import PGD
+from roli.attacks.pgd import autocast_for
+from roli.features import alp_step
+from roli.models import apply_peft, create_classifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=None)
+MODELS = {
+    "resnet18": lambda: create_classifier("resnet18", 10, **CIFAR),
+    "vit": lambda: create_classifier("vit_tiny_patch16_224", 10, img_size=32, patch_size=4, **CIFAR),
+    "cnn": lambda: create_classifier("roli.models.small:small_cnn", 10, in_chans=3, **CIFAR),
+}
+EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 7, 64
+
+
+def ft_step(model, net, attack, opt, x, y, precision):
+    """Ours: PGD-7 (frozen parameters, input gradients) then one update of every parameter."""
+    x_adv = attack(x, y)
+    net.train()
+    with autocast_for(x.device, precision):
+        logits = net(x_adv)
+    loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def plain_update(model, opt, x_adv, y):
+    model.train()
+    loss = F.cross_entropy(model(x_adv), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def variants(name: str, use_compile: bool) -> dict:
+    """label -> (precision, step function) for FT and ALP steps, each on its own copy of the model."""
+    import torchattacks
+
+    torch.manual_seed(0)
+    base = MODELS[name]()
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in base.backbone.modules()) and name != "vit"
+    out = {}
+
+    def make(precision, fast):
+        m = copy.deepcopy(base)
+        if fast and conv:
+            m.to(memory_format=torch.channels_last)
+        net = torch.compile(m) if fast and use_compile else m
+        mf = "channels_last" if (fast and conv) else "auto"
+        attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
+                     memory_format=mf)  # fmt: skip
+        return m, net, attack, torch.optim.AdamW(m.parameters(), lr=1e-5)
+
+    for label, precision, fast in (("ours fp32", "fp32", False), ("ours bf16", "bf16", False),
+                                   ("ours all fast", "bf16", True)):  # fmt: skip
+        m, net, attack, opt = make(precision, fast)
+        out[("FT", label)] = (
+            precision,
+            lambda m=m, net=net, a=attack, o=opt, p=precision: ft_step(m, net, a, o, X, Y, p),
+        )
+    ref = copy.deepcopy(base)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-5)
+
+    def ref_ft():
+        plain_update(ref, ref_opt, reference_pgd(ref, X, Y, EPS, ALPHA, STEPS), Y)
+
+    out[("FT", "reference-style")] = ("fp32", ref_ft)
+    ta = copy.deepcopy(base)
+    ta_opt = torch.optim.AdamW(ta.parameters(), lr=1e-5)
+    ta_atk = torchattacks.PGD(ta, eps=EPS, alpha=ALPHA, steps=STEPS)
+    out[("FT", "torchattacks+loop")] = ("fp32", lambda: plain_update(ta, ta_opt, ta_atk(X, Y), Y))
+    for label, precision in (("ours fp32", "fp32"), ("ours bf16", "bf16")):
+        m = copy.deepcopy(base)
+        apply_peft(m, "linear")
+        if precision == "bf16" and conv:
+            m.backbone.to(memory_format=torch.channels_last)
+        attack = PGD(m, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0)
+        opt = torch.optim.SGD(m.head.parameters(), lr=0.01, momentum=0.9)
+        out[("ALP", label)] = (precision, lambda m=m, a=attack, o=opt, p=precision: alp_step(m, a, o, X, Y, p))
+    r = copy.deepcopy(base)
+    apply_peft(r, "linear")
+    r_opt = torch.optim.SGD(r.head.parameters(), lr=0.01, momentum=0.9)
+
+    def ref_alp():
+        best = reference_pgd(r, X, Y, EPS, ALPHA, STEPS, zero_grad=r_opt.zero_grad)
+        plain_update(r, r_opt, best, Y)
+
+    out[("ALP", "reference-style")] = ("fp32", ref_alp)
+    return out
+
+
+def step_flops(model, kind: str) -> int:
+    """FLOPs of one step, counted from its parts (FlopCounterMode cannot follow autograd.grad):
+    STEPS x (forward + input-only backward) + (FT: forward + full backward | ALP: one forward)."""
+    flags = [p.requires_grad for p in model.parameters()]
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def attack_step():
+        xi = X.clone().requires_grad_(True)
+        F.cross_entropy(model(xi), Y).backward()
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        attack = count(attack_step)
+        with torch.no_grad():
+            forward = count(lambda: model(X))
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    if kind == "ALP":
+        return STEPS * attack + forward
+    update = count(lambda: F.cross_entropy(model(X), Y).backward())
+    model.zero_grad(set_to_none=True)
+    return STEPS * attack + update
+
+
+def matmul_peak(dtype) -> float:
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        ts = []
+        for _ in range(8):
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
+        best = max(best, 2 * n**3 / statistics.median(ts) / 1e9)
+    return best
+
+
+def main() -> None:
+    global X, Y
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--models", default="resnet18,vit,cnn")
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out of 'ours all fast'")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    reps = 3 if args.quick else 5
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    torch.manual_seed(0)
+    X, Y = torch.rand(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    rows = []
+    for name in args.models.split(","):
+        runs = variants(name, use_compile=not args.no_compile)
+        torch.manual_seed(0)
+        probe = MODELS[name]().eval()
+        flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}
+        for _, fn in runs.values():
+            fn()  # warm-up (and compilation)
+            fn()
+        times = {k: [] for k in runs}
+        for _ in range(reps):  # round-robin
+            for k, (_, fn) in runs.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        for (kind, label), (precision, _) in runs.items():
+            t = statistics.median(times[(kind, label)])
+            ref = statistics.median(times[(kind, "reference-style")])
+            rows.append({"model": name, "step": kind, "variant": label, "seconds": t, "steps_per_s": 1 / t,
+                         "images_per_s": BATCH / t, "vs_reference": ref / t,
+                         "utilisation": flops[kind] / t / 1e9 / peaks[precision], "precision": precision,
+                         "gflop_per_step": flops[kind] / 1e9})  # fmt: skip
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    device = cpu_name()
+    head = (f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32) on {device}, {stamp}; "
+            f"torch {torch.__version__}; same-run matmul peak fp32 {peaks['fp32']:.0f} / "
+            f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+    lines = [head, "", "| model | step | variant | steps/s | images/s | vs reference-style | FLOP utilisation |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['step']} | {r['variant']} | {r['steps_per_s']:.2f} | "
+                     f"{r['images_per_s']:.1f} | {r['vs_reference']:.2f}x | "
+                     f"{100 * r['utilisation']:.0f}% ({r['precision']}) |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    write_results(args.out, "bench_train", table, rows, {"date": stamp, "device": device})
+    chart(rows, Path(args.out) / "bench_train.png")
+
+
+def chart(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(m, s) for m in dict.fromkeys(r["model"] for r in rows) for s in ("FT", "ALP")]
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=120)
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        vals = [next((r["vs_reference"] for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
+                for g in groups]  # fmt: skip
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{m}\n{s}" for m, s in groups])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("speed vs reference-style (x)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
