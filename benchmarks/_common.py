@@ -74,3 +74,30 @@ def reference_pgd(model, x, y, eps, alpha, steps, zero_grad=None):
     F.cross_entropy(model(x_adv), y)  # the extra forward with a graph
     (zero_grad or model.zero_grad)()
     return best_x
+
+
+def matmul_peak(dtype, reps: int = 8) -> float:
+    """Best median GFLOP/s of square matmuls (1024, 2048): the machine is shared, take its best moment."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = max(best, 2 * n**3 / round_robin({"mm": lambda a=a, b=b: a @ b}, reps)["mm"] / 1e9)
+    return best
+
+
+def header(title: str, device: str, stamp: str, peaks: dict) -> str:
+    return (f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak "
+            f"fp32 {peaks['fp32']:.0f} / bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+
+
+def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict]) -> str:
+    """Print the Markdown table (header with date, machine, versions, peaks) and write it with the CSV."""
+    import datetime as dt
+
+    stamp, device = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu_name()
+    lines = [header(title, device, stamp, peaks), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    write_results(out, name, table, rows, {"date": stamp, "device": device})
+    return table

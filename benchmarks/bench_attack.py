@@ -19,14 +19,11 @@ measures the attack. FLOPs per PGD-10 come from torch.utils.flop_counter (forwar
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_name, reference_pgd, round_robin, write_results
+from _common import matmul_peak, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli._compat import import_timm
@@ -53,26 +50,6 @@ def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
         "torchattacks": ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y)),
         "reference-style": ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps)),
     }
-
-
-def matmul_peak(dtype, reps=10) -> float:
-    """Best median GFLOP/s over two square sizes (the machine is shared: take its best, not a bad moment)."""
-    best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = max(best, 2 * n**3 / median_time(lambda a=a, b=b: a @ b, reps) / 1e9)
-    return best
-
-
-def median_time(fn, reps, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def pgd_flops(model, x, y, steps, precision) -> int:
@@ -146,21 +123,15 @@ def main() -> None:
         peak = max(peaks[r["precision"]], end_peaks[r["precision"]])
         r["utilisation"] = r["gflops"] / r["seconds"] / peak
     peaks = {k: max(peaks[k], end_peaks[k]) for k in peaks}
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    device = cpu_name()
-    head = (f"PGD-{args.steps} (Linf, step eps/4, random start) on {device}, {stamp}; "
-            f"torch {torch.__version__}; same-run matmul peak fp32 {peaks['fp32']:.0f} / "
-            f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
     cols = ["model", "eps", "batch", "attack", "images/s", "vs torchattacks", "vs reference-style", "robust acc",
             "GFLOP per PGD", "FLOP utilisation"]  # fmt: skip
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['eps']} | {r['batch']} | {r['attack']} | {r['images_per_s']:.1f} | "
-                     f"{r['vs_torchattacks']:.2f}x | {r['vs_reference']:.2f}x | {100 * r['robust_acc']:.1f}% | "
-                     f"{r['gflops']:.1f} | {100 * r['utilisation']:.0f}% ({r['precision']}) |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    write_results(args.out, "bench_attack", table, rows, {"date": stamp, "device": device})
+
+    def cells(r):
+        return [r["model"], r["eps"], str(r["batch"]), r["attack"], f"{r['images_per_s']:.1f}",
+                f"{r['vs_torchattacks']:.2f}x", f"{r['vs_reference']:.2f}x", f"{100 * r['robust_acc']:.1f}%",
+                f"{r['gflops']:.1f}", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
+
+    publish(args.out, "bench_attack", f"PGD-{args.steps} (Linf, step eps/4, random start)", peaks, cols, cells, rows)
 
 
 if __name__ == "__main__":

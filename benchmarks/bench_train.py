@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_name, reference_pgd, write_results
+from _common import matmul_peak, publish, reference_pgd
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
@@ -153,20 +152,6 @@ def step_flops(model, kind: str) -> int:
     return STEPS * attack + update
 
 
-def matmul_peak(dtype) -> float:
-    best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        ts = []
-        for _ in range(8):
-            t = time.perf_counter()
-            a @ b
-            ts.append(time.perf_counter() - t)
-        best = max(best, 2 * n**3 / statistics.median(ts) / 1e9)
-    return best
-
-
 def main() -> None:
     global X, Y
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -201,20 +186,14 @@ def main() -> None:
                          "images_per_s": BATCH / t, "vs_reference": ref / t,
                          "utilisation": flops[kind] / t / 1e9 / peaks[precision], "precision": precision,
                          "gflop_per_step": flops[kind] / 1e9})  # fmt: skip
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    device = cpu_name()
-    head = (f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32) on {device}, {stamp}; "
-            f"torch {torch.__version__}; same-run matmul peak fp32 {peaks['fp32']:.0f} / "
-            f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
-    lines = [head, "", "| model | step | variant | steps/s | images/s | vs reference-style | FLOP utilisation |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['step']} | {r['variant']} | {r['steps_per_s']:.2f} | "
-                     f"{r['images_per_s']:.1f} | {r['vs_reference']:.2f}x | "
-                     f"{100 * r['utilisation']:.0f}% ({r['precision']}) |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    write_results(args.out, "bench_train", table, rows, {"date": stamp, "device": device})
+    cols = ["model", "step", "variant", "steps/s", "images/s", "vs reference-style", "FLOP utilisation"]
+
+    def cells(r):
+        return [r["model"], r["step"], r["variant"], f"{r['steps_per_s']:.2f}", f"{r['images_per_s']:.1f}",
+                f"{r['vs_reference']:.2f}x", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
+
+    title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32)"
+    publish(args.out, "bench_train", title, peaks, cols, cells, rows)
     chart(rows, Path(args.out) / "bench_train.png")
 
 
