@@ -17,7 +17,8 @@ from torch import nn
 
 from roli.attacks._mode import attack_mode
 from roli.attacks.losses import LOSSES, attack_loss
-from roli.ops import keep_best_, pgd_init, pgd_step_
+from roli.ops import keep_best_kernel, pgd_init, step_kernel
+from roli.ops._checks import check_clip
 
 PRECISIONS = ("fp32", "bf16")
 INF = float("inf")
@@ -151,17 +152,23 @@ class PGD:
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
         self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
 
+    @property
+    def _scored(self) -> bool:
+        """Whether iterates are scored (per-sample bookkeeping), or plain PGD returns its last iterate."""
+        return self.keep == "best" or self.restarts > 1 or self.early_stop
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         return self.perturb(x, y, target).x_adv
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _budget(self, value, x: torch.Tensor):
+        """(per-sample float32 tensor or None, float): the kernels' form, validated once per attack."""
         if isinstance(value, torch.Tensor):
             if value.shape != (x.shape[0],):
                 raise ValueError(f"a per-sample budget must have shape ({x.shape[0]},); got {tuple(value.shape)}")
-            return value.to(device=x.device, dtype=torch.float32)
-        return float(value)
+            return value.detach().to(device=x.device, dtype=torch.float32).contiguous(), 0.0
+        return None, float(value)
 
     def _forward(self, model, x_adv, y, target, with_grad: bool, check: bool):
         with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.precision):
@@ -178,13 +185,12 @@ class PGD:
         success = pred == target if target is not None else pred != y
         return loss, success
 
-    @staticmethod
-    def _record(best_x, best_score, idx, x_cur, score, impl):
+    def _record(self, best_x, best_score, idx, x_cur, score):
         if idx is None:
-            keep_best_(best_x, best_score, x_cur, score, impl=impl)
+            self._keep_best(best_x, best_score, x_cur, score)
             return
         bx, bs = best_x.index_select(0, idx), best_score.index_select(0, idx)
-        keep_best_(bx, bs, x_cur, score, impl=impl)
+        self._keep_best(bx, bs, x_cur, score)
         best_x.index_copy_(0, idx, bx)
         best_score.index_copy_(0, idx, bs)
 
@@ -225,22 +231,24 @@ class PGD:
         return x
 
     def _perturb(self, x_nat: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> PGDResult:
-        x = x_nat
-        eps, step = self._budget(self.eps, x), self._budget(self.step_size, x)
-        gen = self._generator(x.device)
-        scored = self.keep == "best" or self.restarts > 1 or self.early_stop
-        batch = x.shape[0]
+        device, batch = x_nat.device, x_nat.shape[0]
+        eps, step = self._budget(self.eps, x_nat), self._budget(self.step_size, x_nat)
+        gen = self._generator(device)
+        # The arguments are validated here, once; the inner loop calls the resolved kernels directly.
+        self._step = step_kernel(self.norm, device, x_nat.dtype, self.impl)
+        self._keep_best = keep_best_kernel(device, x_nat.dtype, self.impl)
+        self._lo, self._hi = check_clip(self.clip)
         best_x = x_nat.clone(memory_format=torch.preserve_format)
-        best_score = torch.full((batch,), -INF, device=x.device)
+        best_score = torch.full((batch,), -INF, device=device)
         if batch == 0:
-            return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=x.device))
+            return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=device))
         with attack_mode(self.model) as model, torch.no_grad():
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
             if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
                 loss, success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
                 check = False
-                self._record(best_x, best_score, None, x_nat, torch.where(success, INF, loss), self.impl)
+                self._record(best_x, best_score, None, x_nat, torch.where(success, INF, loss))
             for restart in range(self.restarts):
                 if restart > 0 or self.early_stop:
                     idx = torch.nonzero(best_score != INF)[:, 0]
@@ -250,21 +258,22 @@ class PGD:
                         idx = None
                 x_last = self._run(model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check)
                 check = False
-            if not scored:
+            if not self._scored:
                 return PGDResult(x_last, None)
         return PGDResult(best_x, best_score == INF)
 
     def _run(self, model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check):
         """One restart on the samples `idx` (None: all). Returns the final iterate (plain PGD)."""
-        start = pgd_init(x_nat, eps, self.norm, generator=gen, clip=self.clip) if self.random_start else None
+        (eps_t, eps_f), (step_t, step_f) = eps, step
+        budget = eps_t if eps_t is not None else eps_f
+        start = pgd_init(x_nat, budget, self.norm, generator=gen, clip=self.clip) if self.random_start else None
         # The random start is drawn for the whole batch and then subset, so which samples are still
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
-        xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps, step))
+        xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps_t, step_t))
         x_adv = _take(start, idx) if start is not None else xn.clone(memory_format=torch.preserve_format)
-        scored = self.keep == "best" or self.restarts > 1 or self.early_stop
         for it in range(self.steps + 1):
             last = it == self.steps
-            if last and not scored:
+            if last and not self._scored:
                 return x_adv
             x_adv.requires_grad_(not last)
             with torch.enable_grad():
@@ -275,7 +284,7 @@ class PGD:
             if self.keep == "best" or last or self.early_stop:
                 score = torch.where(success, INF, loss.detach()) if (self.keep == "best" or last) else \
                     torch.where(success, INF, -INF)  # fmt: skip
-                self._record(best_x, best_score, idx, x_adv, score, self.impl)
+                self._record(best_x, best_score, idx, x_adv, score)
             if last:
                 return x_adv
             if self.early_stop and bool(success.any()):
@@ -284,5 +293,5 @@ class PGD:
                     return x_adv
                 idx = keep if idx is None else idx.index_select(0, keep)
                 x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
-            pgd_step_(x_adv, grad, xn, e, s, norm=self.norm, clip=self.clip, impl=self.impl)
+            self._step(x_adv, grad, xn, e, eps_f, s, step_f, self._lo, self._hi)
         return x_adv

@@ -27,6 +27,11 @@ def _cpp(best_x, best_score, x_adv, score) -> None:
 _BACKENDS = {"torch": keep_best_torch, "cpp": _cpp, "cuda": _cpp, "triton": triton_keep_best_}
 
 
+def keep_best_kernel(device: torch.device, dtype: torch.dtype, impl: str | None = None):
+    """The resolved backend function of keep_best_ (arguments validated by the caller, once)."""
+    return _BACKENDS[resolve(impl, device, dtype, "keep_best_")]
+
+
 def _check_score(name: str, t, batch: int, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},); got {type(t).__name__}")
