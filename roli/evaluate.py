@@ -10,14 +10,12 @@ the clean image and under every attack that ran. Results print as a table and ar
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 import time
-from fractions import Fraction
 
 import torch
 
+from roli._cli import BadValue, OneLineParser, parse_budget, parse_kwargs
 from roli._io import save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
@@ -26,20 +24,7 @@ from roli.models import RobustClassifier, create_classifier, load_pretrained
 from roli.ops import unavailable_reason
 from roli.ops._dispatch import requested_impl
 
-
-class CliError(Exception):
-    """A bad flag value: printed as one line, exit code 2."""
-
-
-def parse_budget(text: str, flag: str = "--eps") -> float:
-    """'8/255' -> 0.03137..., '0.5' -> 0.5; finite and >= 0."""
-    try:
-        value = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise CliError(f"{flag}: {text!r} is not a number or a fraction like 8/255") from None
-    if not math.isfinite(value) or value < 0:
-        raise CliError(f"{flag}: budgets must be >= 0; got {text}")
-    return value
+CliError = BadValue  # a bad flag value: one line, exit code 2
 
 
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
@@ -51,13 +36,8 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
         raise CliError(f"{flag}: expected comma-separated numbers; got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="'package.module:function' (an nn.Module factory) or a timm name")
     g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, MadryLab, ARES or roli format)")
@@ -96,23 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--model-arg: expected KEY=VALUE; got {item!r}")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return out
-
-
 def _model(args, num_classes: int, in_chans: int, device: torch.device) -> RobustClassifier:
     mean = parse_floats(args.mean, "--mean") if args.mean else "auto"
     std = parse_floats(args.std, "--std") if args.std else "auto"
@@ -121,7 +84,7 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
     try:
         model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
                                   input_size=args.input_size or "auto", pretrained=args.timm_pretrained,
-                                  **_model_kwargs(args.model_arg))  # fmt: skip
+                                  **parse_kwargs(args.model_arg))  # fmt: skip
     except (ValueError, TypeError) as e:
         raise CliError(f"--model: {e}") from None
     if args.checkpoint:
@@ -155,7 +118,7 @@ def evaluate(args) -> dict:
             raise CliError(f"{flag} must be >= {low}; got {value}")
     if args.n_ex is not None and args.n_ex < 1:
         raise CliError(f"--n-ex must be >= 1; got {args.n_ex}")
-    eps = parse_budget(args.eps)
+    eps = parse_budget(args.eps, "--eps")
     step = parse_budget(args.step_size, "--step-size") if args.step_size else eps / 4
     if args.attack == "pgd" and step <= 0:
         raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")

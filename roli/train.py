@@ -15,7 +15,6 @@ best.pt, last.pt, curves.png; results.json with the final test metrics.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from roli._cli import OneLineParser, parse_kwargs
 from roli._io import save_json
 from roli.data import ArrayData
 from roli.models import apply_peft
@@ -159,13 +159,8 @@ def _log_to(path: Path) -> None:
     root.addHandler(fh)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n")[0], argument_default=None)
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0], argument_default=None)
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help="pretrain | lp | alp | ft | roli (default roli)")
     g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it)")
@@ -218,20 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_args(items) -> dict:
-    from roli.evaluate import CliError, _model_kwargs
-
-    try:
-        return _model_kwargs(items or [])
-    except CliError as e:
-        raise ConfigError(str(e)) from None
-
-
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "overwrite")}
     flags.pop("model_arg", None)
     if args.model_arg:
-        flags["model_args"] = _model_args(args.model_arg)
+        flags["model_args"] = parse_kwargs(args.model_arg)
     for b in ("non_strict", "compare_ranli", "channels_last", "compile"):
         if not flags.get(b):
             flags.pop(b, None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from roli.models.small import SmallCNN
 
 
@@ -20,7 +18,3 @@ class NaNAfter(SmallCNN):
 
 def make(after: int = 40, in_chans: int = 1) -> NaNAfter:
     return NaNAfter(after=after, num_classes=0, in_chans=in_chans)
-
-
-def unused(x: torch.Tensor) -> torch.Tensor:  # keeps the module importable as a plain helper
-    return x

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -37,8 +36,3 @@ def test_cuda_registration_compiles():
            f"-I{sysconfig.get_paths()['include']}", str(CSRC / "cuda" / "ops_cuda.cpp")]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-
-
-def test_python_executable_is_this_venv():
-    # The compile checks above and the JIT build use the interpreter's torch headers.
-    assert Path(sys.executable).exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -96,8 +97,11 @@ def test_info_lists_every_backend():
     assert out.returncode == 0, out.stderr
     for name in ("torch", "cpp", "cuda", "triton", "nvcc", "c++"):
         assert f"  {name} " in out.stdout
-    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.startswith("  ")}
-    assert all(("available" in lines[b]) for b in ("torch", "cpp", "cuda", "triton"))
+    lines = {ln.split()[0]: ln.split(None, 1)[1] for ln in out.stdout.splitlines() if ln.startswith("  ")}
+    for b in ("torch", "cpp", "cuda", "triton"):  # "available ..." or "unavailable: <a reason>"
+        assert re.fullmatch(r"available.*|unavailable: \S.*", lines[b]), lines[b]
+    assert lines["torch"].startswith("available")
+    assert lines["cpp"].startswith("available") == _ext.load()
 
 
 @pytest.mark.skipif(not _ext.load(), reason="C++ extension unavailable")

@@ -61,7 +61,7 @@ def test_autoattack_from_the_cli(checkpoint, tmp_path):
     [
         (["--checkpoint", "/nonexistent/ck.pt"], "--checkpoint: checkpoint not found"),
         (["--eps", "8/0"], "--eps: '8/0' is not a number"),
-        (["--eps=-1/255"], "--eps: budgets must be >= 0"),
+        (["--eps=-1/255"], "--eps: must be a finite number >= 0"),
         (["--eps-sweep", "1/255,x"], "--eps-sweep: 'x' is not a number"),
         (["--steps", "-1"], "--steps must be >= 0"),
         (["--restarts", "0"], "--restarts must be >= 1"),

@@ -267,9 +267,8 @@ def test_alp_warm_start_from_lp_head(transfer):
     net, train, val, _ = transfer
     model = classifier(net)
     w, b = torch.randn(5, model.feat_dim), torch.randn(5)
-    seen = {}
     res = adversarial_linear_probe(model, train.loader(256), val.to_float(), epochs=1, lr=0.0, warmup=0, steps=1,
-                                   init_head=(w, b), log=seen.setdefault("log", None))  # fmt: skip
+                                   init_head=(w, b), log=None)  # fmt: skip
     assert torch.equal(res.weight, w) and torch.equal(res.bias, b)  # lr 0: the warm start is what comes out
 
 

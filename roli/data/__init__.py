@@ -99,22 +99,5 @@ def load_dataset(
     return Splits(train, val, test, num_classes, name)
 
 
-def load_arrays(spec: str, split: str = "test", n: int | None = None) -> ArrayData:
-    """One split of an array dataset as ArrayData (uint8), first `n` examples. Kept for simple evaluation."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test; got {split!r}")
-    splits = load_dataset(spec)
-    data = getattr(splits, split)
-    if data is None:
-        raise ValueError(f"{spec} has no {split} split")
-    if not isinstance(data, ArrayData):
-        raise ValueError(f"{spec} is a file dataset; use load_dataset(...).{split}.loader(...)")
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"the number of examples must be >= 1; got {n}")
-        data = data.subset(torch.arange(min(n, len(data))))
-    return data
-
-
-__all__ = ["ArrayData", "ArrayLoader", "FileData", "FileLoader", "ProtocolTransform", "Splits", "load_arrays",
+__all__ = ["ArrayData", "ArrayLoader", "FileData", "FileLoader", "ProtocolTransform", "Splits",
            "load_dataset", "to_float"]  # fmt: skip

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 
+from roli._cli import BadValue, parse_budget
 from roli.models.peft import METHODS as PEFT_METHODS
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
@@ -19,19 +19,7 @@ METHODS = ("pretrain", "lp", "alp", "ft", "roli")
 DEFAULT_LR = {"pretrain": 0.1, "lp": 0.1, "alp": 0.0125, "ft": 2.5e-5, "ranli": 1.25e-4}
 
 
-class ConfigError(ValueError):
-    """A bad configuration value: reported as one line, exit code 2."""
-
-
-def parse_budget(value, name: str) -> float:
-    """8/255, "8/255", 0.03 -> float >= 0 (finite)."""
-    try:
-        out = float(Fraction(str(value).strip())) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError, TypeError):
-        raise ConfigError(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
-    if not math.isfinite(out) or out < 0:
-        raise ConfigError(f"{name}: must be a finite number >= 0; got {value}")
-    return out
+ConfigError = BadValue  # a bad configuration value: one line, exit code 2
 
 
 def parse_classes(text: str | None) -> list[int] | None:

@@ -1,0 +1,46 @@
+"""Shared by the command lines (roli.evaluate, roli.train): one error type for bad values, the parser
+that reports argparse errors in one line, and the parsers of budgets and KEY=VALUE options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from fractions import Fraction
+
+
+class BadValue(ValueError):
+    """A bad option value: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_budget(value, name: str = "eps") -> float:
+    """8/255, "8/255", 0.03 -> a finite float >= 0."""
+    try:
+        out = float(Fraction(str(value).strip())) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise BadValue(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(out) or out < 0:
+        raise BadValue(f"{name}: must be a finite number >= 0; got {value}")
+    return out
+
+
+def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:
+    """["img_size=32", "pretrained=false"] -> {"img_size": 32, "pretrained": False} (int, float, bool, str)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadValue(f"{flag}: expected KEY=VALUE; got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
