@@ -40,3 +40,25 @@ def test_trainer_with_all_fast_paths(tmp_path):
             "--channels-last", "--compile", "--run-dir", str(tmp_path / "fast")]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "fast" / "pretrain" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_trainer_optimizer_is_fused_and_steps_like_the_plain_one(kind):
+    from roli.training.loop import make_optimizer, param_groups
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    plain, start = copy.deepcopy(net), copy.deepcopy(net)
+    opt = make_optimizer(param_groups(net, 0.01), kind, 0.05, 0.9)
+    assert all(g["fused"] for g in opt.param_groups)
+    groups = param_groups(plain, 0.01)
+    ref = torch.optim.SGD(groups, lr=0.05, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(groups, lr=0.05)
+    for _ in range(4):
+        x = torch.randn(9, 7)
+        for model, o in ((net, opt), (plain, ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    for a, b in zip(net.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(net[0].weight, start[0].weight, atol=1e-3)  # the steps did move the weights

@@ -2,6 +2,7 @@
 
 from roli.models.checkpoint import LoadReport, load_checkpoint, load_pretrained, read_state_dict, save_checkpoint
 from roli.models.classifier import RobustClassifier, create_classifier
+from roli.models.fold import BatchNormFolding, FoldedConvBN
 from roli.models.peft import METHODS as PEFT_METHODS
 from roli.models.peft import apply_peft, count_trainable, merge_lora
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel, Preprocess
@@ -10,6 +11,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PEFT_METHODS",
+    "BatchNormFolding",
+    "FoldedConvBN",
     "LoadReport",
     "NormalizedModel",
     "Preprocess",
