@@ -172,6 +172,10 @@ def build_parser() -> OneLineParser:
     g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for attack and update (CPU and GPU)")
     g.add_argument("--channels-last", action="store_true", default=None, help="conv nets: channels_last memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (attack and update)")
+    g.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="GPU: record the training attack's k steps in a CUDA graph and replay it")  # fmt: skip
+    g.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", default=None,
+                   help="training attacks: do not fold the Conv->BatchNorm pairs")  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm name or package.module:function (default roli.models.small:small_cnn)")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
@@ -218,7 +222,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     flags.pop("model_arg", None)
     if args.model_arg:
         flags["model_args"] = parse_kwargs(args.model_arg)
-    for b in ("non_strict", "compare_ranli", "channels_last", "compile"):
+    for b in ("non_strict", "compare_ranli", "channels_last", "compile", "cuda_graph"):
         if not flags.get(b):
             flags.pop(b, None)
     try:

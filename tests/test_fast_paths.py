@@ -62,3 +62,23 @@ def test_trainer_optimizer_is_fused_and_steps_like_the_plain_one(kind):
     for a, b in zip(net.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(net[0].weight, start[0].weight, atol=1e-3)  # the steps did move the weights
+
+
+def test_cuda_graph_loop_equals_the_plain_attack_on_cpu(digits_model):
+    """The loop PGD(cuda_graph=True) records is the plain keep="last" attack: bitwise the same off CUDA,
+    for scalar and per-sample budgets, fp32 and bf16."""
+    model, x, y = digits_model
+    x, y = x[:64], y[:64]
+    per_sample = torch.rand(64, generator=torch.Generator().manual_seed(0)) * 0.2
+    for eps in (0.1, per_sample):
+        for precision in ("fp32", "bf16"):
+            kw = dict(eps=eps, step_size=0.025, steps=5, keep="last", precision=precision, seed=4)
+            a = PGD(model, cuda_graph=True, **kw)(x, y)
+            b = PGD(model, **kw)(x, y)
+            assert torch.equal(a, b) and float((a - x).abs().max()) > 0.02
+
+
+@pytest.mark.parametrize("bad", [dict(keep="best"), dict(restarts=2), dict(early_stop=True, keep="last")])
+def test_cuda_graph_needs_the_static_loop(digits_model, bad):
+    with pytest.raises(ValueError, match="static loop"):
+        PGD(digits_model[0], cuda_graph=True, **{"keep": "last", **bad})

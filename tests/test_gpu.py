@@ -72,3 +72,43 @@ def test_linf_step_is_capturable_in_a_cuda_graph(backend):
         want = ref_step(want, grad.double(), x_nat.double(), 8 / 255, 2 / 255)
     torch.cuda.synchronize()
     assert (x_adv.double() - want).abs().max().item() <= 1e-6
+
+
+def _bn_model():
+    from roli.models import NormalizedModel
+    from roli.models.small import small_cnn
+
+    torch.manual_seed(0)
+    model = NormalizedModel(small_cnn(10, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).cuda()
+    for m in model.modules():  # BatchNorm statistics away from their init (folding must get them right)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_attack_recorded_in_a_cuda_graph_matches_eager(precision, per_sample):
+    from roli.attacks import PGD
+
+    model = _bn_model()
+    x = torch.rand(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    eps = torch.rand(32, device="cuda") * 0.05 if per_sample else 8 / 255
+    kw = dict(eps=eps, step_size=2 / 255, steps=7, keep="last", precision=precision)
+    graphed = PGD(model, cuda_graph=True, seed=1, **kw)
+    eager = PGD(model, seed=1, **kw)
+    for _ in range(3):  # the first call records; later calls replay on fresh random starts
+        a, b = graphed(x, y), eager(x, y)
+        assert (a - b).abs().gt(1e-5).float().mean().item() < 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # an in-place update: the next replay must see it
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.eval()
+    a, b = graphed(x, y), eager(x, y)
+    assert (a - b).abs().gt(1e-5).float().mean().item() < 1e-3
+    assert len(graphed._graphed.recorded) == 1
+    graphed(x[:5], y[:5])  # another batch shape records another graph
+    assert len(graphed._graphed.recorded) == 2

@@ -103,6 +103,7 @@ BAD = [
     (["--config", "/nonexistent.yaml"], "config: file not found"),
     (["--model-arg", "depth"], "--model-arg: expected KEY=VALUE"),
     (["--resume", "/tmp"], "resume: /tmp holds no config.json"),
+    (["--cuda-graph"], "cuda-graph: records the attack on a GPU and needs --device cuda"),
 ]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from roli.attacks._graph import GraphedSteps
 from roli.attacks._mode import attack_mode
 from roli.attacks.losses import LOSSES, attack_loss
 from roli.models.fold import BatchNormFolding
@@ -37,7 +38,9 @@ class PGDResult:
 
 def autocast_for(device: torch.device, precision: str):
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # No cast cache while a CUDA graph records (the cached casts would not be in the graph's pool).
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing)
     return contextlib.nullcontext()
 
 
@@ -103,6 +106,9 @@ class PGD:
             conv (roli.models.BatchNormFolding): the same function up to float rounding, without the
             BatchNorm work in any step; the model is restored afterwards (a torch.compile'd model
             compiles the folded structure once more).
+        cuda_graph: on CUDA tensors, record the k steps in a CUDA graph once per batch shape and budget and
+            replay it (roli.attacks._graph). Needs the static loop: keep="last", restarts=1, no early_stop.
+            Elsewhere the same loop runs uncaptured.
 
     Shapes: x (B, ...) float in [0, 1]; y (B,) int64. Returns x_adv with x's shape and dtype.
 
@@ -130,6 +136,7 @@ class PGD:
         clip: tuple[float, float] | None = (0.0, 1.0),
         memory_format: str = "auto",
         fold_bn: bool = True,
+        cuda_graph: bool = False,
     ):
         if memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be auto, channels_last or contiguous; got {memory_format!r}")
@@ -157,7 +164,12 @@ class PGD:
         self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
         self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
-        self.fold_bn = bool(fold_bn)
+        self.fold_bn, self.cuda_graph = bool(fold_bn), bool(cuda_graph)
+        if self.cuda_graph and (keep != "last" or restarts != 1 or early_stop):
+            raise ValueError(
+                "cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False"
+            )
+        self._graphed = GraphedSteps(self) if self.cuda_graph else None
 
     @property
     def _scored(self) -> bool:
@@ -262,6 +274,11 @@ class PGD:
         if batch == 0:
             return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=device))
         with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
+            if self._graphed is not None:
+                budget = eps[0] if eps[0] is not None else eps[1]
+                start = pgd_init(x_nat, budget, self.norm, generator=gen, clip=self.clip) if self.random_start \
+                    else x_nat  # fmt: skip
+                return PGDResult(self._graphed.run(model, x_nat, y, target, eps, step, start), None)
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
             if self.keep == "best" or self.early_stop:  # the clean image is an iterate too

@@ -82,6 +82,8 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False  # conv nets: the model and the attack's images in channels_last
     compile: bool = False  # torch.compile the model used by the attack and the update
+    cuda_graph: bool = False  # record the training attack's k steps in a CUDA graph (GPU)
+    fold_bn: bool = True  # training attacks fold Conv -> BatchNorm pairs (eval mode: the same function)
     device: str = "cpu"
     seed: int = 0
     compare_ranli: bool = False
@@ -121,6 +123,8 @@ class TrainConfig:
             need(self.eps <= 1, f"eps: {self.eps:g} is out of range for Linf on images in [0, 1] (use e.g. 8/255)")
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
         parse_classes(self.classes)
+        need(not self.cuda_graph or str(self.device).startswith("cuda"),
+             f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:

@@ -102,7 +102,8 @@ def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, res
     if cfg.attack == "pgd" and cfg.steps > 0:
         attack = PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
                      random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed,
-                     memory_format="channels_last" if cfg.channels_last else "auto")  # fmt: skip
+                     memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
+                     cuda_graph=cfg.cuda_graph)  # fmt: skip
     ddp = None
     if D.active() and name != "alp":  # ALP averages its head's gradients itself (no DDP forward)
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,92 @@
+"""PGD's k steps recorded once in a CUDA graph and replayed (PGD(cuda_graph=True)).
+
+The loop is static when PGD returns its last iterate (keep="last", one restart, no early stop): k times
+a forward, an input-only backward and the fused step, on tensors of fixed shape. It is recorded per
+(shapes, dtypes, budgets, model storage) after two warm-up runs on a side stream (the first one also
+runs the attack's checks, which read values on the host and so cannot be recorded), then replayed: one
+graph launch per attack instead of the few hundred kernel launches of k forward and backward passes.
+The random start is drawn eagerly before the replay, so it follows the attack's torch.Generator.
+
+What a replay reads is the storage recorded: the model's parameters and buffers (and the folded
+BatchNorm weights, which are refreshed in place) by address. Updating them in place (optimizer steps,
+load_state_dict) is seen by the next replay; replacing a tensor (e.g. .to()) changes the key and records
+again. On tensors that are not on CUDA the same loop runs uncaptured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_GRAPHS = 4  # e.g. the full batch and the last, shorter one of an epoch, per budget
+
+
+@dataclass
+class _Recorded:
+    graph: object  # torch.cuda.CUDAGraph
+    x: torch.Tensor  # the iterate: the start is copied in, the result read out
+    inputs: tuple  # static (x_nat, y, target, eps_t, step_t); None where absent
+
+
+def _storage_key(model: torch.nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+
+
+def _static(t):
+    return None if t is None else t.clone(memory_format=torch.preserve_format)
+
+
+class GraphedSteps:
+    def __init__(self, attack):
+        self.attack = attack
+        self.recorded: dict[tuple, _Recorded] = {}
+
+    def _loop(self, model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check: bool) -> None:
+        """The k steps, in place on x (the path the graph records)."""
+        a = self.attack
+        for _ in range(a.steps):
+            xg = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, _ = a._forward(model, xg, y, target, with_grad=True, check=check)
+                (grad,) = torch.autograd.grad(loss.sum(), xg)
+            check = False
+            a._step(x, grad, x_nat, eps_t, eps_f, step_t, step_f, a._lo, a._hi)
+
+    def run(self, model, x_nat, y, target, eps, step, start: torch.Tensor) -> torch.Tensor:
+        (eps_t, eps_f), (step_t, step_f) = eps, step
+        if not x_nat.is_cuda:
+            x = start.clone(memory_format=torch.preserve_format)
+            self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=True)
+            return x
+        inputs = (x_nat, y, target, eps_t, step_t)
+        key = (tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
+               start.stride(), eps_f, step_f, id(model), _storage_key(model))  # fmt: skip
+        rec = self.recorded.get(key)
+        if rec is None:
+            if len(self.recorded) >= MAX_GRAPHS:
+                self.recorded.clear()
+            rec = self.recorded[key] = self._record(model, inputs, start, eps_f, step_f)
+        for static, value in zip(rec.inputs, inputs, strict=True):
+            if static is not None:
+                static.copy_(value)
+        rec.x.copy_(start)
+        rec.graph.replay()
+        return rec.x.clone(memory_format=torch.preserve_format)
+
+    def _record(self, model, inputs, start, eps_f, step_f) -> _Recorded:
+        static = tuple(_static(t) for t in inputs)
+        x_nat, y, target, eps_t, step_t = static
+        x = _static(start)
+        device = x.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for i in range(2):  # warm-up: lazy initialisation, autotuning, and the checks (first run)
+                x.copy_(start)
+                self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=i == 0)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=False)
+        return _Recorded(graph, x, static)
