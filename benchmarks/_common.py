@@ -26,24 +26,48 @@ def cpu_name() -> str:
     return f"{model} CPU, {torch.get_num_threads()} threads"
 
 
-def round_robin(runs: dict, reps: int, warmup: int = 1) -> dict:
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def timed(fn, device: torch.device | str = "cpu") -> float:
+    """Seconds of one call of fn. On a GPU: CUDA events around it on the current stream, then a sync (the
+    device's time, launch gaps included); elsewhere perf_counter."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def timer(device: torch.device | str = "cpu"):
+    """run(fn, reps) -> the seconds of each of reps calls."""
+    return lambda fn, reps: [timed(fn, device) for _ in range(reps)]
+
+
+def round_robin(runs: dict, reps: int, warmup: int = 1, device: torch.device | str = "cpu") -> dict:
     """Median seconds per run, every variant once per round (after `warmup` rounds), so that load drift on
     a shared machine affects all variants alike."""
     times = {label: [] for label in runs}
     for r in range(warmup + reps):
         for label, run in runs.items():
-            t = time.perf_counter()
-            run()
+            t = timed(run, device)
             if r >= warmup:
-                times[label].append(time.perf_counter() - t)
+                times[label].append(t)
     return {label: statistics.median(ts) for label, ts in times.items()}
 
 
-def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta: dict) -> None:
-    """The Markdown table to <out>/<name>_<device>.md and the rows appended to <out>/<name>.csv."""
+def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta: dict, kind: str = "cpu") -> None:
+    """The Markdown table to <out>/<name>_<kind>.md (kind: cpu or cuda) and the rows appended to <out>/<name>.csv."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}_cpu.md").write_text(table + "\n")
+    (out / f"{name}_{kind}.md").write_text(table + "\n")
     meta = {**meta, "torch": torch.__version__, "roli": roli.__version__}
     fields = list(meta) + list(dict.fromkeys(k for r in rows for k in r))
     path = out / f"{name}.csv"
@@ -76,13 +100,27 @@ def reference_pgd(model, x, y, eps, alpha, steps, zero_grad=None):
     return best_x
 
 
-def matmul_peak(dtype, reps: int = 8) -> float:
-    """Best median GFLOP/s of square matmuls (1024, 2048): the machine is shared, take its best moment."""
+def matmul_peak(dtype, reps: int = 8, device: torch.device | str = "cpu") -> float:
+    """Best median GFLOP/s of square matmuls (1024, 2048; on a GPU also 8192): the machine is shared, take
+    its best moment."""
     best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = max(best, 2 * n**3 / round_robin({"mm": lambda a=a, b=b: a @ b}, reps)["mm"] / 1e9)
+    sizes = (1024, 2048, 8192) if torch.device(device).type == "cuda" else (1024, 2048)
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        best = max(best, 2 * n**3 / round_robin({"mm": lambda a=a, b=b: a @ b}, reps, device=device)["mm"] / 1e9)
     return best
+
+
+def matmul_load(dtype, device: torch.device | str = "cpu", n: int = 2048, reps: int = 3):
+    """(function, FLOPs): `reps` square matmuls of size n, to time as one more variant of a round-robin, so
+    that the peak it gives was measured under the same machine load as the variants it is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def run():
+        for _ in range(reps):
+            a @ b
+
+    return run, 2 * n**3 * reps
 
 
 def header(title: str, device: str, stamp: str, peaks: dict) -> str:
@@ -90,14 +128,16 @@ def header(title: str, device: str, stamp: str, peaks: dict) -> str:
             f"fp32 {peaks['fp32']:.0f} / bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
 
 
-def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict]) -> str:
+def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict],
+            device: torch.device | str = "cpu") -> str:  # fmt: skip
     """Print the Markdown table (header with date, machine, versions, peaks) and write it with the CSV."""
     import datetime as dt
 
-    stamp, device = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu_name()
+    kind = torch.device(device).type
+    stamp, device = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), device_name(device)
     lines = [header(title, device, stamp, peaks), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    write_results(out, name, table, rows, {"date": stamp, "device": device})
+    write_results(out, name, table, rows, {"date": stamp, "device": device}, kind)
     return table

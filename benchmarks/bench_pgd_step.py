@@ -23,11 +23,10 @@ import argparse  # noqa: E402
 import csv
 import datetime as dt  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from _common import cpu_name  # noqa: E402
+from _common import device_name, timer  # noqa: E402
 
 import roli  # noqa: E402
 from roli import _ext  # noqa: E402
@@ -55,33 +54,6 @@ def eager_chain_l2(x_adv, grad, x_nat):
     delta = adv - x_nat
     factor = torch.min(L2_EPS / torch.norm(delta.view(b, -1), p=2, dim=1), torch.ones_like(grad_norms))
     return torch.clamp(x_nat + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach()
-
-
-def timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn, reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            out = []
-            for _ in range(reps):
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                out.append(start.elapsed_time(end) / 1e3)
-            return out
-
-    else:
-
-        def run(fn, reps):
-            out = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t)
-            return out
-
-    return run
 
 
 def measure(fn, device, reps, warmup=3):
@@ -160,7 +132,6 @@ def main() -> None:
     _ext.load()
     reps_big, reps_small = (5, 30) if args.quick else (15, 100)
     copy_gbs = copy_bandwidth(device, reps_big)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     calls, eps, step = providers(device, args.norm, use_compile=not (args.quick or args.no_compile))
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -190,7 +161,7 @@ def main() -> None:
                              "GBps": nbytes / t["p50"] / 1e9, "pct_copy": 100 * nbytes / t["p50"] / 1e9 / copy_gbs,
                              "speedup_vs_eager": base / t["p50"], "max_err": err})  # fmt: skip
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    meta = {"date": stamp, "device": device_name, "torch": torch.__version__, "roli": roli.__version__,
+    meta = {"date": stamp, "device": device_name(device), "torch": torch.__version__, "roli": roli.__version__,
             "triton": _triton_version(), "copy_GBps": round(copy_gbs, 1)}  # fmt: skip
     table = render(rows, meta)
     print(table)

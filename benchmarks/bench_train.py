@@ -3,18 +3,23 @@
 Steps measured (batch 64): an adversarial finetuning step (PGD-7 + forward/backward/update of all
 parameters) and an ALP step (PGD-7 + head update), on timm resnet18 at 32x32, a small ViT (vit_tiny,
 patch 4 at 32x32) and roli's small CNN (3 channels, 32x32). Variants:
-  ours fp32          roli's PGD (input-only gradients, fused step) + the update, eager
-  ours bf16          the same under bf16 autocast (channels_last images for conv nets)
-  ours all fast      bf16 + channels_last model (conv nets) + torch.compile of the model
+  ours fp32          what `python -m roli.train` runs: roli's PGD (Conv->BatchNorm folded for the attack,
+                     input-only gradients, fused step) + the update with torch's fused AdamW, eager
+  ours bf16          the same under bf16 autocast (channels_last attack images for conv nets)
+  ours bf16+channels_last   and the conv net's weights in channels_last too (--channels-last)
+  ours all fast (+compile)  bf16 + channels_last (conv nets) + torch.compile of the model (--compile)
+  ours all fast (+CUDA graph)  on a GPU: bf16 + channels_last + the attack replayed from a CUDA graph
   reference-style    the RoLI reference code: .backward() on every parameter inside the attack, a
                      batch-level best iterate, one more forward with a graph, then the update
+                     (torch.optim.AdamW as written there)
   torchattacks+loop  torchattacks.PGD + a plain PyTorch update (FT step only)
-FLOP utilisation: FLOPs of one step (torch.utils.flop_counter over the ours-fp32 step) over the time,
-relative to a matmul peak measured in the same run (fp32 for fp32 variants, bf16 otherwise). Results:
-Markdown table, CSV rows and a PNG bar chart in benchmarks/results/. On a GPU the same script times with
-CUDA events (--device cuda).
+FLOP utilisation: FLOPs of one step (torch.utils.flop_counter, counted on the unfolded model) over the
+time, relative to the matmul peak (2048x2048, fp32 for fp32 variants, bf16 otherwise) timed as one more
+variant in the same round-robin, so under the same machine load.
+Results: a Markdown table, CSV rows and a PNG bar chart in benchmarks/results/. Timing: two warm-up
+rounds, then round-robin medians; on a GPU (--device cuda) with CUDA events.
 
-    python benchmarks/bench_train.py [--quick] [--models resnet18,vit,cnn] [--no-compile]
+    python benchmarks/bench_train.py [--quick] [--models resnet18,vit,cnn] [--device cpu|cuda] [--no-compile]
 """
 
 from __future__ import annotations
@@ -22,18 +27,19 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import matmul_peak, publish, reference_pgd
+from _common import matmul_load, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
 from roli.attacks.pgd import autocast_for
 from roli.features import alp_step
+from roli.features.alp import fast_layout
 from roli.models import apply_peft, create_classifier
+from roli.training.loop import make_optimizer, param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=None)
@@ -65,32 +71,36 @@ def plain_update(model, opt, x_adv, y):
     opt.step()
 
 
-def variants(name: str, use_compile: bool) -> dict:
-    """label -> (precision, step function) for FT and ALP steps, each on its own copy of the model."""
+def variants(name: str, use_compile: bool, device: torch.device) -> dict:
+    """(step, label) -> (precision, step function) for FT and ALP steps, each on its own copy of the model.
+    Ours is what `python -m roli.train` runs: roli's PGD (BatchNorm folded, input-only gradients, fused
+    step) and the trainer's optimizer (torch's fused AdamW/SGD). The other two loops use torch.optim as
+    people write it."""
     import torchattacks
 
     torch.manual_seed(0)
-    base = MODELS[name]()
+    base = MODELS[name]().to(device)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in base.backbone.modules()) and name != "vit"
     out = {}
 
-    def make(precision, fast):
+    def ours_ft(label, precision, channels_last=False, compiled=False, graph=False):
         m = copy.deepcopy(base)
-        if fast and conv:
+        if channels_last:
             m.to(memory_format=torch.channels_last)
-        net = torch.compile(m) if fast and use_compile else m
-        mf = "channels_last" if (fast and conv) else "auto"
+        net = torch.compile(m) if compiled else m
         attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
-                     memory_format=mf)  # fmt: skip
-        return m, net, attack, torch.optim.AdamW(m.parameters(), lr=1e-5)
+                     memory_format="channels_last" if channels_last else "auto", cuda_graph=graph)  # fmt: skip
+        opt = make_optimizer(param_groups(m, 0.0), "adamw", 1e-5, 0.9)
+        out[("FT", label)] = (precision, lambda: ft_step(m, net, attack, opt, X, Y, precision))
 
-    for label, precision, fast in (("ours fp32", "fp32", False), ("ours bf16", "bf16", False),
-                                   ("ours all fast", "bf16", True)):  # fmt: skip
-        m, net, attack, opt = make(precision, fast)
-        out[("FT", label)] = (
-            precision,
-            lambda m=m, net=net, a=attack, o=opt, p=precision: ft_step(m, net, a, o, X, Y, p),
-        )
+    ours_ft("ours fp32", "fp32")
+    ours_ft("ours bf16", "bf16")
+    if conv:
+        ours_ft("ours bf16+channels_last", "bf16", channels_last=True)
+    if use_compile:
+        ours_ft("ours all fast (+compile)", "bf16", channels_last=conv, compiled=True)
+    if device.type == "cuda":
+        ours_ft("ours all fast (+CUDA graph)", "bf16", channels_last=conv, graph=True)
     ref = copy.deepcopy(base)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-5)
 
@@ -105,10 +115,9 @@ def variants(name: str, use_compile: bool) -> dict:
     for label, precision in (("ours fp32", "fp32"), ("ours bf16", "bf16")):
         m = copy.deepcopy(base)
         apply_peft(m, "linear")
-        if precision == "bf16" and conv:
-            m.backbone.to(memory_format=torch.channels_last)
+        fast_layout(m, precision)  # what the trainer's ALP stage does: channels_last backbone under bf16
         attack = PGD(m, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0)
-        opt = torch.optim.SGD(m.head.parameters(), lr=0.01, momentum=0.9)
+        opt = make_optimizer(param_groups(m.head, 0.0), "sgd", 0.01, 0.9)
         out[("ALP", label)] = (precision, lambda m=m, a=attack, o=opt, p=precision: alp_step(m, a, o, X, Y, p))
     r = copy.deepcopy(base)
     apply_peft(r, "linear")
@@ -157,35 +166,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--models", default="resnet18,vit,cnn")
-    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out of 'ours all fast'")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing, and the CUDA-graph row)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch has no CUDA device; use --device cpu")
     reps = 3 if args.quick else 5
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    loads = {p: matmul_load(dt, device) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    seen_peaks = {"fp32": [], "bf16": []}
     torch.manual_seed(0)
-    X, Y = torch.rand(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    X, Y = torch.rand(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device)
     rows = []
     for name in args.models.split(","):
-        runs = variants(name, use_compile=not args.no_compile)
+        runs = variants(name, use_compile=not args.no_compile, device=device)
         torch.manual_seed(0)
-        probe = MODELS[name]().eval()
+        probe = MODELS[name]().to(device).eval()
         flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}
-        for _, fn in runs.values():
-            fn()  # warm-up (and compilation)
-            fn()
-        times = {k: [] for k in runs}
-        for _ in range(reps):  # round-robin
-            for k, (_, fn) in runs.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+        # Two warm-up rounds (compilation, graph recording, allocator), then round-robin medians.
+        # The matmul peak is timed as two more variants of the same rounds: the same machine load.
+        timed_runs = {**{k: fn for k, (_, fn) in runs.items()}, **{("peak", p): f for p, (f, _) in loads.items()}}
+        times = round_robin(timed_runs, reps, warmup=2, device=device)
+        peaks = {p: loads[p][1] / times[("peak", p)] / 1e9 for p in loads}
+        for p in peaks:
+            seen_peaks[p].append(peaks[p])
         for (kind, label), (precision, _) in runs.items():
-            t = statistics.median(times[(kind, label)])
-            ref = statistics.median(times[(kind, "reference-style")])
+            t, ref = times[(kind, label)], times[(kind, "reference-style")]
             rows.append({"model": name, "step": kind, "variant": label, "seconds": t, "steps_per_s": 1 / t,
                          "images_per_s": BATCH / t, "vs_reference": ref / t,
                          "utilisation": flops[kind] / t / 1e9 / peaks[precision], "precision": precision,
-                         "gflop_per_step": flops[kind] / 1e9})  # fmt: skip
+                         "gflop_per_step": flops[kind] / 1e9, "peak_gflops": peaks[precision]})  # fmt: skip
     cols = ["model", "step", "variant", "steps/s", "images/s", "vs reference-style", "FLOP utilisation"]
 
     def cells(r):
@@ -193,8 +204,10 @@ def main() -> None:
                 f"{r['vs_reference']:.2f}x", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
 
     title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32)"
-    publish(args.out, "bench_train", title, peaks, cols, cells, rows)
-    chart(rows, Path(args.out) / "bench_train.png")
+    title += " (the peak: interleaved with the steps, median over the models)"
+    peaks = {p: statistics.median(v) for p, v in seen_peaks.items()}
+    publish(args.out, "bench_train", title, peaks, cols, cells, rows, device)
+    chart(rows, Path(args.out) / f"bench_train_{device.type}.png")
 
 
 def chart(rows, path: Path) -> None:

@@ -52,6 +52,21 @@ def test_every_method_end_to_end(method, tmp_path, capsys):
             assert (stage_dir / "last.pt").is_file() and (stage_dir / "curves.png").stat().st_size > 1000
 
 
+def test_training_attacks_with_and_without_batchnorm_folding(tmp_path):
+    """The default folds the small CNN's BatchNorms for the attack; --no-fold-bn trains the same way up to
+    float rounding (same seed and data: the same accuracies within 2 points)."""
+    out = {}
+    for flag in ([], ["--no-fold-bn"]):
+        run = tmp_path / ("plain" if flag else "folded")
+        assert (
+            main(["--method", "pretrain", "--run-dir", str(run), *TINY, "--epochs", "1", "--warmup", "0", *flag]) == 0
+        )
+        assert json.loads((run / "config.json").read_text())["fold_bn"] is not bool(flag)
+        out[bool(flag)] = results(run)["pretrain"]["test"]
+    for key in ("clean", "pgd2"):
+        assert abs(out[True][key] - out[False][key]) <= 0.02, out
+
+
 @pytest.mark.parametrize("peft", ["lora", "adapter", "vpt", "bias", "linear"])
 def test_every_peft_choice(peft, tmp_path):
     run = tmp_path / peft
