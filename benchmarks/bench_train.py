@@ -218,7 +218,7 @@ def chart(rows, path: Path) -> None:
 
     groups = [(m, s) for m in dict.fromkeys(r["model"] for r in rows) for s in ("FT", "ALP")]
     labels = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
         vals = [next((r["vs_reference"] for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
@@ -227,7 +227,7 @@ def chart(rows, path: Path) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{m}\n{s}" for m, s in groups])
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_ylabel("speed vs reference-style (x)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
