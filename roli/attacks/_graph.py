@@ -87,6 +87,8 @@ class GraphedSteps:
                 self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=i == 0)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread may call the CUDA runtime meanwhile; in the
+        # default "global" mode that would invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=False)
         return _Recorded(graph, x, static)
