@@ -35,11 +35,10 @@ from _common import matmul_load, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
-from roli.attacks.pgd import autocast_for
 from roli.features import alp_step
 from roli.features.alp import fast_layout
 from roli.models import apply_peft, create_classifier
-from roli.training.loop import make_optimizer, param_groups
+from roli.training.loop import ft_step, make_optimizer, param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=None)
@@ -49,18 +48,6 @@ MODELS = {
     "cnn": lambda: create_classifier("roli.models.small:small_cnn", 10, in_chans=3, **CIFAR),
 }
 EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 7, 64
-
-
-def ft_step(model, net, attack, opt, x, y, precision):
-    """Ours: PGD-7 (frozen parameters, input gradients) then one update of every parameter."""
-    x_adv = attack(x, y)
-    net.train()
-    with autocast_for(x.device, precision):
-        logits = net(x_adv)
-    loss = F.cross_entropy(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
 
 
 def plain_update(model, opt, x_adv, y):
@@ -91,7 +78,7 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
                      memory_format="channels_last" if channels_last else "auto", cuda_graph=graph)  # fmt: skip
         opt = make_optimizer(param_groups(m, 0.0), "adamw", 1e-5, 0.9)
-        out[("FT", label)] = (precision, lambda: ft_step(m, net, attack, opt, X, Y, precision))
+        out[("FT", label)] = (precision, lambda: ft_step(net, attack, opt, X, Y, precision))
 
     ours_ft("ours fp32", "fp32")
     ours_ft("ours bf16", "bf16")

@@ -65,17 +65,20 @@ def test_trainer_optimizer_is_fused_and_steps_like_the_plain_one(kind):
 
 
 def test_cuda_graph_loop_equals_the_plain_attack_on_cpu(digits_model):
-    """The loop PGD(cuda_graph=True) records is the plain keep="last" attack: bitwise the same off CUDA,
-    for scalar and per-sample budgets, fp32 and bf16."""
+    """The loop PGD(cuda_graph=True) records is the plain keep="last" attack: off CUDA the same static tensors
+    and loop run instead of a replay, bitwise equal to the plain attack, for scalar and per-sample budgets,
+    fp32 and bf16, and again on a second batch of the same shape (fresh inputs copied in)."""
     model, x, y = digits_model
-    x, y = x[:64], y[:64]
+    batches = [(x[:64], y[:64]), (x[64:128], y[64:128])]
     per_sample = torch.rand(64, generator=torch.Generator().manual_seed(0)) * 0.2
     for eps in (0.1, per_sample):
         for precision in ("fp32", "bf16"):
             kw = dict(eps=eps, step_size=0.025, steps=5, keep="last", precision=precision, seed=4)
-            a = PGD(model, cuda_graph=True, **kw)(x, y)
-            b = PGD(model, **kw)(x, y)
-            assert torch.equal(a, b) and float((a - x).abs().max()) > 0.02
+            graphed, plain = PGD(model, cuda_graph=True, **kw), PGD(model, **kw)
+            for xb, yb in batches:
+                a, b = graphed(xb, yb), plain(xb, yb)
+                assert torch.equal(a, b) and float((a - xb).abs().max()) > 0.02
+            assert len(graphed._graphed.recorded) == 1
 
 
 @pytest.mark.parametrize("bad", [dict(keep="best"), dict(restarts=2), dict(early_stop=True, keep="last")])

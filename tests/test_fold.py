@@ -40,6 +40,10 @@ def small_resnet() -> nn.Module:
     return _randomise_bn(model)
 
 
+def _folded(folding):
+    return [p.folded for p in folding.pairs]
+
+
 def _value_and_grad(model, x, y):
     x = x.clone().requires_grad_(True)
     out = model(x)
@@ -102,13 +106,13 @@ def test_bf16_storage_is_what_autocast_would_cast():
     model = small_resnet()
     folding = BatchNormFolding(model)
     with folding.applied(torch.bfloat16):
-        for *_, f in folding.pairs:
+        for f in _folded(folding):
             assert f.weight.dtype == torch.bfloat16 and f.bias.dtype == torch.bfloat16
             assert f.weight.stride() == f.conv.weight.stride()
         with pytest.raises(RuntimeError, match="already"), folding.applied():
             pass
     with folding.applied():
-        assert all(f.weight.dtype == torch.float32 for *_, f in folding.pairs)
+        assert all(f.weight.dtype == torch.float32 for f in _folded(folding))
 
 
 def test_channels_last_weights_stay_channels_last():
@@ -119,7 +123,7 @@ def test_channels_last_weights_stay_channels_last():
         want = model(x)
         with folding.applied():
             got = model(x)
-    assert all(f.weight.is_contiguous(memory_format=torch.channels_last) for *_, f in folding.pairs)
+    assert all(f.weight.is_contiguous(memory_format=torch.channels_last) for f in _folded(folding))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -152,7 +156,7 @@ def test_only_safe_pairs_fold():
     calls = []
     model.bn_hooked.register_forward_hook(lambda m, i, o: calls.append(1))
     folding = BatchNormFolding(model)
-    assert [(p[1], p[4]) for p in folding.pairs] == [("0", "1")]
+    assert [(p.conv_at[1], p.bn_at[1]) for p in folding.pairs] == [("0", "1")]
     x = torch.randn(5, 3, 7, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(x)

@@ -10,11 +10,13 @@ The random start is drawn eagerly before the replay, so it follows the attack's 
 What a replay reads is the storage recorded: the model's parameters and buffers (and the folded
 BatchNorm weights, which are refreshed in place) by address. Updating them in place (optimizer steps,
 load_state_dict) is seen by the next replay; replacing a tensor (e.g. .to()) changes the key and records
-again. On tensors that are not on CUDA the same loop runs uncaptured.
+again. The loop is PGD's own (PGD._run, which updates its start in place). On tensors that are not on
+CUDA the same static tensors and loop are used, run instead of replayed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ MAX_GRAPHS = 4  # e.g. the full batch and the last, shorter one of an epoch, per
 
 @dataclass
 class _Recorded:
-    graph: object  # torch.cuda.CUDAGraph
+    replay: Callable[[], object]  # runs the k steps on the static tensors
     x: torch.Tensor  # the iterate: the start is copied in, the result read out
     inputs: tuple  # static (x_nat, y, target, eps_t, step_t); None where absent
 
@@ -42,53 +44,47 @@ class GraphedSteps:
         self.attack = attack
         self.recorded: dict[tuple, _Recorded] = {}
 
-    def _loop(self, model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check: bool) -> None:
-        """The k steps, in place on x (the path the graph records)."""
-        a = self.attack
-        for _ in range(a.steps):
-            xg = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss, _ = a._forward(model, xg, y, target, with_grad=True, check=check)
-                (grad,) = torch.autograd.grad(loss.sum(), xg)
-            check = False
-            a._step(x, grad, x_nat, eps_t, eps_f, step_t, step_f, a._lo, a._hi)
-
     def run(self, model, x_nat, y, target, eps, step, start: torch.Tensor) -> torch.Tensor:
-        (eps_t, eps_f), (step_t, step_f) = eps, step
-        if not x_nat.is_cuda:
-            x = start.clone(memory_format=torch.preserve_format)
-            self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=True)
-            return x
-        inputs = (x_nat, y, target, eps_t, step_t)
+        """The k steps from `start` through the recording for these shapes, budgets and model storage."""
+        inputs = (x_nat, y, target, eps[0], step[0])
         key = (tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
-               start.stride(), eps_f, step_f, id(model), _storage_key(model))  # fmt: skip
+               start.stride(), eps[1], step[1], id(model), _storage_key(model))  # fmt: skip
         rec = self.recorded.get(key)
         if rec is None:
             if len(self.recorded) >= MAX_GRAPHS:
                 self.recorded.clear()
-            rec = self.recorded[key] = self._record(model, inputs, start, eps_f, step_f)
+            rec = self.recorded[key] = self._record(model, inputs, start, eps[1], step[1])
         for static, value in zip(rec.inputs, inputs, strict=True):
             if static is not None:
                 static.copy_(value)
         rec.x.copy_(start)
-        rec.graph.replay()
+        rec.replay()
         return rec.x.clone(memory_format=torch.preserve_format)
 
     def _record(self, model, inputs, start, eps_f, step_f) -> _Recorded:
         static = tuple(_static(t) for t in inputs)
         x_nat, y, target, eps_t, step_t = static
         x = _static(start)
+
+        def steps(check: bool) -> None:
+            # PGD's own loop (keep="last": no scoring), in place on x's storage; x.detach() keeps the
+            # static tensor itself out of autograd.
+            self.attack._run(model, x_nat, y, target, (eps_t, eps_f), (step_t, step_f), x.detach(), None, None,
+                             None, check)  # fmt: skip
+
+        if not x.is_cuda:  # the same static tensors and loop, run instead of replayed
+            return _Recorded(lambda: steps(check=True), x, static)
         device = x.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for i in range(2):  # warm-up: lazy initialisation, autotuning, and the checks (first run)
                 x.copy_(start)
-                self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=i == 0)
+                steps(check=i == 0)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may call the CUDA runtime meanwhile; in the
         # default "global" mode that would invalidate the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._loop(model, x, x_nat, y, target, eps_t, eps_f, step_t, step_f, check=False)
-        return _Recorded(graph, x, static)
+            steps(check=False)
+        return _Recorded(graph.replay, x, static)

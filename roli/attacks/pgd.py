@@ -170,6 +170,7 @@ class PGD:
                 "cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False"
             )
         self._graphed = GraphedSteps(self) if self.cuda_graph else None
+        self._gen = self._folding = None  # built on first use
 
     @property
     def _scored(self) -> bool:
@@ -200,6 +201,8 @@ class PGD:
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("the model returned non-finite logits (NaN/inf) on these images")
         loss = attack_loss(self.loss, logits, y, target)
+        if not self._scored:  # plain PGD never reads it: no argmax/compare kernels in the training attack
+            return loss, None
         pred = logits.argmax(1)
         success = pred == target if target is not None else pred != y
         return loss, success
@@ -235,7 +238,7 @@ class PGD:
         # starts, and a new attack object with the same seed replays the same sequence.
         if self.seed is None:
             return None
-        if getattr(self, "_gen", None) is None or self._gen.device != device:
+        if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device).manual_seed(self.seed)
         return self._gen
 
@@ -244,7 +247,7 @@ class PGD:
         if not self.fold_bn:
             return contextlib.nullcontext()
         inner = getattr(model, "_orig_mod", model)  # torch.compile'd: fold the module it compiled
-        folding = getattr(self, "_folding", None)
+        folding = self._folding
         if folding is None or folding.model is not inner:
             self._folding = folding = BatchNormFolding(inner)
         # Under bf16 autocast the folded weights are kept in bf16: the same values autocast would make,
@@ -274,11 +277,10 @@ class PGD:
         if batch == 0:
             return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=device))
         with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
-            if self._graphed is not None:
-                budget = eps[0] if eps[0] is not None else eps[1]
-                start = pgd_init(x_nat, budget, self.norm, generator=gen, clip=self.clip) if self.random_start \
-                    else x_nat  # fmt: skip
-                return PGDResult(self._graphed.run(model, x_nat, y, target, eps, step, start), None)
+            if self._graphed is not None:  # the static loop, from its recording; the start is drawn eagerly
+                start = self._start(x_nat, eps, gen)
+                x_last = self._graphed.run(model, x_nat, y, target, eps, step, x_nat if start is None else start)
+                return PGDResult(x_last, None)
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
             if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
@@ -292,17 +294,25 @@ class PGD:
                         break
                     if idx.numel() == batch:
                         idx = None
-                x_last = self._run(model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check)
+                start = self._start(x_nat, eps, gen)
+                x_last = self._run(model, x_nat, y, target, eps, step, start, idx, best_x, best_score, check)
                 check = False
             if not self._scored:
                 return PGDResult(x_last, None)
         return PGDResult(best_x, best_score == INF)
 
-    def _run(self, model, x_nat, y, target, eps, step, gen, idx, best_x, best_score, check):
-        """One restart on the samples `idx` (None: all). Returns the final iterate (plain PGD)."""
+    def _start(self, x_nat: torch.Tensor, eps, gen) -> torch.Tensor | None:
+        """The random start of a restart, for the whole batch (None: start at x_nat)."""
+        if not self.random_start:
+            return None
+        eps_t, eps_f = eps
+        return pgd_init(x_nat, eps_t if eps_t is not None else eps_f, self.norm, generator=gen, clip=self.clip)
+
+    def _run(self, model, x_nat, y, target, eps, step, start, idx, best_x, best_score, check):
+        """One restart on the samples `idx` (None: all) from `start` (None: x_nat), which the steps update
+        in place when idx is None (what the CUDA-graph recording relies on). Returns the final iterate
+        (plain PGD)."""
         (eps_t, eps_f), (step_t, step_f) = eps, step
-        budget = eps_t if eps_t is not None else eps_f
-        start = pgd_init(x_nat, budget, self.norm, generator=gen, clip=self.clip) if self.random_start else None
         # The random start is drawn for the whole batch and then subset, so which samples are still
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
         xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps_t, step_t))

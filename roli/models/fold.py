@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
@@ -98,8 +99,23 @@ def _has_pairs(module: nn.Module) -> bool:
 
 
 def _slot(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of a submodule: where a swap writes."""
     parent, _, name = qualname.rpartition(".")
     return (root.get_submodule(parent) if parent else root), name
+
+
+def _get(slot: tuple[nn.Module, str]) -> nn.Module | None:
+    return slot[0]._modules.get(slot[1])
+
+
+def _put(slot: tuple[nn.Module, str], module: nn.Module) -> None:
+    slot[0]._modules[slot[1]] = module
+
+
+class _Pair(NamedTuple):
+    conv_at: tuple[nn.Module, str]
+    bn_at: tuple[nn.Module, str]
+    folded: FoldedConvBN  # holds the conv and the BatchNorm themselves
 
 
 def _pairs_traced(module: nn.Module) -> list | None:
@@ -151,17 +167,16 @@ class BatchNormFolding:
     def _build(self) -> None:
         paths = Counter(id(m) for _, m in self.model.named_modules(remove_duplicate=False))
         self.pairs = []
-        for (cp, cn), (bp, bnn) in _find_pairs(self.model):
-            conv, bn = cp._modules[cn], bp._modules[bnn]
+        for conv_at, bn_at in _find_pairs(self.model):
+            conv, bn = _get(conv_at), _get(bn_at)
             if paths[id(conv)] == 1 and paths[id(bn)] == 1:
-                self.pairs.append((cp, cn, conv, bp, bnn, bn, FoldedConvBN(conv, bn)))
+                self.pairs.append(_Pair(conv_at, bn_at, FoldedConvBN(conv, bn)))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _current(self) -> bool:
-        return all(cp._modules.get(cn) is conv and bp._modules.get(bnn) is bn
-                   for cp, cn, conv, bp, bnn, bn, _ in self.pairs)  # fmt: skip
+        return all(_get(p.conv_at) is p.folded.conv and _get(p.bn_at) is p.folded.bn for p in self.pairs)
 
     @contextlib.contextmanager
     def applied(self, dtype: torch.dtype | None = None):
@@ -172,20 +187,18 @@ class BatchNormFolding:
             raise RuntimeError("this BatchNormFolding is already applied (nested use)")
         if not self._current():  # a pair's module was replaced since: look again
             self._build()
-        if any(bn.training for *_, bn, _ in self.pairs):
+        if any(p.folded.bn.training for p in self.pairs):
             raise RuntimeError("BatchNorm folding needs the model in eval mode (call model.eval() first)")
-        for *_, folded in self.pairs:
-            folded.refresh(dtype)
-        swapped = []
+        for p in self.pairs:
+            p.folded.refresh(dtype)
         self._active = True
         try:
-            for cp, cn, conv, bp, bnn, bn, folded in self.pairs:
-                cp._modules[cn] = folded
-                swapped.append((cp, cn, conv))
-                bp._modules[bnn] = self._identity
-                swapped.append((bp, bnn, bn))
+            for p in self.pairs:
+                _put(p.conv_at, p.folded)
+                _put(p.bn_at, self._identity)
             yield self.model
         finally:
-            for parent, name, original in reversed(swapped):
-                parent._modules[name] = original
+            for p in self.pairs:
+                _put(p.conv_at, p.folded.conv)
+                _put(p.bn_at, p.folded.bn)
             self._active = False

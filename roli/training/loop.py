@@ -109,21 +109,29 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+            precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
+    """One adversarial training step of every trainable parameter: the attack (which unwraps DDP: no
+    all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode.
+    Returns (loss, correct count)."""
+    x_in = attack(x, y) if attack is not None else x
+    net.train()
+    with autocast_for(x.device, precision):
+        logits = net(x_in)
+    loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+
 def _train_step(stage: Stage, x, y) -> tuple[float, int]:
     if stage.name == "alp":
         head = list(stage.model.head.parameters())
         return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision,
                         before_step=lambda: D.average_grads(head))  # fmt: skip
-    x_in = stage.attack(x, y) if stage.attack is not None else x  # the attack unwraps DDP: no all-reduce
     net = stage.train_model if stage.train_model is not None else stage.model
-    net.train()
-    with autocast_for(x.device, stage.precision):
-        logits = net(x_in)
-    loss = F.cross_entropy(logits.float(), y)
-    stage.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    stage.optimizer.step()
-    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+    return ft_step(net, stage.attack, stage.optimizer, x, y, stage.precision)
 
 
 def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0)) -> dict:
