@@ -10,10 +10,12 @@
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["roli", "roli.ops", "roli.kernels", "roli._csrc"]
-PACKAGE_DIR = {"roli": "roli", "roli.kernels": "kernels", "roli._csrc": "csrc"}
+# Every subpackage of roli/ is found (a new one can never be left out of the wheel); the C/C++/CUDA
+# sources ship inside the package as roli._csrc for the just-in-time build.
+PACKAGES = find_packages(include=["roli", "roli.*"]) + ["roli._csrc"]
+PACKAGE_DIR = {"roli._csrc": "csrc"}
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/pgd_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/pgd_kernels.cu", "csrc/cuda/ops_cuda.cpp"]
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fopenmp-simd", "-std=c++20"]  # same as roli/_ext.py cpu_cflags()

@@ -81,7 +81,8 @@ def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta
 
 
 def reference_pgd(model, x, y, eps, alpha, steps, zero_grad=None):
-    """The attack as the RoLI reference code writes it (see ROLI_SPEC.md: what not to copy)."""
+    """The attack as the RoLI reference code writes it (with its weaknesses: parameter gradients in the
+    attack, a batch-level best iterate)."""
     model.eval()
     x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).detach()
     best_loss, best_x = -float("inf"), x_adv

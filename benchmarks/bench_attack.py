@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from _common import matmul_peak, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
+from roli._amp import autocast_for
 from roli._compat import import_timm
 from roli.attacks import PGD
-from roli.attacks.pgd import autocast_for
 from roli.models import NormalizedModel
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,8 +26,7 @@ from _common import cpu_name, reference_pgd, round_robin, write_results
 
 from roli.attacks import PGD
 from roli.data import ArrayData
-from roli.features import FeatureCache, alp_step, compute_features, train_linear_probe, train_linear_probes
-from roli.features.alp import fast_layout
+from roli.features import FeatureCache, alp_step, compute_features, fast_layout, train_linear_probe, train_linear_probes
 from roli.models import apply_peft, create_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"

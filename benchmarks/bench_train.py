@@ -35,8 +35,7 @@ from _common import matmul_load, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
-from roli.features import alp_step
-from roli.features.alp import fast_layout
+from roli.features import alp_step, fast_layout
 from roli.models import apply_peft, create_classifier
 from roli.training.loop import ft_step, make_optimizer, param_groups
 

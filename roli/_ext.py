@@ -12,12 +12,13 @@ just-in-time build; ``ROLI_EXT_DIR`` sets the build cache (default ``~/.cache/ro
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from roli import _env
 
 OPS = ("pgd_step_linf_", "pgd_step_l2_", "keep_best_")
 CPU_SOURCES = ("ops.cpp", "pgd_cpu.cpp")
@@ -45,9 +46,7 @@ def source_dir() -> Path | None:
 
 def want_cuda_build() -> tuple[bool, str]:
     """Whether to compile the CUDA sources, and why not."""
-    setting = os.environ.get("ROLI_BUILD_CUDA", "auto").lower()
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"ROLI_BUILD_CUDA={setting!r} must be auto, 0 or 1")
+    setting = _env.build_cuda()
     if setting == "0":
         return False, "ROLI_BUILD_CUDA=0"
     if torch.version.cuda is None:
@@ -69,7 +68,7 @@ def _jit_build() -> None:
     with_cuda, _ = want_cuda_build()
     if with_cuda:
         sources += [str(src / s) for s in CUDA_SOURCES]
-    build_dir = Path(os.environ.get("ROLI_EXT_DIR", Path.home() / ".cache" / "roli" / "ext"))
+    build_dir = _env.ext_dir()
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     build_dir = build_dir / tag.replace("+", "_")
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +82,7 @@ def _jit_build() -> None:
         extra_cuda_cflags=["-O3", "-std=c++20"],
         build_directory=str(build_dir),
         is_python_module=False,
-        verbose=os.environ.get("ROLI_VERBOSE_BUILD") == "1",
+        verbose=_env.verbose_build(),
     )
 
 
@@ -109,14 +108,14 @@ def load() -> bool:
         if _loaded:
             return HAS_EXT
         try:
-            if os.environ.get("ROLI_NO_EXT") == "1":
+            if _env.no_ext():
                 raise RuntimeError("disabled by ROLI_NO_EXT=1")
             try:
                 import roli._C  # noqa: F401
 
                 EXT_MODE = "aot"
             except ImportError as aot_error:
-                if os.environ.get("ROLI_NO_JIT") == "1":
+                if _env.no_jit():
                     raise RuntimeError(f"roli._C not built ({aot_error}) and ROLI_NO_JIT=1") from None
                 try:
                     _jit_build()

@@ -15,148 +15,18 @@ best.pt, last.pt, curves.png; results.json with the final test metrics.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs
-from roli._io import save_json
-from roli.data import ArrayData
-from roli.models import apply_peft
-from roli.training import dist as D
 from roli.training.config import METHODS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
-from roli.training.pipeline import (
-    build_model,
-    check_run_dir,
-    evaluate_test,
-    linear_probe,
-    load_init,
-    load_splits,
-    prepare_run_dir,
-    train_stage,
-)
+from roli.training.run import run
 
-log = logging.getLogger("roli.train")
 PROG = "python -m roli.train"
-
-
-def _peft(cfg: TrainConfig, model) -> None:
-    apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-               adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens)  # fmt: skip
-
-
-def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}."""
-    run_dir = Path(cfg.run_dir)
-    D.init_from_env(cfg.device)
-    if D.active() and cfg.batch_size % D.world():
-        raise ConfigError(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
-    check_run_dir(run_dir, resume, overwrite)  # nothing is written before every input is validated
-    splits = load_splits(cfg)
-    train, _, test, num_classes = splits
-    in_chans = train.x.shape[1] if isinstance(train, ArrayData) else 3
-
-    def fresh():
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg, num_classes, in_chans)
-
-    if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
-        load_init(cfg, fresh(), cfg.init)  # validates the head checkpoint up front
-    D.barrier()  # every rank has validated before rank 0 touches the run directory
-    if D.is_main():
-        prepare_run_dir(run_dir, resume, overwrite)
-        save_json(cfg.to_dict(), run_dir / "config.json")
-    D.barrier()
-    _log_to(run_dir / "train.log")
-
-    results = {}
-
-    def finish(name, model, best):
-        results[name] = {"val": best, "test": evaluate_test(cfg, model, test)}
-        if D.is_main():
-            save_json(results, run_dir / "results.json")
-
-    m = cfg.method
-    if m == "pretrain":
-        model = fresh()
-        apply_peft(model, "full")
-        finish("pretrain", model, train_stage(cfg, "pretrain", model, splits, run_dir / "pretrain", resume))
-    elif m == "lp":
-        model = fresh()
-        finish("lp", model, linear_probe(cfg, model, splits, run_dir / "lp"))
-    elif m == "alp":
-        model = fresh()
-        finish("alp", model, train_stage(cfg, "alp", model, splits, run_dir / "alp", resume))
-    elif m == "ft":
-        model = fresh()
-        if cfg.init == "lp":
-            finish("lp", model, linear_probe(cfg, model, splits, run_dir / "lp"))
-        elif cfg.init == "alp":
-            finish("alp", model, train_stage(cfg, "alp", model, splits, run_dir / "alp", resume))
-        elif cfg.init != "random":
-            load_init(cfg, model, cfg.init)
-        _peft(cfg, model)
-        finish(f"ft ({cfg.peft}, init {Path(cfg.init).name})", model,
-               train_stage(cfg, "ft", model, splits, run_dir / "ft", resume))  # fmt: skip
-    else:  # roli
-        model = fresh()
-        finish("alp", model, train_stage(cfg, "alp", model, splits, run_dir / "alp", resume))
-        _peft(cfg, model)
-        finish(f"RoLI-{cfg.peft}", model, train_stage(cfg, "ft", model, splits, run_dir / "roli-ft", resume))
-        if cfg.compare_ranli:
-            ranli = dataclasses.replace(cfg, init="random", lr=cfg.ranli_lr)
-            model = fresh()
-            _peft(cfg, model)
-            finish(f"RanLI-{cfg.peft}", model, train_stage(ranli, "ft", model, splits, run_dir / "ranli-ft", resume))
-    if D.is_main():
-        print(render(results, cfg))
-    return results
-
-
-def render(results: dict, cfg: TrainConfig) -> str:
-    steps = f"PGD-{cfg.val_steps}"
-    cols = ["stage", "val clean", f"val {steps}", "test clean", f"test {steps}"] + (
-        ["AutoAttack"] if cfg.autoattack else []
-    )
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}%"
-
-    for name, r in results.items():
-        v, t = r["val"], r["test"]
-        cells = [
-            name,
-            pct(v.get("val_clean")),
-            pct(v.get("val_robust")),
-            pct(t["clean"]),
-            pct(t[f"pgd{cfg.val_steps}"]),
-        ]
-        if cfg.autoattack:
-            cells.append(pct(t.get("autoattack")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _log_to(path: Path) -> None:
-    root = logging.getLogger("roli")
-    root.setLevel(logging.INFO if D.is_main() else logging.WARNING)  # rank-0-only logging
-    if not D.is_main():
-        return
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(console)
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-        root.removeHandler(h)
-        h.close()
-    fh = logging.FileHandler(path)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(fh)
 
 
 def build_parser() -> OneLineParser:

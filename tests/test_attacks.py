@@ -71,6 +71,28 @@ def test_seeded_runs_identical_and_seeds_differ():
     assert not torch.equal(a, c)
 
 
+def test_rng_state_continues_the_stream_on_the_generators_device():
+    model = random_model()
+    x, y = batch()
+    attack = PGD(model, eps=0.1, steps=2, seed=5, keep="last")
+    assert attack.rng_state() == {"device": None, "state": None}  # nothing drawn yet: the seed decides
+    attack(x, y)
+    gen = attack._gen
+    saved = attack.rng_state()
+    assert attack._gen is gen and saved["device"] == str(gen.device)  # reading never replaces the generator
+    after = attack(x, y)
+    resumed = PGD(model, eps=0.1, steps=2, seed=5, keep="last")
+    resumed.set_rng_state(saved)
+    assert resumed._gen.device == gen.device
+    assert torch.equal(resumed(x, y), after)  # the stream continues where it was saved ...
+    assert not torch.equal(PGD(model, eps=0.1, steps=2, seed=5, keep="last")(x, y), after)  # ... not from the seed
+    legacy = PGD(model, eps=0.1, steps=2, seed=5, keep="last")
+    legacy.set_rng_state(saved["state"])  # runs saved before rng_state() stored the bare CPU state
+    assert torch.equal(legacy(x, y), after)
+    unseeded = PGD(model, eps=0.1, steps=2, seed=None)
+    assert unseeded.rng_state() is None
+
+
 def test_no_parameter_gradient_and_mode_restored():
     model = random_model()
     model.train()

@@ -2,9 +2,10 @@
 
 The loop is static when PGD returns its last iterate (keep="last", one restart, no early stop): k times
 a forward, an input-only backward and the fused step, on tensors of fixed shape. It is recorded per
-(shapes, dtypes, budgets, model storage) after two warm-up runs on a side stream (the first one also
-runs the attack's checks, which read values on the host and so cannot be recorded), then replayed: one
-graph launch per attack instead of the few hundred kernel launches of k forward and backward passes.
+(shapes, dtypes, budgets, steps, norm, loss, kernel, model storage) after two warm-up runs on a side
+stream (the first one also runs the attack's checks, which read values on the host and so cannot be
+recorded), then replayed: one graph launch per attack instead of the few hundred kernel launches of k
+forward and backward passes.
 The random start is drawn eagerly before the replay, so it follows the attack's torch.Generator.
 
 What a replay reads is the storage recorded: the model's parameters and buffers (and the folded
@@ -17,7 +18,7 @@ CUDA the same static tensors and loop are used, run instead of replayed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,16 +45,19 @@ class GraphedSteps:
         self.attack = attack
         self.recorded: dict[tuple, _Recorded] = {}
 
-    def run(self, model, x_nat, y, target, eps, step, start: torch.Tensor) -> torch.Tensor:
-        """The k steps from `start` through the recording for these shapes, budgets and model storage."""
-        inputs = (x_nat, y, target, eps[0], step[0])
+    def run(self, plan, model, x_nat, y, target, start: torch.Tensor) -> torch.Tensor:
+        """The k steps from `start` through the recording for these shapes, budgets, attack settings and
+        model storage (`plan`: the attack call's roli.attacks.pgd.Plan)."""
+        a = self.attack
+        inputs = (x_nat, y, target, plan.eps[0], plan.step_size[0])
         key = (tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
-               start.stride(), eps[1], step[1], id(model), _storage_key(model))  # fmt: skip
+               start.stride(), plan.eps[1], plan.step_size[1], plan.step, plan.lo, plan.hi, a.steps, a.norm, a.loss,
+               a.targeted, a.precision, id(model), _storage_key(model))  # fmt: skip
         rec = self.recorded.get(key)
         if rec is None:
             if len(self.recorded) >= MAX_GRAPHS:
                 self.recorded.clear()
-            rec = self.recorded[key] = self._record(model, inputs, start, eps[1], step[1])
+            rec = self.recorded[key] = self._record(plan, model, inputs, start)
         for static, value in zip(rec.inputs, inputs, strict=True):
             if static is not None:
                 static.copy_(value)
@@ -61,16 +65,17 @@ class GraphedSteps:
         rec.replay()
         return rec.x.clone(memory_format=torch.preserve_format)
 
-    def _record(self, model, inputs, start, eps_f, step_f) -> _Recorded:
+    def _record(self, plan, model, inputs, start) -> _Recorded:
         static = tuple(_static(t) for t in inputs)
         x_nat, y, target, eps_t, step_t = static
         x = _static(start)
+        # The recording reads the static budgets: the same plan with their storage.
+        plan = replace(plan, eps=(eps_t, plan.eps[1]), step_size=(step_t, plan.step_size[1]))
 
         def steps(check: bool) -> None:
             # PGD's own loop (keep="last": no scoring), in place on x's storage; x.detach() keeps the
             # static tensor itself out of autograd.
-            self.attack._run(model, x_nat, y, target, (eps_t, eps_f), (step_t, step_f), x.detach(), None, None,
-                             None, check)  # fmt: skip
+            self.attack._run(plan, model, x_nat, y, target, x.detach(), None, None, None, check)
 
         if not x.is_cuda:  # the same static tensors and loop, run instead of replayed
             return _Recorded(lambda: steps(check=True), x, static)

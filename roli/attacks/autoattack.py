@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from roli._amp import autocast_for
 from roli._io import load_tagged, save_torch
+from roli.attacks._checks import check_images, check_labels
 from roli.attacks._mode import attack_mode
-from roli.attacks.pgd import autocast_for, check_images, check_labels
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 STATE_FORMAT = 1

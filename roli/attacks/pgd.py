@@ -9,20 +9,21 @@ iterate is chosen per example (the RoLI reference code picks it per batch by the
 from __future__ import annotations
 
 import contextlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from roli._amp import autocast_for
+from roli.attacks import _checks as C
 from roli.attacks._graph import GraphedSteps
 from roli.attacks._mode import attack_mode
-from roli.attacks.losses import LOSSES, attack_loss
+from roli.attacks.losses import attack_loss
 from roli.models.fold import BatchNormFolding
 from roli.ops import keep_best_kernel, pgd_init, step_kernel
 from roli.ops._checks import check_clip
 
-PRECISIONS = ("fp32", "bf16")
 INF = float("inf")
 
 
@@ -36,40 +37,18 @@ class PGDResult:
     success: torch.Tensor | None
 
 
-def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16":
-        # No cast cache while a CUDA graph records (the cached casts would not be in the graph's pool).
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing)
-    return contextlib.nullcontext()
+@dataclass(frozen=True)
+class Plan:
+    """What one attack call runs with, resolved and validated once: the fused kernels for the images'
+    device and dtype, the pixel bounds, and the budgets in the kernels' form ((B,) float32 tensor or
+    None, float). Passed down the loop (and into the CUDA-graph recording), never stored on the attack."""
 
-
-def check_labels(name: str, y, x: torch.Tensor) -> None:
-    if not isinstance(y, torch.Tensor) or y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
-        raise ValueError(f"{name} must be an integer tensor of class indices; got {getattr(y, 'dtype', type(y))}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},), one label per image; got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but the images are on {x.device}")
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"{name} must be >= 0; got {int(y.min())}")
-
-
-def check_images(x, clip: tuple[float, float] | None) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(
-            f"images must be a floating-point tensor in pixel space; got {getattr(x, 'dtype', type(x).__name__)} "
-            "(convert with x.float() / 255)"
-        )
-    if x.dim() < 2:
-        raise ValueError(f"images must have shape (B, ...); got {tuple(x.shape)}")
-    if clip is not None and x.numel():
-        lo, hi = float(x.min()), float(x.max())
-        if lo < clip[0] - 1e-6 or hi > clip[1] + 1e-6:
-            raise ValueError(
-                f"images must lie in [{clip[0]:g}, {clip[1]:g}] (pixel space; normalisation belongs inside the "
-                f"model); got values in [{lo:.4g}, {hi:.4g}]"
-            )
+    step: Callable
+    keep_best: Callable
+    lo: float
+    hi: float
+    eps: tuple[torch.Tensor | None, float]
+    step_size: tuple[torch.Tensor | None, float]
 
 
 def _take(t, index: torch.Tensor | None):
@@ -138,37 +117,14 @@ class PGD:
         fold_bn: bool = True,
         cuda_graph: bool = False,
     ):
-        if memory_format not in ("auto", "channels_last", "contiguous"):
-            raise ValueError(f"memory_format must be auto, channels_last or contiguous; got {memory_format!r}")
-        for name, value, positive in (("eps", eps, False), ("step_size", step_size, True)):
-            if isinstance(value, torch.Tensor):
-                if value.numel() and (not bool(torch.isfinite(value).all()) or float(value.min()) < 0):
-                    raise ValueError(f"{name} must be finite and >= 0; got a tensor with min {float(value.min())}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number or a (B,) tensor; got {value!r}")
-            elif value < 0 or (positive and value == 0):
-                raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}; got {value}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1; got {restarts!r}")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
-        if keep not in ("best", "last"):
-            raise ValueError(f"keep must be 'best' or 'last'; got {keep!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        C.check_config(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=norm, loss=loss, keep=keep,
+                       precision=precision, memory_format=memory_format, early_stop=early_stop,
+                       cuda_graph=cuda_graph)  # fmt: skip
         self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
         self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
         self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
         self.fold_bn, self.cuda_graph = bool(fold_bn), bool(cuda_graph)
-        if self.cuda_graph and (keep != "last" or restarts != 1 or early_stop):
-            raise ValueError(
-                "cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False"
-            )
         self._graphed = GraphedSteps(self) if self.cuda_graph else None
         self._gen = self._folding = None  # built on first use
 
@@ -182,24 +138,11 @@ class PGD:
 
     # -- helpers ------------------------------------------------------------------------------------
 
-    def _budget(self, value, x: torch.Tensor):
-        """(per-sample float32 tensor or None, float): the kernels' form, validated once per attack."""
-        if isinstance(value, torch.Tensor):
-            if value.shape != (x.shape[0],):
-                raise ValueError(f"a per-sample budget must have shape ({x.shape[0]},); got {tuple(value.shape)}")
-            return value.detach().to(device=x.device, dtype=torch.float32).contiguous(), 0.0
-        return None, float(value)
-
     def _forward(self, model, x_adv, y, target, with_grad: bool, check: bool):
         with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.precision):
             logits = model(x_adv)
         if check:
-            if logits.dim() != 2 or logits.shape[0] != x_adv.shape[0]:
-                raise ValueError(f"the model must return logits of shape (B, K); got {tuple(logits.shape)}")
-            if int(y.max()) >= logits.shape[1] or (target is not None and int(target.max()) >= logits.shape[1]):
-                raise ValueError(f"labels must be < the number of classes ({logits.shape[1]}); got {int(y.max())}")
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError("the model returned non-finite logits (NaN/inf) on these images")
+            C.check_logits(logits, x_adv, y, target)
         loss = attack_loss(self.loss, logits, y, target)
         if not self._scored:  # plain PGD never reads it: no argmax/compare kernels in the training attack
             return loss, None
@@ -207,12 +150,13 @@ class PGD:
         success = pred == target if target is not None else pred != y
         return loss, success
 
-    def _record(self, best_x, best_score, idx, x_cur, score):
+    @staticmethod
+    def _record(plan: Plan, best_x, best_score, idx, x_cur, score):
         if idx is None:
-            self._keep_best(best_x, best_score, x_cur, score)
+            plan.keep_best(best_x, best_score, x_cur, score)
             return
         bx, bs = best_x.index_select(0, idx), best_score.index_select(0, idx)
-        self._keep_best(bx, bs, x_cur, score)
+        plan.keep_best(bx, bs, x_cur, score)
         best_x.index_copy_(0, idx, bx)
         best_score.index_copy_(0, idx, bs)
 
@@ -220,12 +164,12 @@ class PGD:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> PGDResult:
         """Attack a batch. See the class docstring."""
-        check_images(x, self.clip)
-        check_labels("y", y, x)
+        C.check_images(x, self.clip)
+        C.check_labels("y", y, x)
         if self.targeted and target is None:
             raise ValueError("targeted PGD needs target labels: attack(x, y, target)")
         if target is not None:
-            check_labels("target", target, x)
+            C.check_labels("target", target, x)
         target = target if self.targeted else None
         x_nat = self._layout(x.detach())
         result = self._perturb(x_nat, y, target)
@@ -241,6 +185,29 @@ class PGD:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device).manual_seed(self.seed)
         return self._gen
+
+    def rng_state(self) -> dict | None:
+        """The random-start generator's state, on its own device (None: seed=None, the global generator is
+        used). Reading it never creates or replaces the generator."""
+        if self.seed is None:
+            return None
+        if self._gen is None:
+            return {"device": None, "state": None}  # no start drawn yet: the next one comes from the seed
+        return {"device": str(self._gen.device), "state": self._gen.get_state()}
+
+    def set_rng_state(self, state: dict | torch.Tensor | None) -> None:
+        """Restore what rng_state() returned (a bare tensor is a CPU generator's state, as older runs saved)."""
+        if state is None or self.seed is None:
+            return
+        if isinstance(state, torch.Tensor):
+            state = {"device": "cpu", "state": state}
+        if state["state"] is None:
+            self._gen = None
+            return
+        device = torch.device(state["device"])
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+        self._gen.set_state(state["state"])
 
     def _folded(self, model: nn.Module):
         """A context in which `model` runs with its Conv -> BatchNorm pairs folded (fold_bn), else a no-op."""
@@ -266,27 +233,26 @@ class PGD:
 
     def _perturb(self, x_nat: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> PGDResult:
         device, batch = x_nat.device, x_nat.shape[0]
-        eps, step = self._budget(self.eps, x_nat), self._budget(self.step_size, x_nat)
         gen = self._generator(device)
-        # The arguments are validated here, once; the inner loop calls the resolved kernels directly.
-        self._step = step_kernel(self.norm, device, x_nat.dtype, self.impl)
-        self._keep_best = keep_best_kernel(device, x_nat.dtype, self.impl)
-        self._lo, self._hi = check_clip(self.clip)
+        lo, hi = check_clip(self.clip)
+        plan = Plan(step=step_kernel(self.norm, device, x_nat.dtype, self.impl),
+                    keep_best=keep_best_kernel(device, x_nat.dtype, self.impl), lo=lo, hi=hi,
+                    eps=C.budget(self.eps, x_nat), step_size=C.budget(self.step_size, x_nat))  # fmt: skip
         best_x = x_nat.clone(memory_format=torch.preserve_format)
         best_score = torch.full((batch,), -INF, device=device)
         if batch == 0:
             return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=device))
         with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
             if self._graphed is not None:  # the static loop, from its recording; the start is drawn eagerly
-                start = self._start(x_nat, eps, gen)
-                x_last = self._graphed.run(model, x_nat, y, target, eps, step, x_nat if start is None else start)
+                start = self._start(plan, x_nat, gen)
+                x_last = self._graphed.run(plan, model, x_nat, y, target, x_nat if start is None else start)
                 return PGDResult(x_last, None)
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
             if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
                 loss, success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
                 check = False
-                self._record(best_x, best_score, None, x_nat, torch.where(success, INF, loss))
+                self._record(plan, best_x, best_score, None, x_nat, torch.where(success, INF, loss))
             for restart in range(self.restarts):
                 if restart > 0 or self.early_stop:
                     idx = torch.nonzero(best_score != INF)[:, 0]
@@ -294,25 +260,25 @@ class PGD:
                         break
                     if idx.numel() == batch:
                         idx = None
-                start = self._start(x_nat, eps, gen)
-                x_last = self._run(model, x_nat, y, target, eps, step, start, idx, best_x, best_score, check)
+                start = self._start(plan, x_nat, gen)
+                x_last = self._run(plan, model, x_nat, y, target, start, idx, best_x, best_score, check)
                 check = False
             if not self._scored:
                 return PGDResult(x_last, None)
         return PGDResult(best_x, best_score == INF)
 
-    def _start(self, x_nat: torch.Tensor, eps, gen) -> torch.Tensor | None:
+    def _start(self, plan: Plan, x_nat: torch.Tensor, gen) -> torch.Tensor | None:
         """The random start of a restart, for the whole batch (None: start at x_nat)."""
         if not self.random_start:
             return None
-        eps_t, eps_f = eps
+        eps_t, eps_f = plan.eps
         return pgd_init(x_nat, eps_t if eps_t is not None else eps_f, self.norm, generator=gen, clip=self.clip)
 
-    def _run(self, model, x_nat, y, target, eps, step, start, idx, best_x, best_score, check):
+    def _run(self, plan: Plan, model, x_nat, y, target, start, idx, best_x, best_score, check):
         """One restart on the samples `idx` (None: all) from `start` (None: x_nat), which the steps update
         in place when idx is None (what the CUDA-graph recording relies on). Returns the final iterate
         (plain PGD)."""
-        (eps_t, eps_f), (step_t, step_f) = eps, step
+        (eps_t, eps_f), (step_t, step_f) = plan.eps, plan.step_size
         # The random start is drawn for the whole batch and then subset, so which samples are still
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
         xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps_t, step_t))
@@ -330,7 +296,7 @@ class PGD:
             if self.keep == "best" or last or self.early_stop:
                 score = torch.where(success, INF, loss.detach()) if (self.keep == "best" or last) else \
                     torch.where(success, INF, -INF)  # fmt: skip
-                self._record(best_x, best_score, idx, x_adv, score)
+                self._record(plan, best_x, best_score, idx, x_adv, score)
             if last:
                 return x_adv
             if self.early_stop and bool(success.any()):
@@ -339,5 +305,5 @@ class PGD:
                     return x_adv
                 idx = keep if idx is None else idx.index_select(0, keep)
                 x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
-            self._step(x_adv, grad, xn, e, eps_f, s, step_f, self._lo, self._hi)
+            plan.step(x_adv, grad, xn, e, eps_f, s, step_f, plan.lo, plan.hi)
         return x_adv

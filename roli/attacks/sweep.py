@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roli._amp import autocast_for
 from roli.attacks._mode import attack_mode
-from roli.attacks.pgd import PGD, autocast_for
+from roli.attacks.pgd import PGD
 
 
 @torch.no_grad()

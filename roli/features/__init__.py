@@ -1,20 +1,19 @@
-"""Stage 1 of RoLI: the frozen-backbone feature cache, clean linear probing, adversarial linear probing."""
+"""Stage 1 of RoLI: the frozen-backbone feature cache, clean linear probing, the adversarial linear probing
+step (its epoch loop is the trainer's: roli.training.adversarial_linear_probe)."""
 
-from roli.features.alp import ALPResult, adversarial_linear_probe, alp_step, robust_accuracy
+from roli.features.alp import alp_step, fast_layout
 from roli.features.cache import FeatureCache, Features, cache_key, compute_features
 from roli.features.probe import ProbeResult, accuracy, train_linear_probe, train_linear_probes
 
 __all__ = [
-    "ALPResult",
     "FeatureCache",
     "Features",
     "ProbeResult",
     "accuracy",
-    "adversarial_linear_probe",
     "alp_step",
     "cache_key",
     "compute_features",
-    "robust_accuracy",
+    "fast_layout",
     "train_linear_probe",
     "train_linear_probes",
 ]

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 import roli
-from roli.attacks.pgd import autocast_for
+from roli import _env
+from roli._amp import autocast_for
+from roli._dist import rank_world
 from roli.data import ArrayData, FileData
 from roli.data.arrays import to_float
 
@@ -39,8 +41,7 @@ DTYPES = ("fp32", "bf16")
 
 
 def default_root() -> Path:
-    base = os.environ.get("ROLI_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "roli") / "features"
+    return _env.cache_root() / "features"
 
 
 @dataclass
@@ -131,12 +132,6 @@ def compute_features(model, data, batch_size: int = 256, dtype: str = "fp32", de
     return torch.cat(feats), torch.cat(labels)
 
 
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class FeatureCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_root()
@@ -161,9 +156,7 @@ class FeatureCache:
         key, desc = cache_key(model, data, split, dtype)
         if self.valid(key):
             return self.load(key)
-        rank, world = (
-            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        )
+        rank, world = rank_world()
         tmp = self.root / f".tmp-{key}"
         if world == 1:
             tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,7 @@ impl="auto" | "torch" | "cpp" | "cuda" | "triton"; the environment variable ROLI
 from roli.ops._dispatch import IMPLS, resolve, unavailable_reason
 from roli.ops.keep_best import keep_best_, keep_best_kernel, keep_best_torch
 from roli.ops.pgd_init import pgd_init
-from roli.ops.pgd_step import pgd_step_, pgd_step_l2_torch, pgd_step_linf_torch, pgd_step_ref, step_kernel
+from roli.ops.pgd_step import pgd_step_, pgd_step_l2_torch, pgd_step_linf_torch, step_kernel
 
 __all__ = [
     "IMPLS",
@@ -21,7 +21,6 @@ __all__ = [
     "pgd_step_",
     "pgd_step_l2_torch",
     "pgd_step_linf_torch",
-    "pgd_step_ref",
     "resolve",
     "step_kernel",
     "unavailable_reason",

@@ -7,12 +7,11 @@ that cannot run raises RuntimeError with the reason; an automatic fallback warns
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-from roli import _ext
+from roli import _env, _ext
 
 IMPLS = ("auto", "torch", "cpp", "cuda", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,7 +36,7 @@ def triton_error() -> str | None:
 def requested_impl(impl: str | None) -> str:
     source = "impl"
     if impl is None:
-        impl, source = os.environ.get("ROLI_IMPL", "auto"), "ROLI_IMPL"
+        impl, source = _env.impl(), "ROLI_IMPL"
     if not isinstance(impl, str) or impl.lower() not in IMPLS:
         raise ValueError(f"{source}={impl!r} is not a backend; use one of {', '.join(IMPLS)}")
     return impl.lower()
@@ -68,9 +67,11 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            from roli.kernels._jit import interpreting
-
-            return None if interpreting() else "Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+            return (
+                None
+                if _env.triton_interpret()
+                else "Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+            )
         return f"Triton does not run on {device.type} tensors"
     raise ValueError(f"unknown backend {backend!r}")
 

@@ -125,8 +125,3 @@ def step_kernel(norm: str, device: torch.device, dtype: torch.dtype, impl: str |
     fn(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi), in place, under no_grad. eps_t/step_t are
     contiguous float32 (B,) tensors or None (then the floats are used)."""
     return _BACKENDS[check_norm(norm)][resolve(impl, device, dtype, "pgd_step_")]
-
-
-def pgd_step_ref(x_adv, grad, x_nat, eps, step_size, norm="linf", clip=(0.0, 1.0)) -> torch.Tensor:
-    """The reference: pgd_step_ with impl="torch"."""
-    return pgd_step_(x_adv, grad, x_nat, eps, step_size, norm=norm, clip=clip, impl="torch")

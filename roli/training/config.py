@@ -1,7 +1,7 @@
-"""The trainer's configuration: one dataclass, validated field by field, with the reference-protocol
-defaults of ROLI_SPEC.md (Linf 8/255, step 2/255, PGD-7 train / PGD-10 val, batch 64, warmup-cosine,
-SGD for ALP, AdamW for finetuning). Flags and YAML/JSON config files map onto it; the resolved
-config is written into the run directory."""
+"""The trainer's configuration: one dataclass, validated field by field, with the reference protocol's
+defaults (Linf 8/255, step 2/255, PGD-7 train / PGD-10 val, batch 64, warmup-cosine, SGD for ALP,
+AdamW for finetuning). Flags and YAML/JSON config files map onto it; the resolved config is written
+into the run directory."""
 
 from __future__ import annotations
 
@@ -14,9 +14,29 @@ from roli._cli import BadValue, parse_budget
 from roli.models.peft import METHODS as PEFT_METHODS
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
-# Effective learning rates of the reference (CIFAR-10): ALP 0.0125 (SGD); full FT 2.5e-5 from the ALP head
-# (RoLI) and 1.25e-4 from a random head (RanLI) (AdamW); pretraining from scratch: SGD 0.1.
-DEFAULT_LR = {"pretrain": 0.1, "lp": 0.1, "alp": 0.0125, "ft": 2.5e-5, "ranli": 1.25e-4}
+# Per kind of stage: optimiser, effective learning rate and weight decay. The reference's CIFAR-10 values:
+# ALP 0.0125 (SGD); full FT 2.5e-5 from the ALP head (RoLI) and 1.25e-4 from a random head (RanLI)
+# (AdamW); pretraining from scratch: SGD 0.1.
+STAGE_DEFAULTS = {
+    "pretrain": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4},
+    "lp": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01},
+    "alp": {"optimizer": "sgd", "lr": 0.0125, "weight_decay": 0.01},
+    "ft": {"optimizer": "adamw", "lr": 2.5e-5, "weight_decay": 0.01},
+    "ranli": {"optimizer": "adamw", "lr": 1.25e-4, "weight_decay": 0.01},
+}
+# The stage kind whose settings the plain --lr/--optimizer/--weight-decay flags set, per method.
+PRIMARY = {"pretrain": "pretrain", "lp": "lp", "alp": "alp", "ft": "ft", "roli": "ft"}
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """The resolved optimisation settings of one stage."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    epochs: int
+    warmup: int
 
 
 ConfigError = BadValue  # a bad configuration value: one line, exit code 2
@@ -152,18 +172,20 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def lr_for(self, stage: str) -> float:
-        primary = {"pretrain": "pretrain", "lp": "lp", "alp": "alp", "ft": "ft", "roli": "ft"}[self.method]
-        if stage == "alp" and primary != "alp" and self.alp_lr is not None:
-            return self.alp_lr
-        if stage == primary and self.lr is not None:
-            return self.lr
-        return DEFAULT_LR["ranli" if stage == "ft" and self.init == "random" else stage]
-
-    def optimizer_for(self, stage: str) -> str:
-        return self.optimizer or ("adamw" if stage == "ft" else "sgd")
-
-    def weight_decay_for(self, stage: str) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 5e-4 if stage == "pretrain" else 0.01
+    def settings(self, kind: str) -> StageSettings:
+        """Settings of a stage kind (pretrain | lp | alp | ft | ranli): the method's own stage takes --lr,
+        --optimizer and --weight-decay; the ALP stage inside ft/roli takes --alp-lr; the random-head
+        baseline takes --ranli-lr; the rest come from STAGE_DEFAULTS. A finetuning stage from a random
+        head (--init random) takes the random-head defaults."""
+        if kind == "ft" and self.init == "random":
+            kind = "ranli"
+        d = STAGE_DEFAULTS[kind]
+        own = PRIMARY[self.method] == kind or (kind == "ranli" and self.method == "ft")
+        lr = self.lr if own else {"alp": self.alp_lr, "ranli": self.ranli_lr}.get(kind)
+        return StageSettings(
+            optimizer=self.optimizer or d["optimizer"],
+            lr=d["lr"] if lr is None else lr,
+            weight_decay=d["weight_decay"] if self.weight_decay is None else self.weight_decay,
+            epochs=self.epochs,
+            warmup=self.warmup,
+        )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,10 @@ from pathlib import Path
 import torch
 
 import roli
+from roli import _env
+from roli._io import save_json, save_torch
 from roli.training.config import TrainConfig
+from roli.training.run import run
 
 COMMON = dict(model="roli.models.small:small_cnn", dataset="digits", eps=0.1, step_size=0.025, steps=5,
               val_steps=10, batch_size=64, seed=0)  # fmt: skip
@@ -30,12 +32,10 @@ COMMON = dict(model="roli.models.small:small_cnn", dataset="digits", eps=0.1, st
 
 def source_backbone(epochs: int = 15) -> Path:
     """The robust source backbone (digits 0-4), trained once and cached; returns its weights file."""
-    from roli.train import run
-
     cfg = TrainConfig(method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, **COMMON)
     key = hashlib.sha256(json.dumps({**cfg.to_dict(), "run_dir": None, "roli": roli.__version__},
                                     sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
-    base = Path(os.environ.get("ROLI_CACHE_DIR", Path.home() / ".cache" / "roli")) / "demo" / key
+    base = _env.cache_root() / "demo" / key
     weights = base / "backbone.pt"
     if weights.is_file():
         print(f"robust source backbone (digits 0-4): cached at {weights}")
@@ -44,16 +44,12 @@ def source_backbone(epochs: int = 15) -> Path:
     work = base / "run"
     run(dataclasses.replace(cfg, run_dir=str(work)), overwrite=True)
     state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
-    from roli._io import save_torch
-
     save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
     shutil.rmtree(work, ignore_errors=True)
     return weights
 
 
 def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 15) -> dict:
-    from roli.train import run
-
     t0 = time.time()
     run_dir = Path(run_dir or f"runs/roli-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     weights = source_backbone(source_epochs)
@@ -78,7 +74,5 @@ def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 
     table = "\n".join(lines)
     print(table)
     summary = {name: r["test"] for name, r in rows.items()}
-    from roli._io import save_json
-
     save_json({"table": table, "results": summary, "seconds": round(time.time() - t0, 1)}, run_dir / "demo.json")
     return summary

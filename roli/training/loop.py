@@ -11,25 +11,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from roli import _dist as D
+from roli._amp import autocast_for
 from roli._io import atomic_write, load_tagged, save_torch
-from roli.attacks import PGD
-from roli.attacks.pgd import autocast_for
-from roli.features.alp import alp_step, robust_accuracy
-from roli.models import save_checkpoint
+from roli.attacks import PGD, robust_accuracy
+from roli.features.alp import alp_step
+from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
-from roli.training import dist as D
 
 STATE_FORMAT = "roli-train-state"
 log = logging.getLogger("roli.train")
@@ -45,22 +47,28 @@ class Interrupted(Exception):
         self.signum, self.where = signum, where
 
 
-@dataclass
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]  # (x, y) -> (loss, correct count)
+
+
+@dataclass(kw_only=True)
 class Stage:
-    name: str  # "pretrain" | "alp" | "ft"
-    model: torch.nn.Module
+    """One trained stage. What kind of stage it is lives in `step` (see alp_stage_step, ft_stage_step):
+    the loop never asks for its name, which only labels logs, metrics and checkpoints."""
+
+    name: str
+    model: torch.nn.Module  # what is validated and checkpointed (never a DDP/compiled wrapper)
+    step: StepFn  # one training step on a batch
     train: object  # a loader with set_epoch; yields (x in [0, 1], y)
     val: object  # (x, y) tensors or an iterable of batches
     optimizer: torch.optim.Optimizer
     epochs: int
     warmup: int
-    attack: PGD | None
+    attack: PGD | None  # the training attack (its random-start generator is saved and restored)
     eps: float
     step_size: float
     val_steps: int
     precision: str = "fp32"
     seed: int = 0
-    train_model: torch.nn.Module | None = None  # the DDP wrapper under torchrun (gradient all-reduce)
     history: list[dict] = field(default_factory=list)
 
 
@@ -125,19 +133,31 @@ def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor
     return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
 
-def _train_step(stage: Stage, x, y) -> tuple[float, int]:
-    if stage.name == "alp":
-        head = list(stage.model.head.parameters())
-        return alp_step(stage.model, stage.attack, stage.optimizer, x, y, stage.precision,
-                        before_step=lambda: D.average_grads(head))  # fmt: skip
-    net = stage.train_model if stage.train_model is not None else stage.model
-    return ft_step(net, stage.attack, stage.optimizer, x, y, stage.precision)
+def alp_stage_step(model, attack: PGD, opt: torch.optim.Optimizer, precision: str = "fp32") -> StepFn:
+    """The step of an ALP stage: the attack through the frozen model, then the head update (its gradients
+    averaged over torchrun ranks: the head trains outside any DDP forward)."""
+    head = list(model.head.parameters())
+
+    def step(x, y):
+        return alp_step(model, attack, opt, x, y, precision, before_step=lambda: D.average_grads(head))
+
+    return step
+
+
+def ft_stage_step(net, attack: PGD | None, opt: torch.optim.Optimizer, precision: str = "fp32") -> StepFn:
+    """The step of a pretraining or finetuning stage: every trainable parameter of `net` (the DDP or
+    compiled wrapper where there is one) on the attack's examples."""
+
+    def step(x, y):
+        return ft_step(net, attack, opt, x, y, precision)
+
+    return step
 
 
 def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0)) -> dict:
     """The resumable state (a collective under torchrun: every rank contributes its RNG states)."""
-    gen = stage.attack._generator(torch.device("cpu")) if stage.attack is not None else None
-    rngs = D.gather_objects((torch.get_rng_state(), gen.get_state() if gen is not None else None, list(partial)))
+    attack_rng = stage.attack.rng_state() if stage.attack is not None else None
+    rngs = D.gather_objects((torch.get_rng_state(), attack_rng, list(partial)))
     return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
             "torch_rng": [r[0] for r in rngs], "attack_rng": [r[1] for r in rngs],
@@ -170,26 +190,41 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     )
 
 
-def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None = None) -> dict:
-    """Train `stage` for its epochs in run_dir (resuming from run_dir/last.pt when asked).
-    Returns the best {"epoch", "val_clean", "val_robust"}."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
+def _trained_state(model: torch.nn.Module) -> dict:
+    """A copy of what training changes: the trainable parameters and the buffers."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad] + list(model.named_buffers())
+    return {k: t.detach().clone() for k, t in named}
+
+
+def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool | None = None,
+        report: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Train `stage` for its epochs, selecting the model by validation robust accuracy; afterwards
+    stage.model holds the best model. Returns the best {"epoch", "val_clean", "val_robust"}.
+
+    With a run_dir: last.pt / best.pt / metrics.jsonl there, resumable (`resume`), SIGINT/SIGTERM saved.
+    With run_dir=None: nothing is written; the best weights are kept in memory.
+    `report` receives the one-line summary of each epoch (default: the roli.train logger)."""
+    report = report or log.info
+    last = best_path = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     start_epoch, start_step, best = 0, 0, {"epoch": -1, "val_clean": 0.0, "val_robust": -1.0}
+    best_state = None  # run_dir=None: the best model's trained tensors
     partial = (0, 0.0, 0)  # (seen, loss sum, correct) of an epoch interrupted mid-way
-    if resume and last.exists():
+    if resume and last is not None and last.exists():
         state = load_tagged(last, STATE_FORMAT, "roli training state")
         stage.model.load_state_dict(state["model"])
         stage.optimizer.load_state_dict(state["optimizer"])
         r = D.rank() if len(state["torch_rng"]) == D.world() else 0
         torch.set_rng_state(state["torch_rng"][r])
-        if stage.attack is not None and state["attack_rng"][r] is not None:
-            stage.attack._generator(torch.device("cpu")).set_state(state["attack_rng"][r])
+        if stage.attack is not None:
+            stage.attack.set_rng_state(state["attack_rng"][r])
         start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
         partial = tuple(state["partial"][r])
         log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
     show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
-    with _StopOnSignal() as stop:
+    with _StopOnSignal() if run_dir is not None else contextlib.nullcontext(_NoSignal()) as stop:
         for epoch in range(start_epoch, stage.epochs):
             factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
             for g in stage.optimizer.param_groups:
@@ -203,13 +238,13 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
                 if i < start_step:
                     continue
                 try:
-                    loss, ok = _train_step(stage, x, y)
+                    loss, ok = stage.step(x, y)
                 except ValueError as e:  # the attack found the model's outputs non-finite
                     if "non-finite" not in str(e):
                         raise
                     loss, ok = float("nan"), 0
                 if not math.isfinite(loss):
-                    good = last if last.exists() else "none (first epoch)"
+                    good = last if last is not None and last.exists() else "none (first epoch)"
                     raise NonFiniteLoss(f"{stage.name}: the loss became {loss} at epoch {epoch}, step {i}; "
                                         f"the last good checkpoint is {good}")  # fmt: skip
                 seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
@@ -225,19 +260,33 @@ def fit(stage: Stage, run_dir: Path, resume: bool = False, progress: bool | None
                    "val_clean": clean, "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9),
                    "seconds": round(seconds, 3)}  # fmt: skip
             stage.history.append(row)
-            log.info("%s epoch %d: loss %.4f, train acc %.4f, val clean %.4f, val PGD-%d %.4f, %.1f img/s",
-                     stage.name, epoch, row["train_loss"], row["train_acc"], clean, stage.val_steps, robust,
-                     row["images_per_s"])  # fmt: skip
-            if D.is_main():
+            report(
+                f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
+                f"val clean {clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s"
+            )
+            if run_dir is not None and D.is_main():
                 _write_metrics(run_dir, stage.history)
             if robust > best["val_robust"]:
                 best = {"epoch": epoch, "val_clean": clean, "val_robust": robust}
-                if D.is_main():
+                if run_dir is None:
+                    best_state = _trained_state(stage.model)
+                elif D.is_main():
                     save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
-            _save_state(_state(stage, epoch + 1, 0, best, (0, 0.0, 0)), last)
+            if run_dir is not None:
+                _save_state(_state(stage, epoch + 1, 0, best, (0, 0.0, 0)), last)
             if D.any_(stop.signum is not None):
                 raise Interrupted(stop.signum or signal.SIGTERM, last)
+    if run_dir is None:
+        if best_state is not None:
+            stage.model.load_state_dict(best_state, strict=False)
+    else:
+        D.barrier()
+        load_checkpoint(stage.model, best_path)
     return best
+
+
+class _NoSignal:
+    signum = None
 
 
 def _progress(loader, show: bool, desc: str):

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
+from roli import _dist as D
 from roli._io import save_json
-from roli.attacks import PGD, run_autoattack
+from roli.attacks import PGD, robust_accuracy, run_autoattack
 from roli.data import ArrayData, load_dataset
-from roli.features import FeatureCache, robust_accuracy, train_linear_probes
-from roli.features.alp import fast_layout
+from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import apply_peft, create_classifier, load_checkpoint, load_pretrained, save_checkpoint
-from roli.training import dist as D
-from roli.training.config import ConfigError, TrainConfig, parse_classes
-from roli.training.loop import Stage, fit, make_optimizer, param_groups
+from roli.training.config import ConfigError, StageSettings, TrainConfig, parse_classes
+from roli.training.loop import Stage, alp_stage_step, fit, ft_stage_step, make_optimizer, param_groups
 
 log = logging.getLogger("roli.train")
 
@@ -84,40 +83,30 @@ def _done(stage_dir: Path) -> bool:
     return (stage_dir / "done.json").is_file()
 
 
-def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, resume: bool) -> dict:
-    """Run one trained stage (pretrain | alp | ft) into stage_dir; leave the best model in `model`."""
-    train, val, _, _ = splits
-    if _done(stage_dir):  # a resumed run skips finished stages
-        load_checkpoint(model, stage_dir / "best.pt")
-        return json.loads((stage_dir / "done.json").read_text())
-    if name == "alp":
-        apply_peft(model, "linear")
-        fast_layout(model, cfg.precision)
-    opt = make_optimizer(param_groups(model, cfg.weight_decay_for(name)), cfg.optimizer_for(name), cfg.lr_for(name),
-                         cfg.momentum)  # fmt: skip
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if cfg.compile and name != "alp" else model  # checkpoints keep `model`'s keys
-    attack = None
-    if cfg.attack == "pgd" and cfg.steps > 0:
-        attack = PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
-                     random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed,
-                     memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
-                     cuda_graph=cfg.cuda_graph)  # fmt: skip
-    ddp = None
-    if D.active() and name != "alp":  # ALP averages its head's gradients itself (no DDP forward)
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(net)
-        if attack is not None:
-            attack.model = ddp  # attacks unwrap it: no gradient all-reduce inside the attack
-    elif net is not model:
-        ddp = net  # the compiled module does the training forward
-    stage = Stage(name, model, _loader(cfg, train, True), _val(cfg, val), opt, cfg.epochs, cfg.warmup, attack,
-                  cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed, ddp)  # fmt: skip
-    best = fit(stage, stage_dir, resume=resume)
-    D.barrier()
+def _finished(model, stage_dir: Path) -> dict | None:
+    """A resumed run skips finished stages: their best model is loaded and their result returned."""
+    if not _done(stage_dir):
+        return None
     load_checkpoint(model, stage_dir / "best.pt")
+    return json.loads((stage_dir / "done.json").read_text())
+
+
+def _attack(cfg: TrainConfig, net) -> PGD | None:
+    if cfg.attack != "pgd" or cfg.steps == 0:
+        return None
+    return PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
+               random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed,
+               memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
+               cuda_graph=cfg.cuda_graph)  # fmt: skip
+
+
+def _fit(cfg: TrainConfig, name: str, model, step, attack, opt, settings: StageSettings, splits, stage_dir: Path,
+         resume: bool) -> dict:  # fmt: skip
+    train, val, _, _ = splits
+    stage = Stage(name=name, model=model, step=step, train=_loader(cfg, train, True), val=_val(cfg, val),
+                  optimizer=opt, epochs=settings.epochs, warmup=settings.warmup, attack=attack, eps=cfg.eps,
+                  step_size=cfg.step_size, val_steps=cfg.val_steps, precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+    best = fit(stage, stage_dir, resume=resume)
     if D.is_main():
         plot_curves(stage.history, stage_dir / "curves.png", name)
         save_json(best, stage_dir / "done.json")
@@ -125,20 +114,62 @@ def train_stage(cfg: TrainConfig, name: str, model, splits, stage_dir: Path, res
     return best
 
 
+def _optimizer(cfg: TrainConfig, model, settings: StageSettings):
+    return make_optimizer(param_groups(model, settings.weight_decay), settings.optimizer, settings.lr, cfg.momentum)
+
+
+def train_alp(cfg: TrainConfig, model, splits, stage_dir: Path, resume: bool) -> dict:
+    """Adversarial linear probing into stage_dir: the head only, backbone frozen; leaves the best model in
+    `model`. Under torchrun the head's gradients are averaged by the step (no DDP forward)."""
+    if (done := _finished(model, stage_dir)) is not None:
+        return done
+    apply_peft(model, "linear")
+    fast_layout(model, cfg.precision)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    settings = cfg.settings("alp")
+    opt = _optimizer(cfg, model, settings)
+    attack = _attack(cfg, model)
+    return _fit(cfg, "alp", model, alp_stage_step(model, attack, opt, cfg.precision), attack, opt, settings, splits,
+                stage_dir, resume)  # fmt: skip
+
+
+def train_full(cfg: TrainConfig, kind: str, model, splits, stage_dir: Path, resume: bool) -> dict:
+    """Pretraining or (PEFT) finetuning into stage_dir: every trainable parameter of `model`, with the
+    settings of `kind` (pretrain | ft | ranli); leaves the best model in `model`. The update runs through
+    DDP under torchrun and through the compiled module with --compile; checkpoints keep `model`'s keys."""
+    if (done := _finished(model, stage_dir)) is not None:
+        return done
+    settings = cfg.settings(kind)
+    opt = _optimizer(cfg, model, settings)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model
+    attack = _attack(cfg, net)
+    if D.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net)
+        if attack is not None:
+            attack.model = net  # attacks unwrap it: no gradient all-reduce inside the attack
+    name = "pretrain" if kind == "pretrain" else "ft"
+    return _fit(cfg, name, model, ft_stage_step(net, attack, opt, cfg.precision), attack, opt, settings, splits,
+                stage_dir, resume)  # fmt: skip
+
+
 def linear_probe(cfg: TrainConfig, model, splits, stage_dir: Path) -> dict:
     """Clean LP through the feature cache: a sweep over learning rates around cfg.lr, best by val accuracy."""
     train, val, _, _ = splits
-    if _done(stage_dir):
-        load_checkpoint(model, stage_dir / "best.pt")
-        return json.loads((stage_dir / "done.json").read_text())
+    if (done := _finished(model, stage_dir)) is not None:
+        return done
     apply_peft(model, "linear")
     cache = FeatureCache()
     tr, va = cache.get(model, train, "train", device=cfg.device), cache.get(model, val, "val", device=cfg.device)
-    base = cfg.lr_for("lp")
-    lrs = [base * f for f in (0.1, 0.3, 1.0, 3.0)]
-    wds = [cfg.weight_decay_for("lp")] * len(lrs)
-    res = train_linear_probes((tr.x, tr.y), (va.x, va.y), model.num_classes, lrs, wds, epochs=cfg.epochs,
-                              warmup=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    settings = cfg.settings("lp")
+    lrs = [settings.lr * f for f in (0.1, 0.3, 1.0, 3.0)]
+    wds = [settings.weight_decay] * len(lrs)
+    res = train_linear_probes((tr.x, tr.y), (va.x, va.y), model.num_classes, lrs, wds, epochs=settings.epochs,
+                              warmup=settings.warmup, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(res.weight)
         model.head.bias.copy_(res.bias)

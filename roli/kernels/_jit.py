@@ -12,15 +12,15 @@ TRITON_INTERPRET=1 was set before triton was imported, because those helpers are
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from roli import _env
+
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.triton_interpret()
 
 
 class DualKernel:

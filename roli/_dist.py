@@ -6,21 +6,21 @@ CPU and nccl on GPU. Without torchrun every helper is a no-op for a world of one
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
+
+from roli import _env
 
 
 def init_from_env(device: str) -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env.world_size()
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_env.local_rank())
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
@@ -46,12 +46,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def sum_(*values: float, device="cpu") -> list[float]:
-    """Element-wise sum over ranks (float64)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current GPU for NCCL (it refuses CPU tensors), else CPU."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group of any size, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_(*values: float) -> list[float]:
+    """Element-wise sum over ranks (float64), on the process group's device."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if active():
         dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def any_(flag: bool) -> bool:

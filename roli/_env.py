@@ -1,0 +1,69 @@
+"""Every environment switch roli reads, in one place (ground floor: imports nothing of roli).
+
+| variable | effect |
+|---|---|
+| ROLI_IMPL | default backend of the fused ops: auto, torch, cpp, cuda, triton |
+| ROLI_NO_EXT=1 | never load or build the C++/CUDA extension roli._C |
+| ROLI_NO_JIT=1 | do not build roli._C just in time when no ahead-of-time build is installed |
+| ROLI_EXT_DIR | where the just-in-time build goes (default ~/.cache/roli/ext) |
+| ROLI_BUILD_CUDA | auto, 0 or 1: whether the extension build compiles the CUDA sources |
+| ROLI_VERBOSE_BUILD=1 | show the compiler's output of the just-in-time build |
+| ROLI_CACHE_DIR | root of roli's caches: features, the demo's source backbone (default ~/.cache/roli) |
+| TRITON_INTERPRET=1 | Triton's own switch: kernels run on CPU tensors through its interpreter |
+| WORLD_SIZE, LOCAL_RANK | set by torchrun: the number of processes and this process's GPU |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _get(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def impl() -> str:
+    return _get("ROLI_IMPL", "auto")
+
+
+def no_ext() -> bool:
+    return _get("ROLI_NO_EXT") == "1"
+
+
+def no_jit() -> bool:
+    return _get("ROLI_NO_JIT") == "1"
+
+
+def verbose_build() -> bool:
+    return _get("ROLI_VERBOSE_BUILD") == "1"
+
+
+def build_cuda() -> str:
+    """auto | 0 | 1 (validated here: a bad value is the user's to fix)."""
+    setting = _get("ROLI_BUILD_CUDA", "auto").lower()
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"ROLI_BUILD_CUDA={setting!r} must be auto, 0 or 1")
+    return setting
+
+
+def cache_root() -> Path:
+    base = _get("ROLI_CACHE_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "roli"
+
+
+def ext_dir() -> Path:
+    base = _get("ROLI_EXT_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "roli" / "ext"
+
+
+def triton_interpret() -> bool:
+    return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def world_size() -> int:
+    return int(_get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(_get("LOCAL_RANK", "0"))

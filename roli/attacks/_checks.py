@@ -1,0 +1,105 @@
+"""Every check of an attack's arguments, in one place (in the manner of AutoAttack's checks.py).
+
+Attacks validate their configuration once when built (`check_config`) and their inputs once per call
+(`check_images`, `check_labels`, `budget`, and `check_logits` on the first forward): the inner loop
+runs resolved kernels on values known to be valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from roli._amp import PRECISIONS
+from roli.attacks.losses import LOSSES
+
+NORMS = ("linf", "l2")
+KEEPS = ("best", "last")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def check_budget_value(name: str, value, positive: bool = False) -> None:
+    """eps / step_size: a finite number (>= 0, or > 0 when `positive`), or a tensor of finite values >= 0
+    (per-sample budgets: a zero budget, as an eps-sweep's 0, takes zero-length steps)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() and (not bool(torch.isfinite(value).all()) or float(value.min()) < 0):
+            raise ValueError(f"{name} must be finite and >= 0; got a tensor with min {float(value.min())}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number or a (B,) tensor; got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}; got {value}")
+
+
+def _count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def check_config(*, eps, step_size, steps, restarts, norm, loss, keep, precision, memory_format, early_stop,
+                 cuda_graph) -> None:  # fmt: skip
+    """A PGD configuration, checked once at construction."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {memory_format!r}")
+    check_budget_value("eps", eps)
+    check_budget_value("step_size", step_size, positive=True)
+    _count("steps", steps, 0)
+    _count("restarts", restarts, 1)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be 'best' or 'last'; got {keep!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if cuda_graph and (keep != "last" or restarts != 1 or early_stop):
+        raise ValueError("cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False")
+
+
+def budget(value, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """A validated budget in the kernels' form for the batch x: (per-sample float32 tensor, 0.0) or (None, float)."""
+    if isinstance(value, torch.Tensor):
+        if value.shape != (x.shape[0],):
+            raise ValueError(f"a per-sample budget must have shape ({x.shape[0]},); got {tuple(value.shape)}")
+        return value.detach().to(device=x.device, dtype=torch.float32).contiguous(), 0.0
+    return None, float(value)
+
+
+def check_labels(name: str, y, x: torch.Tensor) -> None:
+    if not isinstance(y, torch.Tensor) or y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of class indices; got {getattr(y, 'dtype', type(y))}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape ({x.shape[0]},), one label per image; got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but the images are on {x.device}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name} must be >= 0; got {int(y.min())}")
+
+
+def check_images(x, clip: tuple[float, float] | None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(
+            f"images must be a floating-point tensor in pixel space; got {getattr(x, 'dtype', type(x).__name__)} "
+            "(convert with x.float() / 255)"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"images must have shape (B, ...); got {tuple(x.shape)}")
+    if clip is not None and x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < clip[0] - 1e-6 or hi > clip[1] + 1e-6:
+            raise ValueError(
+                f"images must lie in [{clip[0]:g}, {clip[1]:g}] (pixel space; normalisation belongs inside the "
+                f"model); got values in [{lo:.4g}, {hi:.4g}]"
+            )
+
+
+def check_logits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> None:
+    """The model's output on the first forward of an attack: (B, K), labels < K, finite."""
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"the model must return logits of shape (B, K); got {tuple(logits.shape)}")
+    if int(y.max()) >= logits.shape[1] or (target is not None and int(target.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must be < the number of classes ({logits.shape[1]}); got {int(y.max())}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model returned non-finite logits (NaN/inf) on these images")
