@@ -20,7 +20,7 @@ from roli._io import save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.data import ArrayData, load_dataset
-from roli.models import RobustClassifier, create_classifier, load_pretrained
+from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
 from roli.ops import unavailable_reason
 from roli.ops._dispatch import requested_impl
 
@@ -39,16 +39,25 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="'package.module:function' (an nn.Module factory) or a timm name")
-    g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, MadryLab, ARES or roli format)")
+    g.add_argument("--model", required=True, help="a published robust backbone (python -m roli.zoo), a timm name "
+                   "or 'package.module:function' (an nn.Module factory)")  # fmt: skip
+    g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, ARES, RobustBench, MadryLab, "
+                   "RoLI-reference or roli format) holding the classifier to evaluate")  # fmt: skip
     g.add_argument("--non-strict", action="store_true", help="load a checkpoint with missing/unexpected keys")
+    g.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (timm CheckpointSaver files)")
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="registry backbones: fetch the file into the cache when no --checkpoint is given",
+    )
     g.add_argument("--timm-pretrained", action="store_true", help="start from timm's weights (needs a reachable hub)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the model constructor, e.g. img_size=32 (repeatable)")  # fmt: skip
     g.add_argument("--num-classes", type=int, help="classes of the model (default: the dataset's)")
     g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", help="per-channel std applied inside the model")
-    g.add_argument("--input-size", type=int, help="resize images to this size inside the model (bilinear)")
+    g.add_argument("--input-size", type=int, help="resize images to this size inside the model")
+    g.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="of that resize")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True,
                    help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR")  # fmt: skip
@@ -83,16 +92,32 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
         raise CliError("--mean and --std go together")
     try:
         model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
-                                  input_size=args.input_size or "auto", pretrained=args.timm_pretrained,
-                                  **parse_kwargs(args.model_arg))  # fmt: skip
+                                  input_size=args.input_size or "auto", interpolation=args.interpolation,
+                                  pretrained=args.timm_pretrained, **parse_kwargs(args.model_arg))  # fmt: skip
+        checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.download)
     except (ValueError, TypeError) as e:
         raise CliError(f"--model: {e}") from None
-    if args.checkpoint:
+    head_from = None
+    if checkpoint:
         try:
-            report = load_pretrained(model, args.checkpoint, strict=not args.non_strict)
+            report = load_pretrained(model, checkpoint, strict=not args.non_strict, keep_head=True, ema=args.ema)
         except ValueError as e:
             raise CliError(f"--checkpoint: {e}") from None
         print(f"checkpoint: {report}")
+        head_from = "the checkpoint" if report.head_loaded else None
+    if head_from is None and model.classifier_key is None and model.feat_dim == num_classes:
+        # A module without a classifier of its own that returns num_classes outputs: its outputs are the
+        # logits, so the whole module is the classifier (an identity head, exact in any precision).
+        with torch.no_grad():
+            model.head.weight.copy_(torch.eye(num_classes))
+            model.head.bias.zero_()
+        head_from = "the model's own outputs (it returns logits for the task's classes)"
+        print(f"classifier: {args.model} returns {num_classes} outputs: evaluated as the whole classifier")
+    if head_from is None and not args.timm_pretrained:
+        why = report.head if checkpoint else "no --checkpoint"
+        raise CliError(f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
+                       "holds one (a roli run's best.pt, a model trained on these labels), or set --num-classes to "
+                       "its class count")  # fmt: skip
     return model.to(device).eval()
 
 

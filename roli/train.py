@@ -47,10 +47,24 @@ def build_parser() -> OneLineParser:
     g.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", default=None,
                    help="training attacks: do not fold the Conv->BatchNorm pairs")  # fmt: skip
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="timm name or package.module:function (default roli.models.small:small_cnn)")
+    g.add_argument("--model", help="a published robust backbone (python -m roli.zoo), a timm name or "
+                   "package.module:function (default roli.models.small:small_cnn)")  # fmt: skip
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
     g.add_argument("--checkpoint", help="robust backbone weights (timm, MadryLab, ARES or roli format)")
     g.add_argument("--non-strict", action="store_true", help="accept missing/unexpected checkpoint keys")
+    g.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (timm CheckpointSaver files)")
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="registry backbones: fetch the file into the cache when no --checkpoint is given",
+    )
+    g.add_argument(
+        "--keep-source-head", action="store_true", help="start from the checkpoint's classifier (same label space only)"
+    )
+    g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="per-channel std applied inside the model")
+    g.add_argument("--input-size", type=int, help="resize images to this size inside the model (e.g. 224 for CIFAR)")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
     g.add_argument("--peft", help="full | linear | lora | adapter | vpt | bias (finetuning)")
     g.add_argument("--init", help="head of finetuning: random | lp | alp | PATH to a roli head checkpoint")
     g.add_argument("--lora-rank", type=int)
@@ -92,7 +106,16 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     flags.pop("model_arg", None)
     if args.model_arg:
         flags["model_args"] = parse_kwargs(args.model_arg)
-    for b in ("non_strict", "compare_ranli", "channels_last", "compile", "cuda_graph"):
+    for b in (
+        "non_strict",
+        "compare_ranli",
+        "channels_last",
+        "compile",
+        "cuda_graph",
+        "ema",
+        "download",
+        "keep_source_head",
+    ):
         if not flags.get(b):
             flags.pop(b, None)
     try:

@@ -104,8 +104,14 @@ def test_checkpoint_for_other_class_count_and_argparse_errors(tmp_path, capsys):
 
     wrong = tmp_path / "ck5.pt"
     torch.save(small_cnn(num_classes=5).state_dict(), wrong)
-    assert main([*BASE, "--checkpoint", str(wrong), "--steps", "1"]) == 0  # the backbone loads, the head is dropped
-    assert "head: dropped (checkpoint has 5 classes, the model 10)" in capsys.readouterr().out
+    # The backbone loads but its classifier is for 5 classes: evaluating a random head would report chance
+    # accuracy, so it is refused in one line.
+    assert main([*BASE, "--checkpoint", str(wrong), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing supplies a classifier for 10 classes" in err
+    assert "checkpoint has 5 classes" in err
+    assert main([*BASE, "--steps", "1"]) == 2  # no checkpoint at all: no head either
+    assert "no --checkpoint" in capsys.readouterr().err
     other = tmp_path / "wide.pt"
     torch.save(small_cnn(width=16).state_dict(), other)
     assert main([*BASE, "--checkpoint", str(other)]) == 2

@@ -113,8 +113,8 @@ def test_checkpoint_formats_round_trip(tmp_path, suffix, nest, prefix):
     path = tmp_path / f"ck{suffix}"
     _save(state, path, nest)
     target = create_classifier(small_resnet(0), 10)
-    report = load_pretrained(target, path)
-    assert report.head == "loaded" and report.prefix == prefix
+    report = load_pretrained(target, path, keep_head=True)
+    assert report.head_loaded and report.prefix == prefix
     _expect_same(target, src, images())
     torch.testing.assert_close(target.eval()(images()), src.eval()(target.pre(images())), rtol=0, atol=0)
 
@@ -134,6 +134,18 @@ def test_madrylab_format_drops_normalizer(tmp_path):
     _expect_same(target, src, images())
 
 
+def test_source_classifier_is_not_the_head_unless_asked(tmp_path):
+    src = small_resnet(10)
+    torch.save(src.state_dict(), tmp_path / "c10.pth")
+    torch.manual_seed(3)
+    target = create_classifier(small_resnet(0), 10)
+    fresh = target.head.weight.clone()
+    report = load_pretrained(target, tmp_path / "c10.pth")
+    assert not report.head_loaded and "is not used: a fresh random head" in report.head
+    assert torch.equal(target.head.weight, fresh)  # the same class count, and still the fresh head
+    _expect_same(target, src, images())
+
+
 def test_head_of_other_class_count_is_dropped_and_reported(tmp_path):
     src = small_resnet(1000)
     torch.save(src.state_dict(), tmp_path / "in1k.pth")
@@ -149,7 +161,7 @@ def test_timm_vit_names_and_head(tmp_path):
     src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **VIT)
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "ares.pth")
     target = create_classifier("vit_tiny_patch16_224", 10, **VIT)
-    assert load_pretrained(target, tmp_path / "ares.pth").head == "loaded"
+    assert load_pretrained(target, tmp_path / "ares.pth", keep_head=True).head_loaded
     _expect_same(target, src, images())
 
 

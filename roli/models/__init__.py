@@ -6,16 +6,19 @@ from roli.models.fold import BatchNormFolding, FoldedConvBN
 from roli.models.peft import METHODS as PEFT_METHODS
 from roli.models.peft import apply_peft, count_trainable, merge_lora
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel, Preprocess
+from roli.models.zoo import REGISTRY, Published, resolve_checkpoint
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PEFT_METHODS",
+    "REGISTRY",
     "BatchNormFolding",
     "FoldedConvBN",
     "LoadReport",
     "NormalizedModel",
     "Preprocess",
+    "Published",
     "RobustClassifier",
     "apply_peft",
     "count_trainable",
@@ -24,5 +27,6 @@ __all__ = [
     "load_pretrained",
     "merge_lora",
     "read_state_dict",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]

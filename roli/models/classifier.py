@@ -17,16 +17,18 @@ import torch
 from torch import nn
 
 from roli._compat import import_timm
+from roli.models import zoo
 from roli.models.wrapper import Preprocess
 
 
 class RobustClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean=None, std=None,
-                 input_size=None, name: str = "custom", classifier_key: str | None = None):  # fmt: skip
+                 input_size=None, name: str = "custom", classifier_key: str | None = None,
+                 interpolation: str = "bilinear"):  # fmt: skip
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-        self.pre = Preprocess(mean, std, input_size)
+        self.pre = Preprocess(mean, std, input_size, interpolation)
         self.backbone = backbone
         self.head = nn.Linear(feat_dim, num_classes)
         self.name, self.classifier_key = name, classifier_key
@@ -82,6 +84,7 @@ def create_classifier(
     mean="auto",
     std="auto",
     input_size="auto",
+    interpolation: str = "bilinear",
     feat_dim: int | None = None,
     in_chans: int = 3,
     pretrained: bool = False,
@@ -90,12 +93,16 @@ def create_classifier(
     """Build a RobustClassifier.
 
     Args:
-        model: a timm model name (created without weights: load robust weights with
-            roli.models.load_pretrained), "package.module:function" (a factory returning an nn.Module,
-            called with **model_kwargs), or an nn.Module.
+        model: a name of the registry of published robust backbones (roli.models.zoo, e.g. "ares_swin_b":
+            the publisher's architecture, mean/std and input size), a timm model name (created without
+            weights: load robust weights with roli.models.load_pretrained), "package.module:function" (a
+            factory returning an nn.Module, called with **model_kwargs), or an nn.Module.
         num_classes: classes of the new linear head.
-        mean, std, input_size: preprocessing inside the model; "auto" takes them from the timm config
-            (input_size: its native resolution) or, for other modules, none; None disables each.
+        mean, std, input_size: preprocessing inside the model; "auto" takes them from the registry entry,
+            else the timm config (input_size: its native resolution) or, for other modules, none; None
+            disables each.
+        interpolation: of the resize inside the model (to input_size): "bilinear" (the reference's
+            protocol for CIFAR) or "bicubic".
         feat_dim: the feature dimension of a non-timm module (default: found by one forward pass).
         in_chans: image channels (for timm models and the feature-dimension probe).
         pretrained: for timm names, download timm's (standard, non-robust) weights; needs a reachable hub.
@@ -103,6 +110,18 @@ def create_classifier(
         model_kwargs: passed to timm.create_model or the factory (e.g. img_size=32 for a ViT).
     """
     name = model if isinstance(model, str) else type(model).__name__
+    entry = zoo.lookup(model)
+    if entry is not None:  # a published backbone: its architecture and the publisher's preprocessing
+        name, model = entry.name, entry.arch
+        model_kwargs = {**entry.arch_args, **model_kwargs}
+        if mean == "auto":
+            mean, std = entry.mean, entry.std
+        if input_size == "auto" and "img_size" not in model_kwargs:
+            input_size = (entry.input_size, entry.input_size)
+    for key, value in (("mean", mean), ("std", std)):
+        if value not in ("auto", None) and (isinstance(value, (str, bytes)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):  # fmt: skip
+            raise ValueError(f"{key} must be a sequence of numbers, one per channel; got {value!r}")
     if isinstance(model, nn.Module):
         net = model
     elif ":" in model:
@@ -151,4 +170,6 @@ def create_classifier(
         if out.dim() != 2:
             raise ValueError(f"{name} returns shape {tuple(out.shape)}; a feature extractor must return (B, D)")
         feat_dim = out.shape[1]
-    return RobustClassifier(net, feat_dim, num_classes, mean, std, input_size, name, classifier_key)
+    out = RobustClassifier(net, feat_dim, num_classes, mean, std, input_size, name, classifier_key, interpolation)
+    out.published = entry  # the registry entry (preprocessing facts, layout), or None
+    return out

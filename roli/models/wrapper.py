@@ -14,18 +14,26 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 class Preprocess(nn.Module):
-    """x (B, C, H, W) in [0, 1] -> normalize(resize(x)). Buffers are not saved in state dicts."""
+    """x (B, C, H, W) in [0, 1] -> normalize(resize(x)). Buffers are not saved in state dicts.
+
+    The resize (to `input_size`, when the images have another size) is bilinear by default, as the RoLI
+    reference resizes CIFAR's 32x32 images to 224 inside its model; "bicubic" is the other choice."""
 
     def __init__(
         self,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
         input_size: int | tuple[int, int] | None = None,
+        interpolation: str = "bilinear",
     ):
         super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+        self.interpolation = interpolation
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         if std is not None and any(s <= 0 for s in std):
@@ -42,7 +50,7 @@ class Preprocess(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, align_corners=False)
         if self.mean is not None:
             if x.shape[1] != self.mean.shape[1]:
                 raise ValueError(f"images have {x.shape[1]} channels but mean/std have {self.mean.shape[1]}")

@@ -58,6 +58,20 @@ def parse_classes(text: str | None) -> list[int] | None:
     return out
 
 
+def _channels(value, name: str) -> list[float] | None:
+    """Per-channel statistics from a list or "0.485,0.456,0.406"."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected comma-separated numbers, one per channel; got {value!r}") from None
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ConfigError(f"{name}: expected finite numbers, one per channel; got {value!r}")
+    return out
+
+
 @dataclass
 class TrainConfig:
     method: str = "roli"
@@ -67,6 +81,13 @@ class TrainConfig:
     model_args: dict = field(default_factory=dict)
     checkpoint: str | None = None
     non_strict: bool = False
+    ema: bool = False  # load the checkpoint's EMA weights (timm CheckpointSaver with model EMA)
+    download: bool = False  # fetch a registry backbone's file into the cache when no --checkpoint is given
+    keep_source_head: bool = False  # start from the checkpoint's classifier (same label space only)
+    mean: list | None = None  # preprocessing inside the model; None: the registry's / timm's / none
+    std: list | None = None
+    input_size: int | None = None  # resize inside the model (e.g. CIFAR 32 -> 224)
+    interpolation: str = "bilinear"  # of that resize: bilinear (the reference) or bicubic
     peft: str = "full"
     init: str = "alp"
     lora_rank: int = 16
@@ -120,6 +141,19 @@ class TrainConfig:
         need(self.attack in ("pgd", "none"), f"attack: {self.attack!r} is not pgd or none")
         need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
         need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
+        need(self.interpolation in ("bilinear", "bicubic"),
+             f"interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        self.mean, self.std = _channels(self.mean, "mean"), _channels(self.std, "std")
+        need((self.mean is None) == (self.std is None), "mean, std: give both or neither")
+        need(self.mean is None or len(self.mean) == len(self.std),
+             f"mean, std: {len(self.mean or [])} and {len(self.std or [])} channels differ")  # fmt: skip
+        need(self.std is None or all(v > 0 for v in self.std), f"std: must be > 0 per channel; got {self.std}")
+        need(self.input_size is None or (isinstance(self.input_size, int) and not isinstance(self.input_size, bool)
+                                         and self.input_size >= 1),
+             f"input-size: must be an integer >= 1; got {self.input_size!r}")  # fmt: skip
+        moved = sorted(set(self.model_args) & {"mean", "std", "input_size", "interpolation"})
+        need(not moved, f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
+                        f"--{moved[0].replace('_', '-')} instead" if moved else "")  # fmt: skip
         need(self.optimizer in (None, "sgd", "adamw"), f"optimizer: {self.optimizer!r} is not sgd or adamw")
         need(
             self.autoattack in (None, "standard", "plus", "rand"),

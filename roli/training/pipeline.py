@@ -14,7 +14,14 @@ from roli._io import save_json
 from roli.attacks import PGD, robust_accuracy, run_autoattack
 from roli.data import ArrayData, load_dataset
 from roli.features import FeatureCache, fast_layout, train_linear_probes
-from roli.models import apply_peft, create_classifier, load_checkpoint, load_pretrained, save_checkpoint
+from roli.models import (
+    apply_peft,
+    create_classifier,
+    load_checkpoint,
+    load_pretrained,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from roli.training.config import ConfigError, StageSettings, TrainConfig, parse_classes
 from roli.training.loop import Stage, alp_stage_step, fit, ft_stage_step, make_optimizer, param_groups
 
@@ -49,16 +56,42 @@ def load_splits(cfg: TrainConfig):
     return keep(s.train), keep(s.val), keep(s.test), len(classes)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int):
+def checkpoint_of(cfg: TrainConfig) -> str | None:
+    """The backbone weights of the run: --checkpoint, or a registry backbone's file in the cache."""
     try:
-        model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **cfg.model_args)
+        return resolve_checkpoint(cfg.model, cfg.checkpoint, cfg.download)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint: {e}") from None
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: str | None = None,
+                quiet: bool = False):  # fmt: skip
+    """The classifier with the backbone's weights and a fresh random head (the checkpoint's classifier only
+    with --keep-source-head); the log says which head it starts from."""
+    pre = {"mean": cfg.mean if cfg.mean is not None else "auto", "std": cfg.std if cfg.std is not None else "auto",
+           "input_size": cfg.input_size or "auto", "interpolation": cfg.interpolation}  # fmt: skip
+    try:
+        model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **pre, **cfg.model_args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
-    if cfg.checkpoint:
+    head = "a fresh random head"
+    if checkpoint:
         try:
-            log.info("checkpoint: %s", load_pretrained(model, cfg.checkpoint, strict=not cfg.non_strict))
+            report = load_pretrained(model, checkpoint, strict=not cfg.non_strict, keep_head=cfg.keep_source_head,
+                                     ema=cfg.ema)  # fmt: skip
         except ValueError as e:
             raise ConfigError(f"checkpoint: {e}") from None
+        if not quiet:
+            log.info("checkpoint: %s", report)
+        if report.head_loaded:
+            head = "the checkpoint's classifier (--keep-source-head)"
+        elif cfg.keep_source_head:
+            raise ConfigError(f"keep-source-head: the checkpoint has no classifier for {num_classes} classes "
+                              f"({report.head})")  # fmt: skip
+    elif cfg.keep_source_head:
+        raise ConfigError("keep-source-head: needs a --checkpoint whose classifier to keep")
+    if not quiet:
+        log.info("model: %s, starting from %s", model.name, head)
     return model.to(cfg.device)
 
 

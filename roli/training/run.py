@@ -20,6 +20,7 @@ from roli.training.config import ConfigError, TrainConfig
 from roli.training.pipeline import (
     build_model,
     check_run_dir,
+    checkpoint_of,
     evaluate_test,
     linear_probe,
     load_init,
@@ -33,8 +34,11 @@ log = logging.getLogger("roli.train")
 
 
 def _peft(cfg: TrainConfig, model) -> None:
-    apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-               adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens)  # fmt: skip
+    try:
+        apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                   adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens)  # fmt: skip
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"peft: {str(e).splitlines()[0]}") from None
 
 
 def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -48,12 +52,26 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     train, _, test, num_classes = splits
     in_chans = train.x.shape[1] if isinstance(train, ArrayData) else 3
 
-    def fresh():
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg, num_classes, in_chans)
+    checkpoint = checkpoint_of(cfg)
+    logged = False
 
+    def fresh(quiet: bool = False):
+        # Every stage that does not continue another starts here: the backbone's weights and a fresh head
+        # (the same random head for each, from the seed). The log says so once.
+        nonlocal logged
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, num_classes, in_chans, checkpoint, quiet=quiet or logged)
+        logged = logged or not quiet
+        return model
+
+    # Everything is validated before the run directory is touched: the model, its checkpoint (and the head
+    # rules), the PEFT method's fit to this model, a head checkpoint to start from.
+    probe = fresh(quiet=True)
+    if cfg.method in ("ft", "roli"):
+        _peft(cfg, probe)
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
-        load_init(cfg, fresh(), cfg.init)  # validates the head checkpoint up front
+        load_init(cfg, fresh(quiet=True), cfg.init)
+    del probe
     D.barrier()  # every rank has validated before rank 0 touches the run directory
     if D.is_main():
         prepare_run_dir(run_dir, resume, overwrite)
