@@ -15,6 +15,7 @@ best.pt, last.pt, curves.png; results.json with the final test metrics.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs
 from roli.training.config import METHODS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
-from roli.training.run import run
+from roli.training.run import config_record, run
 
 PROG = "python -m roli.train"
 
@@ -33,7 +34,10 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0], argument_default=None)
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help="pretrain | lp | alp | ft | roli (default roli)")
-    g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it)")
+    g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it); the "
+                   "paper's settings ship in configs/<dataset>/<name>.yaml")  # fmt: skip
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings as JSON and exit (reads no data, writes nothing)")  # fmt: skip
     g.add_argument("--run-dir", help="where outputs go (default runs/roli)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start over in a non-empty run directory")
@@ -69,14 +73,21 @@ def build_parser() -> OneLineParser:
     g.add_argument("--init", help="head of finetuning: random | lp | alp | PATH to a roli head checkpoint")
     g.add_argument("--lora-rank", type=int)
     g.add_argument("--lora-alpha", type=float)
+    g.add_argument("--lora-dropout", type=float, help="dropout on LoRA's input (reference: 0.1)")
+    g.add_argument("--lora-targets", help="which of q, k, v get LoRA (default qv, as the paper)")
     g.add_argument("--adapter-reduction", type=int)
     g.add_argument("--vpt-tokens", type=int)
+    g.add_argument("--vpt-dropout", type=float, help="dropout on the prompts (reference: 0.1)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits | npz:PATH | cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT | json:DIR")
     g.add_argument("--classes", help="train on these classes only, relabelled, e.g. 0-4 or 1,3,5")
     g.add_argument("--image-root", help="image root of a json:DIR dataset")
     g.add_argument("--val-percent", type=float)
     g.add_argument("--split-seed", type=int)
+    g.add_argument("--resize", type=int, help="file datasets: resize the shorter side to this (default 256)")
+    g.add_argument("--crop-size", type=int, help="file datasets: then crop this (default 224)")
+    g.add_argument("--data-interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
+    g.add_argument("--workers", type=int, help="data-loading processes (default: from the CPU count)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--warmup", type=int, help="warmup epochs of the warmup-cosine schedule")
@@ -84,7 +95,12 @@ def build_parser() -> OneLineParser:
     g.add_argument("--optimizer", choices=["sgd", "adamw"])
     g.add_argument("--lr", type=float, help="learning rate of the method's stage (FT for ft/roli)")
     g.add_argument("--alp-lr", type=float, help="learning rate of the ALP stage inside ft/roli")
+    g.add_argument("--alp-weight-decay", type=float, help="weight decay of the ALP stage inside ft/roli")
+    g.add_argument("--alp-optimizer", choices=["sgd", "adamw"], help="optimiser of the ALP stage (default sgd)")
+    g.add_argument("--alp-epochs", type=int, help="epochs of the ALP stage inside ft/roli")
+    g.add_argument("--alp-warmup", type=int, help="warmup epochs of the ALP stage inside ft/roli")
     g.add_argument("--ranli-lr", type=float, help="learning rate of the random-head baseline (--compare-ranli)")
+    g.add_argument("--ranli-weight-decay", type=float, help="weight decay of the random-head baseline")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("attack")
@@ -102,8 +118,14 @@ def build_parser() -> OneLineParser:
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "overwrite")}
+    skip = ("config", "resume", "overwrite", "print_config")
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
+    for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup")),
+                        ("ranli", ("lr", "weight_decay"))):  # fmt: skip
+        per_stage = {k: flags.pop(f"{stage}_{k}") for k in keys if f"{stage}_{k}" in flags}
+        if per_stage:
+            flags[stage] = per_stage
     if args.model_arg:
         flags["model_args"] = parse_kwargs(args.model_arg)
     for b in (
@@ -155,6 +177,9 @@ def _main(parser, args) -> int:
     cfg = None
     try:
         cfg, resume, overwrite = config_from_args(args)
+        if args.print_config:
+            print(json.dumps(config_record(cfg), indent=2))
+            return 0
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available")
         run(cfg, resume=resume, overwrite=overwrite)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from roli.data import ArrayData, ProtocolTransform, load_dataset
 from roli.data.transforms import resize_shorter
@@ -146,7 +147,7 @@ def test_json_splits_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="2 image files are missing, e.g. .*missing_a.jpg, .*missing_b.jpg"):
         load_dataset(f"json:{tmp_path}")
     (tmp_path / "train.json").write_text(json.dumps(dict(mapping) | {"images/0/0.jpg": -1}))
-    with pytest.raises(ValueError, match="labels must be integers >= 0"):
+    with pytest.raises(ValueError, match="labels must be integers >= 0 or class names"):
         load_dataset(f"json:{tmp_path}")
     (tmp_path / "images/0/0.jpg").write_bytes(b"not an image")
     (tmp_path / "train.json").write_text(json.dumps(mapping))
@@ -192,3 +193,60 @@ def test_real_cifar10_npz():
     assert (len(s.train), len(s.val), len(s.test)) == (45000, 5000, 10000)
     assert s.train.x.shape[1:] == (3, 32, 32) and s.train.x.dtype == torch.uint8 and s.num_classes == 10
     assert torch.bincount(s.test.y).tolist() == [1000] * 10
+
+
+REFERENCE_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference_splits"
+
+
+@pytest.mark.skipif(not REFERENCE_SPLITS.is_dir(), reason="../shared/data/reference_splits is absent")
+@pytest.mark.parametrize(
+    "name, classes, first, last",
+    [("cub", 200, "001", "200"), ("stanforddogs", 120, "1", "120"), ("caltech256", 257, "0", "256")],
+)
+def test_reference_split_files_load_as_published(tmp_path, name, classes, first, last):
+    """The reference's own split files (CUB's string labels "001".."200", Stanford Dogs' 1..120, Caltech256's
+    0..256) load as they are: one class order from train (numeric), val/test mapped through it. The images
+    are not shipped: a tiny PNG is generated at every path a split names (a subset of test, to stay fast)."""
+    src = REFERENCE_SPLITS / name
+    d = tmp_path / name
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    tiny = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    for split in ("train", "val", "test"):
+        mapping = json.loads((src / f"{split}.json").read_text())
+        if split == "test":  # every class, but two images per class
+            counts: dict = {}
+            keep = {}
+            for rel, v in mapping.items():
+                if counts.get(str(v), 0) < 2:
+                    keep[rel], counts[str(v)] = v, counts.get(str(v), 0) + 1
+            mapping = keep
+        (d / f"{split}.json").write_text(json.dumps(mapping))
+        for rel in mapping:
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            tiny.save(d / rel)
+    s = load_dataset(f"json:{d}", resize=8, crop_size=6)
+    assert s.num_classes == classes and s.train.num_classes == classes
+    assert s.train.classes[0] == first and s.train.classes[-1] == last  # numeric order, labels as written
+    raw = json.loads((src / "train.json").read_text())
+    path, label = next(iter(raw.items()))
+    assert s.train.items[0][1] == s.train.classes.index(str(label))
+    for split in (s.val, s.test):
+        assert split.classes == s.train.classes and int(split.y.max()) < classes
+    # A test label that train lacks is an error naming it.
+    test = json.loads((d / "test.json").read_text())
+    rel = next(iter(test))
+    test[rel] = "999" if isinstance(test[rel], str) else 999
+    (d / "test.json").write_text(json.dumps(test))
+    with pytest.raises(ValueError, match="label '999' .* is not among the train split's"):
+        load_dataset(f"json:{d}", resize=8, crop_size=6)
+
+
+def test_imagefolder_test_class_missing_from_train_is_an_error(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "b", "c"))):
+        for c in classes:
+            _png(tmp_path / split / c / "0.png", rng)
+            _png(tmp_path / split / c / "1.png", rng)
+    with pytest.raises(ValueError, match="class folders that the train split does not have: c"):
+        load_dataset(f"imagefolder:{tmp_path}")

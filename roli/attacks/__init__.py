@@ -1,7 +1,7 @@
 """Attacks and robust evaluation: PGD on the fused ops, eps-sweeps, AutoAttack (pyautoattack)."""
 
 from roli.attacks._mode import attack_mode, unwrap
-from roli.attacks.accuracy import robust_accuracy
+from roli.attacks.accuracy import robust_accuracy, robust_counts
 from roli.attacks.autoattack import AutoAttackResult, run_autoattack
 from roli.attacks.losses import ce_loss, dlr_loss
 from roli.attacks.pgd import PGD, PGDResult
@@ -17,6 +17,7 @@ __all__ = [
     "dlr_loss",
     "eps_sweep",
     "robust_accuracy",
+    "robust_counts",
     "run_autoattack",
     "unwrap",
 ]

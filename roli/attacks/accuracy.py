@@ -22,6 +22,13 @@ def robust_accuracy(model, data, eps: float, step_size: float, steps: int, preci
     """(clean accuracy, PGD-`steps` robust accuracy) over `data`: a (x, y) pair of tensors (attacked in
     batches of 256) or an iterable of (x, y) batches. Robust means correct on the clean image and on
     every PGD iterate (early stop: the same accuracy, less work)."""
+    clean, robust, n = robust_counts(model, data, eps, step_size, steps, precision, seed)
+    return clean / max(1, n), robust / max(1, n)
+
+
+def robust_counts(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
+                  seed: int = 0) -> tuple[int, int, int]:  # fmt: skip
+    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them."""
     clean = robust = n = 0
     attack = PGD(model, eps=eps, step_size=step_size, steps=steps, early_stop=True, precision=precision, seed=seed)
     for x, y in _batches(data):
@@ -31,4 +38,4 @@ def robust_accuracy(model, data, eps: float, step_size: float, steps: int, preci
         clean += int(ok.sum())
         robust += int((ok & ~res.success).sum())
         n += len(y)
-    return clean / max(1, n), robust / max(1, n)
+    return clean, robust, n

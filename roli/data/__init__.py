@@ -2,8 +2,10 @@
 
 names: "digits" (scikit-learn), "npz:PATH", "cifar10:ROOT", "cifar100:ROOT" (torchvision pickle layout),
 "imagefolder:ROOT" (ROOT/train, ROOT/test[, ROOT/val], each ROOT/<split>/<class>/<image>), and
-"json:DIR" (DIR/train.json, DIR/test.json[, DIR/val.json] mapping relative paths to labels; images
-under DIR or `image_root`).
+"json:DIR" (DIR/train.json, DIR/test.json[, DIR/val.json] mapping relative paths to labels, integer or
+string, as the RoLI reference's data_splits ship them; images under DIR or `image_root`). The class order
+is built from the train split (numeric order where every label is a number); a val/test label or class
+folder that train lacks is an error naming it.
 
 Validation: the format's own val split when it has one, else the last `val_percent` % of train
 (split_seed=None: the reference CIFAR protocol, train[:45000] / train[45000:]) or a seeded random
@@ -57,6 +59,7 @@ def load_dataset(
     resize: int = 256,
     crop_size: int = 224,
     train_augment: bool = True,
+    interpolation: str = "bilinear",
 ) -> Splits:
     """Load `name` (see the module docstring) as train/val/test splits."""
     kind, _, arg = name.partition(":")
@@ -80,22 +83,19 @@ def load_dataset(
     else:
         d = Path(arg).expanduser()
         img_root = Path(image_root).expanduser() if image_root else d
-        train = files.json_split(d / "train.json", img_root)
-        k = train.num_classes
-        test = files.json_split(d / "test.json", img_root) if (d / "test.json").is_file() else None
-        val = files.json_split(d / "val.json", img_root) if (d / "val.json").is_file() else None
-        k = max([k] + [s.num_classes for s in (test, val) if s is not None])
-        train, test, val = (s if s is None else FileData(s.items, k, s.name) for s in (train, test, val))
+        train = files.json_split(d / "train.json", img_root)  # the class order comes from train's labels
+        test = files.json_split(d / "test.json", img_root, train.classes) if (d / "test.json").is_file() else None
+        val = files.json_split(d / "val.json", img_root, train.classes) if (d / "val.json").is_file() else None
     if train is None and test is None:
         raise ValueError(f"{name} holds no images")
     if val is None and train is not None:
         train, val = _split_val(train, val_percent, split_seed)
     num_classes = max(s.num_classes for s in (train, val, test) if s is not None)
     if isinstance(train, FileData):  # file datasets always have a train split
-        train = train.with_transform(ProtocolTransform(train_augment, resize, crop_size) if train_augment
-                                     else ProtocolTransform(False, resize, crop_size))  # fmt: skip
-        val = val.with_transform(ProtocolTransform(False, resize, crop_size))
-        test = test.with_transform(ProtocolTransform(False, resize, crop_size)) if test is not None else None
+        evaluation = ProtocolTransform(False, resize, crop_size, interpolation)
+        train = train.with_transform(ProtocolTransform(train_augment, resize, crop_size, interpolation))
+        val = val.with_transform(evaluation)
+        test = test.with_transform(evaluation) if test is not None else None
     return Splits(train, val, test, num_classes, name)
 
 

@@ -103,11 +103,17 @@ class FileLoader:
 
 
 def image_folder(root: str | Path, classes: list[str] | None = None) -> FileData:
-    """root/<class>/<image>; classes sorted by name (or given, to share one mapping across splits)."""
+    """root/<class>/<image>; classes sorted by name, or given (the train split's: then a class folder that
+    train does not have is an error naming it)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ValueError(f"image folder not found: {root}")
-    classes = classes or sorted(d.name for d in root.iterdir() if d.is_dir())
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if classes is not None:
+        unknown = [c for c in found if c not in set(classes)]
+        if unknown:
+            raise ValueError(f"{root}: class folders that the train split does not have: {', '.join(unknown[:5])}")
+    classes = classes or found
     if not classes:
         raise ValueError(f"{root}: no class sub-folders")
     index = {c: i for i, c in enumerate(classes)}
@@ -118,8 +124,32 @@ def image_folder(root: str | Path, classes: list[str] | None = None) -> FileData
     return FileData(items, len(classes), root.name, classes)
 
 
-def json_split(split_file: str | Path, image_root: str | Path, num_classes: int | None = None) -> FileData:
-    """{relative_path: label} from `split_file`, images under `image_root`."""
+def _label_key(label) -> str | None:
+    """A split file's label as a class name: an integer >= 0 or a non-empty string (CUB writes "001")."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return str(label) if label >= 0 else None
+    if isinstance(label, str) and label.strip():
+        return label
+    return None
+
+
+def label_order(labels) -> list[str]:
+    """The distinct labels in class order: numeric order where every label is a number (Stanford Dogs'
+    1..120 -> classes 0..119, CUB's "001".."200" -> 0..199), else sorted as text."""
+    distinct = set(labels)
+    try:
+        return sorted(distinct, key=lambda v: (int(v), v))
+    except ValueError:
+        return sorted(distinct)
+
+
+def json_split(split_file: str | Path, image_root: str | Path, classes: list[str] | None = None) -> FileData:
+    """{relative_path: label} from `split_file`, images under `image_root`, as the RoLI reference ships
+    them (integer or string labels). Without `classes` (the train split) the class order is built from the
+    file's labels (label_order); with it (val/test: the train split's), a label that train lacks is an
+    error naming it. The FileData's `classes` are the original labels, in class order."""
     split_file, image_root = Path(split_file).expanduser(), Path(image_root).expanduser()
     if not split_file.is_file():
         raise ValueError(f"JSON split file not found: {split_file}")
@@ -129,10 +159,22 @@ def json_split(split_file: str | Path, image_root: str | Path, num_classes: int 
         mapping = json.loads(split_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{split_file} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{split_file} is not a text (JSON) file") from None
     if not isinstance(mapping, dict) or not mapping:
         raise ValueError(f"{split_file} must hold a non-empty object {{relative_path: label}}")
-    bad = [(k, v) for k, v in mapping.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    keys = {p: _label_key(v) for p, v in mapping.items()}
+    bad = [(p, mapping[p]) for p, k in keys.items() if k is None]
     if bad:
-        raise ValueError(f"{split_file}: labels must be integers >= 0; got e.g. {bad[:3]}")
-    k = num_classes or max(mapping.values()) + 1
-    return FileData([(image_root / p, y) for p, y in mapping.items()], k, split_file.stem)
+        raise ValueError(f"{split_file}: labels must be integers >= 0 or class names; got e.g. {bad[:3]}")
+    if classes is None:
+        classes = label_order(keys.values())
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({k for k in keys.values() if k not in index})
+    if unknown:
+        example = next(p for p, k in keys.items() if k == unknown[0])
+        more = f"; {len(unknown)} such labels" if len(unknown) > 1 else ""
+        raise ValueError(f"{split_file}: label {unknown[0]!r} (e.g. {example}) is not among the train split's "
+                         f"{len(classes)} classes{more}")  # fmt: skip
+    return FileData([(image_root / p, index[k]) for p, k in keys.items()], len(classes), split_file.stem,
+                    list(classes))  # fmt: skip

@@ -11,7 +11,8 @@ apply_peft(model, method, ...) modifies a RobustClassifier in place and sets whi
   zero-initialised per-head gate (as in LLaMA-Adapter's zero-init attention): out = attn(x) +
   proj(g * softmax(q k_p^T) v_p). The RoLI protocol needs every branch to output zero at init so the
   finetuned model starts exactly at the ALP model; plain prompt concatenation would change every
-  token's attention at init. timm ViT blocks.
+  token's attention at init. timm ViT blocks and Swin blocks (there each window's tokens attend to the
+  block's prompts).
 - "bias": BitFit, the biases (and the head).
 The head always trains. The reference code's bugs are not reproduced: its LoRA zero-initialises both
 matrices (no gradient ever reaches them) and its Adapter zero-initialises both projections.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("full", "linear", "lora", "adapter", "vpt", "bias")
+_IDENTITY = nn.Identity()
 
 
 class LoRAQKV(nn.Module):
@@ -93,36 +95,41 @@ class Adapter(nn.Module):
 
 
 class PromptedAttention(nn.Module):
-    """timm ViT Attention plus n learned prompt tokens, attended through a zero-initialised per-head gate."""
+    """An attention module (timm ViT Attention, or Swin's WindowAttention, whose x holds the tokens of one
+    window per row) plus n learned prompt tokens, attended through a zero-initialised per-head gate.
+    Prompt dropout (the reference VPT's 0.1) acts on the prompts in train mode only."""
 
-    def __init__(self, attn: nn.Module, n_tokens: int):
+    def __init__(self, attn: nn.Module, n_tokens: int, dropout: float = 0.0):
         super().__init__()
         self.attn = attn
         dim = attn.qkv.in_features
         self.prompts = nn.Parameter(torch.empty(n_tokens, dim).uniform_(-0.5, 0.5) * dim**-0.5)
         self.gate = nn.Parameter(torch.zeros(attn.num_heads))
+        self.prompt_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.attn(x, *args, **kwargs)  # the unmodified block: exact at init
+        out = self.attn(x, *args, **kwargs)  # the unmodified block (Swin: with its window mask): exact at init
         a = self.attn
         b, n, c = x.shape
         heads, hd = a.num_heads, c // a.num_heads
         q = F.linear(x, a.qkv.weight[:c], a.qkv.bias[:c] if a.qkv.bias is not None else None)
-        kv = F.linear(self.prompts, a.qkv.weight[c:], a.qkv.bias[c:] if a.qkv.bias is not None else None)
-        q = a.q_norm(q.view(b, n, heads, hd).transpose(1, 2))  # (B, H, N, hd)
+        prompts = self.prompt_dropout(self.prompts)
+        kv = F.linear(prompts, a.qkv.weight[c:], a.qkv.bias[c:] if a.qkv.bias is not None else None)
+        q_norm, k_norm = getattr(a, "q_norm", _IDENTITY), getattr(a, "k_norm", _IDENTITY)
+        q = q_norm(q.view(b, n, heads, hd).transpose(1, 2))  # (B, H, N, hd)
         k, v = kv.view(-1, 2, heads, hd).permute(1, 2, 0, 3)  # (H, P, hd) each
-        k = a.k_norm(k)
+        k = k_norm(k)
         o = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
         o = (o * self.gate.view(1, -1, 1, 1)).transpose(1, 2).reshape(b, n, c)
         return out + F.linear(o, a.proj.weight)  # the proj bias is already in `out`
 
 
-def _vit_attention(attn: nn.Module) -> bool:
-    # The gated prompt term is added after the output projection: exact only when no non-linear norm
-    # sits between attention and projection (timm's default: attn.norm is Identity).
-    return all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "proj", "num_heads")) and isinstance(
-        getattr(attn, "norm", nn.Identity()), nn.Identity
-    )
+def _prompt_site(attn: nn.Module) -> bool:
+    # timm ViT Attention or Swin WindowAttention. The gated prompt term is added after the output
+    # projection: exact only when no non-linear norm sits between attention and projection (timm's
+    # default: attn.norm is Identity or absent).
+    return (all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads")) and isinstance(attn.qkv, nn.Linear)
+            and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity))  # fmt: skip
 
 
 def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
@@ -130,7 +137,8 @@ def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
 
 
 def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-               lora_targets: str = "qv", adapter_reduction: int = 8, vpt_tokens: int = 10) -> dict:  # fmt: skip
+               lora_targets: str = "qv", adapter_reduction: int = 8, vpt_tokens: int = 10,
+               vpt_dropout: float = 0.0) -> dict:  # fmt: skip
     """Apply `method` to a RobustClassifier in place. Returns {"method", "trainable", "total"}."""
     if method not in METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
@@ -159,13 +167,14 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
     elif method == "vpt":
         if vpt_tokens < 1:
             raise ValueError(f"vpt_tokens must be >= 1; got {vpt_tokens}")
-        sites = [
-            (n, m) for n, m in _blocks_with(backbone, "attn") if hasattr(m.attn, "qkv") and hasattr(m.attn, "q_norm")
-        ]
+        if not 0 <= vpt_dropout < 1:
+            raise ValueError(f"vpt_dropout must be in [0, 1); got {vpt_dropout}")
+        sites = [(n, m) for n, m in _blocks_with(backbone, "attn") if _prompt_site(m.attn)]
         if not sites:
-            raise ValueError(f"{model.name} has no timm ViT attention blocks: VPT applies to ViT models")
+            raise ValueError(f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies to "
+                             "ViT and Swin models")  # fmt: skip
         for _, m in sites:
-            m.attn = PromptedAttention(m.attn, vpt_tokens).to(m.attn.qkv.weight.device)
+            m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight.device)
     for name, p in model.named_parameters():
         trainable = (
             method == "full"

@@ -58,6 +58,31 @@ def parse_classes(text: str | None) -> list[int] | None:
     return out
 
 
+STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup")
+
+
+def _check_stage(stage: str, d, cfg) -> None:
+    """A per-stage mapping (alp / ft / ranli) of STAGE_KEYS."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{stage}: must be a mapping of {', '.join(STAGE_KEYS)}; got {d!r}")
+    unknown = sorted(set(d) - set(STAGE_KEYS))
+    if unknown:
+        raise ConfigError(f"{stage}: unknown keys {', '.join(unknown)} (use {', '.join(STAGE_KEYS)})")
+    if "optimizer" in d and d["optimizer"] not in ("sgd", "adamw"):
+        raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not sgd or adamw")
+    for key in ("lr", "weight_decay"):
+        v = d.get(key)
+        if key in d and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise ConfigError(f"{stage}.{key}: must be a number >= 0; got {v!r}")
+    for key, low in (("epochs", 1), ("warmup", 0)):
+        v = d.get(key)
+        if key in d and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
+    epochs = d.get("epochs", cfg.epochs)
+    if d.get("warmup", 0) > epochs:
+        raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs")
+
+
 def _channels(value, name: str) -> list[float] | None:
     """Per-channel statistics from a list or "0.485,0.456,0.406"."""
     if value is None:
@@ -92,14 +117,21 @@ class TrainConfig:
     init: str = "alp"
     lora_rank: int = 16
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "qv"
     adapter_reduction: int = 8
     vpt_tokens: int = 10
+    vpt_dropout: float = 0.0
     # data
     dataset: str = "digits"
     classes: str | None = None
     image_root: str | None = None
     val_percent: float = 10.0
     split_seed: int | None = None
+    resize: int = 256  # file datasets: Resize(resize) + crop (train: random crop + flip; eval: centre crop)
+    crop_size: int = 224
+    data_interpolation: str = "bilinear"  # of that resize
+    workers: int | None = None  # data-loading processes of file datasets (default: from the CPU count)
     # optimisation
     epochs: int = 20
     warmup: int = 10
@@ -110,6 +142,11 @@ class TrainConfig:
     ranli_lr: float | None = None  # the random-head FT of --compare-ranli (default 1.25e-4)
     weight_decay: float | None = None  # default: 0.01 (ALP/FT), 5e-4 (pretrain)
     momentum: float = 0.9
+    # Per-stage settings, each a mapping of optimizer / lr / weight_decay / epochs / warmup, over the
+    # flags above: the ALP stage, the finetuning stage, and the random-head (RanLI) finetuning.
+    alp: dict = field(default_factory=dict)
+    ft: dict = field(default_factory=dict)
+    ranli: dict = field(default_factory=dict)
     # attack
     attack: str = "pgd"
     norm: str = "linf"
@@ -167,6 +204,22 @@ class TrainConfig:
         need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
              f"warmup: must be an integer in [0, epochs={self.epochs}]; got {self.warmup!r}")  # fmt: skip
         need(0 < self.val_percent < 100, f"val-percent: must be in (0, 100); got {self.val_percent}")
+        for stage in ("alp", "ft", "ranli"):
+            _check_stage(stage, getattr(self, stage), self)
+        need(0 <= self.lora_dropout < 1 and 0 <= self.vpt_dropout < 1,
+             f"lora-dropout, vpt-dropout: must be in [0, 1); got {self.lora_dropout}, {self.vpt_dropout}")  # fmt: skip
+        need(isinstance(self.lora_targets, str) and self.lora_targets in ("q", "k", "v", "qk", "qv", "kv", "qkv"),
+             f"lora-targets: {self.lora_targets!r} is not one of q, k, v, qk, qv, kv, qkv")  # fmt: skip
+        need(self.data_interpolation in ("bilinear", "bicubic"),
+             f"data-interpolation: {self.data_interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        for name in ("resize", "crop_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name.replace('_', '-')}: must be an integer >= 1; got {value!r}")  # fmt: skip
+        need(self.crop_size <= self.resize, f"crop-size: {self.crop_size} is larger than resize {self.resize}")
+        need(self.workers is None or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+                                      and self.workers >= 0),
+             f"workers: must be an integer >= 0; got {self.workers!r}")  # fmt: skip
         for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
@@ -196,30 +249,62 @@ class TrainConfig:
             raise ConfigError(f"config: cannot parse {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping of options")
+        data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # a run's records, not options
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k.replace("-", "_") not in known)
         if unknown:
             raise ConfigError(f"config: unknown options in {path}: {', '.join(unknown)}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        for stage in ("alp", "ft", "ranli"):  # a flag sets one key of a stage's mapping, not all of it
+            if isinstance(overrides.get(stage), dict) and isinstance(data.get(stage), dict):
+                overrides[stage] = {**data[stage], **overrides[stage]}
         return cls(**{**data, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def settings(self, kind: str) -> StageSettings:
-        """Settings of a stage kind (pretrain | lp | alp | ft | ranli): the method's own stage takes --lr,
-        --optimizer and --weight-decay; the ALP stage inside ft/roli takes --alp-lr; the random-head
-        baseline takes --ranli-lr; the rest come from STAGE_DEFAULTS. A finetuning stage from a random
-        head (--init random) takes the random-head defaults."""
+        """Resolved settings of a stage kind (pretrain | lp | alp | ft | ranli), from the first that sets
+        each: the stage's own mapping (alp / ft / ranli); for the method's own stage, the plain flags
+        (--lr, --optimizer, --weight-decay, --epochs, --warmup); --alp-lr / --ranli-lr; STAGE_DEFAULTS
+        (epochs and warmup: the plain flags). A finetuning stage from a random head (--init random) is
+        of kind ranli."""
         if kind == "ft" and self.init == "random":
             kind = "ranli"
         d = STAGE_DEFAULTS[kind]
         own = PRIMARY[self.method] == kind or (kind == "ranli" and self.method == "ft")
-        lr = self.lr if own else {"alp": self.alp_lr, "ranli": self.ranli_lr}.get(kind)
+        mapping = dict(self.ft) if kind == "ranli" and self.method == "ft" else {}
+        mapping |= {"alp": self.alp, "ft": self.ft, "ranli": self.ranli}.get(kind, {})
+        legacy_lr = {"alp": self.alp_lr, "ranli": self.ranli_lr}.get(kind)
+
+        def pick(key, flag, default):
+            if key in mapping:
+                return mapping[key]
+            if own and flag is not None:
+                return flag
+            return default
+
+        lr = pick("lr", self.lr, None)
+        if lr is None:
+            lr = legacy_lr if legacy_lr is not None else d["lr"]
         return StageSettings(
-            optimizer=self.optimizer or d["optimizer"],
-            lr=d["lr"] if lr is None else lr,
-            weight_decay=d["weight_decay"] if self.weight_decay is None else self.weight_decay,
-            epochs=self.epochs,
-            warmup=self.warmup,
+            optimizer=pick("optimizer", self.optimizer, d["optimizer"]),
+            lr=float(lr),
+            weight_decay=float(pick("weight_decay", self.weight_decay, d["weight_decay"])),
+            epochs=mapping.get("epochs", self.epochs),
+            warmup=mapping.get("warmup", self.warmup),
         )
+
+    def resolved(self) -> dict:
+        """The settings every stage of this method runs with (written into config.json)."""
+        kinds = {"pretrain": ["pretrain"], "lp": ["lp"], "alp": ["alp"], "roli": ["alp", "ft"],
+                 "ft": {"lp": ["lp", "ft"], "alp": ["alp", "ft"]}.get(self.init, ["ft"])}[self.method]  # fmt: skip
+        if self.method == "roli" and self.compare_ranli:
+            kinds.append("ranli")
+        out = {}
+        for k in kinds:
+            s = self.settings(k)
+            out["ranli" if k == "ft" and self.init == "random" else k] = {
+                "optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
+                "warmup": s.warmup}  # fmt: skip
+        return out

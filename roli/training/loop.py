@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from roli import _dist as D
 from roli._amp import autocast_for
 from roli._io import atomic_write, load_tagged, save_torch
-from roli.attacks import PGD, robust_accuracy
+from roli.attacks import PGD, robust_counts
 from roli.features.alp import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
@@ -171,17 +171,11 @@ def _save_state(state: dict, path: Path) -> None:
 
 
 def _validate(stage: Stage) -> tuple[float, float]:
-    """Clean and PGD accuracy on the validation set, sharded over ranks and reduced."""
-    val = stage.val
-    if isinstance(val, tuple) and D.active():
-        val = (val[0][D.rank() :: D.world()], val[1][D.rank() :: D.world()])
-    n = len(val[1]) if isinstance(val, tuple) else None
-    clean, robust = robust_accuracy(stage.model, val, stage.eps, stage.step_size, stage.val_steps, stage.precision,
-                                    stage.seed)  # fmt: skip
-    if not D.active() or n is None:
-        return clean, robust
-    c, r, total = D.sum_(clean * n, robust * n, n)
-    return c / max(total, 1), r / max(total, 1)
+    """Clean and PGD accuracy on the validation set (each rank attacks its shard), reduced over ranks."""
+    clean, robust, n = robust_counts(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
+                                     stage.precision, stage.seed)  # fmt: skip
+    clean, robust, n = D.sum_(clean, robust, n)
+    return clean / max(n, 1), robust / max(n, 1)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

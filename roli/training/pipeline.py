@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from roli import _dist as D
 from roli._io import save_json
-from roli.attacks import PGD, robust_accuracy, run_autoattack
+from roli.attacks import PGD, robust_counts, run_autoattack
 from roli.data import ArrayData, load_dataset
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import (
@@ -31,7 +32,15 @@ log = logging.getLogger("roli.train")
 def load_splits(cfg: TrainConfig):
     """(train, val, test, num_classes), restricted to cfg.classes (relabelled 0..k-1) when given."""
     try:
-        s = load_dataset(cfg.dataset, val_percent=cfg.val_percent, split_seed=cfg.split_seed, image_root=cfg.image_root)
+        s = load_dataset(
+            cfg.dataset,
+            val_percent=cfg.val_percent,
+            split_seed=cfg.split_seed,
+            image_root=cfg.image_root,
+            resize=cfg.resize,
+            crop_size=cfg.crop_size,
+            interpolation=cfg.data_interpolation,
+        )
     except ValueError as e:
         raise ConfigError(f"dataset: {e}") from None
     if s.train is None or s.test is None:
@@ -50,7 +59,8 @@ def load_splits(cfg: TrainConfig):
         if isinstance(sub, ArrayData):
             sub.y, sub.num_classes = table[sub.y], len(classes)
         else:
-            sub = type(sub)([(p, int(table[y])) for p, y in sub.items], len(classes), sub.name, None, sub.transform)
+            names = [sub.classes[c] for c in classes] if sub.classes is not None else None
+            sub = type(sub)([(p, int(table[y])) for p, y in sub.items], len(classes), sub.name, names, sub.transform)
         return sub
 
     return keep(s.train), keep(s.val), keep(s.test), len(classes)
@@ -95,6 +105,13 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
     return model.to(cfg.device)
 
 
+def workers(cfg: TrainConfig) -> int:
+    """Data-loading processes of file datasets: --workers, else up to 8 from the CPUs (per rank)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, D.world()) - 1))
+
+
 def _loader(cfg: TrainConfig, data, shuffle: bool):
     """Per-rank batches under torchrun (the global batch stays cfg.batch_size); the whole set otherwise."""
     if D.active() and shuffle:
@@ -104,12 +121,24 @@ def _loader(cfg: TrainConfig, data, shuffle: bool):
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data, num_replicas=D.world(), rank=D.rank(), shuffle=True, seed=cfg.seed)
-        return data.loader(per_rank, device=cfg.device, seed=cfg.seed, sampler=sampler)
-    return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed)
+        return data.loader(per_rank, device=cfg.device, seed=cfg.seed, sampler=sampler, workers=workers(cfg))
+    if isinstance(data, ArrayData):
+        return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed)
+    return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed, workers=workers(cfg))
+
+
+def eval_batches(cfg: TrainConfig, data, batch_size: int = 256):
+    """Batches of a validation or test set streamed to the device (never held there whole); under torchrun
+    each rank gets every world-th example (no padding, so reduced counts are exact)."""
+    if D.active():
+        data = data.subset(torch.arange(len(data))[D.rank() :: D.world()])
+    if isinstance(data, ArrayData):
+        return data.loader(batch_size, device=cfg.device)
+    return data.loader(min(batch_size, 4 * cfg.batch_size), device=cfg.device, workers=workers(cfg))
 
 
 def _val(cfg: TrainConfig, data):
-    return data.to_float(cfg.device) if isinstance(data, ArrayData) else _loader(cfg, data, False)
+    return eval_batches(cfg, data)
 
 
 def _done(stage_dir: Path) -> bool:
@@ -234,22 +263,25 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
 
 
 def evaluate_test(cfg: TrainConfig, model, test) -> dict:
-    x, y = test.to_float(cfg.device) if isinstance(test, ArrayData) else _collect(cfg, test)
-    xs, ys = (x[D.rank() :: D.world()], y[D.rank() :: D.world()]) if D.active() else (x, y)
-    clean, robust = robust_accuracy(model, (xs, ys), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
-    if D.active():
-        c, r, n = D.sum_(clean * len(ys), robust * len(ys), len(ys))
-        clean, robust = c / n, r / n
-    out = {"n": len(y), "clean": clean, f"pgd{cfg.val_steps}": robust}
+    """Clean and PGD-`val_steps` accuracy on the test set (and AutoAttack with --autoattack), streamed in
+    batches and sharded over torchrun ranks; the counts are reduced."""
+    clean = robust = n = 0
+    aa_robust, aa_per = 0, {}
+    for x, y in eval_batches(cfg, test):
+        c, r, k = robust_counts(model, (x, y), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
+        clean, robust, n = clean + c, robust + r, n + k
+        if cfg.autoattack:
+            aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)
+            aa_robust += int(aa.robust.sum())
+            for name, acc in aa.per_attack.items():
+                aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
+    names = list(aa_per)
+    clean, robust, n, aa_robust, *per = D.sum_(clean, robust, n, aa_robust, *(aa_per[k] for k in names))
+    out = {"n": int(n), "clean": clean / max(n, 1), f"pgd{cfg.val_steps}": robust / max(n, 1)}
     if cfg.autoattack:
-        aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)
-        out["autoattack"], out["autoattack_per_attack"] = aa.robust_accuracy, aa.per_attack
+        out["autoattack"] = aa_robust / max(n, 1)
+        out["autoattack_per_attack"] = {k: v / max(n, 1) for k, v in zip(names, per, strict=True)}
     return out
-
-
-def _collect(cfg, data):
-    xs, ys = zip(*_loader(cfg, data, False), strict=True)
-    return torch.cat(xs), torch.cat(ys)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

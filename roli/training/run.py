@@ -35,8 +35,9 @@ log = logging.getLogger("roli.train")
 
 def _peft(cfg: TrainConfig, model) -> None:
     try:
-        apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                   adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens)  # fmt: skip
+        apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                   lora_targets=cfg.lora_targets, adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens,
+                   vpt_dropout=cfg.vpt_dropout)  # fmt: skip
     except (ValueError, TypeError) as e:
         raise ConfigError(f"peft: {str(e).splitlines()[0]}") from None
 
@@ -75,7 +76,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     D.barrier()  # every rank has validated before rank 0 touches the run directory
     if D.is_main():
         prepare_run_dir(run_dir, resume, overwrite)
-        save_json(cfg.to_dict(), run_dir / "config.json")
+        save_json(config_record(cfg), run_dir / "config.json")
+        if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
+            save_json({"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
+                      run_dir / "labels.json")  # fmt: skip
     D.barrier()
     _log_to(run_dir / "train.log")
 
@@ -120,6 +124,16 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     if D.is_main():
         print(render(results, cfg))
     return results
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """config.json: the options (what --resume and --config read back), plus records that they skip: the
+    settings each stage resolved to, the versions and the command line."""
+    import roli
+
+    return {**cfg.to_dict(), "_resolved": cfg.resolved(),
+            "_versions": {"roli": roli.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "_command": [Path(sys.argv[0]).name, *sys.argv[1:]]}  # fmt: skip
 
 
 def render(results: dict, cfg: TrainConfig) -> str:
