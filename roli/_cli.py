@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from fractions import Fraction
 
 
 class BadValue(ValueError):
@@ -17,14 +16,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_budget(value, name: str = "eps") -> float:
-    """8/255, "8/255", 0.03 -> a finite float >= 0."""
+def parse_budget(value, name: str = "eps", norm: str | None = None) -> float:
+    """8/255, "8/255", "0.5/255", 0.03 -> a finite float >= 0. With norm="linf" also <= 1: an Linf budget
+    on images in [0, 1] (the one rule train and evaluate share)."""
     try:
-        out = float(Fraction(str(value).strip())) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError, TypeError):
+        if isinstance(value, str):
+            num, sep, den = value.strip().partition("/")
+            out = float(num) / float(den) if sep else float(num)
+        elif isinstance(value, bool):
+            raise TypeError
+        else:
+            out = float(value)
+    except (ValueError, ZeroDivisionError, TypeError, OverflowError):
         raise BadValue(f"{name}: {value!r} is not a number or a fraction like 8/255") from None
     if not math.isfinite(out) or out < 0:
         raise BadValue(f"{name}: must be a finite number >= 0; got {value}")
+    if norm == "linf" and out > 1:
+        raise BadValue(f"{name}: {out:g} is out of range for Linf on images in [0, 1] (use e.g. 8/255)")
     return out
 
 

@@ -2,6 +2,12 @@
 
     python -m roli.evaluate --model mypkg.nets:small_cnn --checkpoint net.pt --dataset digits \\
         --attack pgd --steps 10 --eps 0.1 --eps-sweep 0.02,0.05,0.1 --autoattack standard --out res.json
+    python -m roli.evaluate --run runs/c10-lora [--stage roli-ft] --autoattack standard
+
+--run evaluates a run that `python -m roli.train` produced, any PEFT method: the model is rebuilt from the
+run's config.json (architecture, preprocessing, PEFT method) and the stage's best.pt is loaded strictly;
+the data, budget, PGD steps and seed default to the run's (the test split), so PGD reproduces the run's
+own test figures; every attack below can be added.
 
 Budgets accept fractions ("8/255"). The worst case counts a sample as robust only if it is correct on
 the clean image and under every attack that ran. Results print as a table and are written as JSON
@@ -10,8 +16,11 @@ the clean image and under every attack that ran. Results print as a table and ar
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +48,9 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="a published robust backbone (python -m roli.zoo), a timm name "
+    g.add_argument("--run", metavar="RUN_DIR", help="evaluate a run of python -m roli.train (instead of --model)")
+    g.add_argument("--stage", help="with --run: which stage's best.pt (default: the last one the run finished)")
+    g.add_argument("--model", help="a published robust backbone (python -m roli.zoo), a timm name "
                    "or 'package.module:function' (an nn.Module factory)")  # fmt: skip
     g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, ARES, RobustBench, MadryLab, "
                    "RoLI-reference or roli format) holding the classifier to evaluate")  # fmt: skip
@@ -59,28 +70,30 @@ def build_parser() -> OneLineParser:
     g.add_argument("--input-size", type=int, help="resize images to this size inside the model")
     g.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="of that resize")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True,
-                   help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR")  # fmt: skip
+    g.add_argument("--dataset", help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR "
+                   "(with --run: the run's by default)")  # fmt: skip
     g.add_argument("--image-root", help="image root of a json:DIR dataset (default: DIR)")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     g.add_argument("--n-ex", type=int, help="evaluate the first N examples only")
     g.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     g = p.add_argument_group("attacks")
     g.add_argument("--attack", default="pgd", choices=["pgd", "none"], help="the PGD attack, or none")
-    g.add_argument("--norm", default="linf", choices=["linf", "l2"], help="threat model")
-    g.add_argument("--eps", default="8/255", help="budget, a number or a fraction like 8/255")
+    g.add_argument("--norm", choices=["linf", "l2"], help="threat model (default linf, or the run's)")
+    g.add_argument("--eps", help="budget, a number or a fraction like 8/255 (default 8/255, or the run's)")
     g.add_argument("--step-size", help="PGD step (default: eps/4, i.e. 2/255 for 8/255)")
-    g.add_argument("--steps", type=int, default=10, help="PGD steps")
+    g.add_argument("--steps", type=int, help="PGD steps (default 10, or the run's validation steps)")
     g.add_argument("--restarts", type=int, default=1, help="PGD random restarts (per-sample worst case)")
     g.add_argument("--loss", default="ce", choices=["ce", "dlr"], help="PGD loss")
     g.add_argument("--eps-sweep", help="comma-separated budgets, all attacked in one batched run")
     g.add_argument("--autoattack", choices=[v for v in AA_VERSIONS if v != "custom"], help="also run AutoAttack")
     g.add_argument("--aa-state", help="AutoAttack state file: an interrupted evaluation resumes from it")
     g = p.add_argument_group("run")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="forward/backward precision")
+    g.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="forward/backward precision (default fp32 / the run's)"
+    )
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
-    g.add_argument("--seed", type=int, default=0, help="seeds the random starts")
+    g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
     g.add_argument("--out", help="write the results as JSON here")
     return p
 
@@ -132,22 +145,98 @@ def _images(data, n: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
+def _fraction(flags: torch.Tensor) -> float:
+    """The share of True, from exact counts (as the trainer reports it)."""
+    return int(flags.sum()) / max(1, flags.numel())
+
+
 def _batches(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
+STAGE_ORDER = ("roli-ft", "ft", "ranli-ft", "alp", "lp", "pretrain")  # --run's default: the first present
+
+
+def _from_run(args):
+    """--run: the run's TrainConfig and stage directory; fills the flags left unset with the run's values."""
+    from roli.training.config import ConfigError, TrainConfig
+
+    run = Path(args.run).expanduser()
+    if not (run / "config.json").is_file():
+        raise CliError(f"--run: {run} holds no config.json: not a run directory of python -m roli.train")
+    if args.model or args.checkpoint:
+        raise CliError("--run rebuilds the model from the run: drop --model/--checkpoint")
+    try:
+        cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
+    except ConfigError as e:
+        raise CliError(f"--run: {e}") from None
+    stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
+    stage = args.stage or (stages[0] if stages else None)
+    if stage is None or not (run / stage / "best.pt").is_file():
+        have = ", ".join(stages) or "none"
+        raise CliError(f"--stage: {run} has no finished stage {stage!r} (stages with a best.pt: {have})")
+    for name, value in (("dataset", cfg.dataset), ("image_root", cfg.image_root), ("eps", str(cfg.eps)),
+                        ("step_size", str(cfg.step_size)), ("steps", cfg.val_steps), ("norm", cfg.norm),
+                        ("precision", cfg.precision), ("seed", cfg.seed)):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return cfg, run / stage
+
+
+def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) -> RobustClassifier:
+    """The run's model for `stage_dir`: built as the trainer built it (architecture, preprocessing, PEFT
+    method of the stage), then the stage's best.pt loaded strictly."""
+    import dataclasses
+
+    from roli.models import apply_peft, load_checkpoint
+    from roli.training.config import ConfigError
+    from roli.training.pipeline import build_model
+    from roli.training.run import _peft
+
+    try:
+        bare = dataclasses.replace(cfg, checkpoint=None, keep_source_head=False, device=str(device))
+        model = build_model(bare, num_classes, in_chans, quiet=True)
+        if stage_dir.name in ("alp", "lp"):
+            apply_peft(model, "linear")
+        elif stage_dir.name != "pretrain":
+            _peft(cfg, model)
+        meta = load_checkpoint(model, stage_dir / "best.pt")
+    except (ConfigError, ValueError) as e:
+        raise CliError(f"--run: {str(e).splitlines()[0]}") from None
+    print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {meta.get('val_robust')})")
+    return model.to(device).eval()
+
+
 def evaluate(args) -> dict:
+    run = stage_dir = None
+    if args.run:
+        run, stage_dir = _from_run(args)
+    elif args.stage:
+        raise CliError("--stage goes with --run")
+    elif not args.model or not args.dataset:
+        raise CliError("give --model and --dataset (or --run RUN_DIR)")
+    for name, default in (("eps", "8/255"), ("steps", 10), ("norm", "linf"), ("precision", "fp32"), ("seed", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for flag, value, low in (("--steps", args.steps, 0), ("--restarts", args.restarts, 1),
                              ("--batch-size", args.batch_size, 1)):  # fmt: skip
         if value < low:
             raise CliError(f"{flag} must be >= {low}; got {value}")
     if args.n_ex is not None and args.n_ex < 1:
         raise CliError(f"--n-ex must be >= 1; got {args.n_ex}")
-    eps = parse_budget(args.eps, "--eps")
+    eps = parse_budget(args.eps, "--eps", args.norm)
     step = parse_budget(args.step_size, "--step-size") if args.step_size else eps / 4
     if args.attack == "pgd" and step <= 0:
         raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
-    sweep = [parse_budget(v, "--eps-sweep") for v in args.eps_sweep.split(",")] if args.eps_sweep else None
+    sweep = [parse_budget(v, "--eps-sweep", args.norm) for v in args.eps_sweep.split(",")] if args.eps_sweep else None
+    if args.num_classes is not None and args.num_classes < 2:
+        raise CliError(f"--num-classes must be >= 2; got {args.num_classes}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise CliError(f"--out: {out} is a directory; give a file name for the JSON results")
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -161,24 +250,39 @@ def evaluate(args) -> dict:
     if impl != "auto" and (reason := unavailable_reason(impl, device, torch.float32)):
         raise CliError(f"--impl {impl} cannot run here: {reason}")
     try:
-        splits = load_dataset(args.dataset, image_root=args.image_root)
-        data = getattr(splits, args.split)
+        if run is not None:  # the run's own splits: its class subset, label mapping, validation split
+            from roli.training.config import ConfigError
+            from roli.training.pipeline import load_splits
+
+            try:
+                train, val, test, num_classes = load_splits(
+                    dataclasses.replace(run, dataset=args.dataset, image_root=args.image_root)
+                )
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+            data = {"train": train, "val": val, "test": test}[args.split]
+        else:
+            splits = load_dataset(args.dataset, image_root=args.image_root)
+            data, num_classes = getattr(splits, args.split), splits.num_classes
         if data is None:
             raise ValueError(f"{args.dataset} has no {args.split} split")
         x, y = _images(data, args.n_ex, device)
     except ValueError as e:
         raise CliError(f"--dataset: {e}") from None
-    num_classes = args.num_classes or splits.num_classes
+    num_classes = args.num_classes or num_classes
     if y.numel() and int(y.max()) >= num_classes:
         raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
-    model = _model(args, num_classes, x.shape[1], device)
+    if run is not None:
+        model = _run_model(run, stage_dir, num_classes, x.shape[1], device)
+    else:
+        model = _model(args, num_classes, x.shape[1], device)
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
         raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
     parts = _batches(len(y), args.batch_size)
     clean = torch.cat([clean_correct(model, x[s], y[s], args.precision) for s in parts])
     robust = clean.clone()
-    results: dict = {"n": len(y), "clean": float(clean.float().mean()), "attacks": {}}
+    results: dict = {"n": len(y), "clean": _fraction(clean), "attacks": {}}
     if args.attack == "pgd":
         attack = PGD(model, eps=eps, step_size=step, steps=args.steps, norm=args.norm, restarts=args.restarts,
                      loss=args.loss, keep="best", early_stop=True, precision=args.precision, impl=args.impl,
@@ -189,7 +293,7 @@ def evaluate(args) -> dict:
         name = f"PGD-{args.steps} ({args.norm}, eps={args.eps}" + (
             f", {args.restarts} restarts)" if args.restarts > 1 else ")"
         )
-        results["attacks"][name] = float(pgd_ok.float().mean())
+        results["attacks"][name] = _fraction(pgd_ok)
     if sweep:
         accs = eps_sweep(model, x, y, sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
                          loss=args.loss, precision=args.precision, impl=args.impl, seed=args.seed,
@@ -201,7 +305,7 @@ def evaluate(args) -> dict:
         results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = aa.robust_accuracy
         results["autoattack_per_attack"] = aa.per_attack
         robust &= aa.robust.to(robust.device)
-    results["worst_case"] = float(robust.float().mean())
+    results["worst_case"] = _fraction(robust)
     results["seconds"] = round(time.time() - t0, 2)
     results["config"] = {k: v for k, v in vars(args).items()}
     return results

@@ -146,3 +146,33 @@ def test_npz_dataset(tmp_path, checkpoint, capsys):
 def test_parse_budget():
     assert parse_budget("8/255") == pytest.approx(8 / 255)
     assert parse_budget("0.5") == 0.5
+
+
+VIT = ["--model", "vit_tiny_patch16_224", "--model-arg", "img_size=8", "--model-arg", "patch_size=2",
+       "--model-arg", "embed_dim=24", "--model-arg", "depth=1", "--model-arg", "num_heads=2"]  # fmt: skip
+
+
+def test_evaluate_run_reproduces_a_lora_run(tmp_path, capsys):
+    """evaluate --run rebuilds a LoRA run from its config.json, loads the stage's best.pt strictly and
+    reproduces the run's own test figures (the same seeded PGD over the same batches)."""
+    from roli.train import main as train
+
+    run = tmp_path / "lora"
+    argv = [*VIT, "--dataset", "digits", "--classes", "0-4", "--method", "roli", "--peft", "lora", "--epochs", "2",
+            "--warmup", "0", "--eps", "0.1", "--step-size", "0.025", "--steps", "2", "--val-steps", "5",
+            "--lr", "0.01", "--alp-lr", "0.1", "--run-dir", str(run)]  # fmt: skip
+    assert train(argv) == 0
+    want = json.loads((run / "results.json").read_text())["RoLI-lora"]["test"]
+    out = tmp_path / "eval.json"
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert "roli-ft" in capsys.readouterr().out
+    assert got["n"] == want["n"] and got["clean"] == want["clean"]
+    assert next(v for k, v in got["attacks"].items() if k.startswith("PGD-5")) == want["pgd5"]
+    alp = json.loads((run / "results.json").read_text())["alp"]["test"]
+    assert main(["--run", str(run), "--stage", "alp", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["clean"] == alp["clean"]
+    assert main(["--run", str(run), "--stage", "ranli-ft"]) == 2
+    assert "has no finished stage 'ranli-ft'" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

@@ -236,7 +236,7 @@ def test_own_checkpoints_full_and_trainable_only(tmp_path, monkeypatch):
 
 CASES = [
     ("vit_tiny_patch16_224", VIT, ("full", "linear", "lora", "adapter", "vpt", "bias")),
-    ("swin_tiny_patch4_window7_224", SWIN, ("full", "linear", "lora", "adapter", "bias")),
+    ("swin_tiny_patch4_window7_224", SWIN, ("full", "linear", "lora", "adapter", "vpt", "bias")),
     ("resnet", None, ("full", "linear", "bias")),
 ]
 
@@ -282,6 +282,28 @@ def test_trainable_counts_vit():
         apply_peft(_model("vit_tiny_patch16_224", VIT), "lora", lora_targets="qkv")["trainable"]
         == head + blocks * 3 * 2 * r * d
     )
+
+
+def test_vpt_on_swin_learns_after_a_step_and_drops_prompts_in_training_only():
+    """VPT on Swin (every window's tokens attend to the block's prompts): the gate gets a gradient at once;
+    after one step the prompts do too and the function has moved; prompt dropout acts in train mode only."""
+    x, y = images(4, seed=5), torch.tensor([0, 1, 2, 3])
+    m = _model("swin_tiny_patch4_window7_224", SWIN)
+    info = apply_peft(m, "vpt", vpt_tokens=4, vpt_dropout=0.1)
+    blocks = [mod for mod in m.modules() if hasattr(mod, "prompts")]
+    assert len(blocks) == sum(SWIN["depths"]) and info["trainable"] == count_trainable(m)
+    with torch.no_grad():
+        before = m.eval()(x)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+    nn.functional.cross_entropy(m.train()(x), y).backward()
+    assert all(b.gate.grad.abs().sum() > 0 for b in blocks)
+    opt.step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(m.train()(x), y).backward()
+    assert all(b.prompts.grad is not None and b.prompts.grad.abs().sum() > 0 for b in blocks)
+    with torch.no_grad():
+        assert not torch.allclose(m.eval()(x), before)
+        torch.testing.assert_close(m.eval()(x), m.eval()(x), rtol=0, atol=0)  # no dropout in eval mode
 
 
 def test_peft_branches_receive_gradients_and_reference_bugs_absent():
@@ -330,7 +352,7 @@ def test_merge_lora_for_export():
 def test_peft_rejects_unsupported():
     with pytest.raises(ValueError, match="LoRA applies to ViT/Swin"):
         apply_peft(_model("resnet", None), "lora")
-    with pytest.raises(ValueError, match="VPT applies to ViT"):
-        apply_peft(_model("swin_tiny_patch4_window7_224", SWIN), "vpt")
+    with pytest.raises(ValueError, match="VPT applies to ViT and Swin"):
+        apply_peft(_model("resnet", None), "vpt")
     with pytest.raises(ValueError, match="unknown PEFT method"):
         apply_peft(_model("resnet", None), "prefix")

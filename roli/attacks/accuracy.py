@@ -18,19 +18,21 @@ def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.
 
 
 def robust_accuracy(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
-                    seed: int = 0) -> tuple[float, float]:  # fmt: skip
+                    seed: int = 0, norm: str = "linf") -> tuple[float, float]:  # fmt: skip
     """(clean accuracy, PGD-`steps` robust accuracy) over `data`: a (x, y) pair of tensors (attacked in
     batches of 256) or an iterable of (x, y) batches. Robust means correct on the clean image and on
     every PGD iterate (early stop: the same accuracy, less work)."""
-    clean, robust, n = robust_counts(model, data, eps, step_size, steps, precision, seed)
+    clean, robust, n = robust_counts(model, data, eps, step_size, steps, precision, seed, norm)
     return clean / max(1, n), robust / max(1, n)
 
 
 def robust_counts(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
-                  seed: int = 0) -> tuple[int, int, int]:  # fmt: skip
-    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them."""
+                  seed: int = 0, norm: str = "linf") -> tuple[int, int, int]:  # fmt: skip
+    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them; one seeded attack
+    runs over all batches."""
     clean = robust = n = 0
-    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, early_stop=True, precision=precision, seed=seed)
+    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm, early_stop=True, precision=precision,
+                 seed=seed)  # fmt: skip
     for x, y in _batches(data):
         res = attack.perturb(x, y)
         with torch.no_grad(), autocast_for(x.device, precision):

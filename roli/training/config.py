@@ -224,10 +224,8 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
                  f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
-        self.eps = parse_budget(self.eps, "eps")
+        self.eps = parse_budget(self.eps, "eps", self.norm)
         self.step_size = parse_budget(self.step_size, "step-size")
-        if self.norm == "linf":
-            need(self.eps <= 1, f"eps: {self.eps:g} is out of range for Linf on images in [0, 1] (use e.g. 8/255)")
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
         parse_classes(self.classes)
         need(not self.cuda_graph or str(self.device).startswith("cuda"),

@@ -69,6 +69,7 @@ class Stage:
     val_steps: int
     precision: str = "fp32"
     seed: int = 0
+    norm: str = "linf"  # of the validation attack (the run's threat model)
     history: list[dict] = field(default_factory=list)
 
 
@@ -173,7 +174,7 @@ def _save_state(state: dict, path: Path) -> None:
 def _validate(stage: Stage) -> tuple[float, float]:
     """Clean and PGD accuracy on the validation set (each rank attacks its shard), reduced over ranks."""
     clean, robust, n = robust_counts(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
-                                     stage.precision, stage.seed)  # fmt: skip
+                                     stage.precision, stage.seed, stage.norm)  # fmt: skip
     clean, robust, n = D.sum_(clean, robust, n)
     return clean / max(n, 1), robust / max(n, 1)
 

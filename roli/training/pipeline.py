@@ -167,7 +167,8 @@ def _fit(cfg: TrainConfig, name: str, model, step, attack, opt, settings: StageS
     train, val, _, _ = splits
     stage = Stage(name=name, model=model, step=step, train=_loader(cfg, train, True), val=_val(cfg, val),
                   optimizer=opt, epochs=settings.epochs, warmup=settings.warmup, attack=attack, eps=cfg.eps,
-                  step_size=cfg.step_size, val_steps=cfg.val_steps, precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+                  step_size=cfg.step_size, val_steps=cfg.val_steps, precision=cfg.precision, seed=cfg.seed,
+                  norm=cfg.norm)  # fmt: skip
     best = fit(stage, stage_dir, resume=resume)
     if D.is_main():
         plot_curves(stage.history, stage_dir / "curves.png", name)
@@ -264,13 +265,13 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
 
 def evaluate_test(cfg: TrainConfig, model, test) -> dict:
     """Clean and PGD-`val_steps` accuracy on the test set (and AutoAttack with --autoattack), streamed in
-    batches and sharded over torchrun ranks; the counts are reduced."""
-    clean = robust = n = 0
+    batches of 256 and sharded over torchrun ranks; the counts are reduced. One seeded attack runs over
+    all batches, as `python -m roli.evaluate --run` does, so both report the same figures."""
+    clean, robust, n = robust_counts(model, eval_batches(cfg, test), cfg.eps, cfg.step_size, cfg.val_steps,
+                                     cfg.precision, cfg.seed, cfg.norm)  # fmt: skip
     aa_robust, aa_per = 0, {}
-    for x, y in eval_batches(cfg, test):
-        c, r, k = robust_counts(model, (x, y), cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed)
-        clean, robust, n = clean + c, robust + r, n + k
-        if cfg.autoattack:
+    if cfg.autoattack:
+        for x, y in eval_batches(cfg, test):
             aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)
             aa_robust += int(aa.robust.sum())
             for name, acc in aa.per_attack.items():

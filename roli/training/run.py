@@ -86,7 +86,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     results = {}
 
     def finish(name, model, best):
-        results[name] = {"val": best, "test": evaluate_test(cfg, model, test)}
+        stage = {"pretrain": "pretrain", "lp": "lp", "alp": "alp"}.get(name) or (
+            "roli-ft" if name.startswith("RoLI-") else "ranli-ft" if name.startswith("RanLI-") else "ft"
+        )
+        results[name] = {"val": best, "test": evaluate_test(cfg, model, test), "dir": stage}
         if D.is_main():
             save_json(results, run_dir / "results.json")
 

@@ -1,0 +1,152 @@
+"""`python -m roli.report RUN_DIR ...`: one table of every stage of every run, and a plot in the manner of
+the paper's Figure 1.
+
+    python -m roli.report runs/c10-full runs/c10-lora --out reports/cifar10
+
+For each run (a directory written by `python -m roli.train`) and each stage in its results.json: test
+clean, PGD and AutoAttack accuracy (when the run had --autoattack), the best validation epoch, epochs
+trained, wall time and training images/s (from the stage's metrics.jsonl). Writes report.md, report.csv
+and report.png (test clean against test robust accuracy, one point per stage; RoLI, RanLI, ALP and
+linear probing told apart) into --out (default: the current directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from roli._cli import BadValue, OneLineParser
+from roli._io import atomic_write
+
+COLUMNS = ["run", "stage", "kind", "method", "test clean", "test PGD", "AutoAttack", "best epoch", "epochs",
+           "wall s", "images/s"]  # fmt: skip
+
+
+def _kind(label: str, stage_dir: str, cfg: dict) -> str:
+    if stage_dir == "roli-ft" or label.startswith("RoLI-"):
+        return "RoLI"
+    if stage_dir == "ranli-ft" or (stage_dir == "ft" and cfg.get("init") == "random"):
+        return "RanLI"
+    return {"alp": "ALP", "lp": "LP", "pretrain": "pretrain"}.get(stage_dir, "FT")
+
+
+def _stage_dir(label: str) -> str:  # runs written before results.json named the directory
+    if label in ("pretrain", "lp", "alp"):
+        return label
+    return "roli-ft" if label.startswith("RoLI-") else "ranli-ft" if label.startswith("RanLI-") else "ft"
+
+
+def rows_of(run: Path) -> list[dict]:
+    results_path, cfg_path = run / "results.json", run / "config.json"
+    if not results_path.is_file() or not cfg_path.is_file():
+        raise BadValue(f"{run} has no results.json and config.json: not a finished run of python -m roli.train")
+    try:
+        results, cfg = json.loads(results_path.read_text()), json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadValue(f"{run}: cannot read its results ({e})") from None
+    rows = []
+    for label, r in results.items():
+        stage_dir = r.get("dir") or _stage_dir(label)
+        test, val = r.get("test", {}), r.get("val", {})
+        pgd = next((v for k, v in test.items() if k.startswith("pgd")), None)
+        history = []
+        metrics = run / stage_dir / "metrics.jsonl"
+        if metrics.is_file():
+            history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        seconds = sum(h.get("seconds", 0) for h in history)
+        seen = sum(h.get("images_per_s", 0) * h.get("seconds", 0) for h in history)
+        method = cfg.get("peft") if stage_dir in ("roli-ft", "ranli-ft", "ft") else stage_dir
+        rows.append({
+            "run": run.name, "stage": label, "kind": _kind(label, stage_dir, cfg), "method": method,
+            "test clean": test.get("clean"), "test PGD": pgd, "AutoAttack": test.get("autoattack"),
+            "best epoch": val.get("epoch"), "epochs": len(history) or None,
+            "wall s": round(seconds, 1) if history else None,
+            "images/s": round(seen / seconds, 1) if seconds else None,
+        })  # fmt: skip
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v <= 1:
+        return f"{100 * v:.2f}%"
+    return str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[c]) if c.startswith(("test", "Auto")) else
+                                       ("-" if r[c] is None else str(r[c])) for c in COLUMNS) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    style = {"RoLI": ("tab:red", "o"), "RanLI": ("tab:blue", "s"), "ALP": ("tab:green", "^"), "LP": ("gray", "v"),
+             "FT": ("tab:purple", "D"), "pretrain": ("black", "x")}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=130)
+    seen = set()
+    for r in rows:
+        robust = r["AutoAttack"] if r["AutoAttack"] is not None else r["test PGD"]
+        if r["test clean"] is None or robust is None:
+            continue
+        color, marker = style.get(r["kind"], ("gray", "."))
+        ax.scatter(100 * r["test clean"], 100 * robust, c=color, marker=marker, s=60,
+                   label=r["kind"] if r["kind"] not in seen else None)  # fmt: skip
+        seen.add(r["kind"])
+        ax.annotate(f"{r['run']}:{r['method']}", (100 * r["test clean"], 100 * robust), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("test clean accuracy (%)")
+    ax.set_ylabel("test robust accuracy (%)")
+    ax.set_title("clean vs robust accuracy per stage\n(robust: AutoAttack where the run had it, else PGD)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="python -m roli.report", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m roli.train")
+    p.add_argument("--out", default=".", help="where report.md, report.csv and report.png go (default: here)")
+    args = p.parse_args(argv)
+    try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise BadValue(f"--out: {out} is a file; give a directory")
+        rows = [row for run in args.runs for row in rows_of(Path(run))]
+    except BadValue as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    table = markdown(rows)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "report.csv", write_csv)
+    drawn = plot(rows, out / "report.png")
+    print(f"written: {out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.png'}" if drawn else
+                                                                     " (no matplotlib: no plot)"))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
