@@ -125,8 +125,8 @@ def matmul_load(dtype, device: torch.device | str = "cpu", n: int = 2048, reps: 
 
 
 def header(title: str, device: str, stamp: str, peaks: dict) -> str:
-    return (f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak "
-            f"fp32 {peaks['fp32']:.0f} / bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+    shown = " / ".join(f"{p} {v:.0f}" for p, v in peaks.items())
+    return f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak {shown} GFLOP/s"
 
 
 def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict],

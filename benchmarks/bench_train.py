@@ -155,18 +155,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing, and the CUDA-graph row)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="precisions to time (fp32 only on a CPU without native bf16: emulated bf16 is slow)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch has no CUDA device; use --device cpu")
     reps = 3 if args.quick else 5
-    loads = {p: matmul_load(dt, device) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    seen_peaks = {"fp32": [], "bf16": []}
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit(f"--precisions: {args.precisions!r} must list fp32 and/or bf16")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    loads = {p: matmul_load(dtypes[p], device) for p in precisions}
+    seen_peaks = {p: [] for p in precisions}
     torch.manual_seed(0)
     X, Y = torch.rand(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device)
     rows = []
     for name in args.models.split(","):
-        runs = variants(name, use_compile=not args.no_compile, device=device)
+        runs = {k: v for k, v in variants(name, use_compile=not args.no_compile, device=device).items()
+                if v[0] in precisions}  # fmt: skip
         torch.manual_seed(0)
         probe = MODELS[name]().to(device).eval()
         flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from roli._cli import BadValue, OneLineParser, parse_budget, parse_kwargs
-from roli._io import save_json
+from roli._io import first_line, load_tagged, save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.data import ArrayData, load_dataset
@@ -202,7 +202,7 @@ def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) ->
             _peft(cfg, model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
     except (ConfigError, ValueError) as e:
-        raise CliError(f"--run: {str(e).splitlines()[0]}") from None
+        raise CliError(f"--run: {first_line(e)}") from None
     print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {meta.get('val_robust')})")
     return model.to(device).eval()
 
@@ -231,6 +231,13 @@ def evaluate(args) -> dict:
     sweep = [parse_budget(v, "--eps-sweep", args.norm) for v in args.eps_sweep.split(",")] if args.eps_sweep else None
     if args.num_classes is not None and args.num_classes < 2:
         raise CliError(f"--num-classes must be >= 2; got {args.num_classes}")
+    if args.aa_state and Path(args.aa_state).exists():
+        from roli.attacks.autoattack import STATE_FORMAT
+
+        try:  # a corrupt state file is reported now, not after the other attacks have run
+            load_tagged(args.aa_state, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another path)")
+        except ValueError as e:
+            raise CliError(f"--aa-state: {first_line(e)}") from None
     if args.out:
         out = Path(args.out)
         if out.is_dir():
@@ -300,8 +307,11 @@ def evaluate(args) -> dict:
                          chunk_size=args.batch_size)  # fmt: skip
         results["eps_sweep"] = {f"{e:.6g}": a for e, a in accs.items()}
     if args.autoattack:
-        aa = run_autoattack(model, x, y, eps, norm=args.norm, version=args.autoattack, state_path=args.aa_state,
-                            batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
+        try:
+            aa = run_autoattack(model, x, y, eps, norm=args.norm, version=args.autoattack, state_path=args.aa_state,
+                                batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
+        except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
+            raise CliError(f"--aa-state: {first_line(e)}") from None
         results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = aa.robust_accuracy
         results["autoattack_per_attack"] = aa.per_attack
         robust &= aa.robust.to(robust.device)

@@ -23,6 +23,7 @@ import torch
 
 from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs
+from roli._io import first_line
 from roli.training.config import METHODS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
@@ -146,16 +147,42 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
         raise ConfigError(f"config: {e}") from None
 
 
+# What --resume may change: how the run executes, not what it computes.
+RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack"}
+
+
 def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
     if args.resume:
+        if not (Path(args.resume) / "config.json").is_file():
+            raise ConfigError(f"resume: {args.resume} holds no config.json: not a roli run directory")
+        if args.overwrite or "run_dir" in flags or args.config:
+            given = [f for f, on in (("--overwrite", args.overwrite), ("--run-dir", "run_dir" in flags),
+                                     ("--config", args.config)) if on]  # fmt: skip
+            raise ConfigError(f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was "
+                              "configured)")  # fmt: skip
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise ConfigError(f"resume: {args.resume} holds no config.json: not a roli run directory")
-        flags["run_dir"] = args.resume
-        return TrainConfig.from_file(saved, **flags), True, False
+        before = TrainConfig.from_file(saved, run_dir=args.resume)
+        after = TrainConfig.from_file(saved, **{**flags, "run_dir": args.resume})
+        changed = sorted(k for k, v in before.to_dict().items() if k not in RESUMABLE and after.to_dict()[k] != v)
+        if changed:
+            names = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(f"resume: {names} would change what the run computes; start a new run for that "
+                              "(--run-dir) or drop the flags")  # fmt: skip
+        return after, True, False
     if args.config:
         return TrainConfig.from_file(args.config, **flags), False, bool(args.overwrite)
     return TrainConfig(**flags), False, bool(args.overwrite)
+
+
+def _worker_error(e: Exception) -> str:
+    """The message of an error raised in a DataLoader worker (torch wraps it in a multi-line report)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ValueError: "):
+            return line[len("ValueError: ") :]
+    return lines[0] if lines else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +211,14 @@ def _main(parser, args) -> int:
             raise ConfigError("device: cuda requested but no CUDA device is available")
         run(cfg, resume=resume, overwrite=overwrite)
     except ConfigError as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a bad image found while training (decoded in a loader worker)
+        cause = _worker_error(e)
+        if "unreadable image" not in cause:
+            raise
+        print(f"{PROG}: error: dataset: {cause}; remove or replace the file (the run's state is saved at each "
+              "epoch end: --resume continues)", file=sys.stderr)  # fmt: skip
         return 2
     except Interrupted as e:
         where = args.resume or (cfg.run_dir if cfg else "RUN_DIR")

@@ -148,7 +148,9 @@ def test_bad_combinations(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert (full / "something").read_text() == "x"  # nothing lost
-    assert main(["--method", "alp", "--run-dir", str(full), "--overwrite", *TINY]) == 0
+    assert main(["--method", "alp", "--run-dir", str(full), "--overwrite", *TINY]) == 2  # not roli's: kept
+    assert "was not written by roli" in capsys.readouterr().err
+    assert (full / "something").read_text() == "x"
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch):

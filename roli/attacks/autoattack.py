@@ -48,6 +48,15 @@ class _Logits(nn.Module):
             return self.model(x).float()
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class and of every parameter and buffer (names, shapes, values)."""
+    h = hashlib.sha1(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fingerprint(x, y, **config) -> str:
     h = hashlib.sha1(repr(sorted(config.items())).encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
@@ -61,8 +70,8 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
     state = load_tagged(path, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another path)")
     if state.get("fingerprint") != fingerprint:
         raise ValueError(
-            f"AutoAttack state file {path} was made for another evaluation (data, eps, norm, version, attacks or "
-            "seed differ); delete it or pass another path"
+            f"AutoAttack state file {path} was made for another evaluation (model, data, eps, norm, version, "
+            "attacks or seed differ); delete it or pass another path"
         )
     return state
 
@@ -113,7 +122,8 @@ def run_autoattack(
                                device=x.device)  # fmt: skip
         adversary.verbose = False
         order = list(adversary.attacks_to_run)
-        fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed)
+        fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed,
+                                   model=model_fingerprint(inner), precision=precision)  # fmt: skip
         state = _load_state(path, fingerprint) if path is not None else None
 
         def predict(images):

@@ -7,10 +7,12 @@ string, as the RoLI reference's data_splits ship them; images under DIR or `imag
 is built from the train split (numeric order where every label is a number); a val/test label or class
 folder that train lacks is an error naming it.
 
-Validation: the format's own val split when it has one, else the last `val_percent` % of train
-(split_seed=None: the reference CIFAR protocol, train[:45000] / train[45000:]) or a seeded random
-`val_percent` % (split_seed=int). Arrays stay uint8 in memory; file datasets get the reference
-transforms (train: Resize(256)+RandomCrop(224)+flip; eval: Resize(256)+CenterCrop(224)), configurable.
+Validation: the format's own val split when it has one; for CIFAR without split_seed the last
+`val_percent` % of train (the reference protocol, train[:45000] / train[45000:]); otherwise a seeded
+split stratified by class (split_seed, default 0), so a file sorted by class never loses whole classes
+to validation. A validation or test label that train lacks is an error. Arrays stay uint8 in memory;
+file datasets get the reference transforms (train: Resize(256)+RandomCrop(224)+flip; eval:
+Resize(256)+CenterCrop(224)), configurable.
 """
 
 from __future__ import annotations
@@ -35,20 +37,48 @@ class Splits:
     test: ArrayData | FileData | None
     num_classes: int
     name: str
+    val_split: str = ""  # how the validation split was made (recorded in the run's config.json)
 
 
-def _split_val(train, val_percent: float, split_seed: int | None):
+def _split_val(train, val_percent: float, split_seed: int | None, tail: bool):
+    """(train, val): the tail `val_percent` % (tail=True: the reference protocol for CIFAR's own order),
+    else a seeded split stratified by class (every class in proportion, each keeps an example in train)."""
     if not 0 < val_percent < 100:
         raise ValueError(f"val_percent must be in (0, 100); got {val_percent}")
     n = len(train)
     n_val = max(1, round(n * val_percent / 100))
     if n_val >= n:
         raise ValueError(f"{n} training examples are too few for a {val_percent}% validation split")
-    if split_seed is None:
+    if tail:
         order = torch.arange(n)
-    else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    return train.subset(order[: n - n_val]), train.subset(order[n - n_val :])
+        return train.subset(order[: n - n_val]), train.subset(order[n - n_val :])
+    seed = 0 if split_seed is None else split_seed
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    y = train.y[perm]
+    val_parts = []
+    for c in torch.unique(y):
+        members = perm[y == c]
+        k = min(round(len(members) * val_percent / 100), len(members) - 1)
+        val_parts.append(members[:k])
+    val_idx = torch.cat(val_parts) if val_parts else torch.zeros(0, dtype=torch.long)
+    if val_idx.numel() == 0:
+        raise ValueError(f"{n} training examples are too few for a stratified {val_percent}% validation split "
+                         "(no class has enough examples)")  # fmt: skip
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val_idx] = False
+    return train.subset(torch.nonzero(keep)[:, 0]), train.subset(torch.sort(val_idx).values)
+
+
+def _check_labels_within_train(train, others: dict) -> None:
+    """A validation or test label that the train split never has is an error naming it."""
+    known = set(torch.unique(train.y).tolist())
+    for name, split in others.items():
+        if split is None or len(split) == 0:
+            continue
+        unknown = sorted(set(torch.unique(split.y).tolist()) - known)
+        if unknown:
+            raise ValueError(f"the {name} split has labels the train split lacks: {unknown[:5]}"
+                             + (f" ({len(unknown)} in all)" if len(unknown) > 5 else ""))  # fmt: skip
 
 
 def load_dataset(
@@ -88,15 +118,21 @@ def load_dataset(
         val = files.json_split(d / "val.json", img_root, train.classes) if (d / "val.json").is_file() else None
     if train is None and test is None:
         raise ValueError(f"{name} holds no images")
+    val_split = "the dataset's own"
     if val is None and train is not None:
-        train, val = _split_val(train, val_percent, split_seed)
+        tail = kind in ("cifar10", "cifar100") and split_seed is None
+        train, val = _split_val(train, val_percent, split_seed, tail)
+        val_split = (f"the last {val_percent:g}% of train (the reference CIFAR protocol)" if tail else
+                     f"{val_percent:g}% of train, stratified by class, seed {split_seed or 0}")  # fmt: skip
+    if train is not None and kind == "npz":  # the other formats declare their classes (CIFAR, folders, splits)
+        _check_labels_within_train(train, {"validation": val, "test": test})
     num_classes = max(s.num_classes for s in (train, val, test) if s is not None)
     if isinstance(train, FileData):  # file datasets always have a train split
         evaluation = ProtocolTransform(False, resize, crop_size, interpolation)
         train = train.with_transform(ProtocolTransform(train_augment, resize, crop_size, interpolation))
         val = val.with_transform(evaluation)
         test = test.with_transform(evaluation) if test is not None else None
-    return Splits(train, val, test, num_classes, name)
+    return Splits(train, val, test, num_classes, name, val_split)
 
 
 __all__ = ["ArrayData", "ArrayLoader", "FileData", "FileLoader", "ProtocolTransform", "Splits",

@@ -98,6 +98,9 @@ def to_nchw_uint8(x: np.ndarray, source: str) -> torch.Tensor:
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and x.size and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0].tolist()
+            raise ValueError(f"{source}: images hold non-finite pixels (NaN/inf), e.g. at index {bad}")
         if not np.issubdtype(x.dtype, np.floating) or x.size and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"{source}: images must be uint8, or floats in [0, 1]; got {x.dtype}")
         x = np.rint(x * 255).astype(np.uint8)

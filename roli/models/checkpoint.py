@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from roli._io import load_tagged, save_torch
+from roli._io import first_line, load_tagged, save_torch
 
 NESTING_KEYS = ("state_dict", "model", "model_state", "net")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
@@ -98,12 +98,12 @@ def read_state_dict(path: str | Path, ema: bool = False, notes: list[str] | None
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure
-            raise ValueError(f"cannot read {path}: {_first_line(e)}") from None
+            raise ValueError(f"cannot read {path}: {first_line(e)}") from None
     try:
         obj = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle with arbitrary objects
         raise ValueError(
-            f"cannot read {path} as a weights-only checkpoint ({_first_line(e)[:200]}); "
+            f"cannot read {path} as a weights-only checkpoint ({first_line(e)[:200]}); "
             "re-save it as a plain state dict or .safetensors"
         ) from None
     if isinstance(obj, dict) and not _is_state(obj):
@@ -126,11 +126,6 @@ def read_state_dict(path: str | Path, ema: bool = False, notes: list[str] | None
     if not isinstance(obj, dict) or not _is_state(obj):
         raise ValueError(f"{path} holds no state dict of tensors (looked under {', '.join(NESTING_KEYS)})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _is_state(d: dict) -> bool:
@@ -236,7 +231,7 @@ def _timm_filter(state: dict, backbone: nn.Module, notes: list[str]) -> dict:
     try:
         out = fn(dict(state), backbone)
     except Exception as e:  # noqa: BLE001 - timm's filter met a layout it does not know
-        raise ValueError(f"timm's checkpoint filter for {type(backbone).__name__} failed ({_first_line(e)[:150]}): "
+        raise ValueError(f"timm's checkpoint filter for {type(backbone).__name__} failed ({first_line(e)[:150]}): "
                          "is this checkpoint of this architecture?") from None  # fmt: skip
     if set(out) != set(state) or any(out[k].shape != state[k].shape for k in out if k in state):
         notes.append(f"converted by timm's {type(backbone).__name__} checkpoint filter")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from roli._compat import import_timm
+from roli._io import first_line
 from roli.models import zoo
 from roli.models.wrapper import Preprocess
 
@@ -70,11 +71,18 @@ def _classifier_name(net: nn.Module) -> str | None:
 
 
 def _factory(spec: str):
+    """The function or class a "package.module:function" spec names. Importing and calling it runs code, as
+    any module:function configuration does; anything that is not a Python function or class (a builtin
+    such as os:system) is refused."""
     module_name, _, fn_name = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"cannot import model factory {spec!r}: {e}") from None
+    if not (inspect.isfunction(fn) or inspect.isclass(fn)):
+        raise ValueError(f"model factory {spec!r} is a {type(fn).__name__}, not a Python function or class that "
+                         "builds an nn.Module")  # fmt: skip
+    return fn
 
 
 def create_classifier(
@@ -147,7 +155,7 @@ def create_classifier(
         except (OSError, RuntimeError) as e:  # no hub, no cached weights
             if not pretrained:
                 raise
-            raise ValueError(f"timm could not fetch pretrained weights for {model!r} ({str(e).splitlines()[0]}); "
+            raise ValueError(f"timm could not fetch pretrained weights for {model!r} ({first_line(e)}); "
                              "load a local checkpoint with load_pretrained instead") from None  # fmt: skip
     cfg = _timm_cfg(net)
     classifier_key = cfg.get("classifier") or _classifier_name(net)

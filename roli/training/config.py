@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from roli._cli import BadValue, parse_budget
+from roli._io import first_line
 from roli.models.peft import METHODS as PEFT_METHODS
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
@@ -227,7 +229,14 @@ class TrainConfig:
         self.eps = parse_budget(self.eps, "eps", self.norm)
         self.step_size = parse_budget(self.step_size, "step-size")
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
-        parse_classes(self.classes)
+        classes = parse_classes(self.classes)
+        need(classes is None or len(classes) >= 2,
+             f"classes: {self.classes!r} names one class; a classifier needs at least two")  # fmt: skip
+        need(isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
+             and math.isfinite(self.momentum) and 0 <= self.momentum < 1,
+             f"momentum: must be a number in [0, 1); got {self.momentum!r}")  # fmt: skip
+        need(isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+             f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
              f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
 
@@ -244,7 +253,7 @@ class TrainConfig:
             else:
                 data = json.loads(path.read_text())
         except Exception as e:  # noqa: BLE001 - any parse error
-            raise ConfigError(f"config: cannot parse {path}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config: cannot parse {path}: {first_line(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping of options")
         data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # a run's records, not options

@@ -42,7 +42,8 @@ def source_backbone(epochs: int = 15) -> Path:
         return weights
     print("1/3 adversarially pretraining the source backbone on digits 0-4 (cached for later runs) ...")
     work = base / "run"
-    run(dataclasses.replace(cfg, run_dir=str(work)), overwrite=True)
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted earlier attempt, inside roli's own cache
+    run(dataclasses.replace(cfg, run_dir=str(work)))
     state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
     save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
     shutil.rmtree(work, ignore_errors=True)

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 from roli import _dist as D
 from roli._amp import autocast_for
-from roli._io import atomic_write, load_tagged, save_torch
+from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD, robust_counts
 from roli.features.alp import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
+from roli.training.config import ConfigError
 
 STATE_FORMAT = "roli-train-state"
 log = logging.getLogger("roli.train")
@@ -73,7 +74,7 @@ class Stage:
     history: list[dict] = field(default_factory=list)
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """While active, SIGINT/SIGTERM only set a flag; the loop checks it after each step."""
 
     def __init__(self):
@@ -208,18 +209,22 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
     best_state = None  # run_dir=None: the best model's trained tensors
     partial = (0, 0.0, 0)  # (seen, loss sum, correct) of an epoch interrupted mid-way
     if resume and last is not None and last.exists():
-        state = load_tagged(last, STATE_FORMAT, "roli training state")
-        stage.model.load_state_dict(state["model"])
-        stage.optimizer.load_state_dict(state["optimizer"])
-        r = D.rank() if len(state["torch_rng"]) == D.world() else 0
-        torch.set_rng_state(state["torch_rng"][r])
-        if stage.attack is not None:
-            stage.attack.set_rng_state(state["attack_rng"][r])
+        try:
+            state = load_tagged(last, STATE_FORMAT, "roli training state")
+            stage.model.load_state_dict(state["model"])
+            stage.optimizer.load_state_dict(state["optimizer"])
+            r = D.rank() if len(state["torch_rng"]) == D.world() else 0
+            torch.set_rng_state(state["torch_rng"][r])
+            if stage.attack is not None:
+                stage.attack.set_rng_state(state["attack_rng"][r])
+        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
+            raise ConfigError(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
+                              "may have been edited, or the file is damaged: start a new run") from None  # fmt: skip
         start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
         partial = tuple(state["partial"][r])
         log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
     show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
-    with _StopOnSignal() if run_dir is not None else contextlib.nullcontext(_NoSignal()) as stop:
+    with StopOnSignal() if run_dir is not None else contextlib.nullcontext(_NoSignal()) as stop:
         for epoch in range(start_epoch, stage.epochs):
             factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
             for g in stage.optimizer.param_groups:

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 
 from roli import _dist as D
-from roli._io import save_json
+from roli._io import first_line, remove_stale_temporaries, save_json
 from roli.attacks import PGD, robust_counts, run_autoattack
 from roli.data import ArrayData, load_dataset
 from roli.features import FeatureCache, fast_layout, train_linear_probes
@@ -24,7 +25,16 @@ from roli.models import (
     save_checkpoint,
 )
 from roli.training.config import ConfigError, StageSettings, TrainConfig, parse_classes
-from roli.training.loop import Stage, alp_stage_step, fit, ft_stage_step, make_optimizer, param_groups
+from roli.training.loop import (
+    Interrupted,
+    Stage,
+    StopOnSignal,
+    alp_stage_step,
+    fit,
+    ft_stage_step,
+    make_optimizer,
+    param_groups,
+)
 
 log = logging.getLogger("roli.train")
 
@@ -47,6 +57,9 @@ def load_splits(cfg: TrainConfig):
         raise ConfigError(f"dataset: {cfg.dataset} needs train and test splits for training")
     classes = parse_classes(cfg.classes)
     if classes is None:
+        if s.num_classes < 2:
+            raise ConfigError(f"dataset: {cfg.dataset} has {s.num_classes} class; a classifier needs at least two")
+        s.val.origin = s.val_split  # how validation was split off (recorded in config.json)
         return s.train, s.val, s.test, s.num_classes
     if max(classes) >= s.num_classes:
         raise ConfigError(f"classes: {cfg.classes} names a class >= {s.num_classes} (the dataset's count)")
@@ -63,7 +76,9 @@ def load_splits(cfg: TrainConfig):
             sub = type(sub)([(p, int(table[y])) for p, y in sub.items], len(classes), sub.name, names, sub.transform)
         return sub
 
-    return keep(s.train), keep(s.val), keep(s.test), len(classes)
+    val = keep(s.val)
+    val.origin = s.val_split
+    return keep(s.train), val, keep(s.test), len(classes)
 
 
 def checkpoint_of(cfg: TrainConfig) -> str | None:
@@ -82,8 +97,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
            "input_size": cfg.input_size or "auto", "interpolation": cfg.interpolation}  # fmt: skip
     try:
         model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **pre, **cfg.model_args)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
+        raise ConfigError(f"model: {first_line(e)}") from None
     head = "a fresh random head"
     if checkpoint:
         try:
@@ -250,7 +265,7 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"init: cannot read {path}: {str(e).splitlines()[0][:150]}") from None
+        raise ConfigError(f"init: cannot read {path}: {first_line(e)[:150]}") from None
     sd = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(sd, dict) or "head.weight" not in sd:
         raise ConfigError(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
@@ -263,19 +278,27 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
         raise ConfigError(f"init: {e}") from None
 
 
-def evaluate_test(cfg: TrainConfig, model, test) -> dict:
+def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) -> dict:
     """Clean and PGD-`val_steps` accuracy on the test set (and AutoAttack with --autoattack), streamed in
     batches of 256 and sharded over torchrun ranks; the counts are reduced. One seeded attack runs over
-    all batches, as `python -m roli.evaluate --run` does, so both report the same figures."""
+    all batches, as `python -m roli.evaluate --run` does, so both report the same figures.
+
+    AutoAttack keeps a state file per batch in `state_dir` (bound to the model and the data): SIGINT or
+    SIGTERM stops it after the current batch, and --resume continues from the batches already done."""
     clean, robust, n = robust_counts(model, eval_batches(cfg, test), cfg.eps, cfg.step_size, cfg.val_steps,
                                      cfg.precision, cfg.seed, cfg.norm)  # fmt: skip
     aa_robust, aa_per = 0, {}
     if cfg.autoattack:
-        for x, y in eval_batches(cfg, test):
-            aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack, precision=cfg.precision)
-            aa_robust += int(aa.robust.sum())
-            for name, acc in aa.per_attack.items():
-                aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
+        with StopOnSignal() as stop:
+            for i, (x, y) in enumerate(eval_batches(cfg, test)):
+                state = None if state_dir is None else state_dir / f"rank{D.rank()}-batch{i}.pt"
+                aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack,
+                                    precision=cfg.precision, state_path=state)  # fmt: skip
+                aa_robust += int(aa.robust.sum())
+                for name, acc in aa.per_attack.items():
+                    aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
+                if D.any_(stop.signum is not None):
+                    raise Interrupted(stop.signum or signal.SIGTERM, state_dir or Path("."))
     names = list(aa_per)
     clean, robust, n, aa_robust, *per = D.sum_(clean, robust, n, aa_robust, *(aa_per[k] for k in names))
     out = {"n": int(n), "clean": clean / max(n, 1), f"pgd{cfg.val_steps}": robust / max(n, 1)}
@@ -309,16 +332,41 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+MARKER = ".roli-run"  # written into every run directory roli creates: --overwrite deletes only those
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Everything about the run directory that can be wrong, before anything is written."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} is a file")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not overwrite:
-        raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
-                          "--overwrite to start over")  # fmt: skip
+        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
+    base = _nearest_existing(run_dir.resolve())
+    if not base.is_dir():
+        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
+    if resume:
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+                              "--overwrite to start over")  # fmt: skip
+        if not (run_dir / MARKER).is_file():
+            raise ConfigError(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
+                              "deletes only what it wrote; choose another --run-dir")  # fmt: skip
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     check_run_dir(run_dir, resume, overwrite)
-    if overwrite and not resume and run_dir.exists():
+    if overwrite and not resume and run_dir.exists() and (run_dir / MARKER).is_file():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / MARKER).exists():
+        save_json({"created_by": "python -m roli.train", "note": "roli deletes (--overwrite) only directories "
+                   "holding this file"}, run_dir / MARKER)  # fmt: skip
+    remove_stale_temporaries(run_dir)  # left by a process killed while writing a checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
-from roli._io import save_json
+from roli._io import first_line, save_json
 from roli.data import ArrayData
 from roli.models import apply_peft
 from roli.training.config import ConfigError, TrainConfig
@@ -39,7 +39,7 @@ def _peft(cfg: TrainConfig, model) -> None:
                    lora_targets=cfg.lora_targets, adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens,
                    vpt_dropout=cfg.vpt_dropout)  # fmt: skip
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"peft: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"peft: {first_line(e)}") from None
 
 
 def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -76,7 +76,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     D.barrier()  # every rank has validated before rank 0 touches the run directory
     if D.is_main():
         prepare_run_dir(run_dir, resume, overwrite)
-        save_json(config_record(cfg), run_dir / "config.json")
+        save_json(config_record(cfg, {"validation": getattr(splits[1], "origin", None)}), run_dir / "config.json")
         if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
             save_json({"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
                       run_dir / "labels.json")  # fmt: skip
@@ -89,7 +89,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
         stage = {"pretrain": "pretrain", "lp": "lp", "alp": "alp"}.get(name) or (
             "roli-ft" if name.startswith("RoLI-") else "ranli-ft" if name.startswith("RanLI-") else "ft"
         )
-        results[name] = {"val": best, "test": evaluate_test(cfg, model, test), "dir": stage}
+        test_metrics = evaluate_test(cfg, model, test, run_dir / "autoattack" / stage)
+        results[name] = {"val": best, "test": test_metrics, "dir": stage}
         if D.is_main():
             save_json(results, run_dir / "results.json")
 
@@ -129,12 +130,12 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     return results
 
 
-def config_record(cfg: TrainConfig) -> dict:
+def config_record(cfg: TrainConfig, data: dict | None = None) -> dict:
     """config.json: the options (what --resume and --config read back), plus records that they skip: the
-    settings each stage resolved to, the versions and the command line."""
+    settings each stage resolved to, the data splits used, the versions and the command line."""
     import roli
 
-    return {**cfg.to_dict(), "_resolved": cfg.resolved(),
+    return {**cfg.to_dict(), "_resolved": cfg.resolved(), "_data": data or {},
             "_versions": {"roli": roli.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             "_command": [Path(sys.argv[0]).name, *sys.argv[1:]]}  # fmt: skip
 
