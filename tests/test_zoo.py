@@ -10,6 +10,7 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,26 @@ def test_head_rules_through_the_trainer(tmp_path):
     assert log.count("starting from a fresh random head") == 1 and "keep-source-head" in log
     assert main([*common, "--method", "alp", "--keep-source-head", "--run-dir", str(tmp_path / "kept")]) == 0
     assert "starting from the checkpoint's classifier" in (tmp_path / "kept" / "train.log").read_text()
+
+
+def test_download_checks_the_sha256_and_lands_atomically(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    from roli.models import zoo
+
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
+    payload = tmp_path / "published.pth"
+    payload.write_bytes(b"weights of a published model")
+    good = dataclasses.replace(REGISTRY["ares_vit_b"], url=payload.as_uri(),
+                               sha256=hashlib.sha256(payload.read_bytes()).hexdigest())  # fmt: skip
+    monkeypatch.setitem(zoo.REGISTRY, "ares_vit_b", good)
+    path = resolve_checkpoint("ares_vit_b", None, download=True)
+    assert Path(path).read_bytes() == payload.read_bytes() and path.endswith(good.filename)
+    Path(path).unlink()
+    monkeypatch.setitem(zoo.REGISTRY, "ares_vit_b", dataclasses.replace(good, sha256="0" * 64))
+    with pytest.raises(ValueError, match="sha256"):
+        resolve_checkpoint("ares_vit_b", None, download=True)
+    assert not Path(path).exists()  # nothing half-checked lands in the cache
+    with pytest.raises(ValueError, match="Google Drive"):
+        zoo.fetch(REGISTRY["liu2023_swin_b"])

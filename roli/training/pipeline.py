@@ -292,8 +292,11 @@ def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) 
         with StopOnSignal() as stop:
             for i, (x, y) in enumerate(eval_batches(cfg, test)):
                 state = None if state_dir is None else state_dir / f"rank{D.rank()}-batch{i}.pt"
-                aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack,
-                                    precision=cfg.precision, state_path=state)  # fmt: skip
+                try:
+                    aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack,
+                                        precision=cfg.precision, state_path=state)  # fmt: skip
+                except ValueError as e:  # a damaged state file, or one of another model
+                    raise ConfigError(f"autoattack: {first_line(e)}") from None
                 aa_robust += int(aa.robust.sum())
                 for name, acc in aa.per_attack.items():
                     aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
