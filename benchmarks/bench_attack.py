@@ -35,7 +35,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # (timm name, input size, batch, eps): the budgets put these random-weight models between "all robust"
 # and "all broken", so robust accuracy compares attack strength (throughput does not depend on eps).
-MODELS = [("resnet18", 32, 128, 1 / 255), ("vit_tiny_patch16_224", 224, 16, 0.25 / 255)]
+MODELS = [
+    ("resnet18", 32, 128, 1 / 255),
+    ("vit_tiny_patch16_224", 224, 16, 0.25 / 255),
+    ("vit_base_patch16_224", 224, 64, 0.25 / 255),
+]  # ViT-B/16 at batch 64: the paper's size (GPU)
+DEFAULT_MODELS = "resnet18,vit_tiny_patch16_224"
 
 
 def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
@@ -79,22 +84,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--eps", type=float, help="budget for every model (default: per model, see MODELS)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--models", default=",".join(m[0] for m in MODELS), help="comma list of the models above")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list of the models above (vit_base_patch16_224 "
+                    "at batch 64 is meant for a GPU)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     import torchattacks
 
     timm = import_timm()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch has no CUDA device; use --device cpu")
     reps = 2 if args.quick else 5
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
     rows = []
     for name, size, batch, model_eps in MODELS:
         if name not in args.models.split(","):
             continue
         torch.manual_seed(0)
         model = NormalizedModel(timm.create_model(name, pretrained=False, num_classes=10), CIFAR_MEAN, CIFAR_STD)
-        model.eval()
-        x = torch.rand(batch, 3, size, size)
+        model = model.to(device).eval()
+        x = torch.rand(batch, 3, size, size, device=device)
         with torch.no_grad():
             y = model(x).argmax(1)
         eps = args.eps if args.eps is not None else model_eps
@@ -108,7 +118,7 @@ def main() -> None:
             assert float((x_adv - x).abs().max()) <= eps + 1e-6 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
             assert all(p.requires_grad for p in model.parameters()), f"{label} left parameters frozen"
             checked[label] = robust_accuracy(model, x_adv, y)
-        times = round_robin({label: run for label, (_, run) in variants.items()}, reps)
+        times = round_robin({label: run for label, (_, run) in variants.items()}, reps, device=device)
         base = times["torchattacks"]
         for label, (precision, _) in variants.items():
             t = times[label]
@@ -118,7 +128,7 @@ def main() -> None:
                        utilisation=util, precision=precision, vs_torchattacks=base / t,
                        vs_reference=times["reference-style"] / t)  # fmt: skip
             rows.append(row)
-    end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    end_peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
     for r in rows:  # utilisation against the best peak seen at the start or the end of the run
         peak = max(peaks[r["precision"]], end_peaks[r["precision"]])
         r["utilisation"] = r["gflops"] / r["seconds"] / peak
@@ -131,7 +141,8 @@ def main() -> None:
                 f"{r['vs_torchattacks']:.2f}x", f"{r['vs_reference']:.2f}x", f"{100 * r['robust_acc']:.1f}%",
                 f"{r['gflops']:.1f}", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
 
-    publish(args.out, "bench_attack", f"PGD-{args.steps} (Linf, step eps/4, random start)", peaks, cols, cells, rows)
+    publish(args.out, "bench_attack", f"PGD-{args.steps} (Linf, step eps/4, random start)", peaks, cols, cells, rows,
+            device)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 | ROLI_BUILD_CUDA | auto, 0 or 1: whether the extension build compiles the CUDA sources |
 | ROLI_VERBOSE_BUILD=1 | show the compiler's output of the just-in-time build |
 | ROLI_CACHE_DIR | root of roli's caches: features, the demo's source backbone (default ~/.cache/roli) |
+| ROLI_PROGRESS_SECONDS | off a terminal, a progress line inside each epoch at most this often (default 30) |
 | TRITON_INTERPRET=1 | Triton's own switch: kernels run on CPU tensors through its interpreter |
 | WORLD_SIZE, LOCAL_RANK | set by torchrun: the number of processes and this process's GPU |
 """
@@ -59,6 +60,14 @@ def ext_dir() -> Path:
 
 def triton_interpret() -> bool:
     return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def progress_seconds() -> float:
+    """ROLI_PROGRESS_SECONDS: how often a run off a terminal logs its progress inside an epoch (default 30)."""
+    try:
+        return max(0.0, float(_get("ROLI_PROGRESS_SECONDS", "30")))
+    except ValueError:
+        return 30.0
 
 
 def world_size() -> int:

@@ -47,3 +47,14 @@ def test_bench_train_runs_and_writes_its_results(tmp_path):
     assert all(float(r["steps_per_s"]) > 0 and 0 < float(r["utilisation"]) for r in rows)
     assert "| cnn | FT | ours fp32 |" in (tmp_path / "bench_train_cpu.md").read_text()
     assert (tmp_path / "bench_train_cpu.png").stat().st_size > 1000
+
+
+def test_gpu_check_says_so_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "no CUDA device here" in r.stderr

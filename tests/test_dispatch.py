@@ -34,6 +34,17 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         pgd_step_(x, g, xn, 0.1, 0.01, impl="triton")
 
 
+def test_interpreter_on_never_picks_triton_for_cuda_tensors(monkeypatch):
+    """With TRITON_INTERPRET=1 (the CPU test suite's setting), a CUDA tensor must not go to Triton: its
+    interpreted helpers cannot compile for a GPU. Checked on a CUDA device object (no GPU needed)."""
+    monkeypatch.setattr(_dispatch, "triton_error", lambda: None)  # as if triton were installed
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET=1" in _dispatch.unavailable_reason("triton", cuda, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _dispatch.unavailable_reason("triton", cuda, torch.float32) is None
+
+
 def test_missing_extension_forced_raises_and_auto_falls_back_once(monkeypatch):
     monkeypatch.setattr(_ext, "_loaded", True)
     monkeypatch.setattr(_ext, "HAS_EXT", False)

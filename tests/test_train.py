@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,3 +299,26 @@ def test_torchrun_sigterm_and_resume(tmp_path):
     out = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert results(run) == results(tmp_path / "ref")
+
+
+def test_each_torchrun_rank_draws_its_own_attack_noise(monkeypatch):
+    from roli import _dist
+    from roli.training.config import TrainConfig
+    from roli.training.pipeline import _attack
+
+    cfg = TrainConfig(seed=3)
+    seeds = []
+    for rank in (0, 1):
+        monkeypatch.setattr(_dist, "rank", lambda r=rank: r)
+        seeds.append(_attack(cfg, torch.nn.Linear(2, 2)).seed)
+    assert seeds[0] == 3 and seeds[1] != seeds[0]
+
+
+def test_progress_lines_off_a_terminal(tmp_path, monkeypatch):
+    """Off a terminal (stderr not a tty, as in a cluster job's log) the trainer logs its progress inside each
+    epoch: step/steps, loss, images/s and the epoch's ETA."""
+    monkeypatch.setenv("ROLI_PROGRESS_SECONDS", "0")
+    run = tmp_path / "p"
+    assert main(["--method", "pretrain", "--run-dir", str(run), *TINY]) == 0
+    lines = [line for line in (run / "train.log").read_text().splitlines() if " step " in line]
+    assert lines and re.search(r"pretrain epoch 0 step 1/\d+: loss [\d.]+, [\d.]+ img/s, epoch ETA \d+ s", lines[0])

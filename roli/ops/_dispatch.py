@@ -65,6 +65,8 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if err:
             return err
         if device.type == "cuda":
+            if _env.triton_interpret():  # the interpreter's helpers cannot compile for a GPU
+                return "TRITON_INTERPRET=1 is set: Triton interprets on CPU tensors and cannot run on CUDA ones"
             return None
         if device.type == "cpu":
             return (

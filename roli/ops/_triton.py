@@ -6,7 +6,14 @@ the kernels module (and triton) is imported on the first call.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _step_op(name: str):
@@ -24,7 +31,8 @@ def _step_op(name: str):
     ) -> None:
         from roli import kernels
 
-        getattr(kernels, f"{name.rstrip('_')}_forward")(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi)
+        with _on_device(x_adv):
+            getattr(kernels, f"{name.rstrip('_')}_forward")(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi)
 
     @op.register_fake
     def _(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi):
@@ -37,7 +45,8 @@ def _step_op(name: str):
 def triton_keep_best_(best_x: torch.Tensor, best_score: torch.Tensor, x_adv: torch.Tensor, score: torch.Tensor) -> None:
     from roli.kernels import keep_best_forward
 
-    keep_best_forward(best_x, best_score, x_adv, score)
+    with _on_device(best_x):
+        keep_best_forward(best_x, best_score, x_adv, score)
 
 
 @triton_keep_best_.register_fake

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from roli import _dist as D
+from roli import _env
 from roli._amp import autocast_for
 from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD, robust_counts
@@ -233,6 +234,7 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
                 stage.train.set_epoch(epoch)
             t0 = time.time()
             seen, loss_sum, correct = partial if epoch == start_epoch else (0, 0.0, 0)
+            ticker = _Progress(stage, report, len(stage.train) if hasattr(stage.train, "__len__") else None, seen)
             batches = _progress(stage.train, show, f"{stage.name} epoch {epoch}")
             for i, (x, y) in enumerate(batches):
                 if i < start_step:
@@ -243,12 +245,18 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
                     if "non-finite" not in str(e):
                         raise
                     loss, ok = float("nan"), 0
-                if not math.isfinite(loss):
+                # One collective per step for both flags: a non-finite loss on any rank stops every rank
+                # (no rank is left waiting in the next collective), and so does a signal.
+                stopping, non_finite = D.sum_(float(stop.signum is not None), float(not math.isfinite(loss))) \
+                    if D.active() else (stop.signum is not None, not math.isfinite(loss))  # fmt: skip
+                if non_finite:
                     good = last if last is not None and last.exists() else "none (first epoch)"
-                    raise NonFiniteLoss(f"{stage.name}: the loss became {loss} at epoch {epoch}, step {i}; "
-                                        f"the last good checkpoint is {good}")  # fmt: skip
+                    raise NonFiniteLoss(f"{stage.name}: the loss became {loss} (on this or another rank) at epoch "
+                                        f"{epoch}, step {i}; the last good checkpoint is {good}")  # fmt: skip
                 seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
-                if D.any_(stop.signum is not None):  # every rank stops after the same step
+                if not show and D.is_main():
+                    ticker.tick(epoch, i + 1, seen, loss_sum)
+                if stopping:  # every rank stops after the same step
                     _save_state(_state(stage, epoch, i + 1, best, (seen, loss_sum, correct)), last)
                     raise Interrupted(stop.signum or signal.SIGTERM, last)
             start_step = 0
@@ -287,6 +295,33 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
 
 class _NoSignal:
     signum = None
+
+
+class _Progress:
+    """Off a terminal (a cluster job's log), one line at most every ROLI_PROGRESS_SECONDS inside an epoch:
+    step, mean loss, images/s, the epoch's ETA, and the peak GPU memory on CUDA."""
+
+    def __init__(self, stage: Stage, report, steps: int | None, seen0: int):
+        self.stage, self.report, self.steps, self.seen0 = stage, report, steps, seen0
+        self.every = _env.progress_seconds()
+        self.t0 = self.last = time.time()
+        self.done = 0  # steps taken in this process (a resumed epoch starts mid-way)
+
+    def tick(self, epoch: int, step: int, seen: int, loss_sum: float) -> None:
+        self.done += 1
+        now = time.time()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (seen - self.seen0) / max(now - self.t0, 1e-9)
+        line = f"{self.stage.name} epoch {epoch} step {step}" + (f"/{self.steps}" if self.steps else "")
+        line += f": loss {loss_sum / max(seen, 1):.4f}, {rate:.1f} img/s"
+        if self.steps:
+            per_step = (now - self.t0) / self.done
+            line += f", epoch ETA {max(0.0, (self.steps - step) * per_step):.0f} s"
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            line += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        self.report(line)
 
 
 def _progress(loader, show: bool, desc: str):

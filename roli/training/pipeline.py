@@ -171,8 +171,9 @@ def _finished(model, stage_dir: Path) -> dict | None:
 def _attack(cfg: TrainConfig, net) -> PGD | None:
     if cfg.attack != "pgd" or cfg.steps == 0:
         return None
+    # Each torchrun rank draws its own random starts (its own shard of the batch needs its own noise).
     return PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
-               random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed,
+               random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed + 1_000_003 * D.rank(),
                memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
                cuda_graph=cfg.cuda_graph)  # fmt: skip
 
