@@ -277,6 +277,8 @@ def evaluate(args) -> dict:
     except ValueError as e:
         raise CliError(f"--dataset: {e}") from None
     num_classes = args.num_classes or num_classes
+    if args.autoattack and num_classes < 4:
+        raise CliError(f"--autoattack: its DLR loss needs at least 4 classes; this task has {num_classes}")
     if y.numel() and int(y.max()) >= num_classes:
         raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
     if run is not None:

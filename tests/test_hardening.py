@@ -124,6 +124,7 @@ def test_stale_temporaries_removed_and_modes_follow_the_umask(run_copy):
         (["--classes", "3"], "a classifier needs at least two"),
         (["--model-arg", "width=-1"], "model:"),
         (["--model", "os:system"], "not a Python function or class"),
+        (["--autoattack", "standard", "--classes", "0-2"], "needs at least 4 classes"),
         (["--model", "roli.models.small:small_cnn", "--method", "roli", "--peft", "lora"], "peft:"),
     ],
 )
@@ -249,7 +250,7 @@ def test_autoattack_state_is_bound_to_its_model(tmp_path):
 @pytest.mark.slow
 def test_trainer_autoattack_keeps_state_files_and_resumes_from_them(tmp_path):
     run = tmp_path / "aa"
-    argv = ["--dataset", "digits", "--classes", "0-1", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
+    argv = ["--dataset", "digits", "--classes", "0-3", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
             "--val-steps", "2", "--epochs", "1", "--warmup", "0", "--method", "pretrain", "--autoattack", "standard",
             "--run-dir", str(run)]  # fmt: skip
     assert train(argv) == 0

@@ -26,6 +26,8 @@ from roli.attacks._checks import check_images, check_labels
 from roli.attacks._mode import attack_mode
 
 VERSIONS = ("standard", "plus", "rand", "custom")
+DLR_ATTACKS = ("apgd-t", "apgd-dlr")  # their loss reads the 4 largest logits
+MIN_CLASSES_DLR = 4
 STATE_FORMAT = 1
 
 
@@ -55,6 +57,11 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _share(flags: torch.Tensor) -> float:
+    """The share of True from exact counts (a float32 mean would read 0.9 as 0.89999998)."""
+    return int(flags.sum()) / max(1, flags.numel())
 
 
 def _fingerprint(x, y, **config) -> str:
@@ -121,6 +128,14 @@ def run_autoattack(
         adversary = AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks, seed=seed,
                                device=x.device)  # fmt: skip
         adversary.verbose = False
+        if len(x):  # targeted attacks aim at the top other classes: never more than the model has
+            n_cls = wrapped(x[:1]).shape[1]
+            dlr = [a for a in adversary.attacks_to_run if a in DLR_ATTACKS]
+            if dlr and n_cls < MIN_CLASSES_DLR:
+                raise ValueError(f"AutoAttack's DLR loss ({', '.join(dlr)}) needs at least {MIN_CLASSES_DLR} classes; "
+                                 f"the model has {n_cls}")  # fmt: skip
+            for attack in (adversary.apgd_targeted, adversary.fab):
+                attack.n_target_classes = max(1, min(attack.n_target_classes, n_cls - 1))
         order = list(adversary.attacks_to_run)
         fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed,
                                    model=model_fingerprint(inner), precision=precision)  # fmt: skip
@@ -132,7 +147,7 @@ def run_autoattack(
         if state is None:
             robust = predict(x) == y
             state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "done": [], "per_attack": {},
-                     "clean": float(robust.float().mean()), "robust": robust.cpu(),
+                     "clean": _share(robust), "robust": robust.cpu(),
                      "x_adv": x.detach().cpu()}  # fmt: skip
         robust = state["robust"].to(x.device)
         x_adv = state["x_adv"].to(device=x.device, dtype=x.dtype)
@@ -148,8 +163,8 @@ def run_autoattack(
                 x_adv[idx[broken]] = cand[broken]
                 robust[idx[broken]] = False
             state["done"].append(name)
-            state["per_attack"][name] = float(robust.float().mean())
+            state["per_attack"][name] = _share(robust)
             state["robust"], state["x_adv"] = robust.cpu(), x_adv.cpu()
             if path is not None:
                 save_torch(state, path)
-    return AutoAttackResult(x_adv, state["clean"], float(robust.float().mean()), dict(state["per_attack"]), robust)
+    return AutoAttackResult(x_adv, state["clean"], _share(robust), dict(state["per_attack"]), robust)

@@ -51,6 +51,9 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     check_run_dir(run_dir, resume, overwrite)  # nothing is written before every input is validated
     splits = load_splits(cfg)
     train, _, test, num_classes = splits
+    if cfg.autoattack and num_classes < 4:
+        raise ConfigError(f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
+                          f"{num_classes} (drop --autoattack: PGD still runs)")  # fmt: skip
     in_chans = train.x.shape[1] if isinstance(train, ArrayData) else 3
 
     checkpoint = checkpoint_of(cfg)
