@@ -191,7 +191,7 @@ def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) ->
     from roli.models import apply_peft, load_checkpoint
     from roli.training.config import ConfigError
     from roli.training.pipeline import build_model
-    from roli.training.run import _peft
+    from roli.training.run import apply_run_peft
 
     try:
         bare = dataclasses.replace(cfg, checkpoint=None, keep_source_head=False, device=str(device))
@@ -199,7 +199,7 @@ def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) ->
         if stage_dir.name in ("alp", "lp"):
             apply_peft(model, "linear")
         elif stage_dir.name != "pretrain":
-            _peft(cfg, model)
+            apply_run_peft(cfg, model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
     except (ConfigError, ValueError) as e:
         raise CliError(f"--run: {first_line(e)}") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from roli._cli import BadValue, OneLineParser
 from roli._io import atomic_write
+from roli.training.run import stage_dir as stage_dir_of
 
 COLUMNS = ["run", "stage", "kind", "method", "test clean", "test PGD", "AutoAttack", "best epoch", "epochs",
            "wall s", "images/s"]  # fmt: skip
@@ -32,12 +33,6 @@ def _kind(label: str, stage_dir: str, cfg: dict) -> str:
     return {"alp": "ALP", "lp": "LP", "pretrain": "pretrain"}.get(stage_dir, "FT")
 
 
-def _stage_dir(label: str) -> str:  # runs written before results.json named the directory
-    if label in ("pretrain", "lp", "alp"):
-        return label
-    return "roli-ft" if label.startswith("RoLI-") else "ranli-ft" if label.startswith("RanLI-") else "ft"
-
-
 def rows_of(run: Path) -> list[dict]:
     results_path, cfg_path = run / "results.json", run / "config.json"
     if not results_path.is_file() or not cfg_path.is_file():
@@ -48,7 +43,7 @@ def rows_of(run: Path) -> list[dict]:
         raise BadValue(f"{run}: cannot read its results ({e})") from None
     rows = []
     for label, r in results.items():
-        stage_dir = r.get("dir") or _stage_dir(label)
+        stage_dir = r.get("dir") or stage_dir_of(label)  # runs written before results.json named the folder
         test, val = r.get("test", {}), r.get("val", {})
         pgd = next((v for k, v in test.items() if k.startswith("pgd")), None)
         history = []

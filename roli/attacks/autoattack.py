@@ -137,9 +137,11 @@ def run_autoattack(
             for attack in (adversary.apgd_targeted, adversary.fab):
                 attack.n_target_classes = max(1, min(attack.n_target_classes, n_cls - 1))
         order = list(adversary.attacks_to_run)
-        fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed,
-                                   model=model_fingerprint(inner), precision=precision)  # fmt: skip
-        state = _load_state(path, fingerprint) if path is not None else None
+        fingerprint = state = None
+        if path is not None:  # hashing the weights is only needed to bind a state file to them
+            fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed,
+                                       model=model_fingerprint(inner), precision=precision)  # fmt: skip
+            state = _load_state(path, fingerprint)
 
         def predict(images):
             return torch.cat([wrapped(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])

@@ -33,7 +33,15 @@ from roli.training.pipeline import (
 log = logging.getLogger("roli.train")
 
 
-def _peft(cfg: TrainConfig, model) -> None:
+def stage_dir(label: str) -> str:
+    """The folder of a stage inside a run directory, from its label in results.json."""
+    if label in ("pretrain", "lp", "alp"):
+        return label
+    return "roli-ft" if label.startswith("RoLI-") else "ranli-ft" if label.startswith("RanLI-") else "ft"
+
+
+def apply_run_peft(cfg: TrainConfig, model) -> None:
+    """The run's PEFT method (cfg.peft and its options) on `model`; a misfit is a one-line ConfigError."""
     try:
         apply_peft(model, cfg.peft, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                    lora_targets=cfg.lora_targets, adapter_reduction=cfg.adapter_reduction, vpt_tokens=cfg.vpt_tokens,
@@ -72,7 +80,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     # rules), the PEFT method's fit to this model, a head checkpoint to start from.
     probe = fresh(quiet=True)
     if cfg.method in ("ft", "roli"):
-        _peft(cfg, probe)
+        apply_run_peft(cfg, probe)
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(cfg, fresh(quiet=True), cfg.init)
     del probe
@@ -89,9 +97,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     results = {}
 
     def finish(name, model, best):
-        stage = {"pretrain": "pretrain", "lp": "lp", "alp": "alp"}.get(name) or (
-            "roli-ft" if name.startswith("RoLI-") else "ranli-ft" if name.startswith("RanLI-") else "ft"
-        )
+        stage = stage_dir(name)
         test_metrics = evaluate_test(cfg, model, test, run_dir / "autoattack" / stage)
         results[name] = {"val": best, "test": test_metrics, "dir": stage}
         if D.is_main():
@@ -116,17 +122,17 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
             finish("alp", model, train_alp(cfg, model, splits, run_dir / "alp", resume))
         elif cfg.init != "random":
             load_init(cfg, model, cfg.init)
-        _peft(cfg, model)
+        apply_run_peft(cfg, model)
         finish(f"ft ({cfg.peft}, init {Path(cfg.init).name})", model,
                train_full(cfg, "ft", model, splits, run_dir / "ft", resume))  # fmt: skip
     else:  # roli
         model = fresh()
         finish("alp", model, train_alp(cfg, model, splits, run_dir / "alp", resume))
-        _peft(cfg, model)
+        apply_run_peft(cfg, model)
         finish(f"RoLI-{cfg.peft}", model, train_full(cfg, "ft", model, splits, run_dir / "roli-ft", resume))
         if cfg.compare_ranli:
             model = fresh()
-            _peft(cfg, model)
+            apply_run_peft(cfg, model)
             finish(f"RanLI-{cfg.peft}", model, train_full(cfg, "ranli", model, splits, run_dir / "ranli-ft", resume))
     if D.is_main():
         print(render(results, cfg))
@@ -168,13 +174,26 @@ def render(results: dict, cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
+class _Stderr(logging.StreamHandler):
+    """The console handler: writes to whatever sys.stderr is when a record is emitted (a later redirection,
+    or a closed stream of an earlier in-process run, never swallows or breaks the log)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the current sys.stderr always wins
+        pass
+
+
 def _log_to(path: Path) -> None:
     root = logging.getLogger("roli")
     root.setLevel(logging.INFO if D.is_main() else logging.WARNING)  # rank-0-only logging
     if not D.is_main():
         return
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        console = _Stderr()
         console.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(console)
     for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
