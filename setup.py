@@ -3,7 +3,9 @@
 - CPU sources (csrc/*.cpp) wherever torch and a C++ compiler are present at build time
   (pip install --no-build-isolation -e .).
 - CUDA sources (csrc/cuda/) only where torch has CUDA and nvcc exists: ROLI_BUILD_CUDA=auto|0|1,
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS honoured by torch's ninja build.
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": SASS for A100 and H100/H200, PTX that newer GPUs compile
+  when loading; older GPUs such as V100/T4 need their own entry, e.g. "7.0;7.5;8.0;9.0+PTX"), MAX_JOBS
+  honoured by torch's ninja build.
 - No torch at build time (an isolated pip install -e .) or ROLI_NO_EXT=1: pure Python; roli then
   builds the extension just in time on first use (roli/_ext.py) and falls back to torch if that fails.
 """
@@ -37,7 +39,7 @@ def extensions():
     if build_cuda == "1" and not cuda_ok:
         raise SystemExit("ROLI_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
     if cuda_ok and build_cuda != "0":
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = CUDAExtension(
             "roli._C",
             CPU_SOURCES + CUDA_SOURCES,

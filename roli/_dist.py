@@ -20,9 +20,31 @@ def init_from_env(device: str) -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(_env.local_rank())
+            torch.cuda.set_device(torch.device(local_device(device)))
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def local_device(device: str) -> str:
+    """This process's device: under torchrun a CUDA device is the rank's own GPU (cuda:LOCAL_RANK), whatever
+    index was given (`--device cuda:0` would put every rank on GPU 0)."""
+    if _env.world_size() > 1 and str(device).startswith("cuda"):
+        return f"cuda:{_env.local_rank()}"
+    return device
+
+
+def shard(n: int) -> range:
+    """The indices of n work items (batches) this rank takes: every world-th, starting at its rank."""
+    return range(rank(), n, world())
+
+
+def sum_flags(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of an integer tensor (each rank fills its own examples, zeros elsewhere)."""
+    if not active():
+        return flags
+    t = flags.to(device=collective_device(), dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.to(flags.device)
 
 
 def active() -> bool:

@@ -12,6 +12,7 @@ just-in-time build; ``ROLI_EXT_DIR`` sets the build cache (default ``~/.cache/ro
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -68,6 +69,7 @@ def _jit_build() -> None:
     with_cuda, _ = want_cuda_build()
     if with_cuda:
         sources += [str(src / s) for s in CUDA_SOURCES]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
     build_dir = _env.ext_dir()
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     build_dir = build_dir / tag.replace("+", "_")
@@ -136,3 +138,28 @@ def load() -> bool:
 
 def has_cuda_kernels() -> bool:
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key("roli::pgd_step_linf_", "CUDA")
+
+
+CUDA_ARCHS = "8.0;9.0+PTX"  # the default TORCH_CUDA_ARCH_LIST of both builds (setup.py and just in time)
+_RUNS_ON: dict[int, str | None] = {}
+
+
+def cuda_image_error(device: torch.device) -> str | None:
+    """None when roli._C's CUDA kernels have an image for this GPU (probed once per device with a one-element
+    launch), else why not: a binary without SASS for the GPU's architecture, nor PTX it can compile, fails
+    with "no kernel image" although CUDA itself works."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _RUNS_ON:
+        try:
+            with torch.cuda.device(index):
+                best = torch.zeros(1, 1, device=f"cuda:{index}")
+                score = torch.zeros(1, device=f"cuda:{index}")
+                torch.ops.roli.keep_best_(best, score.clone(), best.clone(), score)
+                torch.cuda.synchronize(index)
+            _RUNS_ON[index] = None
+        except RuntimeError as e:
+            major, minor = torch.cuda.get_device_capability(index)
+            _RUNS_ON[index] = (f"roli._C's CUDA kernels have no image for this GPU (sm_{major}{minor}): rebuild "
+                               f"with TORCH_CUDA_ARCH_LIST including {major}.{minor} "
+                               f"({str(e).splitlines()[0][:80]})")  # fmt: skip
+    return _RUNS_ON[index]

@@ -9,6 +9,12 @@ run's config.json (architecture, preprocessing, PEFT method) and the stage's bes
 the data, budget, PGD steps and seed default to the run's (the test split), so PGD reproduces the run's
 own test figures; every attack below can be added.
 
+Across processes: `torchrun --nproc_per_node N -m roli.evaluate ...` (gloo on CPU, NCCL on GPU, each rank
+on its own GPU) gives each rank every N-th batch; every batch is attacked with its own seeds, so the
+per-example results, and the accuracies, equal one process's. The JSON records "processes": N and the
+per-example outcomes. `--aa-state DIR` keeps one AutoAttack state file per batch: an interrupted evaluation,
+with any number of processes, continues from the batches already done.
+
 Budgets accept fractions ("8/255"). The worst case counts a sample as robust only if it is correct on
 the clean image and under every attack that ran. Results print as a table and are written as JSON
 (atomically: an interrupted run never leaves a half-written file in place of a good one).
@@ -24,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from roli import _dist as D
 from roli._cli import BadValue, OneLineParser, parse_budget, parse_kwargs
 from roli._io import first_line, load_tagged, save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
+from roli.attacks.accuracy import batch_seed
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.data import ArrayData, load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
@@ -150,6 +158,11 @@ def _fraction(flags: torch.Tensor) -> float:
     return int(flags.sum()) / max(1, flags.numel())
 
 
+def _bits(flags: torch.Tensor) -> str:
+    """Per-example outcomes as a string of 0/1 (in the data's order)."""
+    return "".join("1" if v else "0" for v in flags.tolist())
+
+
 def _batches(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
@@ -234,10 +247,14 @@ def evaluate(args) -> dict:
     if args.aa_state and Path(args.aa_state).exists():
         from roli.attacks.autoattack import STATE_FORMAT
 
-        try:  # a corrupt state file is reported now, not after the other attacks have run
-            load_tagged(args.aa_state, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another path)")
-        except ValueError as e:
-            raise CliError(f"--aa-state: {first_line(e)}") from None
+        aa_dir = Path(args.aa_state)
+        if not aa_dir.is_dir():
+            raise CliError(f"--aa-state: {aa_dir} is a file; give a directory (one state file per batch goes there)")
+        for state in sorted(aa_dir.glob("batch*.pt")):  # a corrupt file is reported now, not after other attacks
+            try:
+                load_tagged(state, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another directory)")
+            except ValueError as e:
+                raise CliError(f"--aa-state: {first_line(e)}") from None
     if args.out:
         out = Path(args.out)
         if out.is_dir():
@@ -245,7 +262,7 @@ def evaluate(args) -> dict:
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
     try:
-        device = torch.device(args.device)
+        device = torch.device(D.local_device(args.device))
     except RuntimeError:
         raise CliError(f"--device: {args.device!r} is not a device (use cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -289,35 +306,70 @@ def evaluate(args) -> dict:
         raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
     parts = _batches(len(y), args.batch_size)
-    clean = torch.cat([clean_correct(model, x[s], y[s], args.precision) for s in parts])
+    mine = list(D.shard(len(parts)))  # this rank's batches (all of them in one process)
+
+    def gathered(fn) -> torch.Tensor:
+        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks."""
+        flags = torch.zeros(len(y), dtype=torch.int64, device=device)
+        for i in mine:
+            flags[parts[i]] = fn(i, parts[i]).to(torch.int64)
+        return D.sum_flags(flags).bool()
+
+    clean = gathered(lambda i, s: clean_correct(model, x[s], y[s], args.precision))
     robust = clean.clone()
-    results: dict = {"n": len(y), "clean": _fraction(clean), "attacks": {}}
+    results: dict = {"n": len(y), "processes": D.world(), "clean": _fraction(clean), "attacks": {},
+                     "per_example": {"clean": _bits(clean)}}  # fmt: skip
     if args.attack == "pgd":
         attack = PGD(model, eps=eps, step_size=step, steps=args.steps, norm=args.norm, restarts=args.restarts,
                      loss=args.loss, keep="best", early_stop=True, precision=args.precision, impl=args.impl,
                      seed=args.seed)  # fmt: skip
-        broken = torch.cat([attack.perturb(x[s], y[s]).success for s in parts])
-        pgd_ok = clean & ~broken
+
+        def pgd_broken(i, s):
+            attack.reseed(batch_seed(args.seed, i))
+            return attack.perturb(x[s], y[s]).success
+
+        pgd_ok = clean & ~gathered(pgd_broken)
         robust &= pgd_ok
         name = f"PGD-{args.steps} ({args.norm}, eps={args.eps}" + (
             f", {args.restarts} restarts)" if args.restarts > 1 else ")"
         )
         results["attacks"][name] = _fraction(pgd_ok)
+        results["per_example"]["pgd"] = _bits(pgd_ok)
     if sweep:
-        accs = eps_sweep(model, x, y, sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
-                         loss=args.loss, precision=args.precision, impl=args.impl, seed=args.seed,
-                         chunk_size=args.batch_size)  # fmt: skip
-        results["eps_sweep"] = {f"{e:.6g}": a for e, a in accs.items()}
+        counts = [0.0] * len(sweep)
+        for i in mine:
+            s = parts[i]
+            accs = eps_sweep(model, x[s], y[s], sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
+                             loss=args.loss, precision=args.precision, impl=args.impl, seed=batch_seed(args.seed, i),
+                             chunk_size=args.batch_size)  # fmt: skip
+            counts = [c + round(accs[e] * len(y[s])) for c, e in zip(counts, sweep, strict=True)]
+        counts = D.sum_(*counts)
+        results["eps_sweep"] = {f"{e:.6g}": c / max(1, len(y)) for e, c in zip(sweep, counts, strict=True)}
     if args.autoattack:
-        try:
-            aa = run_autoattack(model, x, y, eps, norm=args.norm, version=args.autoattack, state_path=args.aa_state,
-                                batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
-        except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
-            raise CliError(f"--aa-state: {first_line(e)}") from None
-        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = aa.robust_accuracy
-        results["autoattack_per_attack"] = aa.per_attack
-        robust &= aa.robust.to(robust.device)
+        per_attack: dict[str, float] = {}
+
+        def aa_robust(i, s):
+            state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
+            try:
+                aa = run_autoattack(model, x[s], y[s], eps, norm=args.norm, version=args.autoattack, state_path=state,
+                                    batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
+            except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
+                raise CliError(f"--aa-state: {first_line(e)}") from None
+            for k, acc in aa.per_attack.items():
+                per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
+            return aa.robust
+
+        if args.aa_state:
+            Path(args.aa_state).mkdir(parents=True, exist_ok=True)
+        aa_ok = gathered(aa_robust)
+        names = next((n for n in D.gather_objects(list(per_attack)) if n), [])  # the attack order, from any rank
+        totals = D.sum_(*(per_attack.get(k, 0) for k in names))
+        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)
+        results["autoattack_per_attack"] = {k: t / max(1, len(y)) for k, t in zip(names, totals, strict=True)}
+        results["per_example"]["autoattack"] = _bits(aa_ok)
+        robust &= aa_ok
     results["worst_case"] = _fraction(robust)
+    results["per_example"]["worst_case"] = _bits(robust)
     results["seconds"] = round(time.time() - t0, 2)
     results["config"] = {k: v for k, v in vars(args).items()}
     return results
@@ -331,21 +383,26 @@ def render(results: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]
     lines += [f"{name:<{width}} | {100 * acc:7.2f}%" for name, acc in rows]
-    return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s)"
+    procs = f", {results['processes']} processes" if results.get("processes", 1) > 1 else ""
+    return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s{procs})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        D.init_from_env(args.device)
         results = evaluate(args)
+        if D.is_main():  # one result, written once
+            print(render(results))
+            if args.out:
+                save_json(results, args.out)
+                print(f"results written to {args.out}")
     except CliError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    print(render(results))
-    if args.out:
-        save_json(results, args.out)
-        print(f"results written to {args.out}")
+    finally:
+        D.shutdown()  # a gloo group left alive at exit aborts the process
     return 0
 
 

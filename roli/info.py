@@ -55,8 +55,11 @@ def backends() -> dict[str, str]:
         out["cuda"] = "unavailable: roli._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)"
     elif not torch.cuda.is_available():
         out["cuda"] = "unavailable: no CUDA device"
+    elif err := _ext.cuda_image_error(torch.device("cuda", 0)):
+        out["cuda"] = f"unavailable: {err}"
     else:
-        out["cuda"] = "available"
+        major, minor = torch.cuda.get_device_capability(0)
+        out["cuda"] = f"available (kernels run on this GPU, sm_{major}{minor})"
     err = triton_error()
     if err:
         out["triton"] = f"unavailable: {err}"

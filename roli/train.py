@@ -105,7 +105,25 @@ def build_parser() -> OneLineParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("attack")
-    g.add_argument("--attack", choices=["pgd", "none"], help="training attack (none: standard training)")
+    g.add_argument("--attack", choices=["pgd", "fgsm-rs", "n-fgsm", "none"],
+                   help="training attack of every stage: pgd (PGD-k, default), fgsm-rs (step 1.25 eps), n-fgsm (noise "
+                        "2 eps, step eps), none (standard training)")  # fmt: skip
+    g.add_argument(
+        "--alp-attack",
+        choices=["pgd", "fgsm-rs", "n-fgsm", "none"],
+        help="training attack of the ALP stage inside ft/roli (default: --attack)",
+    )
+    g.add_argument(
+        "--guard-every",
+        type=int,
+        help="single-step attacks: check for catastrophic overfitting every N steps (default 100; 0: off)",
+    )
+    g.add_argument(
+        "--guard-drop",
+        type=float,
+        help="a drop of the guard's PGD-5 accuracy below its best by more than this is a collapse (0.2)",
+    )
+    g.add_argument("--guard-images", type=int, help="validation images of the guard's checks (default 128)")
     g.add_argument("--norm", choices=["linf", "l2"])
     g.add_argument("--eps", help="budget, e.g. 8/255")
     g.add_argument("--step-size", help="PGD step, e.g. 2/255")
@@ -122,7 +140,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     skip = ("config", "resume", "overwrite", "print_config")
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
-    for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup")),
+    for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
                         ("ranli", ("lr", "weight_decay"))):  # fmt: skip
         per_stage = {k: flags.pop(f"{stage}_{k}") for k in keys if f"{stage}_{k}" in flags}
         if per_stage:

@@ -124,3 +124,12 @@ def digits_model():
     model = NormalizedModel(small_cnn(10, 1), None, None)
     adversarially_train(model, tr_x, tr_y, epochs=8)
     return model.eval(), te_x, te_y
+
+
+@pytest.fixture(scope="session")
+def checkpoint(digits_model, tmp_path_factory):
+    """The adversarially trained digits CNN (classifier included) as a checkpoint file."""
+    model, _, _ = digits_model
+    path = tmp_path_factory.mktemp("ck") / "digits_cnn.pt"
+    torch.save({"state_dict": model.model.state_dict()}, path)
+    return path

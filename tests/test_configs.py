@@ -48,7 +48,8 @@ def test_reference_values_resolve_per_stage():
     cub = TrainConfig.from_file(CONFIGS / "cub200" / "alp.yaml").resolved()["alp"]
     assert (cub["lr"], cub["weight_decay"], cub["epochs"]) == (0.25, 0.001, 60)
     dogs = TrainConfig.from_file(CONFIGS / "stanford_dogs" / "ranli_lora.yaml").resolved()
-    assert dogs == {"ranli": {"optimizer": "adamw", "lr": 0.00125, "weight_decay": 0.0001, "epochs": 40, "warmup": 10}}
+    assert dogs == {"ranli": {"optimizer": "adamw", "lr": 0.00125, "weight_decay": 0.0001, "epochs": 40, "warmup": 10,
+                               "attack": "pgd"}}  # fmt: skip
     # a flag changes one key of a stage's mapping, not the others
     over = TrainConfig.from_file(CONFIGS / "cifar10" / "roli_full.yaml", alp={"lr": 0.5}).resolved()["alp"]
     assert (over["lr"], over["weight_decay"], over["optimizer"]) == (0.5, 0.01, "sgd")

@@ -11,15 +11,6 @@ import torch
 
 from roli.evaluate import main, parse_budget
 
-
-@pytest.fixture(scope="module")
-def checkpoint(digits_model, tmp_path_factory):
-    model, _, _ = digits_model
-    path = tmp_path_factory.mktemp("ck") / "digits_cnn.pt"
-    torch.save({"state_dict": model.model.state_dict()}, path)
-    return path
-
-
 BASE = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "120"]
 
 

@@ -51,6 +51,19 @@ def test_keep_best_on_gpu(backend):
     assert torch.equal(best_x, want_x) and torch.equal(best_s, want_s)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_keep_best_keeps_a_float64_score_exact(backend):
+    """Scores that differ below float32's resolution: compared and kept in float64, as the CPU kernel does."""
+    _skip_unavailable(backend)
+    best_x, x_adv = torch.rand(2, 17, 3, 4, 4, device="cuda").unbind(0)
+    best_s = torch.rand(17, device="cuda", dtype=torch.float64)
+    score = best_s + torch.where(torch.rand(17, device="cuda") > 0.5, 1e-12, -1e-12).double()
+    want_x = torch.where((score > best_s).view(-1, 1, 1, 1), x_adv, best_x)
+    want_s = torch.maximum(score, best_s)
+    keep_best_(best_x, best_s, x_adv, score, impl=backend)
+    assert torch.equal(best_x, want_x) and torch.equal(best_s, want_s)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_linf_step_is_capturable_in_a_cuda_graph(backend):
     _skip_unavailable(backend)
@@ -112,3 +125,58 @@ def test_attack_recorded_in_a_cuda_graph_matches_eager(precision, per_sample):
     assert len(graphed._graphed.recorded) == 1
     graphed(x[:5], y[:5])  # another batch shape records another graph
     assert len(graphed._graphed.recorded) == 2
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_l2_step_is_bit_reproducible(backend):
+    """The per-sample L2 sums are added in a fixed order (no float atomics): equal results run to run."""
+    _skip_unavailable(backend)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x_nat = torch.rand(16, 3, 224, 224, generator=gen, device="cuda")
+    grad = torch.randn(16, 3, 224, 224, generator=gen, device="cuda")
+    outs = []
+    for _ in range(5):
+        x_adv = (x_nat + 0.01 * torch.randn(16, 3, 224, 224, generator=torch.Generator(device="cuda").manual_seed(2),
+                                           device="cuda")).clamp(0, 1)  # fmt: skip
+        pgd_step_(x_adv, grad, x_nat, 0.5, 0.1, norm="l2", impl=backend)
+        outs.append(x_adv)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_training_step_does_not_synchronise():
+    """A finetuning step with a deferred training attack queues its work without waiting for the GPU."""
+    from roli.attacks.fast import training_attack
+    from roli.models import create_classifier
+    from roli.training.loop import ft_step
+
+    torch.manual_seed(0)
+    model = create_classifier("roli.models.small:small_cnn", 5, in_chans=3).cuda()
+    x, y = torch.rand(64, 3, 32, 32, device="cuda"), torch.randint(0, 5, (64,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    for kind in ("pgd", "fgsm-rs", "n-fgsm"):
+        attack = training_attack(kind, model, 8 / 255, 2 / 255, 3, seed=0)
+        attack.deferred = True
+        ft_step(model, attack, opt, x, y)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = ft_step(model, attack, opt, x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert loss.is_cuda and not bool(attack.pop_invalid())
+
+
+def test_kernels_run_on_a_tensor_of_another_gpu():
+    """Tensors on cuda:1 while the current device is 0: the Triton and CUDA launches enter the tensors' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for backend in ("triton", "cuda"):
+        if unavailable_reason(backend, torch.device("cuda", 1), torch.float32):
+            continue
+        x_nat = torch.rand(8, 3, 32, 32, device="cuda:1")
+        grad = torch.randn_like(x_nat)
+        x_adv = x_nat.clone()
+        with torch.cuda.device(0):
+            pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255, impl=backend)
+        want = ref_step(x_nat.cpu(), grad.cpu(), x_nat.cpu(), 8 / 255, 2 / 255)
+        assert_close_ulp(x_adv.cpu(), want)

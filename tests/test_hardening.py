@@ -233,7 +233,12 @@ def test_evaluate_bad_budgets_classes_and_outputs(tmp_path, capsys):
     one_line(capsys, "is a directory")
     (tmp_path / "aa.pt").write_bytes(b"\x00garbage")
     assert evaluate([*base, "--autoattack", "standard", "--aa-state", str(tmp_path / "aa.pt")]) == 2
+    one_line(capsys, "is a file; give a directory")
+    (tmp_path / "aa").mkdir()
+    (tmp_path / "aa" / "batch0.pt").write_bytes(b"\x00garbage")
+    assert evaluate([*base, "--autoattack", "standard", "--aa-state", str(tmp_path / "aa")]) == 2
     one_line(capsys, "--aa-state:")
+    assert (tmp_path / "aa" / "batch0.pt").read_bytes() == b"\x00garbage"  # nothing replaced
 
 
 def test_autoattack_state_is_bound_to_its_model(tmp_path):
@@ -258,7 +263,7 @@ def test_trainer_autoattack_keeps_state_files_and_resumes_from_them(tmp_path):
             "--run-dir", str(run)]  # fmt: skip
     assert train(argv) == 0
     first = json.loads((run / "results.json").read_text())["pretrain"]["test"]
-    states = sorted((run / "autoattack" / "pretrain").glob("rank0-batch*.pt"))
+    states = sorted((run / "autoattack" / "pretrain").glob("batch*.pt"))
     assert states and first["autoattack"] <= first["pgd2"] <= first["clean"]
     assert list(first["autoattack_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     before = {p.name: p.stat().st_mtime_ns for p in states}

@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch)
     code = main(["--method", "pretrain", "--model", "nan_model:make", "--model-arg", "after=60", "--run-dir", str(run),
                  *TINY, "--epochs", "3"])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 1 and "the loss became nan" in err and "last good checkpoint" in err
+    assert code == 1 and "the loss became non-finite" in err and "last good checkpoint" in err
     assert (run / "pretrain" / "last.pt").is_file()  # the epoch before the NaN is kept
 
 
@@ -310,7 +310,7 @@ def test_each_torchrun_rank_draws_its_own_attack_noise(monkeypatch):
     seeds = []
     for rank in (0, 1):
         monkeypatch.setattr(_dist, "rank", lambda r=rank: r)
-        seeds.append(_attack(cfg, torch.nn.Linear(2, 2)).seed)
+        seeds.append(_attack(cfg, torch.nn.Linear(2, 2), "pgd").seed)
     assert seeds[0] == 3 and seeds[1] != seeds[0]
 
 

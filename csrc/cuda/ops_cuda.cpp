@@ -51,7 +51,7 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Te
                    x.numel() / batch};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   if constexpr (L2) {
-    at::Tensor ws = at::empty({2 * batch}, x.options().dtype(at::kFloat));
+    at::Tensor ws = at::empty({cuda::l2_workspace_floats(a)}, x.options().dtype(at::kFloat));
     check_cuda(cuda::launch_l2(dtype_of(x), a, ws.data_ptr<float>(), stream), "pgd_step_l2_");
   } else {
     check_cuda(cuda::launch_linf(dtype_of(x), a, stream), "pgd_step_linf_");
@@ -66,16 +66,23 @@ void keep_best_cuda(const at::Tensor& best_x, const at::Tensor& best_score, cons
   const c10::cuda::CUDAGuard guard(best_x.device());
   const int64_t batch = best_x.size(0);
   if (batch == 0) return;
-  // The kernels compare float32 scores (exact for bf16/fp16 scores).
-  const at::Tensor sc = score.to(at::kFloat).contiguous();
-  at::Tensor bs = best_score.scalar_type() == at::kFloat && best_score.is_contiguous() ? best_score
-                                                                                        : best_score.to(at::kFloat).contiguous();
+  // Scores are compared in best_score's precision: float64 stays float64 (as the CPU and Triton kernels keep
+  // it), anything else in float32 (exact for bf16/fp16 scores).
+  const auto st = best_score.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor sc = score.to(st).contiguous();
+  at::Tensor bs = best_score.scalar_type() == st && best_score.is_contiguous() ? best_score
+                                                                                : best_score.to(st).contiguous();
   at::Tensor bx = writable_operand(best_x);
   const at::Tensor xa = readable_like(x_adv, bx);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(bx.device().index()).stream();
-  check_cuda(cuda::launch_keep_best(bx.data_ptr(), bs.data_ptr<float>(), xa.data_ptr(), sc.data_ptr<float>(), batch,
-                                    bx.numel() / batch * bx.element_size(), stream),
-             "keep_best_");
+  const int64_t bytes = bx.numel() / batch * bx.element_size();
+  const cudaError_t err =
+      st == at::kDouble
+          ? cuda::launch_keep_best(bx.data_ptr(), bs.data_ptr<double>(), xa.data_ptr(), sc.data_ptr<double>(), batch,
+                                   bytes, stream)
+          : cuda::launch_keep_best(bx.data_ptr(), bs.data_ptr<float>(), xa.data_ptr(), sc.data_ptr<float>(), batch,
+                                   bytes, stream);
+  check_cuda(err, "keep_best_");
   finish_write(best_x, bx);
   finish_write(best_score, bs);
 }

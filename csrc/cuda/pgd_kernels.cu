@@ -84,7 +84,7 @@ __device__ __forceinline__ float block_sum(float v) {
 
 // PASS 0: sum of g^2 per sample into sums[b]. PASS 1: sum of (x + gscale*g - xn)^2 into sums[B + b].
 template <typename T, int PASS>
-__global__ void l2_reduce_kernel(StepArgs a, float* sums) {
+__global__ void l2_reduce_kernel(StepArgs a, const float* sums, float* partials) {
   const T* x = static_cast<const T*>(a.x);
   const T* g = static_cast<const T*>(a.g);
   const T* xn = static_cast<const T*>(a.xn);
@@ -103,8 +103,19 @@ __global__ void l2_reduce_kernel(StepArgs a, float* sums) {
       }
     }
     acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(&sums[PASS * a.batch + b], acc);
+    // One partial per (sample, block), no atomics: the finalize kernel adds them in a fixed order, so seeded
+    // L2 attacks are bit-reproducible.
+    if (threadIdx.x == 0) partials[(PASS * a.batch + b) * gridDim.x + blockIdx.x] = acc;
   }
+}
+
+// sums[r] = the partials of row r (r = PASS * batch + b) added in block order.
+__global__ void l2_finalize_kernel(float* sums, const float* partials, int64_t rows, int64_t row0, int64_t blocks) {
+  const int64_t r = row0 + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r >= row0 + rows) return;
+  float s = 0.f;
+  for (int64_t k = 0; k < blocks; ++k) s += partials[r * blocks + k];
+  sums[r] = s;
 }
 
 template <typename T>
@@ -116,8 +127,9 @@ __global__ void l2_update_kernel(StepArgs a, const float* sums) {
 }
 
 // W is the copy word (uint4, unsigned or unsigned char), chosen by the launcher from the alignment.
-template <typename W>
-__global__ void keep_best_copy_kernel(W* best_x, const float* best_score, const W* x, const float* score,
+// S is the score type (float, or double where best_score is float64: compared without rounding).
+template <typename W, typename S>
+__global__ void keep_best_copy_kernel(W* best_x, const S* best_score, const W* x, const S* score,
                                       int64_t batch, int64_t words_per_sample) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
@@ -125,15 +137,16 @@ __global__ void keep_best_copy_kernel(W* best_x, const float* best_score, const 
   }
 }
 
-template <typename W>
-void keep_best_copy(void* best_x, const float* best_score, const void* x, const float* score, int64_t batch,
+template <typename W, typename S>
+void keep_best_copy(void* best_x, const S* best_score, const void* x, const S* score, int64_t batch,
                     int64_t bytes_per_sample, cudaStream_t s) {
   const int64_t words = bytes_per_sample / static_cast<int64_t>(sizeof(W));
-  keep_best_copy_kernel<W><<<grid_for(words, batch, kThreads), kThreads, 0, s>>>(
+  keep_best_copy_kernel<W, S><<<grid_for(words, batch, kThreads), kThreads, 0, s>>>(
       static_cast<W*>(best_x), best_score, static_cast<const W*>(x), score, batch, words);
 }
 
-__global__ void keep_best_score_kernel(float* best_score, const float* score, int64_t batch) {
+template <typename S>
+__global__ void keep_best_score_kernel(S* best_score, const S* score, int64_t batch) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b < batch && score[b] > best_score[b]) best_score[b] = score[b];
 }
@@ -160,10 +173,12 @@ template <typename T>
 struct L2Launch {
   static cudaError_t run(const StepArgs& a, float* ws, cudaStream_t s) {
     const dim3 grid = grid_for(a.per_sample, a.batch, kThreads * kUnroll);
-    cudaError_t err = cudaMemsetAsync(ws, 0, sizeof(float) * 2 * a.batch, s);
-    if (err != cudaSuccess) return err;
-    l2_reduce_kernel<T, 0><<<grid, kThreads, 0, s>>>(a, ws);
-    l2_reduce_kernel<T, 1><<<grid, kThreads, 0, s>>>(a, ws);
+    float* partials = ws + 2 * a.batch;  // (2, batch, grid.x), every entry written by the reduce passes
+    const unsigned fin = static_cast<unsigned>((a.batch + kThreads - 1) / kThreads);
+    l2_reduce_kernel<T, 0><<<grid, kThreads, 0, s>>>(a, ws, partials);
+    l2_finalize_kernel<<<fin, kThreads, 0, s>>>(ws, partials, a.batch, 0, grid.x);
+    l2_reduce_kernel<T, 1><<<grid, kThreads, 0, s>>>(a, ws, partials);
+    l2_finalize_kernel<<<fin, kThreads, 0, s>>>(ws, partials, a.batch, a.batch, grid.x);
     l2_update_kernel<T><<<grid, kThreads, 0, s>>>(a, ws);
     return cudaGetLastError();
   }
@@ -176,13 +191,18 @@ cudaError_t launch_linf(DType dtype, const StepArgs& a, cudaStream_t stream) {
   return by_dtype<LinfLaunch>(dtype, a, stream);
 }
 
+int64_t l2_workspace_floats(const StepArgs& a) {
+  return 2 * a.batch * (1 + static_cast<int64_t>(grid_for(a.per_sample, a.batch, kThreads * kUnroll).x));
+}
+
 cudaError_t launch_l2(DType dtype, const StepArgs& a, float* workspace, cudaStream_t stream) {
   if (a.batch == 0 || a.per_sample == 0) return cudaSuccess;
   return by_dtype<L2Launch>(dtype, a, workspace, stream);
 }
 
-cudaError_t launch_keep_best(void* best_x, float* best_score, const void* x, const float* score, int64_t batch,
-                             int64_t bytes_per_sample, cudaStream_t stream) {
+template <typename S>
+cudaError_t keep_best_all(void* best_x, S* best_score, const void* x, const S* score, int64_t batch,
+                          int64_t bytes_per_sample, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   if (bytes_per_sample > 0) {
     const auto aligned = [&](int64_t w) {
@@ -190,16 +210,26 @@ cudaError_t launch_keep_best(void* best_x, float* best_score, const void* x, con
              reinterpret_cast<uintptr_t>(x) % w == 0;
     };
     if (aligned(16)) {
-      keep_best_copy<uint4>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+      keep_best_copy<uint4, S>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
     } else if (aligned(4)) {
-      keep_best_copy<unsigned>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+      keep_best_copy<unsigned, S>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
     } else {
-      keep_best_copy<unsigned char>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+      keep_best_copy<unsigned char, S>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
     }
   }
-  keep_best_score_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  keep_best_score_kernel<S><<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       best_score, score, batch);
   return cudaGetLastError();
+}
+
+cudaError_t launch_keep_best(void* best_x, float* best_score, const void* x, const float* score, int64_t batch,
+                             int64_t bytes_per_sample, cudaStream_t stream) {
+  return keep_best_all<float>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
+}
+
+cudaError_t launch_keep_best(void* best_x, double* best_score, const void* x, const double* score, int64_t batch,
+                             int64_t bytes_per_sample, cudaStream_t stream) {
+  return keep_best_all<double>(best_x, best_score, x, score, batch, bytes_per_sample, stream);
 }
 
 }  // namespace cuda

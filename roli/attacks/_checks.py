@@ -67,18 +67,34 @@ def budget(value, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     return None, float(value)
 
 
-def check_labels(name: str, y, x: torch.Tensor) -> None:
+def check_labels(name: str, y, x: torch.Tensor, values: bool = True) -> None:
+    """Type, shape and device (no host synchronisation); with `values`, also >= 0 (one)."""
     if not isinstance(y, torch.Tensor) or y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
         raise ValueError(f"{name} must be an integer tensor of class indices; got {getattr(y, 'dtype', type(y))}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"{name} must have shape ({x.shape[0]},), one label per image; got {tuple(y.shape)}")
     if y.device != x.device:
         raise ValueError(f"{name} is on {y.device} but the images are on {x.device}")
-    if y.numel() and int(y.min()) < 0:
+    if values and y.numel() and int(y.min()) < 0:
         raise ValueError(f"{name} must be >= 0; got {int(y.min())}")
 
 
-def check_images(x, clip: tuple[float, float] | None) -> None:
+def invalid_values(x: torch.Tensor, y: torch.Tensor, clip: tuple[float, float] | None, logits: torch.Tensor,
+                   target: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """What check_images/check_labels/check_logits check on values, as one bool tensor on the device and no
+    host synchronisation (training attacks: the trainer reads it at its own synchronisation points)."""
+    bad = ~torch.isfinite(logits).all()
+    if y.numel():
+        bad = bad | (y.min() < 0) | (y.max() >= logits.shape[1])
+    if target is not None and target.numel():
+        bad = bad | (target.min() < 0) | (target.max() >= logits.shape[1])
+    if clip is not None and x.numel():
+        bad = bad | (x.min() < clip[0] - 1e-6) | (x.max() > clip[1] + 1e-6)
+    return bad
+
+
+def check_images(x, clip: tuple[float, float] | None, values: bool = True) -> None:
+    """Type and shape; with `values`, also the pixel range (one host synchronisation for min and max)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(
             f"images must be a floating-point tensor in pixel space; got {getattr(x, 'dtype', type(x).__name__)} "
@@ -86,8 +102,8 @@ def check_images(x, clip: tuple[float, float] | None) -> None:
         )
     if x.dim() < 2:
         raise ValueError(f"images must have shape (B, ...); got {tuple(x.shape)}")
-    if clip is not None and x.numel():
-        lo, hi = float(x.min()), float(x.max())
+    if values and clip is not None and x.numel():
+        lo, hi = torch.stack([x.min(), x.max()]).float().tolist()
         if lo < clip[0] - 1e-6 or hi > clip[1] + 1e-6:
             raise ValueError(
                 f"images must lie in [{clip[0]:g}, {clip[1]:g}] (pixel space; normalisation belongs inside the "
@@ -95,11 +111,18 @@ def check_images(x, clip: tuple[float, float] | None) -> None:
             )
 
 
-def check_logits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> None:
-    """The model's output on the first forward of an attack: (B, K), labels < K, finite."""
+def check_logits_shape(logits: torch.Tensor, x: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"the model must return logits of shape (B, K); got {tuple(logits.shape)}")
-    if int(y.max()) >= logits.shape[1] or (target is not None and int(target.max()) >= logits.shape[1]):
-        raise ValueError(f"labels must be < the number of classes ({logits.shape[1]}); got {int(y.max())}")
-    if not bool(torch.isfinite(logits).all()):
+
+
+def check_logits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> None:
+    """The model's output on the first forward of an attack: (B, K), labels < K, finite (one host
+    synchronisation for all three values)."""
+    check_logits_shape(logits, x)
+    values = [y.max()] + ([target.max()] if target is not None else []) + [torch.isfinite(logits).all()]
+    y_max, *t_max, finite = torch.stack([v.double() for v in values]).tolist()  # the batch is never empty here
+    if y_max >= logits.shape[1] or (t_max and t_max[0] >= logits.shape[1]):
+        raise ValueError(f"labels must be < the number of classes ({logits.shape[1]}); got {int(y_max)}")
+    if not finite:
         raise ValueError("the model returned non-finite logits (NaN/inf) on these images")

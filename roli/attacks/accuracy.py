@@ -17,6 +17,12 @@ def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.
     return data
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The attack seed of batch `index` of an evaluation: its random starts depend on the batch, never on the
+    process that attacks it, so a sharded evaluation equals one process's example by example."""
+    return seed + 7919 * index
+
+
 def robust_accuracy(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
                     seed: int = 0, norm: str = "linf") -> tuple[float, float]:  # fmt: skip
     """(clean accuracy, PGD-`steps` robust accuracy) over `data`: a (x, y) pair of tensors (attacked in
@@ -27,13 +33,14 @@ def robust_accuracy(model, data, eps: float, step_size: float, steps: int, preci
 
 
 def robust_counts(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
-                  seed: int = 0, norm: str = "linf") -> tuple[int, int, int]:  # fmt: skip
-    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them; one seeded attack
-    runs over all batches."""
+                  seed: int = 0, norm: str = "linf", batch_ids=None) -> tuple[int, int, int]:  # fmt: skip
+    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them. The k-th batch is
+    attacked with seed batch_seed(seed, batch_ids[k]) (default: its position k)."""
     clean = robust = n = 0
     attack = PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm, early_stop=True, precision=precision,
                  seed=seed)  # fmt: skip
-    for x, y in _batches(data):
+    for k, (x, y) in enumerate(_batches(data)):
+        attack.reseed(batch_seed(seed, batch_ids[k] if batch_ids is not None else k))
         res = attack.perturb(x, y)
         with torch.no_grad(), autocast_for(x.device, precision):
             ok = model.eval()(x).argmax(1) == y

@@ -49,6 +49,7 @@ class Plan:
     hi: float
     eps: tuple[torch.Tensor | None, float]
     step_size: tuple[torch.Tensor | None, float]
+    init_eps: tuple[torch.Tensor | None, float]  # radius of the random start
 
 
 def _take(t, index: torch.Tensor | None):
@@ -67,6 +68,8 @@ class PGD:
         steps: number of gradient steps (>= 0).
         norm: "linf" or "l2".
         random_start: start uniformly in the budget ball (Linf box / L2 ball) instead of at x.
+        init_eps: radius of that random start (default: eps). N-FGSM starts in a box twice the budget's
+            size and projects onto eps + step (roli.attacks.fast).
         restarts: independent runs; a sample counts as broken if any run breaks it, otherwise the
             highest-loss iterate is kept. Later restarts attack only the samples still unbroken.
         loss: "ce" (cross-entropy) or "dlr" (Difference of Logits Ratio).
@@ -116,6 +119,7 @@ class PGD:
         memory_format: str = "auto",
         fold_bn: bool = True,
         cuda_graph: bool = False,
+        init_eps: float | torch.Tensor | None = None,
     ):
         C.check_config(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=norm, loss=loss, keep=keep,
                        precision=precision, memory_format=memory_format, early_stop=early_stop,
@@ -125,6 +129,13 @@ class PGD:
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
         self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
         self.fold_bn, self.cuda_graph = bool(fold_bn), bool(cuda_graph)
+        # deferred=True (training attacks): the checks of values (pixel range, labels < K, finite logits) add to
+        # a device flag that pop_invalid() returns, instead of synchronising with the host in every call.
+        self.deferred = False
+        self._invalid: torch.Tensor | None = None
+        if init_eps is not None:
+            C.check_budget_value("init_eps", init_eps)
+        self.init_eps = init_eps
         self._graphed = GraphedSteps(self) if self.cuda_graph else None
         self._gen = self._folding = None  # built on first use
 
@@ -141,7 +152,10 @@ class PGD:
     def _forward(self, model, x_adv, y, target, with_grad: bool, check: bool):
         with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.precision):
             logits = model(x_adv)
-        if check:
+        if check and self.deferred:
+            C.check_logits_shape(logits, x_adv)
+            self._flag(C.invalid_values(x_adv, y, None, logits.detach(), target))
+        elif check:
             C.check_logits(logits, x_adv, y, target)
         loss = attack_loss(self.loss, logits, y, target)
         if not self._scored:  # plain PGD never reads it: no argmax/compare kernels in the training attack
@@ -164,13 +178,15 @@ class PGD:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> PGDResult:
         """Attack a batch. See the class docstring."""
-        C.check_images(x, self.clip)
-        C.check_labels("y", y, x)
+        C.check_images(x, self.clip, values=not self.deferred)
+        C.check_labels("y", y, x, values=not self.deferred)
         if self.targeted and target is None:
             raise ValueError("targeted PGD needs target labels: attack(x, y, target)")
         if target is not None:
-            C.check_labels("target", target, x)
+            C.check_labels("target", target, x, values=not self.deferred)
         target = target if self.targeted else None
+        if self.deferred and self.clip is not None and x.numel():  # the input's pixel range, read later
+            self._flag((x.min() < self.clip[0] - 1e-6) | (x.max() > self.clip[1] + 1e-6))
         x_nat = self._layout(x.detach())
         result = self._perturb(x_nat, y, target)
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
@@ -185,6 +201,20 @@ class PGD:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device).manual_seed(self.seed)
         return self._gen
+
+    def _flag(self, bad: torch.Tensor) -> None:
+        self._invalid = bad if self._invalid is None else self._invalid | bad
+
+    def pop_invalid(self) -> torch.Tensor | None:
+        """deferred=True: a bool device tensor, True if any call since the last pop had invalid values (images
+        outside the pixel range, labels out of range, non-finite logits); None if nothing was checked."""
+        bad, self._invalid = self._invalid, None
+        return bad
+
+    def reseed(self, seed: int | None) -> None:
+        """Start the random-start generator afresh from `seed` (per-batch seeds: a batch's noise does not depend
+        on which batches this attack object saw before, e.g. on another torchrun rank)."""
+        self.seed, self._gen = seed, None
 
     def rng_state(self) -> dict | None:
         """The random-start generator's state, on its own device (None: seed=None, the global generator is
@@ -237,7 +267,8 @@ class PGD:
         lo, hi = check_clip(self.clip)
         plan = Plan(step=step_kernel(self.norm, device, x_nat.dtype, self.impl),
                     keep_best=keep_best_kernel(device, x_nat.dtype, self.impl), lo=lo, hi=hi,
-                    eps=C.budget(self.eps, x_nat), step_size=C.budget(self.step_size, x_nat))  # fmt: skip
+                    eps=C.budget(self.eps, x_nat), step_size=C.budget(self.step_size, x_nat),
+                    init_eps=C.budget(self.eps if self.init_eps is None else self.init_eps, x_nat))  # fmt: skip
         best_x = x_nat.clone(memory_format=torch.preserve_format)
         best_score = torch.full((batch,), -INF, device=device)
         if batch == 0:
@@ -271,7 +302,7 @@ class PGD:
         """The random start of a restart, for the whole batch (None: start at x_nat)."""
         if not self.random_start:
             return None
-        eps_t, eps_f = plan.eps
+        eps_t, eps_f = plan.init_eps
         return pgd_init(x_nat, eps_t if eps_t is not None else eps_f, self.norm, generator=gen, clip=self.clip)
 
     def _run(self, plan: Plan, model, x_nat, y, target, start, idx, best_x, best_score, check):

@@ -29,7 +29,8 @@ def fast_layout(model, precision: str, channels_last: bool | None = None) -> boo
 def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              precision: str = "fp32", before_step=None) -> tuple[float, int]:  # fmt: skip
     """One ALP step: k attack steps through the frozen model, then the head update on the features of the
-    final adversarial batch, computed without a backbone graph. Returns (loss, correct count)."""
+    final adversarial batch, computed without a backbone graph. Returns (loss, correct count) as 0-dim tensors
+    on the device (reading them would synchronise)."""
     x_adv = attack(x, y)
     with torch.no_grad(), autocast_for(x.device, precision):
         feats = model.features(x_adv).float()
@@ -40,4 +41,4 @@ def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     if before_step is not None:
         before_step()  # e.g. averaging the head's gradients over ranks
     opt.step()
-    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+    return loss.detach(), (logits.argmax(1) == y).sum()

@@ -2,8 +2,11 @@
 
 Design: a 1-D grid of (sample, chunk) programs, so the per-sample eps/step are scalars of the program
 and any batch size fits the grid. Operands are converted to fp32 on load and rounded once on store
-(the same arithmetic as csrc/pgd_math.h). L2 needs two per-sample reductions before the update; they
-are atomics into a (2, B) fp32 workspace (three launches, no host synchronisation).
+(the same arithmetic as csrc/pgd_math.h: correctly rounded sqrt and division, as the CUDA and C++ kernels
+compute them). L2 needs two per-sample reductions before the update: each (sample, chunk) program writes
+its partial sum into a (2, B, CHUNKS) fp32 workspace, without atomics, and the programs that need a
+sample's sum add its partials in one fixed order, so seeded L2 attacks are bit-reproducible (three
+launches, no host synchronisation).
 """
 
 from __future__ import annotations
@@ -35,13 +38,24 @@ def _budget(PTR, b, value, PER_SAMPLE: tl.constexpr):
 
 
 @triton.jit
-def _l2_scales(SUMS, B, b, e, s):
-    # gscale = step / ||g|| (0 for a zero gradient); dscale = min(1, eps / ||delta||). FLT_MIN keeps the
-    # untaken branch of each where() free of 0/0.
-    gsq = tl.load(SUMS + b)
-    gscale = tl.where(gsq > 0.0, s / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
-    dnorm = tl.sqrt(tl.load(SUMS + B + b))
-    return gscale, tl.where(dnorm > e, e / tl.maximum(dnorm, FLT_MIN), 1.0)
+def _row_sum(PART, row, CHUNKS, CPOW: tl.constexpr):
+    # The sum of one row of partials (a sample's reduction), in the same fixed order in every program.
+    k = tl.arange(0, CPOW)
+    return tl.sum(tl.load(PART + row * CHUNKS + k, mask=k < CHUNKS, other=0.0), axis=0)
+
+
+@triton.jit
+def _grad_scale(gsq, s):
+    # step / ||g|| (0 for a zero gradient); FLT_MIN keeps the untaken branch of the where() free of 0/0.
+    return tl.where(gsq > 0.0, tl.div_rn(s, tl.sqrt_rn(tl.maximum(gsq, FLT_MIN))), 0.0)
+
+
+@triton.jit
+def _l2_scales(PART, B, b, e, s, CHUNKS, CPOW: tl.constexpr):
+    # gscale = step / ||g||; dscale = min(1, eps / ||delta||).
+    gscale = _grad_scale(_row_sum(PART, b, CHUNKS, CPOW), s)
+    dnorm = tl.sqrt_rn(_row_sum(PART, B + b, CHUNKS, CPOW))
+    return gscale, tl.where(dnorm > e, tl.div_rn(e, tl.maximum(dnorm, FLT_MIN)), 1.0)
 
 
 @dual_jit
@@ -60,27 +74,29 @@ def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
 
 
 @dual_jit
-def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, SUMS, B, N, CHUNKS,
-                               BLOCK: tl.constexpr, STEP_T: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
-    # PASS 0: SUMS[b] += sum g^2.  PASS 1: SUMS[B + b] += sum (x + gscale * g - xn)^2.
-    b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
+def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, PART, B, N, CHUNKS, BLOCK: tl.constexpr,
+                               STEP_T: tl.constexpr, PASS: tl.constexpr, CPOW: tl.constexpr):  # fmt: skip
+    # PASS 0: PART[b, chunk] = sum g^2.  PASS 1: PART[B + b, chunk] = sum (x + gscale * g - xn)^2.
+    pid = tl.program_id(0)
+    b, mask, ptr = _sample_block(pid, CHUNKS, N, BLOCK)
+    chunk = (pid % CHUNKS).to(tl.int64)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     if PASS == 0:
-        tl.atomic_add(SUMS + b, tl.sum(g * g, axis=0))
+        tl.store(PART + b * CHUNKS + chunk, tl.sum(g * g, axis=0))
     else:
-        gsq = tl.load(SUMS + b)
-        gscale = tl.where(gsq > 0.0, _budget(STEP, b, step, STEP_T) / tl.sqrt(tl.maximum(gsq, FLT_MIN)), 0.0)
+        gscale = _grad_scale(_row_sum(PART, b, CHUNKS, CPOW), _budget(STEP, b, step, STEP_T))
         x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
         xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, (x + gscale * g) - xn, 0.0)
-        tl.atomic_add(SUMS + B + b, tl.sum(d * d, axis=0))
+        tl.store(PART + (B + b) * CHUNKS + chunk, tl.sum(d * d, axis=0))
 
 
 @dual_jit
-def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, SUMS, B, N, CHUNKS,
-                               BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
+def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, PART, B, N, CHUNKS, BLOCK: tl.constexpr,
+                               EPS_T: tl.constexpr, STEP_T: tl.constexpr, CPOW: tl.constexpr):  # fmt: skip
     b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
-    gscale, dscale = _l2_scales(SUMS, B, b, _budget(EPS, b, eps, EPS_T), _budget(STEP, b, step, STEP_T))
+    gscale, dscale = _l2_scales(PART, B, b, _budget(EPS, b, eps, EPS_T), _budget(STEP, b, step, STEP_T), CHUNKS,
+                                CPOW)  # fmt: skip
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
@@ -121,15 +137,16 @@ def pgd_step_l2_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) ->
     if x_adv.numel() == 0:
         return
     x, g, xn, batch, n, block, chunks = _geometry(x_adv, grad, x_nat)
-    sums = torch.zeros(2 * batch, device=x.device, dtype=torch.float32)
-    step_ptr = _budget_ptr(step_t, sums)
+    part = torch.empty(2 * batch * chunks, device=x.device, dtype=torch.float32)  # every entry is written
+    cpow = triton.next_power_of_2(chunks)
+    step_ptr = _budget_ptr(step_t, part)
     for pass_ in (0, 1):
         _pgd_step_l2_reduce_kernel.launcher(x.device)[(batch * chunks,)](
-            x, g, xn, step_ptr, float(step), sums, batch, n, chunks,
-            BLOCK=block, STEP_T=step_t is not None, PASS=pass_, num_warps=8,
+            x, g, xn, step_ptr, float(step), part, batch, n, chunks,
+            BLOCK=block, STEP_T=step_t is not None, PASS=pass_, CPOW=cpow, num_warps=8,
         )  # fmt: skip
     _pgd_step_l2_update_kernel.launcher(x.device)[(batch * chunks,)](
-        x, g, xn, _budget_ptr(eps_t, sums), step_ptr, float(eps), float(step), float(lo), float(hi), sums,
-        batch, n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, num_warps=8,
+        x, g, xn, _budget_ptr(eps_t, part), step_ptr, float(eps), float(step), float(lo), float(hi), part,
+        batch, n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, CPOW=cpow, num_warps=8,
     )  # fmt: skip
     finish_write(x_adv, x)

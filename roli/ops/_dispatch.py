@@ -59,7 +59,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"C++/CUDA extension unavailable: {_ext.EXT_ERROR}"
         if not _ext.has_cuda_kernels():
             return "roli._C was built without CUDA kernels (rebuild on a CUDA machine with ROLI_BUILD_CUDA=1)"
-        return None
+        return _ext.cuda_image_error(device)
     if backend == "triton":
         err = triton_error()
         if err:

@@ -39,6 +39,7 @@ class StageSettings:
     weight_decay: float
     epochs: int
     warmup: int
+    attack: str = "pgd"  # the training attack: pgd | fgsm-rs | n-fgsm | none
 
 
 ConfigError = BadValue  # a bad configuration value: one line, exit code 2
@@ -60,7 +61,8 @@ def parse_classes(text: str | None) -> list[int] | None:
     return out
 
 
-STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup")
+STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup", "attack")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm", "none")
 
 
 def _check_stage(stage: str, d, cfg) -> None:
@@ -72,6 +74,8 @@ def _check_stage(stage: str, d, cfg) -> None:
         raise ConfigError(f"{stage}: unknown keys {', '.join(unknown)} (use {', '.join(STAGE_KEYS)})")
     if "optimizer" in d and d["optimizer"] not in ("sgd", "adamw"):
         raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not sgd or adamw")
+    if "attack" in d:
+        _check_attack(f"{stage}.attack", d["attack"], cfg.norm)
     for key in ("lr", "weight_decay"):
         v = d.get(key)
         if key in d and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
@@ -83,6 +87,14 @@ def _check_stage(stage: str, d, cfg) -> None:
     epochs = d.get("epochs", cfg.epochs)
     if d.get("warmup", 0) > epochs:
         raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs")
+
+
+def _check_attack(name: str, kind, norm: str) -> None:
+    if kind not in TRAIN_ATTACKS:
+        raise ConfigError(f"{name}: {kind!r} is not one of {', '.join(TRAIN_ATTACKS)}")
+    if kind in ("fgsm-rs", "n-fgsm") and norm != "linf":
+        raise ConfigError(f"{name}: {kind} is a Linf attack (its step is the gradient's sign); use pgd for "
+                          f"--norm {norm}")  # fmt: skip
 
 
 def _channels(value, name: str) -> list[float] | None:
@@ -150,7 +162,7 @@ class TrainConfig:
     ft: dict = field(default_factory=dict)
     ranli: dict = field(default_factory=dict)
     # attack
-    attack: str = "pgd"
+    attack: str = "pgd"  # of every training stage (a stage's mapping may set its own): pgd | fgsm-rs | n-fgsm | none
     norm: str = "linf"
     eps: float | str = "8/255"
     step_size: float | str = "2/255"
@@ -158,6 +170,13 @@ class TrainConfig:
     random_start: bool = True
     val_steps: int = 10
     autoattack: str | None = None
+    # The catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): every `guard_every` steps
+    # and at each epoch end, PGD-5 accuracy on a fixed batch of `guard_images` validation images; a drop of
+    # more than `guard_drop` below the best check while the single-step accuracy rises restores the last
+    # good state and continues the stage with PGD-`steps`. guard_every 0 switches it off.
+    guard_every: int = 100
+    guard_drop: float = 0.2
+    guard_images: int = 128
     # run
     precision: str = "fp32"
     channels_last: bool = False  # conv nets: the model and the attack's images in channels_last
@@ -177,8 +196,8 @@ class TrainConfig:
         need(self.peft in PEFT_METHODS, f"peft: {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
         need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
              f"init: {self.init!r} is not random, lp, alp or a checkpoint path")  # fmt: skip
-        need(self.attack in ("pgd", "none"), f"attack: {self.attack!r} is not pgd or none")
         need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
+        _check_attack("attack", self.attack, self.norm)
         need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
         need(self.interpolation in ("bilinear", "bicubic"),
              f"interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
@@ -198,13 +217,17 @@ class TrainConfig:
             self.autoattack in (None, "standard", "plus", "rand"),
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
         )
-        for name in ("epochs", "batch_size", "steps", "val_steps", "lora_rank", "adapter_reduction", "vpt_tokens"):
+        for name in ("epochs", "batch_size", "steps", "val_steps", "lora_rank", "adapter_reduction", "vpt_tokens",
+                     "guard_every", "guard_images"):  # fmt: skip
             value = getattr(self, name)
-            low = 0 if name in ("steps",) else 1
+            low = 0 if name in ("steps", "guard_every") else 1
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             need(ok, f"{name.replace('_', '-')}: must be an integer >= {low}; got {value!r}")
         need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
              f"warmup: must be an integer in [0, epochs={self.epochs}]; got {self.warmup!r}")  # fmt: skip
+        need(isinstance(self.guard_drop, (int, float)) and not isinstance(self.guard_drop, bool)
+             and 0 < self.guard_drop < 1,
+             f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}")  # fmt: skip
         need(0 < self.val_percent < 100, f"val-percent: must be in (0, 100); got {self.val_percent}")
         for stage in ("alp", "ft", "ranli"):
             _check_stage(stage, getattr(self, stage), self)
@@ -300,6 +323,7 @@ class TrainConfig:
             weight_decay=float(pick("weight_decay", self.weight_decay, d["weight_decay"])),
             epochs=mapping.get("epochs", self.epochs),
             warmup=mapping.get("warmup", self.warmup),
+            attack=mapping.get("attack", self.attack),
         )
 
     def resolved(self) -> dict:
@@ -313,5 +337,5 @@ class TrainConfig:
             s = self.settings(k)
             out["ranli" if k == "ft" and self.init == "random" else k] = {
                 "optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
-                "warmup": s.warmup}  # fmt: skip
+                "warmup": s.warmup, "attack": s.attack}  # fmt: skip
         return out

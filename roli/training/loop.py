@@ -34,6 +34,7 @@ from roli.features.alp import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
 from roli.training.config import ConfigError
+from roli.training.guard import Guard, trained_state
 
 STATE_FORMAT = "roli-train-state"
 log = logging.getLogger("roli.train")
@@ -49,7 +50,8 @@ class Interrupted(Exception):
         self.signum, self.where = signum, where
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]  # (x, y) -> (loss, correct count)
+# (x, y) -> (loss, correct count): 0-dim tensors on the device (no host synchronisation), or numbers.
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | float, torch.Tensor | int]]
 
 
 @dataclass(kw_only=True)
@@ -72,6 +74,8 @@ class Stage:
     precision: str = "fp32"
     seed: int = 0
     norm: str = "linf"  # of the validation attack (the run's threat model)
+    attack_label: str = ""  # the training attack's name in logs and tables (PGD-7, FGSM-RS, ...)
+    guard: Guard | None = None  # the catastrophic-overfitting guard of single-step training
     history: list[dict] = field(default_factory=list)
 
 
@@ -124,7 +128,7 @@ def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor
             precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
     """One adversarial training step of every trainable parameter: the attack (which unwraps DDP: no
     all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode.
-    Returns (loss, correct count)."""
+    Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""
     x_in = attack(x, y) if attack is not None else x
     net.train()
     with autocast_for(x.device, precision):
@@ -133,7 +137,7 @@ def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+    return loss.detach(), (logits.argmax(1) == y).sum()
 
 
 def alp_stage_step(model, attack: PGD, opt: torch.optim.Optimizer, precision: str = "fp32") -> StepFn:
@@ -158,13 +162,15 @@ def ft_stage_step(net, attack: PGD | None, opt: torch.optim.Optimizer, precision
 
 
 def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0)) -> dict:
-    """The resumable state (a collective under torchrun: every rank contributes its RNG states)."""
+    """The resumable state (a collective under torchrun: every rank contributes its RNG states). A save in
+    the middle of an epoch (step > 0) carries the guard's last good state too."""
     attack_rng = stage.attack.rng_state() if stage.attack is not None else None
     rngs = D.gather_objects((torch.get_rng_state(), attack_rng, list(partial)))
+    guard = stage.guard.state(with_snapshot=step > 0) if stage.guard is not None else None
     return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
             "torch_rng": [r[0] for r in rngs], "attack_rng": [r[1] for r in rngs],
-            "best": best, "history": stage.history, "partial": [r[2] for r in rngs]}  # fmt: skip
+            "best": best, "history": stage.history, "partial": [r[2] for r in rngs], "guard": guard}  # fmt: skip
 
 
 def _save_state(state: dict, path: Path) -> None:
@@ -176,7 +182,8 @@ def _save_state(state: dict, path: Path) -> None:
 def _validate(stage: Stage) -> tuple[float, float]:
     """Clean and PGD accuracy on the validation set (each rank attacks its shard), reduced over ranks."""
     clean, robust, n = robust_counts(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
-                                     stage.precision, stage.seed, stage.norm)  # fmt: skip
+                                     stage.precision, stage.seed, stage.norm,
+                                     batch_ids=getattr(stage.val, "ids", None))  # fmt: skip
     clean, robust, n = D.sum_(clean, robust, n)
     return clean / max(n, 1), robust / max(n, 1)
 
@@ -185,12 +192,6 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write(
         run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history))
     )
-
-
-def _trained_state(model: torch.nn.Module) -> dict:
-    """A copy of what training changes: the trainable parameters and the buffers."""
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad] + list(model.named_buffers())
-    return {k: t.detach().clone() for k, t in named}
 
 
 def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool | None = None,
@@ -214,6 +215,8 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
             state = load_tagged(last, STATE_FORMAT, "roli training state")
             stage.model.load_state_dict(state["model"])
             stage.optimizer.load_state_dict(state["optimizer"])
+            if stage.guard is not None:  # before the attack's RNG: a guarded run may have switched attacks
+                stage.guard.load(state.get("guard"), stage)
             r = D.rank() if len(state["torch_rng"]) == D.world() else 0
             torch.set_rng_state(state["torch_rng"][r])
             if stage.attack is not None:
@@ -225,6 +228,9 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
         partial = tuple(state["partial"][r])
         log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
     show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
+    guard = stage.guard
+    if guard is not None and guard.good is None:  # the reference: the model the stage starts from
+        guard.check(stage, start_epoch, 0)
     with StopOnSignal() if run_dir is not None else contextlib.nullcontext(_NoSignal()) as stop:
         for epoch in range(start_epoch, stage.epochs):
             factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
@@ -233,9 +239,11 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
             if hasattr(stage.train, "set_epoch"):
                 stage.train.set_epoch(epoch)
             t0 = time.time()
-            seen, loss_sum, correct = partial if epoch == start_epoch else (0, 0.0, 0)
-            ticker = _Progress(stage, report, len(stage.train) if hasattr(stage.train, "__len__") else None, seen)
+            tally = _Tally(*(partial if epoch == start_epoch else (0, 0.0, 0)))
+            n_steps = len(stage.train) if hasattr(stage.train, "__len__") else None
+            ticker = _Progress(stage, report, n_steps, tally.seen)
             batches = _progress(stage.train, show, f"{stage.name} epoch {epoch}")
+            synced = start_step  # the last step whose flags were read
             for i, (x, y) in enumerate(batches):
                 if i < start_step:
                     continue
@@ -245,28 +253,42 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
                     if "non-finite" not in str(e):
                         raise
                     loss, ok = float("nan"), 0
-                # One collective per step for both flags: a non-finite loss on any rank stops every rank
-                # (no rank is left waiting in the next collective), and so does a signal.
-                stopping, non_finite = D.sum_(float(stop.signum is not None), float(not math.isfinite(loss))) \
-                    if D.active() else (stop.signum is not None, not math.isfinite(loss))  # fmt: skip
+                attack = stage.attack
+                tally.add(loss, ok, len(y), attack.pop_invalid() if attack is not None and attack.deferred else None)
+                if not show and D.is_main():
+                    ticker.tick(epoch, i + 1, tally)
+                guard_due = guard is not None and guard.due(i + 1, i + 1 == n_steps)
+                if not (guard_due or (i + 1) % SYNC_STEPS == 0 or i + 1 == n_steps):
+                    continue
+                # A synchronisation point (every SYNC_STEPS steps, the epoch's end, a guard check): the running
+                # sums stay on the device in between. One collective for both flags: a non-finite loss on any
+                # rank stops every rank (no rank is left waiting in the next collective), and so does a signal.
+                bad = tally.read()[3]
+                stopping, non_finite = D.sum_(float(stop.signum is not None), float(bad > 0)) if D.active() else \
+                    (stop.signum is not None, bad > 0)  # fmt: skip
                 if non_finite:
                     good = last if last is not None and last.exists() else "none (first epoch)"
-                    raise NonFiniteLoss(f"{stage.name}: the loss became {loss} (on this or another rank) at epoch "
-                                        f"{epoch}, step {i}; the last good checkpoint is {good}")  # fmt: skip
-                seen, loss_sum, correct = seen + len(y), loss_sum + loss * len(y), correct + ok
-                if not show and D.is_main():
-                    ticker.tick(epoch, i + 1, seen, loss_sum)
+                    raise NonFiniteLoss(f"{stage.name}: the loss became non-finite (NaN/inf; on this or another rank) "
+                                        f"at epoch {epoch}, between steps {synced + 1} and {i + 1}; the last good "
+                                        f"checkpoint is {good}")  # fmt: skip
+                synced = i + 1
+                if guard_due:
+                    guard.check(stage, epoch, i + 1)
                 if stopping:  # every rank stops after the same step
-                    _save_state(_state(stage, epoch, i + 1, best, (seen, loss_sum, correct)), last)
+                    _save_state(_state(stage, epoch, i + 1, best, tally.read()[:3]), last)
                     raise Interrupted(stop.signum or signal.SIGTERM, last)
             start_step = 0
             seconds = time.time() - t0
-            seen, loss_sum, correct = D.sum_(seen, loss_sum, correct)
+            seen, loss_sum, correct = D.sum_(*tally.read()[:3])
             clean, robust = _validate(stage)
             row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
                    "val_clean": clean, "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9),
-                   "seconds": round(seconds, 3)}  # fmt: skip
+                   "seconds": round(seconds, 3), "train_attack": _attack_name(stage)}  # fmt: skip
+            if guard is not None:
+                row["guard_checks"], row["guard_last"] = guard.checks, guard.last
+                if guard.event is not None and guard.event["epoch"] == epoch:
+                    row["guard_event"] = guard.event
             stage.history.append(row)
             report(
                 f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
@@ -277,7 +299,7 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
             if robust > best["val_robust"]:
                 best = {"epoch": epoch, "val_clean": clean, "val_robust": robust}
                 if run_dir is None:
-                    best_state = _trained_state(stage.model)
+                    best_state = trained_state(stage.model)
                 elif D.is_main():
                     save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
             if run_dir is not None:
@@ -290,11 +312,48 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
     else:
         D.barrier()
         load_checkpoint(stage.model, best_path)
-    return best
+    return {**best, "train_attack": _attack_name(stage)}
+
+
+def _attack_name(stage: Stage) -> str:
+    return stage.guard.summary() if stage.guard is not None else stage.attack_label
 
 
 class _NoSignal:
     signum = None
+
+
+SYNC_STEPS = 32  # steps between the loop's host synchronisations (flags, signal), besides epoch ends and guard checks
+
+
+class _Tally:
+    """The running sums of an epoch's steps (loss sum, correct count, non-finite or invalid steps), kept on the
+    device the steps produce them on: no host synchronisation per step. read() synchronises once."""
+
+    def __init__(self, seen: int = 0, loss_sum: float = 0.0, correct: int = 0):
+        self.seen = seen  # images, counted on the host
+        self.base = torch.tensor([loss_sum, correct, 0.0], dtype=torch.float64)
+        self.acc: torch.Tensor | None = None
+
+    def add(self, loss, ok, n: int, invalid: torch.Tensor | None = None) -> None:
+        self.seen += n
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().double()
+            v = torch.stack(
+                [loss * n, torch.as_tensor(ok, device=loss.device).double(), (~torch.isfinite(loss)).double()]
+            )
+        else:
+            v = torch.tensor([loss * n, float(ok), 0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
+        if invalid is not None:
+            v = v.to(invalid.device)
+            v[2] += invalid.double()
+        # The first step adds to the resumed partial sums: one sequence of additions, as without the interruption.
+        self.acc = self.base.to(v.device) + v if self.acc is None else self.acc + v.to(self.acc.device)
+
+    def read(self) -> tuple[int, float, int, float]:
+        """(seen, loss sum, correct, non-finite steps) on the host."""
+        loss_sum, correct, bad = (self.base if self.acc is None else self.acc).tolist()
+        return self.seen, loss_sum, int(round(correct)), bad
 
 
 class _Progress:
@@ -307,12 +366,13 @@ class _Progress:
         self.t0 = self.last = time.time()
         self.done = 0  # steps taken in this process (a resumed epoch starts mid-way)
 
-    def tick(self, epoch: int, step: int, seen: int, loss_sum: float) -> None:
+    def tick(self, epoch: int, step: int, tally: _Tally) -> None:
         self.done += 1
         now = time.time()
         if now - self.last < self.every:
             return
         self.last = now
+        seen, loss_sum, _, _ = tally.read()  # the only host synchronisation of the line
         rate = (seen - self.seen0) / max(now - self.t0, 1e-9)
         line = f"{self.stage.name} epoch {epoch} step {step}" + (f"/{self.steps}" if self.steps else "")
         line += f": loss {loss_sum / max(seen, 1):.4f}, {rate:.1f} img/s"

@@ -14,6 +14,8 @@ import torch
 from roli import _dist as D
 from roli._io import first_line, remove_stale_temporaries, save_json
 from roli.attacks import PGD, robust_counts, run_autoattack
+from roli.attacks.fast import label as attack_label
+from roli.attacks.fast import training_attack
 from roli.data import ArrayData, load_dataset
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import (
@@ -25,6 +27,7 @@ from roli.models import (
     save_checkpoint,
 )
 from roli.training.config import ConfigError, StageSettings, TrainConfig, parse_classes
+from roli.training.guard import Guard, first_images
 from roli.training.loop import (
     Interrupted,
     Stage,
@@ -142,14 +145,31 @@ def _loader(cfg: TrainConfig, data, shuffle: bool):
     return data.loader(cfg.batch_size, shuffle=shuffle, device=cfg.device, seed=cfg.seed, workers=workers(cfg))
 
 
-def eval_batches(cfg: TrainConfig, data, batch_size: int = 256):
-    """Batches of a validation or test set streamed to the device (never held there whole); under torchrun
-    each rank gets every world-th example (no padding, so reduced counts are exact)."""
+class EvalBatches:
+    """Batches of a validation or test set streamed to the device (never held there whole), and `ids`, their
+    indices among the set's batches. Under torchrun each rank takes every world-th batch (D.shard): the
+    batches, and the per-batch attack seeds, are those of one process, so reduced results equal its own."""
+
+    def __init__(self, loader, ids: list[int]):
+        self.loader, self.ids = loader, ids
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def eval_batches(cfg: TrainConfig, data, batch_size: int = 256) -> EvalBatches:
+    size = batch_size if isinstance(data, ArrayData) else min(batch_size, 4 * cfg.batch_size)
+    n = len(data)
+    ids = list(D.shard(-(-n // size)))
     if D.active():
-        data = data.subset(torch.arange(len(data))[D.rank() :: D.world()])
+        parts = [torch.arange(i * size, min(n, (i + 1) * size)) for i in ids]
+        data = data.subset(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
     if isinstance(data, ArrayData):
-        return data.loader(batch_size, device=cfg.device)
-    return data.loader(min(batch_size, 4 * cfg.batch_size), device=cfg.device, workers=workers(cfg))
+        return EvalBatches(data.loader(size, device=cfg.device), ids)
+    return EvalBatches(data.loader(size, device=cfg.device, workers=workers(cfg)), ids)
 
 
 def _val(cfg: TrainConfig, data):
@@ -168,23 +188,42 @@ def _finished(model, stage_dir: Path) -> dict | None:
     return json.loads((stage_dir / "done.json").read_text())
 
 
-def _attack(cfg: TrainConfig, net) -> PGD | None:
-    if cfg.attack != "pgd" or cfg.steps == 0:
+def _attack(cfg: TrainConfig, net, kind: str, seed_offset: int = 0) -> PGD | None:
+    """The training attack `kind` (pgd | fgsm-rs | n-fgsm | none) on `net`; None trains on clean images."""
+    if kind == "none" or (kind == "pgd" and cfg.steps == 0):
         return None
     # Each torchrun rank draws its own random starts (its own shard of the batch needs its own noise).
-    return PGD(net, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm, keep="last",
-               random_start=cfg.random_start, precision=cfg.precision, seed=cfg.seed + 1_000_003 * D.rank(),
-               memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
-               cuda_graph=cfg.cuda_graph)  # fmt: skip
+    attack = training_attack(kind, net, cfg.eps, cfg.step_size, cfg.steps, cfg.norm, random_start=cfg.random_start,
+                             precision=cfg.precision, seed=cfg.seed + seed_offset + 1_000_003 * D.rank(),
+                             memory_format="channels_last" if cfg.channels_last else "auto", fold_bn=cfg.fold_bn,
+                             cuda_graph=cfg.cuda_graph)  # fmt: skip
+    attack.deferred = True  # its value checks are read at the loop's synchronisation points
+    return attack
 
 
-def _fit(cfg: TrainConfig, name: str, model, step, attack, opt, settings: StageSettings, splits, stage_dir: Path,
+def _label(cfg: TrainConfig, kind: str) -> str:
+    return "clean" if kind == "none" or (kind == "pgd" and cfg.steps == 0) else attack_label(kind, cfg.steps)
+
+
+def _fit(cfg: TrainConfig, name: str, model, opt, make_step, settings: StageSettings, splits, stage_dir: Path,
          resume: bool) -> dict:  # fmt: skip
+    """Train one stage. make_step(kind) -> (step function, attack) for a training attack kind: the stage's
+    own, and PGD-k after the catastrophic-overfitting guard (single-step attacks) fires."""
     train, val, _, _ = splits
+    step, attack = make_step(settings.attack)
     stage = Stage(name=name, model=model, step=step, train=_loader(cfg, train, True), val=_val(cfg, val),
                   optimizer=opt, epochs=settings.epochs, warmup=settings.warmup, attack=attack, eps=cfg.eps,
                   step_size=cfg.step_size, val_steps=cfg.val_steps, precision=cfg.precision, seed=cfg.seed,
-                  norm=cfg.norm)  # fmt: skip
+                  norm=cfg.norm, attack_label=_label(cfg, settings.attack))  # fmt: skip
+    if settings.attack in ("fgsm-rs", "n-fgsm") and cfg.guard_every > 0:
+        x, y = first_images(stage.val, max(1, cfg.guard_images // D.world()))
+        # The guard's copy of the training attack has its own seed: checks never draw from the training's.
+        single = lambda: training_attack(settings.attack, model, cfg.eps, precision=cfg.precision,  # noqa: E731
+                                         seed=cfg.seed + 7, fold_bn=cfg.fold_bn)  # fmt: skip
+        stage.guard = Guard(every=cfg.guard_every, drop=cfg.guard_drop, x=x, y=y, eps=cfg.eps,
+                            precision=cfg.precision, seed=cfg.seed + 5, single=single,
+                            fallback=lambda: make_step("pgd", 2_000_003), label=stage.attack_label,
+                            fallback_label=_label(cfg, "pgd"))  # fmt: skip
     best = fit(stage, stage_dir, resume=resume)
     if D.is_main():
         plot_curves(stage.history, stage_dir / "curves.png", name)
@@ -208,9 +247,12 @@ def train_alp(cfg: TrainConfig, model, splits, stage_dir: Path, resume: bool) ->
         model.to(memory_format=torch.channels_last)
     settings = cfg.settings("alp")
     opt = _optimizer(cfg, model, settings)
-    attack = _attack(cfg, model)
-    return _fit(cfg, "alp", model, alp_stage_step(model, attack, opt, cfg.precision), attack, opt, settings, splits,
-                stage_dir, resume)  # fmt: skip
+
+    def make_step(kind: str, seed_offset: int = 0):
+        attack = _attack(cfg, model, kind, seed_offset)
+        return alp_stage_step(model, attack, opt, cfg.precision), attack
+
+    return _fit(cfg, "alp", model, opt, make_step, settings, splits, stage_dir, resume)
 
 
 def train_full(cfg: TrainConfig, kind: str, model, splits, stage_dir: Path, resume: bool) -> dict:
@@ -224,16 +266,17 @@ def train_full(cfg: TrainConfig, kind: str, model, splits, stage_dir: Path, resu
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model
-    attack = _attack(cfg, net)
     if D.active():
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(net)
-        if attack is not None:
-            attack.model = net  # attacks unwrap it: no gradient all-reduce inside the attack
+
+    def make_step(attack_kind: str, seed_offset: int = 0):
+        attack = _attack(cfg, net, attack_kind, seed_offset)  # attacks unwrap DDP: no all-reduce inside them
+        return ft_stage_step(net, attack, opt, cfg.precision), attack
+
     name = "pretrain" if kind == "pretrain" else "ft"
-    return _fit(cfg, name, model, ft_stage_step(net, attack, opt, cfg.precision), attack, opt, settings, splits,
-                stage_dir, resume)  # fmt: skip
+    return _fit(cfg, name, model, opt, make_step, settings, splits, stage_dir, resume)
 
 
 def linear_probe(cfg: TrainConfig, model, splits, stage_dir: Path) -> dict:
@@ -281,21 +324,25 @@ def load_init(cfg: TrainConfig, model, path: str) -> None:
 
 def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) -> dict:
     """Clean and PGD-`val_steps` accuracy on the test set (and AutoAttack with --autoattack), streamed in
-    batches of 256 and sharded over torchrun ranks; the counts are reduced. One seeded attack runs over
-    all batches, as `python -m roli.evaluate --run` does, so both report the same figures.
+    batches of 256 and sharded over torchrun ranks by batch; the counts are reduced. Each batch is attacked
+    with its own seed (batch_seed), as `python -m roli.evaluate --run` does, so both report the same figures
+    whatever the number of processes.
 
     AutoAttack keeps a state file per batch in `state_dir` (bound to the model and the data): SIGINT or
     SIGTERM stops it after the current batch, and --resume continues from the batches already done."""
-    clean, robust, n = robust_counts(model, eval_batches(cfg, test), cfg.eps, cfg.step_size, cfg.val_steps,
-                                     cfg.precision, cfg.seed, cfg.norm)  # fmt: skip
+    batches = eval_batches(cfg, test)
+    clean, robust, n = robust_counts(model, batches, cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed,
+                                     cfg.norm, batch_ids=batches.ids)  # fmt: skip
     aa_robust, aa_per = 0, {}
     if cfg.autoattack:
         with StopOnSignal() as stop:
-            for i, (x, y) in enumerate(eval_batches(cfg, test)):
-                state = None if state_dir is None else state_dir / f"rank{D.rank()}-batch{i}.pt"
+            for i, (x, y) in zip(batches.ids, batches, strict=True):  # state per batch: any number of ranks resumes
+                state = None if state_dir is None else state_dir / f"batch{i}.pt"
                 try:
+                    # The batch in one piece and the run's seed, as python -m roli.evaluate --run attacks it.
                     aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack,
-                                        precision=cfg.precision, state_path=state)  # fmt: skip
+                                        precision=cfg.precision, state_path=state, batch_size=max(1, len(y)),
+                                        seed=cfg.seed)  # fmt: skip
                 except ValueError as e:  # a damaged state file, or one of another model
                     raise ConfigError(f"autoattack: {first_line(e)}") from None
                 aa_robust += int(aa.robust.sum())

@@ -6,6 +6,7 @@ roli.train parses flags into a TrainConfig and calls run(); the built-in demonst
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}."""
     run_dir = Path(cfg.run_dir)
     D.init_from_env(cfg.device)
+    cfg = dataclasses.replace(cfg, device=D.local_device(cfg.device))  # under torchrun: the rank's own GPU
     if D.active() and cfg.batch_size % D.world():
         raise ConfigError(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
     check_run_dir(run_dir, resume, overwrite)  # nothing is written before every input is validated
@@ -151,7 +153,7 @@ def config_record(cfg: TrainConfig, data: dict | None = None) -> dict:
 
 def render(results: dict, cfg: TrainConfig) -> str:
     steps = f"PGD-{cfg.val_steps}"
-    cols = ["stage", "val clean", f"val {steps}", "test clean", f"test {steps}"] + (
+    cols = ["stage", "train attack", "val clean", f"val {steps}", "test clean", f"test {steps}"] + (
         ["AutoAttack"] if cfg.autoattack else []
     )
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -163,6 +165,7 @@ def render(results: dict, cfg: TrainConfig) -> str:
         v, t = r["val"], r["test"]
         cells = [
             name,
+            v.get("train_attack", "-"),
             pct(v.get("val_clean")),
             pct(v.get("val_robust")),
             pct(t["clean"]),
