@@ -80,6 +80,19 @@ def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta
             w.writerow({**meta, **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}})
 
 
+class AutocastModel(torch.nn.Module):
+    """The peer's bf16: the model's forward under bf16 autocast (float32 logits out), as a user would wrap a
+    model for torchattacks, which has no precision option of its own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
 def reference_pgd(model, x, y, eps, alpha, steps, zero_grad=None):
     """The attack as the RoLI reference code writes it (with its weaknesses: parameter gradients in the
     attack, a batch-level best iterate)."""

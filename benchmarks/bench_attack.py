@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import matmul_peak, publish, reference_pgd, round_robin
+from _common import AutocastModel, matmul_peak, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli._amp import autocast_for
@@ -49,10 +49,18 @@ def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
     def ours(precision):
         return lambda: PGD(model, eps=eps, step_size=alpha, steps=steps, keep="last", precision=precision)(x, y)
 
+    # The peer in bf16: torchattacks on the model under autocast, with channels_last images for conv nets.
+    peer = AutocastModel(model)
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    x_peer = x.contiguous(memory_format=torch.channels_last) if conv else x
     return {
         "ours fp32": ("fp32", ours("fp32")),
         "ours bf16": ("bf16", ours("bf16")),
         "torchattacks": ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y)),
+        "torchattacks bf16 (autocast)": (
+            "bf16",
+            lambda: torchattacks.PGD(peer, eps=eps, alpha=alpha, steps=steps)(x_peer, y),
+        ),  # fmt: skip
         "reference-style": ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps)),
     }
 

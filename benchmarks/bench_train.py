@@ -12,7 +12,8 @@ patch 4 at 32x32) and roli's small CNN (3 channels, 32x32). Variants:
   reference-style    the RoLI reference code: .backward() on every parameter inside the attack, a
                      batch-level best iterate, one more forward with a graph, then the update
                      (torch.optim.AdamW as written there)
-  torchattacks+loop  torchattacks.PGD + a plain PyTorch update (FT step only)
+  torchattacks+loop  torchattacks.PGD + a plain PyTorch update (FT step only); "bf16": both under bf16
+                     autocast (channels_last for conv nets), the best a peer gets in bf16
 FLOP utilisation: FLOPs of one step (torch.utils.flop_counter, counted on the unfolded model) over the
 time, relative to the matmul peak (2048x2048, fp32 for fp32 variants, bf16 otherwise) timed as one more
 variant in the same round-robin, so under the same machine load.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import matmul_load, publish, reference_pgd, round_robin
+from _common import AutocastModel, matmul_load, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
@@ -51,9 +52,11 @@ MODELS = {
 EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 7, 64
 
 
-def plain_update(model, opt, x_adv, y):
+def plain_update(model, opt, x_adv, y, bf16: bool = False):
     model.train()
-    loss = F.cross_entropy(model(x_adv), y)
+    with torch.autocast(x_adv.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x_adv)
+    loss = F.cross_entropy(logits.float(), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -100,6 +103,15 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
     ta_opt = torch.optim.AdamW(ta.parameters(), lr=1e-5)
     ta_atk = torchattacks.PGD(ta, eps=EPS, alpha=ALPHA, steps=STEPS)
     out[("FT", "torchattacks+loop")] = ("fp32", lambda: plain_update(ta, ta_opt, ta_atk(X, Y), Y))
+    # The best a peer gets in bf16: torchattacks on the model under autocast, the update under autocast, and
+    # channels_last for conv nets (model and images).
+    tb = copy.deepcopy(base)
+    x_peer = X.contiguous(memory_format=torch.channels_last) if conv else X
+    if conv:
+        tb.to(memory_format=torch.channels_last)
+    tb_opt = torch.optim.AdamW(tb.parameters(), lr=1e-5)
+    tb_atk = torchattacks.PGD(AutocastModel(tb), eps=EPS, alpha=ALPHA, steps=STEPS)
+    out[("FT", "torchattacks+loop bf16")] = ("bf16", lambda: plain_update(tb, tb_opt, tb_atk(x_peer, Y), Y, True))
     for label, precision in (("ours fp32", "fp32"), ("ours bf16", "bf16")):
         m = copy.deepcopy(base)
         apply_peft(m, "linear")

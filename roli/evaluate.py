@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
+from roli import _env
 from roli._cli import BadValue, OneLineParser, parse_budget, parse_kwargs
 from roli._io import first_line, load_tagged, save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
@@ -308,14 +309,29 @@ def evaluate(args) -> dict:
     parts = _batches(len(y), args.batch_size)
     mine = list(D.shard(len(parts)))  # this rank's batches (all of them in one process)
 
-    def gathered(fn) -> torch.Tensor:
-        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks."""
+    show = D.is_main() and not sys.stderr.isatty()  # off a terminal (a cluster job's log): progress lines
+    every = _env.progress_seconds()
+
+    def gathered(fn, what: str) -> torch.Tensor:
+        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks;
+        off a terminal, a progress line at most every ROLI_PROGRESS_SECONDS (rank 0's batches)."""
         flags = torch.zeros(len(y), dtype=torch.int64, device=device)
-        for i in mine:
+        t0 = last = time.time()
+        for k, i in enumerate(mine, 1):
             flags[parts[i]] = fn(i, parts[i]).to(torch.int64)
+            now = time.time()
+            if show and now - last >= every and k < len(mine):
+                last = now
+                rate = sum(len(y[parts[j]]) for j in mine[:k]) / max(now - t0, 1e-9)
+                print(
+                    f"evaluate: {what} batch {k}/{len(mine)}{' (this rank)' if D.world() > 1 else ''}, "
+                    f"{rate:.1f} img/s, ETA {(now - t0) / k * (len(mine) - k):.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return D.sum_flags(flags).bool()
 
-    clean = gathered(lambda i, s: clean_correct(model, x[s], y[s], args.precision))
+    clean = gathered(lambda i, s: clean_correct(model, x[s], y[s], args.precision), "clean")
     robust = clean.clone()
     results: dict = {"n": len(y), "processes": D.world(), "clean": _fraction(clean), "attacks": {},
                      "per_example": {"clean": _bits(clean)}}  # fmt: skip
@@ -328,7 +344,7 @@ def evaluate(args) -> dict:
             attack.reseed(batch_seed(args.seed, i))
             return attack.perturb(x[s], y[s]).success
 
-        pgd_ok = clean & ~gathered(pgd_broken)
+        pgd_ok = clean & ~gathered(pgd_broken, f"PGD-{args.steps}")
         robust &= pgd_ok
         name = f"PGD-{args.steps} ({args.norm}, eps={args.eps}" + (
             f", {args.restarts} restarts)" if args.restarts > 1 else ")"
@@ -361,7 +377,7 @@ def evaluate(args) -> dict:
 
         if args.aa_state:
             Path(args.aa_state).mkdir(parents=True, exist_ok=True)
-        aa_ok = gathered(aa_robust)
+        aa_ok = gathered(aa_robust, f"AutoAttack-{args.autoattack}")
         names = next((n for n in D.gather_objects(list(per_attack)) if n), [])  # the attack order, from any rank
         totals = D.sum_(*(per_attack.get(k, 0) for k in names))
         results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)

@@ -106,3 +106,12 @@ def test_local_device_and_batch_shards(monkeypatch):
     monkeypatch.setattr(_dist, "rank", lambda: 1)
     monkeypatch.setattr(_dist, "world", lambda: 3)
     assert list(_dist.shard(8)) == [1, 4, 7]
+
+
+def test_evaluate_progress_lines_off_a_terminal(checkpoint, tmp_path):
+    env = {**_env(), "ROLI_PROGRESS_SECONDS": "0"}
+    argv = [*BASE, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o.json")]
+    run = subprocess.run(_cmd(1, "roli.evaluate", argv), capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("evaluate: PGD-4 batch ")]
+    assert lines and "img/s, ETA" in lines[0] and lines[0].startswith("evaluate: PGD-4 batch 1/4")
