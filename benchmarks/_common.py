@@ -118,28 +118,59 @@ def matmul_peak(dtype, reps: int = 8, device: torch.device | str = "cpu") -> flo
     """Best median GFLOP/s of square matmuls (1024, 2048; on a GPU also 8192): the machine is shared, take
     its best moment."""
     best = 0.0
-    sizes = (1024, 2048, 8192) if torch.device(device).type == "cuda" else (1024, 2048)
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        best = max(best, 2 * n**3 / round_robin({"mm": lambda a=a, b=b: a @ b}, reps, device=device)["mm"] / 1e9)
+    cuda = torch.device(device).type == "cuda"
+    sizes = (1024, 2048, 8192) if cuda else (1024, 2048)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    if cuda and dtype == torch.float32:  # the fp32 peak of the arithmetic cuDNN's convolutions run (tf32_note)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+            t = round_robin({"mm": lambda a=a, b=b: a @ b}, reps, device=device)["mm"]
+            best = max(best, 2 * n**3 / t / 1e9)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     return best
 
 
-def matmul_load(dtype, device: torch.device | str = "cpu", n: int = 2048, reps: int = 3):
+def matmul_load(dtype, device: torch.device | str = "cpu", n: int | None = None, reps: int = 3):
     """(function, FLOPs): `reps` square matmuls of size n, to time as one more variant of a round-robin, so
-    that the peak it gives was measured under the same machine load as the variants it is compared with."""
+    that the peak it gives was measured under the same machine load as the variants it is compared with.
+    n defaults to 2048 on a CPU and 8192 on a GPU (a 2048 matmul leaves an H100/H200 far from its bf16 peak).
+    On a GPU the fp32 matmul runs with the TF32 setting cuDNN's convolutions use (see tf32_note), so fp32
+    utilisation is measured against the peak of the arithmetic the convolutions actually run."""
+    cuda = torch.device(device).type == "cuda"
+    n = n or (8192 if cuda else 2048)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
 
     def run():
-        for _ in range(reps):
-            a @ b
+        previous = torch.backends.cuda.matmul.allow_tf32
+        if cuda and dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            for _ in range(reps):
+                a @ b
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
 
     return run, 2 * n**3 * reps
 
 
+def tf32_note(device: torch.device | str = "cpu") -> str:
+    """How fp32 runs on this device, for the tables' headers."""
+    if torch.device(device).type != "cuda":
+        return "fp32 is IEEE fp32"
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return (
+        f"TF32: cuDNN convolutions {'on' if conv else 'off'}, matmuls {'on' if mm else 'off'} (the fp32 peak "
+        f"matmul runs with the convolutions' setting)"
+    )
+
+
 def header(title: str, device: str, stamp: str, peaks: dict) -> str:
     shown = " / ".join(f"{p} {v:.0f}" for p, v in peaks.items())
-    return f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak {shown} GFLOP/s"
+    note = f"; {tf32_note('cuda')}" if torch.cuda.is_available() and "CPU" not in device else ""
+    return f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak {shown} GFLOP/s{note}"
 
 
 def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict],

@@ -180,3 +180,21 @@ def test_kernels_run_on_a_tensor_of_another_gpu():
             pgd_step_(x_adv, grad, x_nat, 8 / 255, 2 / 255, impl=backend)
         want = ref_step(x_nat.cpu(), grad.cpu(), x_nat.cpu(), 8 / 255, 2 / 255)
         assert_close_ulp(x_adv.cpu(), want)
+
+
+def test_cuda_graph_attack_on_another_gpu():
+    """The CUDA-graph attack records and replays on the images' GPU while another device is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from roli.attacks import PGD
+    from roli.models import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier("roli.models.small:small_cnn", 5, in_chans=3).to("cuda:1").eval()
+    x, y = torch.rand(8, 3, 32, 32, device="cuda:1"), torch.randint(0, 5, (8,), device="cuda:1")
+    graphed = PGD(model, 8 / 255, 2 / 255, 3, keep="last", seed=0, cuda_graph=True)
+    eager = PGD(model, 8 / 255, 2 / 255, 3, keep="last", seed=0)
+    with torch.cuda.device(0):
+        out = [graphed(x, y) for _ in range(2)]
+        ref = [eager(x, y) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))

@@ -80,16 +80,24 @@ class GraphedSteps:
         if not x.is_cuda:  # the same static tensors and loop, run instead of replayed
             return _Recorded(lambda: steps(check=True), x, static)
         device = x.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for i in range(2):  # warm-up: lazy initialisation, autotuning, and the checks (first run)
-                x.copy_(start)
-                steps(check=i == 0)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may call the CUDA runtime meanwhile; in the
-        # default "global" mode that would invalidate the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            steps(check=False)
-        return _Recorded(graph.replay, x, static)
+        # Everything on the images' GPU, whatever the current device is (capture uses the current device's
+        # streams): tensors on cuda:1 while device 0 is current would otherwise be captured on the wrong GPU.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for i in range(2):  # warm-up: lazy initialisation, autotuning, and the checks (first run)
+                    x.copy_(start)
+                    steps(check=i == 0)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a DataLoader's pin-memory thread may call the CUDA runtime meanwhile; in the
+            # default "global" mode that would invalidate the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                steps(check=False)
+
+        def replay() -> None:
+            with torch.cuda.device(device):
+                graph.replay()
+
+        return _Recorded(replay, x, static)
