@@ -156,18 +156,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train_per_class, args.test_per_class, args.source_epochs, args.epochs = 40, 8, 1, 1
-    data = Path(args.data)
-    if not data.is_file():
-        sys.exit(f"bench_fast_at: {data} not found; pass --data PATH to CIFAR-10 as an npz")
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
-    if not npz.exists():
-        subset(data, npz, args.train_per_class, args.test_per_class)
     if args.report_only:
         stored = [json.loads(x) for x in (work / "rows.jsonl").read_text().splitlines()]
         report(stored, stored, args)
         return
+    data = Path(args.data)
+    if not data.is_file():
+        sys.exit(f"bench_fast_at: {data} not found; pass --data PATH to CIFAR-10 as an npz")
+    work.mkdir(parents=True, exist_ok=True)
+    npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
+    if not npz.exists():
+        subset(data, npz, args.train_per_class, args.test_per_class)
     counter = Forwards()
     instrument(counter)
     attacks = args.attacks.split(",")

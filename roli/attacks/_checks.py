@@ -79,18 +79,22 @@ def check_labels(name: str, y, x: torch.Tensor, values: bool = True) -> None:
         raise ValueError(f"{name} must be >= 0; got {int(y.min())}")
 
 
-def invalid_values(x: torch.Tensor, y: torch.Tensor, clip: tuple[float, float] | None, logits: torch.Tensor,
-                   target: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """What check_images/check_labels/check_logits check on values, as one bool tensor on the device and no
-    host synchronisation (training attacks: the trainer reads it at its own synchronisation points)."""
+def invalid_values(y: torch.Tensor, logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """What check_labels/check_logits check on values, as one bool tensor on the device and no host
+    synchronisation (training attacks: the trainer reads it at its own synchronisation points)."""
     bad = ~torch.isfinite(logits).all()
     if y.numel():
         bad = bad | (y.min() < 0) | (y.max() >= logits.shape[1])
     if target is not None and target.numel():
         bad = bad | (target.min() < 0) | (target.max() >= logits.shape[1])
-    if clip is not None and x.numel():
-        bad = bad | (x.min() < clip[0] - 1e-6) | (x.max() > clip[1] + 1e-6)
     return bad
+
+
+def invalid_range(x: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor | None:
+    """What check_images checks on values (the pixel range), as a bool device tensor (None: nothing to check)."""
+    if clip is None or not x.numel():
+        return None
+    return (x.min() < clip[0] - 1e-6) | (x.max() > clip[1] + 1e-6)
 
 
 def check_images(x, clip: tuple[float, float] | None, values: bool = True) -> None:

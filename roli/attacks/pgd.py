@@ -154,7 +154,7 @@ class PGD:
             logits = model(x_adv)
         if check and self.deferred:
             C.check_logits_shape(logits, x_adv)
-            self._flag(C.invalid_values(x_adv, y, None, logits.detach(), target))
+            self._flag(C.invalid_values(y, logits.detach(), target))
         elif check:
             C.check_logits(logits, x_adv, y, target)
         loss = attack_loss(self.loss, logits, y, target)
@@ -185,8 +185,8 @@ class PGD:
         if target is not None:
             C.check_labels("target", target, x, values=not self.deferred)
         target = target if self.targeted else None
-        if self.deferred and self.clip is not None and x.numel():  # the input's pixel range, read later
-            self._flag((x.min() < self.clip[0] - 1e-6) | (x.max() > self.clip[1] + 1e-6))
+        if self.deferred and (bad := C.invalid_range(x, self.clip)) is not None:  # the input's range, read later
+            self._flag(bad)
         x_nat = self._layout(x.detach())
         result = self._perturb(x_nat, y, target)
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \

@@ -125,7 +125,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-            precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
+            precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One adversarial training step of every trainable parameter: the attack (which unwraps DDP: no
     all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode.
     Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""

@@ -217,9 +217,12 @@ def _fit(cfg: TrainConfig, name: str, model, opt, make_step, settings: StageSett
                   norm=cfg.norm, attack_label=_label(cfg, settings.attack))  # fmt: skip
     if settings.attack in ("fgsm-rs", "n-fgsm") and cfg.guard_every > 0:
         x, y = first_images(stage.val, max(1, cfg.guard_images // D.world()))
+
         # The guard's copy of the training attack has its own seed: checks never draw from the training's.
-        single = lambda: training_attack(settings.attack, model, cfg.eps, precision=cfg.precision,  # noqa: E731
-                                         seed=cfg.seed + 7, fold_bn=cfg.fold_bn)  # fmt: skip
+        def single():
+            return training_attack(settings.attack, model, cfg.eps, precision=cfg.precision, seed=cfg.seed + 7,
+                                   fold_bn=cfg.fold_bn)  # fmt: skip
+
         stage.guard = Guard(every=cfg.guard_every, drop=cfg.guard_drop, x=x, y=y, eps=cfg.eps,
                             precision=cfg.precision, seed=cfg.seed + 5, single=single,
                             fallback=lambda: make_step("pgd", 2_000_003), label=stage.attack_label,
