@@ -10,9 +10,21 @@
   builds the extension just in time on first use (roli/_ext.py) and falls back to torch if that fails.
 """
 
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
+
+
+def _load_env():
+    """roli/_env.py by path (it imports nothing of roli): ROLI_BUILD_CUDA and the CUDA toolkit's location."""
+    spec = importlib.util.spec_from_file_location(
+        "_roli_env", os.path.join(os.path.dirname(__file__), "roli", "_env.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Every subpackage of roli/ is found (a new one can never be left out of the wheel); the C/C++/CUDA
 # sources ship inside the package as roli._csrc for the just-in-time build.
@@ -28,17 +40,23 @@ def extensions():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("roli setup: torch not importable at build time; roli._C will be built just in time on first use")
         return [], {}
-    build_cuda = os.environ.get("ROLI_BUILD_CUDA", "auto").lower()
-    if build_cuda not in ("auto", "0", "1"):
-        raise SystemExit(f"ROLI_BUILD_CUDA={build_cuda!r} must be auto, 0 or 1")
-    cuda_ok = torch.version.cuda is not None and CUDA_HOME is not None
-    if build_cuda == "1" and not cuda_ok:
-        raise SystemExit("ROLI_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
-    if cuda_ok and build_cuda != "0":
+    env = _load_env()
+    try:
+        build_cuda = env.build_cuda()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    root, why = env.cuda_toolkit(cpp_extension.CUDA_HOME) if torch.version.cuda else (None, "torch has no CUDA")
+    if build_cuda == "1" and root is None:
+        raise SystemExit(f"ROLI_BUILD_CUDA=1 but the CUDA sources cannot be built: {why}")
+    if root is not None and build_cuda != "0":
+        if root != cpp_extension.CUDA_HOME:  # torch's guess from nvcc on PATH can lack the headers
+            print(f"roli setup: compiling the CUDA sources with the toolkit in {root}")
+            os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = root
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = CUDAExtension(
             "roli._C",
@@ -47,6 +65,8 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     else:
+        if torch.version.cuda and build_cuda == "auto":
+            print(f"roli setup: building the CPU kernels only: {why}")
         ext = CppExtension("roli._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

@@ -15,8 +15,8 @@ patch 4 at 32x32) and roli's small CNN (3 channels, 32x32). Variants:
   torchattacks+loop  torchattacks.PGD + a plain PyTorch update (FT step only); "bf16": both under bf16
                      autocast (channels_last for conv nets), the best a peer gets in bf16
 FLOP utilisation: FLOPs of one step (torch.utils.flop_counter, counted on the unfolded model) over the
-time, relative to the matmul peak (2048x2048, fp32 for fp32 variants, bf16 otherwise) timed as one more
-variant in the same round-robin, so under the same machine load.
+time, relative to the matmul peak (2048x2048 on a CPU, 8192x8192 on a GPU; fp32 for fp32 variants, bf16
+otherwise) timed as one more variant in the same round-robin, so under the same machine load.
 Results: a Markdown table, CSV rows and a PNG bar chart in benchmarks/results/. Timing: two warm-up
 rounds, then round-robin medians; on a GPU (--device cuda) with CUDA events.
 

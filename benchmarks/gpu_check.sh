@@ -1,29 +1,109 @@
 #!/usr/bin/env bash
-# The GPU check: one command that proves roli's GPU path on a CUDA machine, within about 8 minutes.
-#   1. ROLI_TEST_GPU=1 pytest tests/test_gpu.py (triton and cuda backends on CUDA tensors, CUDA graphs)
-#   2. the op benchmark with every provider (torch, cuda, triton)
-#   3. the attack benchmark (PGD-10: ours vs torchattacks vs the reference-style loop), ViT-B/16 at 224, batch 64
-#   4. the training-step benchmark (PGD-7 finetuning step and ALP step), ViT-B/16 at 224 and resnet18, with
-#      the CUDA-graph row
-# Tables go to benchmarks/results/ (*_cuda.md and the CSVs) with the device name and versions.
-# Without CUDA it prints one line and exits 1.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# The GPU check: one command that proves roli's GPU path on a CUDA machine (each stage has its own time
+# limit, 8 minutes in all; a stage that runs out is a failure and the next one starts).
+#   build   roli._C with its CUDA kernels: the ahead-of-time build if it has them, else the just-in-time
+#           build for this GPU's architecture (TORCH_CUDA_ARCH_LIST, default: this GPU's), then roli.info
+#   tests   ROLI_TEST_GPU=1 pytest tests/test_gpu.py (triton and cuda backends on CUDA tensors, CUDA graphs)
+#   ops     the op benchmark with every provider (torch, cuda, triton)
+#   attack  the attack benchmark (PGD-10: ours vs torchattacks vs the reference-style loop), resnet18 and
+#           ViT-B/16 at 224, batch 64
+#   train   the training-step benchmark (PGD-7 finetuning step and ALP step), ViT-B/16 at 224 and resnet18,
+#           with the CUDA-graph row
+# Tables go to benchmarks/results/ (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the
+# whole output to gpu_check_cuda.log there.
+#
+# usage: benchmarks/gpu_check.sh [--only build,tests,ops,attack,train] [--out DIR] [--wheels DIR] [--bundle DIR]
+#   --out     where the tables and the log go (default benchmarks/results)
+#   --only    the stages to run (build always runs first); e.g. --only attack,train to redo two
+#   --wheels  install the wheels in DIR first, without a network (into a temporary folder on PYTHONPATH),
+#             for a machine that lacks a dependency (the benchmarks need torchattacks)
+#   --bundle  after each stage, pack the --out folder into DIR/gpu_check.tgz (a killed run keeps what ran)
+# The checkout's roli is the one tested (its folder goes first on PYTHONPATH). Exit status: 0 when every
+# stage passed, 3 when one failed (named on the last line), 2 for a bad argument, 1 without CUDA.
+set -uo pipefail
 PY=${PYTHON:-python}
+STAGES=build,tests,ops,attack,train
+ONLY=$STAGES
+WHEELS=
+BUNDLE=
+RESULTS=
+bad() { echo "gpu_check: $1" >&2; exit 2; }
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # paths are the caller's, not the repo's
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --only) [ $# -ge 2 ] || bad "--only needs a comma list of: $STAGES"; ONLY=$2; shift 2 ;;
+    --wheels) [ $# -ge 2 ] || bad "--wheels needs a folder of .whl files"; WHEELS=$(absolute "$2"); shift 2 ;;
+    --out) [ $# -ge 2 ] || bad "--out needs a folder"; RESULTS=$(absolute "$2"); shift 2 ;;
+    --bundle) [ $# -ge 2 ] || bad "--bundle needs a folder to write gpu_check.tgz into"; BUNDLE=$(absolute "$2"); shift 2 ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) bad "unknown argument '$1' (see --help)" ;;
+  esac
+done
+for s in ${ONLY//,/ }; do
+  case ",$STAGES," in *",$s,"*) ;; *) bad "--only: unknown stage '$s' (stages: $STAGES)" ;; esac
+done
+if [ -n "$WHEELS" ] && ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then bad "--wheels: no .whl files in '$WHEELS'"; fi
+if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then bad "--bundle: '$BUNDLE' is not a folder"; fi
+cd "$(dirname "$0")/.." || exit 2
+RESULTS=${RESULTS:-$PWD/benchmarks/results}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_check: '$PY' cannot import torch; activate roli's environment or set PYTHON" >&2
+  exit 1
+fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine" >&2
   exit 1
 fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-"$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
-"$PY" -m roli.info
-echo "== 1/4 GPU tests"
-ROLI_TEST_GPU=1 timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 || echo "gpu_check: GPU tests FAILED (see above)"
-echo "== 2/4 op benchmark (torch, cuda, triton)"
-timeout 120 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$OUT" || echo "gpu_check: bench_pgd_step FAILED"
-echo "== 3/4 attack benchmark: ViT-B/16 @224, batch 64, PGD-10"
-timeout 150 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$OUT" || echo "gpu_check: bench_attack FAILED"
-echo "== 4/4 training step: PGD-7 finetuning and ALP, ViT-B/16 @224 and resnet18, with the CUDA-graph row"
-timeout 150 "$PY" benchmarks/bench_train.py --quick --device cuda --models vitb,resnet18 --no-compile --out "$OUT" || echo "gpu_check: bench_train FAILED"
-echo "gpu_check: done; tables in $OUT"
+
+mkdir -p "$RESULTS" || bad "--out: cannot create '$RESULTS'"
+LOG=$RESULTS/gpu_check_cuda.log
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -n "$WHEELS" ]; then
+  SITE=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || bad "--wheels: pip could not install them"
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
+export TORCH_CUDA_ARCH_LIST
+FAILED=()
+bundle() {
+  [ -z "$BUNDLE" ] && return 0
+  tar czf "$BUNDLE/gpu_check.tgz.part" -C "$RESULTS" . && mv -f "$BUNDLE/gpu_check.tgz.part" "$BUNDLE/gpu_check.tgz"
+}
+stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, note a failure, bundle the results
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  case ",$ONLY," in *",$name,"*) ;; *) [ "$name" = build ] || return 0 ;; esac
+  echo "== $name (limit ${limit} s)"
+  if timeout "$limit" "$@"; then
+    echo "== $name: ok in $((SECONDS - t0)) s"
+  else
+    echo "== $name: FAILED (exit $?) after $((SECONDS - t0)) s"
+    FAILED+=("$name")
+  fi
+  bundle
+}
+
+"$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| arch list', '$TORCH_CUDA_ARCH_LIST')"
+stage build 90 "$PY" -c "
+import time
+from roli import _ext, info
+t = time.time()
+ok = _ext.load() and _ext.has_cuda_kernels()
+print(f'roli._C: {_ext.EXT_MODE} build, loaded in {time.time() - t:.0f} s' if _ext.HAS_EXT else f'roli._C: {_ext.EXT_ERROR}')
+info.main()
+raise SystemExit(0 if ok else 'roli._C has no CUDA kernels (see the cuda line above)')
+"
+stage tests 120 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_gpu.py
+stage ops 60 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$RESULTS"
+stage attack 90 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$RESULTS"
+stage train 120 "$PY" benchmarks/bench_train.py --quick --device cuda --models vitb,resnet18 --no-compile --out "$RESULTS"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)"
+  sleep 1 && bundle
+  exit 3
+fi
+echo "gpu_check: every stage passed; tables in $RESULTS (*_cuda.md), log in $LOG"
+sleep 1 && bundle  # the log's last lines too (tee writes them asynchronously)

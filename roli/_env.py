@@ -7,6 +7,7 @@
 | ROLI_NO_JIT=1 | do not build roli._C just in time when no ahead-of-time build is installed |
 | ROLI_EXT_DIR | where the just-in-time build goes (default ~/.cache/roli/ext) |
 | ROLI_BUILD_CUDA | auto, 0 or 1: whether the extension build compiles the CUDA sources |
+| CUDA_HOME, CUDA_PATH | the CUDA toolkit that compiles them (else found from nvcc and /usr/local/cuda*) |
 | ROLI_VERBOSE_BUILD=1 | show the compiler's output of the just-in-time build |
 | ROLI_CACHE_DIR | root of roli's caches: features, the demo's source backbone (default ~/.cache/roli) |
 | ROLI_PROGRESS_SECONDS | off a terminal, a progress line inside each epoch at most this often (default 30) |
@@ -17,6 +18,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 
@@ -46,6 +49,33 @@ def build_cuda() -> str:
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"ROLI_BUILD_CUDA={setting!r} must be auto, 0 or 1")
     return setting
+
+
+def _is_toolkit(root: str | None) -> bool:
+    return bool(root) and all(
+        os.path.isfile(os.path.join(root, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+
+
+def cuda_toolkit(torch_guess: str | None = None) -> tuple[str | None, str]:
+    """The CUDA toolkit root to compile roli's CUDA sources with (it holds bin/nvcc and include/cuda_runtime.h),
+    or None and why not. CUDA_HOME/CUDA_PATH win when set; else torch's guess, the toolkit an nvcc on PATH
+    belongs to, /usr/local/cuda and /usr/local/cuda-X.Y (newest first). torch's own guess alone can be wrong:
+    with a wrapper script at /usr/local/bin/nvcc it is /usr/local, which has no CUDA headers."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if root := _get(var):
+            if _is_toolkit(root):
+                return root, ""
+            return None, f"{var}={root} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime.h)"
+    candidates = [torch_guess]
+    if nvcc := shutil.which("nvcc"):
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    versioned = [str(p) for p in Path("/usr/local").glob("cuda-*")]
+    versioned.sort(key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))], reverse=True)
+    for root in [*candidates, "/usr/local/cuda", *versioned]:
+        if _is_toolkit(root):
+            return root, ""
+    return None, "no CUDA toolkit found (bin/nvcc with include/cuda_runtime.h); set CUDA_HOME"
 
 
 def cache_root() -> Path:

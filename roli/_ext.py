@@ -52,33 +52,68 @@ def want_cuda_build() -> tuple[bool, str]:
         return False, "ROLI_BUILD_CUDA=0"
     if torch.version.cuda is None:
         return False, "this torch has no CUDA (torch.version.cuda is None)"
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils import cpp_extension
 
-    if CUDA_HOME is None:
-        return False, "nvcc not found (set CUDA_HOME)"
-    return True, ""
+    root, why = _env.cuda_toolkit(cpp_extension.CUDA_HOME)
+    return (True, "") if root else (False, why)
+
+
+CUDA_BUILD_ERROR: str | None = None  # why a just-in-time build went ahead without the CUDA sources
+_CUDA_FAILED = "cuda_build_failed.txt"  # left in the CUDA build's folder: later processes build CPU-only
+
+
+def _first_line(error: BaseException) -> str:
+    """The compiler's first error line where there is one (a build failure's text starts with the commands)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    found = [ln for ln in lines if "error:" in ln.lower()]
+    return ((found or lines)[0] if lines else repr(error))[:300]
 
 
 def _jit_build() -> None:
-    from torch.utils.cpp_extension import load
-
+    """Builds roli._C with the CUDA sources where wanted; when that build fails, the CPU sources alone (the
+    CPU kernels still work) and the CUDA failure is kept in CUDA_BUILD_ERROR and in a file that stops later
+    processes from retrying (delete it, or set ROLI_BUILD_CUDA=1, to try again)."""
+    global CUDA_BUILD_ERROR
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources (csrc/) are not installed with this copy of roli")
-    sources = [str(src / s) for s in CPU_SOURCES]
-    with_cuda, _ = want_cuda_build()
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    with_cuda, why = want_cuda_build()
     if with_cuda:
-        sources += [str(src / s) for s in CUDA_SOURCES]
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
-    build_dir = _env.ext_dir()
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    build_dir = build_dir / tag.replace("+", "_")
+        cuda_dir = _env.ext_dir() / f"{tag}-cuda"
+        failed = cuda_dir / _CUDA_FAILED
+        if failed.is_file() and _env.build_cuda() == "auto":
+            CUDA_BUILD_ERROR = f"an earlier CUDA build failed ({failed}; delete it to retry)"
+        else:
+            from torch.utils import cpp_extension
+
+            root, _ = _env.cuda_toolkit(cpp_extension.CUDA_HOME)
+            if root != cpp_extension.CUDA_HOME:  # torch compiles with its module-level CUDA_HOME
+                os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = root
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
+            try:
+                _load(src, CPU_SOURCES + CUDA_SOURCES, cuda_dir)
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the CPU sources
+                CUDA_BUILD_ERROR = f"the CUDA build failed: {_first_line(e)}"
+                if _env.build_cuda() == "1":
+                    raise RuntimeError(f"ROLI_BUILD_CUDA=1 and {CUDA_BUILD_ERROR}") from None
+                failed.write_text(f"{e}\n")
+                print(f"roli: {CUDA_BUILD_ERROR}; building the CPU kernels only", file=sys.stderr)
+    elif _env.build_cuda() == "1":
+        raise RuntimeError(f"ROLI_BUILD_CUDA=1 but the CUDA sources cannot be built: {why}")
+    _load(src, CPU_SOURCES, _env.ext_dir() / f"{tag}-cpu")
+
+
+def _load(src: Path, names: tuple[str, ...], build_dir: Path) -> None:
+    from torch.utils.cpp_extension import load
+
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print("roli: building the C++ extension just in time (first use only) ...", file=sys.stderr)
     load(
         name="roli_C",
-        sources=sources,
+        sources=[str(src / s) for s in names],
         extra_cflags=cpu_cflags(),
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "-std=c++20"],
@@ -122,9 +157,8 @@ def load() -> bool:
                 try:
                     _jit_build()
                 except Exception as jit_error:  # noqa: BLE001 - any build failure becomes the recorded reason
-                    first_line = str(jit_error).strip().splitlines()[0] if str(jit_error).strip() else repr(jit_error)
                     raise RuntimeError(
-                        f"roli._C not built ({aot_error}) and the just-in-time build failed: {first_line}"
+                        f"roli._C not built ({aot_error}) and the just-in-time build failed: {_first_line(jit_error)}"
                     ) from None
                 EXT_MODE = "jit"
             _register_fakes()

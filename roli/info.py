@@ -52,7 +52,9 @@ def backends() -> dict[str, str]:
     if not has_ext:
         out["cuda"] = f"unavailable: {_ext.EXT_ERROR}"
     elif not _ext.has_cuda_kernels():
-        out["cuda"] = "unavailable: roli._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)"
+        out["cuda"] = "unavailable: roli._C was built without CUDA kernels " + (
+            f"({_ext.CUDA_BUILD_ERROR})" if _ext.CUDA_BUILD_ERROR else "(needs a CUDA torch and nvcc at build time)"
+        )
     elif not torch.cuda.is_available():
         out["cuda"] = "unavailable: no CUDA device"
     elif err := _ext.cuda_image_error(torch.device("cuda", 0)):

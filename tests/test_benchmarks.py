@@ -58,3 +58,71 @@ def test_gpu_check_says_so_without_cuda():
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "no CUDA device here" in r.stderr
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python on a CUDA machine: logs each call and what it saw, writes what a benchmark writes.
+args="$*"
+echo "CALL ${args//$'\n'/ } | PYTHONPATH=$PYTHONPATH | ARCH=$TORCH_CUDA_ARCH_LIST | GPU=$ROLI_TEST_GPU" >>"$FAKE_LOG"
+case "$1 $2" in
+  *get_device_capability*) echo 9.0 ;;
+  "-m pip") ;;
+  "-m pytest") [[ $FAKE_FAIL == *tests* ]] && { echo "1 failed"; exit 1; } ;;
+  benchmarks/bench_*)
+    name=$(basename "${1%.py}"); out=${@: -1}
+    [[ $FAKE_FAIL == *$name* ]] && { echo "Traceback: $name broke"; exit 1; }
+    echo "| table of $name |" > "$out/${name}_cuda.md" ;;
+esac
+exit 0
+"""
+
+
+def _gpu_check(tmp_path, *args, fail=""):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args], capture_output=True, text=True, timeout=120,
+                       env=env, cwd=tmp_path)  # fmt: skip
+    calls = (tmp_path / "calls.log").read_text().splitlines() if (tmp_path / "calls.log").exists() else []
+    return r, calls
+
+
+def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_path):
+    """The script's own logic, with a stand-in python that reports a GPU: stage order, the checkout first on
+    PYTHONPATH, offline wheels, this GPU's arch, a failed stage that does not stop the others, the bundle."""
+    import tarfile
+
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "torchattacks-3.5.1-py3-none-any.whl").write_bytes(b"PK")
+    (tmp_path / "ship").mkdir()
+    r, calls = _gpu_check(tmp_path, "--out", "res", "--wheels", "wheels", "--bundle", "ship", fail="bench_attack")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED: attack")
+    runs = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
+    order = ["_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py"]
+    assert [next(k for k in order[::-1] if k in c) for c in runs] == order
+    assert all(f"PYTHONPATH={BENCH.parent}:" in c and "ARCH=9.0" in c for c in runs)  # then the wheels' folder
+    assert any(c.startswith("CALL -m pip install") and str(tmp_path / "wheels") in c for c in calls)
+    assert "GPU=1" in next(c for c in runs if "pytest" in c)
+    assert "vit_base_patch16_224" in next(c for c in runs if "bench_attack" in c)
+    assert "vitb" in next(c for c in runs if "bench_train" in c)
+    assert all("--device cuda" in c for c in runs if "bench_" in c)
+    with tarfile.open(tmp_path / "ship" / "gpu_check.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+        log = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("gpu_check_cuda.log"))).read()
+    assert {"bench_pgd_step_cuda.md", "bench_train_cuda.md", "gpu_check_cuda.log"} <= names
+    assert "bench_attack_cuda.md" not in names and b"bench_attack broke" in log
+    assert not list(BENCH.parent.glob("benchmarks/results/*_cuda.*"))  # --out kept the checkout clean
+
+
+def test_gpu_check_only_reruns_the_named_stages_and_refuses_bad_arguments(tmp_path):
+    r, calls = _gpu_check(tmp_path, "--only", "train", "--out", "res")
+    assert r.returncode == 0 and "every stage passed" in r.stdout
+    ran = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
+    assert len(ran) == 2 and "_ext.load" in ran[0] and "bench_train.py" in ran[1]
+    assert (tmp_path / "res" / "bench_train_cuda.md").exists()
+    for args, why in [(["--only", "tests,gpu"], "unknown stage 'gpu'"), (["--wheels", "nowhere"], "no .whl files"),
+                      (["--bundle", "nowhere"], "is not a folder"), (["--fast"], "unknown argument")]:  # fmt: skip
+        r, calls = _gpu_check(tmp_path, *args)
+        assert r.returncode == 2 and r.stdout == "" and why in r.stderr and len(r.stderr.splitlines()) == 1

@@ -37,3 +37,67 @@ def test_jit_build_and_cache(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "building the C++ extension" not in second.stderr  # reused, not rebuilt
     assert float(second.stdout.split()[1]) < build_s
+
+
+def _toolkit(root, nvcc_text="#!/bin/sh\nexit 0\n"):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text(nvcc_text)
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("/* test */\n")
+    return root
+
+
+def test_cuda_toolkit_is_found_behind_an_nvcc_link_when_torchs_guess_has_no_headers(tmp_path, monkeypatch):
+    from roli import _env
+
+    real = _toolkit(tmp_path / "cuda-13.0")
+    links = tmp_path / "local" / "bin"
+    links.mkdir(parents=True)
+    (links / "nvcc").symlink_to(real / "bin" / "nvcc")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{links}:{os.environ['PATH']}")
+    torch_guess = str(tmp_path / "local")  # what torch derives from nvcc on PATH: no include/cuda_runtime.h
+    assert _env.cuda_toolkit(torch_guess) == (str(real), "")
+    assert _env.cuda_toolkit(str(real)) == (str(real), "")
+    monkeypatch.setenv("CUDA_HOME", torch_guess)  # an explicit setting is never second-guessed
+    root, why = _env.cuda_toolkit(str(real))
+    assert root is None and f"CUDA_HOME={torch_guess}" in why
+    monkeypatch.setenv("CUDA_HOME", str(real))
+    assert _env.cuda_toolkit(None) == (str(real), "")
+
+
+FALLBACK = """
+import sys, torch
+torch.version.cuda = "13.0"  # a CUDA torch's view of the world on this CPU machine
+sys.modules["roli._C"] = None  # as if no ahead-of-time build were installed: the just-in-time path
+from roli import _ext, info
+assert _ext.load(), _ext.EXT_ERROR
+x = torch.rand(3, 4); g = torch.randn(3, 4); n = x.clone()
+torch.ops.roli.pgd_step_linf_(x, g, n, None, 0.1, None, 0.05, 0.0, 1.0)
+assert torch.equal(x, torch.clamp(torch.clamp(n + 0.05 * g.sign(), n - 0.1, n + 0.1), 0, 1))
+print(info.backends()["cuda"])
+"""
+
+
+@pytest.mark.slow
+def test_jit_build_falls_back_to_the_cpu_kernels_when_the_cuda_build_fails(tmp_path):
+    """A toolkit whose nvcc fails: the just-in-time build still gives the CPU kernels, says why CUDA is missing,
+    and later processes do not retry the CUDA build."""
+    kit = _toolkit(tmp_path / "kit", "#!/bin/sh\necho 'kernels.cu(1): error: simulated nvcc failure' >&2\nexit 1\n")
+    env = dict(os.environ, ROLI_EXT_DIR=str(tmp_path / "ext"), CUDA_HOME=str(kit), TORCH_CUDA_ARCH_LIST="9.0")
+    env.pop("ROLI_NO_JIT", None)
+    runs = [subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]  # fmt: skip
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "unavailable: roli._C was built without CUDA kernels" in r.stdout
+        assert "CUDA build failed" in r.stdout
+    assert "simulated nvcc failure" in runs[0].stdout  # the compiler's own error line is the reason
+    assert "building the CPU kernels only" in runs[0].stderr
+    assert "earlier CUDA build failed" in runs[1].stdout and "building" not in runs[1].stderr
+    assert list((tmp_path / "ext").glob("*-cpu/*.so")) and list((tmp_path / "ext").glob("*-cuda/cuda_build_failed.txt"))
+    env["ROLI_BUILD_CUDA"] = "1"  # asked for CUDA explicitly: the failure is an error, not a fallback
+    forced = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
+    assert forced.returncode != 0 and "ROLI_BUILD_CUDA=1" in forced.stderr
