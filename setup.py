@@ -50,7 +50,11 @@ def extensions():
         build_cuda = env.build_cuda()
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    root, why = env.cuda_toolkit(cpp_extension.CUDA_HOME) if torch.version.cuda else (None, "torch has no CUDA")
+    root, why = (
+        env.cuda_toolkit(cpp_extension.CUDA_HOME, torch.version.cuda)
+        if torch.version.cuda
+        else (None, "torch has no CUDA")
+    )
     if build_cuda == "1" and root is None:
         raise SystemExit(f"ROLI_BUILD_CUDA=1 but the CUDA sources cannot be built: {why}")
     if root is not None and build_cuda != "0":

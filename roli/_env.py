@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -57,24 +59,52 @@ def _is_toolkit(root: str | None) -> bool:
     )
 
 
-def cuda_toolkit(torch_guess: str | None = None) -> tuple[str | None, str]:
-    """The CUDA toolkit root to compile roli's CUDA sources with (it holds bin/nvcc and include/cuda_runtime.h),
-    or None and why not. CUDA_HOME/CUDA_PATH win when set; else torch's guess, the toolkit an nvcc on PATH
-    belongs to, /usr/local/cuda and /usr/local/cuda-X.Y (newest first). torch's own guess alone can be wrong:
-    with a wrapper script at /usr/local/bin/nvcc it is /usr/local, which has no CUDA headers."""
+@functools.lru_cache(maxsize=16)
+def toolkit_release(root: str) -> str | None:
+    """The toolkit's CUDA release ("13.0") from its nvcc, or None if nvcc does not say."""
+    try:
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out.stdout)
+    return found[1] if found else None
+
+
+def cuda_toolkit(torch_guess: str | None = None, torch_cuda: str | None = None) -> tuple[str | None, str]:
+    """The CUDA toolkit root to compile roli's CUDA sources with, or None and why not. A toolkit holds bin/nvcc
+    and include/cuda_runtime.h and, given torch_cuda (torch.version.cuda), is of the same major release (torch
+    refuses to build against another). CUDA_HOME/CUDA_PATH win when set; else the first of torch's guess, the
+    toolkit an nvcc on PATH belongs to, /usr/local/cuda and /usr/local/cuda-X.Y (newest first). torch's guess
+    alone can be wrong: with a wrapper script at /usr/local/bin/nvcc it is /usr/local, which has no headers."""
+
+    def mismatch(root: str) -> str:
+        release = toolkit_release(root)
+        if torch_cuda is None or release is None or release.split(".")[0] == torch_cuda.split(".")[0]:
+            return ""
+        return f"the CUDA toolkit in {root} is {release} but torch was built with CUDA {torch_cuda}"
+
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if root := _get(var):
-            if _is_toolkit(root):
-                return root, ""
-            return None, f"{var}={root} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime.h)"
+            if not _is_toolkit(root):
+                return None, f"{var}={root} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime.h)"
+            why = mismatch(root)
+            return (None, f"{why} ({var}); the major releases must match") if why else (root, "")
     candidates = [torch_guess]
     if nvcc := shutil.which("nvcc"):
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     versioned = [str(p) for p in Path("/usr/local").glob("cuda-*")]
     versioned.sort(key=lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))], reverse=True)
-    for root in [*candidates, "/usr/local/cuda", *versioned]:
-        if _is_toolkit(root):
+    mismatches = []
+    for root in dict.fromkeys(r for r in [*candidates, "/usr/local/cuda", *versioned] if _is_toolkit(r)):
+        if not (why := mismatch(root)):
             return root, ""
+        mismatches.append(why)
+    if mismatches:
+        return (
+            None,
+            f"{mismatches[0]}: install CUDA {torch_cuda.split('.')[0]}.x and set CUDA_HOME, or a torch built for it",
+        )
     return None, "no CUDA toolkit found (bin/nvcc with include/cuda_runtime.h); set CUDA_HOME"
 
 

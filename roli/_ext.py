@@ -54,7 +54,7 @@ def want_cuda_build() -> tuple[bool, str]:
         return False, "this torch has no CUDA (torch.version.cuda is None)"
     from torch.utils import cpp_extension
 
-    root, why = _env.cuda_toolkit(cpp_extension.CUDA_HOME)
+    root, why = _env.cuda_toolkit(cpp_extension.CUDA_HOME, torch.version.cuda)
     return (True, "") if root else (False, why)
 
 
@@ -87,7 +87,7 @@ def _jit_build() -> None:
         else:
             from torch.utils import cpp_extension
 
-            root, _ = _env.cuda_toolkit(cpp_extension.CUDA_HOME)
+            root, _ = _env.cuda_toolkit(cpp_extension.CUDA_HOME, torch.version.cuda)
             if root != cpp_extension.CUDA_HOME:  # torch compiles with its module-level CUDA_HOME
                 os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = root
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)

@@ -39,7 +39,10 @@ def test_jit_build_and_cache(tmp_path):
     assert float(second.stdout.split()[1]) < build_s
 
 
-def _toolkit(root, nvcc_text="#!/bin/sh\nexit 0\n"):
+NVCC_13 = '#!/bin/sh\n[ "$1" = --version ] && echo "Cuda compilation tools, release 13.0, V13.0.48"\nexit 0\n'
+
+
+def _toolkit(root, nvcc_text=NVCC_13):
     (root / "bin").mkdir(parents=True)
     (root / "include").mkdir()
     (root / "bin" / "nvcc").write_text(nvcc_text)
@@ -68,6 +71,28 @@ def test_cuda_toolkit_is_found_behind_an_nvcc_link_when_torchs_guess_has_no_head
     assert _env.cuda_toolkit(None) == (str(real), "")
 
 
+def test_cuda_toolkit_of_another_major_release_than_torchs_is_passed_over(tmp_path, monkeypatch):
+    """torch refuses to build against a toolkit of another major release: a matching one elsewhere is taken,
+    and with none the reason says what to install."""
+    from roli import _env
+
+    new = _toolkit(tmp_path / "cuda-13.0")
+    old = _toolkit(tmp_path / "cuda-12.4", NVCC_13.replace("13.0", "12.4"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(_env.shutil, "which", lambda name: str(old / "bin" / "nvcc"))
+    assert _env.toolkit_release(str(new)) == "13.0" and _env.toolkit_release(str(old)) == "12.4"
+    assert _env.cuda_toolkit(str(new), "12.1") == (str(old), "")  # torch's guess is 13.0: the 12.x one on PATH
+    assert _env.cuda_toolkit(str(new), "13.0") == (str(new), "")
+    monkeypatch.setattr(_env.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_env, "_is_toolkit", lambda root: root == str(new))  # no /usr/local/cuda* either
+    root, why = _env.cuda_toolkit(str(new), "12.1")
+    assert root is None and f"{new} is 13.0 but torch was built with CUDA 12.1" in why and "install CUDA 12.x" in why
+    monkeypatch.setenv("CUDA_HOME", str(new))
+    root, why = _env.cuda_toolkit(None, "12.1")
+    assert root is None and "(CUDA_HOME)" in why
+
+
 FALLBACK = """
 import sys, torch
 torch.version.cuda = "13.0"  # a CUDA torch's view of the world on this CPU machine
@@ -85,7 +110,8 @@ print(info.backends()["cuda"])
 def test_jit_build_falls_back_to_the_cpu_kernels_when_the_cuda_build_fails(tmp_path):
     """A toolkit whose nvcc fails: the just-in-time build still gives the CPU kernels, says why CUDA is missing,
     and later processes do not retry the CUDA build."""
-    kit = _toolkit(tmp_path / "kit", "#!/bin/sh\necho 'kernels.cu(1): error: simulated nvcc failure' >&2\nexit 1\n")
+    fails = NVCC_13.replace("exit 0", "echo 'kernels.cu(1): error: simulated nvcc failure' >&2\nexit 1")
+    kit = _toolkit(tmp_path / "kit", fails)
     env = dict(os.environ, ROLI_EXT_DIR=str(tmp_path / "ext"), CUDA_HOME=str(kit), TORCH_CUDA_ARCH_LIST="9.0")
     env.pop("ROLI_NO_JIT", None)
     runs = [subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
