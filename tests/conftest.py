@@ -14,7 +14,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from roli import _ext  # noqa: E402
-from roli.ops._dispatch import triton_error  # noqa: E402
+from roli.ops._dispatch import unavailable_reason  # noqa: E402
+
+
+def triton_cpu_error() -> str | None:
+    """Why the Triton kernels cannot run on CPU tensors here (interpreter off, triton missing or too old)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 (set unless ROLI_TEST_GPU=1)"
+    return unavailable_reason("triton", torch.device("cpu"), torch.float32)
 
 
 def cpu_backends() -> list[str]:
@@ -22,7 +29,7 @@ def cpu_backends() -> list[str]:
     out = ["torch"]
     if _ext.load():
         out.append("cpp")
-    if triton_error() is None:
+    if triton_cpu_error() is None:
         out.append("triton")
     return out
 
@@ -37,10 +44,8 @@ def backend_param(backend: str):
     marks = []
     if backend == "cpp" and not _ext.load():
         marks.append(pytest.mark.skip(reason=f"C++ extension unavailable: {_ext.EXT_ERROR}"))
-    if backend == "triton" and triton_error() is not None:
-        marks.append(pytest.mark.skip(reason=triton_error()))
-    elif backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        marks.append(pytest.mark.skip(reason="CPU tensors need TRITON_INTERPRET=1 (set unless ROLI_TEST_GPU=1)"))
+    if backend == "triton" and triton_cpu_error() is not None:
+        marks.append(pytest.mark.skip(reason=triton_cpu_error()))
     return pytest.param(backend, marks=marks, id=backend)
 
 

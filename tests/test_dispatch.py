@@ -45,6 +45,23 @@ def test_interpreter_on_never_picks_triton_for_cuda_tensors(monkeypatch):
     assert _dispatch.unavailable_reason("triton", cuda, torch.float32) is None
 
 
+def test_interpreter_of_triton_before_3_2_is_refused_for_cpu_tensors(monkeypatch):
+    """Triton 3.1's interpreter (torch 2.5's triton) copies results back to GPU tensors only: CPU tensors would
+    come back unchanged, so the backend says so instead of returning wrong results."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(_dispatch, "triton_error", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    assert "needs triton>=3.2" in _dispatch.unavailable_reason("triton", cpu, torch.float32)
+    x, g, xn = _inputs()
+    with pytest.raises(RuntimeError, match=r"impl='triton' cannot run here: Triton 3\.1\.0's interpreter"):
+        pgd_step_(x, g, xn, 0.1, 0.01, impl="triton")
+    for version in ("3.2.0", "3.10.1+git8a1b2c3"):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert _dispatch.unavailable_reason("triton", cpu, torch.float32) is None
+
+
 def test_missing_extension_forced_raises_and_auto_falls_back_once(monkeypatch):
     monkeypatch.setattr(_ext, "_loaded", True)
     monkeypatch.setattr(_ext, "HAS_EXT", False)

@@ -4,8 +4,6 @@ Two launches on one stream: the copy reads both score vectors, then the scores a
 the scores inside the copy kernel would race with programs of the same sample still comparing.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -9,8 +9,6 @@ sample's sum add its partials in one fixed order, so seeded L2 attacks are bit-r
 launches, no host synchronisation).
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

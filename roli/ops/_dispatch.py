@@ -33,6 +33,20 @@ def triton_error() -> str | None:
     return _triton_error
 
 
+def triton_interpreter_error() -> str | None:
+    """Why Triton's interpreter cannot run the kernels on CPU tensors (None when it can): before triton 3.2 it
+    leaves CPU tensors unwritten (it copies results back only to GPU tensors)."""
+    import triton
+
+    try:
+        version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    if version < (3, 2):
+        return f"Triton {triton.__version__}'s interpreter does not write to CPU tensors (needs triton>=3.2)"
+    return None
+
+
 def requested_impl(impl: str | None) -> str:
     source = "impl"
     if impl is None:
@@ -69,11 +83,9 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
                 return "TRITON_INTERPRET=1 is set: Triton interprets on CPU tensors and cannot run on CUDA ones"
             return None
         if device.type == "cpu":
-            return (
-                None
-                if _env.triton_interpret()
-                else "Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-            )
+            if not _env.triton_interpret():
+                return "Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+            return triton_interpreter_error()
         return f"Triton does not run on {device.type} tensors"
     raise ValueError(f"unknown backend {backend!r}")
 

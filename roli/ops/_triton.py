@@ -1,7 +1,8 @@
 """The Triton launchers as torch custom ops, so that torch.compile treats them as opaque mutating ops.
 
 Defined at import (cheap: no triton import here) so that no op is ever defined inside a traced region;
-the kernels module (and triton) is imported on the first call.
+the kernels module (and triton) is imported on the first call. The schemas are written out: torch 2.4
+cannot infer one from the (string) annotations of a module with postponed evaluation.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+STEP_SCHEMA = (
+    "(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? eps_t, float eps, Tensor? step_t, float step, "
+    "float lo, float hi) -> ()"
+)
+KEEP_BEST_SCHEMA = "(Tensor(a!) best_x, Tensor(b!) best_score, Tensor x_adv, Tensor score) -> ()"
+
+
 def _step_op(name: str):
-    @torch.library.custom_op(f"roli::triton_{name}", mutates_args=("x_adv",))
+    @torch.library.custom_op(f"roli::triton_{name}", mutates_args=("x_adv",), schema=STEP_SCHEMA)
     def op(
         x_adv: torch.Tensor,
         grad: torch.Tensor,
@@ -41,7 +49,7 @@ def _step_op(name: str):
     return op
 
 
-@torch.library.custom_op("roli::triton_keep_best_", mutates_args=("best_x", "best_score"))
+@torch.library.custom_op("roli::triton_keep_best_", mutates_args=("best_x", "best_score"), schema=KEEP_BEST_SCHEMA)
 def triton_keep_best_(best_x: torch.Tensor, best_score: torch.Tensor, x_adv: torch.Tensor, score: torch.Tensor) -> None:
     from roli.kernels import keep_best_forward
 
