@@ -2,7 +2,9 @@
 
 - CPU sources (csrc/*.cpp) wherever torch and a C++ compiler are present at build time
   (pip install --no-build-isolation -e .).
-- CUDA sources (csrc/cuda/) only where torch has CUDA and nvcc exists: ROLI_BUILD_CUDA=auto|0|1,
+- CUDA sources (csrc/cuda/) only where torch has CUDA and a CUDA toolkit of the same major release is found
+  (CUDA_HOME/CUDA_PATH, else torch's guess, nvcc on PATH, /usr/local/cuda*; see roli/_env.py cuda_toolkit;
+  otherwise the CPU sources alone, with the reason printed): ROLI_BUILD_CUDA=auto|0|1,
   TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": SASS for A100 and H100/H200, PTX that newer GPUs compile
   when loading; older GPUs such as V100/T4 need their own entry, e.g. "7.0;7.5;8.0;9.0+PTX"), MAX_JOBS
   honoured by torch's ninja build.
