@@ -38,14 +38,13 @@ import roli.training.guard as G
 import roli.training.loop as L
 import roli.training.pipeline as P
 from roli._cli import parse_budget
+from roli.attacks import fast
 from roli.training.config import TrainConfig
 from roli.training.run import run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = Path(os.environ.get("ROLI_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10" / "cifar10.npz"))
-ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")
-NAMES = {"pgd": "PGD-7", "fgsm-rs": "FGSM-RS", "n-fgsm": "N-FGSM"}
 
 
 class Forwards:
@@ -131,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 as an npz (x_train, y_train, x_test, y_test)")
     ap.add_argument("--eps", default="8/255,2/255", help="comma-separated Linf budgets")
-    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--attacks", default=",".join(fast.ATTACKS))
     ap.add_argument("--train-per-class", type=int, default=5000)
     ap.add_argument("--test-per-class", type=int, default=200, help="test images per class (5 classes: 1000)")
     ap.add_argument("--source-epochs", type=int, default=15)
@@ -207,7 +206,7 @@ def main() -> None:
                 alp, ft = res["alp"]["val"]["train_attack"], r["val"]["train_attack"]
                 epochs = len(stages) * args.epochs
                 aa = None if args.quick else autoattack(run_dir, stages[-1], args.aa_version, args.device)
-                rows.append({"eps": eps_text, "method": method, "attack": NAMES[attack],
+                rows.append({"eps": eps_text, "method": method, "attack": fast.label(attack, 7),
                              "train_attack": f"ALP {alp}; FT {ft}" if method == "RoLI" and alp != ft else ft,
                              "test_clean": r["test"]["clean"], "test_pgd10": r["test"]["pgd10"],
                              "test_aa": aa, "n_test": r["test"]["n"],

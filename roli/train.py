@@ -24,7 +24,7 @@ import torch
 from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs
 from roli._io import first_line
-from roli.training.config import METHODS, ConfigError, TrainConfig
+from roli.training.config import METHODS, TRAIN_ATTACKS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
 
@@ -105,12 +105,12 @@ def build_parser() -> OneLineParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("attack")
-    g.add_argument("--attack", choices=["pgd", "fgsm-rs", "n-fgsm", "none"],
+    g.add_argument("--attack", choices=TRAIN_ATTACKS,
                    help="training attack of every stage: pgd (PGD-k, default), fgsm-rs (step 1.25 eps), n-fgsm (noise "
                         "2 eps, step eps), none (standard training)")  # fmt: skip
     g.add_argument(
         "--alp-attack",
-        choices=["pgd", "fgsm-rs", "n-fgsm", "none"],
+        choices=TRAIN_ATTACKS,
         help="training attack of the ALP stage inside ft/roli (default: --attack)",
     )
     g.add_argument(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
+from roli.attacks import fast
 from roli.models.peft import METHODS as PEFT_METHODS
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
@@ -62,7 +63,7 @@ def parse_classes(text: str | None) -> list[int] | None:
 
 
 STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup", "attack")
-TRAIN_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm", "none")
+TRAIN_ATTACKS = (*fast.ATTACKS, "none")
 
 
 def _check_stage(stage: str, d, cfg) -> None:
@@ -92,9 +93,11 @@ def _check_stage(stage: str, d, cfg) -> None:
 def _check_attack(name: str, kind, norm: str) -> None:
     if kind not in TRAIN_ATTACKS:
         raise ConfigError(f"{name}: {kind!r} is not one of {', '.join(TRAIN_ATTACKS)}")
-    if kind in ("fgsm-rs", "n-fgsm") and norm != "linf":
-        raise ConfigError(f"{name}: {kind} is a Linf attack (its step is the gradient's sign); use pgd for "
-                          f"--norm {norm}")  # fmt: skip
+    if kind != "none":
+        try:
+            fast.check_attack(kind, norm)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
 
 
 def _channels(value, name: str) -> list[float] | None:
