@@ -249,6 +249,14 @@ def test_autoattack_custom_with_resumable_state(digits_model, tmp_path):
     assert resumed.per_attack == full.per_attack and torch.equal(resumed.robust, full.robust)
     with pytest.raises(ValueError, match="made for another evaluation"):
         run_autoattack(model, x, y, EPS * 2, version="custom", attacks=attacks, state_path=state)
+    # The state is bound to the images and labels too: other pixels (one changed by one grey level), or
+    # the same images with other labels, are another evaluation.
+    x_other = x.clone()
+    x_other[0, 0, 0, 0] = (x_other[0, 0, 0, 0] + 1 / 255) % 1
+    y_other = y.roll(1)
+    for xx, yy in ((x_other, y), (x, y_other)):
+        with pytest.raises(ValueError, match="made for another evaluation"):
+            run_autoattack(model, xx, yy, EPS, version="custom", attacks=attacks, state_path=state)
     with pytest.raises(ValueError, match="attacks"):
         run_autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
 
@@ -319,3 +327,65 @@ def test_memory_format_keeps_caller_layout_and_result(layout, memory_format):
     # Convolutions may sum in another order per layout: a sign can flip where a gradient is ~0.
     assert float((out != ref).float().mean()) < 1e-3
     assert float((out - x).abs().max()) <= 0.05 + 1e-7
+
+
+# -- restarts and the random start, against an independent float64 reference -----------------------------------
+
+
+def _pgd_reference(model, x, y, eps, step, steps, restarts, seed):
+    """Plain Linf PGD written from Madry et al. (2018), in float64: each restart starts from a uniform draw in
+    the eps-box (one batch-sized float32 draw of the generator per restart, as roli.ops.pgd_init documents),
+    takes `steps` signed-gradient steps with projection; a sample is broken if its clean image or any iterate
+    of any restart is misclassified."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        broken = model(x).argmax(1) != y
+    for _ in range(restarts):
+        noise = torch.empty(x.shape, dtype=torch.float32).uniform_(-1.0, 1.0, generator=g)
+        xa = (noise * eps + x.float()).clamp(0, 1).double()
+        for it in range(steps + 1):
+            xa.requires_grad_(True)
+            logits = model(xa)
+            broken |= logits.argmax(1) != y
+            if it == steps:
+                break
+            grad = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xa)[0]
+            xa = torch.minimum(torch.maximum(xa.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return broken
+
+
+def test_restarts_break_the_union_of_independent_runs():
+    model = random_model(seed=3).eval().double()
+    x = batch(seed=4, n=96)[0].double()  # float32 values: the float32 start and the float64 steps see the same images
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every clean image correct: only the attack breaks samples
+    eps, step, steps = 0.02, 0.01, 2  # a weak attack, so that the restarts matter
+    runs = {r: PGD(model, eps=eps, step_size=step, steps=steps, restarts=r, seed=9, fold_bn=False).perturb(x, y)
+            for r in (1, 3)}  # fmt: skip
+    for r, res in runs.items():
+        ref = _pgd_reference(model, x, y, eps, step, steps, r, seed=9)
+        assert torch.equal(res.success, ref), r
+    assert int(runs[3].success.sum()) > int(runs[1].success.sum())
+
+
+def test_plain_pgd_random_start_is_uniform_in_the_budget():
+    # A model whose logits do not depend on the image: zero input gradient, so the attack returns its start.
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return self.b.expand(x.shape[0], -1) + 0 * x.flatten(1)[:, :1]
+
+    torch.manual_seed(0)
+    x = 0.3 + 0.4 * torch.rand(64, 3, 16, 16)  # away from the pixel range's ends: nothing is clipped
+    y = torch.randint(0, 5, (64,))
+    eps = 8 / 255
+    delta = PGD(Constant(), eps=eps, steps=1, keep="last", seed=2)(x, y) - x
+    assert float(delta.abs().max()) <= eps + 1e-6
+    assert float(delta.abs().max()) > 0.99 * eps  # fills the eps box
+    assert abs(float(delta.abs().mean()) - eps / 2) < 0.01 * eps  # E|U(-e, e)| = e / 2
+    assert abs(float(delta.mean())) < 0.01 * eps
+    no_start = PGD(Constant(), eps=eps, steps=1, keep="last", random_start=False)(x, y)
+    assert torch.equal(no_start, x)

@@ -11,18 +11,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roli.attacks.fast import FGSM_RS_STEP, NFGSM_NOISE, label, radius, training_attack
+from roli.attacks.fast import label, training_attack
 from roli.train import main
 from roli.training.guard import Guard
 from roli.training.loop import Interrupted, Stage, fit, make_optimizer
 
 EPS = 8 / 255
+# The published constants, written here rather than imported from the code under test: FGSM-RS steps 1.25 eps
+# (Wong, Rice & Kolter 2020, Alg. 3 with alpha = 1.25 eps); N-FGSM draws noise in the 2 eps box and steps eps,
+# without projection (de Jorge et al. 2022, k = 2, alpha = eps): its examples lie in the 3 eps box.
+FGSM_RS_STEP, NFGSM_NOISE, NFGSM_STEP = 1.25, 2.0, 1.0
+RADIUS = {"pgd": EPS, "fgsm-rs": EPS, "n-fgsm": 3 * EPS}
 
 
 def _cnn(seed=0, classes=5):
@@ -43,7 +49,7 @@ def test_examples_stay_in_their_budget_and_range_and_raise_the_loss(kind):
     attack = training_attack(kind, model, EPS, 2 / 255, 7, seed=3)
     x_adv = attack(x, y)
     delta = (x_adv - x).abs().amax()
-    assert float(delta) <= radius(kind, EPS) + 1e-6
+    assert float(delta) <= RADIUS[kind] + 1e-6
     assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
     with torch.no_grad():
         assert float(F.cross_entropy(model(x_adv), y)) > float(F.cross_entropy(model(x), y)) + 1e-3
@@ -69,6 +75,21 @@ def test_fgsm_rs_equals_its_formula():
     assert label("fgsm-rs", 7) == "FGSM-RS" and label("pgd", 7) == "PGD-7"
 
 
+def test_n_fgsm_equals_its_formula():
+    model = _cnn(seed=6)
+    x, y = _batch(seed=7)
+    x_adv = training_attack("n-fgsm", model, EPS, seed=13, fold_bn=False)(x, y)
+    # de Jorge et al. 2022 in float64: a uniform start in the 2 eps box, one step of eps along the gradient's
+    # sign, clipped to [0, 1] only (the 3 eps box it could be projected on is never reached).
+    g = torch.Generator().manual_seed(13)
+    noise = torch.empty_like(x).uniform_(-1.0, 1.0, generator=g)
+    x0 = (x.double() + noise.double() * NFGSM_NOISE * EPS).clamp(0, 1).float().requires_grad_(True)
+    grad = torch.autograd.grad(F.cross_entropy(model(x0), y, reduction="sum"), x0)[0]
+    ref = (x0.double() + NFGSM_STEP * EPS * grad.double().sign()).clamp(0, 1)
+    assert torch.allclose(x_adv.double(), ref, rtol=0, atol=1e-6)
+    assert float((x_adv - x).abs().max()) > 2.5 * EPS  # beyond the eps box: no projection onto it
+
+
 class _Constant(nn.Module):
     """Logits that do not depend on the image: a zero input gradient, so the attack returns its start."""
 
@@ -85,7 +106,7 @@ def test_n_fgsm_noise_is_uniform_in_twice_the_budget():
     x = 0.3 + 0.4 * torch.rand(64, 3, 16, 16)  # away from the pixel range's ends: nothing is clipped
     y = torch.randint(0, 5, (64,))
     attack = training_attack("n-fgsm", _Constant(), EPS, seed=2)
-    assert attack.init_eps == NFGSM_NOISE * EPS and attack.step_size == EPS and attack.steps == 1
+    assert attack.init_eps == 2 * EPS and attack.step_size == EPS and attack.steps == 1
     delta = attack(x, y) - x  # sign(0) = 0: no step, the start itself
     assert float(delta.abs().max()) <= 2 * EPS + 1e-6
     assert float(delta.abs().max()) > 1.99 * EPS  # fills the 2 eps box, not the eps one
@@ -196,6 +217,69 @@ def test_guard_fires_on_a_constructed_collapse_and_restores_the_last_good_state(
     assert rows[0]["guard_event"] == event and "guard_event" not in rows[1]
     assert rows[1]["train_attack"].startswith("FGSM-RS -> PGD-7 (guard: epoch 0 step")
     assert stage.guard.summary() == rows[1]["train_attack"]
+
+
+def _scripted_guard(readings):
+    """A guard whose measurements are the given (PGD accuracy, single-step accuracy) pairs, in order, on a small
+    model trained with SGD momentum (so the optimiser holds state of its own)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = make_optimizer([{"params": list(model.parameters())}], "sgd", 0.1, 0.9)
+    stage = SimpleNamespace(name="ft", model=model, optimizer=opt, step="fgsm-rs step", attack="fgsm-rs")
+    fallbacks = []
+    guard = Guard(every=1, drop=0.2, x=torch.rand(4, 4), y=torch.zeros(4, dtype=torch.long), eps=EPS,
+                  precision="fp32", seed=0, single=lambda: None,
+                  fallback=lambda: fallbacks.append(1) or ("pgd step", "pgd attack"), label="FGSM-RS",
+                  fallback_label="PGD-7")  # fmt: skip
+    it = iter(readings)
+    guard.measure = lambda m: next(it)
+    return guard, stage, fallbacks
+
+
+def _train_a_little(stage, seed):
+    g = torch.Generator().manual_seed(seed)
+    stage.optimizer.zero_grad()
+    stage.model(torch.randn(8, 4, generator=g)).square().sum().backward()
+    stage.optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "readings, fires",
+    [
+        ([(0.6, 0.5), (0.3, 0.7)], True),  # PGD down 0.3, single-step up: the collapse signature
+        ([(0.6, 0.5), (0.3, 0.5)], True),  # single-step as good as at the best check
+        ([(0.6, 0.5), (0.3, 0.4)], False),  # both fall: the model got worse in general, no collapse
+        ([(0.6, 0.5), (0.45, 0.9)], False),  # PGD down 0.15 < drop 0.2
+        ([(0.4, 0.5), (0.6, 0.2), (0.35, 0.3)], True),  # measured against the best check (0.6, 0.2)
+        ([(0.4, 0.5), (0.6, 0.6), (0.35, 0.5)], False),  # single-step below the best check's 0.6
+    ],
+)
+def test_guard_fires_only_when_pgd_falls_and_single_step_does_not(readings, fires):
+    guard, stage, fallbacks = _scripted_guard(readings)
+    events = [guard.check(stage, 0, i) for i in range(len(readings))]
+    assert (events[-1] is not None) == fires and all(e is None for e in events[:-1])
+    assert fallbacks == ([1] if fires else []) and (stage.attack == "pgd attack") == fires
+
+
+def test_guard_restores_model_and_optimiser_state_but_keeps_the_learning_rate():
+    guard, stage, _ = _scripted_guard([(0.6, 0.5), (0.7, 0.5), (0.2, 0.9)])
+    _train_a_little(stage, 1)
+    guard.check(stage, 0, 1)
+    _train_a_little(stage, 2)
+    guard.check(stage, 0, 2)  # the last good check: its state is what a collapse restores
+    good_model = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    good_buffers = [stage.optimizer.state[p]["momentum_buffer"].clone() for p in stage.model.parameters()]
+    for seed in (3, 4):
+        _train_a_little(stage, seed)
+    for g in stage.optimizer.param_groups:
+        g["lr"] = 0.0123  # the schedule moved on
+    assert not torch.equal(stage.model.weight, good_model["weight"])
+    assert guard.check(stage, 0, 4) is not None
+    for k, v in stage.model.state_dict().items():
+        assert torch.equal(v, good_model[k]), k
+    for p, buf in zip(stage.model.parameters(), good_buffers, strict=True):
+        assert torch.equal(stage.optimizer.state[p]["momentum_buffer"], buf)
+    assert [g["lr"] for g in stage.optimizer.param_groups] == [0.0123]
 
 
 def test_guard_never_firing_changes_nothing():

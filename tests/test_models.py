@@ -288,7 +288,7 @@ def test_vpt_on_swin_learns_after_a_step_and_drops_prompts_in_training_only():
     """VPT on Swin (every window's tokens attend to the block's prompts): the gate gets a gradient at once;
     after one step the prompts do too and the function has moved; prompt dropout acts in train mode only."""
     x, y = images(4, seed=5), torch.tensor([0, 1, 2, 3])
-    m = _model("swin_tiny_patch4_window7_224", SWIN)
+    m = _model("swin_tiny_patch4_window7_224", {**SWIN, "drop_path_rate": 0.0})  # prompt dropout the only draw
     info = apply_peft(m, "vpt", vpt_tokens=4, vpt_dropout=0.1)
     blocks = [mod for mod in m.modules() if hasattr(mod, "prompts")]
     assert len(blocks) == sum(SWIN["depths"]) and info["trainable"] == count_trainable(m)
@@ -303,7 +303,14 @@ def test_vpt_on_swin_learns_after_a_step_and_drops_prompts_in_training_only():
     assert all(b.prompts.grad is not None and b.prompts.grad.abs().sum() > 0 for b in blocks)
     with torch.no_grad():
         assert not torch.allclose(m.eval()(x), before)
-        torch.testing.assert_close(m.eval()(x), m.eval()(x), rtol=0, atol=0)  # no dropout in eval mode
+        # Prompt dropout draws in train mode only: two train-mode passes differ, two eval-mode passes do not,
+        # and without prompt dropout the train-mode passes agree (no other randomness in this model).
+        torch.manual_seed(0)
+        assert not torch.equal(m.train()(x), m.train()(x))
+        torch.testing.assert_close(m.eval()(x), m.eval()(x), rtol=0, atol=0)
+        for b in blocks:
+            b.prompt_dropout.p = 0.0
+        torch.testing.assert_close(m.train()(x), m.train()(x), rtol=0, atol=0)
 
 
 def test_peft_branches_receive_gradients_and_reference_bugs_absent():
@@ -331,6 +338,27 @@ def test_linear_probe_keeps_backbone_in_eval_mode():
     m.train()
     assert m.head.training and not any(mod.training for mod in m.backbone.modules())
     assert all(not p.requires_grad for p in m.backbone.parameters())
+
+
+def test_lora_output_is_base_plus_alpha_over_rank_times_b_a_x():
+    """Hu et al. (2021): h = W x + (alpha / r) B A x, on the q and v thirds of the qkv projection only."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 24).double()
+    rank, alpha = 4, 16.0
+    lora = LoRAQKV(base, rank, alpha, 0.0, "qv").double()
+    with torch.no_grad():
+        for t in "qv":
+            lora.lora_B[t].normal_(0, 0.3)
+    x = torch.randn(5, 7, 8, dtype=torch.float64)
+    a, b = {t: lora.lora_A[t].detach() for t in "qv"}, {t: lora.lora_B[t].detach() for t in "qv"}
+    w, bias = base.weight.detach(), base.bias.detach()
+    want = x @ w.t() + bias
+    scale = 16.0 / 4  # alpha / r, written out
+    want[..., 0:8] += scale * (x @ a["q"].t() @ b["q"].t())
+    want[..., 16:24] += scale * (x @ a["v"].t() @ b["v"].t())  # the k third (8:16) has no update
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lora.merged()(x), want, rtol=1e-12, atol=1e-12)
 
 
 def test_merge_lora_for_export():

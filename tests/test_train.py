@@ -322,3 +322,58 @@ def test_progress_lines_off_a_terminal(tmp_path, monkeypatch):
     assert main(["--method", "pretrain", "--run-dir", str(run), *TINY]) == 0
     lines = [line for line in (run / "train.log").read_text().splitlines() if " step " in line]
     assert lines and re.search(r"pretrain epoch 0 step 1/\d+: loss [\d.]+, [\d.]+ img/s, epoch ETA \d+ s", lines[0])
+
+
+def test_resume_restores_the_global_rng_that_dropout_draws_from(tmp_path):
+    """A model with dropout draws its masks from torch's global generator: a run interrupted after an epoch
+    and resumed in a process whose generator is elsewhere ends with exactly the uninterrupted weights."""
+    from torch import nn
+
+    from roli.training.loop import Stage, fit, make_optimizer, param_groups
+
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.rand(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+
+    def stage(train):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+        opt = make_optimizer(param_groups(model, 0.0), "sgd", 0.5, 0.9)
+
+        def step(x, y):
+            model.train()
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.detach(), torch.tensor(0)
+
+        return Stage(name="ft", model=model, step=step, train=train, val=data[0], optimizer=opt, epochs=3, warmup=0,
+                     attack=None, eps=0.01, step_size=0.005, val_steps=1)  # fmt: skip
+
+    ref = stage(data)
+    fit(ref, tmp_path / "ref")
+
+    class Crashing:  # the data, with a crash in the second epoch (after the first epoch's state was saved)
+        seen = 0
+
+        def __len__(self):
+            return len(data)
+
+        def __iter__(self):
+            for b in data:
+                Crashing.seen += 1
+                if Crashing.seen == 5:
+                    raise RuntimeError("killed")
+                yield b
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(stage(Crashing()), tmp_path / "run")
+    again = stage(data)
+    torch.manual_seed(12345)  # a new process: the global generator is not where the run left it
+    fit(again, tmp_path / "run", resume=True)
+    # The final weights (last.pt: fit leaves the best epoch's in the model) and every epoch's loss.
+    final = [torch.load(p / "last.pt", weights_only=True)["model"] for p in (tmp_path / "run", tmp_path / "ref")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    losses = [[json.loads(r)["train_loss"] for r in (p / "metrics.jsonl").read_text().splitlines()]
+              for p in (tmp_path / "run", tmp_path / "ref")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 3

@@ -68,12 +68,14 @@ class LoRAQKV(nn.Module):
         return out + torch.cat([u if u is not None else zero for u in updates], -1)
 
     def merged(self) -> nn.Linear:
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        w = self.base.weight
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=w.device, dtype=w.dtype)  # fmt: skip
         with torch.no_grad():
-            lin.weight.copy_(self.base.weight + self.delta_weight())
+            lin.weight.copy_(w + self.delta_weight())
             if self.base.bias is not None:
                 lin.bias.copy_(self.base.bias)
-        return lin.to(self.base.weight.device, self.base.weight.dtype)
+        return lin
 
 
 class Adapter(nn.Module):
