@@ -30,10 +30,18 @@ def test_end_to_end_subprocess(checkpoint, tmp_path):
     assert sweep == sorted(sweep, reverse=True)
 
 
-def test_bf16_and_l2(checkpoint, capsys):
-    assert main([*BASE, "--checkpoint", str(checkpoint), "--precision", "bf16", "--steps", "3"]) == 0
-    assert main([*BASE, "--checkpoint", str(checkpoint), "--norm", "l2", "--eps", "0.5", "--steps", "3"]) == 0
-    assert capsys.readouterr().out.count("PGD-3") == 2
+def test_bf16_and_l2(checkpoint, capsys, tmp_path):
+    res = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("l2", ["--norm", "l2", "--eps", "0.5"])):
+        out = tmp_path / f"{name}.json"
+        assert main([*BASE, "--checkpoint", str(checkpoint), "--steps", "3", "--out", str(out), *extra]) == 0
+        r = json.loads(out.read_text())
+        res[name] = (r["clean"], next(v for k, v in r["attacks"].items() if k.startswith("PGD-3")))
+    assert capsys.readouterr().out.count("PGD-3") == 3
+    # bf16 evaluates the same model: on 120 images its figures stay within 2 images of fp32's.
+    assert abs(res["bf16"][0] - res["fp32"][0]) <= 2 / 120 + 1e-9 and abs(res["bf16"][1] - res["fp32"][1]) <= 3 / 120
+    # The L2 attack (eps 0.5 on 8x8 digits) works: it breaks some images, not all.
+    assert res["l2"][0] == res["fp32"][0] and 0 < res["l2"][1] < res["l2"][0]
 
 
 @pytest.mark.slow
@@ -63,7 +71,9 @@ def test_autoattack_from_the_cli(checkpoint, tmp_path):
         (["--device", "gpu0"], "--device: 'gpu0' is not a device"),
         (["--impl", "fastest"], "--impl: impl='fastest' is not a backend"),
         (["--impl", "cuda"], "--impl cuda cannot run here"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--eps", "x"], "--"),
+        (["--device", "cuda"], "--device cuda: no CUDA device is available")
+        if not torch.cuda.is_available()
+        else (["--eps", "x"], "--eps: 'x' is not a number"),
     ],
 )
 def test_bad_flags_one_line_exit_2(extra, pattern, capsys, checkpoint):

@@ -278,5 +278,9 @@ def test_alp_bf16_uses_channels_last_and_matches_fp32_roughly(transfer):
                                        eps=EPS, step_size=EPS / 4, steps=3, precision=precision, log=None)  # fmt: skip
         conv = model.backbone.features[3].weight  # (64, 32, 3, 3): the layouts differ
         assert conv.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
-        results[precision] = res.val_robust
-    assert abs(results["bf16"] - results["fp32"]) <= 0.1
+        results[precision] = (res.val_robust, torch.cat([res.weight.flatten(), res.bias]).double())
+    # What 72 validation images can resolve is a few images; the trained heads resolve much finer: bf16
+    # (8 mantissa bits, ~0.4% per rounding) lands within 2% of the fp32 head (measured: 0.25%).
+    (acc16, head16), (acc32, head32) = results["bf16"], results["fp32"]
+    assert float((head16 - head32).norm() / head32.norm()) < 0.02
+    assert abs(acc16 - acc32) <= 2 / len(val) + 1e-9

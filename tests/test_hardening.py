@@ -125,10 +125,13 @@ def test_stale_temporaries_removed_and_modes_follow_the_umask(run_copy):
         (["--momentum=-5"], "momentum: must be a number in [0, 1)"),
         (["--device", "tpu"], "device: 'tpu' is not cpu, cuda or cuda:N"),
         (["--classes", "3"], "a classifier needs at least two"),
-        (["--model-arg", "width=-1"], "model:"),
+        (["--model-arg", "width=-1"], "model: Trying to create tensor with negative dimension -1"),
         (["--model", "os:system"], "not a Python function or class"),
         (["--autoattack", "standard", "--classes", "0-2"], "needs at least 4 classes"),
-        (["--model", "roli.models.small:small_cnn", "--method", "roli", "--peft", "lora"], "peft:"),
+        (
+            ["--model", "roli.models.small:small_cnn", "--method", "roli", "--peft", "lora"],
+            "peft: roli.models.small:small_cnn has no attention qkv projection",
+        ),
     ],
 )
 def test_bad_flags_before_anything_is_written(tmp_path, capsys, argv, pattern):
