@@ -13,6 +13,26 @@ import torch.nn.functional as F
 
 import roli
 
+NO_TORCHATTACKS = "torchattacks is not installed: its rows are left out"
+
+
+def optional_torchattacks():
+    """The torchattacks module, or None (a GPU machine without network may lack it): its rows are then skipped
+    with a note on stderr and in the table's title; ours are still measured."""
+    try:
+        import torchattacks
+    except ImportError:
+        import sys
+
+        print(f"note: {NO_TORCHATTACKS} (pip install torchattacks to compare)", file=sys.stderr)
+        return None
+    return torchattacks
+
+
+def ratio(value: float | None) -> str:
+    """A speed ratio cell; n/a where the peer was not measured."""
+    return "n/a" if value is None else f"{value:.2f}x"
+
 
 def cpu_name() -> str:
     model = platform.processor() or "CPU"

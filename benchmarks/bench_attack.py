@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import AutocastModel, matmul_peak, publish, reference_pgd, round_robin
+from _common import (
+    NO_TORCHATTACKS,
+    AutocastModel,
+    matmul_peak,
+    optional_torchattacks,
+    publish,
+    ratio,
+    reference_pgd,
+    round_robin,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli._amp import autocast_for
@@ -49,20 +58,18 @@ def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
     def ours(precision):
         return lambda: PGD(model, eps=eps, step_size=alpha, steps=steps, keep="last", precision=precision)(x, y)
 
-    # The peer in bf16: torchattacks on the model under autocast, with channels_last images for conv nets.
-    peer = AutocastModel(model)
-    conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    x_peer = x.contiguous(memory_format=torch.channels_last) if conv else x
-    return {
-        "ours fp32": ("fp32", ours("fp32")),
-        "ours bf16": ("bf16", ours("bf16")),
-        "torchattacks": ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y)),
-        "torchattacks bf16 (autocast)": (
-            "bf16",
-            lambda: torchattacks.PGD(peer, eps=eps, alpha=alpha, steps=steps)(x_peer, y),
-        ),  # fmt: skip
-        "reference-style": ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps)),
-    }
+    out = {"ours fp32": ("fp32", ours("fp32")), "ours bf16": ("bf16", ours("bf16"))}
+    if torchattacks is not None:
+        # The peer in bf16: torchattacks on the model under autocast, with channels_last images for conv nets.
+        peer = AutocastModel(model)
+        conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        x_peer = x.contiguous(memory_format=torch.channels_last) if conv else x
+        out["torchattacks"] = ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y))
+        out["torchattacks bf16 (autocast)"] = (
+            "bf16", lambda: torchattacks.PGD(peer, eps=eps, alpha=alpha, steps=steps)(x_peer, y)
+        )  # fmt: skip
+    out["reference-style"] = ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps))
+    return out
 
 
 def pgd_flops(model, x, y, steps, precision) -> int:
@@ -97,7 +104,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    import torchattacks
+    torchattacks = optional_torchattacks()
 
     timm = import_timm()
     device = torch.device(args.device)
@@ -127,13 +134,13 @@ def main() -> None:
             assert all(p.requires_grad for p in model.parameters()), f"{label} left parameters frozen"
             checked[label] = robust_accuracy(model, x_adv, y)
         times = round_robin({label: run for label, (_, run) in variants.items()}, reps, device=device)
-        base = times["torchattacks"]
+        base = times.get("torchattacks")
         for label, (precision, _) in variants.items():
             t = times[label]
             util = flops[precision] / t / 1e9 / peaks[precision]
             row = {"model": f"{name} @{size}", "eps": f"{eps * 255:.3g}/255", "batch": batch, "attack": label}
             row.update(seconds=t, images_per_s=batch / t, robust_acc=checked[label], gflops=flops[precision] / 1e9,
-                       utilisation=util, precision=precision, vs_torchattacks=base / t,
+                       utilisation=util, precision=precision, vs_torchattacks=base / t if base else None,
                        vs_reference=times["reference-style"] / t)  # fmt: skip
             rows.append(row)
     end_peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
@@ -146,11 +153,13 @@ def main() -> None:
 
     def cells(r):
         return [r["model"], r["eps"], str(r["batch"]), r["attack"], f"{r['images_per_s']:.1f}",
-                f"{r['vs_torchattacks']:.2f}x", f"{r['vs_reference']:.2f}x", f"{100 * r['robust_acc']:.1f}%",
+                ratio(r["vs_torchattacks"]), f"{r['vs_reference']:.2f}x", f"{100 * r['robust_acc']:.1f}%",
                 f"{r['gflops']:.1f}", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
 
-    publish(args.out, "bench_attack", f"PGD-{args.steps} (Linf, step eps/4, random start)", peaks, cols, cells, rows,
-            device)  # fmt: skip
+    title = f"PGD-{args.steps} (Linf, step eps/4, random start)"
+    if torchattacks is None:
+        title += f" ({NO_TORCHATTACKS})"
+    publish(args.out, "bench_attack", title, peaks, cols, cells, rows, device)
 
 
 if __name__ == "__main__":

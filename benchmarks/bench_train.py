@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import AutocastModel, matmul_load, publish, reference_pgd, round_robin
+from _common import AutocastModel, matmul_load, optional_torchattacks, publish, reference_pgd, round_robin
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
@@ -62,13 +62,30 @@ def plain_update(model, opt, x_adv, y, bf16: bool = False):
     opt.step()
 
 
+def trainer_step(step, attack: PGD):
+    """`step` as the trainer runs it: the attack's value checks deferred to a device flag that is collected
+    after each step (the trainer reads it at its sync points, every few steps), never a host sync per call."""
+    attack.deferred = True
+    flags = []
+
+    def run():
+        out = step()
+        bad = attack.pop_invalid()
+        if bad is not None:
+            flags.append(bad)
+            if len(flags) >= 16:  # the trainer's tally keeps one running flag; so does this
+                flags[:] = [torch.stack(flags).any()]
+        return out
+
+    return run
+
+
 def variants(name: str, use_compile: bool, device: torch.device) -> dict:
     """(step, label) -> (precision, step function) for FT and ALP steps, each on its own copy of the model.
     Ours is what `python -m roli.train` runs: roli's PGD (BatchNorm folded, input-only gradients, fused
     step) and the trainer's optimizer (torch's fused AdamW/SGD). The other two loops use torch.optim as
     people write it."""
-    import torchattacks
-
+    torchattacks = optional_torchattacks()
     torch.manual_seed(0)
     base = MODELS[name]().to(device)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in base.backbone.modules()) and not name.startswith("vit")
@@ -82,7 +99,7 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
                      memory_format="channels_last" if channels_last else "auto", cuda_graph=graph)  # fmt: skip
         opt = make_optimizer(param_groups(m, 0.0), "adamw", 1e-5, 0.9)
-        out[("FT", label)] = (precision, lambda: ft_step(net, attack, opt, X, Y, precision))
+        out[("FT", label)] = (precision, trainer_step(lambda: ft_step(net, attack, opt, X, Y, precision), attack))
 
     ours_ft("ours fp32", "fp32")
     ours_ft("ours bf16", "bf16")
@@ -99,26 +116,28 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         plain_update(ref, ref_opt, reference_pgd(ref, X, Y, EPS, ALPHA, STEPS), Y)
 
     out[("FT", "reference-style")] = ("fp32", ref_ft)
-    ta = copy.deepcopy(base)
-    ta_opt = torch.optim.AdamW(ta.parameters(), lr=1e-5)
-    ta_atk = torchattacks.PGD(ta, eps=EPS, alpha=ALPHA, steps=STEPS)
-    out[("FT", "torchattacks+loop")] = ("fp32", lambda: plain_update(ta, ta_opt, ta_atk(X, Y), Y))
-    # The best a peer gets in bf16: torchattacks on the model under autocast, the update under autocast, and
-    # channels_last for conv nets (model and images).
-    tb = copy.deepcopy(base)
-    x_peer = X.contiguous(memory_format=torch.channels_last) if conv else X
-    if conv:
-        tb.to(memory_format=torch.channels_last)
-    tb_opt = torch.optim.AdamW(tb.parameters(), lr=1e-5)
-    tb_atk = torchattacks.PGD(AutocastModel(tb), eps=EPS, alpha=ALPHA, steps=STEPS)
-    out[("FT", "torchattacks+loop bf16")] = ("bf16", lambda: plain_update(tb, tb_opt, tb_atk(x_peer, Y), Y, True))
+    if torchattacks is not None:
+        ta = copy.deepcopy(base)
+        ta_opt = torch.optim.AdamW(ta.parameters(), lr=1e-5)
+        ta_atk = torchattacks.PGD(ta, eps=EPS, alpha=ALPHA, steps=STEPS)
+        out[("FT", "torchattacks+loop")] = ("fp32", lambda: plain_update(ta, ta_opt, ta_atk(X, Y), Y))
+        # The best a peer gets in bf16: torchattacks on the model under autocast, the update under autocast, and
+        # channels_last for conv nets (model and images).
+        tb = copy.deepcopy(base)
+        x_peer = X.contiguous(memory_format=torch.channels_last) if conv else X
+        if conv:
+            tb.to(memory_format=torch.channels_last)
+        tb_opt = torch.optim.AdamW(tb.parameters(), lr=1e-5)
+        tb_atk = torchattacks.PGD(AutocastModel(tb), eps=EPS, alpha=ALPHA, steps=STEPS)
+        out[("FT", "torchattacks+loop bf16")] = ("bf16", lambda: plain_update(tb, tb_opt, tb_atk(x_peer, Y), Y, True))
     for label, precision in (("ours fp32", "fp32"), ("ours bf16", "bf16")):
         m = copy.deepcopy(base)
         apply_peft(m, "linear")
         fast_layout(m, precision)  # what the trainer's ALP stage does: channels_last backbone under bf16
         attack = PGD(m, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0)
         opt = make_optimizer(param_groups(m.head, 0.0), "sgd", 0.01, 0.9)
-        out[("ALP", label)] = (precision, lambda m=m, a=attack, o=opt, p=precision: alp_step(m, a, o, X, Y, p))
+        step = trainer_step(lambda m=m, a=attack, o=opt, p=precision: alp_step(m, a, o, X, Y, p), attack)
+        out[("ALP", label)] = (precision, step)
     r = copy.deepcopy(base)
     apply_peft(r, "linear")
     r_opt = torch.optim.SGD(r.head.parameters(), lr=0.01, momentum=0.9)

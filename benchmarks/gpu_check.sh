@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
 # The GPU check: one command that proves roli's GPU path on a CUDA machine (each stage has its own time
-# limit, 8 minutes in all; a stage that runs out is a failure and the next one starts).
+# limit, about 8 minutes in all; a stage that runs out is a failure and the next one starts).
+#   env     device, driver, torch/CUDA/Triton/nvcc versions, Python headers, c++, ninja (benchmarks/gpu_env.py);
+#           fails, naming what is missing, when the just-in-time build of roli._C could not run
 #   build   roli._C with its CUDA kernels: the ahead-of-time build if it has them, else the just-in-time
 #           build for this GPU's architecture (TORCH_CUDA_ARCH_LIST, default: this GPU's), then roli.info
 #   tests   ROLI_TEST_GPU=1 pytest tests/test_gpu.py (triton and cuda backends on CUDA tensors, CUDA graphs)
 #   ops     the op benchmark with every provider (torch, cuda, triton)
 #   attack  the attack benchmark (PGD-10: ours vs torchattacks vs the reference-style loop), resnet18 and
-#           ViT-B/16 at 224, batch 64
+#           ViT-B/16 at 224, batch 64 (torchattacks' rows are left out, with a note, where it is not installed)
 #   train   the training-step benchmark (PGD-7 finetuning step and ALP step), ViT-B/16 at 224 and resnet18,
 #           with the CUDA-graph row
-# Tables go to benchmarks/results/ (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the
-# whole output to gpu_check_cuda.log there.
+# Tables go to the --out folder (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the whole
+# output to gpu_check_cuda.log there. The default folder is outside the checkout: a copied checkout that is
+# thrown away after the run (a lent machine) would take the results with it.
 #
-# usage: benchmarks/gpu_check.sh [--only build,tests,ops,attack,train] [--out DIR] [--wheels DIR] [--bundle DIR]
-#   --out     where the tables and the log go (default benchmarks/results)
-#   --only    the stages to run (build always runs first); e.g. --only attack,train to redo two
+# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train] [--out DIR] [--wheels DIR] [--bundle DIR]
+#   --out     where the tables and the log go (default: $TMPDIR/roli-gpu-check, /tmp/roli-gpu-check)
+#   --only    the stages to run (env and build always run first); e.g. --only attack,train to redo two
 #   --wheels  install the wheels in DIR first, without a network (into a temporary folder on PYTHONPATH),
-#             for a machine that lacks a dependency (the benchmarks need torchattacks)
+#             for a machine that lacks a dependency (the benchmarks compare with torchattacks)
 #   --bundle  after each stage, pack the --out folder into DIR/gpu_check.tgz (a killed run keeps what ran)
-# The checkout's roli is the one tested (its folder goes first on PYTHONPATH). Exit status: 0 when every
-# stage passed, 3 when one failed (named on the last line), 2 for a bad argument, 1 without CUDA.
+# Python: $PYTHON, else `python` if it imports torch, else `python3`. The checkout's roli is the one tested
+# (its folder goes first on PYTHONPATH). Exit status: 0 when every stage passed, 3 when one failed (named on
+# the last line), 2 for a bad argument, 1 without CUDA.
+#
+# On the lent GPU machine of this project (no network), from the checkout:
+#   pip download --no-deps --only-binary=:all: -d .whl torchattacks==3.5.1        # here, once (.whl is ignored)
+#   PYTHON=python3 bash benchmarks/gpu_check.sh --wheels .whl --out /tmp/gc --bundle $OUT   # there, .whl carried
 set -uo pipefail
-PY=${PYTHON:-python}
-STAGES=build,tests,ops,attack,train
+STAGES=env,build,tests,ops,attack,train
 ONLY=$STAGES
 WHEELS=
 BUNDLE=
@@ -35,7 +42,7 @@ while [ $# -gt 0 ]; do
     --wheels) [ $# -ge 2 ] || bad "--wheels needs a folder of .whl files"; WHEELS=$(absolute "$2"); shift 2 ;;
     --out) [ $# -ge 2 ] || bad "--out needs a folder"; RESULTS=$(absolute "$2"); shift 2 ;;
     --bundle) [ $# -ge 2 ] || bad "--bundle needs a folder to write gpu_check.tgz into"; BUNDLE=$(absolute "$2"); shift 2 ;;
-    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) bad "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -45,7 +52,14 @@ done
 if [ -n "$WHEELS" ] && ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then bad "--wheels: no .whl files in '$WHEELS'"; fi
 if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then bad "--bundle: '$BUNDLE' is not a folder"; fi
 cd "$(dirname "$0")/.." || exit 2
-RESULTS=${RESULTS:-$PWD/benchmarks/results}
+RESULTS=${RESULTS:-${TMPDIR:-/tmp}/roli-gpu-check}
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif command -v python >/dev/null 2>&1 && python -c "import torch" 2>/dev/null; then
+  PY=python
+else
+  PY=python3  # a machine whose `python` is missing or has no torch (the lent GPU machine promises python3)
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "gpu_check: '$PY' cannot import torch; activate roli's environment or set PYTHON" >&2
   exit 1
@@ -75,7 +89,7 @@ bundle() {
 stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, note a failure, bundle the results
   local name=$1 limit=$2 t0=$SECONDS
   shift 2
-  case ",$ONLY," in *",$name,"*) ;; *) [ "$name" = build ] || return 0 ;; esac
+  case ",$ONLY," in *",$name,"*) ;; *) [ "$name" = build ] || [ "$name" = env ] || return 0 ;; esac
   echo "== $name (limit ${limit} s)"
   if timeout "$limit" "$@"; then
     echo "== $name: ok in $((SECONDS - t0)) s"
@@ -87,6 +101,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, note a fa
 }
 
 "$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| arch list', '$TORCH_CUDA_ARCH_LIST')"
+echo "gpu_check: results in $RESULTS"
+stage env 30 "$PY" benchmarks/gpu_env.py
 stage build 90 "$PY" -c "
 import time
 from roli import _ext, info

@@ -77,11 +77,19 @@ exit 0
 """
 
 
-def _gpu_check(tmp_path, *args, fail=""):
+def _gpu_check(tmp_path, *args, fail="", python_var=True):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail,
+           "TMPDIR": str(tmp_path)}  # fmt: skip
+    if not python_var:  # `python` without torch first on PATH, the stand-in as `python3`
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python").write_text("#!/usr/bin/env bash\nexit 1\n")
+        (bin_dir / "python").chmod(0o755)
+        (bin_dir / "python3").symlink_to(fake)
+        env = {**{k: v for k, v in env.items() if k != "PYTHON"}, "PATH": f"{bin_dir}:/usr/bin:/bin"}
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args], capture_output=True, text=True, timeout=120,
                        env=env, cwd=tmp_path)  # fmt: skip
     calls = (tmp_path / "calls.log").read_text().splitlines() if (tmp_path / "calls.log").exists() else []
@@ -100,11 +108,11 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     assert r.returncode == 3, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED: attack")
     runs = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
-    order = ["_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py"]
+    order = ["gpu_env.py", "_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py"]
     assert [next(k for k in order[::-1] if k in c) for c in runs] == order
     assert all(f"PYTHONPATH={BENCH.parent}:" in c and "ARCH=9.0" in c for c in runs)  # then the wheels' folder
     assert any(c.startswith("CALL -m pip install") and str(tmp_path / "wheels") in c for c in calls)
-    assert "GPU=1" in next(c for c in runs if "pytest" in c)
+    assert "GPU=1" in next(c for c in runs if "-m pytest" in c)
     assert "vit_base_patch16_224" in next(c for c in runs if "bench_attack" in c)
     assert "vitb" in next(c for c in runs if "bench_train" in c)
     assert all("--device cuda" in c for c in runs if "bench_" in c)
@@ -120,9 +128,55 @@ def test_gpu_check_only_reruns_the_named_stages_and_refuses_bad_arguments(tmp_pa
     r, calls = _gpu_check(tmp_path, "--only", "train", "--out", "res")
     assert r.returncode == 0 and "every stage passed" in r.stdout
     ran = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
-    assert len(ran) == 2 and "_ext.load" in ran[0] and "bench_train.py" in ran[1]
+    assert len(ran) == 3 and "gpu_env.py" in ran[0] and "_ext.load" in ran[1] and "bench_train.py" in ran[2]
     assert (tmp_path / "res" / "bench_train_cuda.md").exists()
     for args, why in [(["--only", "tests,gpu"], "unknown stage 'gpu'"), (["--wheels", "nowhere"], "no .whl files"),
                       (["--bundle", "nowhere"], "is not a folder"), (["--fast"], "unknown argument")]:  # fmt: skip
         r, calls = _gpu_check(tmp_path, *args)
         assert r.returncode == 2 and r.stdout == "" and why in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_gpu_check_takes_python3_and_writes_outside_the_checkout_by_default(tmp_path):
+    r, calls = _gpu_check(tmp_path, "--only", "env", python_var=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert calls and "gpu_env.py" in next(c for c in calls if "benchmarks/" in c)  # python3 ran the stages
+    out = tmp_path / "roli-gpu-check"
+    assert f"results in {out}" in r.stdout and (out / "gpu_check_cuda.log").is_file()
+    assert "== env" in (out / "gpu_check_cuda.log").read_text()
+
+
+def test_gpu_env_reports_the_stack_and_names_what_the_build_lacks(tmp_path):
+    ok = subprocess.run([sys.executable, str(BENCH / "gpu_env.py")], capture_output=True, text=True, timeout=60)
+    keys = [line.split(":", 1)[0] for line in ok.stdout.splitlines()]
+    assert keys == ["device", "driver", "python", "torch", "triton", "nvcc", "Python headers", "c++", "ninja"]
+    # No C++ compiler and no CUDA toolkit to be found: exit 1 and one line naming both.
+    env = {"PATH": str(Path(sys.executable).parent), "CXX": "", "CUDA_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_env.py")], capture_output=True, text=True, timeout=60,
+                       env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "lacks: a CUDA toolkit" in r.stderr and "a C++ compiler" in r.stderr
+
+
+def test_benchmarks_run_without_torchattacks(monkeypatch, capsys):
+    """A GPU machine without network may lack torchattacks: its rows are left out with a note, ours still run,
+    and ours defer the attack's checks to a device flag as the trainer does (no host sync per step)."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` raises ImportError
+    import bench_attack
+    import bench_train
+    from _common import optional_torchattacks
+
+    assert optional_torchattacks() is None and "torchattacks is not installed" in capsys.readouterr().err
+    bench_train.X, bench_train.Y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    runs = bench_train.variants("cnn", use_compile=False, device=torch.device("cpu"))
+    assert ("FT", "ours fp32") in runs and ("ALP", "ours fp32") in runs and ("FT", "reference-style") in runs
+    assert not any("torchattacks" in label for _, label in runs)
+    for key in (("FT", "ours fp32"), ("ALP", "ours fp32")):
+        runs[key][1]()  # one step each, checks deferred
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
+    x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 10, (4,))
+    attack = bench_attack.make_variants(model, x, y, 0.03, 0.01, 2, None)
+    assert set(attack) == {"ours fp32", "ours bf16", "reference-style"}
+    assert float((attack["ours fp32"][1]() - x).abs().max()) <= 0.03 + 1e-6

@@ -15,10 +15,14 @@ GPU_BLOCK = 4096
 
 @triton.jit
 def _widen(v):
-    # bf16/fp16 scores compare exactly in fp32 (and bf16 comparisons are broken in the interpreter).
+    # bf16/fp16 scores compare exactly in fp32 (and bf16 comparisons are broken in the interpreter); float64
+    # stays float64. One return after a static if/else: an early return inside a static `if` makes Triton
+    # (3.6 to 3.9) type-check the fall-through return too ("Return type mismatch fp64 vs fp32").
     if v.dtype == tl.float64:
-        return v
-    return v.to(tl.float32)
+        w = v
+    else:
+        w = v.to(tl.float32)
+    return w
 
 
 @dual_jit
