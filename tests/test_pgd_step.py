@@ -165,3 +165,26 @@ def test_float64_runs_on_torch_backend(monkeypatch):
     assert_close_ulp(out, ref_step(x_adv, grad, x_nat, 0.05, 0.02))
     with pytest.raises(RuntimeError, match="float64"):
         pgd_step_(out, grad, x_nat, 0.05, 0.02, impl="cpp")
+
+
+# Where a NaN lands after one step: a NaN image value or a NaN L2 gradient element poisons that element
+# (and only it: the per-sample sums are NaN, so no scaling applies); a NaN Linf gradient has sign 0; a NaN
+# bound (x_nat) of the Linf box is ignored by the fused kernels (select-based clamps, csrc/pgd_math.h) but
+# poisons the torch reference (torch.clamp with tensor bounds).
+NAN_CASES = [("x", "linf", True), ("x", "l2", True), ("g", "linf", False), ("g", "l2", True), ("xn", "l2", True),
+             ("xn", "linf", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where, norm, poisoned", NAN_CASES)
+def test_nan_lands_where_documented_on_every_backend(backend, where, norm, poisoned):
+    if poisoned is None:
+        poisoned = backend == "torch"
+    gen = torch.Generator().manual_seed(21)
+    x, g, xn = make_inputs((3, 2, 5, 7), torch.float32, gen)
+    {"x": x, "g": g, "xn": xn}[where][1, 0, 2, 3] = float("nan")
+    step = 2 / 255 if norm == "linf" else 0.1
+    out = _run(backend, x, g, xn, 8 / 255 if norm == "linf" else 0.5, step, norm)
+    want = torch.zeros_like(out, dtype=torch.bool)
+    want[1, 0, 2, 3] = poisoned
+    assert torch.equal(out.isnan(), want)

@@ -56,6 +56,14 @@ def _l2_scales(PART, B, b, e, s, CHUNKS, CPOW: tl.constexpr):
     return gscale, tl.where(dnorm > e, tl.div_rn(e, tl.maximum(dnorm, FLT_MIN)), 1.0)
 
 
+@triton.jit
+def _clamp(v, lo, hi):
+    # Selects, as csrc/pgd_math.h's clamp_to: a NaN value stays NaN (tl.minimum/tl.maximum would return the
+    # bound), so a poisoned image reaches the non-finite checks on every backend alike.
+    v = tl.where(v < lo, lo, v)
+    return tl.where(v > hi, hi, v)
+
+
 @dual_jit
 def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
                           BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
@@ -66,8 +74,7 @@ def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
     e = _budget(EPS, b, eps, EPS_T)
     sgn = tl.where(g > 0.0, 1.0, 0.0) - tl.where(g < 0.0, 1.0, 0.0)
     v = x + _budget(STEP, b, step, STEP_T) * sgn
-    v = tl.minimum(tl.maximum(v, xn - e), xn + e)
-    v = tl.minimum(tl.maximum(v, lo), hi)
+    v = _clamp(_clamp(v, xn - e, xn + e), lo, hi)
     tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
 
 
@@ -98,8 +105,7 @@ def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, PART, B, 
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
-    v = xn + ((x + gscale * g) - xn) * dscale
-    v = tl.minimum(tl.maximum(v, lo), hi)
+    v = _clamp(xn + ((x + gscale * g) - xn) * dscale, lo, hi)
     tl.store(X + ptr, v.to(X.dtype.element_ty), mask=mask)
 
 
