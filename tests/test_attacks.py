@@ -393,3 +393,39 @@ def test_plain_pgd_random_start_is_uniform_in_the_budget():
     assert abs(float(delta.mean())) < 0.01 * eps
     no_start = PGD(Constant(), eps=eps, steps=1, keep="last", random_start=False)(x, y)
     assert torch.equal(no_start, x)
+
+
+@pytest.mark.parametrize("options", [dict(keep="best"), dict(early_stop=True), dict(keep="last")])
+def test_clean_success_is_the_clean_images_outcome(options):
+    """Where the attack evaluates the clean image (keep="best", early_stop) it reports its outcome, so an
+    evaluation needs no second clean forward; plain PGD (keep="last") evaluates nothing and says None."""
+    model = random_model(seed=5).eval()
+    x, y = batch(seed=6, n=40)
+    res = PGD(model, eps=0.05, step_size=0.01, steps=3, seed=0, fold_bn=False, **options).perturb(x, y)
+    if options.get("keep") == "last":
+        assert res.clean_success is None and res.success is None
+        return
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    assert 0 < int(wrong.sum()) < len(y) and torch.equal(res.clean_success, wrong)
+    assert bool(res.success[wrong].all())
+
+
+def test_attack_mode_follows_a_model_changed_after_first_use():
+    """attack_mode keeps its walk over a model's modules between calls; a module or parameter added later (a
+    replaced head, PEFT branches) is still put in eval mode and frozen, and every flag comes back as it was."""
+    from roli.attacks import attack_mode
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    model[0].eval()  # mixed modes: restored exactly
+    model[0].bias.requires_grad_(False)
+    with attack_mode(model):
+        pass
+    model.add_module("extra", nn.Sequential(nn.Dropout(0.3), nn.Linear(4, 2)))
+    model.extra.register_parameter("gate", nn.Parameter(torch.zeros(2)))
+    before = ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+    with attack_mode(model) as inner:
+        assert not any(m.training for m in inner.modules())
+        assert not any(p.requires_grad for p in inner.parameters())
+    assert ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]) == before
+    assert before[0] == [True, False, True, True, True, True] and before[1] == [True, False, True, True, True]

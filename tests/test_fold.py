@@ -234,3 +234,33 @@ def test_pgd_with_and_without_folding(digits_model):
                 accs.append(float((model(x_adv).argmax(1) == y).float().mean()))
         assert abs(accs[0] - accs[1]) <= 0.01, (precision, accs)
     assert not any(isinstance(m, FoldedConvBN) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_batched_refresh_equals_the_formula_for_every_kind_of_pair(dtype):
+    """refresh_folded folds all pairs at once: conv with and without bias, BatchNorm with and without affine
+    parameters, 1-D and 2-D convs, a float64 conv; each against w g / sqrt(v + e) and (b - m) g / sqrt(v + e)
+    + beta written out in float64 (stored in the pair's dtype: rounded once)."""
+    from roli.models.fold import refresh_folded
+
+    torch.manual_seed(3)
+    pairs = [(nn.Conv2d(3, 5, 3, bias=True), nn.BatchNorm2d(5, eps=1e-3)),
+             (nn.Conv2d(5, 4, 1, bias=False), nn.BatchNorm2d(4, affine=False)),
+             (nn.Conv1d(2, 6, 3, bias=True), nn.BatchNorm1d(6, affine=False, eps=0.1)),
+             (nn.Conv2d(2, 3, 3, bias=False).double(), nn.BatchNorm2d(3).double())]  # fmt: skip
+    for _, bn in pairs:
+        _randomise_bn(bn, seed=bn.num_features)
+    folded = [FoldedConvBN(c, b) for c, b in pairs]
+    refresh_folded(folded, dtype)
+    for f, (conv, bn) in zip(folded, pairs, strict=True):
+        scale = bn.weight.double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
+        scale = scale / torch.sqrt(bn.running_var.double() + bn.eps)
+        bias = -bn.running_mean.double() * scale
+        bias = bias + (bn.bias.double() if bn.affine else 0) + (conv.bias.double() * scale if conv.bias is not None
+                                                                  else 0)  # fmt: skip
+        w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+        want_dtype = dtype or conv.weight.dtype
+        assert f.weight.dtype == want_dtype and f.bias.dtype == want_dtype
+        tol = {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[want_dtype]
+        torch.testing.assert_close(f.weight.double(), w, rtol=tol, atol=tol)
+        torch.testing.assert_close(f.bias.double(), bias, rtol=tol, atol=tol)

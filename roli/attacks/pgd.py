@@ -31,10 +31,13 @@ INF = float("inf")
 class PGDResult:
     """x_adv: (B, ...) adversarial images. success: (B,) bool, the attack's goal reached (misclassified,
     or the target class predicted) at some evaluated iterate, or None where plain PGD did not evaluate
-    its final iterate (restarts=1, keep="last", early_stop=False)."""
+    its final iterate (restarts=1, keep="last", early_stop=False). clean_success: (B,) bool, the goal
+    already reached by the clean image (untargeted: clean mistakes), where the attack evaluated it
+    (keep="best" or early_stop), else None: an evaluation needs no second clean forward."""
 
     x_adv: torch.Tensor
     success: torch.Tensor | None
+    clean_success: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class PGD:
         result = self._perturb(x_nat, y, target)
         layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
             not x.is_contiguous() else torch.contiguous_format  # fmt: skip
-        return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success)
+        return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success, result.clean_success)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         # One seeded generator per attack object, kept across calls: every batch gets fresh random
@@ -269,10 +272,13 @@ class PGD:
                     keep_best=keep_best_kernel(device, x_nat.dtype, self.impl), lo=lo, hi=hi,
                     eps=C.budget(self.eps, x_nat), step_size=C.budget(self.step_size, x_nat),
                     init_eps=C.budget(self.eps if self.init_eps is None else self.init_eps, x_nat))  # fmt: skip
-        best_x = x_nat.clone(memory_format=torch.preserve_format)
-        best_score = torch.full((batch,), -INF, device=device)
         if batch == 0:
-            return PGDResult(best_x, torch.zeros(0, dtype=torch.bool, device=device))
+            return PGDResult(x_nat.clone(), torch.zeros(0, dtype=torch.bool, device=device))
+        # Plain PGD (keep="last", one restart, no early stop) returns its last iterate: no best-iterate copy of
+        # the batch and no scores to allocate (a training attack's every call).
+        best_x = x_nat.clone(memory_format=torch.preserve_format) if self._scored else None
+        best_score = torch.full((batch,), -INF, device=device) if self._scored else None
+        clean_success = None
         with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
             if self._graphed is not None:  # the static loop, from its recording; the start is drawn eagerly
                 start = self._start(plan, x_nat, gen)
@@ -281,9 +287,9 @@ class PGD:
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
             if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
-                loss, success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
+                loss, clean_success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
                 check = False
-                self._record(plan, best_x, best_score, None, x_nat, torch.where(success, INF, loss))
+                self._record(plan, best_x, best_score, None, x_nat, torch.where(clean_success, INF, loss))
             for restart in range(self.restarts):
                 if restart > 0 or self.early_stop:
                     idx = torch.nonzero(best_score != INF)[:, 0]
@@ -296,7 +302,7 @@ class PGD:
                 check = False
             if not self._scored:
                 return PGDResult(x_last, None)
-        return PGDResult(best_x, best_score == INF)
+        return PGDResult(best_x, best_score == INF, clean_success)
 
     def _start(self, plan: Plan, x_nat: torch.Tensor, gen) -> torch.Tensor | None:
         """The random start of a restart, for the whole batch (None: start at x_nat)."""
@@ -330,11 +336,12 @@ class PGD:
                 self._record(plan, best_x, best_score, idx, x_adv, score)
             if last:
                 return x_adv
-            if self.early_stop and bool(success.any()):
+            if self.early_stop:  # one host sync per step (nonzero's size), only where samples were broken
                 keep = torch.nonzero(~success)[:, 0]
                 if keep.numel() == 0:
                     return x_adv
-                idx = keep if idx is None else idx.index_select(0, keep)
-                x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
+                if keep.numel() < len(success):
+                    idx = keep if idx is None else idx.index_select(0, keep)
+                    x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
             plan.step(x_adv, grad, xn, e, eps_f, s, step_f, plan.lo, plan.hi)
         return x_adv

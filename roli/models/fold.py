@@ -11,8 +11,10 @@ is searched child by child). `with folding.applied():` then swaps, in place, eac
 an identity, and puts the originals back on exit, also after an exception. The model's own forward
 runs, so its Python code, its hooks and its methods behave as always. The folded weights are
 recomputed from the live parameters on every entry: one elementwise pass over the conv weights per
-attack (about 1% of a resnet18 PGD-7 on our CPU). Always, because a change cannot be detected for
-free: a train-mode BatchNorm updates its running statistics without bumping their version counter.
+attack, all pairs batched (refresh_folded: the per-channel vectors of every pair in a few multi-tensor
+ops, then one multiply per conv). Always, because a change cannot be detected for free: a train-mode
+BatchNorm updates its running statistics, and torch's fused optimizers its parameters, without bumping
+their version counters.
 
 A pair is folded only when the conv's output feeds nothing but the BatchNorm, the BatchNorm tracks
 running statistics (otherwise eval mode normalises by the batch), each module is called once and
@@ -51,27 +53,53 @@ class FoldedConvBN(nn.Module):
         """Recompute the folded weight and bias from the live tensors. dtype: store them in this dtype (e.g.
         bfloat16 for a bf16-autocast attack, which then casts no weight at any step); None keeps the conv
         weight's."""
-        conv, bn, w = self.conv, self.bn, self.conv.weight
+        refresh_folded([self], dtype)
+
+    def _storage(self, dtype: torch.dtype | None) -> None:
+        """(Re)allocate the folded weight and bias where the conv weight's shape, layout, device or the wanted
+        dtype changed; otherwise keep them, so a compiled or graph-captured forward reads the same storage."""
+        w = self.conv.weight
         out_dtype = dtype or w.dtype
-        dtype = torch.promote_types(w.dtype, torch.float32)
-        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(dtype)
-        bias = -bn.running_mean.to(dtype) * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias.to(dtype)
-        if conv.bias is not None:
-            bias = bias + conv.bias.to(dtype) * scale
         if (self.weight.shape, self.weight.dtype, self.weight.stride(), self.weight.device) != \
                 (w.shape, out_dtype, w.stride(), w.device):  # fmt: skip
             self.weight = torch.empty_like(w, dtype=out_dtype)  # the conv weight's layout (channels_last stays)
             self.bias = torch.empty(w.shape[0], dtype=out_dtype, device=w.device)
-        # In place, so that a compiled or graph-captured forward keeps reading the same storage.
-        self.weight.copy_(w.to(dtype) * scale.view(-1, *([1] * (w.dim() - 1))))
-        self.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv._conv_forward(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def refresh_folded(folded: list[FoldedConvBN], dtype: torch.dtype | None = None) -> None:
+    """Fold every pair's live BatchNorm into its conv: w' = w * g / sqrt(v + e), b' = (b - m) * g / sqrt(v + e) +
+    beta, in the conv weight's dtype promoted to at least float32, stored in `dtype` (None: the conv weight's).
+    The per-channel vectors of all pairs are computed together in a few multi-tensor (foreach) ops, then one
+    multiply per conv writes its folded weight in place: about N + 8 operations for N pairs instead of ~10 N
+    (on a GPU each is a kernel launch, and this runs once per attack, i.e. per training step)."""
+    if not folded:
+        return
+    for f in folded:
+        f._storage(dtype)
+    work = [torch.promote_types(f.conv.weight.dtype, torch.float32) for f in folded]
+    bns = [f.bn for f in folded]
+    scale = torch._foreach_add([bn.running_var.to(d) for bn, d in zip(bns, work, strict=True)], [bn.eps for bn in bns])
+    torch._foreach_rsqrt_(scale)
+    gamma = [(s, bn.weight.to(d)) for s, bn, d in zip(scale, bns, work, strict=True) if bn.weight is not None]
+    if gamma:
+        torch._foreach_mul_([s for s, _ in gamma], [g for _, g in gamma])
+    bias = torch._foreach_mul([bn.running_mean.to(d) for bn, d in zip(bns, work, strict=True)], scale)
+    torch._foreach_neg_(bias)
+    beta = [(b, bn.bias.to(d)) for b, bn, d in zip(bias, bns, work, strict=True) if bn.bias is not None]
+    if beta:
+        torch._foreach_add_([b for b, _ in beta], [t for _, t in beta])
+    conv_bias = [(b, f.conv.bias.to(d), s) for b, f, d, s in zip(bias, folded, work, scale, strict=True)
+                 if f.conv.bias is not None]  # fmt: skip
+    if conv_bias:
+        torch._foreach_addcmul_(*(list(t) for t in zip(*conv_bias, strict=True)))
+    for f, s, d in zip(folded, scale, work, strict=True):
+        w = f.conv.weight
+        torch.mul(w.to(d), s.view(-1, *([1] * (w.dim() - 1))), out=f.weight)  # in place, rounded once to its dtype
+    torch._foreach_copy_([f.bias for f in folded], bias)
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -189,8 +217,7 @@ class BatchNormFolding:
             self._build()
         if any(p.folded.bn.training for p in self.pairs):
             raise RuntimeError("BatchNorm folding needs the model in eval mode (call model.eval() first)")
-        for p in self.pairs:
-            p.folded.refresh(dtype)
+        refresh_folded([p.folded for p in self.pairs], dtype)
         self._active = True
         try:
             for p in self.pairs:

@@ -85,8 +85,8 @@ class Guard:
         res = probe.perturb(self.x, self.y)
         x_single = self.single()(self.x, self.y)
         with attack_mode(model) as m, torch.no_grad(), autocast_for(self.x.device, self.precision):
-            clean_ok = m(self.x).argmax(1) == self.y
             single_ok = m(x_single).argmax(1) == self.y
+        clean_ok = ~res.clean_success  # the probe's first iterate (early_stop): no second clean forward
         robust, single, n = D.sum_(int((clean_ok & ~res.success).sum()), int(single_ok.sum()), len(self.y))
         return robust / max(n, 1), single / max(n, 1)
 
