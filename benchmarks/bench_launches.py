@@ -6,7 +6,8 @@ measured here on any machine. One step as the trainer runs it: roli's PGD-7 (kee
 checks deferred to a device flag), then the update with torch's fused AdamW.
 
 Usage: python benchmarks/bench_launches.py [--models resnet18,cnn] [--batch 32] [--reps 15]
-Prints one row per model: operator events (all, and leaf aten ops: the kernels), median step seconds.
+Prints one row per model: aten operator events, kernel launches (innermost compute operators; a foreach
+operator once, as on CUDA), median step seconds.
 """
 
 from __future__ import annotations
@@ -40,12 +41,32 @@ def step_of(name: str, batch: int):
     return step
 
 
+# Leaf operators that launch no kernel: allocation, views and metadata (and the CPU's scalar reads).
+NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::as_strided_", "aten::resize_",
+             "aten::view", "aten::_unsafe_view", "aten::_reshape_alias", "aten::detach", "aten::alias",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::promote_types", "aten::result_type",
+             "aten::_local_scalar_dense", "aten::expand", "aten::t", "aten::transpose", "aten::permute",
+             "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select", "aten::lift_fresh", "aten::to",
+             "aten::_to_copy_noop", "aten::is_nonzero", "aten::item"}  # fmt: skip
+
+
+def _kernels(event) -> int:
+    """Kernel launches under an operator event: the innermost compute operators (allocation, views and metadata
+    launch none); a multi-tensor `_foreach_` operator counts once, as its CUDA fast path launches (on a CPU it
+    loops over its tensors)."""
+    if event.name.startswith("aten::_foreach_"):
+        return 1
+    inner = sum(_kernels(c) for c in event.cpu_children if c.name.startswith("aten::"))
+    return inner if inner or event.name in NO_KERNEL else 1
+
+
 def count_events(step) -> tuple[int, int]:
+    """(aten operator events, kernel launches) of one call of `step`."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    return len(events), len(leaves)
+    roots = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(events), sum(_kernels(e) for e in roots)
 
 
 def main() -> None:
@@ -72,7 +93,7 @@ def main() -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    print("| model | batch | aten events | leaf ops (kernels) | median step |")
+    print("| model | batch | aten events | kernel launches (leaf ops) | median step |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['events']} | {r['kernels']} | {1000 * r['seconds']:.1f} ms |")

@@ -68,6 +68,24 @@ def render(dataset: str, name: str) -> str:
         lr, wd = ref[key]
         return f"{{optimizer: {optimizer}, lr: {_num(lr * SCALE)}, weight_decay: {_num(wd)}}}"
 
+    def finetune(key: str, label: str) -> tuple[str, float, float]:
+        """(optimizer, lr, weight decay) the reference's optimizer.py ran for an `adamw` YAML: its own AdamW
+        (eps 1e-6) with decay 0.01 on every parameter not named *bias* whenever WEIGHT_DECAY > 0 (the YAML's
+        value is not used); SGD with momentum 0.9 and no decay when WEIGHT_DECAY is 0."""
+        lr, wd = ref[key]
+        if wd > 0:
+            if wd != 0.01:
+                notes.append(f"# {label}: the reference YAML says WEIGHT_DECAY {_num(wd)}; its optimizer.py applies "
+                             "0.01 whenever it is > 0 (and none to parameters named *bias*).")  # fmt: skip
+            return "adamw-ref", lr * SCALE, 0.01
+        notes.append(f"# {label}: OPTIMIZER adamw with WEIGHT_DECAY 0: the reference's optimizer.py falls through to "
+                     "SGD (momentum 0.9, no decay), which is what ran.")  # fmt: skip
+        return "sgd", lr * SCALE, 0.0
+
+    def mapping(key: str, label: str) -> str:
+        optimizer, lr, wd = finetune(key, label)
+        return f"{{optimizer: {optimizer}, lr: {_num(lr)}, weight_decay: {_num(wd)}}}"
+
     if kind == "alp":
         lr, wd = ref["alp"]
         opts |= {"method": "alp", "optimizer": "sgd", "lr": _num(lr * SCALE), "weight_decay": _num(wd)}
@@ -85,12 +103,13 @@ def render(dataset: str, name: str) -> str:
             notes.append(f"# The reference has no RoLI-{peft.upper()} config: the finetuning stage takes its RanLI "
                          "settings (not a reference value).")  # fmt: skip
         if kind == "roli":
-            opts |= {"method": "roli", "alp": stage("alp", "sgd"), "ft": stage(roli_key, "adamw"),
-                     "ranli": stage(ranli_key, "adamw")}  # fmt: skip
+            opts |= {"method": "roli", "alp": stage("alp", "sgd"), "ft": mapping(roli_key, "ft"),
+                     "ranli": mapping(ranli_key, "ranli")}  # fmt: skip
         else:
-            lr, wd = ref[ranli_key]
-            opts |= {"method": "ft", "init": "random", "optimizer": "adamw", "lr": _num(lr * SCALE),
-                     "weight_decay": _num(wd)}  # fmt: skip
+            optimizer, lr, wd = finetune(ranli_key, "finetuning")
+            opts |= {"method": "ft", "init": "random", "optimizer": optimizer, "lr": _num(lr), "weight_decay": _num(wd)}
+    # The reference's classifier (src/models/mlp.py): kaiming_normal fan_out weights, bias -log(99) (prior 0.01).
+    opts["head_init"] = "reference"
     return "\n".join(lines + notes + [f"{k}: {v}" for k, v in opts.items()]) + "\n"
 
 

@@ -24,7 +24,8 @@ import torch
 from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs
 from roli._io import first_line
-from roli.training.config import METHODS, TRAIN_ATTACKS, ConfigError, TrainConfig
+from roli.models.classifier import HEAD_INITS
+from roli.training.config import METHODS, OPTIMIZERS, TRAIN_ATTACKS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
 
@@ -72,6 +73,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
     g.add_argument("--peft", help="full | linear | lora | adapter | vpt | bias (finetuning)")
     g.add_argument("--init", help="head of finetuning: random | lp | alp | PATH to a roli head checkpoint")
+    g.add_argument("--head-init", choices=list(HEAD_INITS),
+                   help="the random head of ALP, RanLI and pretraining: reference (the RoLI code's kaiming fan_out "
+                        "weights, bias -log(99)), torch (nn.Linear's; the default), zero")  # fmt: skip
     g.add_argument("--lora-rank", type=int)
     g.add_argument("--lora-alpha", type=float)
     g.add_argument("--lora-dropout", type=float, help="dropout on LoRA's input (reference: 0.1)")
@@ -93,11 +97,13 @@ def build_parser() -> OneLineParser:
     g.add_argument("--epochs", type=int)
     g.add_argument("--warmup", type=int, help="warmup epochs of the warmup-cosine schedule")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", choices=["sgd", "adamw"])
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                   help="sgd (momentum); adamw (torch's, decay on weights only); adamw-ref (the RoLI reference's: "
+                        "eps 1e-6, no decay on parameters named *bias*)")  # fmt: skip
     g.add_argument("--lr", type=float, help="learning rate of the method's stage (FT for ft/roli)")
     g.add_argument("--alp-lr", type=float, help="learning rate of the ALP stage inside ft/roli")
     g.add_argument("--alp-weight-decay", type=float, help="weight decay of the ALP stage inside ft/roli")
-    g.add_argument("--alp-optimizer", choices=["sgd", "adamw"], help="optimiser of the ALP stage (default sgd)")
+    g.add_argument("--alp-optimizer", choices=list(OPTIMIZERS), help="optimiser of the ALP stage (default sgd)")
     g.add_argument("--alp-epochs", type=int, help="epochs of the ALP stage inside ft/roli")
     g.add_argument("--alp-warmup", type=int, help="warmup epochs of the ALP stage inside ft/roli")
     g.add_argument("--ranli-lr", type=float, help="learning rate of the random-head baseline (--compare-ranli)")

@@ -363,6 +363,44 @@ def test_lora_output_is_base_plus_alpha_over_rank_times_b_a_x():
         torch.testing.assert_close(lora.merged()(x), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method, backbone_training", [("full", True), ("linear", False), ("lora", False),
+                                                       ("adapter", False), ("bias", False), ("vpt", False)])
+def test_encoder_mode_after_train_follows_the_reference(method, backbone_training):
+    """The reference keeps the encoder in eval mode for linear, LoRA, Adapter and Bias (froze_enc): no drop-path,
+    no LoRA dropout; full finetuning trains it; VPT is eval with only the prompts' dropout active."""
+    m = _model("vit_tiny_patch16_224", {**VIT, "drop_path_rate": 0.1})
+    apply_peft(m, method, lora_dropout=0.1, vpt_dropout=0.1)
+    m.train()
+    assert m.training and m.head.training
+    prompt_dropouts = {id(mod.prompt_dropout) for mod in m.modules() if hasattr(mod, "prompt_dropout")}
+    others = [mod for mod in m.backbone.modules() if id(mod) not in prompt_dropouts]
+    assert all(mod.training == backbone_training for mod in others), method
+    assert len(prompt_dropouts) == (VIT["depth"] if method == "vpt" else 0)
+    assert all(mod.prompt_dropout.training for mod in m.modules() if hasattr(mod, "prompt_dropout"))
+    m.eval()
+    assert not any(mod.training for mod in m.modules())
+
+
+def test_head_inits():
+    """reference: kaiming_normal_ fan_out (std sqrt(2 / classes)) and bias -log(99) = -4.59512 (src/models/mlp.py);
+    torch: nn.Linear's bounds; zero: zeros."""
+    from roli.models import init_head
+
+    torch.manual_seed(0)
+    head = nn.Linear(512, 1000)
+    init_head(head, "reference")
+    assert abs(float(head.weight.std()) - (2 / 1000) ** 0.5) < 0.002 and abs(float(head.weight.mean())) < 0.001
+    assert torch.allclose(head.bias, torch.full((1000,), -4.59511985), atol=1e-6)
+    init_head(head, "torch")
+    bound = 1 / 512**0.5
+    assert float(head.weight.abs().max()) <= bound and float(head.weight.abs().max()) > 0.9 * bound
+    assert float(head.bias.abs().max()) <= bound
+    init_head(head, "zero")
+    assert not head.weight.any() and not head.bias.any()
+    with pytest.raises(ValueError, match="head init 'xavier' is not one of reference, torch, zero"):
+        init_head(head, "xavier")
+
+
 def test_merge_lora_for_export():
     m = _model("vit_tiny_patch16_224", VIT)
     apply_peft(m, "lora", lora_rank=4, lora_alpha=8)

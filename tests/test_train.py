@@ -412,3 +412,16 @@ def test_resume_restores_the_global_rng_that_dropout_draws_from(tmp_path):
     losses = [[json.loads(r)["train_loss"] for r in (p / "metrics.jsonl").read_text().splitlines()]
               for p in (tmp_path / "run", tmp_path / "ref")]  # fmt: skip
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_head_init_reference_is_where_alp_starts(tmp_path, capsys):
+    """--head-init reference: the run's random head is the reference's (bias -log(99) for every class); ALP at
+    lr 0 keeps it, so best.pt holds it; config.json and the log say which init."""
+    run = tmp_path / "run"
+    assert main(["--method", "alp", "--head-init", "reference", "--lr", "0", "--run-dir", str(run), *TINY,
+                 "--epochs", "1", "--warmup", "0"]) == 0  # fmt: skip
+    head = torch.load(run / "alp" / "best.pt", weights_only=True)["state_dict"]
+    assert torch.allclose(head["head.bias"], torch.full((5,), -4.59511985), atol=1e-6)
+    assert abs(float(head["head.weight"].std()) - (2 / 5) ** 0.5) < 0.15  # fan_out = 5 classes, 320 draws
+    assert json.loads((run / "config.json").read_text())["head_init"] == "reference"
+    assert "head init: reference" in (run / "train.log").read_text()

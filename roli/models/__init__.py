@@ -1,7 +1,7 @@
 """Models: backbones with a linear head in pixel space, robust checkpoints, PEFT methods."""
 
 from roli.models.checkpoint import LoadReport, load_checkpoint, load_pretrained, read_state_dict, save_checkpoint
-from roli.models.classifier import RobustClassifier, create_classifier
+from roli.models.classifier import HEAD_INITS, RobustClassifier, create_classifier, init_head
 from roli.models.fold import BatchNormFolding, FoldedConvBN
 from roli.models.peft import METHODS as PEFT_METHODS
 from roli.models.peft import apply_peft, count_trainable, merge_lora
@@ -15,6 +15,7 @@ __all__ = [
     "REGISTRY",
     "BatchNormFolding",
     "FoldedConvBN",
+    "HEAD_INITS",
     "LoadReport",
     "NormalizedModel",
     "Preprocess",
@@ -23,6 +24,7 @@ __all__ = [
     "apply_peft",
     "count_trainable",
     "create_classifier",
+    "init_head",
     "load_checkpoint",
     "load_pretrained",
     "merge_lora",

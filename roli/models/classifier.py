@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -34,7 +35,10 @@ class RobustClassifier(nn.Module):
         self.head = nn.Linear(feat_dim, num_classes)
         self.name, self.classifier_key = name, classifier_key
         self.feat_dim, self.num_classes = feat_dim, num_classes
-        self.backbone_frozen = False  # set by the "linear" PEFT method: backbone stays in eval mode
+        # What train() does to the backbone, set by apply_peft as the reference code runs each method: "train"
+        # (full finetuning: drop-path, dropout), "eval" (linear, LoRA, Adapter, Bias: the reference's froze_enc,
+        # BatchNorm statistics fixed, no drop-path, no LoRA dropout), "prompts" (VPT: eval but prompt dropout).
+        self.encoder_mode = "train"
 
     @property
     def mean(self):
@@ -49,13 +53,43 @@ class RobustClassifier(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()  # a frozen backbone keeps BatchNorm statistics and no dropout
+        if mode and self.encoder_mode != "train":
+            self.backbone.eval()
+            if self.encoder_mode == "prompts":  # VPT: only the prompts' dropout draws
+                for m in self.backbone.modules():
+                    if isinstance(getattr(m, "prompt_dropout", None), nn.Module):
+                        m.prompt_dropout.train()
         return self
 
     def reset_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.feat_dim, num_classes).to(self.head.weight.device)
         self.num_classes = num_classes
+
+
+HEAD_INITS = ("reference", "torch", "zero")
+PRIOR = 0.01  # the reference head's initial class probability
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, kind: str) -> None:
+    """Initialise a classifier head in place.
+
+    - "reference": the RoLI reference's head (src/models/mlp.py with special_bias): kaiming_normal_ with
+      mode="fan_out" (std sqrt(2 / num_classes)) and every bias -log((1 - p) / p) with p = 0.01 (about -4.595),
+      the focal-loss prior init. Its RanLI baseline and its ALP start from this head.
+    - "torch": nn.Linear's own (kaiming_uniform_ with a = sqrt(5), bias uniform in +-1/sqrt(fan_in)).
+    - "zero": weight and bias 0 (every class equal: the logits start constant).
+    """
+    if kind == "reference":
+        nn.init.kaiming_normal_(head.weight, mode="fan_out")
+        head.bias.fill_(-math.log((1 - PRIOR) / PRIOR))
+    elif kind == "torch":
+        head.reset_parameters()
+    elif kind == "zero":
+        head.weight.zero_()
+        head.bias.zero_()
+    else:
+        raise ValueError(f"head init {kind!r} is not one of {', '.join(HEAD_INITS)}")
 
 
 def _timm_cfg(net: nn.Module) -> dict:

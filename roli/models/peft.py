@@ -3,6 +3,8 @@
 apply_peft(model, method, ...) modifies a RobustClassifier in place and sets which parameters train:
 - "full": everything.
 - "linear": the head only; the backbone is frozen and kept in eval mode (BatchNorm statistics fixed).
+The backbone's mode in training follows the reference (ENCODER_MODES): eval for linear, LoRA, Adapter and Bias,
+train for full finetuning, eval with only prompt dropout for VPT.
 - "lora": low-rank updates W + (alpha/r) B A on the qkv projection of every attention block (timm ViT
   and Swin, or any nn.Linear named qkv): targets "qv" (the paper) or "qkv". A random, B zero.
 - "adapter": a bottleneck after each block's MLP, h + up(act(down(h))), reduction factor r. Down random,
@@ -13,7 +15,8 @@ apply_peft(model, method, ...) modifies a RobustClassifier in place and sets whi
   finetuned model starts exactly at the ALP model; plain prompt concatenation would change every
   token's attention at init. timm ViT blocks and Swin blocks (there each window's tokens attend to the
   block's prompts).
-- "bias": BitFit, the biases (and the head).
+- "bias": BitFit as the reference selects it: every parameter with "bias" in its name (Swin's
+  relative_position_bias_table too), and the head.
 The head always trains. The reference code's bugs are not reproduced: its LoRA zero-initialises both
 matrices (no gradient ever reaches them) and its Adapter zero-initialises both projections.
 """
@@ -27,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("full", "linear", "lora", "adapter", "vpt", "bias")
+# The backbone's mode while the model trains, as the RoLI reference runs each method (src/models/vit_models.py:
+# froze_enc for every transfer type but end2end and prompt; its VPT-Swin keeps only prompt dropout active).
+ENCODER_MODES = {"full": "train", "linear": "eval", "lora": "eval", "adapter": "eval", "bias": "eval",
+                 "vpt": "prompts"}  # fmt: skip
 _IDENTITY = nn.Identity()
 
 
@@ -147,7 +154,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
     backbone = model.backbone
     for p in model.parameters():
         p.requires_grad_(method == "full")
-    model.backbone_frozen = method == "linear"
+    model.encoder_mode = ENCODER_MODES[method]
     if method == "linear":
         backbone.eval()
     elif method == "lora":
@@ -184,7 +191,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
             or (method == "lora" and "lora_" in name)
             or (method == "adapter" and (".down." in name or ".up." in name))
             or (method == "vpt" and (name.endswith(".prompts") or name.endswith(".gate")))
-            or (method == "bias" and name.endswith("bias"))
+            or (method == "bias" and "bias" in name)  # the reference's rule: Swin's relative_position_bias_table too
         )
         p.requires_grad_(trainable)
     return {"method": method, "trainable": count_trainable(model), "total": sum(p.numel() for p in model.parameters())}

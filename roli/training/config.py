@@ -14,6 +14,7 @@ from pathlib import Path
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
 from roli.attacks import fast
+from roli.models.classifier import HEAD_INITS
 from roli.models.peft import METHODS as PEFT_METHODS
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
@@ -62,6 +63,22 @@ def parse_classes(text: str | None) -> list[int] | None:
     return out
 
 
+# sgd: momentum SGD; adamw: torch's AdamW (decay on weights only); adamw-ref: the RoLI reference's AdamW (eps 1e-6,
+# no decay on parameters named *bias*), see roli.training.loop.param_groups.
+OPTIMIZERS = ("sgd", "adamw", "adamw-ref")
+REF_ADAMW_EPS = 1e-6  # the RoLI reference's own AdamW (src/solver/optimizer.py); torch's default is 1e-8
+
+
+def describe_optimizer(kind: str, lr: float, weight_decay: float, momentum: float) -> str:
+    """One line for config.json and --print-config: the optimiser and its decay groups."""
+    decay = {"adamw": "on weights (ndim >= 2), 0 on biases/norms/gates",
+             "adamw-ref": "on every parameter without 'bias' in its name, 0 on the rest",
+             "sgd": "on weights (ndim >= 2), 0 on biases/norms/gates"}[kind]  # fmt: skip
+    opt = {"sgd": f"SGD momentum {momentum}", "adamw": "AdamW (torch, eps 1e-8)",
+           "adamw-ref": f"AdamW (reference, eps {REF_ADAMW_EPS:g})"}[kind]  # fmt: skip
+    return f"{opt}, lr {lr:g}, decay {weight_decay:g} {decay}" if weight_decay else f"{opt}, lr {lr:g}, no decay"
+
+
 STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup", "attack")
 TRAIN_ATTACKS = (*fast.ATTACKS, "none")
 
@@ -73,8 +90,8 @@ def _check_stage(stage: str, d, cfg) -> None:
     unknown = sorted(set(d) - set(STAGE_KEYS))
     if unknown:
         raise ConfigError(f"{stage}: unknown keys {', '.join(unknown)} (use {', '.join(STAGE_KEYS)})")
-    if "optimizer" in d and d["optimizer"] not in ("sgd", "adamw"):
-        raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not sgd or adamw")
+    if "optimizer" in d and d["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
     if "attack" in d:
         _check_attack(f"{stage}.attack", d["attack"], cfg.norm)
     for key in ("lr", "weight_decay"):
@@ -132,6 +149,9 @@ class TrainConfig:
     interpolation: str = "bilinear"  # of that resize: bilinear (the reference) or bicubic
     peft: str = "full"
     init: str = "alp"
+    # The random head every stage that does not continue another starts from (ALP, RanLI, pretrain):
+    # reference (the RoLI code's kaiming fan_out + prior bias), torch (nn.Linear's), zero.
+    head_init: str = "torch"
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -199,6 +219,7 @@ class TrainConfig:
         need(self.peft in PEFT_METHODS, f"peft: {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
         need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
              f"init: {self.init!r} is not random, lp, alp or a checkpoint path")  # fmt: skip
+        need(self.head_init in HEAD_INITS, f"head-init: {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
         need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
         _check_attack("attack", self.attack, self.norm)
         need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
@@ -215,7 +236,8 @@ class TrainConfig:
         moved = sorted(set(self.model_args) & {"mean", "std", "input_size", "interpolation"})
         need(not moved, f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
                         f"--{moved[0].replace('_', '-')} instead" if moved else "")  # fmt: skip
-        need(self.optimizer in (None, "sgd", "adamw"), f"optimizer: {self.optimizer!r} is not sgd or adamw")
+        need(self.optimizer in (None, *OPTIMIZERS), f"optimizer: {self.optimizer!r} is not one of "
+                                                     f"{', '.join(OPTIMIZERS)}")  # fmt: skip
         need(
             self.autoattack in (None, "standard", "plus", "rand"),
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
@@ -265,6 +287,7 @@ class TrainConfig:
              f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
              f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
+        self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -338,7 +361,13 @@ class TrainConfig:
         out = {}
         for k in kinds:
             s = self.settings(k)
-            out["ranli" if k == "ft" and self.init == "random" else k] = {
-                "optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
-                "warmup": s.warmup, "attack": s.attack}  # fmt: skip
+            name = "ranli" if k == "ft" and self.init == "random" else k
+            if s.optimizer == "adamw-ref" and s.weight_decay == 0:
+                raise ConfigError(
+                    f"{name}.optimizer: adamw-ref with weight_decay 0 is not what the reference ran "
+                    "(its optimizer.py falls through to SGD, momentum 0.9, no decay); use sgd"
+                )
+            detail = describe_optimizer(s.optimizer, s.lr, s.weight_decay, self.momentum)
+            out[name] = {"optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
+                         "warmup": s.warmup, "attack": s.attack, "optimizer_detail": detail}  # fmt: skip
         return out

@@ -21,6 +21,7 @@ from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import (
     apply_peft,
     create_classifier,
+    init_head,
     load_checkpoint,
     load_pretrained,
     resolve_checkpoint,
@@ -102,7 +103,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
         model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **pre, **cfg.model_args)
     except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
         raise ConfigError(f"model: {first_line(e)}") from None
-    head = "a fresh random head"
+    head = None  # the checkpoint's classifier, where --keep-source-head loaded it
     if checkpoint:
         try:
             report = load_pretrained(model, checkpoint, strict=not cfg.non_strict, keep_head=cfg.keep_source_head,
@@ -118,6 +119,10 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
                               f"({report.head})")  # fmt: skip
     elif cfg.keep_source_head:
         raise ConfigError("keep-source-head: needs a --checkpoint whose classifier to keep")
+    if head is None:
+        if cfg.head_init != "torch":  # create_classifier's head is already nn.Linear's own init
+            init_head(model.head, cfg.head_init)
+        head = f"a fresh random head (head init: {cfg.head_init})"
     if not quiet:
         log.info("model: %s, starting from %s", model.name, head)
     return model.to(cfg.device)
@@ -236,7 +241,8 @@ def _fit(cfg: TrainConfig, name: str, model, opt, make_step, settings: StageSett
 
 
 def _optimizer(cfg: TrainConfig, model, settings: StageSettings):
-    return make_optimizer(param_groups(model, settings.weight_decay), settings.optimizer, settings.lr, cfg.momentum)
+    groups = param_groups(model, settings.weight_decay, settings.optimizer)
+    return make_optimizer(groups, settings.optimizer, settings.lr, cfg.momentum)
 
 
 def train_alp(cfg: TrainConfig, model, splits, stage_dir: Path, resume: bool) -> dict:
