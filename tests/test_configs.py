@@ -50,7 +50,13 @@ def test_reference_values_resolve_per_stage():
     # Stanford Dogs RanLI-LoRA: the YAML's WEIGHT_DECAY 0.0001 > 0, so the reference's AdamW with 0.01 ran.
     dogs = TrainConfig.from_file(CONFIGS / "stanford_dogs" / "ranli_lora.yaml").resolved()
     assert {k: v for k, v in dogs["ranli"].items() if k != "optimizer_detail"} == {
-        "optimizer": "adamw-ref", "lr": 0.00125, "weight_decay": 0.01, "epochs": 40, "warmup": 10, "attack": "pgd"}
+        "optimizer": "adamw-ref",
+        "lr": 0.00125,
+        "weight_decay": 0.01,
+        "epochs": 40,
+        "warmup": 10,
+        "attack": "pgd",
+    }
     # a flag changes one key of a stage's mapping, not the others
     over = TrainConfig.from_file(CONFIGS / "cifar10" / "roli_full.yaml", alp={"lr": 0.5}).resolved()["alp"]
     assert (over["lr"], over["weight_decay"], over["optimizer"]) == (0.5, 0.01, "sgd")

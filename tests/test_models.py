@@ -363,8 +363,10 @@ def test_lora_output_is_base_plus_alpha_over_rank_times_b_a_x():
         torch.testing.assert_close(lora.merged()(x), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method, backbone_training", [("full", True), ("linear", False), ("lora", False),
-                                                       ("adapter", False), ("bias", False), ("vpt", False)])
+@pytest.mark.parametrize(
+    "method, backbone_training",
+    [("full", True), ("linear", False), ("lora", False), ("adapter", False), ("bias", False), ("vpt", False)],
+)
 def test_encoder_mode_after_train_follows_the_reference(method, backbone_training):
     """The reference keeps the encoder in eval mode for linear, LoRA, Adapter and Bias (froze_enc): no drop-path,
     no LoRA dropout; full finetuning trains it; VPT is eval with only the prompts' dropout active."""
