@@ -71,7 +71,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--std", help="per-channel std applied inside the model")
     g.add_argument("--input-size", type=int, help="resize images to this size inside the model (e.g. 224 for CIFAR)")
     g.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
-    g.add_argument("--peft", help="full | linear | lora | adapter | vpt | bias (finetuning)")
+    g.add_argument("--peft", help="full | linear | lora | adapter | vpt | vpt-gated | bias (finetuning)")
     g.add_argument("--init", help="head of finetuning: random | lp | alp | PATH to a roli head checkpoint")
     g.add_argument("--head-init", choices=list(HEAD_INITS),
                    help="the random head of ALP, RanLI and pretraining: reference (the RoLI code's kaiming fan_out "

@@ -88,6 +88,7 @@ def test_n_fgsm_equals_its_formula():
     ref = (x0.double() + NFGSM_STEP * EPS * grad.double().sign()).clamp(0, 1)
     assert torch.allclose(x_adv.double(), ref, rtol=0, atol=1e-6)
     assert float((x_adv - x).abs().max()) > 2.5 * EPS  # beyond the eps box: no projection onto it
+    assert label("n-fgsm", 1) == "N-FGSM"
 
 
 class _Constant(nn.Module):

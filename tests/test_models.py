@@ -237,8 +237,8 @@ def test_own_checkpoints_full_and_trainable_only(tmp_path, monkeypatch):
 
 
 CASES = [
-    ("vit_tiny_patch16_224", VIT, ("full", "linear", "lora", "adapter", "vpt", "bias")),
-    ("swin_tiny_patch4_window7_224", SWIN, ("full", "linear", "lora", "adapter", "vpt", "bias")),
+    ("vit_tiny_patch16_224", VIT, ("full", "linear", "lora", "adapter", "vpt-gated", "bias")),
+    ("swin_tiny_patch4_window7_224", SWIN, ("full", "linear", "lora", "adapter", "vpt-gated", "bias")),
     ("resnet", None, ("full", "linear", "bias")),
 ]
 
@@ -271,7 +271,8 @@ def test_trainable_counts_vit():
         "linear": head,
         "lora": head + blocks * 2 * (r * d + d * r),  # q and v: A (r, d) and B (d, r)
         "adapter": head + blocks * (d * (d // 8) + d // 8 + (d // 8) * d + d),
-        "vpt": head + blocks * (10 * d + heads),
+        "vpt-gated": head + blocks * (10 * d + heads),
+        "vpt": head + blocks * 10 * d,  # one set of 10 prompts per block
     }
     for method, want in expected.items():
         m = _model("vit_tiny_patch16_224", VIT)
@@ -287,11 +288,11 @@ def test_trainable_counts_vit():
 
 
 def test_vpt_on_swin_learns_after_a_step_and_drops_prompts_in_training_only():
-    """VPT on Swin (every window's tokens attend to the block's prompts): the gate gets a gradient at once;
+    """vpt-gated on Swin (every window's tokens attend to the block's prompts): the gate gets a gradient at once;
     after one step the prompts do too and the function has moved; prompt dropout acts in train mode only."""
     x, y = images(4, seed=5), torch.tensor([0, 1, 2, 3])
     m = _model("swin_tiny_patch4_window7_224", {**SWIN, "drop_path_rate": 0.0})  # prompt dropout the only draw
-    info = apply_peft(m, "vpt", vpt_tokens=4, vpt_dropout=0.1)
+    info = apply_peft(m, "vpt-gated", vpt_tokens=4, vpt_dropout=0.1)
     blocks = [mod for mod in m.modules() if hasattr(mod, "prompts")]
     assert len(blocks) == sum(SWIN["depths"]) and info["trainable"] == count_trainable(m)
     with torch.no_grad():
@@ -317,7 +318,8 @@ def test_vpt_on_swin_learns_after_a_step_and_drops_prompts_in_training_only():
 
 def test_peft_branches_receive_gradients_and_reference_bugs_absent():
     x, y = images(4, seed=5), torch.tensor([0, 1, 2, 3])
-    for method, names in (("lora", ("lora_B",)), ("adapter", (".up.",)), ("vpt", (".gate",))):
+    for method, names in (("lora", ("lora_B",)), ("adapter", (".up.",)), ("vpt-gated", (".gate",)),
+                          ("vpt", ("vpt_prompts",))):  # fmt: skip
         m = _model("vit_tiny_patch16_224", VIT)
         apply_peft(m, method)
         nn.functional.cross_entropy(m.train()(x), y).backward()
@@ -365,7 +367,15 @@ def test_lora_output_is_base_plus_alpha_over_rank_times_b_a_x():
 
 @pytest.mark.parametrize(
     "method, backbone_training",
-    [("full", True), ("linear", False), ("lora", False), ("adapter", False), ("bias", False), ("vpt", False)],
+    [
+        ("full", True),
+        ("linear", False),
+        ("lora", False),
+        ("adapter", False),
+        ("bias", False),
+        ("vpt", False),
+        ("vpt-gated", False),
+    ],  # fmt: skip
 )
 def test_encoder_mode_after_train_follows_the_reference(method, backbone_training):
     """The reference keeps the encoder in eval mode for linear, LoRA, Adapter and Bias (froze_enc): no drop-path,
@@ -377,7 +387,7 @@ def test_encoder_mode_after_train_follows_the_reference(method, backbone_trainin
     prompt_dropouts = {id(mod.prompt_dropout) for mod in m.modules() if hasattr(mod, "prompt_dropout")}
     others = [mod for mod in m.backbone.modules() if id(mod) not in prompt_dropouts]
     assert all(mod.training == backbone_training for mod in others), method
-    assert len(prompt_dropouts) == (VIT["depth"] if method == "vpt" else 0)
+    assert len(prompt_dropouts) == {"vpt-gated": VIT["depth"], "vpt": 1}.get(method, 0)
     assert all(mod.prompt_dropout.training for mod in m.modules() if hasattr(mod, "prompt_dropout"))
     m.eval()
     assert not any(mod.training for mod in m.modules())
@@ -424,6 +434,89 @@ def test_peft_rejects_unsupported():
     with pytest.raises(ValueError, match="LoRA applies to ViT/Swin"):
         apply_peft(_model("resnet", None), "lora")
     with pytest.raises(ValueError, match="VPT applies to ViT and Swin"):
+        apply_peft(_model("resnet", None), "vpt-gated")
+    with pytest.raises(ValueError, match="is not a timm ViT or Swin: VPT"):
         apply_peft(_model("resnet", None), "vpt")
     with pytest.raises(ValueError, match="unknown PEFT method"):
         apply_peft(_model("resnet", None), "prefix")
+
+
+# -- VPT as the paper ran it (roli.models.vpt) ------------------------------------------------------------------
+
+
+def test_vpt_on_vit_inserts_prompts_after_cls_in_every_block():
+    m = _model("vit_tiny_patch16_224", VIT).eval()
+    x = images(2, seed=4)
+    with torch.no_grad():
+        before = m(x)
+    apply_peft(m, "vpt", vpt_tokens=5)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().clone())) for b in m.backbone.blocks]
+    with torch.no_grad():
+        after = m(x)
+    for h in hooks:
+        h.remove()
+    patches = (32 // 4) ** 2
+    assert [t.shape[1] for t in seen] == [1 + 5 + patches] * VIT["depth"]  # CLS + prompts + patches, every block
+    prompts = m.backbone.vpt_prompts  # (depth, 5, 192): each block gets its own set, right after CLS
+    for i, t in enumerate(seen):
+        assert torch.equal(t[:, 1:6], prompts[i].expand(2, -1, -1))
+    bound = (6 / (3 * 4 * 4 + 192)) ** 0.5  # the reference's uniform init, patch 4
+    assert float(prompts.abs().max()) <= bound and float(prompts.abs().max()) > 0.9 * bound
+    assert (after - before).abs().max() > 1e-3  # the prompts change the function at init (RanLI-VPT)
+
+
+def _swin_by_hand(m, x, prompts):
+    """One Swin block with the window covering the whole 4x4 grid (no shift), written out in float64: prompts in
+    front of the tokens, one softmax over both with the relative position bias zero for prompt rows/columns, the
+    residual and the MLP on all tokens, the final LayerNorm and the mean over prompts and tokens."""
+    bb = m.backbone
+    blk = bb.layers[0].blocks[0]
+    t = bb.patch_embed(x).flatten(1, 2)  # (B, 16, C)
+    b, n, c = t.shape[0], prompts.shape[0], t.shape[2]
+    t = torch.cat([prompts.expand(b, -1, -1), t], 1)
+    h = blk.norm1(t)
+    heads = blk.attn.num_heads
+    q, k, v = (blk.attn.qkv(h).view(b, n + 16, 3, heads, c // heads).permute(2, 0, 3, 1, 4)).unbind(0)
+    logits = q @ k.transpose(-1, -2) / (c // heads) ** 0.5
+    table = blk.attn.relative_position_bias_table
+    index = blk.attn.relative_position_index.view(-1)
+    rel = torch.zeros(heads, n + 16, n + 16, dtype=x.dtype)
+    rel[:, n:, n:] = table[index].view(16, 16, heads).permute(2, 0, 1)
+    out = blk.attn.proj((torch.softmax(logits + rel, -1) @ v).transpose(1, 2).reshape(b, n + 16, c))
+    t = t + out
+    t = t + blk.mlp(blk.norm2(t))
+    return bb.norm(t).mean(1)
+
+
+def test_vpt_on_swin_matches_the_reference_computation_in_one_window():
+    torch.manual_seed(0)
+    m = create_classifier("swin_tiny_patch4_window7_224", 10, img_size=16, window_size=4, embed_dim=24, depths=(1,),
+                          num_heads=(2,)).double().eval()  # fmt: skip
+    apply_peft(m, "vpt", vpt_tokens=3)
+    x = images(2, seed=5).double()[:, :, :16, :16]
+    with torch.no_grad():
+        got = m.features(x)
+        want = _swin_by_hand(m, m.pre(x), m.backbone.vpt_prompts[0][0])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_vpt_on_swin_prompt_shapes_and_each_image_its_own_prompts():
+    """Deep prompts: one set per block, embed_dim * 2^stage wide. With several windows, shifted windows and two
+    stages, an image's features do not depend on the other images of its batch (each window attends with its
+    own image's prompts; the reference pairs windows and prompts of different images where a stage has more
+    than one window)."""
+    m = _model("swin_tiny_patch4_window7_224", {**SWIN, "depths": (2, 2)}).eval()
+    apply_peft(m, "vpt", vpt_tokens=4)
+    assert [tuple(p.shape) for p in m.backbone.vpt_prompts] == [(2, 4, 24), (2, 4, 48)]
+    x = images(3, seed=6)
+    with torch.no_grad():
+        together = m(x)
+        alone = torch.cat([m(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    base = _model("swin_tiny_patch4_window7_224", {**SWIN, "depths": (2, 2)}).eval()
+    with torch.no_grad():
+        assert (together - base(x)).abs().max() > 1e-3
+    # gradients reach every stage's prompts
+    nn.functional.cross_entropy(m.train()(x), torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vpt_prompts)

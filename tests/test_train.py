@@ -75,7 +75,7 @@ def test_training_attacks_with_and_without_batchnorm_folding(tmp_path):
         assert abs(out[True][key] - out[False][key]) <= 0.02, out
 
 
-@pytest.mark.parametrize("peft", ["lora", "adapter", "vpt", "bias", "linear"])
+@pytest.mark.parametrize("peft", ["lora", "adapter", "vpt", "vpt-gated", "bias", "linear"])
 def test_every_peft_choice(peft, tmp_path):
     """Each PEFT choice trains exactly its own parameters: every frozen tensor of best.pt equals the model the run
     started from (built here from the seed), the head and the method's zero-initialised branch moved."""
@@ -91,13 +91,15 @@ def test_every_peft_choice(peft, tmp_path):
     apply_peft(init, peft)
     start = init.state_dict()
     assert trained.keys() == start.keys()
-    marks = {"lora": ("lora_A", "lora_B"), "adapter": (".down.", ".up."), "vpt": (".prompts", ".gate"),
+    marks = {"lora": ("lora_A", "lora_B"), "adapter": (".down.", ".up."), "vpt": ("vpt_prompts",),
+             "vpt-gated": (".prompts", ".gate"),
              "bias": ("bias",), "linear": ()}[peft]  # fmt: skip
     trainable = {n for n, _ in init.named_parameters() if n.startswith("head.") or any(m in n for m in marks)}
     assert trainable == {n for n, p in init.named_parameters() if p.requires_grad}
     for name in set(start) - trainable:
         assert torch.equal(trained[name], start[name]), f"{peft}: frozen {name} changed"
-    branch = {"lora": "lora_B", "adapter": ".up.", "vpt": ".gate", "bias": "fc1.bias", "linear": "head."}[peft]
+    branch = {"lora": "lora_B", "adapter": ".up.", "vpt": "vpt_prompts", "vpt-gated": ".gate", "bias": "fc1.bias",
+              "linear": "head."}[peft]  # fmt: skip
     for name in ("head.weight", *[n for n in trainable if branch in n]):
         assert not torch.equal(trained[name], start[name]), f"{peft}: {name} did not train"
 

@@ -9,12 +9,12 @@ train for full finetuning, eval with only prompt dropout for VPT.
   and Swin, or any nn.Linear named qkv): targets "qv" (the paper) or "qkv". A random, B zero.
 - "adapter": a bottleneck after each block's MLP, h + up(act(down(h))), reduction factor r. Down random,
   up zero.
-- "vpt": deep visual prompts, n learned tokens per block that the block's tokens attend to, through a
-  zero-initialised per-head gate (as in LLaMA-Adapter's zero-init attention): out = attn(x) +
-  proj(g * softmax(q k_p^T) v_p). The RoLI protocol needs every branch to output zero at init so the
-  finetuned model starts exactly at the ALP model; plain prompt concatenation would change every
-  token's attention at init. timm ViT blocks and Swin blocks (there each window's tokens attend to the
-  block's prompts).
+- "vpt": Visual Prompt Tuning as the paper ran it (Jia et al., deep; roli.models.vpt): prompt tokens join
+  the token sequence of every block (Swin: inside every window) and change the function at init, which
+  is the paper's RanLI-VPT. timm ViT and Swin backbones.
+- "vpt-gated": roli's own variant that starts exactly at the base model: n learned tokens per block that
+  the block's tokens attend to through a zero-initialised per-head gate (as in LLaMA-Adapter's zero-init
+  attention): out = attn(x) + proj(g * softmax(q k_p^T) v_p). Any ViT/Swin-style attention block.
 - "bias": BitFit as the reference selects it: every parameter with "bias" in its name (Swin's
   relative_position_bias_table too), and the head.
 The head always trains. The reference code's bugs are not reproduced: its LoRA zero-initialises both
@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("full", "linear", "lora", "adapter", "vpt", "bias")
+from roli.models.vpt import apply_vpt, supports_vpt
+
+METHODS = ("full", "linear", "lora", "adapter", "vpt", "vpt-gated", "bias")
 # The backbone's mode while the model trains, as the RoLI reference runs each method (src/models/vit_models.py:
 # froze_enc for every transfer type but end2end and prompt; its VPT-Swin keeps only prompt dropout active).
 ENCODER_MODES = {"full": "train", "linear": "eval", "lora": "eval", "adapter": "eval", "bias": "eval",
-                 "vpt": "prompts"}  # fmt: skip
+                 "vpt": "prompts", "vpt-gated": "prompts"}  # fmt: skip
 _IDENTITY = nn.Identity()
 
 
@@ -151,7 +153,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
     """Apply `method` to a RobustClassifier in place. Returns {"method", "trainable", "total"}."""
     if method not in METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
-    backbone = model.backbone
+    backbone, training = model.backbone, model.training
     for p in model.parameters():
         p.requires_grad_(method == "full")
     model.encoder_mode = ENCODER_MODES[method]
@@ -173,27 +175,35 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
             raise ValueError(f"{model.name} has no transformer blocks with an MLP: Adapter applies to ViT/Swin")
         for _, m in sites:
             m.mlp = Adapter(m.mlp, m.mlp.fc1.in_features, adapter_reduction).to(m.mlp.fc1.weight.device)
-    elif method == "vpt":
+    elif method in ("vpt", "vpt-gated"):
         if vpt_tokens < 1:
             raise ValueError(f"vpt_tokens must be >= 1; got {vpt_tokens}")
         if not 0 <= vpt_dropout < 1:
             raise ValueError(f"vpt_dropout must be in [0, 1); got {vpt_dropout}")
-        sites = [(n, m) for n, m in _blocks_with(backbone, "attn") if _prompt_site(m.attn)]
-        if not sites:
-            raise ValueError(f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies to "
-                             "ViT and Swin models")  # fmt: skip
-        for _, m in sites:
-            m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight.device)
+        if method == "vpt":
+            if not supports_vpt(backbone):
+                raise ValueError(f"{model.name} is not a timm ViT or Swin: VPT (the paper's prompts) applies to those; "
+                                 "vpt-gated works on any ViT/Swin-style attention")  # fmt: skip
+            apply_vpt(backbone, vpt_tokens, vpt_dropout)
+        else:
+            sites = [(n, m) for n, m in _blocks_with(backbone, "attn") if _prompt_site(m.attn)]
+            if not sites:
+                raise ValueError(f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies "
+                                 "to ViT and Swin models")  # fmt: skip
+            for _, m in sites:
+                m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight.device)
     for name, p in model.named_parameters():
         trainable = (
             method == "full"
             or name.startswith("head.")
             or (method == "lora" and "lora_" in name)
             or (method == "adapter" and (".down." in name or ".up." in name))
-            or (method == "vpt" and (name.endswith(".prompts") or name.endswith(".gate")))
+            or (method == "vpt" and ".vpt_prompts" in name)
+            or (method == "vpt-gated" and (name.endswith(".prompts") or name.endswith(".gate")))
             or (method == "bias" and "bias" in name)  # the reference's rule: Swin's relative_position_bias_table too
         )
         p.requires_grad_(trainable)
+    model.train(training)  # new branches (prompts' dropout) take the model's mode, with the method's encoder mode
     return {"method": method, "trainable": count_trainable(model), "total": sum(p.numel() for p in model.parameters())}
 
 
