@@ -253,10 +253,13 @@ def _train_a_little(stage, seed):
         ([(0.6, 0.5), (0.45, 0.9)], False),  # PGD down 0.15 < drop 0.2
         ([(0.4, 0.5), (0.6, 0.2), (0.35, 0.3)], True),  # measured against the best check (0.6, 0.2)
         ([(0.4, 0.5), (0.6, 0.6), (0.35, 0.5)], False),  # single-step below the best check's 0.6
+        ([(0.5, 0.5), (0.25, 0.9)], False),  # PGD down exactly the drop (0.25 here): not more than it
+        ([(0.5, 0.5), (0.5, 0.4), (0.2, 0.45)], False),  # a tie does not replace the best check: 0.45 < 0.5
     ],
 )
 def test_guard_fires_only_when_pgd_falls_and_single_step_does_not(readings, fires):
     guard, stage, fallbacks = _scripted_guard(readings)
+    guard.drop = 0.25 if readings[0] == (0.5, 0.5) and len(readings) == 2 else 0.2
     events = [guard.check(stage, 0, i) for i in range(len(readings))]
     assert (events[-1] is not None) == fires and all(e is None for e in events[:-1])
     assert fallbacks == ([1] if fires else []) and (stage.attack == "pgd attack") == fires
@@ -281,6 +284,64 @@ def test_guard_restores_model_and_optimiser_state_but_keeps_the_learning_rate():
     for p, buf in zip(stage.model.parameters(), good_buffers, strict=True):
         assert torch.equal(stage.optimizer.state[p]["momentum_buffer"], buf)
     assert [g["lr"] for g in stage.optimizer.param_groups] == [0.0123]
+    assert guard.event == {"epoch": 0, "step": 4, "pgd": 0.2, "single": 0.9, "best_pgd": 0.7,
+                           "restored": {"epoch": 0, "step": 2}, "from": "FGSM-RS", "to": "PGD-7"}  # fmt: skip
+    assert guard.summary() == "FGSM-RS -> PGD-7 (guard: epoch 0 step 4)" and stage.attack == "pgd attack"
+
+
+def test_guard_measure_equals_an_independent_pgd5_and_single_step_count():
+    """measure(): accuracy under PGD-5 with step 2.5 eps / 5 from the guard's seeded random start (a float64
+    reference written here), and under the training attack, on the guard's batch."""
+    torch.manual_seed(0)
+    model = _cnn(seed=8).double()
+    x, _ = _batch(seed=9, n=40)
+    x = x.double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 5  # a few clean mistakes
+    eps = 4 / 255
+    single = training_attack("fgsm-rs", model, eps, seed=3, fold_bn=False)
+    guard = Guard(every=1, drop=0.2, x=x, y=y, eps=eps, precision="fp32", seed=17, single=lambda: single,
+                  fallback=lambda: (None, None), label="FGSM-RS", fallback_label="PGD-7")  # fmt: skip
+    pgd_acc, single_acc = guard.measure(model)
+    g = torch.Generator().manual_seed(17)
+    noise = torch.empty(x.shape, dtype=torch.float32).uniform_(-1.0, 1.0, generator=g)
+    xa = (noise * eps + x.float()).clamp(0, 1).double()
+    with torch.no_grad():
+        broken = model(x).argmax(1) != y
+    for it in range(6):  # 5 steps of 2.5 eps / 5; a sample counts as broken at any iterate
+        xa.requires_grad_(True)
+        logits = model(xa)
+        broken |= logits.argmax(1) != y
+        if it == 5:
+            break
+        grad = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xa)[0]
+        xa = torch.minimum(torch.maximum(xa.detach() + 0.5 * eps * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    single_2 = training_attack("fgsm-rs", model, eps, seed=3, fold_bn=False)  # the same draws as the guard's
+    with torch.no_grad():
+        single_ok = model(single_2(x, y)).argmax(1) == y
+    assert 0 < int(broken.sum()) < len(y)
+    assert pgd_acc == (len(y) - int(broken.sum())) / len(y)
+    assert single_acc == int(single_ok.sum()) / len(y) and single_acc < 1
+
+
+def test_training_attack_settings():
+    model = _cnn()
+    pgd = training_attack("pgd", model, 3 / 255, 1 / 255, 4, norm="l2", seed=1)
+    assert (pgd.eps, pgd.step_size, pgd.steps, pgd.norm, pgd.keep, pgd.random_start) == (3 / 255, 1 / 255, 4, "l2",
+                                                                                          "last", True)  # fmt: skip
+    no_start = training_attack("pgd", model, 3 / 255, 1 / 255, 4, random_start=False)
+    assert no_start.random_start is False
+    fgsm = training_attack("fgsm-rs", model, 3 / 255, 1 / 255, 4, random_start=False)
+    assert (fgsm.eps, fgsm.step_size, fgsm.steps, fgsm.norm, fgsm.random_start) == (3 / 255, 1.25 * 3 / 255, 1,
+                                                                                     "linf", True)  # fmt: skip
+    nf = training_attack("n-fgsm", model, 3 / 255, 1 / 255, 4, random_start=False)
+    assert (nf.eps, nf.init_eps, nf.step_size, nf.steps, nf.norm, nf.random_start) == (
+        9 / 255, 6 / 255, 3 / 255, 1, "linf", True)  # fmt: skip
+    with pytest.raises(ValueError, match="n-fgsm is a Linf attack"):
+        training_attack("n-fgsm", model, 0.5, norm="l2")
+    with pytest.raises(ValueError, match="attack 'fgsm' is not one of pgd, fgsm-rs, n-fgsm"):
+        training_attack("fgsm", model, 0.5)
 
 
 def test_guard_never_firing_changes_nothing():
@@ -419,3 +480,19 @@ def test_training_steps_never_synchronise_with_the_host(kind, monkeypatch):
     # The deferred flag catches what the synchronous checks would have refused.
     attack(x.clone().fill_(2.0), y)
     assert bool(attack.pop_invalid())
+
+
+def test_guard_load_restores_the_saved_snapshot_not_the_current_model():
+    """A run resumed mid-epoch restores, on a later collapse, the last good state it saved (not the model it
+    resumed with)."""
+    first, stage, _ = _scripted_guard([(0.6, 0.5)])
+    _train_a_little(stage, 1)
+    first.check(stage, 0, 1)
+    saved = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    state = first.state(with_snapshot=True)
+    _train_a_little(stage, 2)  # the model moves on after the save (resumed from a later last.pt)
+    resumed, _, _ = _scripted_guard([(0.1, 0.9)])
+    resumed.load(state, stage)
+    assert resumed.check(stage, 0, 5) is not None
+    for k, v in stage.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -414,6 +414,27 @@ def test_head_inits():
         init_head(head, "xavier")
 
 
+def test_lora_init_and_dropout():
+    """A: nn.Linear's init (kaiming_uniform_, a = sqrt(5): bound 1 / sqrt(in)); B zero; LoRA dropout acts on the
+    branch's input in train mode only; a projection that is not 3 x dim wide is refused."""
+    torch.manual_seed(0)
+    lora = LoRAQKV(nn.Linear(192, 576), rank=16, alpha=16.0, dropout=0.5, targets="qv")
+    bound = 1 / 192**0.5
+    for t in "qv":
+        a = lora.lora_A[t].detach()
+        assert float(a.abs().max()) <= bound and float(a.abs().max()) > 0.99 * bound
+        assert not lora.lora_B[t].any()
+        lora.lora_B[t].data.normal_()
+    x = torch.randn(4, 192)
+    with torch.no_grad():
+        lora.eval()
+        assert torch.equal(lora(x), lora(x))
+        lora.train()
+        assert not torch.equal(lora(x), lora(x))
+    with pytest.raises(ValueError, match="a qkv projection must have 3 x dim outputs; got 100"):
+        LoRAQKV(nn.Linear(8, 100), rank=2, alpha=2.0, dropout=0.0, targets="qv")
+
+
 def test_merge_lora_for_export():
     m = _model("vit_tiny_patch16_224", VIT)
     apply_peft(m, "lora", lora_rank=4, lora_alpha=8)
