@@ -316,3 +316,39 @@ def test_download_checks_the_sha256_and_lands_atomically(tmp_path, monkeypatch):
     assert not Path(path).exists()  # nothing half-checked lands in the cache
     with pytest.raises(ValueError, match="Google Drive"):
         zoo.fetch(REGISTRY["liu2023_swin_b"])
+
+
+# RobustBench's own preprocessing per ImageNet Linf entry (robustbench/model_zoo/imagenet.py and utils.py, read
+# 2026-12-04): normalize_model(ImageNet mean/std) or none, and the named test transform (data.py PREPROCESSINGS:
+# Res256Crop224 = bilinear Resize(256) + CenterCrop(224); BicubicRes256Crop224; Res224 = bilinear Resize(224)).
+RB_FACTS = {
+    "Liu2023Comprehensive_Swin-B": (True, "bicubic", 256), "Liu2023Comprehensive_Swin-L": (True, "bicubic", 256),
+    "Liu2023Comprehensive_ConvNeXt-B": (True, "bicubic", 256),
+    "Liu2023Comprehensive_ConvNeXt-L": (True, "bicubic", 256),
+    "Salman2020Do_R50": (True, "bilinear", 256), "Salman2020Do_R18": (True, "bilinear", 256),
+    "Salman2020Do_50_2": (True, "bilinear", 256), "Engstrom2019Robustness": (True, "bilinear", 256),
+    "Mo2022When_Swin-B": (True, "bilinear", 224), "Mo2022When_ViT-B": (True, "bilinear", 224),
+    "Singh2023Revisiting_ConvNeXt-T-ConvStem": (False, "bicubic", 256),
+    "Singh2023Revisiting_ConvNeXt-S-ConvStem": (False, "bicubic", 256),
+    "Singh2023Revisiting_ConvNeXt-B-ConvStem": (False, "bicubic", 256),
+    "Singh2023Revisiting_ConvNeXt-L-ConvStem": (False, "bicubic", 256),
+}  # fmt: skip
+
+
+def test_robustbench_entries_preprocess_as_robustbench_does():
+    from roli.models.zoo import REGISTRY, lookup
+
+    rb = [e for e in REGISTRY.values() if e.layout == "robustbench"]
+    assert {e.aliases[0] for e in rb} == set(RB_FACTS)
+    for e in rb:
+        normalized, interpolation, resize = RB_FACTS[e.aliases[0]]
+        assert (e.mean is not None, e.interpolation, e.resize_size, e.input_size) == (normalized, interpolation,
+                                                                                      resize, 224), e.name  # fmt: skip
+        if normalized:
+            assert (tuple(e.mean), tuple(e.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # a Singh2023 ConvNeXt's preprocessing inside the model is the identity at 224
+    entry = lookup("Singh2023Revisiting_ConvNeXt-T-ConvStem")
+    net = create_classifier(entry.name, 5, **REDUCED["convstem"])
+    x = torch.rand(2, 3, 224, 224)
+    assert net.pre.mean is None and torch.equal(net.pre(x), x)
+    assert "no normalization" in entry.preprocessing()

@@ -41,8 +41,8 @@ class Published:
     layout: str  # the key conversion it needs (LAYOUTS)
     reported: str  # the publisher's own figures, for orientation
     arch_args: dict = field(default_factory=dict)
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+    mean: tuple | None = IMAGENET_MEAN  # None: no normalization (the publisher's network takes [0, 1] pixels)
+    std: tuple | None = IMAGENET_STD
     input_size: int = 224
     interpolation: str = "bicubic"  # the publisher's evaluation resize
     crop_pct: float = 0.875  # resize to input_size / crop_pct, then centre-crop input_size
@@ -54,8 +54,9 @@ class Published:
         return int(round(self.input_size / self.crop_pct))
 
     def preprocessing(self) -> str:
-        return (f"mean {tuple(round(m, 4) for m in self.mean)}, std {tuple(round(s, 4) for s in self.std)}; "
-                f"{self.interpolation} resize {self.resize_size}, crop {self.input_size}")  # fmt: skip
+        norm = "no normalization" if self.mean is None else \
+            f"mean {tuple(round(m, 4) for m in self.mean)}, std {tuple(round(s, 4) for s in self.std)}"  # fmt: skip
+        return f"{norm}; {self.interpolation} resize {self.resize_size}, crop {self.input_size}"
 
 
 LAYOUTS = {
@@ -96,6 +97,7 @@ _MADRY = "MadryLab robustness (ImageNet ResNet-50)"
 _LEADERBOARD = "see the RobustBench leaderboard"
 _ROBUSTNESS = "see the robustness README's ImageNet table"
 _RES256 = dict(interpolation="bilinear", crop_pct=224 / 256)  # Resize(256) + CenterCrop(224)
+_NO_NORM = dict(mean=None, std=None)  # the network takes pixels in [0, 1] as they are
 
 REGISTRY: dict[str, Published] = {}
 for _entry in [
@@ -135,19 +137,21 @@ for _entry in [
     _rb("mo2022_vit_b", "Mo2022When_ViT-B", "vit_base_patch16_224", "1-dUFdvDBflqMsMLjZv3wlPJTm-Jm7net",
         _LEADERBOARD, interpolation="bilinear", crop_pct=1.0),
     # Singh2023Revisiting: timm ConvNeXt with a convolutional stem in place of the patchify stem (built by
-    # roli.models.convstem on top of timm); RobustBench stores these without the normalize wrapper.
+    # roli.models.convstem on top of timm). RobustBench builds them without its normalize wrapper and loads
+    # them so (utils.py load_model lists them among the models without input normalization): they take pixels
+    # in [0, 1] as they are. Only its ViT-S-ConvStem carries ImageNet normalization (convstem_models.py).
     _rb("singh2023_convnext_t_convstem", "Singh2023Revisiting_ConvNeXt-T-ConvStem",
         "roli.models.convstem:convnext_tiny_convstem", "1-FjtOF6LJ3-bf4VezsmWwncCxYSx-USP",
-        _LEADERBOARD),
+        _LEADERBOARD, **_NO_NORM),
     _rb("singh2023_convnext_s_convstem", "Singh2023Revisiting_ConvNeXt-S-ConvStem",
         "roli.models.convstem:convnext_small_convstem", "1-ZrMYajCCnrtV4oT0wa3qJJoQy1nUSnL",
-        _LEADERBOARD),
+        _LEADERBOARD, **_NO_NORM),
     _rb("singh2023_convnext_b_convstem", "Singh2023Revisiting_ConvNeXt-B-ConvStem",
         "roli.models.convstem:convnext_base_convstem", "1-lE-waaVvfL7lgBrydmZIM9UJimmHnVe",
-        _LEADERBOARD),
+        _LEADERBOARD, **_NO_NORM),
     _rb("singh2023_convnext_l_convstem", "Singh2023Revisiting_ConvNeXt-L-ConvStem",
         "roli.models.convstem:convnext_large_convstem", "10-YOVdM2EQjHemSi9x2H44qKRSOXVQmh",
-        _LEADERBOARD),
+        _LEADERBOARD, **_NO_NORM),
     # MadryLab robustness library (Engstrom et al.): ResNet-50s, Linf and L2.
     Published("madry_resnet50_linf_4", "resnet50", *LINF_4, _MADRY, "imagenet_linf_4.pt",
               "https://www.dropbox.com/s/axfuary2w1cnyrg/imagenet_linf_4.pt?dl=0", "madrylab",
