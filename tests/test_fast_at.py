@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roli.attacks.fast import label, training_attack
+from roli.attacks.fast import label, radius, training_attack
 from roli.train import main
 from roli.training.guard import Guard
 from roli.training.loop import Interrupted, Stage, fit, make_optimizer
@@ -265,7 +265,7 @@ def test_guard_fires_only_when_pgd_falls_and_single_step_does_not(readings, fire
     assert fallbacks == ([1] if fires else []) and (stage.attack == "pgd attack") == fires
 
 
-def test_guard_restores_model_and_optimiser_state_but_keeps_the_learning_rate():
+def test_guard_restores_model_and_optimiser_state_but_keeps_the_learning_rate(caplog):
     guard, stage, _ = _scripted_guard([(0.6, 0.5), (0.7, 0.5), (0.2, 0.9)])
     _train_a_little(stage, 1)
     guard.check(stage, 0, 1)
@@ -287,11 +287,24 @@ def test_guard_restores_model_and_optimiser_state_but_keeps_the_learning_rate():
     assert guard.event == {"epoch": 0, "step": 4, "pgd": 0.2, "single": 0.9, "best_pgd": 0.7,
                            "restored": {"epoch": 0, "step": 2}, "from": "FGSM-RS", "to": "PGD-7"}  # fmt: skip
     assert guard.summary() == "FGSM-RS -> PGD-7 (guard: epoch 0 step 4)" and stage.attack == "pgd attack"
+    assert caplog.messages == ["ft: catastrophic overfitting at epoch 0 step 4 (guard PGD-5 accuracy 0.200, best "
+                               "0.700; FGSM-RS accuracy 0.900, 0.500 at the best): restored the state of epoch 0 "
+                               "step 2 and continuing with PGD-7"]  # fmt: skip
 
 
-def test_guard_measure_equals_an_independent_pgd5_and_single_step_count():
+def test_guard_measure_equals_an_independent_pgd5_and_single_step_count(monkeypatch):
     """measure(): accuracy under PGD-5 with step 2.5 eps / 5 from the guard's seeded random start (a float64
     reference written here), and under the training attack, on the guard's batch."""
+    import roli.training.guard as guard_module
+
+    made = []
+
+    class Spy(guard_module.PGD):
+        def __init__(self, model, **kw):
+            made.append(kw)
+            super().__init__(model, **kw)
+
+    monkeypatch.setattr(guard_module, "PGD", Spy)
     torch.manual_seed(0)
     model = _cnn(seed=8).double()
     x, _ = _batch(seed=9, n=40)
@@ -322,6 +335,9 @@ def test_guard_measure_equals_an_independent_pgd5_and_single_step_count():
         single_ok = model(single_2(x, y)).argmax(1) == y
     assert 0 < int(broken.sum()) < len(y)
     assert pgd_acc == (len(y) - int(broken.sum())) / len(y)
+    # the probe as documented: PGD-5, step 2.5 eps / 5, the guard's seed, early stop, the run's precision
+    assert made == [{"eps": eps, "step_size": 0.5 * eps, "steps": 5, "early_stop": True, "precision": "fp32",
+                     "seed": 17}]  # fmt: skip
     assert single_acc == int(single_ok.sum()) / len(y) and single_acc < 1
 
 
@@ -338,6 +354,7 @@ def test_training_attack_settings():
     nf = training_attack("n-fgsm", model, 3 / 255, 1 / 255, 4, random_start=False)
     assert (nf.eps, nf.init_eps, nf.step_size, nf.steps, nf.norm, nf.random_start) == (
         9 / 255, 6 / 255, 3 / 255, 1, "linf", True)  # fmt: skip
+    assert (radius("pgd", 0.1), radius("fgsm-rs", 0.1), radius("n-fgsm", 0.1)) == (0.1, 0.1, pytest.approx(0.3))
     with pytest.raises(ValueError, match="n-fgsm is a Linf attack"):
         training_attack("n-fgsm", model, 0.5, norm="l2")
     with pytest.raises(ValueError, match="attack 'fgsm' is not one of pgd, fgsm-rs, n-fgsm"):

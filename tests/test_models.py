@@ -19,7 +19,7 @@ from roli.models import (
     merge_lora,
     save_checkpoint,
 )
-from roli.models.peft import LoRAQKV
+from roli.models.peft import LoRAQKV, PromptedAttention
 
 timm = import_timm()
 VIT = dict(img_size=32, patch_size=4, depth=2)
@@ -541,3 +541,32 @@ def test_vpt_on_swin_prompt_shapes_and_each_image_its_own_prompts():
     # gradients reach every stage's prompts
     nn.functional.cross_entropy(m.train()(x), torch.tensor([0, 1, 2])).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vpt_prompts)
+
+
+def test_apply_peft_arguments_and_report():
+    m = _model("vit_tiny_patch16_224", VIT)
+    total = sum(p.numel() for p in m.parameters())
+    assert apply_peft(m, "full") == {"method": "full", "trainable": total, "total": total}
+    assert all(p.requires_grad for p in m.parameters())
+    # the smallest valid settings work; one below is refused with the rule
+    assert apply_peft(_model("vit_tiny_patch16_224", VIT), "lora", lora_rank=1)["trainable"] > 0
+    assert apply_peft(_model("vit_tiny_patch16_224", VIT), "adapter", adapter_reduction=1)["trainable"] > 0
+    vpt = _model("vit_tiny_patch16_224", VIT)
+    apply_peft(vpt, "vpt", vpt_tokens=1, vpt_dropout=0.25)
+    assert vpt.backbone.vpt_prompts.shape[1] == 1 and vpt.backbone.prompt_dropout.p == 0.25
+    gated = _model("vit_tiny_patch16_224", VIT)
+    apply_peft(gated, "vpt-gated", vpt_tokens=1, vpt_dropout=0.99)
+    assert {mod.prompt_dropout.p for mod in gated.modules() if isinstance(mod, PromptedAttention)} == {0.99}
+    for method, kwargs, message in [
+        ("lora", dict(lora_rank=0), "LoRA needs rank >= 1 and targets from q, k, v; got rank 0, 'qv'"),
+        ("lora", dict(lora_targets="qx"), "LoRA needs rank >= 1 and targets from q, k, v; got rank 16, 'qx'"),
+        ("lora", dict(lora_targets="qq"), "LoRA needs rank >= 1 and targets from q, k, v; got rank 16, 'qq'"),
+        ("adapter", dict(adapter_reduction=0), "adapter_reduction must be >= 1; got 0"),
+        ("vpt", dict(vpt_tokens=0), "vpt_tokens must be >= 1; got 0"),
+        ("vpt-gated", dict(vpt_dropout=1.0), "vpt_dropout must be in [0, 1); got 1.0"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            apply_peft(_model("vit_tiny_patch16_224", VIT), method, **kwargs)
+        assert str(e.value) == message
+    with pytest.raises(ValueError, match="use one of full, linear, lora, adapter, vpt, vpt-gated, bias"):
+        apply_peft(_model("resnet", None), "prefix")
