@@ -37,6 +37,7 @@ from roli._io import first_line, load_tagged, save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.accuracy import batch_seed
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
+from roli.attacks.autoattack import cross_check
 from roli.data import ArrayData, load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
 from roli.ops import unavailable_reason
@@ -363,6 +364,7 @@ def evaluate(args) -> dict:
         results["eps_sweep"] = {f"{e:.6g}": c / max(1, len(y)) for e, c in zip(sweep, counts, strict=True)}
     if args.autoattack:
         per_attack: dict[str, float] = {}
+        aa_clean = [0]
 
         def aa_robust(i, s):
             state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
@@ -373,6 +375,7 @@ def evaluate(args) -> dict:
                 raise CliError(f"--aa-state: {first_line(e)}") from None
             for k, acc in aa.per_attack.items():
                 per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
+            aa_clean[0] += round(aa.clean_accuracy * len(aa.robust))
             return aa.robust
 
         if args.aa_state:
@@ -383,6 +386,11 @@ def evaluate(args) -> dict:
         results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)
         results["autoattack_per_attack"] = {k: t / max(1, len(y)) for k, t in zip(names, totals, strict=True)}
         results["per_example"]["autoattack"] = _bits(aa_ok)
+        (aa_clean_total,) = D.sum_(aa_clean[0])
+        pgd_acc = _fraction(pgd_ok) if args.attack == "pgd" else None
+        aa_acc, per = _fraction(aa_ok), results["autoattack_per_attack"]
+        results["autoattack_warnings"] = cross_check(len(y), _fraction(clean), aa_clean_total / max(1, len(y)), aa_acc,
+                                                     per, pgd_acc)  # fmt: skip
         robust &= aa_ok
     results["worst_case"] = _fraction(robust)
     results["per_example"]["worst_case"] = _bits(robust)

@@ -429,3 +429,40 @@ def test_attack_mode_follows_a_model_changed_after_first_use():
         assert not any(p.requires_grad for p in inner.parameters())
     assert ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]) == before
     assert before[0] == [True, False, True, True, True, True] and before[1] == [True, False, True, True, True]
+
+
+def test_autoattack_cross_checks():
+    """The checks a finished AutoAttack evaluation gets: AutoAttack's own Square check on the totals (which
+    attack-by-attack calls bypass), AutoAttack not weaker than PGD, clean accuracies that agree."""
+    from roli.attacks.autoattack import cross_check
+
+    ok = {"apgd-ce": 0.50, "apgd-t": 0.48, "fab-t": 0.48, "square": 0.48}
+    assert cross_check(1000, 0.8, 0.8, 0.48, ok, pgd=0.49) == []
+    square = cross_check(1000, 0.8, 0.8, 0.47, {**ok, "square": 0.47}, pgd=0.49)
+    assert len(square) == 1 and square[0].startswith("AutoAttack: Square Attack has decreased the robust accuracy")
+    weaker = cross_check(1000, 0.8, 0.8, 0.48, ok, pgd=0.465)
+    assert len(weaker) == 1 and weaker[0].startswith("AutoAttack robust accuracy 48.00% is above PGD's 46.50%")
+    assert cross_check(1000, 0.8, 0.8, 0.48, ok, pgd=0.475) == []  # within 1 point
+    clean = cross_check(1000, 0.8, 0.795, 0.48, ok)
+    assert len(clean) == 1 and "clean accuracy 79.50% differs from the evaluation's 80.00%" in clean[0]
+    assert cross_check(1000, 0.8, 0.799, 0.48, ok) == []  # one image of 1000: float rounding of a folded model
+
+
+def test_autoattack_own_warnings_reach_roli_log(caplog):
+    """AutoAttack's own checks (here: a randomised model) are logged by roli, one line each, prefixed."""
+    torch.manual_seed(0)
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, 5)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) + 0.5 * torch.randn(x.shape[0], 5)
+
+    x, y = batch(seed=2, n=8, classes=5)
+    with caplog.at_level("WARNING", logger="roli.autoattack"):
+        run_autoattack(Noisy().eval(), x, y, 0.03, version="custom", attacks=["apgd-ce"], batch_size=8)
+    lines = [r.getMessage() for r in caplog.records if r.name == "roli.autoattack"]
+    assert lines and all(line.startswith("AutoAttack: ") for line in lines)
+    assert any("randomized" in line for line in lines), lines

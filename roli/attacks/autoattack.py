@@ -13,7 +13,9 @@ images and per-attack accuracy. An interrupted evaluation restarts at the first 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from roli._io import load_tagged, save_torch
 from roli.attacks._checks import check_images, check_labels
 from roli.attacks._mode import attack_mode
 
+log = logging.getLogger("roli.autoattack")
 VERSIONS = ("standard", "plus", "rand", "custom")
 DLR_ATTACKS = ("apgd-t", "apgd-dlr")  # their loss reads the 4 largest logits
 MIN_CLASSES_DLR = 4
@@ -83,6 +86,54 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
+class _Forward(logging.Handler):
+    """Passes AutoAttack's own warnings (its checks: randomness, output range, dynamic models, class count, Square's
+    success) to roli's log, where run logs and the console see them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.warning("AutoAttack: %s", record.getMessage())
+
+
+@contextlib.contextmanager
+def forwarded_warnings():
+    source = logging.getLogger("auto-attack")
+    handler = _Forward(logging.WARNING)
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+
+
+def cross_check(n: int, clean: float, aa_clean: float, aa_robust: float, per_attack: dict[str, float],
+                pgd: float | None = None) -> list[str]:  # fmt: skip
+    """Checks of a finished AutoAttack evaluation over n examples; each problem is logged as one warning line and
+    returned. roli runs AutoAttack's attacks one call each, which bypasses AutoAttack's own check that Square (a
+    gradient-free attack) finds little the gradient attacks missed: it is run here on the totals, with
+    AutoAttack's own function. Also: AutoAttack must not be weaker than PGD (by more than 1 point), and its clean
+    accuracy must be the evaluation's (beyond float rounding of a folded model: more than 0.1% of n apart)."""
+    found: list[str] = []
+
+    class Collect:
+        def warning(self, msg):
+            found.append(f"AutoAttack: {msg}")
+
+    if "square" in per_attack:
+        from pyautoattack import checks
+
+        checks.check_square_sr({"clean": aa_clean, **per_attack}, logger=Collect())
+    if pgd is not None and aa_robust > pgd + 0.01:
+        found.append(f"AutoAttack robust accuracy {aa_robust:.2%} is above PGD's {pgd:.2%} by more than 1 point: the "
+                     "stronger attack did worse, which points at a broken evaluation (randomness in the model, "
+                     "gradient masking, or a state file of another run)")  # fmt: skip
+    if abs(round(aa_clean * n) - round(clean * n)) > max(1, n // 1000):  # counts, not float products
+        found.append(f"AutoAttack's clean accuracy {aa_clean:.2%} differs from the evaluation's {clean:.2%} on the "
+                     f"same {n} images: the model's outputs are not deterministic")  # fmt: skip
+    for message in found:
+        log.warning(message)
+    return found
+
+
 def run_autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -123,7 +174,7 @@ def run_autoattack(
     check_images(x, (0.0, 1.0))
     check_labels("y", y, x)
     path = Path(state_path) if state_path is not None else None
-    with attack_mode(model) as inner, torch.no_grad():
+    with attack_mode(model) as inner, torch.no_grad(), forwarded_warnings():
         wrapped = _Logits(inner, precision)
         adversary = AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks, seed=seed,
                                device=x.device)  # fmt: skip

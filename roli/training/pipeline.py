@@ -14,6 +14,7 @@ import torch
 from roli import _dist as D
 from roli._io import first_line, remove_stale_temporaries, save_json
 from roli.attacks import PGD, robust_counts, run_autoattack
+from roli.attacks.autoattack import cross_check
 from roli.attacks.fast import label as attack_label
 from roli.attacks.fast import training_attack
 from roli.data import ArrayData, load_dataset
@@ -342,7 +343,7 @@ def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) 
     batches = eval_batches(cfg, test)
     clean, robust, n = robust_counts(model, batches, cfg.eps, cfg.step_size, cfg.val_steps, cfg.precision, cfg.seed,
                                      cfg.norm, batch_ids=batches.ids)  # fmt: skip
-    aa_robust, aa_per = 0, {}
+    aa_robust, aa_clean, aa_per = 0, 0, {}
     if cfg.autoattack:
         with StopOnSignal() as stop:
             for i, (x, y) in zip(batches.ids, batches, strict=True):  # state per batch: any number of ranks resumes
@@ -355,16 +356,22 @@ def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) 
                 except ValueError as e:  # a damaged state file, or one of another model
                     raise ConfigError(f"autoattack: {first_line(e)}") from None
                 aa_robust += int(aa.robust.sum())
+                aa_clean += round(aa.clean_accuracy * len(y))
                 for name, acc in aa.per_attack.items():
                     aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
                 if D.any_(stop.signum is not None):
                     raise Interrupted(stop.signum or signal.SIGTERM, state_dir or Path("."))
     names = list(aa_per)
-    clean, robust, n, aa_robust, *per = D.sum_(clean, robust, n, aa_robust, *(aa_per[k] for k in names))
+    clean, robust, n, aa_robust, aa_clean, *per = D.sum_(clean, robust, n, aa_robust, aa_clean,
+                                                          *(aa_per[k] for k in names))  # fmt: skip
     out = {"n": int(n), "clean": clean / max(n, 1), f"pgd{cfg.val_steps}": robust / max(n, 1)}
     if cfg.autoattack:
         out["autoattack"] = aa_robust / max(n, 1)
         out["autoattack_per_attack"] = {k: v / max(n, 1) for k, v in zip(names, per, strict=True)}
+        if D.is_main():
+            pgd, per = out[f"pgd{cfg.val_steps}"], out["autoattack_per_attack"]
+            out["autoattack_warnings"] = cross_check(int(n), out["clean"], aa_clean / max(n, 1), out["autoattack"], per,
+                                                     pgd)  # fmt: skip
     return out
 
 
