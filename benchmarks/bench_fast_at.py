@@ -115,12 +115,12 @@ def stage_seconds(run_dir: Path, stage: str) -> float:
     return sum(r["seconds"] for r in rows)
 
 
-def autoattack(run_dir: Path, stage: str, version: str, device: str) -> float:
-    """AutoAttack accuracy of a finished stage on the run's test set, through python -m roli.evaluate --run (the
-    trainer would also attack its ALP stage, which the table does not need)."""
-    out = run_dir / f"autoattack-{stage}.json"
-    cmd = [sys.executable, "-m", "roli.evaluate", "--run", str(run_dir), "--stage", stage, "--autoattack", version,
-           "--device", device, "--out", str(out)]  # fmt: skip
+def autoattack(run_dir: Path, stage: str | None, version: str, device: str) -> float:
+    """AutoAttack accuracy of a finished stage (None: the run's only one) on the run's test set, through python -m
+    roli.evaluate --run (the trainer would also attack its ALP stage, which the table does not need)."""
+    out = run_dir / f"autoattack-{stage or 'run'}.json"
+    cmd = [sys.executable, "-m", "roli.evaluate", "--run", str(run_dir), *(["--stage", stage] if stage else []),
+           "--autoattack", version, "--device", device, "--out", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     attacks = json.loads(out.read_text())["attacks"]
     return next(v for k, v in attacks.items() if k.startswith("AutoAttack"))

@@ -513,3 +513,33 @@ def test_guard_load_restores_the_saved_snapshot_not_the_current_model():
     assert resumed.check(stage, 0, 5) is not None
     for k, v in stage.model.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+def test_guard_load_without_snapshot_takes_the_resumed_state():
+    """A save at an epoch end carries no snapshot (the saved model is the last good state): the resumed guard
+    takes the model it resumes with as its last good state."""
+    first, stage, _ = _scripted_guard([(0.6, 0.5)])
+    first.check(stage, 0, 1)
+    state = first.state(with_snapshot=False)
+    assert state["snapshot"] is None
+    _train_a_little(stage, 2)
+    resumed_with = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    resumed, _, _ = _scripted_guard([(0.1, 0.9)])
+    resumed.load(state, stage)
+    _train_a_little(stage, 3)
+    assert resumed.check(stage, 1, 5) is not None
+    for k, v in stage.model.state_dict().items():
+        assert torch.equal(v, resumed_with[k]), k
+
+
+def test_first_images_takes_the_first_n_of_a_tensor_pair_or_of_batches():
+    from roli.training.guard import first_images
+
+    x, y = torch.arange(40.0).view(10, 4), torch.arange(10)
+    fx, fy = first_images((x, y), 3)
+    assert torch.equal(fx, x[:3]) and torch.equal(fy, y[:3])
+    batches = [(x[0:4], y[0:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    fx, fy = first_images(batches, 6)
+    assert torch.equal(fx, x[:6]) and torch.equal(fy, y[:6])
+    fx, fy = first_images(batches, 50)  # fewer than asked: all of them
+    assert torch.equal(fx, x) and torch.equal(fy, y)

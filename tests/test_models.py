@@ -570,3 +570,37 @@ def test_apply_peft_arguments_and_report():
         assert str(e.value) == message
     with pytest.raises(ValueError, match="use one of full, linear, lora, adapter, vpt, vpt-gated, bias"):
         apply_peft(_model("resnet", None), "prefix")
+
+
+def test_vpt_gated_output_is_the_attention_plus_the_gated_prompt_branch():
+    """vpt-gated with a non-zero gate against the formula written out in float64: attn(x) + W_proj (g * softmax(q
+    k_p^T / sqrt(d)) v_p) per head, k_p and v_p the prompts through the block's own k and v projections."""
+    torch.manual_seed(0)
+    m = _model("vit_tiny_patch16_224", VIT).double().eval()
+    apply_peft(m, "vpt-gated", vpt_tokens=3)
+    site = m.backbone.blocks[0].attn
+    with torch.no_grad():
+        site.gate.copy_(torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64))
+    x = torch.randn(2, 5, 192, dtype=torch.float64)
+    a, heads, hd = site.attn, 3, 64
+    w, b = a.qkv.weight, a.qkv.bias
+    q = (x @ w[:192].t() + b[:192]).view(2, 5, heads, hd).transpose(1, 2)  # (B, H, N, hd)
+    kp = (site.prompts @ w[192:384].t() + b[192:384]).view(3, heads, hd).transpose(0, 1)  # (H, P, hd)
+    vp = (site.prompts @ w[384:].t() + b[384:]).view(3, heads, hd).transpose(0, 1)
+    o = torch.softmax(q @ kp.transpose(-1, -2) / hd**0.5, -1) @ vp  # (B, H, N, hd)
+    o = o * site.gate.view(1, heads, 1, 1)
+    with torch.no_grad():
+        want = a(x) + o.transpose(1, 2).reshape(2, 5, 192) @ a.proj.weight.t()
+        torch.testing.assert_close(site(x), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "vpt", "vpt-gated"])
+def test_peft_branches_take_the_models_dtype(method):
+    """Branches added to a float64 (or bf16) model are created in its dtype, as trainable parameters."""
+    m = _model("vit_tiny_patch16_224", VIT).double()
+    apply_peft(m, method)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    new = [n for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    assert new and all(isinstance(p, nn.Parameter) for p in m.parameters())
+    with torch.no_grad():
+        assert m.eval()(images(2, seed=1).double()).dtype == torch.float64

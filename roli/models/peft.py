@@ -166,7 +166,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
         if not sites:
             raise ValueError(f"{model.name} has no attention qkv projection: LoRA applies to ViT/Swin-style models")
         for _, m in sites:
-            m.qkv = LoRAQKV(m.qkv, lora_rank, lora_alpha, lora_dropout, lora_targets).to(m.qkv.weight.device)
+            m.qkv = LoRAQKV(m.qkv, lora_rank, lora_alpha, lora_dropout, lora_targets).to(m.qkv.weight)
     elif method == "adapter":
         if adapter_reduction < 1:
             raise ValueError(f"adapter_reduction must be >= 1; got {adapter_reduction}")
@@ -174,7 +174,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
         if not sites:
             raise ValueError(f"{model.name} has no transformer blocks with an MLP: Adapter applies to ViT/Swin")
         for _, m in sites:
-            m.mlp = Adapter(m.mlp, m.mlp.fc1.in_features, adapter_reduction).to(m.mlp.fc1.weight.device)
+            m.mlp = Adapter(m.mlp, m.mlp.fc1.in_features, adapter_reduction).to(m.mlp.fc1.weight)
     elif method in ("vpt", "vpt-gated"):
         if vpt_tokens < 1:
             raise ValueError(f"vpt_tokens must be >= 1; got {vpt_tokens}")
@@ -191,7 +191,7 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
                 raise ValueError(f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies "
                                  "to ViT and Swin models")  # fmt: skip
             for _, m in sites:
-                m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight.device)
+                m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight)
     for name, p in model.named_parameters():
         trainable = (
             method == "full"

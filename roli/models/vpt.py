@@ -38,8 +38,11 @@ from torch import nn
 from roli._compat import import_timm
 
 
-def _prompt_init(n_sets: int, n_tokens: int, dim: int, bound: float) -> nn.Parameter:
-    return nn.Parameter(torch.empty(n_sets, n_tokens, dim).uniform_(-bound, bound))
+def _prompt_init(n_sets: int, n_tokens: int, dim: int, bound: float, like: torch.Tensor) -> nn.Parameter:
+    """(n_sets, n_tokens, dim) prompts uniform in [-bound, bound], on `like`'s device and in its dtype."""
+    return nn.Parameter(
+        torch.empty(n_sets, n_tokens, dim, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
+    )
 
 
 def _bound(patch_size: int, embed_dim: int) -> float:
@@ -181,15 +184,15 @@ def apply_vpt(backbone: nn.Module, n_tokens: int, dropout: float = 0.0) -> int:
     if not supports_vpt(backbone):
         raise ValueError(f"VPT applies to timm VisionTransformer and SwinTransformer backbones (the published robust "
                          f"ViT/Swin); got {type(backbone).__name__}")  # fmt: skip
-    device = next(backbone.parameters()).device
+    like = next(backbone.parameters())  # the prompts take the backbone's device and dtype
     if classes.get(type(backbone)).__name__ == "PromptedViT":
         dim, patch = backbone.embed_dim, backbone.patch_embed.patch_size[0]
-        backbone.vpt_prompts = _prompt_init(len(backbone.blocks), n_tokens, dim, _bound(patch, dim)).to(device)
+        backbone.vpt_prompts = _prompt_init(len(backbone.blocks), n_tokens, dim, _bound(patch, dim), like)
     else:
         dims = [stage.blocks[0].norm1.normalized_shape[0] for stage in backbone.layers]
         bound = _bound(backbone.patch_embed.patch_size[0], dims[0])
         backbone.vpt_prompts = nn.ParameterList(
-            [_prompt_init(len(stage.blocks), n_tokens, d, bound).to(device) for stage, d in zip(backbone.layers, dims,
+            [_prompt_init(len(stage.blocks), n_tokens, d, bound, like) for stage, d in zip(backbone.layers, dims,
                                                                                              strict=True)])  # fmt: skip
     backbone.prompt_dropout = nn.Dropout(dropout)
     backbone.__class__ = classes[type(backbone)]
