@@ -110,6 +110,18 @@ def subset(src: Path, dst: Path, train_per_class: int, test_per_class: int, seed
     np.savez(dst, x_train=d["x_train"][tr], y_train=d["y_train"][tr], x_test=d["x_test"][te], y_test=d["y_test"][te])
 
 
+def source_backbone(src: Path, epochs: int, common: dict) -> Path:
+    """The robust source: the small CNN adversarially pretrained (PGD-7) on classes 0-4, trained once into `src`;
+    returns its backbone's weights file."""
+    weights = src / "backbone.pt"
+    if not weights.exists():
+        run(TrainConfig(method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, run_dir=str(src / "run"),
+                        **common), overwrite=True)  # fmt: skip
+        state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
+        torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
+    return weights
+
+
 def stage_seconds(run_dir: Path, stage: str) -> float:
     rows = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
     return sum(r["seconds"] for r in rows)
@@ -182,13 +194,8 @@ def main() -> None:
                       steps=7, val_steps=10, batch_size=64, seed=0, device=args.device,
                       guard_every=args.guard_every)  # fmt: skip
         tag = eps_text.replace("/", "_")
-        src = work / f"source-{tag}-{args.train_per_class}-{args.source_epochs}"
-        weights = src / "backbone.pt"
-        if not weights.exists():
-            run(TrainConfig(method="pretrain", classes="0-4", epochs=args.source_epochs, warmup=1, lr=0.05,
-                            run_dir=str(src / "run"), **common), overwrite=True)  # fmt: skip
-            state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
-            torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
+        weights = source_backbone(work / f"source-{tag}-{args.train_per_class}-{args.source_epochs}",
+                                  args.source_epochs, common)  # fmt: skip
         target = TrainConfig(method="roli", compare_ranli=True, classes="5-9", checkpoint=str(weights),
                              epochs=args.epochs, warmup=1, alp_lr=0.05, lr=2e-4, ranli_lr=1e-3, weight_decay=0.01,
                              **common)  # fmt: skip

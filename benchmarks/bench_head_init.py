@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from _common import device_name, write_results
-from bench_fast_at import DEFAULT_DATA, RESULTS, autoattack, subset
+from bench_fast_at import DEFAULT_DATA, RESULTS, autoattack, source_backbone, subset
 
 from roli._cli import parse_budget
 from roli.training.config import TrainConfig
@@ -63,12 +63,7 @@ def main() -> None:
     common = dict(model="roli.models.small:small_cnn", dataset=f"npz:{npz}", eps=eps, step_size=eps / 4, steps=7,
                   val_steps=10, batch_size=64, seed=0, device=args.device)  # fmt: skip
     src = work / f"source-{args.train_per_class}-{args.source_epochs}-{args.eps.replace('/', '_')}"
-    weights = src / "backbone.pt"
-    if not weights.exists():
-        run(TrainConfig(method="pretrain", classes="0-4", epochs=args.source_epochs, warmup=1, lr=0.05,
-                        run_dir=str(src / "run"), **common), overwrite=True)  # fmt: skip
-        state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
-        torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
+    weights = source_backbone(src, args.source_epochs, common)
     target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=1, weight_decay=0.01, **common)
     rows = []
 

@@ -91,6 +91,40 @@ def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, max_ulp: int = 1) -
         assert ulps.numel() == 0 or int(ulps.max()) <= max_ulp, f"{int(ulps.max())} ulp apart"
 
 
+class ConstantModel(torch.nn.Module):
+    """Logits that do not depend on the image: a zero input gradient, so an attack returns its random start."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.randn(classes))
+
+    def forward(self, x):
+        return self.b.expand(x.shape[0], -1) + 0 * x.flatten(1)[:, :1]
+
+
+LAYOUTS = ("channels_last", "sliced", "mixed")
+SLICE = (slice(None), slice(None), slice(None, None, 2), slice(1, -3))  # the "sliced" layout's view
+
+
+def in_layout(layout: str, x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor):
+    """The three (B, C, H, W) operands of a step in a memory layout: all channels_last; strided views into bigger
+    tensors ([:, :, ::2, 1:-3]); or mixed (x_adv channels_last, grad with transposed strides, x_nat contiguous)."""
+    if layout == "channels_last":
+        return tuple(t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_nat))
+    if layout == "sliced":
+        out = tuple(t[SLICE] for t in (x_adv, grad, x_nat))
+        assert not out[0].is_contiguous()
+        return out
+    return x_adv.contiguous(memory_format=torch.channels_last), grad.transpose(2, 3).contiguous().transpose(2, 3), x_nat
+
+
+def assert_only_the_view_changed(parent: torch.Tensor, before: torch.Tensor) -> None:
+    """A step on the "sliced" view wrote nothing outside it in its parent tensor."""
+    outside = torch.ones_like(parent, dtype=torch.bool)
+    outside[SLICE] = False
+    assert torch.equal(parent[outside], before[outside])
+
+
 DIGITS_EPS = 0.1  # digits are 8x8 in [0, 1]: 8/255 would be a very small budget there
 
 

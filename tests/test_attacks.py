@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DIGITS_EPS as EPS  # noqa: E402
+from conftest import ConstantModel
 from torch import nn
 
 from roli.attacks import PGD, clean_correct, dlr_loss, eps_sweep, run_autoattack
@@ -373,25 +374,16 @@ def test_restarts_break_the_union_of_independent_runs():
 
 
 def test_plain_pgd_random_start_is_uniform_in_the_budget():
-    # A model whose logits do not depend on the image: zero input gradient, so the attack returns its start.
-    class Constant(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.b = nn.Parameter(torch.randn(5))
-
-        def forward(self, x):
-            return self.b.expand(x.shape[0], -1) + 0 * x.flatten(1)[:, :1]
-
     torch.manual_seed(0)
     x = 0.3 + 0.4 * torch.rand(64, 3, 16, 16)  # away from the pixel range's ends: nothing is clipped
     y = torch.randint(0, 5, (64,))
     eps = 8 / 255
-    delta = PGD(Constant(), eps=eps, steps=1, keep="last", seed=2)(x, y) - x
+    delta = PGD(ConstantModel(), eps=eps, steps=1, keep="last", seed=2)(x, y) - x
     assert float(delta.abs().max()) <= eps + 1e-6
     assert float(delta.abs().max()) > 0.99 * eps  # fills the eps box
     assert abs(float(delta.abs().mean()) - eps / 2) < 0.01 * eps  # E|U(-e, e)| = e / 2
     assert abs(float(delta.mean())) < 0.01 * eps
-    no_start = PGD(Constant(), eps=eps, steps=1, keep="last", random_start=False)(x, y)
+    no_start = PGD(ConstantModel(), eps=eps, steps=1, keep="last", random_start=False)(x, y)
     assert torch.equal(no_start, x)
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ConstantModel
 from torch import nn
 
 from roli.attacks.fast import label, radius, training_attack
@@ -91,22 +92,11 @@ def test_n_fgsm_equals_its_formula():
     assert label("n-fgsm", 1) == "N-FGSM"
 
 
-class _Constant(nn.Module):
-    """Logits that do not depend on the image: a zero input gradient, so the attack returns its start."""
-
-    def __init__(self):
-        super().__init__()
-        self.b = nn.Parameter(torch.randn(5))
-
-    def forward(self, x):
-        return self.b.expand(x.shape[0], -1) + 0 * x.flatten(1)[:, :1]
-
-
 def test_n_fgsm_noise_is_uniform_in_twice_the_budget():
     torch.manual_seed(0)
     x = 0.3 + 0.4 * torch.rand(64, 3, 16, 16)  # away from the pixel range's ends: nothing is clipped
     y = torch.randint(0, 5, (64,))
-    attack = training_attack("n-fgsm", _Constant(), EPS, seed=2)
+    attack = training_attack("n-fgsm", ConstantModel(), EPS, seed=2)
     assert attack.init_eps == 2 * EPS and attack.step_size == EPS and attack.steps == 1
     delta = attack(x, y) - x  # sign(0) = 0: no step, the start itself
     assert float(delta.abs().max()) <= 2 * EPS + 1e-6

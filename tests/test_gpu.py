@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_ulp, ref_step
+from conftest import LAYOUTS, assert_close_ulp, assert_only_the_view_changed, in_layout, ref_step
 
 from roli.ops import keep_best_, pgd_step_, unavailable_reason
 
@@ -91,7 +91,7 @@ def test_step_is_capturable_in_a_cuda_graph(backend, norm):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("layout", ["channels_last", "sliced", "mixed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_cuda_inputs(backend, norm, layout):
     """channels_last, strided views and operands of different layouts, on CUDA tensors."""
     _skip_unavailable(backend)
@@ -99,14 +99,7 @@ def test_non_contiguous_cuda_inputs(backend, norm, layout):
     x_nat = torch.rand(6, 3, 20, 24, generator=gen, device="cuda")
     x_adv = (x_nat + 0.02 * torch.randn(6, 3, 20, 24, generator=gen, device="cuda")).clamp(0, 1)
     grad = torch.randn(6, 3, 20, 24, generator=gen, device="cuda")
-    if layout == "channels_last":
-        x_adv, grad, x_nat = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_nat))
-    elif layout == "sliced":
-        x_adv, grad, x_nat = (t[:, :, ::2, 1:-3] for t in (x_adv, grad, x_nat))
-        assert not x_adv.is_contiguous()
-    else:
-        x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    x_adv, grad, x_nat = in_layout(layout, x_adv, grad, x_nat)
     eps, step = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
     want = ref_step(x_adv.cpu(), grad.cpu(), x_nat.cpu(), eps, step, norm)
     parent = x_adv._base if layout == "sliced" else None
@@ -114,9 +107,7 @@ def test_non_contiguous_cuda_inputs(backend, norm, layout):
     pgd_step_(x_adv, grad, x_nat, eps, step, norm=norm, impl=backend)
     assert_close_ulp(x_adv.cpu(), want)
     if parent is not None:  # written through to the parent; its other elements untouched
-        outside = torch.ones_like(parent, dtype=torch.bool)
-        outside[:, :, ::2, 1:-3] = False
-        assert torch.equal(parent[outside], before[outside])
+        assert_only_the_view_changed(parent, before)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
