@@ -579,8 +579,11 @@ def test_vpt_gated_output_is_the_attention_plus_the_gated_prompt_branch():
     m = _model("vit_tiny_patch16_224", VIT).double().eval()
     apply_peft(m, "vpt-gated", vpt_tokens=3)
     site = m.backbone.blocks[0].attn
+    bound = 0.5 / 192**0.5  # roli's own prompt init: uniform in +-0.5 / sqrt(dim)
+    assert float(site.prompts.abs().max()) <= bound and float(site.prompts.abs().max()) > 0.9 * bound
     with torch.no_grad():
         site.gate.copy_(torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64))
+        site.attn.qkv.bias.normal_()  # timm starts it at zero: the formula must hold with a bias too
     x = torch.randn(2, 5, 192, dtype=torch.float64)
     a, heads, hd = site.attn, 3, 64
     w, b = a.qkv.weight, a.qkv.bias
