@@ -82,11 +82,11 @@ def test_step_is_capturable_in_a_cuda_graph(backend, norm):
     x_adv.copy_(x_nat)
     for _ in range(3):
         graph.replay()
-    want = x_nat.double()
+    want = x_nat.double().cpu()  # the float64 reference runs on the CPU
     for _ in range(3):
-        want = ref_step(want, grad.double(), x_nat.double(), e, step, norm)
+        want = ref_step(want, grad.cpu(), x_nat.cpu(), e, step, norm)
     torch.cuda.synchronize()
-    assert (x_adv.double() - want).abs().max().item() <= 1e-6
+    assert (x_adv.cpu().double() - want).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
