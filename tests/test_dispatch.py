@@ -180,3 +180,17 @@ def test_autograd_elsewhere_in_the_graph_is_unaffected(backend):
     p = torch.softmax(xs @ w.t() + b, 1) - torch.nn.functional.one_hot(y, 5).double()
     torch.testing.assert_close(model[1].weight.grad.double(), p.t() @ xs / len(y), rtol=1e-5, atol=1e-6)
     assert float((x_adv.detach() - x_nat).abs().max()) <= 8 / 255 + 1e-7
+
+
+def test_auto_prefers_cuda_then_triton_for_cuda_tensors(monkeypatch):
+    """Checked on a CUDA device object (no GPU needed): both available -> cuda (measured faster on an H200);
+    cuda unavailable -> triton, with one warning naming why; neither -> torch."""
+    cuda = torch.device("cuda", 0)
+    missing: set[str] = set()
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda b, d, t: "missing here" if b in missing else None)
+    assert _dispatch.resolve("auto", cuda, torch.float32, "pgd_step_") == "cuda"
+    missing.add("cuda")
+    with pytest.warns(RuntimeWarning, match="falling back to the triton backend \\(cuda: missing here\\)"):
+        assert _dispatch.resolve("auto", cuda, torch.float32, "pgd_step_") == "triton"
+    missing.add("triton")
+    assert _dispatch.resolve("auto", cuda, torch.float32, "pgd_step_") == "torch"
