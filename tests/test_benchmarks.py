@@ -104,6 +104,11 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "torchattacks-3.5.1-py3-none-any.whl").write_bytes(b"PK")
     (tmp_path / "ship").mkdir()
+
+    def cuda_results():  # the checkout's committed GPU tables, with their contents
+        return {p.name: p.read_bytes() for p in BENCH.glob("results/*_cuda.*")}
+
+    before = cuda_results()
     r, calls = _gpu_check(tmp_path, "--out", "res", "--wheels", "wheels", "--bundle", "ship", fail="bench_attack")
     assert r.returncode == 3, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED: attack")
@@ -121,7 +126,7 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
         log = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("gpu_check_cuda.log"))).read()
     assert {"bench_pgd_step_cuda.md", "bench_train_cuda.md", "gpu_check_cuda.log"} <= names
     assert "bench_attack_cuda.md" not in names and b"bench_attack broke" in log
-    assert not list(BENCH.parent.glob("benchmarks/results/*_cuda.*"))  # --out kept the checkout clean
+    assert cuda_results() == before  # --out kept the checkout as it was
 
 
 def test_gpu_check_only_reruns_the_named_stages_and_refuses_bad_arguments(tmp_path):
