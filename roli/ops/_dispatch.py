@@ -104,8 +104,8 @@ def resolve(impl: str | None, device: torch.device, dtype: torch.dtype, op: str)
         if reason is not None:
             raise RuntimeError(f"roli.ops.{op}: impl={req!r} cannot run here: {reason}")
         return req
-    # CUDA tensors: the CUDA kernels first. Measured on an H200 (2026-12-04, README "On a GPU"): they ran the Linf
-    # step 1.6-3.6x faster than the Triton kernels at every size (84% vs 51% of copy_ at 128x3x224x224 fp32).
+    # CUDA tensors: the CUDA kernels first. Measured on an H200 (2026-12-04, BENCHMARKS.md "On a GPU"): they ran
+    # the Linf step 1.6-3.6x faster than Triton at every size (84% vs 51% of copy_ at 128x3x224x224 fp32).
     prefs = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
     reasons = []
     for backend in prefs:
