@@ -7,6 +7,16 @@ import argparse
 import math
 
 
+# How the command lines were started: "python -m roli" (python -m roli.train, ...) or "roli" (the console
+# command, roli/cli.py, sets it). Program names in usage lines and error messages follow it.
+INVOKED_AS = "python -m roli"
+
+
+def prog(command: str) -> str:
+    """"python -m roli.train" or "roli train", as the user started it."""
+    return f"roli {command}" if INVOKED_AS == "roli" else f"python -m roli.{command}"
+
+
 class BadValue(ValueError):
     """A bad option value: reported as one line, exit code 2."""
 
@@ -14,6 +24,15 @@ class BadValue(ValueError):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def auto_device(value: str | None) -> str:
+    """--device auto (the default of train and evaluate): cuda where a CUDA device is available, else cpu."""
+    if value in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return value
 
 
 def parse_budget(value, name: str = "eps", norm: str | None = None) -> float:

@@ -32,7 +32,7 @@ import torch
 
 from roli import _dist as D
 from roli import _env
-from roli._cli import BadValue, OneLineParser, parse_budget, parse_kwargs
+from roli._cli import BadValue, OneLineParser, auto_device, parse_budget, parse_kwargs, prog
 from roli._io import first_line, load_tagged, save_json
 from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.accuracy import batch_seed
@@ -56,7 +56,7 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m roli.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("evaluate"), description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--run", metavar="RUN_DIR", help="evaluate a run of python -m roli.train (instead of --model)")
     g.add_argument("--stage", help="with --run: which stage's best.pt (default: the last one the run finished)")
@@ -101,7 +101,7 @@ def build_parser() -> OneLineParser:
     g.add_argument(
         "--precision", choices=["fp32", "bf16"], help="forward/backward precision (default fp32 / the run's)"
     )
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--device", default="auto", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
     g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
     g.add_argument("--out", help="write the results as JSON here")
@@ -414,6 +414,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.device = auto_device(args.device)
     try:
         D.init_from_env(args.device)
         results = evaluate(args)

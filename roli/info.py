@@ -5,10 +5,12 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import sys
 
 import torch
 
 from roli import __version__, _ext
+from roli._cli import OneLineParser, prog
 from roli.ops._dispatch import triton_error
 
 
@@ -72,14 +74,16 @@ def backends() -> dict[str, str]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    OneLineParser(prog=prog("info"), description=__doc__.split("\n")[0].split(": ", 1)[1]).parse_args(argv)
     print("roli info")
     for k, v in versions().items():
         print(f"  {k:24s} {v}")
     print("backends")
     for k, v in backends().items():
         print(f"  {k:24s} {v}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from roli._cli import BadValue, OneLineParser
+from roli._cli import prog, BadValue, OneLineParser
 from roli._io import atomic_write
 from roli.training.run import stage_dir as stage_dir_of
 
@@ -113,7 +113,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m roli.report", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("report"), description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m roli.train")
     p.add_argument("--out", default=".", help="where report.md, report.csv and report.png go (default: here)")
     args = p.parse_args(argv)

@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
-from roli._cli import OneLineParser, parse_kwargs
+from roli._cli import OneLineParser, parse_kwargs, prog
 from roli._io import first_line
 from roli.models.classifier import HEAD_INITS
 from roli.training.config import METHODS, OPTIMIZERS, TRAIN_ATTACKS, ConfigError, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
 
-PROG = "python -m roli.train"
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0], argument_default=None)
+    p = OneLineParser(prog=prog("train"), description=__doc__.split("\n")[0], argument_default=None)
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help="pretrain | lp | alp | ft | roli (default roli)")
     g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it); the "
@@ -44,7 +43,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start over in a non-empty run directory")
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu or cuda")
+    g.add_argument("--device", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for attack and update (CPU and GPU)")
     g.add_argument("--channels-last", action="store_true", default=None, help="conv nets: channels_last memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (attack and update)")
@@ -225,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(parser, args) -> int:
+    me = prog("train")
     cfg = None
     try:
         cfg, resume, overwrite = config_from_args(args)
@@ -235,21 +235,21 @@ def _main(parser, args) -> int:
             raise ConfigError("device: cuda requested but no CUDA device is available")
         run(cfg, resume=resume, overwrite=overwrite)
     except ConfigError as e:
-        print(f"{PROG}: error: {first_line(e)}", file=sys.stderr)
+        print(f"{me}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # a bad image found while training (decoded in a loader worker)
         cause = _worker_error(e)
         if "unreadable image" not in cause:
             raise
-        print(f"{PROG}: error: dataset: {cause}; remove or replace the file (the run's state is saved at each "
+        print(f"{me}: error: dataset: {cause}; remove or replace the file (the run's state is saved at each "
               "epoch end: --resume continues)", file=sys.stderr)  # fmt: skip
         return 2
     except Interrupted as e:
         where = args.resume or (cfg.run_dir if cfg else "RUN_DIR")
-        print(f"{PROG}: {e}; the state is saved in {e.where}. Resume with: {PROG} --resume {where}", file=sys.stderr)
+        print(f"{me}: {e}; the state is saved in {e.where}. Resume with: {me} --resume {where}", file=sys.stderr)
         return 128 + e.signum
     except NonFiniteLoss as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{me}: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from roli._cli import OneLineParser
+from roli._cli import prog, OneLineParser
 from roli.models.zoo import LAYOUTS, REGISTRY, cached_path, lookup, table
 
 
@@ -33,7 +33,7 @@ def describe(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m roli.zoo", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("zoo"), description=__doc__.split("\n")[0])
     p.add_argument("name", nargs="?", help="show one entry in full")
     args = p.parse_args(argv)
     if args.name is None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(describe(args.name))
     except KeyError:
-        print(f"python -m roli.zoo: error: {args.name!r} is not in the registry (python -m roli.zoo lists it)",
+        print(f"{p.prog}: error: {args.name!r} is not in the registry ({prog('zoo')} lists it)",
               file=sys.stderr)  # fmt: skip
         return 2
     return 0

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from roli._cli import BadValue, parse_budget
+from roli._cli import BadValue, auto_device, parse_budget
 from roli._io import first_line
 from roli.attacks import fast
 from roli.models.classifier import HEAD_INITS
@@ -206,7 +206,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model used by the attack and the update
     cuda_graph: bool = False  # record the training attack's k steps in a CUDA graph (GPU)
     fold_bn: bool = True  # training attacks fold Conv -> BatchNorm pairs (eval mode: the same function)
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda where a CUDA device is available, else cpu (resolved here, recorded resolved)
     seed: int = 0
     compare_ranli: bool = False
 
@@ -283,6 +283,7 @@ class TrainConfig:
         need(isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
              and math.isfinite(self.momentum) and 0 <= self.momentum < 1,
              f"momentum: must be a number in [0, 1); got {self.momentum!r}")  # fmt: skip
+        self.device = auto_device(self.device)
         need(isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
