@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 
-
 # How the command lines were started: "python -m roli" (python -m roli.train, ...) or "roli" (the console
 # command, roli/cli.py, sets it). Program names in usage lines and error messages follow it.
 INVOKED_AS = "python -m roli"

@@ -101,7 +101,7 @@ def build_parser() -> OneLineParser:
     g.add_argument(
         "--precision", choices=["fp32", "bf16"], help="forward/backward precision (default fp32 / the run's)"
     )
-    g.add_argument("--device", default="auto", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
     g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
     g.add_argument("--out", help="write the results as JSON here")

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from roli._cli import prog, BadValue, OneLineParser
+from roli._cli import BadValue, OneLineParser, prog
 from roli._io import atomic_write
 from roli.training.run import stage_dir as stage_dir_of
 

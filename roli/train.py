@@ -30,7 +30,6 @@ from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
 
 
-
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("train"), description=__doc__.split("\n")[0], argument_default=None)
     g = p.add_argument_group("run")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from roli._cli import prog, OneLineParser
+from roli._cli import OneLineParser, prog
 from roli.models.zoo import LAYOUTS, REGISTRY, cached_path, lookup, table
 
 

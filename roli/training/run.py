@@ -95,8 +95,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
                       run_dir / "labels.json")  # fmt: skip
     D.barrier()
     _log_to(run_dir / "train.log")
-    log.info("run directory: %s; device: %s%s", run_dir, cfg.device,
-             "" if cfg.device != "cpu" or not torch.cuda.is_available() else " (a CUDA device is available: --device cuda)")  # fmt: skip
+    log.info("run directory: %s; device: %s", run_dir, cfg.device)
 
     results = {}
 
