@@ -82,7 +82,8 @@ ext_modules, cmdclass = extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"roli._csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
+    # the paper's settings (roli/configs/<dataset>/<name>.yaml): --config cifar10/roli_full from any directory
+    package_data={"roli._csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"], "roli": ["configs/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

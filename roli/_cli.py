@@ -21,8 +21,24 @@ class BadValue(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors in one line (exit 2) and the module's whole docstring as the help's description
+    (kept as written: its examples are laid out by hand)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def add_defaults(self, defaults: dict) -> None:
+        """Append "(default: X)" to the help of every option whose destination has a default here and whose
+        help does not state one."""
+        for action in self._actions:
+            if action.dest in defaults and "default" not in (action.help or ""):
+                value = defaults[action.dest]
+                if not (value is None or value is False or value == {} or value == []):
+                    action.help = f"{action.help} (default: {value})" if action.help else f"default: {value}"
 
 
 def auto_device(value: str | None) -> str:

@@ -56,7 +56,7 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=prog("evaluate"), description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("evaluate"), description=__doc__.strip())
     g = p.add_argument_group("model")
     g.add_argument("--run", metavar="RUN_DIR", help="evaluate a run of python -m roli.train (instead of --model)")
     g.add_argument("--stage", help="with --run: which stage's best.pt (default: the last one the run finished)")
@@ -104,7 +104,8 @@ def build_parser() -> OneLineParser:
     g.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
     g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
-    g.add_argument("--out", help="write the results as JSON here")
+    g.add_argument("--out", help="write the results as JSON here (with --run, default: a new file in "
+                   "RUN_DIR/STAGE/evaluations/, where roli report reads AutoAttack results from)")  # fmt: skip
     return p
 
 
@@ -178,7 +179,11 @@ def _from_run(args):
 
     run = Path(args.run).expanduser()
     if not (run / "config.json").is_file():
-        raise CliError(f"--run: {run} holds no config.json: not a run directory of python -m roli.train")
+        inner = sorted(str(p.parent) for p in run.glob("*/config.json")) if run.is_dir() else []
+        if inner:  # e.g. the demo's directory: one run per method
+            listed = " | --run ".join(inner)
+            raise CliError(f"--run: {run} holds {len(inner)} runs, evaluate one of them: --run {listed}")
+        raise CliError(f"--run: {run} holds no config.json: not a run directory of {prog('train')}")
     if args.model or args.checkpoint:
         raise CliError("--run rebuilds the model from the run: drop --model/--checkpoint")
     try:
@@ -218,7 +223,9 @@ def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) ->
         meta = load_checkpoint(model, stage_dir / "best.pt")
     except (ConfigError, ValueError) as e:
         raise CliError(f"--run: {first_line(e)}") from None
-    print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {meta.get('val_robust')})")
+    val = meta.get("val_robust")
+    val = f"{100 * val:.2f}%" if isinstance(val, float) else "-"
+    print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {val})")
     return model.to(device).eval()
 
 
@@ -226,6 +233,11 @@ def evaluate(args) -> dict:
     run = stage_dir = None
     if args.run:
         run, stage_dir = _from_run(args)
+        if not args.out:  # into the run, where roli report finds it; one file per evaluation, none replaced
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.out, args.out_in_run = str(stage_dir / "evaluations" / f"{stamp}-{os.getpid()}.json"), True
+            if not os.access(stage_dir, os.W_OK | os.X_OK):
+                raise CliError(f"--run: {stage_dir} is read-only; give --out FILE for the results")
     elif args.stage:
         raise CliError("--stage goes with --run")
     elif not args.model or not args.dataset:
@@ -261,7 +273,8 @@ def evaluate(args) -> dict:
         out = Path(args.out)
         if out.is_dir():
             raise CliError(f"--out: {out} is a directory; give a file name for the JSON results")
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        parent = out.parent.parent if getattr(args, "out_in_run", False) else out.parent  # evaluations/ made later
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
     try:
         device = torch.device(D.local_device(args.device))
@@ -310,7 +323,7 @@ def evaluate(args) -> dict:
     parts = _batches(len(y), args.batch_size)
     mine = list(D.shard(len(parts)))  # this rank's batches (all of them in one process)
 
-    show = D.is_main() and not sys.stderr.isatty()  # off a terminal (a cluster job's log): progress lines
+    show = D.is_main()  # progress lines on stderr (AutoAttack takes minutes)
     every = _env.progress_seconds()
 
     def gathered(fn, what: str) -> torch.Tensor:
@@ -380,6 +393,9 @@ def evaluate(args) -> dict:
 
         if args.aa_state:
             Path(args.aa_state).mkdir(parents=True, exist_ok=True)
+        if D.is_main():
+            print(f"evaluate: AutoAttack-{args.autoattack} on {len(y)} images in {len(parts)} batches (a progress "
+                  f"line at most every {every:g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr, flush=True)  # fmt: skip
         aa_ok = gathered(aa_robust, f"AutoAttack-{args.autoattack}")
         names = next((n for n in D.gather_objects(list(per_attack)) if n), [])  # the attack order, from any rank
         totals = D.sum_(*(per_attack.get(k, 0) for k in names))
@@ -421,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         if D.is_main():  # one result, written once
             print(render(results))
             if args.out:
+                if getattr(args, "out_in_run", False):
+                    Path(args.out).parent.mkdir(exist_ok=True)  # the run's STAGE/evaluations/
                 save_json(results, args.out)
                 print(f"results written to {args.out}")
     except CliError as e:

@@ -75,7 +75,7 @@ def backends() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    OneLineParser(prog=prog("info"), description=__doc__.split("\n")[0].split(": ", 1)[1]).parse_args(argv)
+    OneLineParser(prog=prog("info"), description=__doc__.strip()).parse_args(argv)
     print("roli info")
     for k, v in versions().items():
         print(f"  {k:24s} {v}")

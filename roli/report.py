@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from roli._cli import BadValue, OneLineParser, prog
+from roli._cli import BadValue, OneLineParser, parse_budget, prog
 from roli._io import atomic_write
 from roli.training.run import stage_dir as stage_dir_of
 
@@ -53,14 +53,39 @@ def rows_of(run: Path) -> list[dict]:
         seconds = sum(h.get("seconds", 0) for h in history)
         seen = sum(h.get("images_per_s", 0) * h.get("seconds", 0) for h in history)
         method = cfg.get("peft") if stage_dir in ("roli-ft", "ranli-ft", "ft") else stage_dir
+        autoattack = test.get("autoattack")
+        if autoattack is None:  # a later `roli evaluate --run` with AutoAttack on the run's test set and budget
+            autoattack = evaluated_autoattack(run / stage_dir, cfg)
         rows.append({
             "run": run.name, "stage": label, "kind": _kind(label, stage_dir, cfg), "method": method,
-            "test clean": test.get("clean"), "test PGD": pgd, "AutoAttack": test.get("autoattack"),
+            "test clean": test.get("clean"), "test PGD": pgd, "AutoAttack": autoattack,
             "best epoch": val.get("epoch"), "epochs": len(history) or None,
             "wall s": round(seconds, 1) if history else None,
             "images/s": round(seen / seconds, 1) if seconds else None,
         })  # fmt: skip
     return rows
+
+
+def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:
+    """The AutoAttack accuracy of the newest evaluation in STAGE/evaluations/ (written by `evaluate --run`) that
+    attacked the whole test split at the run's budget and norm; None when there is none. A malformed file is
+    skipped with a line on stderr."""
+    for path in sorted((stage_dir / "evaluations").glob("*.json"), reverse=True):
+        try:
+            res = json.loads(path.read_text())
+            args = res["config"]
+            aa = [v for k, v in res["attacks"].items() if k.startswith("AutoAttack")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            print(f"report: skipped {path}: not an evaluation of roli evaluate --run", file=sys.stderr)
+            continue
+        try:
+            same = (args.get("split") == "test" and args.get("n_ex") is None and args.get("norm") == cfg.get("norm")
+                    and abs(parse_budget(args.get("eps")) - parse_budget(cfg.get("eps"))) < 1e-9)  # fmt: skip
+        except BadValue:
+            same = False
+        if aa and same:
+            return float(aa[0])
+    return None
 
 
 def _cell(v) -> str:
@@ -99,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.scatter(100 * r["test clean"], 100 * robust, c=color, marker=marker, s=60,
                    label=r["kind"] if r["kind"] not in seen else None)  # fmt: skip
         seen.add(r["kind"])
-        ax.annotate(f"{r['run']}:{r['method']}", (100 * r["test clean"], 100 * robust), fontsize=7,
+        ax.annotate(f"{r['run']}:{r['stage']}", (100 * r["test clean"], 100 * robust), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("test clean accuracy (%)")
     ax.set_ylabel("test robust accuracy (%)")
@@ -113,7 +138,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog=prog("report"), description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("report"), description=__doc__.strip())
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m roli.train")
     p.add_argument("--out", default=".", help="where report.md, report.csv and report.png go (default: here)")
     args = p.parse_args(argv)

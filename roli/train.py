@@ -15,6 +15,7 @@ best.pt, last.pt, curves.png; results.json with the final test metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,17 +26,26 @@ from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs, prog
 from roli._io import first_line
 from roli.models.classifier import HEAD_INITS
-from roli.training.config import METHODS, OPTIMIZERS, TRAIN_ATTACKS, ConfigError, TrainConfig
+from roli.training.config import (
+    METHODS,
+    OPTIMIZERS,
+    TRAIN_ATTACKS,
+    ConfigError,
+    TrainConfig,
+    find_config,
+    shipped_configs,
+)
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=prog("train"), description=__doc__.split("\n")[0], argument_default=None)
+    p = OneLineParser(prog=prog("train"), description=__doc__.strip(), argument_default=None)
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help="pretrain | lp | alp | ft | roli (default roli)")
-    g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it); the "
-                   "paper's settings ship in configs/<dataset>/<name>.yaml")  # fmt: skip
+    g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it), or the name "
+                   "of a shipped setting of the paper, e.g. cifar10/roli_lora (see --list-configs)")  # fmt: skip
+    g.add_argument("--list-configs", action="store_true", help="list the shipped settings (--config NAME) and exit")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as JSON and exit (reads no data, writes nothing)")  # fmt: skip
     g.add_argument("--run-dir", help="where outputs go (default runs/roli)")
@@ -55,6 +65,11 @@ def build_parser() -> OneLineParser:
                    "package.module:function (default roli.models.small:small_cnn)")  # fmt: skip
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
     g.add_argument("--checkpoint", help="robust backbone weights (timm, MadryLab, ARES or roli format)")
+    g.add_argument("--pretrained", action="store_true", default=None,
+                   help="timm names: start from timm's own (non-robust) weights; needs a reachable hub")  # fmt: skip
+    g.add_argument("--random-backbone", action="store_true", default=None,
+                   help="lp/alp/ft/roli without --checkpoint or --pretrained: a random backbone, on purpose (refused "
+                        "otherwise)")  # fmt: skip
     g.add_argument("--non-strict", action="store_true", help="accept missing/unexpected checkpoint keys")
     g.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (timm CheckpointSaver files)")
     g.add_argument(
@@ -137,11 +152,13 @@ def build_parser() -> OneLineParser:
                    help="training PGD starts at the clean image instead of a random point of the ball")  # fmt: skip
     g.add_argument("--autoattack", choices=["standard", "plus", "rand"], help="also run AutoAttack on the test set")
     g.add_argument("--compare-ranli", action="store_true", help="with --method roli: also run the random-head baseline")
+    p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.default is not dataclasses.MISSING})  # fmt: skip
     return p
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
-    skip = ("config", "resume", "overwrite", "print_config")
+    skip = ("config", "resume", "overwrite", "print_config", "list_configs")
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
     for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
@@ -160,6 +177,8 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
         "ema",
         "download",
         "keep_source_head",
+        "pretrained",
+        "random_backbone",
     ):
         if not flags.get(b):
             flags.pop(b, None)
@@ -194,7 +213,7 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
                               "(--run-dir) or drop the flags")  # fmt: skip
         return after, True, False
     if args.config:
-        return TrainConfig.from_file(args.config, **flags), False, bool(args.overwrite)
+        return TrainConfig.from_file(find_config(args.config), **flags), False, bool(args.overwrite)
     return TrainConfig(**flags), False, bool(args.overwrite)
 
 
@@ -216,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_configs:
+        names = shipped_configs()
+        print("\n".join(names))
+        print(f"\n{len(names)} shipped settings (the paper's protocol; roli/configs/make_configs.py writes them): "
+              f"{prog('train')} --config NAME --checkpoint FILE ...")  # fmt: skip
+        return 0
     try:
         return _main(parser, args)
     finally:

@@ -33,7 +33,7 @@ def describe(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog=prog("zoo"), description=__doc__.split("\n")[0])
+    p = OneLineParser(prog=prog("zoo"), description=__doc__.strip())
     p.add_argument("name", nargs="?", help="show one entry in full")
     args = p.parse_args(argv)
     if args.name is None:

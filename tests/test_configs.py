@@ -1,4 +1,4 @@
-"""The shipped settings (configs/<dataset>/<name>.yaml): every file validates, carries the reference's
+"""The shipped settings (roli/configs/<dataset>/<name>.yaml): every file validates, carries the reference's
 values, and runs its stages (one optimisation step each) on generated data in its dataset's layout with
 a tiny Swin substituted for ARES Swin-B. `--print-config` resolves a file without touching anything."""
 
@@ -18,7 +18,7 @@ from roli._compat import import_timm
 from roli.training.config import TrainConfig
 from roli.training.run import run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "roli" / "configs"
 FILES = sorted(CONFIGS.glob("*/*.yaml"))
 DATASETS = ("cifar10", "cifar100", "caltech256", "cub200", "stanford_dogs")
 NAMES = ["alp"] + [f"{k}_{p}" for p in ("full", "lora", "adapter", "bias", "vpt") for k in ("roli", "ranli")]

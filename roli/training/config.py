@@ -104,7 +104,33 @@ def _check_stage(stage: str, d, cfg) -> None:
             raise ConfigError(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
     epochs = d.get("epochs", cfg.epochs)
     if d.get("warmup", 0) > epochs:
-        raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs")
+        raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
+                          f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}")  # fmt: skip
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
+
+
+def shipped_configs() -> list[str]:
+    """The names of the shipped settings, e.g. "cifar10/roli_full" (--config NAME; --list-configs)."""
+    return sorted(f"{p.parent.name}/{p.stem}" for p in SHIPPED.glob("*/*.yaml"))
+
+
+def find_config(text: str) -> Path:
+    """--config: a YAML/JSON file, or the name of a shipped setting ("cifar10/roli_full", also with .yaml).
+    An existing file wins over a name."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    name = text[: -len(".yaml")] if text.endswith(".yaml") else text
+    if re.fullmatch(r"[\w-]+/[\w-]+", name) and (SHIPPED / f"{name}.yaml").is_file():
+        return SHIPPED / f"{name}.yaml"
+    if re.fullmatch(r"[\w-]+/[\w-]+", name):
+        near = [n for n in shipped_configs() if n.split("/")[0] == name.split("/")[0]]
+        hint = f" ({name.split('/')[0]} has: {', '.join(n.split('/')[1] for n in near)})" if near else ""
+        raise ConfigError(f"config: {text} is neither a file nor a shipped setting{hint}; roli train --list-configs "
+                          "lists them")  # fmt: skip
+    raise ConfigError(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
 
 
 def _check_attack(name: str, kind, norm: str) -> None:
@@ -143,6 +169,8 @@ class TrainConfig:
     ema: bool = False  # load the checkpoint's EMA weights (timm CheckpointSaver with model EMA)
     download: bool = False  # fetch a registry backbone's file into the cache when no --checkpoint is given
     keep_source_head: bool = False  # start from the checkpoint's classifier (same label space only)
+    pretrained: bool = False  # timm names: timm's own (standard, non-robust) weights; needs a reachable hub
+    random_backbone: bool = False  # lp/alp/ft/roli without weights: a random backbone, meant (refused otherwise)
     mean: list | None = None  # preprocessing inside the model; None: the registry's / timm's / none
     std: list | None = None
     input_size: int | None = None  # resize inside the model (e.g. CIFAR 32 -> 224)
@@ -248,8 +276,11 @@ class TrainConfig:
             low = 0 if name in ("steps", "guard_every") else 1
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             need(ok, f"{name.replace('_', '-')}: must be an integer >= {low}; got {value!r}")
-        need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
-             f"warmup: must be an integer in [0, epochs={self.epochs}]; got {self.warmup!r}")  # fmt: skip
+        need(isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
+             f"warmup: must be an integer >= 0; got {self.warmup!r}")  # fmt: skip
+        need(self.warmup <= self.epochs,
+             f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
+             f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})")  # fmt: skip
         need(isinstance(self.guard_drop, (int, float)) and not isinstance(self.guard_drop, bool)
              and 0 < self.guard_drop < 1,
              f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}")  # fmt: skip

@@ -76,4 +76,6 @@ def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 
     print(table)
     summary = {name: r["test"] for name, r in rows.items()}
     save_json({"table": table, "results": summary, "seconds": round(time.time() - t0, 1)}, run_dir / "demo.json")
+    print(f"\nwritten: {run_dir} (demo.json; the runs {run_dir / 'lp'} and {run_dir / 'roli'}). Next: "
+          f"roli evaluate --run {run_dir / 'roli'}; roli report {run_dir / 'lp'} {run_dir / 'roli'}")
     return summary

@@ -94,6 +94,47 @@ def checkpoint_of(cfg: TrainConfig) -> str | None:
         raise ConfigError(f"checkpoint: {e}") from None
 
 
+def check_backbone(cfg: TrainConfig, checkpoint: str | None) -> None:
+    """Transfer learning from a random backbone is refused unless --random-backbone says it is meant."""
+    if cfg.method == "pretrain":  # trains the backbone itself: from scratch or from the weights given
+        return
+    if checkpoint is None and not cfg.pretrained and not cfg.random_backbone:
+        raise ConfigError(f"model: --method {cfg.method} would transfer from a random backbone ({cfg.model} has no "
+                          "weights): give --checkpoint FILE (a robust backbone; roli zoo lists published ones), "
+                          "--pretrained (timm's own weights) or --random-backbone if that is meant")  # fmt: skip
+    if cfg.random_backbone and (checkpoint or cfg.pretrained):
+        raise ConfigError("random-backbone: cannot go with --checkpoint or --pretrained (they give the weights)")
+    if cfg.pretrained and ":" in cfg.model:
+        raise ConfigError(f"pretrained: timm's own weights exist for timm names only, not {cfg.model}; give "
+                          "--checkpoint FILE")  # fmt: skip
+
+
+def check_forward(model, shape: tuple[int, ...], name: str) -> None:
+    """One forward of one random image of the data's size through the built model (before anything is written):
+    a model that cannot take these images fails here in one line, not after the run directory exists."""
+    device = next(model.parameters()).device
+    x = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - any failure of the forward is the model not fitting the data
+        embed = getattr(getattr(model, "backbone", None), "patch_embed", None)
+        expects = getattr(embed, "img_size", None)
+        size = tuple(getattr(getattr(model, "pre", None), "input_size", None) or shape[-2:])
+        if expects is not None and tuple(expects) != size:
+            raise ConfigError(f"model: {name} takes {expects[0]}x{expects[1]} images and gets {size[0]}x{size[1]}; "
+                              f"build it for that size with --model-arg img_size={size[0]}, or resize inside the model "
+                              f"with --input-size {expects[0]}") from None  # fmt: skip
+        raise ConfigError(f"model: {name} fails on one {'x'.join(map(str, shape))} image of the dataset: "
+                          f"{first_line(e)[:200]}") from None  # fmt: skip
+    finally:
+        model.train(was)
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise ConfigError(f"model: {name} returns shape {tuple(out.shape)} for one image; expected (1, classes)")
+
+
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: str | None = None,
                 quiet: bool = False):  # fmt: skip
     """The classifier with the backbone's weights and a fresh random head (the checkpoint's classifier only
@@ -101,7 +142,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
     pre = {"mean": cfg.mean if cfg.mean is not None else "auto", "std": cfg.std if cfg.std is not None else "auto",
            "input_size": cfg.input_size or "auto", "interpolation": cfg.interpolation}  # fmt: skip
     try:
-        model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **pre, **cfg.model_args)
+        extra = {"pretrained": True} if cfg.pretrained else {}
+        model = create_classifier(cfg.model, num_classes, in_chans=in_chans, **pre, **extra, **cfg.model_args)
     except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
         raise ConfigError(f"model: {first_line(e)}") from None
     head = None  # the checkpoint's classifier, where --keep-source-head loaded it

@@ -20,6 +20,8 @@ from roli.models import apply_peft
 from roli.training.config import ConfigError, TrainConfig
 from roli.training.pipeline import (
     build_model,
+    check_backbone,
+    check_forward,
     check_run_dir,
     checkpoint_of,
     evaluate_test,
@@ -67,6 +69,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     in_chans = train.x.shape[1] if isinstance(train, ArrayData) else 3
 
     checkpoint = checkpoint_of(cfg)
+    if not resume:  # a run of an earlier version resumes as it was configured
+        check_backbone(cfg, checkpoint)
     logged = False
 
     def fresh(quiet: bool = False):
@@ -83,6 +87,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     probe = fresh(quiet=True)
     if cfg.method in ("ft", "roli"):
         apply_run_peft(cfg, probe)
+    shape = tuple(train.x.shape[1:]) if isinstance(train, ArrayData) else (3, cfg.crop_size, cfg.crop_size)
+    check_forward(probe, shape, cfg.model)
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(cfg, fresh(quiet=True), cfg.init)
     del probe
@@ -139,6 +145,9 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
             finish(f"RanLI-{cfg.peft}", model, train_full(cfg, "ranli", model, splits, run_dir / "ranli-ft", resume))
     if D.is_main():
         print(render(results, cfg))
+        print(f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
+              f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
+              f"roli report {run_dir}")  # fmt: skip
     return results
 
 
