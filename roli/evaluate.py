@@ -369,7 +369,7 @@ def evaluate(args) -> dict:
         counts = [0.0] * len(sweep)
         for i in mine:
             s = parts[i]
-            accs = eps_sweep(model, x[s], y[s], sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
+            accs = eps_sweep(model, (x[s], y[s]), sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
                              loss=args.loss, precision=args.precision, impl=args.impl, seed=batch_seed(args.seed, i),
                              chunk_size=args.batch_size)  # fmt: skip
             counts = [c + round(accs[e] * len(y[s])) for c, e in zip(counts, sweep, strict=True)]

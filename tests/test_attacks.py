@@ -270,7 +270,7 @@ def test_eps_sweep_equals_separate_runs(digits_model):
     model, x, y = digits_model
     x, y = x[:80], y[:80]
     budgets = [0.0, 0.05, 0.1, 0.2]
-    sweep = eps_sweep(model, x, y, budgets, steps=5, random_start=False)
+    sweep = eps_sweep(model, (x, y), budgets, steps=5, random_start=False)
     clean = clean_correct(model, x, y)
     for e in budgets:
         if e == 0:

@@ -161,7 +161,7 @@ def test_evaluate_run_reproduces_a_lora_run(tmp_path, capsys):
     run = tmp_path / "lora"
     argv = [*VIT, "--dataset", "digits", "--classes", "0-4", "--method", "roli", "--peft", "lora", "--epochs", "2",
             "--warmup", "0", "--eps", "0.1", "--step-size", "0.025", "--steps", "2", "--val-steps", "5",
-            "--lr", "0.01", "--alp-lr", "0.1", "--run-dir", str(run)]  # fmt: skip
+            "--lr", "0.01", "--alp-lr", "0.1", "--random-backbone", "--run-dir", str(run)]  # fmt: skip
     assert train(argv) == 0
     want = json.loads((run / "results.json").read_text())["RoLI-lora"]["test"]
     out = tmp_path / "eval.json"
@@ -175,5 +175,8 @@ def test_evaluate_run_reproduces_a_lora_run(tmp_path, capsys):
     assert json.loads(out.read_text())["clean"] == alp["clean"]
     assert main(["--run", str(run), "--stage", "ranli-ft"]) == 2
     assert "has no finished stage 'ranli-ft'" in capsys.readouterr().err
-    assert main(["--run", str(tmp_path)]) == 2
+    assert main(["--run", str(tmp_path)]) == 2  # a directory of runs (as the demo writes): they are listed
+    err = capsys.readouterr().err
+    assert f"holds 1 runs, evaluate one of them: --run {run}" in err and len(err.splitlines()) == 1
+    assert main(["--run", str(run / "lora")]) == 2
     assert "holds no config.json" in capsys.readouterr().err

@@ -407,7 +407,8 @@ def test_guarded_run_resumes_exactly(how, tmp_path):
 def _cli(run_dir: Path, attack: str) -> list[str]:
     flags = ["--method", "roli", "--run-dir", str(run_dir), "--dataset", "digits", "--classes", "0-4",
              "--eps", "0.1", "--step-size", "0.025", "--steps", "3", "--val-steps", "3", "--epochs", "3",
-             "--warmup", "1", "--batch-size", "16", "--attack", attack, "--guard-every", "7"]  # fmt: skip
+             "--warmup", "1", "--batch-size", "16", "--attack", attack, "--guard-every", "7",
+             "--random-backbone"]  # fmt: skip
     return [sys.executable, "-m", "roli.train", *flags]
 
 

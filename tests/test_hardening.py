@@ -17,7 +17,7 @@ from roli.evaluate import main as evaluate
 from roli.train import main as train
 
 QUICK = ["--dataset", "digits", "--classes", "0-4", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
-         "--val-steps", "1", "--epochs", "1", "--warmup", "0"]  # fmt: skip
+         "--val-steps", "1", "--epochs", "1", "--warmup", "0", "--random-backbone"]  # fmt: skip
 
 
 def tree_hash(root: Path) -> dict:

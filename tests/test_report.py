@@ -8,7 +8,7 @@ from roli.report import main as report
 from roli.train import main as train
 
 COMMON = ["--dataset", "digits", "--classes", "0-4", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
-          "--val-steps", "2", "--epochs", "2", "--warmup", "0", "--lr", "0.01"]  # fmt: skip
+          "--val-steps", "2", "--epochs", "2", "--warmup", "0", "--lr", "0.01", "--random-backbone"]  # fmt: skip
 
 
 def test_report_of_two_runs(tmp_path, capsys):

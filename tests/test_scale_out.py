@@ -83,7 +83,7 @@ def test_trainer_test_autoattack_runs_once_sharded(tmp_path):
     run = tmp_path / "run"
     flags = ["--method", "alp", "--dataset", "digits", "--eps", "0.1", "--step-size", "0.025", "--steps", "2",
              "--val-steps", "2", "--epochs", "1", "--warmup", "0", "--batch-size", "32", "--autoattack", "standard",
-             "--run-dir", str(run)]  # fmt: skip
+             "--random-backbone", "--run-dir", str(run)]  # fmt: skip
     out = subprocess.run(_cmd(2, "roli.train", flags), capture_output=True, text=True, timeout=900, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     test = json.loads((run / "results.json").read_text())["alp"]["test"]

@@ -17,8 +17,9 @@ import torch
 
 from roli.train import main
 
+# A random backbone, on purpose (lp/alp/ft/roli refuse one without --random-backbone; pretrain ignores it).
 TINY = ["--dataset", "digits", "--classes", "0-4", "--eps", "0.1", "--step-size", "0.025", "--steps", "1",
-        "--val-steps", "2", "--epochs", "2", "--warmup", "1"]  # fmt: skip
+        "--val-steps", "2", "--epochs", "2", "--warmup", "1", "--random-backbone"]  # fmt: skip
 VIT = ["--model", "vit_tiny_patch16_224", "--model-arg", "img_size=8", "--model-arg", "patch_size=4",
        "--model-arg", "depth=1", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=2"]  # fmt: skip
 
@@ -109,7 +110,7 @@ def test_init_path_and_yaml_config(tmp_path):
     assert main(["--method", "alp", "--run-dir", str(first), *TINY]) == 0
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: ft\ndataset: digits\nclasses: 0-4\neps: 0.1\nstep-size: 0.025\nsteps: 1\nval_steps: 2\n"
-                   "epochs: 3\nwarmup: 1\n")  # fmt: skip
+                   "epochs: 3\nwarmup: 1\nrandom_backbone: true\n")  # fmt: skip
     run = tmp_path / "ft"
     assert main(["--config", str(cfg), "--init", str(first / "alp" / "best.pt"), "--epochs", "1", "--warmup", "0",
                  "--run-dir", str(run)]) == 0  # fmt: skip
@@ -138,7 +139,7 @@ BAD = [
     (["--checkpoint", "/nonexistent.pt"], "checkpoint: checkpoint not found"),
     (["--batch-size", "0"], "batch-size: must be an integer >= 1"),
     (["--epochs", "0"], "epochs: must be an integer >= 1"),
-    (["--warmup", "5"], "warmup: must be an integer in [0, epochs=2]"),
+    (["--warmup", "5"], "warmup: 5 warmup epochs is more than the run's 2 epochs; pass --warmup N with N <= 2"),
     (["--classes", "a-b"], "classes: 'a-b' is not a list"),
     (["--classes", "0-20"], "classes: 0-20 names a class >= 10"),
     (["--val-percent", "0"], "val-percent: must be in (0, 100)"),

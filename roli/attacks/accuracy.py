@@ -22,11 +22,15 @@ def batch_seed(seed: int, index: int) -> int:
     return seed + 7919 * index
 
 
-def robust_accuracy(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
-                    seed: int = 0, norm: str = "linf") -> tuple[float, float]:  # fmt: skip
+def robust_accuracy(model, data, eps: float, step_size: float | None = None, steps: int = 10,
+                    precision: str = "fp32", seed: int = 0, norm: str = "linf") -> tuple[float, float]:  # fmt: skip
     """(clean accuracy, PGD-`steps` robust accuracy) over `data`: a (x, y) pair of tensors (attacked in
     batches of 256) or an iterable of (x, y) batches. Robust means correct on the clean image and on
-    every PGD iterate (early stop: the same accuracy, less work)."""
+    every PGD iterate (early stop: the same accuracy, less work). step_size defaults to eps / 4 (the RoLI
+    protocol: 2/255 for 8/255), as in eps_sweep, which takes the same (model, data, ...) arguments."""
+    if isinstance(data, torch.Tensor):
+        raise TypeError("robust_accuracy(model, data, eps): data is a (x, y) pair or an iterable of (x, y) batches")
+    step_size = eps / 4 if step_size is None else step_size
     clean, robust, n = robust_counts(model, data, eps, step_size, steps, precision, seed, norm)
     return clean / max(1, n), robust / max(1, n)
 

@@ -69,8 +69,6 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     in_chans = train.x.shape[1] if isinstance(train, ArrayData) else 3
 
     checkpoint = checkpoint_of(cfg)
-    if not resume:  # a run of an earlier version resumes as it was configured
-        check_backbone(cfg, checkpoint)
     logged = False
 
     def fresh(quiet: bool = False):
@@ -85,6 +83,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
     # Everything is validated before the run directory is touched: the model, its checkpoint (and the head
     # rules), the PEFT method's fit to this model, a head checkpoint to start from.
     probe = fresh(quiet=True)
+    if not resume:  # a run of an earlier version resumes as it was configured
+        check_backbone(cfg, checkpoint)
     if cfg.method in ("ft", "roli"):
         apply_run_peft(cfg, probe)
     shape = tuple(train.x.shape[1:]) if isinstance(train, ArrayData) else (3, cfg.crop_size, cfg.crop_size)
