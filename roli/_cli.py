@@ -12,7 +12,7 @@ INVOKED_AS = "python -m roli"
 
 
 def prog(command: str) -> str:
-    """"python -m roli.train" or "roli train", as the user started it."""
+    """The program name as the user started it: "python -m roli.train" or "roli train"."""
     return f"roli {command}" if INVOKED_AS == "roli" else f"python -m roli.{command}"
 
 

@@ -42,14 +42,14 @@ def eps_sweep(
         chunk_size: at most this many (replicated) samples per PGD run, to bound memory.
         pgd_kwargs: any other PGD argument (norm, restarts, random_start, loss, precision, seed, impl, ...).
     """
+    if isinstance(data, torch.Tensor):
+        raise TypeError("eps_sweep(model, data, eps): data is a (x, y) pair or an iterable of (x, y) batches")
     if not eps:
         raise ValueError("eps must list at least one budget")
     if any(e < 0 for e in eps):
         raise ValueError(f"budgets must be >= 0; got {eps}")
     if step_ratio <= 0:
         raise ValueError(f"step_ratio must be > 0; got {step_ratio}")
-    if isinstance(data, torch.Tensor):
-        raise TypeError("eps_sweep(model, data, eps): data is a (x, y) pair or an iterable of (x, y) batches")
     batches = [data] if isinstance(data, tuple) else data
     counts, total = torch.zeros(len(eps), dtype=torch.float64), 0
     for x, y in batches:

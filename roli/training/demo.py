@@ -43,7 +43,7 @@ def source_backbone(epochs: int = 15) -> Path:
     print("1/3 adversarially pretraining the source backbone on digits 0-4 (cached for later runs) ...")
     work = base / "run"
     shutil.rmtree(work, ignore_errors=True)  # an interrupted earlier attempt, inside roli's own cache
-    run(dataclasses.replace(cfg, run_dir=str(work)))
+    run(dataclasses.replace(cfg, run_dir=str(work)), announce=False)
     state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
     save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
     shutil.rmtree(work, ignore_errors=True)
@@ -76,6 +76,8 @@ def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 
     print(table)
     summary = {name: r["test"] for name, r in rows.items()}
     save_json({"table": table, "results": summary, "seconds": round(time.time() - t0, 1)}, run_dir / "demo.json")
-    print(f"\nwritten: {run_dir} (demo.json; the runs {run_dir / 'lp'} and {run_dir / 'roli'}). Next: "
-          f"roli evaluate --run {run_dir / 'roli'}; roli report {run_dir / 'lp'} {run_dir / 'roli'}")
+    print(
+        f"\nwritten: {run_dir} (demo.json; the runs {run_dir / 'lp'} and {run_dir / 'roli'}). Next: "
+        f"roli evaluate --run {run_dir / 'roli'}; roli report {run_dir / 'lp'} {run_dir / 'roli'}"
+    )
     return summary

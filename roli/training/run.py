@@ -53,8 +53,9 @@ def apply_run_peft(cfg: TrainConfig, model) -> None:
         raise ConfigError(f"peft: {first_line(e)}") from None
 
 
-def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}."""
+def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announce: bool = True) -> dict:
+    """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}. announce: print the
+    table and where the outputs are at the end."""
     run_dir = Path(cfg.run_dir)
     D.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, device=D.local_device(cfg.device))  # under torchrun: the rank's own GPU
@@ -143,7 +144,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict
             model = fresh()
             apply_run_peft(cfg, model)
             finish(f"RanLI-{cfg.peft}", model, train_full(cfg, "ranli", model, splits, run_dir / "ranli-ft", resume))
-    if D.is_main():
+    if D.is_main() and announce:
         print(render(results, cfg))
         print(f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
               f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
