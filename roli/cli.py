@@ -39,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"roli: error: {command!r} is not a command (one of {', '.join(COMMANDS)}; roli --help)", file=sys.stderr)
         return 2
-    _cli.INVOKED_AS = "roli"
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    before, _cli.INVOKED_AS = _cli.INVOKED_AS, "roli"
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        _cli.INVOKED_AS = before  # a caller in the same process (a test) sees the default again
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
     g.add_argument("--out", help="write the results as JSON here (with --run, default: a new file in "
                    "RUN_DIR/STAGE/evaluations/, where roli report reads AutoAttack results from)")  # fmt: skip
+    p.add_defaults({a.dest: a.default for a in p._actions if a.dest != "help"})
     return p
 
 
