@@ -412,6 +412,7 @@ def evaluate(args) -> dict:
     results["worst_case"] = _fraction(robust)
     results["per_example"]["worst_case"] = _bits(robust)
     results["seconds"] = round(time.time() - t0, 2)
+    results["device"] = str(device)  # --device auto's choice
     results["config"] = {k: v for k, v in vars(args).items()}
     return results
 
@@ -425,7 +426,8 @@ def render(results: dict) -> str:
     lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]
     lines += [f"{name:<{width}} | {100 * acc:7.2f}%" for name, acc in rows]
     procs = f", {results['processes']} processes" if results.get("processes", 1) > 1 else ""
-    return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s{procs})"
+    device = f", {results['device']}" if "device" in results else ""
+    return "\n".join(lines) + f"\n({results['n']} examples, {results['seconds']} s{procs}{device})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,6 +234,7 @@ def test_demo_directory_lists_its_runs_and_report_reads_evaluate(tmp_path, capsy
     out = capsys.readouterr()
     assert "evaluate: AutoAttack-standard on 40 images" in out.err
     assert re.search(r"val PGD \d+\.\d\d%", out.out)  # percentages, two decimals
+    assert re.search(r"\(40 examples, [\d.]+ s, cpu\)", out.out)  # --device auto's choice, said
     written = sorted((run / "alp" / "evaluations").glob("*.json"))
     assert len(written) == 1 and {k: v for k, v in tree(run).items() if "evaluations" not in k} == before
     # --n-ex 40 is not the whole test split: report does not take it for the run's AutoAttack figure
