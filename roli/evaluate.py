@@ -59,6 +59,12 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("evaluate"), description=__doc__.strip())
     g = p.add_argument_group("model")
     g.add_argument("--run", metavar="RUN_DIR", help="evaluate a run of python -m roli.train (instead of --model)")
+    g.add_argument("--allow-changed-data", action="store_true",
+                   help="with --run: evaluate although the run's data or settings changed since it trained (what "
+                        "changed is recorded in the results)")  # fmt: skip
+    g.add_argument("--trust-code", action="store_true",
+                   help="with --run: build a package.module:function model named in the run's config.json even when "
+                        "it is not an installed package's")  # fmt: skip
     g.add_argument("--stage", help="with --run: which stage's best.pt (default: the last one the run finished)")
     g.add_argument("--model", help="a published robust backbone (python -m roli.zoo), a timm name "
                    "or 'package.module:function' (an nn.Module factory)")  # fmt: skip
@@ -171,12 +177,14 @@ def _batches(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
+_HELD: list = []  # the lock of the --run directory, held until main() returns
+
 STAGE_ORDER = ("roli-ft", "ft", "ranli-ft", "alp", "lp", "pretrain")  # --run's default: the first present
 
 
 def _from_run(args):
     """--run: the run's TrainConfig and stage directory; fills the flags left unset with the run's values."""
-    from roli.training.config import ConfigError, TrainConfig
+    from roli.training.config import ConfigError, TrainConfig, check_code_from_file
 
     run = Path(args.run).expanduser()
     if not (run / "config.json").is_file():
@@ -189,6 +197,7 @@ def _from_run(args):
         raise CliError("--run rebuilds the model from the run: drop --model/--checkpoint")
     try:
         cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
+        check_code_from_file(cfg.model, str(run / "config.json"), args.trust_code)
     except ConfigError as e:
         raise CliError(f"--run: {e}") from None
     stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
@@ -293,13 +302,19 @@ def evaluate(args) -> dict:
         if run is not None:  # the run's own splits: its class subset, label mapping, validation split
             from roli.training.config import ConfigError
             from roli.training.pipeline import load_splits
+            from roli.training.rundir import check_fingerprint, fingerprint
 
             try:
-                train, val, test, num_classes = load_splits(
-                    dataclasses.replace(run, dataset=args.dataset, image_root=args.image_root)
-                )
+                splits = load_splits(dataclasses.replace(run, dataset=args.dataset, image_root=args.image_root))
             except ConfigError as e:
                 raise ValueError(str(e)) from None
+            train, val, test, num_classes = splits
+            try:  # the run's settings and data as they were when it trained
+                allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
+                fp = fingerprint(run, splits, getattr(train, "classes", None))
+                args.changed_since_run = check_fingerprint(Path(run.run_dir), fp, "--run", allowed)
+            except ConfigError as e:
+                raise CliError(str(e)) from None
             data = {"train": train, "val": val, "test": test}[args.split]
         else:
             splits = load_dataset(args.dataset, image_root=args.image_root)
@@ -315,6 +330,13 @@ def evaluate(args) -> dict:
     if y.numel() and int(y.max()) >= num_classes:
         raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
     if run is not None:
+        if D.is_main():  # no trainer (or other evaluation) works in the run meanwhile
+            from roli.training.rundir import RunLock
+
+            try:
+                _HELD.append(RunLock(Path(run.run_dir), "roli evaluate --run").acquire())
+            except ValueError as e:
+                raise CliError(f"--run: {e}") from None
         model = _run_model(run, stage_dir, num_classes, x.shape[1], device)
     else:
         model = _model(args, num_classes, x.shape[1], device)
@@ -448,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     finally:
+        while _HELD:
+            _HELD.pop().release()
         D.shutdown()  # a gloo group left alive at exit aborts the process
     return 0
 

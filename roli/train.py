@@ -32,11 +32,13 @@ from roli.training.config import (
     TRAIN_ATTACKS,
     ConfigError,
     TrainConfig,
+    check_code_from_file,
     find_config,
     shipped_configs,
 )
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import config_record, run
+from roli.training.rundir import MARKER
 
 
 def build_parser() -> OneLineParser:
@@ -46,6 +48,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it), or the name "
                    "of a shipped setting of the paper, e.g. cifar10/roli_lora (see --list-configs)")  # fmt: skip
     g.add_argument("--list-configs", action="store_true", help="list the shipped settings (--config NAME) and exit")
+    g.add_argument("--trust-code", action="store_true",
+                   help="run a package.module:function model named in a config file or a run's config.json even "
+                        "when it is not an installed package's")  # fmt: skip
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved settings as JSON and exit (reads no data, writes nothing)")  # fmt: skip
     g.add_argument("--run-dir", help="where outputs go (default runs/roli)")
@@ -158,7 +163,7 @@ def build_parser() -> OneLineParser:
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
-    skip = ("config", "resume", "overwrite", "print_config", "list_configs")
+    skip = ("config", "resume", "overwrite", "print_config", "list_configs", "trust_code")
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
     for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
@@ -194,6 +199,9 @@ RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "dow
 
 def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
     if args.resume:
+        if Path(args.resume).is_dir() and not (Path(args.resume) / MARKER).is_file():
+            raise ConfigError(f"resume: {args.resume} was not written by roli (it has no {MARKER} marker); roli "
+                              "resumes only its own runs")  # fmt: skip
         if not (Path(args.resume) / "config.json").is_file():
             raise ConfigError(f"resume: {args.resume} holds no config.json: not a roli run directory")
         if args.overwrite or "run_dir" in flags or args.config:
@@ -211,9 +219,15 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
             names = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"resume: {names} would change what the run computes; start a new run for that "
                               "(--run-dir) or drop the flags")  # fmt: skip
+        if "model" not in flags:
+            check_code_from_file(after.model, str(saved), args.trust_code)
         return after, True, False
     if args.config:
-        return TrainConfig.from_file(find_config(args.config), **flags), False, bool(args.overwrite)
+        path = find_config(args.config)
+        cfg = TrainConfig.from_file(path, **flags)
+        if "model" not in flags:
+            check_code_from_file(cfg.model, str(path), args.trust_code)
+        return cfg, False, bool(args.overwrite)
     return TrainConfig(**flags), False, bool(args.overwrite)
 
 
@@ -257,7 +271,7 @@ def _main(parser, args) -> int:
             return 0
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available")
-        run(cfg, resume=resume, overwrite=overwrite)
+        run(cfg, resume=resume, overwrite=overwrite, config_file=str(find_config(args.config)) if args.config else None)
     except ConfigError as e:
         print(f"{me}: error: {first_line(e)}", file=sys.stderr)
         return 2

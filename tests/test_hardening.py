@@ -65,10 +65,13 @@ def test_overwrite_refuses_a_directory_roli_did_not_write(tmp_path, capsys):
     assert tree_hash(foreign) == before
 
 
-def test_overwrite_of_a_roli_run_starts_over(run_copy, capsys):
-    (run_copy / "pretrain" / "extra.txt").write_text("x")
-    assert train([*QUICK, "--method", "pretrain", "--run-dir", str(run_copy), "--overwrite"]) == 0
-    assert not (run_copy / "pretrain" / "extra.txt").exists() and (run_copy / ".roli-run").is_file()
+def test_overwrite_of_a_roli_run_starts_over_and_keeps_a_users_file(run_copy, capsys):
+    (run_copy / "pretrain" / "extra.txt").write_text("x")  # a user's file: roli did not write it
+    old_best = (run_copy / "pretrain" / "best.pt").read_bytes()
+    assert train([*QUICK, "--method", "pretrain", "--seed", "3", "--run-dir", str(run_copy), "--overwrite"]) == 0
+    assert (run_copy / "pretrain" / "extra.txt").read_text() == "x" and (run_copy / ".roli-run").is_file()
+    assert (run_copy / "pretrain" / "best.pt").read_bytes() != old_best  # roli's own outputs were replaced
+    assert "--overwrite: kept 1 file(s) roli did not write" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -96,10 +99,12 @@ def test_resume_of_a_damaged_or_mismatched_state(run_copy, capsys):
     one_line(capsys, "cannot be restored", after_start=True)
     (state / "last.pt").write_bytes(data)
     cfg = json.loads((run_copy / "config.json").read_text())
-    cfg["model_args"] = {"width": 16}  # an edited config.json: the saved weights no longer fit
+    cfg["model_args"] = {"width": 16}  # an edited config.json: refused by the run's fingerprint, before anything
     (run_copy / "config.json").write_text(json.dumps(cfg))
+    before = tree_hash(run_copy)
     assert train(["--resume", str(run_copy)]) == 2
-    one_line(capsys, "cannot be restored", after_start=True)
+    one_line(capsys, "resume: the settings in config.json changed since the run started")
+    assert tree_hash(run_copy) == before
     assert (state / "last.pt").read_bytes() == data
 
 

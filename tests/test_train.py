@@ -147,7 +147,7 @@ BAD = [
     (["--steps", "-1"], "steps: must be an integer >= 0"),
     (["--config", "/nonexistent.yaml"], "config: file not found"),
     (["--model-arg", "depth"], "--model-arg: expected KEY=VALUE"),
-    (["--resume", "/tmp"], "resume: /tmp holds no config.json"),
+    (["--resume", "/tmp"], "resume: /tmp was not written by roli (it has no .roli-run marker)"),
     (["--cuda-graph"], "cuda-graph: records the attack on a GPU and needs --device cuda"),
 ]
 

@@ -95,8 +95,12 @@ def to_nchw_uint8(x: np.ndarray, source: str) -> torch.Tensor:
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"{source}: images must have 3 or 4 dimensions (N,H,W / NHWC / NCHW); got shape {x.shape}")
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):
+        alpha = " (RGBA? drop the alpha channel)" if x.shape[1] == 4 else ""
+        raise ValueError(f"{source}: images must have 1 (grey) or 3 (RGB) channels; got shape {x.shape} read as "
+                         f"{x.shape[1]} channels{alpha}")  # fmt: skip
     if x.dtype != np.uint8:
         if np.issubdtype(x.dtype, np.floating) and x.size and not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0].tolist()

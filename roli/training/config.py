@@ -108,6 +108,34 @@ def _check_stage(stage: str, d, cfg) -> None:
                           f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}")  # fmt: skip
 
 
+def installed_module(spec: str) -> bool:
+    """A "package.module:function" spec whose top-level package is installed (site-packages, or roli itself)
+    and not part of the standard library; found without importing anything."""
+    import importlib.util
+    import sys
+
+    top = spec.partition(":")[0].split(".")[0]
+    if not top or top in sys.stdlib_module_names:
+        return False
+    if top == "roli":
+        return True
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    where = (found.origin if found and found.origin else None) or next(iter(found.submodule_search_locations or []),
+                                                                        None) if found else None  # fmt: skip
+    return where is not None and any(p in ("site-packages", "dist-packages") for p in Path(where).resolve().parts)
+
+
+def check_code_from_file(model: str, source: str, trust_code: bool) -> None:
+    """A model spec read from a file (a config, a run's config.json) imports and calls code: only an installed
+    package's, unless --trust-code. Checked before anything is imported."""
+    if ":" in str(model) and not trust_code and not installed_module(str(model)):
+        raise ConfigError(f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
+                          "file only from installed packages: pass --trust-code if you trust the file")  # fmt: skip
+
+
 SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
 
 
@@ -243,6 +271,22 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(message)
 
+        for f in fields(self):  # values read from YAML/JSON: a string "false" or "no" is not a boolean
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                need(isinstance(value, bool), f"{f.name.replace('_', '-')}: must be true or false; got {value!r}")
+            elif f.type == "str" and f.name != "eps":
+                need(isinstance(value, str) and value != "",
+                     f"{f.name.replace('_', '-')}: must be a non-empty string; got {value!r}")  # fmt: skip
+            elif f.type == "dict":
+                need(isinstance(value, dict), f"{f.name.replace('_', '-')}: must be a mapping; got {value!r}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+            need(ok or value is None and name == "split_seed",
+                 f"{name.replace('_', '-')}: must be an integer in [0, 2**63); got {value!r}")  # fmt: skip
+        need(isinstance(self.val_percent, (int, float)) and not isinstance(self.val_percent, bool),
+             f"val-percent: must be a number in (0, 100); got {self.val_percent!r}")  # fmt: skip
         need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
         need(self.peft in PEFT_METHODS, f"peft: {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
         need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
@@ -319,6 +363,13 @@ class TrainConfig:
              f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
              f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
+        need(self.method != "roli" or self.init == "alp",
+             f"init: --method roli finetunes from the ALP head; got --init {self.init} (a random head is RanLI: "
+             "--method ft --init random, or --compare-ranli beside RoLI)")  # fmt: skip
+        need(
+            not self.compare_ranli or self.method == "roli",
+            f"compare-ranli: runs the random-head baseline beside --method roli; got --method {self.method}",
+        )
         self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
 
     @classmethod

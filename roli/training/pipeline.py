@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import torch
 
 from roli import _dist as D
-from roli._io import first_line, remove_stale_temporaries, save_json
+from roli._io import first_line, save_json
 from roli.attacks import PGD, robust_counts, run_autoattack
 from roli.attacks.autoattack import cross_check
 from roli.attacks.fast import label as attack_label
@@ -60,7 +59,18 @@ def load_splits(cfg: TrainConfig):
         raise ConfigError(f"dataset: {e}") from None
     if s.train is None or s.test is None:
         raise ConfigError(f"dataset: {cfg.dataset} needs train and test splits for training")
+    if isinstance(s.train, ArrayData):
+        for name, d in (("val", s.val), ("test", s.test)):
+            if d is not None and tuple(d.x.shape[1:]) != tuple(s.train.x.shape[1:]):
+                raise ConfigError(f"dataset: {cfg.dataset}: the {name} images are {tuple(d.x.shape[1:])} (CHW), the "
+                                  f"train images {tuple(s.train.x.shape[1:])}; every split needs one size")  # fmt: skip
     classes = parse_classes(cfg.classes)
+    distinct = torch.unique(
+        s.train.y if isinstance(s.train, ArrayData) else torch.tensor([y for _, y in s.train.items])
+    )
+    if classes is None and len(distinct) < 2:
+        raise ConfigError(f"dataset: {cfg.dataset}: every training label is {distinct.tolist()}; a classifier needs "
+                          "at least two classes")  # fmt: skip
     if classes is None:
         if s.num_classes < 2:
             raise ConfigError(f"dataset: {cfg.dataset} has {s.num_classes} class; a classifier needs at least two")
@@ -96,6 +106,8 @@ def checkpoint_of(cfg: TrainConfig) -> str | None:
 
 def check_backbone(cfg: TrainConfig, checkpoint: str | None) -> None:
     """Transfer learning from a random backbone is refused unless --random-backbone says it is meant."""
+    if cfg.ema and checkpoint is None:
+        raise ConfigError("ema: loads a checkpoint's EMA weights; give --checkpoint FILE (a timm CheckpointSaver file)")
     if cfg.method == "pretrain":  # trains the backbone itself: from scratch or from the weights given
         return
     if checkpoint is None and not cfg.pretrained and not cfg.random_backbone:
@@ -439,43 +451,3 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-MARKER = ".roli-run"  # written into every run directory roli creates: --overwrite deletes only those
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Everything about the run directory that can be wrong, before anything is written."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
-    base = _nearest_existing(run_dir.resolve())
-    if not base.is_dir():
-        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
-    if resume:
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
-                              "--overwrite to start over")  # fmt: skip
-        if not (run_dir / MARKER).is_file():
-            raise ConfigError(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
-                              "deletes only what it wrote; choose another --run-dir")  # fmt: skip
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    check_run_dir(run_dir, resume, overwrite)
-    if overwrite and not resume and run_dir.exists() and (run_dir / MARKER).is_file():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / MARKER).exists():
-        save_json({"created_by": "python -m roli.train", "note": "roli deletes (--overwrite) only directories "
-                   "holding this file"}, run_dir / MARKER)  # fmt: skip
-    remove_stale_temporaries(run_dir)  # left by a process killed while writing a checkpoint

@@ -22,15 +22,23 @@ from roli.training.pipeline import (
     build_model,
     check_backbone,
     check_forward,
-    check_run_dir,
     checkpoint_of,
     evaluate_test,
     linear_probe,
     load_init,
     load_splits,
-    prepare_run_dir,
     train_alp,
     train_full,
+)
+from roli.training.rundir import (
+    RunLock,
+    check_fingerprint,
+    check_run_dir,
+    disk_full,
+    fingerprint,
+    input_paths,
+    prepare_run_dir,
+    write_fingerprint,
 )
 
 log = logging.getLogger("roli.train")
@@ -53,15 +61,18 @@ def apply_run_peft(cfg: TrainConfig, model) -> None:
         raise ConfigError(f"peft: {first_line(e)}") from None
 
 
-def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announce: bool = True) -> dict:
+def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announce: bool = True,
+        config_file: str | None = None) -> dict:  # fmt: skip
     """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}. announce: print the
-    table and where the outputs are at the end."""
+    table and where the outputs are at the end. config_file: the --config file the options came from (an
+    input that --overwrite must not delete)."""
     run_dir = Path(cfg.run_dir)
     D.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, device=D.local_device(cfg.device))  # under torchrun: the rank's own GPU
     if D.active() and cfg.batch_size % D.world():
         raise ConfigError(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
-    check_run_dir(run_dir, resume, overwrite)  # nothing is written before every input is validated
+    # nothing is written before every input is validated
+    check_run_dir(run_dir, resume, overwrite, input_paths(cfg, config_file))
     splits = load_splits(cfg)
     train, _, test, num_classes = splits
     if cfg.autoattack and num_classes < 4:
@@ -82,7 +93,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announc
         return model
 
     # Everything is validated before the run directory is touched: the model, its checkpoint (and the head
-    # rules), the PEFT method's fit to this model, a head checkpoint to start from.
+    # rules), the PEFT method's fit to this model, a head checkpoint to start from, an unchanged run to resume.
     probe = fresh(quiet=True)
     if not resume:  # a run of an earlier version resumes as it was configured
         check_backbone(cfg, checkpoint)
@@ -93,17 +104,45 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announc
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(cfg, fresh(quiet=True), cfg.init)
     del probe
+    fp = fingerprint(cfg, splits, getattr(train, "classes", None))
+    if resume:
+        check_fingerprint(run_dir, fp, "resume")
     D.barrier()  # every rank has validated before rank 0 touches the run directory
-    if D.is_main():
-        prepare_run_dir(run_dir, resume, overwrite)
-        save_json(config_record(cfg, {"validation": getattr(splits[1], "origin", None)}), run_dir / "config.json")
-        if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
-            save_json({"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
-                      run_dir / "labels.json")  # fmt: skip
-    D.barrier()
-    _log_to(run_dir / "train.log")
-    log.info("run directory: %s; device: %s", run_dir, cfg.device)
+    lock = None
+    try:
+        if D.is_main():
+            if run_dir.is_dir():  # before --overwrite deletes anything: no other process is using it
+                lock = RunLock(run_dir, f"roli train --method {cfg.method}").acquire()
+            prepare_run_dir(run_dir, resume, overwrite)
+            lock = lock or RunLock(run_dir, f"roli train --method {cfg.method}").acquire()
+            save_json(config_record(cfg, {"validation": getattr(splits[1], "origin", None)}), run_dir / "config.json")
+            if not resume:
+                write_fingerprint(run_dir, fp)
+            if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
+                save_json({"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
+                          run_dir / "labels.json")  # fmt: skip
+        D.barrier()
+        _log_to(run_dir / "train.log")
+        log.info("run directory: %s; device: %s", run_dir, cfg.device)
+        results = run_stages(cfg, run_dir, splits, fresh, resume)
+    except OSError as e:
+        if (full := disk_full(e, run_dir)) is not None:
+            raise full from None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    if D.is_main() and announce:
+        print(render(results, cfg))
+        print(f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
+              f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
+              f"roli report {run_dir}")  # fmt: skip
+    return results
 
+
+def run_stages(cfg: TrainConfig, run_dir: Path, splits, fresh, resume: bool) -> dict:
+    """The stages of cfg.method in order, each evaluated on the test set as it finishes (results.json)."""
+    test = splits[2]
     results = {}
 
     def finish(name, model, best):
@@ -144,11 +183,6 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announc
             model = fresh()
             apply_run_peft(cfg, model)
             finish(f"RanLI-{cfg.peft}", model, train_full(cfg, "ranli", model, splits, run_dir / "ranli-ft", resume))
-    if D.is_main() and announce:
-        print(render(results, cfg))
-        print(f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
-              f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
-              f"roli report {run_dir}")  # fmt: skip
     return results
 
 

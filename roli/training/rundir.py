@@ -1,0 +1,274 @@
+"""The run directory: what roli writes there (and so may delete), its lock, and the fingerprint that tells a
+resumed or evaluated run from a changed one.
+
+- roli writes only the names in OUTPUTS (and atomic_write's temporaries next to them). `--overwrite` deletes
+  those and nothing else: a user's file in the directory stays, and a directory holding an input of the new
+  run (checkpoint, head, data, config) is refused before anything is deleted.
+- A process that trains in or evaluates a run holds an exclusive lock (fcntl.flock on RUN_DIR/.roli-lock, with
+  its pid inside): a second trainer or `evaluate --run` is refused in one line. The kernel drops the lock when
+  the process ends, however it ends; a lock file left by a process that is gone is taken over with a log line.
+- fingerprint.json, written with config.json: a hash of the options that decide what the run computes, and of
+  the data (split sizes, the labels, a sample of the pixels or the file list with sizes, the class names).
+  `--resume` and `evaluate --run` recompute it and refuse, naming what changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from roli._io import remove_stale_temporaries, save_json
+from roli.data import ArrayData
+from roli.training.config import ConfigError
+
+log = logging.getLogger("roli.train")
+
+MARKER = ".roli-run"  # written into every run directory roli creates: --overwrite and --resume need it
+LOCK = ".roli-lock"
+FINGERPRINT = "fingerprint.json"
+STAGES = ("pretrain", "lp", "alp", "ft", "roli-ft", "ranli-ft")
+# Relative paths (fnmatch patterns) of everything roli writes into a run directory.
+OUTPUTS = (
+    MARKER, LOCK, FINGERPRINT, "config.json", "labels.json", "results.json", "train.log",
+    *(f"{s}/{name}" for s in STAGES for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png", "done.json")),
+    *(f"{s}/evaluations/*.json" for s in STAGES),
+    *(f"autoattack/{s}/batch*.pt" for s in STAGES),
+)  # fmt: skip
+
+
+def written_by_roli(rel: str) -> bool:
+    """A path (relative to the run directory, '/'-separated) that roli writes, or one of atomic_write's
+    temporaries next to such a file (".<name>.<random>.tmp")."""
+    parent, _, name = rel.rpartition("/")
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        target = name[1:].rsplit(".", 2)[0]
+        rel = f"{parent}/{target}" if parent else target
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in OUTPUTS)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def input_paths(cfg, config_file: str | None = None) -> dict[str, Path]:
+    """The files and folders a run reads: checkpoint, --init head, the dataset's path, the image root, the
+    config file."""
+    out = {}
+    if cfg.checkpoint:
+        out["--checkpoint"] = Path(cfg.checkpoint).expanduser()
+    if cfg.init not in ("random", "lp", "alp"):
+        out["--init"] = Path(cfg.init).expanduser()
+    kind, sep, arg = str(cfg.dataset).partition(":")
+    if sep and arg:
+        out["--dataset"] = Path(arg).expanduser()
+    if cfg.image_root:
+        out["--image-root"] = Path(cfg.image_root).expanduser()
+    if config_file:
+        out["--config"] = Path(config_file).expanduser()
+    return out
+
+
+def check_overwrite(run_dir: Path, inputs: dict[str, Path]) -> None:
+    """--overwrite deletes roli's outputs in run_dir: refused when an input of the new run lies inside it."""
+    for flag, path in inputs.items():
+        if _inside(path, run_dir):
+            raise ConfigError(f"--overwrite: {flag} {path} lies inside the run directory {run_dir}, whose contents "
+                              "--overwrite replaces; move it out first (or choose another --run-dir)")  # fmt: skip
+
+
+def remove_outputs(run_dir: Path) -> list[str]:
+    """Delete what roli wrote in run_dir (OUTPUTS); returns the files it kept (not roli's)."""
+    kept = []
+    for path in sorted(run_dir.rglob("*"), reverse=True):  # files before their folders
+        rel = path.relative_to(run_dir).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif written_by_roli(rel) and rel != LOCK:
+            path.unlink()
+        elif rel != LOCK:
+            kept.append(rel)
+    return sorted(kept)
+
+
+class RunLock:
+    """An exclusive lock on a run directory for this process (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, purpose: str):
+        self.path, self.purpose, self.fd = Path(run_dir) / LOCK, purpose, None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
+                                  "use another --run-dir") from None  # fmt: skip
+            raise
+        before = os.read(fd, 200).decode(errors="replace").strip()
+        if before:
+            log.info("run directory %s: took over the lock left by %s (no longer running)", self.path.parent, before)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}: {self.purpose}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean end leaves no holder behind
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# What --resume and evaluate --run compare: the options that decide what a run computes (config.json minus how
+# it executes), and the data.
+EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir"}
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(name: str, data) -> dict:
+    """Sizes, a hash of the labels and of a sample of 64 images (arrays), or of the file list with sizes."""
+    out = {"n": len(data)}
+    if isinstance(data, ArrayData):
+        idx = torch.linspace(0, max(0, len(data) - 1), min(64, len(data))).long()
+        out |= {"labels": _digest(data.y), "pixels": _digest(list(data.x.shape[1:]), data.x[idx])}
+    else:
+        items = [(str(p), int(y)) for p, y in data.items]
+        sizes = [os.stat(p).st_size if os.path.exists(p) else -1 for p, _ in items]
+        out |= {"labels": _digest([y for _, y in items]), "files": _digest([p for p, _ in items], sizes)}
+    return {name: out}
+
+
+def fingerprint(cfg, splits, classes=None) -> dict:
+    train, val, test, num_classes = splits
+    options = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION}
+    out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
+    for name, d in (("train", train), ("val", val), ("test", test)):
+        out |= data_fingerprint(name, d)
+    return out
+
+
+def changed(saved: dict, now: dict) -> list[str]:
+    """What differs between two fingerprints, in words."""
+    words = {"options": "the settings in config.json", "num_classes": "the number of classes",
+             "classes": "the class names (labels.json)"}  # fmt: skip
+    out = []
+    for key in saved:
+        if key in ("train", "val", "test"):
+            for part, v in saved[key].items():
+                if now.get(key, {}).get(part) != v:
+                    what = {"n": "size", "labels": "labels", "pixels": "images", "files": "files"}[part]
+                    out.append(f"the {key} split's {what}")
+        elif now.get(key) != saved[key]:
+            out.append(words.get(key, key))
+    return out
+
+
+def write_fingerprint(run_dir: Path, fp: dict) -> None:
+    save_json({"format": "roli run fingerprint 1", **fp}, run_dir / FINGERPRINT)
+
+
+def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None = None) -> list[str]:
+    """Compare with the run's fingerprint.json: raise naming what changed (or, with allow_flag given as
+    allowed, return the list). A run written before fingerprints existed is not checked (a log line)."""
+    path = run_dir / FINGERPRINT
+    if not path.is_file():
+        log.info("%s: %s has no %s (a run of an earlier roli): its data is not checked", what, run_dir, FINGERPRINT)
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        saved.pop("format")
+    except (ValueError, KeyError, OSError, AttributeError):
+        raise ConfigError(f"{what}: {path} is damaged; the run cannot be checked") from None
+    diff = changed(saved, fp)
+    if diff and allow_flag != "allowed":
+        hint = f" ({allow_flag} to evaluate anyway, recorded in the results)" if allow_flag else ""
+        raise ConfigError(f"{what}: {', '.join(diff)} changed since the run started in {run_dir}; start a new run "
+                          f"for changed data or settings{hint}")  # fmt: skip
+    return diff
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str, Path] | None = None) -> None:
+    """Everything about the run directory that can be wrong, before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
+    base = nearest_existing(run_dir.resolve())
+    if not base.is_dir():
+        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
+    if resume:
+        if not (run_dir / MARKER).is_file():
+            raise ConfigError(f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes "
+                              "only its own runs")  # fmt: skip
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+                              "--overwrite to start over")  # fmt: skip
+        if not (run_dir / MARKER).is_file():
+            raise ConfigError(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
+                              "deletes only what it wrote; choose another --run-dir")  # fmt: skip
+        check_overwrite(run_dir, inputs or {})
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory (or clear roli's outputs from it with --overwrite) and mark it as roli's."""
+    if overwrite and not resume and run_dir.exists() and (run_dir / MARKER).is_file():
+        kept = remove_outputs(run_dir)
+        if kept:
+            log.warning("--overwrite: kept %d file(s) roli did not write in %s: %s", len(kept), run_dir,
+                        ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""))  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a process killed while writing a checkpoint
+    if not (run_dir / MARKER).exists():
+        save_json({"created_by": "roli train", "note": "roli deletes (--overwrite) and resumes only directories "
+                   "holding this file, and only the files it wrote there"}, run_dir / MARKER)  # fmt: skip
+
+
+def disk_full(e: OSError, run_dir: Path) -> ConfigError | None:
+    """ENOSPC as one line naming the directory."""
+    if e.errno != errno.ENOSPC:
+        return None
+    free = shutil.disk_usage(nearest_existing(run_dir.resolve())).free
+    return ConfigError(f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
+                       f"continue with --resume {run_dir}")  # fmt: skip

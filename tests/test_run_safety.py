@@ -1,0 +1,276 @@
+"""No data lost and no wrong figure from a changed run: --overwrite deletes only roli's outputs and never an
+input of the new run; --resume only of roli's runs, and of unchanged ones (settings and data fingerprinted);
+evaluate --run refuses changed data unless told; one process at a time in a run directory; code named in a
+file runs only from installed packages or with --trust-code. Each case: exit code 2, one line on stderr, no
+Traceback, and every file hashed before and after."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from roli.evaluate import main as evaluate
+from roli.train import main as train
+from roli.training.rundir import OUTPUTS, RunLock, written_by_roli
+
+QUICK = ["--eps", "0.1", "--step-size", "0.05", "--steps", "1", "--val-steps", "1", "--epochs", "1", "--warmup", "0",
+         "--random-backbone"]  # fmt: skip
+
+
+def tree_hash(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def one_line(capsys, pattern: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and pattern in lines[0], lines
+    return lines[0]
+
+
+def make_npz(path: Path, seed: int = 0, n: int = 120) -> Path:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    x = (rng.random((n, 8, 8)) * 0.3 + y[:, None, None] * 0.2).astype(np.float32)  # learnable: brightness
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=x, y_train=y, x_test=x[:40], y_test=y[:40])
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished tiny ALP run on an npz dataset: (run directory, the npz)."""
+    base = tmp_path_factory.mktemp("safety")
+    data = make_npz(base / "data" / "d.npz")
+    run = base / "run"
+    assert train(["--method", "alp", "--dataset", f"npz:{data}", *QUICK, "--run-dir", str(run)]) == 0
+    return run, data
+
+
+@pytest.fixture
+def run_copy(npz_run, tmp_path) -> tuple[Path, Path]:
+    run, data = npz_run
+    dest, data_dest = tmp_path / "run", tmp_path / "data" / "d.npz"
+    shutil.copytree(run, dest)
+    data_dest.parent.mkdir()
+    shutil.copy(data, data_dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["dataset"] = f"npz:{data_dest}"  # the copy reads its own copy of the data
+    (dest / "config.json").write_text(json.dumps(cfg))
+    (dest / "fingerprint.json").unlink()  # rewritten below for the copied config
+    fp = _fingerprint_of(dest)
+    (dest / "fingerprint.json").write_text(json.dumps(fp))
+    return dest, data_dest
+
+
+def _fingerprint_of(run: Path) -> dict:
+    from roli.training.config import TrainConfig
+    from roli.training.pipeline import load_splits
+    from roli.training.rundir import fingerprint
+
+    cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
+    splits = load_splits(cfg)
+    return {"format": "roli run fingerprint 1", **fingerprint(cfg, splits, getattr(splits[0], "classes", None))}
+
+
+# --overwrite
+
+
+def test_every_file_a_run_writes_is_a_known_output(npz_run):
+    run, _ = npz_run
+    files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()]
+    assert files and all(written_by_roli(f) for f in files), [f for f in files if not written_by_roli(f)]
+    assert not written_by_roli("alp/notes.txt") and not written_by_roli("paper.tex")
+    assert written_by_roli("alp/.best.pt.x1y2z3.tmp") and not written_by_roli("alp/.notes.tmp")
+    assert "alp/best.pt" in OUTPUTS
+
+
+@pytest.mark.parametrize("which", ["--checkpoint", "--init", "--dataset"])
+def test_overwrite_never_deletes_an_input_of_the_new_run(run_copy, capsys, which, checkpoint):
+    run, data = run_copy
+    if which == "--checkpoint":
+        inside = run / "bb.pt"
+        shutil.copy(checkpoint, inside)
+        argv = ["--method", "alp", "--dataset", f"npz:{data}", "--checkpoint", str(inside)]
+    elif which == "--init":
+        inside = run / "alp" / "best.pt"  # a head from the run itself
+        argv = ["--method", "ft", "--init", str(inside), "--dataset", f"npz:{data}"]
+    else:
+        inside = run / "d.npz"
+        shutil.copy(data, inside)
+        argv = ["--method", "alp", "--dataset", f"npz:{inside}"]
+    before = tree_hash(run)
+    extra = [] if which == "--checkpoint" else ["--random-backbone"]
+    assert train([*argv, *[q for q in QUICK if q != "--random-backbone"], *extra, "--run-dir", str(run),
+                  "--overwrite"]) == 2  # fmt: skip
+    line = one_line(capsys, f"--overwrite: {which} {inside} lies inside the run directory")
+    assert "move it out first" in line and tree_hash(run) == before
+
+
+def test_resume_refuses_a_directory_roli_did_not_make(tmp_path, capsys, npz_run):
+    run, _ = npz_run
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    shutil.copy(run / "config.json", foreign / "config.json")  # a config.json alone does not make it roli's
+    (foreign / "notes.txt").write_text("mine")
+    before = tree_hash(foreign)
+    assert train(["--resume", str(foreign)]) == 2
+    one_line(capsys, f"resume: {foreign} was not written by roli (it has no .roli-run marker)")
+    assert tree_hash(foreign) == before
+
+
+# --resume and evaluate --run of a changed run
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("eps", "the settings in config.json"),
+        ("seed", "the settings in config.json"),
+        ("labels", "the train split's labels"),
+        ("images", "the train split's images"),
+    ],
+)
+def test_a_changed_run_is_never_resumed(run_copy, capsys, change, named):
+    run, data = run_copy
+    (run / "alp" / "done.json").unlink()  # unfinished again: --resume would train
+    if change in ("eps", "seed"):
+        cfg = json.loads((run / "config.json").read_text())
+        cfg[change] = 0.2 if change == "eps" else 5
+        (run / "config.json").write_text(json.dumps(cfg))
+    else:
+        with np.load(data) as f:
+            arrays = dict(f)
+        if change == "labels":
+            arrays["y_train"] = np.roll(arrays["y_train"], 1)
+        else:
+            arrays["x_train"] = arrays["x_train"][:, ::-1].copy()
+        np.savez(data, **arrays)
+    before = tree_hash(run)
+    assert train(["--resume", str(run)]) == 2
+    line = one_line(capsys, "changed since the run started")
+    assert line.split("error: ")[1].startswith(f"resume: {named}") and "start a new run" in line
+    assert tree_hash(run) == before
+
+
+def test_evaluate_run_refuses_changed_data_unless_allowed(run_copy, capsys):
+    run, data = run_copy
+    assert evaluate(["--run", str(run), "--out", str(run.parent / "a.json")]) == 0
+    first = json.loads((run.parent / "a.json").read_text())
+    with np.load(data) as f:
+        arrays = dict(f)
+    arrays["y_test"] = np.roll(arrays["y_test"], 1)  # labels swapped under the run
+    np.savez(data, **arrays)
+    capsys.readouterr()
+    before = tree_hash(run)
+    assert evaluate(["--run", str(run)]) == 2
+    one_line(capsys, "--run: the test split's labels changed since the run started")
+    assert tree_hash(run) == before
+    assert evaluate(["--run", str(run), "--allow-changed-data", "--out", str(run.parent / "b.json")]) == 0
+    second = json.loads((run.parent / "b.json").read_text())
+    assert second["config"]["changed_since_run"] == ["the test split's labels"]
+    assert "changed_since_run" not in first["config"] or first["config"]["changed_since_run"] == []
+
+
+def test_runs_of_an_earlier_roli_without_a_fingerprint_still_resume(run_copy, capsys):
+    run, _ = run_copy
+    (run / "fingerprint.json").unlink()
+    (run / "alp" / "done.json").unlink()
+    assert train(["--resume", str(run)]) == 0
+    assert "has no fingerprint.json (a run of an earlier roli)" in capsys.readouterr().err
+
+
+# one process at a time
+
+
+def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy, capsys):
+    run, _ = run_copy
+    (run / "alp" / "done.json").unlink()
+    with RunLock(run, "roli train --method alp"):  # as a trainer still running would hold it
+        before = tree_hash(run)
+        assert train(["--resume", str(run)]) == 2
+        line = one_line(capsys, f"run directory {run} is in use (pid ")
+        assert "roli train --method alp" in line
+        assert evaluate(["--run", str(run)]) == 2
+        one_line(capsys, "is in use")
+        assert tree_hash(run) == before
+    (run / ".roli-lock").write_text("pid 999999999: roli train --method alp")  # its process is gone
+    assert train(["--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "took over the lock left by pid 999999999: roli train --method alp (no longer running)" in err
+    assert (run / ".roli-lock").read_text() == ""  # released at the end
+
+
+# code named in files
+
+
+def test_a_model_spec_from_a_file_runs_only_from_installed_packages(tmp_path, capsys, monkeypatch):
+    evil = tmp_path / "evil.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\ndef make(**kw):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("evil:make", "os:popen", "subprocess:getoutput"):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"model: {spec}\ndataset: digits\nmethod: alp\n")
+        assert train(["--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+        one_line(capsys, f"model: {spec} (from {cfg}) would import and run that code")
+        assert not marker.exists() and not (tmp_path / "r").exists()
+    cfg.write_text("model: timm.models.resnet:resnet18\ndataset: digits\nmethod: alp\n")  # installed: accepted
+    assert train(["--config", str(cfg), "--print-config"]) == 0
+    cfg.write_text("model: evil:make\ndataset: digits\nmethod: alp\n")
+    assert train(["--config", str(cfg), "--trust-code", "--print-config"]) == 0  # trusted on purpose
+    assert not marker.exists()  # --print-config builds nothing
+
+
+def test_evaluate_run_of_a_downloaded_run_does_not_run_its_code(run_copy, capsys, tmp_path, monkeypatch):
+    run, _ = run_copy
+    (tmp_path / "payload.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\ndef make(**kw): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"] = "payload:make"
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert evaluate(["--run", str(run)]) == 2
+    one_line(capsys, "would import and run that code")
+    assert not (tmp_path / "ran").exists()
+
+
+# combinations that were silently ignored
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--method", "roli", "--init", "random"], "init: --method roli finetunes from the ALP head"),
+        (["--method", "alp", "--compare-ranli"], "compare-ranli: runs the random-head baseline beside --method roli"),
+        (["--method", "alp", "--ema"], "ema: loads a checkpoint's EMA weights; give --checkpoint FILE"),
+    ],
+)
+def test_ignored_combinations_are_errors(tmp_path, capsys, argv, pattern):
+    run = tmp_path / "r"
+    assert train([*argv, "--dataset", "digits", *QUICK, "--run-dir", str(run)]) == 2
+    one_line(capsys, pattern)
+    assert not run.exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    run_module = sys.modules["roli.training.run"]  # (roli.training.run is also the name of the function)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_json", full)
+    run = tmp_path / "r"
+    assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert "Traceback" not in err and len(lines) == 1 and f"disk full while writing into {run}" in lines[0], err
+    assert f"--resume {run}" in lines[0]
