@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,8 +194,12 @@ def _from_run(args):
             listed = " | --run ".join(inner)
             raise CliError(f"--run: {run} holds {len(inner)} runs, evaluate one of them: --run {listed}")
         raise CliError(f"--run: {run} holds no config.json: not a run directory of {prog('train')}")
-    if args.model or args.checkpoint:
-        raise CliError("--run rebuilds the model from the run: drop --model/--checkpoint")
+    given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
+             ("--model-arg", args.model_arg), ("--mean", args.mean), ("--std", args.std),
+             ("--input-size", args.input_size), ("--num-classes", args.num_classes), ("--ema", args.ema),
+             ("--timm-pretrained", args.timm_pretrained)) if value]  # fmt: skip
+    if given:
+        raise CliError(f"--run rebuilds the model as the run trained it: drop {', '.join(given)}")
     try:
         cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
         check_code_from_file(cfg.model, str(run / "config.json"), args.trust_code)
@@ -286,6 +291,10 @@ def evaluate(args) -> dict:
         parent = out.parent.parent if getattr(args, "out_in_run", False) else out.parent  # evaluations/ made later
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
+    if args.input_size is not None and args.input_size < 1:
+        raise CliError(f"--input-size must be >= 1; got {args.input_size}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise CliError(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
     try:
         device = torch.device(D.local_device(args.device))
     except RuntimeError:

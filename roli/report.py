@@ -41,15 +41,20 @@ def rows_of(run: Path) -> list[dict]:
         results, cfg = json.loads(results_path.read_text()), json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadValue(f"{run}: cannot read its results ({e})") from None
+    if not isinstance(results, dict) or not isinstance(cfg, dict):
+        raise BadValue(f"{run}: results.json and config.json must each hold a JSON object")
     rows = []
     for label, r in results.items():
+        if not isinstance(r, dict) or not isinstance(r.get("test", {}), dict) or not isinstance(r.get("val", {}), dict):
+            print(f"report: skipped {label!r} in {results_path}: not a stage record", file=sys.stderr)
+            continue
         stage_dir = r.get("dir") or stage_dir_of(label)  # runs written before results.json named the folder
         test, val = r.get("test", {}), r.get("val", {})
         pgd = next((v for k, v in test.items() if k.startswith("pgd")), None)
         history = []
         metrics = run / stage_dir / "metrics.jsonl"
         if metrics.is_file():
-            history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            history = _metrics(metrics)
         seconds = sum(h.get("seconds", 0) for h in history)
         seen = sum(h.get("images_per_s", 0) * h.get("seconds", 0) for h in history)
         method = cfg.get("peft") if stage_dir in ("roli-ft", "ranli-ft", "ft") else stage_dir
@@ -86,6 +91,23 @@ def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:
         if aa and same:
             return float(aa[0])
     return None
+
+
+def _metrics(path: Path) -> list[dict]:
+    """The epochs of a stage's metrics.jsonl; a malformed line is skipped with a line on stderr."""
+    out = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            out.append(row)
+        else:
+            print(f"report: skipped line {i} of {path}: not a JSON record", file=sys.stderr)
+    return out
 
 
 def _cell(v) -> str:

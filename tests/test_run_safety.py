@@ -274,3 +274,97 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert "Traceback" not in err and len(lines) == 1 and f"disk full while writing into {run}" in lines[0], err
     assert f"--resume {run}" in lines[0]
+
+
+# values that used to end in a traceback: one line each, nothing written
+
+
+@pytest.mark.parametrize(
+    "yaml_text, pattern",
+    [
+        ("seed: abc\n", "seed: must be an integer in [0, 2**63); got 'abc'"),
+        ("seed: 1.5\n", "seed: must be an integer in [0, 2**63); got 1.5"),
+        ("seed: 99999999999999999999999\n", "seed: must be an integer in [0, 2**63)"),
+        ("run_dir: 5\n", "run-dir: must be a non-empty string; got 5"),
+        ("dataset: [x]\n", "dataset: must be a non-empty string; got ['x']"),
+        ("fold_bn: 'false'\n", "fold-bn: must be true or false; got 'false'"),
+        ("random_start: 'no'\n", "random-start: must be true or false; got 'no'"),
+        ("val_percent: abc\n", "val-percent: must be a number in (0, 100); got 'abc'"),
+    ],
+)
+def test_bad_config_values_are_one_line(tmp_path, capsys, yaml_text, pattern):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: pretrain\n" + yaml_text)
+    where = [] if yaml_text.startswith("run_dir") else ["--run-dir", str(tmp_path / "r")]
+    assert train(["--config", str(cfg), *where]) == 2
+    one_line(capsys, pattern)
+    assert not (tmp_path / "r").exists()
+
+
+def _npz(path: Path, x_train, y_train, x_test, y_test) -> Path:
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.mark.parametrize("case", ["rgba", "sizes", "one-label"])
+def test_bad_arrays_are_one_line(tmp_path, capsys, case):
+    rng = np.random.default_rng(0)
+    y = np.arange(20) % 2
+    if case == "rgba":
+        path = _npz(tmp_path / "d.npz", rng.random((20, 8, 8, 4)), y, rng.random((6, 8, 8, 4)), y[:6])
+        pattern = "images must have 1 (grey) or 3 (RGB) channels; got shape (20, 4, 8, 8) read as 4 channels (RGBA?"
+    elif case == "sizes":
+        path = _npz(tmp_path / "d.npz", rng.random((20, 8, 8)), y, rng.random((6, 16, 16)), y[:6])
+        pattern = "the test images are (1, 16, 16) (CHW), the train images (1, 8, 8); every split needs one size"
+    else:
+        path = _npz(
+            tmp_path / "d.npz", rng.random((20, 8, 8)), np.ones(20, int), rng.random((6, 8, 8)), np.ones(6, int)
+        )
+        pattern = "every training label is [1]; a classifier needs at least two classes"
+    assert train(["--method", "pretrain", "--dataset", f"npz:{path}", "--run-dir", str(tmp_path / "r")]) == 2
+    one_line(capsys, pattern)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_nan_checkpoint_is_refused_before_writing(tmp_path, capsys, checkpoint):
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["state_dict"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    run = tmp_path / "r"
+    assert train(["--method", "alp", "--dataset", "digits", "--checkpoint", str(bad), "--run-dir", str(run)]) == 2
+    one_line(capsys, f"checkpoint: {bad} holds non-finite values (NaN/inf) in")
+    assert not run.exists()
+
+
+def test_evaluate_flags_that_used_to_traceback(npz_run, capsys):
+    run, _ = npz_run
+    before = tree_hash(run)
+    for argv, pattern in [
+        (["--run", str(run), "--input-size", "4"], "--run rebuilds the model as the run trained it: drop --input-size"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--input-size", "-4"],
+         "--input-size must be >= 1; got -4"),
+        (["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--device", "meta"],
+         "--device: 'meta' is not auto, cpu, cuda or cuda:N"),
+    ]:  # fmt: skip
+        assert evaluate(argv) == 2
+        one_line(capsys, pattern)
+    assert tree_hash(run) == before
+
+
+def test_report_names_or_skips_malformed_files(run_copy, capsys, tmp_path):
+    from roli.report import main as report
+
+    run, _ = run_copy
+    with open(run / "alp" / "metrics.jsonl", "a") as f:
+        f.write("not json\n")
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert "report: skipped line 2 of" in capsys.readouterr().err
+    (run / "results.json").write_text("[1]")
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 2
+    one_line(capsys, "results.json and config.json must each hold a JSON object")
+    (run / "results.json").write_text("{")
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 2
+    one_line(capsys, "cannot read its results")

@@ -165,6 +165,10 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, checkpoint: s
                                      ema=cfg.ema)  # fmt: skip
         except ValueError as e:
             raise ConfigError(f"checkpoint: {e}") from None
+        bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ConfigError(f"checkpoint: {checkpoint} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), "
+                              f"e.g. {bad[0]}; use another file")  # fmt: skip
         if not quiet:
             log.info("checkpoint: %s", report)
         if report.head_loaded:
