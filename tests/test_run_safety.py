@@ -368,3 +368,35 @@ def test_report_names_or_skips_malformed_files(run_copy, capsys, tmp_path):
     (run / "results.json").write_text("{")
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 2
     one_line(capsys, "cannot read its results")
+
+
+def test_damaged_data_files_are_one_line(tmp_path, capsys):
+    import pickle
+
+    (tmp_path / "empty.npz").write_bytes(b"")
+    good = _npz(tmp_path / "good.npz", np.random.rand(20, 8, 8), np.arange(20) % 2, np.random.rand(6, 8, 8),
+                np.arange(6) % 2)  # fmt: skip
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:300])
+    c10 = tmp_path / "c10" / "cifar-10-batches-py"
+    c10.mkdir(parents=True)
+    for i in range(1, 6):
+        pickle.dump({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 9}, open(c10 / f"data_batch_{i}", "wb"))
+    pickle.dump({b"labels": [0] * 5}, open(c10 / "test_batch", "wb"))
+    (tmp_path / "js" / "img").mkdir(parents=True)
+    (tmp_path / "js" / "train.json").write_text(json.dumps({"../../etc/hostname": 0, "a.png": 1}))
+    (tmp_path / "js" / "test.json").write_text(json.dumps({"a.png": 0}))
+    cases = [
+        (["--dataset", f"npz:{tmp_path / 'empty.npz'}"], "as an npz file (EOFError"),
+        (["--dataset", f"npz:{tmp_path / 'cut.npz'}"], "as an npz file (BadZipFile"),
+        (["--dataset", f"cifar10:{tmp_path / 'c10'}"], "data_batch_1: 10 images of shape (3072,) and 9 labels"),
+        (["--dataset", f"json:{tmp_path / 'js'}", "--image-root", str(tmp_path / "js" / "img")],
+         "paths must stay inside the image root (relative, no '..'); got e.g. ['../../etc/hostname']"),
+    ]  # fmt: skip
+    for argv, pattern in cases:
+        assert train(["--method", "pretrain", *argv, "--run-dir", str(tmp_path / "r")]) == 2
+        one_line(capsys, pattern)
+        assert not (tmp_path / "r").exists()
+    for i in range(1, 6):
+        pickle.dump({b"labels": [0] * 10}, open(c10 / f"data_batch_{i}", "wb"))
+    assert train(["--method", "pretrain", "--dataset", f"cifar10:{tmp_path / 'c10'}", "--run-dir", "x"]) == 2
+    one_line(capsys, "lacks b'data' or b'labels': not a cifar10 batch")

@@ -7,6 +7,7 @@ torchvision python-pickle layout (read with a restricted unpickler that only bui
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,14 @@ def npz(path: str | Path) -> tuple[ArrayData | None, ArrayData | None]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"npz file not found: {path}")
+    try:
+        return _npz(path)
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # empty, cut short
+        raise ValueError(f"cannot read {path} as an npz file ({type(e).__name__}: {e}); write it with "
+                         "numpy.savez") from None  # fmt: skip
+
+
+def _npz(path: Path) -> tuple[ArrayData | None, ArrayData | None]:
     with np.load(path, allow_pickle=False) as f:
         keys = set(f.keys())
         pairs = [(f"x_{s}", f"y_{s}") for s in ("train", "test")] if {"x_train", "x_test"} & keys else [("x", "y")]
@@ -186,6 +195,17 @@ def cifar(root: str | Path, which: str = "cifar10") -> tuple[ArrayData, ArrayDat
     out = []
     for names in files:
         parts = [_unpickle(base / n) for n in names]
+        for n, p in zip(names, parts, strict=True):
+            if not isinstance(p, dict) or b"data" not in p or label_key not in p:
+                raise ValueError(f"CIFAR pickle {base / n} lacks {b'data'!r} or {label_key!r}: not a {which} batch")
+            if (
+                len(p[b"data"]) != len(p[label_key])
+                or np.asarray(p[b"data"]).ndim != 2
+                or np.asarray(p[b"data"]).shape[1] != 3072
+            ):
+                raise ValueError(f"CIFAR pickle {base / n}: {len(p[b'data'])} images of shape "
+                                 f"{np.asarray(p[b'data']).shape[1:]} and {len(p[label_key])} labels; expected equal "
+                                 "counts of 3072 bytes each")  # fmt: skip
         x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(p[label_key]) for p in parts])
         out.append(ArrayData(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), _labels(y, str(base), k),

@@ -163,6 +163,10 @@ def json_split(split_file: str | Path, image_root: str | Path, classes: list[str
         raise ValueError(f"{split_file} is not a text (JSON) file") from None
     if not isinstance(mapping, dict) or not mapping:
         raise ValueError(f"{split_file} must hold a non-empty object {{relative_path: label}}")
+    outside = [p for p in mapping if Path(p).is_absolute() or ".." in Path(p).parts]
+    if outside:
+        raise ValueError(f"{split_file}: paths must stay inside the image root (relative, no '..'); got e.g. "
+                         f"{outside[:3]}")  # fmt: skip
     keys = {p: _label_key(v) for p, v in mapping.items()}
     bad = [(p, mapping[p]) for p, k in keys.items() if k is None]
     if bad:
