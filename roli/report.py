@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -168,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise BadValue(f"--out: {out} is a file; give a directory")
+        base = out
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise BadValue(f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
+                           "read-only; give a writable directory")  # fmt: skip
         rows = [row for run in args.runs for row in rows_of(Path(run))]
     except BadValue as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)

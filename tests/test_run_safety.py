@@ -400,3 +400,22 @@ def test_damaged_data_files_are_one_line(tmp_path, capsys):
         pickle.dump({b"labels": [0] * 10}, open(c10 / f"data_batch_{i}", "wb"))
     assert train(["--method", "pretrain", "--dataset", f"cifar10:{tmp_path / 'c10'}", "--run-dir", "x"]) == 2
     one_line(capsys, "lacks b'data' or b'labels': not a cifar10 batch")
+
+
+def test_more_inputs_that_used_to_traceback(run_copy, tmp_path, capsys):
+    from roli.report import main as report
+
+    run, _ = run_copy
+    (tmp_path / "afile").write_text("x")
+    assert report([str(run), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    one_line(capsys, "--out: cannot create")
+    labels = _npz(tmp_path / "s.npz", np.random.rand(8, 8, 8), np.array(list("abababab")), np.random.rand(4, 8, 8),
+                  np.array(list("abab")))  # fmt: skip
+    assert train(["--method", "pretrain", "--dataset", f"npz:{labels}", "--run-dir", str(tmp_path / "r")]) == 2
+    one_line(capsys, "labels must be a 1-D integer array")
+    link = tmp_path / "link"  # a run reached through a symlink resumes and evaluates as the run itself
+    link.symlink_to(run)
+    (run / "alp" / "done.json").unlink()
+    assert train(["--resume", str(link)]) == 0
+    assert evaluate(["--run", str(link), "--out", str(tmp_path / "e.json")]) == 0
+    assert (run / "alp" / "done.json").is_file() and not (tmp_path / "afile").is_dir()

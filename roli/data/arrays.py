@@ -148,6 +148,8 @@ def _npz(path: Path) -> tuple[ArrayData | None, ArrayData | None]:
                 f"{path}: expected arrays x_train/y_train and/or x_test/y_test, or x/y; found {sorted(keys)}"
             )
         ys = {p: np.asarray(f[p[1]]).reshape(-1) for p in pairs if set(p) <= keys}
+        for y in ys.values():
+            _labels(y, str(path))  # integer labels >= 0, before their maximum is taken
         k = max(int(y.max()) for y in ys.values() if y.size) + 1 if any(y.size for y in ys.values()) else 0
         out = [_check_sizes(ArrayData(to_nchw_uint8(f[p[0]], str(path)), _labels(ys[p], str(path)), k, path.stem))
                if p in ys else None for p in pairs]  # fmt: skip
