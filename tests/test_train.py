@@ -428,3 +428,28 @@ def test_head_init_reference_is_where_alp_starts(tmp_path, capsys):
     assert abs(float(head["head.weight"].std()) - (2 / 5) ** 0.5) < 0.15  # fan_out = 5 classes, 320 draws
     assert json.loads((run / "config.json").read_text())["head_init"] == "reference"
     assert "head init: reference" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("adamw", 0.9), ("sgd", 0.5)])
+def test_lp_trains_with_the_optimizer_it_records(tmp_path, monkeypatch, optimizer, momentum):
+    """--method lp used to record --optimizer adamw in config.json and train SGD (momentum 0.9) regardless."""
+    import roli.training.pipeline as pipeline
+
+    seen = {}
+    real = pipeline.train_linear_probes
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_linear_probes", spy)
+    run = tmp_path / "lp"
+    assert main(["--method", "lp", "--optimizer", optimizer, "--momentum", str(momentum), "--run-dir", str(run),
+                 *TINY]) == 0  # fmt: skip
+    recorded = json.loads((run / "config.json").read_text())["_resolved"]["lp"]
+    assert recorded["optimizer"] == optimizer == seen["optimizer"] and seen["momentum"] == momentum
+
+
+def test_lp_refuses_adamw_ref(tmp_path, capsys):
+    assert main(["--method", "lp", "--optimizer", "adamw-ref", "--run-dir", str(tmp_path / "r"), *TINY]) == 2
+    assert "lp.optimizer: the clean linear probe trains with sgd or adamw" in capsys.readouterr().err

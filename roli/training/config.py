@@ -445,6 +445,8 @@ class TrainConfig:
         for k in kinds:
             s = self.settings(k)
             name = "ranli" if k == "ft" and self.init == "random" else k
+            if k == "lp" and s.optimizer == "adamw-ref":
+                raise ConfigError("lp.optimizer: the clean linear probe trains with sgd or adamw, not adamw-ref")
             if s.optimizer == "adamw-ref" and s.weight_decay == 0:
                 raise ConfigError(
                     f"{name}.optimizer: adamw-ref with weight_decay 0 is not what the reference ran "

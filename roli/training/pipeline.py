@@ -359,7 +359,8 @@ def linear_probe(cfg: TrainConfig, model, splits, stage_dir: Path) -> dict:
     lrs = [settings.lr * f for f in (0.1, 0.3, 1.0, 3.0)]
     wds = [settings.weight_decay] * len(lrs)
     res = train_linear_probes((tr.x, tr.y), (va.x, va.y), model.num_classes, lrs, wds, epochs=settings.epochs,
-                              warmup=settings.warmup, batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+                              warmup=settings.warmup, batch_size=cfg.batch_size, optimizer=settings.optimizer,
+                              momentum=cfg.momentum, seed=cfg.seed)  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(res.weight)
         model.head.bias.copy_(res.bias)
