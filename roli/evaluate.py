@@ -41,8 +41,7 @@ from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.autoattack import cross_check
 from roli.data import ArrayData, load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
-from roli.ops import unavailable_reason
-from roli.ops._dispatch import requested_impl
+from roli.ops import requested_impl, unavailable_reason
 
 CliError = BadValue  # a bad flag value: one line, exit code 2
 

@@ -11,7 +11,7 @@ import torch
 
 from roli import __version__, _ext
 from roli._cli import OneLineParser, prog
-from roli.ops._dispatch import triton_error
+from roli.ops import triton_error
 
 
 def _first_line(cmd: list[str]) -> str:

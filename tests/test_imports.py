@@ -123,3 +123,16 @@ def test_the_checker_finds_what_it_looks_for(tmp_path):
         test_no_import_circle(g)
     with pytest.raises(AssertionError, match="imports roli.training.y"):
         test_every_import_goes_down_or_sideways(g)
+
+
+def test_no_private_module_is_imported_from_another_package(graph):
+    """roli.<pkg>._<name> is for roli.<pkg>'s own modules; other packages use what roli.<pkg> exports. (The
+    ground floor, roli._*, belongs to the whole package.)"""
+    crossing = []
+    for name, deps in graph.items():
+        for dep in deps:
+            parts = dep.split(".")
+            private = [i for i, p in enumerate(parts) if p.startswith("_") and i > 1]
+            if private and not (name + ".").startswith(".".join(parts[: private[0]]) + "."):
+                crossing.append(f"{name} -> {dep}")
+    assert not crossing, crossing

@@ -21,8 +21,7 @@ from roli.attacks._graph import GraphedSteps
 from roli.attacks._mode import attack_mode
 from roli.attacks.losses import attack_loss
 from roli.models.fold import BatchNormFolding
-from roli.ops import keep_best_kernel, pgd_init, step_kernel
-from roli.ops._checks import check_clip
+from roli.ops import check_clip, keep_best_kernel, pgd_init, step_kernel
 
 INF = float("inf")
 

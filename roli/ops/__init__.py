@@ -7,13 +7,17 @@
 impl="auto" | "torch" | "cpp" | "cuda" | "triton"; the environment variable ROLI_IMPL sets the default.
 """
 
-from roli.ops._dispatch import IMPLS, resolve, unavailable_reason
+from roli.ops._checks import check_clip
+from roli.ops._dispatch import IMPLS, requested_impl, resolve, triton_error, unavailable_reason
 from roli.ops.keep_best import keep_best_, keep_best_kernel, keep_best_torch
 from roli.ops.pgd_init import pgd_init
 from roli.ops.pgd_step import pgd_step_, pgd_step_l2_torch, pgd_step_linf_torch, step_kernel
 
 __all__ = [
     "IMPLS",
+    "check_clip",
+    "requested_impl",
+    "triton_error",
     "keep_best_",
     "keep_best_kernel",
     "keep_best_torch",
