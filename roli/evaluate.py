@@ -173,6 +173,13 @@ def _bits(flags: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in flags.tolist())
 
 
+def _aa_progress(batch: int, batches: int):
+    """AutoAttack's line after each attack, on stderr (rank 0): AutoAttack takes minutes per batch."""
+    if not D.is_main():
+        return None
+    return lambda line: print(f"evaluate: batch {batch + 1}/{batches}: {line}", file=sys.stderr, flush=True)
+
+
 def _batches(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
@@ -414,7 +421,8 @@ def evaluate(args) -> dict:
             state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
             try:
                 aa = run_autoattack(model, x[s], y[s], eps, norm=args.norm, version=args.autoattack, state_path=state,
-                                    batch_size=args.batch_size, seed=args.seed, precision=args.precision)  # fmt: skip
+                                    batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                                    progress=_aa_progress(i, len(parts)))  # fmt: skip
             except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
                 raise CliError(f"--aa-state: {first_line(e)}") from None
             for k, acc in aa.per_attack.items():

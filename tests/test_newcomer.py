@@ -233,6 +233,8 @@ def test_demo_directory_lists_its_runs_and_report_reads_evaluate(tmp_path, capsy
     assert evaluate(["--run", str(run), "--autoattack", "standard", "--n-ex", "40"]) == 0
     out = capsys.readouterr()
     assert "evaluate: AutoAttack-standard on 40 images" in out.err
+    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):  # a line after each attack: it takes minutes
+        assert re.search(rf"evaluate: batch 1/1: AutoAttack {name}: \d+/40 still robust \(\d+ s\)", out.err), out.err
     assert re.search(r"val PGD \d+\.\d\d%", out.out)  # percentages, two decimals
     assert re.search(r"\(40 examples, [\d.]+ s, cpu\)", out.out)  # --device auto's choice, said
     written = sorted((run / "alp" / "evaluations").glob("*.json"))

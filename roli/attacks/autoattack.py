@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +148,7 @@ def run_autoattack(
     batch_size: int = 250,
     seed: int = 0,
     precision: str = "fp32",
+    progress: Callable[[str], None] | None = None,
 ) -> AutoAttackResult:
     """Run AutoAttack on (x, y).
 
@@ -157,6 +160,7 @@ def run_autoattack(
             (names from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
         state_path: makes the evaluation resumable (see the module docstring).
         batch_size, seed: passed to AutoAttack; precision: "fp32" or "bf16" (autocast around the model).
+        progress: receives a line after each attack (its name, the points still robust, the seconds it took).
     """
     try:
         from pyautoattack import AutoAttack
@@ -207,6 +211,7 @@ def run_autoattack(
         for name in order:
             if name in state["done"]:
                 continue
+            started = time.time()
             idx = torch.nonzero(robust)[:, 0]
             if idx.numel():
                 adversary.attacks_to_run = [name]
@@ -220,4 +225,8 @@ def run_autoattack(
             state["robust"], state["x_adv"] = robust.cpu(), x_adv.cpu()
             if path is not None:
                 save_torch(state, path)
+            if progress is not None:
+                progress(
+                    f"AutoAttack {name}: {int(robust.sum())}/{len(y)} still robust ({time.time() - started:.0f} s)"
+                )
     return AutoAttackResult(x_adv, state["clean"], _share(robust), dict(state["per_attack"]), robust)

@@ -411,7 +411,7 @@ def evaluate_test(cfg: TrainConfig, model, test, state_dir: Path | None = None) 
                     # The batch in one piece and the run's seed, as python -m roli.evaluate --run attacks it.
                     aa = run_autoattack(model, x, y, cfg.eps, norm=cfg.norm, version=cfg.autoattack,
                                         precision=cfg.precision, state_path=state, batch_size=max(1, len(y)),
-                                        seed=cfg.seed)  # fmt: skip
+                                        seed=cfg.seed, progress=log.info if D.is_main() else None)  # fmt: skip
                 except ValueError as e:  # a damaged state file, or one of another model
                     raise ConfigError(f"autoattack: {first_line(e)}") from None
                 aa_robust += int(aa.robust.sum())
