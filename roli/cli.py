@@ -12,6 +12,7 @@ from roli import _cli
 COMMANDS = {
     "train": ("roli.train", "train: the RoLI pipeline (pretrain, lp, alp, ft, roli); no options: the built-in demo"),
     "evaluate": ("roli.evaluate", "clean, PGD, eps-sweep and AutoAttack accuracy of a model or of a run"),
+    "grid": ("roli.grid", "many configs as one grid: each distinct ALP stage once, locally or on SLURM"),
     "report": ("roli.report", "table, CSV and clean-vs-robust plot over finished runs"),
     "zoo": ("roli.zoo", "the published robust backbones roli knows (--model NAME)"),
     "info": ("roli.info", "versions, and which kernel backends are available"),

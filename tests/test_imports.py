@@ -23,7 +23,7 @@ FLOORS = [  # (floor, module prefixes)
     (3, {"roli.attacks"}),
     (4, {"roli.features"}),
     (5, {"roli.training"}),
-    (6, {"roli.train", "roli.evaluate", "roli.info", "roli.zoo", "roli.report", "roli.configs"}),
+    (6, {"roli.train", "roli.evaluate", "roli.info", "roli.zoo", "roli.report", "roli.configs", "roli.grid"}),
     (7, {"roli.cli", "roli.__main__"}),  # the console command over the programs
 ]
 

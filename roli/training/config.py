@@ -205,6 +205,9 @@ class TrainConfig:
     interpolation: str = "bilinear"  # of that resize: bilinear (the reference) or bicubic
     peft: str = "full"
     init: str = "alp"
+    # --method ft: the name of its finetuning stage in results.json, "RoLI-<peft>" or "RanLI-<peft>" (roli grid
+    # names the finetuning it starts from a shared ALP head RoLI, and its folder roli-ft, as one roli run would)
+    stage_name: str | None = None
     # The random head every stage that does not continue another starts from (ALP, RanLI, pretrain):
     # reference (the RoLI code's kaiming fan_out + prior bias), torch (nn.Linear's), zero.
     head_init: str = "torch"
@@ -363,6 +366,10 @@ class TrainConfig:
              f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
              f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
+        need(self.stage_name is None or self.method == "ft" and re.fullmatch(r"(RoLI|RanLI)-[\w-]+", self.stage_name)
+             is not None and (self.stage_name.startswith("RanLI-") == (self.init == "random")),
+             f"stage-name: {self.stage_name!r} names a --method ft stage RoLI-<peft> (from a head) or RanLI-<peft> "
+             "(--init random)")  # fmt: skip
         need(self.method != "roli" or self.init == "alp",
              f"init: --method roli finetunes from the ALP head; got --init {self.init} (a random head is RanLI: "
              "--method ft --init random, or --compare-ranli beside RoLI)")  # fmt: skip

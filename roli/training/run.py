@@ -172,8 +172,8 @@ def run_stages(cfg: TrainConfig, run_dir: Path, splits, fresh, resume: bool) -> 
         elif cfg.init != "random":
             load_init(cfg, model, cfg.init)
         apply_run_peft(cfg, model)
-        finish(f"ft ({cfg.peft}, init {Path(cfg.init).name})", model,
-               train_full(cfg, "ft", model, splits, run_dir / "ft", resume))  # fmt: skip
+        name = cfg.stage_name or f"ft ({cfg.peft}, init {Path(cfg.init).name})"
+        finish(name, model, train_full(cfg, "ft", model, splits, run_dir / stage_dir(name), resume))
     else:  # roli
         model = fresh()
         finish("alp", model, train_alp(cfg, model, splits, run_dir / "alp", resume))

@@ -1,0 +1,409 @@
+"""`roli grid CONFIG... --out DIR`: many runs as one command, each distinct ALP stage trained once.
+
+    roli grid cifar10/roli_lora cifar10/roli_full cifar10/ranli_lora --out grids/c10 \\
+        --set checkpoint=ARES_Swin_base_patch4_window7_224_AT.pth --set dataset=cifar10:~/data/cifar10
+    roli grid cub200/roli_lora cub200/roli_bias --out grids/cub --launcher slurm --slurm-partition gpu
+
+Each CONFIG (a shipped setting's name or a YAML/JSON file; `--set KEY=VALUE` applies to every one) becomes
+the run DIR/<dataset>/<name>. A `roli` config (ALP, then finetuning from the ALP head) is split in two: its ALP
+stage, keyed by everything that decides it (the backbone's weights, the data and classes, the budget and
+attack, ALP's optimiser, lr, decay, epochs and warmup, the head init, the seed, the precision), is trained
+once under DIR/alp/<key>/ for all the configs that share it; its finetuning runs as `--method ft --init
+DIR/alp/<key>/alp/best.pt` named RoLI-<peft> (config.json records which ALP), and `--compare-ranli` becomes
+its own RanLI run. A run's figures equal those of its config run alone (tested).
+
+Launchers: local (default): as many runs at once as --jobs (default: one per visible GPU, each run given its
+GPUs in CUDA_VISIBLE_DEVICES, through torchrun with --gpus-per-run > 1; one at a time without a GPU). slurm:
+one job per run through submitit, the finetuning jobs depending on their ALP job (afterok). Rerunning the same
+command skips finished runs and resumes interrupted ones; a failed run is reported and the others go on. At
+the end: `roli report` over the grid (DIR/report) and a line of time spent and time saved by the dedup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roli._cli import BadValue, OneLineParser, prog
+from roli._io import save_json
+from roli.training.config import TrainConfig, check_code_from_file, find_config
+
+# TrainConfig fields that do not change what the ALP stage of a run computes (finetuning, RanLI, execution).
+NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+           "adapter_reduction", "vpt_tokens", "vpt_dropout", "lr", "optimizer", "weight_decay", "ft", "ranli",
+           "ranli_lr", "alp_lr", "compare_ranli", "epochs", "warmup", "attack", "alp", "workers", "device",
+           "compile", "cuda_graph", "channels_last", "download"}  # fmt: skip
+
+
+@dataclass
+class Job:
+    """One `roli train` run of the grid."""
+
+    name: str  # e.g. cifar10/roli_lora, or alp/<key>
+    cfg: TrainConfig
+    deps: list[str] = field(default_factory=list)  # names of the jobs whose outputs it needs
+    sources: list[str] = field(default_factory=list)  # the configs it serves (an ALP job: all that share it)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+
+def _value(text: str):
+    """--set KEY=VALUE: the value read as YAML (numbers, true/false, lists, mappings), else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise BadValue(f"--set: expected KEY=VALUE; got {item!r}")
+        if key in out and out[key] != _value(value):
+            raise BadValue(f"--set: {key} is set twice, to {out[key]!r} and {_value(value)!r}")
+        if key in ("run_dir", "method"):
+            raise BadValue(f"--set: {key} is the grid's to choose (runs go under --out; the method is the config's)")
+        out[key] = _value(value)
+    return out
+
+
+def _sha(path: str | None) -> str | None:
+    if not path or not Path(path).expanduser().is_file():
+        return None
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The ALP stage of a roli config as a run of its own: the stage's resolved settings, nothing of finetuning."""
+    s = cfg.settings("alp")
+    alp = {"optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
+           "warmup": s.warmup, "attack": s.attack}  # fmt: skip
+    return dataclasses.replace(cfg, method="alp", run_dir=str(run_dir), alp=alp, ft={}, ranli={}, lr=None,
+                               optimizer=None, weight_decay=None, alp_lr=None, ranli_lr=None, compare_ranli=False,
+                               init="alp", stage_name=None)  # fmt: skip
+
+
+def alp_key(cfg: TrainConfig, data: dict) -> str:
+    """What decides a roli config's ALP stage, hashed: its options but those of finetuning and execution, the
+    resolved ALP settings, the backbone file's content (not its path) and the data's fingerprint."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_ALP}
+    options["checkpoint"] = _sha(cfg.checkpoint) or cfg.checkpoint
+    options["alp"] = dataclasses.asdict(cfg.settings("alp"))
+    return hashlib.sha256(json.dumps([options, data], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_of(cfg: TrainConfig) -> dict:
+    """The fingerprint of the run's splits (sizes, labels, a sample of images or the file list)."""
+    from roli.training.pipeline import load_splits
+    from roli.training.rundir import data_fingerprint
+
+    train, val, test, num_classes = load_splits(cfg)
+    out = {"classes": getattr(train, "classes", None), "num_classes": num_classes}
+    for name, d in (("train", train), ("val", val), ("test", test)):
+        out |= data_fingerprint(name, d)
+    return out
+
+
+def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
+    """The grid's jobs, dependencies first."""
+    alp_jobs: dict[str, Job] = {}
+    runs: list[Job] = []
+    data_cache: dict[str, dict] = {}
+    for name, cfg in configs:
+        run_dir = out / name
+        if cfg.method != "roli":
+            runs.append(Job(name, dataclasses.replace(cfg, run_dir=str(run_dir)), sources=[name]))
+            continue
+        key_data = json.dumps({k: getattr(cfg, k) for k in ("dataset", "classes", "image_root", "val_percent",
+                              "split_seed", "resize", "crop_size", "data_interpolation")}, sort_keys=True)  # fmt: skip
+        if key_data not in data_cache:
+            data_cache[key_data] = data_of(cfg)
+        key = alp_key(cfg, data_cache[key_data])
+        alp_name = f"alp/{key}"
+        if alp_name not in alp_jobs:
+            alp_jobs[alp_name] = Job(alp_name, alp_config(cfg, out / "alp" / key))
+        alp_jobs[alp_name].sources.append(name)
+        head = out / "alp" / key / "alp" / "best.pt"
+        ft = dataclasses.replace(cfg, method="ft", run_dir=str(run_dir), init=str(head), compare_ranli=False,
+                                 stage_name=f"RoLI-{cfg.peft}")  # fmt: skip
+        runs.append(Job(name, ft, deps=[alp_name], sources=[name]))
+        if cfg.compare_ranli:
+            r = cfg.settings("ranli")
+            ranli = dataclasses.replace(cfg, method="ft", run_dir=str(out / f"{name}-ranli"), init="random",
+                                        compare_ranli=False, stage_name=f"RanLI-{cfg.peft}", lr=None, optimizer=None,
+                                        weight_decay=None, ranli_lr=None, ft={},
+                                        ranli={"optimizer": r.optimizer, "lr": r.lr, "weight_decay": r.weight_decay,
+                                               "epochs": r.epochs, "warmup": r.warmup, "attack": r.attack})  # fmt: skip
+            runs.append(Job(f"{name}-ranli", ranli, sources=[name]))
+    jobs = [*alp_jobs.values(), *runs]
+    seen: dict[Path, str] = {}
+    for job in jobs:
+        where = job.run_dir.resolve()
+        if where in seen:
+            raise BadValue(f"{job.name} and {seen[where]} would share the run directory {job.run_dir}; give the "
+                           "configs different names")  # fmt: skip
+        seen[where] = job.name
+    return jobs
+
+
+def state_of(job: Job) -> str:
+    """done (every stage finished, results.json written) | partial (roli's run directory, unfinished) | new."""
+    d = job.run_dir
+    if not (d / ".roli-run").is_file():
+        return "new"
+    stages = {"alp": ["alp"], "ft": [job.cfg.stage_name and ("roli-ft" if job.cfg.stage_name.startswith("RoLI")
+              else "ranli-ft") or "ft"], "pretrain": ["pretrain"], "lp": ["lp"]}.get(job.cfg.method)  # fmt: skip
+    if stages is None:  # a roli run of its own
+        stages = ["alp", "roli-ft"] + (["ranli-ft"] if job.cfg.compare_ranli else [])
+    if job.cfg.method == "ft" and job.cfg.init in ("lp", "alp"):
+        stages = [job.cfg.init, *stages]
+    done = (d / "results.json").is_file() and all((d / s / "done.json").is_file() for s in stages)
+    return "done" if done else "partial"
+
+
+def command(job: Job, out: Path, gpus_per_run: int, trust_code: bool) -> list[str]:
+    """The `roli train` command of a job: a new run from its config file, or --resume of an interrupted one."""
+    spec = out / "jobs" / f"{job.name.replace('/', '__')}.json"
+    if state_of(job) == "partial":
+        args = ["--resume", str(job.run_dir)]
+    else:
+        args = ["--config", str(spec)]
+    if trust_code:
+        args.append("--trust-code")
+    if gpus_per_run > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
+                "-m", "roli.train", *args]  # fmt: skip
+    return [sys.executable, "-m", "roli.train", *args]
+
+
+def write_specs(jobs: list[Job], out: Path) -> None:
+    for job in jobs:
+        spec = out / "jobs" / f"{job.name.replace('/', '__')}.json"
+        save_json({k: v for k, v in job.cfg.to_dict().items()}, spec)
+
+
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() != ""]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_local(jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int, trust_code: bool,
+              log=print) -> dict[str, dict]:  # fmt: skip
+    """Run the jobs here, dependencies first, at most n_jobs at once; returns {name: {status, seconds}}."""
+    gpus = visible_gpus()
+    slots = max(1, len(gpus) // gpus_per_run) if gpus else 1
+    n_jobs = n_jobs or slots
+    free = [gpus[i * gpus_per_run : (i + 1) * gpus_per_run] for i in range(slots)] if gpus else [[]] * n_jobs
+    status: dict[str, dict] = {}
+    for job in jobs:
+        if state_of(job) == "done":
+            status[job.name] = {"status": "done before", "seconds": _seconds(job)}
+    pending = [j for j in jobs if j.name not in status]
+    running: dict[str, tuple] = {}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        for job in list(pending):
+            failed = [d for d in job.deps if status.get(d, {}).get("status") in ("failed", "skipped")]
+            if failed:
+                status[job.name] = {"status": "skipped", "why": f"{failed[0]} failed", "seconds": 0.0}
+                log(f"grid: {job.name}: skipped ({failed[0]} failed)")
+                pending.remove(job)
+                continue
+            if len(running) >= n_jobs or not free or any(d not in status for d in job.deps):
+                continue
+            devices = free.pop(0)
+            env = {**os.environ}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            logfile = open(out / "logs" / f"{job.name.replace('/', '__')}.log", "ab")  # noqa: SIM115
+            proc = subprocess.Popen(command(job, out, gpus_per_run, trust_code), stdout=logfile,
+                                    stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            running[job.name] = (proc, time.time(), devices, logfile)
+            pending.remove(job)
+            log(f"grid: {job.name}: started" + (f" on GPU {','.join(devices)}" if devices else ""))
+        for name, (proc, t0, devices, logfile) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logfile.close()
+            seconds = time.time() - t0
+            ok = proc.returncode == 0
+            status[name] = {"status": "finished" if ok else "failed", "seconds": seconds, "code": proc.returncode}
+            where = out / "logs" / (name.replace("/", "__") + ".log")
+            log(f"grid: {name}: " + (f"finished in {seconds:.0f} s" if ok else
+                f"failed (exit {proc.returncode}); see {where}"))  # fmt: skip
+            free.append(devices)
+            del running[name]
+        time.sleep(0.2)
+    return status
+
+
+def _seconds(job: Job) -> float:
+    """Training time of a finished run, from its stages' metrics.jsonl."""
+    total = 0.0
+    for metrics in job.run_dir.glob("*/metrics.jsonl"):
+        for line in metrics.read_text().splitlines():
+            try:
+                total += float(json.loads(line).get("seconds", 0))
+            except (ValueError, AttributeError):
+                continue
+    return total
+
+
+def run_slurm(jobs: list[Job], out: Path, args) -> dict[str, dict]:
+    """Submit one job per run through submitit (SLURM, or submitit's local executor with --launcher
+    submitit-local); a finetuning job depends on its ALP job (afterok). Returns {name: {status, job_id}}."""
+    try:
+        import submitit
+    except ImportError:
+        raise BadValue("--launcher slurm needs submitit: pip install submitit") from None
+    folder = out / "slurm"
+    ids: dict[str, str] = {}
+    status: dict[str, dict] = {}
+    for job in jobs:
+        if state_of(job) == "done":
+            status[job.name] = {"status": "done before"}
+            continue
+        if args.launcher == "submitit-local":
+            ex = submitit.LocalExecutor(folder=folder)
+            ex.update_parameters(timeout_min=args.slurm_time or 60 * 24)
+        else:
+            ex = submitit.SlurmExecutor(folder=folder)
+            params = {"job_name": f"roli-{job.name.replace('/', '-')}", "gpus_per_node": args.gpus_per_run,
+                      "ntasks_per_node": 1, "cpus_per_task": args.slurm_cpus,
+                      "time": args.slurm_time or 60 * 24}  # fmt: skip
+            if args.slurm_partition:
+                params["partition"] = args.slurm_partition
+            deps = [ids[d] for d in job.deps if d in ids]
+            if deps:
+                params["additional_parameters"] = {"dependency": "afterok:" + ":".join(deps)}
+            ex.update_parameters(**params)
+        submitted = ex.submit(submitit.helpers.CommandFunction(command(job, out, args.gpus_per_run, args.trust_code)))
+        ids[job.name] = str(submitted.job_id)
+        status[job.name] = {"status": "submitted", "job_id": ids[job.name], "job": submitted}
+        print(f"grid: {job.name}: submitted as job {ids[job.name]}" + (f" (after {', '.join(job.deps)})"
+              if job.deps else ""))  # fmt: skip
+        if args.launcher == "submitit-local" and job.deps == [] and any(job.name in j.deps for j in jobs):
+            submitted.result()  # the local executor knows no dependencies: an ALP job finishes first
+    return status
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=prog("grid"), description=__doc__.strip())
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="shipped settings (roli train --list-configs) or files")
+    p.add_argument("--out", required=True, help="the grid's directory: one run per config, alp/, logs/, report/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for every run, e.g. checkpoint=FILE, dataset=cifar10:~/data")  # fmt: skip
+    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local: here; slurm: jobs through submitit; submitit-local: its local executor")  # fmt: skip
+    p.add_argument("--jobs", type=int, help="local: runs at once (default: one per visible GPU, else 1)")
+    p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs of each run (torchrun when > 1)")
+    p.add_argument("--slurm-partition", help="slurm: the partition")
+    p.add_argument("--slurm-time", type=int, help="slurm: minutes per job (default 1440)")
+    p.add_argument("--slurm-cpus", type=int, default=8, help="slurm: CPUs per job (data loading)")
+    p.add_argument("--trust-code", action="store_true", help="run package.module:function models named in configs")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, shared ALP stages) and exit")
+    return p
+
+
+def load_configs(names: list[str], sets: dict, trust_code: bool) -> list[tuple[str, TrainConfig]]:
+    out = []
+    for text in names:
+        path = find_config(text)
+        name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+        cfg = TrainConfig.from_file(path, **sets)
+        if "model" not in sets:
+            check_code_from_file(cfg.model, str(path), trust_code)
+        if cfg.method == "roli" and cfg.init != "alp":
+            raise BadValue(f"{text}: --method roli with --init {cfg.init}")
+        out.append((name, cfg))
+    names_seen = [n for n, _ in out]
+    dup = next((n for n in names_seen if names_seen.count(n) > 1), None)
+    if dup:
+        raise BadValue(f"{dup} is given twice (two configs of that name would share DIR/{dup})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
+    t0 = time.time()
+    try:
+        if args.jobs is not None and args.jobs < 1 or args.gpus_per_run < 1:
+            raise BadValue("--jobs and --gpus-per-run must be >= 1")
+        if out.exists() and not out.is_dir():
+            raise BadValue(f"--out: {out} is a file; give a directory")
+        configs = load_configs(args.configs, parse_sets(args.set), args.trust_code)
+        jobs = plan(configs, out)
+    except BadValue as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    shared = [j for j in jobs if j.name.startswith("alp/")]
+    print(f"grid: {len(jobs)} runs in {out}; {len(shared)} ALP stage(s) shared by "
+          f"{sum(len(j.sources) for j in shared)} RoLI config(s)")  # fmt: skip
+    for job in jobs:
+        after = f" (after {', '.join(job.deps)})" if job.deps else ""
+        print(f"  {job.name}: {job.cfg.method} -> {job.run_dir} [{state_of(job)}]{after}")
+    if args.dry_run:
+        return 0
+    write_specs(jobs, out)
+    if args.launcher == "local":
+        status = run_local(jobs, out, args.jobs, args.gpus_per_run, args.trust_code)
+    else:
+        try:
+            status = run_slurm(jobs, out, args)
+        except BadValue as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2
+        if args.launcher == "slurm":
+            print(f"grid: submitted; rerun this command when the jobs are done for the report ({out / 'slurm'})")
+            return 0
+        for s in status.values():
+            if "job" in s:
+                s["job"].wait()
+    return summarize(jobs, status, out, time.time() - t0)
+
+
+def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
+    from roli.report import main as report
+
+    failed = [n for n, s in status.items() if s.get("status") in ("failed", "skipped")]
+    finished = [j for j in jobs if state_of(j) == "done"]
+    saved = sum(_seconds(j) * (len(j.sources) - 1) for j in jobs if j.name.startswith("alp/") and state_of(j) == "done")
+    spent = sum(_seconds(j) for j in finished)
+    if finished:
+        report([*[str(j.run_dir) for j in finished], "--out", str(out / "report")])
+    print(f"grid: {len(finished)}/{len(jobs)} runs finished, {wall:.0f} s wall; training time {spent:.0f} s, "
+          f"{saved:.0f} s saved by training each shared ALP stage once" + (f"; failed: {', '.join(failed)}"
+          if failed else ""))  # fmt: skip
+    save_json({"runs": {j.name: {"dir": str(j.run_dir), "state": state_of(j), "deps": j.deps} for j in jobs},
+               "status": {n: {k: v for k, v in s.items() if k != "job"} for n, s in status.items()},
+               "wall_seconds": round(wall, 1), "training_seconds": round(spent, 1),
+               "saved_seconds": round(saved, 1)}, out / "grid.json")  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
