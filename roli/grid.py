@@ -33,7 +33,7 @@ from pathlib import Path
 
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
-from roli.training.config import TrainConfig, check_code_from_file, find_config
+from roli.training.config import SHIPPED, TrainConfig, check_code_from_file, find_config
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning, RanLI, execution).
 NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
@@ -331,7 +331,8 @@ def load_configs(names: list[str], sets: dict, trust_code: bool) -> list[tuple[s
     out = []
     for text in names:
         path = find_config(text)
-        name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+        shipped = path.resolve().parent.parent == SHIPPED.resolve()
+        name = f"{path.parent.name}/{path.stem}" if shipped else path.stem  # cifar10/roli_lora; my_run
         cfg = TrainConfig.from_file(path, **sets)
         if "model" not in sets:
             check_code_from_file(cfg.model, str(path), trust_code)
@@ -341,7 +342,7 @@ def load_configs(names: list[str], sets: dict, trust_code: bool) -> list[tuple[s
     names_seen = [n for n, _ in out]
     dup = next((n for n in names_seen if names_seen.count(n) > 1), None)
     if dup:
-        raise BadValue(f"{dup} is given twice (two configs of that name would share DIR/{dup})")
+        raise BadValue(f"{dup} is given twice (configs of one name would share DIR/{dup}); rename one file")
     return out
 
 

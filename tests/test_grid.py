@@ -1,0 +1,200 @@
+"""roli grid: the plan (each distinct ALP stage once), runs equal to their configs run alone, resume, a failed
+run reported while the others go on, bad input in one line, and the SLURM path through submitit (a stand-in
+sbatch records what would be submitted; submitit's local executor runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from roli.grid import alp_key, data_of, load_configs, main, parse_sets, plan
+from roli.train import main as train
+
+BASE = """model: vit_tiny_patch16_224
+model_args: {img_size: 8, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}
+dataset: digits
+classes: 0-4
+eps: 0.1
+step_size: 0.025
+steps: 1
+val_steps: 2
+epochs: 2
+warmup: 1
+random_backbone: true
+"""
+
+
+def configs(folder: Path, **extra) -> dict[str, Path]:
+    """roli_<peft> (ALP + finetuning) for lora and bias, roli_lora with RanLI beside it, ranli_lora."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, text in {
+        "roli_lora": "method: roli\npeft: lora\n",
+        "roli_bias": "method: roli\npeft: bias\ncompare_ranli: true\n",
+        "ranli_lora": "method: ft\ninit: random\npeft: lora\nlr: 0.001\n",
+        **extra,
+    }.items():
+        out[name] = folder / f"{name}.yaml"
+        out[name].write_text(BASE + text)
+    return out
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def losses(stage: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_plan_trains_each_distinct_alp_once(tmp_path, checkpoint):
+    files = configs(
+        tmp_path, roli_adapter="method: roli\npeft: adapter\n", roli_eps="method: roli\npeft: lora\neps: 0.05\n"
+    )
+    jobs = plan(load_configs([str(f) for f in files.values()], {}, False), tmp_path / "out")
+    alps = [j for j in jobs if j.name.startswith("alp/")]
+    assert len(alps) == 2  # lora, bias and adapter share one ALP; another budget is another ALP
+    shared = next(j for j in alps if len(j.sources) == 3)
+    assert sorted(shared.sources) == ["roli_adapter", "roli_bias", "roli_lora"]
+    lora = next(j for j in jobs if j.name == "roli_lora")
+    assert lora.cfg.method == "ft" and lora.deps == [shared.name] and lora.cfg.stage_name == "RoLI-lora"
+    assert lora.cfg.init == str(tmp_path / "out" / shared.name / "alp" / "best.pt")
+    ranli = next(j for j in jobs if j.name == "roli_bias-ranli")  # --compare-ranli: a run of its own
+    assert ranli.cfg.init == "random" and ranli.cfg.stage_name == "RanLI-bias" and ranli.deps == []
+    assert [j.name for j in jobs].index(shared.name) < [j.name for j in jobs].index("roli_lora")
+    # the backbone's content, not its path, keys the ALP stage
+    (copy := tmp_path / "copy.pt").write_bytes(Path(checkpoint).read_bytes())
+    cfg = load_configs([str(files["roli_lora"])], {"random_backbone": False, "model": "roli.models.small:small_cnn",
+                                                    "model_args": {}}, False)[0][1]  # fmt: skip
+    data = data_of(cfg)
+    import dataclasses
+
+    key = alp_key(dataclasses.replace(cfg, checkpoint=str(checkpoint)), data)
+    assert alp_key(dataclasses.replace(cfg, checkpoint=str(copy)), data) == key
+    copy.write_bytes(Path(checkpoint).read_bytes()[:-8] + b"\0" * 8)
+    assert alp_key(dataclasses.replace(cfg, checkpoint=str(copy)), data) != key
+    assert alp_key(dataclasses.replace(cfg, checkpoint=str(checkpoint), lr=1.0, peft="bias"), data) == key  # FT's
+    assert alp_key(dataclasses.replace(cfg, checkpoint=str(checkpoint), alp={"lr": 1.0}), data) != key  # ALP's
+
+
+def test_grid_runs_equal_their_configs_alone_and_resume(tmp_path, capsys):
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    assert main([str(files[n]) for n in ("roli_lora", "roli_bias", "ranli_lora")] + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 ALP stage(s) shared by 2 RoLI config(s)" in text and "5/5 runs finished" in text
+    alp_dir = next((out / "alp").iterdir())
+    for name in ("roli_lora", "roli_bias"):  # each config run alone, as a user would
+        solo = tmp_path / f"solo-{name}"
+        assert train(["--config", str(files[name]), "--run-dir", str(solo)]) == 0
+        alone = results(solo)
+        peft = name.split("_")[1]
+        assert alone["alp"]["test"] == results(alp_dir)["alp"]["test"]
+        assert alone[f"RoLI-{peft}"]["test"] == results(out / name)[f"RoLI-{peft}"]["test"]
+        assert alone[f"RoLI-{peft}"]["val"] == results(out / name)[f"RoLI-{peft}"]["val"]
+        assert losses(solo / "roli-ft") == losses(out / name / "roli-ft")  # every epoch, to the last bit
+        assert losses(solo / "alp") == losses(alp_dir / "alp")
+    assert losses(solo / "ranli-ft") == losses(out / "roli_bias-ranli" / "ranli-ft")
+    cfg = json.loads((out / "roli_lora" / "config.json").read_text())
+    assert cfg["init"] == str(alp_dir / "alp" / "best.pt") and cfg["stage_name"] == "RoLI-lora"
+    report = (out / "report" / "report.csv").read_text()
+    assert "roli_lora,RoLI-lora,RoLI,lora" in report and "roli_bias-ranli,RanLI-bias,RanLI,bias" in report
+    # the same command again: nothing trains; an interrupted run resumes
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("best.pt")}
+    assert main([str(files[n]) for n in ("roli_lora", "roli_bias", "ranli_lora")] + ["--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("best.pt")} == stamps
+    before = results(out / "roli_bias")
+    (out / "roli_bias" / "roli-ft" / "done.json").unlink()
+    (out / "roli_bias" / "results.json").unlink()
+    assert main([str(files[n]) for n in ("roli_lora", "roli_bias", "ranli_lora")] + ["--out", str(out)]) == 0
+    assert "--resume" in (out / "logs" / "roli_bias.log").read_text() or results(out / "roli_bias") == before
+    assert results(out / "roli_bias")["RoLI-bias"]["test"] == before["RoLI-bias"]["test"]
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, capsys):
+    files = configs(tmp_path / "c", roli_bad="method: roli\npeft: lora\nrandom_backbone: false\n"
+                                              "checkpoint: /nonexistent/robust.pt\n")  # fmt: skip
+    out = tmp_path / "grid"
+    assert main([str(files["roli_bad"]), str(files["ranli_lora"]), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "failed (exit 2)" in text and "roli_bad: skipped (alp/" in text and "ranli_lora: finished" in text
+    assert "checkpoint" in (out / "logs").joinpath(next(p.name for p in (out / "logs").iterdir()
+                                                        if p.name.startswith("alp"))).read_text()  # fmt: skip
+    assert results(out / "ranli_lora")["ft (lora, init random)"]["test"]["n"] == 193
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["cifar10/roli_lorax"], "cifar10/roli_lorax is neither a file nor a shipped setting"),
+        (["cifar10/roli_lora", "--set", "eps=0.1", "--set", "eps=0.2"], "--set: eps is set twice, to 0.1 and 0.2"),
+        (["cifar10/roli_lora", "--set", "run_dir=x"], "--set: run_dir is the grid's to choose"),
+        (["cifar10/roli_lora", "cifar10/roli_lora"], "cifar10/roli_lora is given twice"),
+        (["cifar10/roli_lora", "--set", "epochs=0"], "epochs: must be an integer >= 1"),
+    ],
+)
+def test_bad_grids_are_one_line_before_anything_starts(tmp_path, capsys, argv, pattern):
+    out = tmp_path / "grid"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and pattern in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()
+
+
+def test_parse_sets_reads_values_as_yaml():
+    assert parse_sets(["epochs=3", "dataset=cifar10:~/d", "fold-bn=false", "alp={lr: 0.1}"]) == {
+        "epochs": 3, "dataset": "cifar10:~/d", "fold_bn": False, "alp": {"lr": 0.1}}  # fmt: skip
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """A stand-in sbatch (records each script, answers "Submitted batch job N") and srun on PATH."""
+    pytest.importorskip("submitit")
+    bin_dir, record = tmp_path / "bin", tmp_path / "submitted"
+    bin_dir.mkdir()
+    record.mkdir()
+    sbatch = 'n=$(ls "$SBATCH_RECORD" | wc -l); id=$((1000 + n))\ncp "${@: -1}" "$SBATCH_RECORD/$id.sh"\n'
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\n{sbatch}echo "Submitted batch job $id"\n')
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_RECORD", str(record))
+    return record
+
+
+def test_slurm_jobs_depend_on_their_alp_job(tmp_path, capsys, fake_slurm):
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    argv = [str(files["roli_lora"]), str(files["roli_bias"]), "--out", str(out), "--launcher", "slurm",
+            "--slurm-partition", "gpu", "--slurm-time", "120", "--gpus-per-run", "2"]  # fmt: skip
+    assert main(argv) == 0
+    scripts = {p.stem: p.read_text() for p in fake_slurm.iterdir()}
+    assert sorted(scripts) == ["1000", "1001", "1002", "1003"]  # ALP, RoLI-lora, RoLI-bias, RanLI-bias
+    assert "--dependency" not in scripts["1000"] and "#SBATCH --job-name=roli-alp-" in scripts["1000"]
+    for job in ("1001", "1002"):
+        assert "#SBATCH --dependency=afterok:1000" in scripts[job]
+    assert all("#SBATCH --partition=gpu" in s and "#SBATCH --time=120" in s and "#SBATCH --gpus-per-node=2" in s
+               for s in scripts.values())  # fmt: skip
+    with open(out / "slurm" / "1001_submitted.pkl", "rb") as f:
+        command = pickle.load(f).function.command
+    assert command[-4:] == ["-m", "roli.train", "--config", str(out / "jobs" / "roli_lora.json")]
+    assert "--nproc_per_node=2" in command
+    assert not (out / "roli_lora").exists()  # nothing ran here
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_grid(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    assert main([str(files["roli_lora"]), str(files["ranli_lora"]), "--out", str(out), "--launcher",
+                 "submitit-local"]) == 0  # fmt: skip
+    assert results(out / "roli_lora")["RoLI-lora"]["test"]["n"] == 193
+    assert "3/3 runs finished" in capsys.readouterr().out
+    shutil.rmtree(out / "slurm")
