@@ -129,7 +129,7 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
     data_cache: dict[str, dict] = {}
     for name, cfg in configs:
         run_dir = out / name
-        if cfg.method != "roli":
+        if cfg.method not in ("roli", "alp"):
             runs.append(Job(name, dataclasses.replace(cfg, run_dir=str(run_dir)), sources=[name]))
             continue
         key_data = json.dumps({k: getattr(cfg, k) for k in ("dataset", "classes", "image_root", "val_percent",
@@ -141,6 +141,8 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
         if alp_name not in alp_jobs:
             alp_jobs[alp_name] = Job(alp_name, alp_config(cfg, out / "alp" / key))
         alp_jobs[alp_name].sources.append(name)
+        if cfg.method == "alp":  # an ALP config is that shared stage itself: its run is DIR/alp/<key>
+            continue
         head = out / "alp" / key / "alp" / "best.pt"
         ft = dataclasses.replace(cfg, method="ft", run_dir=str(run_dir), init=str(head), compare_ranli=False,
                                  stage_name=f"RoLI-{cfg.peft}")  # fmt: skip
@@ -399,7 +401,8 @@ def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
     print(f"grid: {len(finished)}/{len(jobs)} runs finished, {wall:.0f} s wall; training time {spent:.0f} s, "
           f"{saved:.0f} s saved by training each shared ALP stage once" + (f"; failed: {', '.join(failed)}"
           if failed else ""))  # fmt: skip
-    save_json({"runs": {j.name: {"dir": str(j.run_dir), "state": state_of(j), "deps": j.deps} for j in jobs},
+    save_json({"runs": {j.name: {"dir": str(j.run_dir), "state": state_of(j), "deps": j.deps, "configs": j.sources}
+                        for j in jobs},
                "status": {n: {k: v for k, v in s.items() if k != "job"} for n, s in status.items()},
                "wall_seconds": round(wall, 1), "training_seconds": round(spent, 1),
                "saved_seconds": round(saved, 1)}, out / "grid.json")  # fmt: skip
