@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_configs:
         names = shipped_configs()
         print("\n".join(names))
-        print(f"\n{len(names)} shipped settings (the paper's protocol; roli/configs/make_configs.py writes them): "
-              f"{prog('train')} --config NAME --checkpoint FILE ...")  # fmt: skip
+        print(f"{len(names)} shipped settings (the paper's protocol; roli/configs/make_configs.py writes them): "
+              f"{prog('train')} --config NAME --checkpoint FILE ...", file=sys.stderr)  # fmt: skip
         return 0
     try:
         return _main(parser, args)
