@@ -4,9 +4,11 @@ Three datasets (digits 0-4, digits 5-9, a CIFAR-10 subset of five classes from .
 paper's eleven configs: alp, roli_{full,lora,adapter,bias,vpt} (ALP, then finetuning from the ALP head) and
 ranli_{full,lora,adapter,bias,vpt}, on a one-block ViT (a random backbone: the point is the schedule, not the
 accuracy). One by one, each roli config trains its own ALP stage (18 ALP stages); the grid trains each
-distinct one once (3). Both run sequentially on this machine (one run at a time, `--jobs 1`), so the ratio of
-wall times is the dedup's saving plus what process start-up costs both. Every run's figures are compared
-between the two: they must be identical.
+distinct one once (3). All run sequentially on this machine (one run at a time, `--jobs 1`). The grid runs
+twice: with `--fresh-processes` (each run a new `python -m roli.train`, as one by one: the ratio is the
+dedup's alone) and as it runs by default (each run forked from a process with roli, torch and timm imported:
+the dedup plus the start-up saved). Every run's figures are compared with the one-by-one run: they must be
+identical.
 
     python benchmarks/bench_grid.py [--epochs 3] [--steps 7] [--quick] [--out DIR]
 
@@ -91,28 +93,38 @@ def main() -> None:
                        capture_output=True, env=env)  # fmt: skip
     solo_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "roli.grid", *map(str, files), "--out", str(work / "grid"), "--jobs", "1"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
-    grid_s = time.perf_counter() - t0
-    grid = json.loads((work / "grid" / "grid.json").read_text())
+    def run_grid(folder: str, *extra: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "roli.grid", *map(str, files), "--out", str(work / folder), "--jobs",
+                        "1", *extra], check=True, capture_output=True, env=env)  # fmt: skip
+        return time.perf_counter() - t0
 
-    same = compared = 0
-    differ = []
-    alp_of = {c: Path(r["dir"]) for r in grid["runs"].values() if r["dir"].startswith(str(work / "grid" / "alp"))
-              for c in r["configs"]}  # fmt: skip
-    for f in files:
-        name = f.stem
-        solo = results_of(work / "solo" / name)
-        mine = results_of(alp_of[name]) if name in alp_of else {}  # the shared ALP run of this config
-        if not name.endswith("_alp"):
-            mine |= results_of(work / "grid" / name)
-        for stage, r in solo.items():
-            compared += 1
-            if stage in mine and mine[stage] == r:
-                same += 1
-            else:
-                differ.append(f"{name}:{stage}")
+    fresh_s = run_grid("grid-fresh", "--fresh-processes")
+    grid_s = run_grid("grid")
+
+    def compare(root: Path) -> tuple[int, int, list[str]]:
+        grid = json.loads((root / "grid.json").read_text())
+        same = compared = 0
+        differ = []
+        alp_of = {c: Path(r["dir"]) for r in grid["runs"].values() if r["dir"].startswith(str(root / "alp"))
+                  for c in r["configs"]}  # fmt: skip
+        for f in files:
+            name = f.stem
+            solo = results_of(work / "solo" / name)
+            mine = results_of(alp_of[name]) if name in alp_of else {}  # the shared ALP run of this config
+            if not name.endswith("_alp"):
+                mine |= results_of(root / name)
+            for stage, r in solo.items():
+                compared += 1
+                if stage in mine and mine[stage] == r:
+                    same += 1
+                else:
+                    differ.append(f"{root.name}/{name}:{stage}")
+        return same, compared, differ
+
+    same_f, compared_f, differ_f = compare(work / "grid-fresh")
+    same, compared, differ = compare(work / "grid")
+    differ += differ_f
 
     def training_seconds(root: Path) -> float:  # every stage's epochs, from metrics.jsonl
         return sum(
@@ -123,20 +135,23 @@ def main() -> None:
     alp_solo = sum(1 for f in files if not f.stem.split("_", 1)[1].startswith("ranli"))
     alp_grid = len(list((work / "grid" / "alp").iterdir()))
     rows = [{"runs": len(files), "one_by_one_s": round(solo_s, 1), "grid_s": round(grid_s, 1),
-             "speedup": round(solo_s / grid_s, 3), "training_one_by_one_s": round(train_solo, 1),
+             "speedup": round(solo_s / grid_s, 3), "grid_fresh_s": round(fresh_s, 1),
+             "speedup_fresh": round(solo_s / fresh_s, 3), "training_one_by_one_s": round(train_solo, 1),
              "training_grid_s": round(train_grid, 1), "alp_stages_one_by_one": alp_solo, "alp_stages_grid": alp_grid,
-             "stages_identical": f"{same}/{compared}", "epochs": args.epochs, "steps": args.steps}]  # fmt: skip
+             "stages_identical": f"{same}/{compared}", "stages_identical_fresh": f"{same_f}/{compared_f}",
+             "epochs": args.epochs, "steps": args.steps}]  # fmt: skip
     stamp = time.strftime("%Y-%m-%d")
     table = "\n".join([
         f"roli grid vs the same {len(files)} configs one by one ({stamp}, {cpu_name()}; "
         f"{len(datasets)} datasets x 11 configs, one-block ViT, PGD-{args.steps}, {args.epochs} epochs, one run at "
         "a time)", "",
-        "| runs | wall: one by one | wall: grid | speed-up | training epochs' time: one by one / grid | ALP stages "
-        "trained | identical figures |",
+        "| runs | wall: one by one | wall: grid --fresh-processes (speed-up) | wall: grid (speed-up) | training "
+        "epochs' time: one by one / grid | ALP stages trained | identical figures: fresh, grid |",
         "|---|---|---|---|---|---|---|",
-        f"| {len(files)} | {solo_s:.0f} s | {grid_s:.0f} s | {solo_s / grid_s:.2f}x | {train_solo:.0f} s / "
-        f"{train_grid:.0f} s ({train_solo / max(train_grid, 1e-9):.2f}x) | {alp_solo} / {alp_grid} | "
-        f"{same}/{compared} |",
+        f"| {len(files)} | {solo_s:.0f} s | {fresh_s:.0f} s ({solo_s / fresh_s:.2f}x) | {grid_s:.0f} s "
+        f"({solo_s / grid_s:.2f}x) | {train_solo:.0f} s / {train_grid:.0f} s "
+        f"({train_solo / max(train_grid, 1e-9):.2f}x) | {alp_solo} / {alp_grid} | "
+        f"{same_f}/{compared_f}, {same}/{compared} |",
     ])  # fmt: skip
     if differ:
         table += f"\n\nstages whose figures differ: {', '.join(differ)}"
@@ -146,11 +161,14 @@ def main() -> None:
     (out / "bench_grid.md").write_text(table + "\n")
     import csv
 
-    with open(out / "bench_grid.csv", "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["date", "cpu", *rows[0]])
-        if fh.tell() == 0:
-            w.writeheader()
-        w.writerow({"date": stamp, "cpu": cpu_name(), **rows[0]})
+    path = out / "bench_grid.csv"  # earlier rows kept; columns added since are empty in them
+    old = list(csv.DictReader(path.open())) if path.is_file() else []
+    fields = ["date", "cpu", *rows[0]]
+    fields += [k for r in old for k in r if k not in fields]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(fields)), restval="")
+        w.writeheader()
+        w.writerows([*old, {"date": stamp, "cpu": cpu_name(), **rows[0]}])
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,7 +13,9 @@ DIR/alp/<key>/alp/best.pt` named RoLI-<peft> (config.json records which ALP), an
 its own RanLI run. A run's figures equal those of its config run alone (tested).
 
 Launchers: local (default): as many runs at once as --jobs (default: one per visible GPU, each run given its
-GPUs in CUDA_VISIBLE_DEVICES, through torchrun with --gpus-per-run > 1; one at a time without a GPU). slurm:
+GPUs in CUDA_VISIBLE_DEVICES, through torchrun with --gpus-per-run > 1; one at a time without a GPU). A local
+run is a process forked from a server that has roli, torch and timm imported (a new interpreter spends
+seconds importing them; `--fresh-processes` starts each run as `python -m roli.train` instead). slurm:
 one job per run through submitit, the finetuning jobs depending on their ALP job (afterok). Rerunning the same
 command skips finished runs and resumes interrupted ones; a failed run is reported and the others go on. At
 the end: `roli report` over the grid (DIR/report) and a line of time spent and time saved by the dedup.
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
 from roli.training.config import SHIPPED, TrainConfig, check_code_from_file, find_config
@@ -181,15 +184,16 @@ def state_of(job: Job) -> str:
     return "done" if done else "partial"
 
 
-def command(job: Job, out: Path, gpus_per_run: int, trust_code: bool) -> list[str]:
-    """The `roli train` command of a job: a new run from its config file, or --resume of an interrupted one."""
+def train_args(job: Job, out: Path, trust_code: bool) -> list[str]:
+    """The `roli train` arguments of a job: a new run from its config file, or --resume of an interrupted one."""
     spec = out / "jobs" / f"{job.name.replace('/', '__')}.json"
-    if state_of(job) == "partial":
-        args = ["--resume", str(job.run_dir)]
-    else:
-        args = ["--config", str(spec)]
-    if trust_code:
-        args.append("--trust-code")
+    args = ["--resume", str(job.run_dir)] if state_of(job) == "partial" else ["--config", str(spec)]
+    return [*args, "--trust-code"] if trust_code else args
+
+
+def command(job: Job, out: Path, gpus_per_run: int, trust_code: bool) -> list[str]:
+    """The command line of a job as a new interpreter (torchrun with gpus_per_run > 1)."""
+    args = train_args(job, out, trust_code)
     if gpus_per_run > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
                 "-m", "roli.train", *args]  # fmt: skip
@@ -202,6 +206,61 @@ def write_specs(jobs: list[Job], out: Path) -> None:
         save_json({k: v for k, v in job.cfg.to_dict().items()}, spec)
 
 
+# What the forked runs find imported (the seconds a new `python -m roli.train` spends before its first step).
+PRELOAD = ["roli", "roli.train", "roli.training.pipeline", "timm", "sklearn.datasets"]
+
+
+def _train_in_child(argv: list[str], log_path: str, env: dict, invoked_as: str) -> None:
+    """The body of a forked run: its GPUs, its log as stdout and stderr, then `roli train ARGS`."""
+    from roli import _cli
+
+    _cli.INVOKED_AS = invoked_as  # messages name the command as the user typed it
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    print(_header(["roli", "train", *argv], os.environ), flush=True)
+    from roli.train import main as train
+
+    sys.exit(train(argv))
+
+
+def _header(argv: list[str], env) -> str:
+    """The first line of a run's log: what ran, and on which GPUs."""
+    gpus = env.get("CUDA_VISIBLE_DEVICES")
+    return f"grid: {' '.join(argv)}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus is not None else "")
+
+
+class _Forked:
+    """A run forked from the preloaded server, read as a Popen (poll, returncode)."""
+
+    _context = None
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict):
+        if _Forked._context is None:
+            import multiprocessing
+
+            _Forked._context = multiprocessing.get_context("forkserver")
+            _Forked._context.set_forkserver_preload(PRELOAD)
+        self.proc = _Forked._context.Process(target=_train_in_child, args=(argv, str(log_path), env, _cli.INVOKED_AS),
+                                             daemon=False)  # fmt: skip
+        self.proc.start()
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and not self.proc.is_alive():
+            self.proc.join()
+            self.returncode = self.proc.exitcode
+        return self.returncode
+
+
+def can_preload() -> bool:
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
 def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
@@ -212,8 +271,12 @@ def visible_gpus() -> list[str]:
 
 
 def run_local(jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int, trust_code: bool,
-              log=print) -> dict[str, dict]:  # fmt: skip
-    """Run the jobs here, dependencies first, at most n_jobs at once; returns {name: {status, seconds}}."""
+              log=print, fresh: bool = False) -> dict[str, dict]:  # fmt: skip
+    """Run the jobs here, dependencies first, at most n_jobs at once; returns {name: {status, seconds}}.
+
+    A run is forked from the preloaded server unless `fresh`, torchrun (gpus_per_run > 1) or a platform without
+    fork asks for a new interpreter."""
+    fork = not fresh and gpus_per_run == 1 and can_preload()
     gpus = visible_gpus()
     slots = max(1, len(gpus) // gpus_per_run) if gpus else 1
     n_jobs = n_jobs or slots
@@ -236,19 +299,24 @@ def run_local(jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int,
             if len(running) >= n_jobs or not free or any(d not in status for d in job.deps):
                 continue
             devices = free.pop(0)
-            env = {**os.environ}
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-            logfile = open(out / "logs" / f"{job.name.replace('/', '__')}.log", "ab")  # noqa: SIM115
-            proc = subprocess.Popen(command(job, out, gpus_per_run, trust_code), stdout=logfile,
-                                    stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            gpu_env = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if gpus else {}
+            log_path = out / "logs" / f"{job.name.replace('/', '__')}.log"
+            if fork:
+                proc, logfile = _Forked(train_args(job, out, trust_code), log_path, gpu_env), None
+            else:
+                env, argv = {**os.environ, **gpu_env}, command(job, out, gpus_per_run, trust_code)
+                logfile = open(log_path, "ab")  # noqa: SIM115
+                logfile.write((_header(argv, env) + "\n").encode())
+                logfile.flush()
+                proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env)
             running[job.name] = (proc, time.time(), devices, logfile)
             pending.remove(job)
             log(f"grid: {job.name}: started" + (f" on GPU {','.join(devices)}" if devices else ""))
         for name, (proc, t0, devices, logfile) in list(running.items()):
             if proc.poll() is None:
                 continue
-            logfile.close()
+            if logfile:
+                logfile.close()
             seconds = time.time() - t0
             ok = proc.returncode == 0
             status[name] = {"status": "finished" if ok else "failed", "seconds": seconds, "code": proc.returncode}
@@ -325,6 +393,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--slurm-time", type=int, help="slurm: minutes per job (default 1440)")
     p.add_argument("--slurm-cpus", type=int, default=8, help="slurm: CPUs per job (data loading)")
     p.add_argument("--trust-code", action="store_true", help="run package.module:function models named in configs")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="local: start each run as a new `python -m roli.train` (default: forked from a process "
+                        "with roli, torch and timm imported)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, shared ALP stages) and exit")
     return p
 
@@ -373,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     write_specs(jobs, out)
     if args.launcher == "local":
-        status = run_local(jobs, out, args.jobs, args.gpus_per_run, args.trust_code)
+        status = run_local(jobs, out, args.jobs, args.gpus_per_run, args.trust_code, fresh=args.fresh_processes)
     else:
         try:
             status = run_slurm(jobs, out, args)

@@ -198,3 +198,26 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, capsys):
     assert results(out / "roli_lora")["RoLI-lora"]["test"]["n"] == 193
     assert "3/3 runs finished" in capsys.readouterr().out
     shutil.rmtree(out / "slurm")
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh-processes"])
+def test_local_runs_get_one_gpu_each_and_the_same_figures_forked_or_fresh(tmp_path, monkeypatch, fresh):
+    """Two runs at once on two (pretend) GPUs: each run's own process sees only its GPU (the line it writes
+    from its environment), and a forked run computes what a new interpreter does."""
+    import roli.grid as grid
+
+    files = configs(tmp_path / "c")
+    monkeypatch.setattr(grid, "visible_gpus", lambda: ["5", "7"])
+    out = tmp_path / "grid"
+    argv = [str(files["ranli_lora"]), str(files["roli_lora"]), "--out", str(out)]
+    assert main(argv + (["--fresh-processes"] if fresh else [])) == 0
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    seen = sorted(line.rsplit("=", 1)[1].rstrip(")") for text in logs.values() for line in text.splitlines()
+                  if line.startswith("grid: ") and "CUDA_VISIBLE_DEVICES=" in line)  # fmt: skip
+    assert len(seen) == 3 and set(seen) <= {"5", "7"} and len(set(seen)) == 2  # alp, then two at once
+    assert all(("python" in t.splitlines()[0]) == fresh for t in logs.values())
+    if fresh:  # the same figures as the forked runs of the other case, to the last bit
+        solo = tmp_path / "solo"
+        assert train(["--config", str(files["ranli_lora"]), "--run-dir", str(solo)]) == 0
+        assert losses(out / "ranli_lora" / "ft") == losses(solo / "ft")
+    assert results(out / "ranli_lora")["ft (lora, init random)"]["test"]["n"] == 193
