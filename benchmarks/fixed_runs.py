@@ -68,7 +68,7 @@ def record(work: Path) -> dict:
     sh(py, "-m", "roli.evaluate", "--run", str(lora), "--autoattack", "standard", "--n-ex", "48", "--out", str(one))
     figures["evaluate"] = record_eval(one)
     two = work / "eval2.json"
-    sh(py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "roli.evaluate", "--run",
+    sh(py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "roli.evaluate", "--run-dir",
        str(lora), "--n-ex", "96", "--batch-size", "32", "--out", str(two), env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     figures["evaluate-torchrun-2"] = record_eval(two)
     return figures

@@ -58,7 +58,9 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("evaluate"), description=__doc__.strip())
     g = p.add_argument_group("model")
-    g.add_argument("--run", metavar="RUN_DIR", help="evaluate a run of python -m roli.train (instead of --model)")
+    g.add_argument("--run", "--run-dir", dest="run", metavar="RUN_DIR",
+                   help="evaluate a run of python -m roli.train (instead of --model); under torchrun write --run-dir, "
+                        "since torchrun reads --run as an abbreviation of its own --run-path")  # fmt: skip
     g.add_argument("--allow-changed-data", action="store_true",
                    help="with --run: evaluate although the run's data or settings changed since it trained (what "
                         "changed is recorded in the results)")  # fmt: skip

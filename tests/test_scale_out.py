@@ -115,3 +115,16 @@ def test_evaluate_progress_lines_off_a_terminal(checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("evaluate: PGD-4 batch ")]
     assert lines and "img/s, ETA" in lines[0] and lines[0].startswith("evaluate: PGD-4 batch 1/4")
+
+
+def test_evaluate_run_dir_passes_through_torchrun():
+    """torchrun reads `--run` as an abbreviation of its own `--run-path` and stops; `--run-dir` reaches roli."""
+    from torch.distributed.run import get_args_parser
+
+    from roli.evaluate import build_parser
+
+    torchrun = get_args_parser()
+    with pytest.raises(SystemExit):
+        torchrun.parse_args(["--standalone", "-m", "roli.evaluate", "--run", "r"])
+    args = torchrun.parse_args(["--standalone", "-m", "roli.evaluate", "--run-dir", "r"])
+    assert build_parser().parse_args(args.training_script_args).run == "r"
