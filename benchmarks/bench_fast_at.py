@@ -39,7 +39,8 @@ import roli.training.loop as L
 import roli.training.pipeline as P
 from roli._cli import parse_budget
 from roli.attacks import fast
-from roli.training.config import TrainConfig
+from roli.config import TrainConfig
+from roli.specs import ModelSpec
 from roli.training.run import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ class Forwards:
 
 def instrument(counter: Forwards) -> None:
     """Count forwards through every model the trainer builds, during its training steps only."""
-    build, fit, validate, check = P.build_model, P.fit, L._validate, G.Guard.check
+    build, fit, validate, check = ModelSpec.build, P.fit, L._validate, G.Guard.check
 
     def build_model(*a, **k):
         model = build(*a, **k)
@@ -92,8 +93,7 @@ def instrument(counter: Forwards) -> None:
 
         return wrapper
 
-    # roli.training.run the module (the package exports a function of that name)
-    P.build_model = sys.modules["roli.training.run"].build_model = build_model
+    ModelSpec.build = build_model
     P.fit, L._validate, G.Guard.check = counted_fit, paused(validate), paused(check)
 
 
@@ -199,7 +199,7 @@ def main() -> None:
         target = TrainConfig(method="roli", compare_ranli=True, classes="5-9", checkpoint=str(weights),
                              epochs=args.epochs, warmup=1, alp_lr=0.05, lr=2e-4, ranli_lr=1e-3, weight_decay=0.01,
                              **common)  # fmt: skip
-        n_train = len(P.load_splits(target)[0])
+        n_train = len(target.data_spec.load()[0])
         for attack in attacks:
             run_dir = work / f"transfer-{tag}-{attack}"
             counter.fits = []

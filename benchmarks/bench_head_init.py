@@ -28,7 +28,7 @@ from _common import device_name, write_results
 from bench_fast_at import DEFAULT_DATA, RESULTS, autoattack, source_backbone, subset
 
 from roli._cli import parse_budget
-from roli.training.config import TrainConfig
+from roli.config import TrainConfig
 from roli.training.run import run
 
 INITS = ("reference", "torch", "zero")

@@ -86,3 +86,10 @@ def load_tagged(path: str | Path, fmt, what: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise ValueError(f"{path} is not a {what}")
     return obj
+
+
+def hash_tensors(h, tensors) -> None:
+    """Feed each tensor's shape, dtype and bytes into the hashlib object `h`."""
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -39,9 +39,11 @@ from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
 from roli.attacks.accuracy import batch_seed
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.autoattack import cross_check
-from roli.data import ArrayData, load_dataset
+from roli.config import TrainConfig, check_code_from_file
+from roli.data import load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
 from roli.ops import requested_impl, unavailable_reason
+from roli.rundir import RunLock, check_fingerprint, fingerprint
 
 CliError = BadValue  # a bad flag value: one line, exit code 2
 
@@ -154,17 +156,6 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
     return model.to(device).eval()
 
 
-def _images(data, n: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, ArrayData):
-        if n is not None:
-            data = data.subset(torch.arange(min(n, len(data))))
-        return data.to_float(device)
-    if n is not None:
-        data = data.subset(torch.arange(min(n, len(data))))
-    xs, ys = zip(*data.loader(batch_size=64, device=device, workers=0), strict=True)
-    return torch.cat(xs), torch.cat(ys)
-
-
 def _fraction(flags: torch.Tensor) -> float:
     """The share of True, from exact counts (as the trainer reports it)."""
     return int(flags.sum()) / max(1, flags.numel())
@@ -182,10 +173,6 @@ def _aa_progress(batch: int, batches: int):
     return lambda line: print(f"evaluate: batch {batch + 1}/{batches}: {line}", file=sys.stderr, flush=True)
 
 
-def _batches(n: int, size: int):
-    return [slice(i, i + size) for i in range(0, n, size)]
-
-
 _HELD: list = []  # the lock of the --run directory, held until main() returns
 
 STAGE_ORDER = ("roli-ft", "ft", "ranli-ft", "alp", "lp", "pretrain")  # --run's default: the first present
@@ -193,8 +180,6 @@ STAGE_ORDER = ("roli-ft", "ft", "ranli-ft", "alp", "lp", "pretrain")  # --run's 
 
 def _from_run(args):
     """--run: the run's TrainConfig and stage directory; fills the flags left unset with the run's values."""
-    from roli.training.config import ConfigError, TrainConfig, check_code_from_file
-
     run = Path(args.run).expanduser()
     if not (run / "config.json").is_file():
         inner = sorted(str(p.parent) for p in run.glob("*/config.json")) if run.is_dir() else []
@@ -211,7 +196,7 @@ def _from_run(args):
     try:
         cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
         check_code_from_file(cfg.model, str(run / "config.json"), args.trust_code)
-    except ConfigError as e:
+    except BadValue as e:
         raise CliError(f"--run: {e}") from None
     stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
     stage = args.stage or (stages[0] if stages else None)
@@ -223,28 +208,28 @@ def _from_run(args):
                         ("precision", cfg.precision), ("seed", cfg.seed)):  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if not args.out:  # into the run, where roli report finds it; one file per evaluation, none replaced
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out, args.out_in_run = str(run / stage / "evaluations" / f"{stamp}-{os.getpid()}.json"), True
+        if not os.access(run / stage, os.W_OK | os.X_OK):
+            raise CliError(f"--run: {run / stage} is read-only; give --out FILE for the results")
     return cfg, run / stage
 
 
 def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) -> RobustClassifier:
     """The run's model for `stage_dir`: built as the trainer built it (architecture, preprocessing, PEFT
     method of the stage), then the stage's best.pt loaded strictly."""
-    import dataclasses
-
     from roli.models import apply_peft, load_checkpoint
-    from roli.training.config import ConfigError
-    from roli.training.pipeline import build_model
-    from roli.training.run import apply_run_peft
 
     try:
-        bare = dataclasses.replace(cfg, checkpoint=None, keep_source_head=False, device=str(device))
-        model = build_model(bare, num_classes, in_chans, quiet=True)
+        spec = dataclasses.replace(cfg.model_spec, checkpoint=None, keep_source_head=False)
+        model = spec.build(num_classes, in_chans, device, quiet=True)
         if stage_dir.name in ("alp", "lp"):
             apply_peft(model, "linear")
         elif stage_dir.name != "pretrain":
-            apply_run_peft(cfg, model)
+            cfg.peft_spec.apply(model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # BadValue included
         raise CliError(f"--run: {first_line(e)}") from None
     val = meta.get("val_robust")
     val = f"{100 * val:.2f}%" if isinstance(val, float) else "-"
@@ -252,35 +237,21 @@ def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) ->
     return model.to(device).eval()
 
 
-def evaluate(args) -> dict:
-    run = stage_dir = None
-    if args.run:
-        run, stage_dir = _from_run(args)
-        if not args.out:  # into the run, where roli report finds it; one file per evaluation, none replaced
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            args.out, args.out_in_run = str(stage_dir / "evaluations" / f"{stamp}-{os.getpid()}.json"), True
-            if not os.access(stage_dir, os.W_OK | os.X_OK):
-                raise CliError(f"--run: {stage_dir} is read-only; give --out FILE for the results")
-    elif args.stage:
-        raise CliError("--stage goes with --run")
-    elif not args.model or not args.dataset:
-        raise CliError("give --model and --dataset (or --run RUN_DIR)")
+def _check_flags(args) -> tuple[float, float, list[float] | None]:
+    """Every flag checked before any data or model is loaded; returns (eps, step size, sweep budgets)."""
     for name, default in (("eps", "8/255"), ("steps", 10), ("norm", "linf"), ("precision", "fp32"), ("seed", 0)):
         if getattr(args, name) is None:
             setattr(args, name, default)
     for flag, value, low in (("--steps", args.steps, 0), ("--restarts", args.restarts, 1),
-                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
-        if value < low:
+                             ("--batch-size", args.batch_size, 1), ("--n-ex", args.n_ex, 1),
+                             ("--num-classes", args.num_classes, 2), ("--input-size", args.input_size, 1)):  # fmt: skip
+        if value is not None and value < low:
             raise CliError(f"{flag} must be >= {low}; got {value}")
-    if args.n_ex is not None and args.n_ex < 1:
-        raise CliError(f"--n-ex must be >= 1; got {args.n_ex}")
     eps = parse_budget(args.eps, "--eps", args.norm)
     step = parse_budget(args.step_size, "--step-size") if args.step_size else eps / 4
     if args.attack == "pgd" and step <= 0:
         raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
     sweep = [parse_budget(v, "--eps-sweep", args.norm) for v in args.eps_sweep.split(",")] if args.eps_sweep else None
-    if args.num_classes is not None and args.num_classes < 2:
-        raise CliError(f"--num-classes must be >= 2; got {args.num_classes}")
     if args.aa_state and Path(args.aa_state).exists():
         from roli.attacks.autoattack import STATE_FORMAT
 
@@ -299,8 +270,10 @@ def evaluate(args) -> dict:
         parent = out.parent.parent if getattr(args, "out_in_run", False) else out.parent  # evaluations/ made later
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
-    if args.input_size is not None and args.input_size < 1:
-        raise CliError(f"--input-size must be >= 1; got {args.input_size}")
+    return eps, step, sweep
+
+
+def _device(args) -> torch.device:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise CliError(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
     try:
@@ -315,30 +288,34 @@ def evaluate(args) -> dict:
         raise CliError(f"--impl: {e}") from None
     if impl != "auto" and (reason := unavailable_reason(impl, device, torch.float32)):
         raise CliError(f"--impl {impl} cannot run here: {reason}")
-    try:
-        if run is not None:  # the run's own splits: its class subset, label mapping, validation split
-            from roli.training.config import ConfigError
-            from roli.training.pipeline import load_splits
-            from roli.training.rundir import check_fingerprint, fingerprint
+    return device
 
+
+def _data(args, run, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, labels, classes) of the split evaluated. With --run: the run's own splits (its class subset,
+    label mapping, validation split), checked against the run's fingerprint."""
+    try:
+        if run is not None:
             try:
-                splits = load_splits(dataclasses.replace(run, dataset=args.dataset, image_root=args.image_root))
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
-            train, val, test, num_classes = splits
-            try:  # the run's settings and data as they were when it trained
+                splits = dataclasses.replace(run.data_spec, dataset=args.dataset, image_root=args.image_root).load()
                 allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
-                fp = fingerprint(run, splits, getattr(train, "classes", None))
+                fp = fingerprint(run.to_dict(), splits, getattr(splits[0], "classes", None))
+            except BadValue as e:
+                raise ValueError(str(e)) from None
+            try:  # the run's settings and data as they were when it trained
                 args.changed_since_run = check_fingerprint(Path(run.run_dir), fp, "--run", allowed)
-            except ConfigError as e:
+            except BadValue as e:
                 raise CliError(str(e)) from None
-            data = {"train": train, "val": val, "test": test}[args.split]
+            data, num_classes = splits[("train", "val", "test").index(args.split)], splits[3]
         else:
             splits = load_dataset(args.dataset, image_root=args.image_root)
             data, num_classes = getattr(splits, args.split), splits.num_classes
         if data is None:
             raise ValueError(f"{args.dataset} has no {args.split} split")
-        x, y = _images(data, args.n_ex, device)
+        if args.n_ex is not None:
+            data = data.subset(torch.arange(min(args.n_ex, len(data))))
+        xs, ys = zip(*data.loader(batch_size=256, device=device, workers=0), strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
     except ValueError as e:
         raise CliError(f"--dataset: {e}") from None
     num_classes = args.num_classes or num_classes
@@ -346,10 +323,49 @@ def evaluate(args) -> dict:
         raise CliError(f"--autoattack: its DLR loss needs at least 4 classes; this task has {num_classes}")
     if y.numel() and int(y.max()) >= num_classes:
         raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
+    return x, y, num_classes
+
+
+class Sharded:
+    """The evaluated images in batches of --batch-size; under torchrun each rank attacks every N-th batch
+    (D.shard) and per-example outcomes are summed over ranks, so results equal one process's."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y = x, y
+        self.parts = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
+        self.mine = list(D.shard(len(self.parts)))  # this rank's batches (all of them in one process)
+        self.every = _env.progress_seconds()
+
+    def outcomes(self, fn, what: str) -> torch.Tensor:
+        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks;
+        off a terminal, a progress line at most every ROLI_PROGRESS_SECONDS (rank 0's batches)."""
+        flags = torch.zeros(len(self.y), dtype=torch.int64, device=self.y.device)
+        t0 = last = time.time()
+        for k, i in enumerate(self.mine, 1):
+            flags[self.parts[i]] = fn(i, self.parts[i]).to(torch.int64)
+            now = time.time()
+            if D.is_main() and now - last >= self.every and k < len(self.mine):
+                last = now
+                rate = sum(len(self.y[self.parts[j]]) for j in self.mine[:k]) / max(now - t0, 1e-9)
+                print(f"evaluate: {what} batch {k}/{len(self.mine)}{' (this rank)' if D.world() > 1 else ''}, "
+                      f"{rate:.1f} img/s, ETA {(now - t0) / k * (len(self.mine) - k):.0f} s", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        return D.sum_flags(flags).bool()
+
+
+def evaluate(args) -> dict:
+    run = stage_dir = None
+    if args.run:
+        run, stage_dir = _from_run(args)
+    elif args.stage:
+        raise CliError("--stage goes with --run")
+    elif not args.model or not args.dataset:
+        raise CliError("give --model and --dataset (or --run RUN_DIR)")
+    eps, step, sweep = _check_flags(args)
+    device = _device(args)
+    x, y, num_classes = _data(args, run, device)
     if run is not None:
         if D.is_main():  # no trainer (or other evaluation) works in the run meanwhile
-            from roli.training.rundir import RunLock
-
             try:
                 _HELD.append(RunLock(Path(run.run_dir), "roli evaluate --run").acquire())
             except ValueError as e:
@@ -360,35 +376,21 @@ def evaluate(args) -> dict:
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
         raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
-    parts = _batches(len(y), args.batch_size)
-    mine = list(D.shard(len(parts)))  # this rank's batches (all of them in one process)
+    results = _attacks(args, model, Sharded(x, y, args.batch_size), eps, step, sweep)
+    results["seconds"] = round(time.time() - t0, 2)
+    results["device"] = str(device)  # --device auto's choice
+    results["config"] = {k: v for k, v in vars(args).items()}
+    return results
 
-    show = D.is_main()  # progress lines on stderr (AutoAttack takes minutes)
-    every = _env.progress_seconds()
 
-    def gathered(fn, what: str) -> torch.Tensor:
-        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks;
-        off a terminal, a progress line at most every ROLI_PROGRESS_SECONDS (rank 0's batches)."""
-        flags = torch.zeros(len(y), dtype=torch.int64, device=device)
-        t0 = last = time.time()
-        for k, i in enumerate(mine, 1):
-            flags[parts[i]] = fn(i, parts[i]).to(torch.int64)
-            now = time.time()
-            if show and now - last >= every and k < len(mine):
-                last = now
-                rate = sum(len(y[parts[j]]) for j in mine[:k]) / max(now - t0, 1e-9)
-                print(
-                    f"evaluate: {what} batch {k}/{len(mine)}{' (this rank)' if D.world() > 1 else ''}, "
-                    f"{rate:.1f} img/s, ETA {(now - t0) / k * (len(mine) - k):.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        return D.sum_flags(flags).bool()
-
-    clean = gathered(lambda i, s: clean_correct(model, x[s], y[s], args.precision), "clean")
+def _attacks(args, model, data: Sharded, eps: float, step: float, sweep: list[float] | None) -> dict:
+    """Clean accuracy, then each attack asked for; the worst case over all of them, per example."""
+    x, y, n = data.x, data.y, len(data.y)
+    clean = data.outcomes(lambda i, s: clean_correct(model, x[s], y[s], args.precision), "clean")
     robust = clean.clone()
-    results: dict = {"n": len(y), "processes": D.world(), "clean": _fraction(clean), "attacks": {},
+    results: dict = {"n": n, "processes": D.world(), "clean": _fraction(clean), "attacks": {},
                      "per_example": {"clean": _bits(clean)}}  # fmt: skip
+    pgd_ok = None
     if args.attack == "pgd":
         attack = PGD(model, eps=eps, step_size=step, steps=args.steps, norm=args.norm, restarts=args.restarts,
                      loss=args.loss, keep="best", early_stop=True, precision=args.precision, impl=args.impl,
@@ -398,63 +400,64 @@ def evaluate(args) -> dict:
             attack.reseed(batch_seed(args.seed, i))
             return attack.perturb(x[s], y[s]).success
 
-        pgd_ok = clean & ~gathered(pgd_broken, f"PGD-{args.steps}")
+        pgd_ok = clean & ~data.outcomes(pgd_broken, f"PGD-{args.steps}")
         robust &= pgd_ok
-        name = f"PGD-{args.steps} ({args.norm}, eps={args.eps}" + (
-            f", {args.restarts} restarts)" if args.restarts > 1 else ")"
-        )
-        results["attacks"][name] = _fraction(pgd_ok)
+        restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
+        results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={args.eps}{restarts})"] = _fraction(pgd_ok)
         results["per_example"]["pgd"] = _bits(pgd_ok)
     if sweep:
         counts = [0.0] * len(sweep)
-        for i in mine:
-            s = parts[i]
+        for i in data.mine:
+            s = data.parts[i]
             accs = eps_sweep(model, (x[s], y[s]), sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
                              loss=args.loss, precision=args.precision, impl=args.impl, seed=batch_seed(args.seed, i),
                              chunk_size=args.batch_size)  # fmt: skip
             counts = [c + round(accs[e] * len(y[s])) for c, e in zip(counts, sweep, strict=True)]
         counts = D.sum_(*counts)
-        results["eps_sweep"] = {f"{e:.6g}": c / max(1, len(y)) for e, c in zip(sweep, counts, strict=True)}
+        results["eps_sweep"] = {f"{e:.6g}": c / max(1, n) for e, c in zip(sweep, counts, strict=True)}
     if args.autoattack:
-        per_attack: dict[str, float] = {}
-        aa_clean = [0]
-
-        def aa_robust(i, s):
-            state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
-            try:
-                aa = run_autoattack(model, x[s], y[s], eps, norm=args.norm, version=args.autoattack, state_path=state,
-                                    batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-                                    progress=_aa_progress(i, len(parts)))  # fmt: skip
-            except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
-                raise CliError(f"--aa-state: {first_line(e)}") from None
-            for k, acc in aa.per_attack.items():
-                per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
-            aa_clean[0] += round(aa.clean_accuracy * len(aa.robust))
-            return aa.robust
-
-        if args.aa_state:
-            Path(args.aa_state).mkdir(parents=True, exist_ok=True)
-        if D.is_main():
-            print(f"evaluate: AutoAttack-{args.autoattack} on {len(y)} images in {len(parts)} batches (a progress "
-                  f"line at most every {every:g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr, flush=True)  # fmt: skip
-        aa_ok = gathered(aa_robust, f"AutoAttack-{args.autoattack}")
-        names = next((n for n in D.gather_objects(list(per_attack)) if n), [])  # the attack order, from any rank
-        totals = D.sum_(*(per_attack.get(k, 0) for k in names))
-        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)
-        results["autoattack_per_attack"] = {k: t / max(1, len(y)) for k, t in zip(names, totals, strict=True)}
-        results["per_example"]["autoattack"] = _bits(aa_ok)
-        (aa_clean_total,) = D.sum_(aa_clean[0])
-        pgd_acc = _fraction(pgd_ok) if args.attack == "pgd" else None
-        aa_acc, per = _fraction(aa_ok), results["autoattack_per_attack"]
-        results["autoattack_warnings"] = cross_check(len(y), _fraction(clean), aa_clean_total / max(1, len(y)), aa_acc,
-                                                     per, pgd_acc)  # fmt: skip
-        robust &= aa_ok
+        robust &= _autoattack(args, model, data, eps, clean, pgd_ok, results)
     results["worst_case"] = _fraction(robust)
     results["per_example"]["worst_case"] = _bits(robust)
-    results["seconds"] = round(time.time() - t0, 2)
-    results["device"] = str(device)  # --device auto's choice
-    results["config"] = {k: v for k, v in vars(args).items()}
     return results
+
+
+def _autoattack(args, model, data: Sharded, eps: float, clean, pgd_ok, results: dict) -> torch.Tensor:
+    """AutoAttack per batch (a state file per batch with --aa-state); its accuracy, per-attack figures and
+    cross-checks go into `results`; returns the per-example outcomes."""
+    x, y, n = data.x, data.y, len(data.y)
+    per_attack: dict[str, float] = {}
+    aa_clean = [0]
+
+    def aa_robust(i, s):
+        state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
+        try:
+            aa = run_autoattack(model, x[s], y[s], eps, norm=args.norm, version=args.autoattack, state_path=state,
+                                batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                                progress=_aa_progress(i, len(data.parts)))  # fmt: skip
+        except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
+            raise CliError(f"--aa-state: {first_line(e)}") from None
+        for k, acc in aa.per_attack.items():
+            per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
+        aa_clean[0] += round(aa.clean_accuracy * len(aa.robust))
+        return aa.robust
+
+    if args.aa_state:
+        Path(args.aa_state).mkdir(parents=True, exist_ok=True)
+    if D.is_main():
+        print(f"evaluate: AutoAttack-{args.autoattack} on {n} images in {len(data.parts)} batches (a progress line "
+              f"at most every {data.every:g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr, flush=True)  # fmt: skip
+    aa_ok = data.outcomes(aa_robust, f"AutoAttack-{args.autoattack}")
+    names = next((k for k in D.gather_objects(list(per_attack)) if k), [])  # the attack order, from any rank
+    totals = D.sum_(*(per_attack.get(k, 0) for k in names))
+    results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)
+    results["autoattack_per_attack"] = per = {k: t / max(1, n) for k, t in zip(names, totals, strict=True)}
+    results["per_example"]["autoattack"] = _bits(aa_ok)
+    (aa_clean_total,) = D.sum_(aa_clean[0])
+    pgd_acc = _fraction(pgd_ok) if pgd_ok is not None else None
+    results["autoattack_warnings"] = cross_check(n, _fraction(clean), aa_clean_total / max(1, n), _fraction(aa_ok),
+                                                 per, pgd_acc)  # fmt: skip
+    return aa_ok
 
 
 def render(results: dict) -> str:

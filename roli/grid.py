@@ -36,7 +36,8 @@ from pathlib import Path
 from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
-from roli.training.config import SHIPPED, TrainConfig, check_code_from_file, find_config
+from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config
+from roli.specs import DataSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning, RanLI, execution).
 NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
@@ -113,12 +114,11 @@ def alp_key(cfg: TrainConfig, data: dict) -> str:
     return hashlib.sha256(json.dumps([options, data], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def data_of(cfg: TrainConfig) -> dict:
+def data_of(spec: DataSpec) -> dict:
     """The fingerprint of the run's splits (sizes, labels, a sample of images or the file list)."""
-    from roli.training.pipeline import load_splits
-    from roli.training.rundir import data_fingerprint
+    from roli.rundir import data_fingerprint
 
-    train, val, test, num_classes = load_splits(cfg)
+    train, val, test, num_classes = spec.load()
     out = {"classes": getattr(train, "classes", None), "num_classes": num_classes}
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d)
@@ -138,7 +138,7 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
         key_data = json.dumps({k: getattr(cfg, k) for k in ("dataset", "classes", "image_root", "val_percent",
                               "split_seed", "resize", "crop_size", "data_interpolation")}, sort_keys=True)  # fmt: skip
         if key_data not in data_cache:
-            data_cache[key_data] = data_of(cfg)
+            data_cache[key_data] = data_of(cfg.data_spec)
         key = alp_key(cfg, data_cache[key_data])
         alp_name = f"alp/{key}"
         if alp_name not in alp_jobs:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from roli._cli import BadValue, OneLineParser, parse_budget, prog
 from roli._io import atomic_write
-from roli.training.run import stage_dir as stage_dir_of
+from roli.rundir import stage_dir as stage_dir_of
 
 COLUMNS = ["run", "stage", "kind", "method", "test clean", "test PGD", "AutoAttack", "best epoch", "epochs",
            "wall s", "images/s"]  # fmt: skip

@@ -25,8 +25,7 @@ import torch
 from roli import _dist as D
 from roli._cli import OneLineParser, parse_kwargs, prog
 from roli._io import first_line
-from roli.models.classifier import HEAD_INITS
-from roli.training.config import (
+from roli.config import (
     METHODS,
     OPTIMIZERS,
     TRAIN_ATTACKS,
@@ -36,9 +35,10 @@ from roli.training.config import (
     find_config,
     shipped_configs,
 )
+from roli.models.classifier import HEAD_INITS
+from roli.rundir import MARKER
 from roli.training.loop import Interrupted, NonFiniteLoss
-from roli.training.run import config_record, run
-from roli.training.rundir import MARKER
+from roli.training.run import run
 
 
 def build_parser() -> OneLineParser:
@@ -267,7 +267,7 @@ def _main(parser, args) -> int:
     try:
         cfg, resume, overwrite = config_from_args(args)
         if args.print_config:
-            print(json.dumps(config_record(cfg), indent=2))
+            print(json.dumps(cfg.record(), indent=2))
             return 0
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available")

@@ -15,7 +15,7 @@ import torch
 from test_data import _png, _write_cifar
 
 from roli._compat import import_timm
-from roli.training.config import TrainConfig
+from roli.config import TrainConfig
 from roli.training.run import run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "roli" / "configs"

@@ -71,7 +71,7 @@ def test_the_plan_trains_each_distinct_alp_once(tmp_path, checkpoint):
     (copy := tmp_path / "copy.pt").write_bytes(Path(checkpoint).read_bytes())
     cfg = load_configs([str(files["roli_lora"])], {"random_backbone": False, "model": "roli.models.small:small_cnn",
                                                     "model_args": {}}, False)[0][1]  # fmt: skip
-    data = data_of(cfg)
+    data = data_of(cfg.data_spec)
     import dataclasses
 
     key = alp_key(dataclasses.replace(cfg, checkpoint=str(checkpoint)), data)

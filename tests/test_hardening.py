@@ -147,7 +147,7 @@ def test_bad_flags_before_anything_is_written(tmp_path, capsys, argv, pattern):
 
 
 def test_half_budgets_parse(tmp_path):
-    from roli.training.config import TrainConfig
+    from roli.config import TrainConfig
 
     assert TrainConfig(eps="0.5/255", step_size="0.125/255").eps == pytest.approx(0.5 / 255)
 

@@ -1,6 +1,6 @@
 """The package's import structure: no import circle, and every module imports only from its own floor or
 below. Floors, bottom up: the ground (roli's private helpers), ops and kernels, models and data, attacks,
-features, training, the command-line programs. Imports inside functions count too (a lazy import is still
+features, the run's specs/options/directory, training, the command-line programs. Imports inside functions count too (a lazy import is still
 a dependency)."""
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ FLOORS = [  # (floor, module prefixes)
     (2, {"roli.models", "roli.data"}),
     (3, {"roli.attacks"}),
     (4, {"roli.features"}),
-    (5, {"roli.training"}),
-    (6, {"roli.train", "roli.evaluate", "roli.info", "roli.zoo", "roli.report", "roli.configs", "roli.grid"}),
-    (7, {"roli.cli", "roli.__main__"}),  # the console command over the programs
+    (5, {"roli.specs", "roli.config", "roli.rundir"}),  # what a run builds from, its options, its directory
+    (6, {"roli.training"}),
+    (7, {"roli.train", "roli.evaluate", "roli.info", "roli.zoo", "roli.report", "roli.configs", "roli.grid"}),
+    (8, {"roli.cli", "roli.__main__"}),  # the console command over the programs
 ]
 
 
@@ -136,3 +137,11 @@ def test_no_private_module_is_imported_from_another_package(graph):
             if private and not (name + ".").startswith(".".join(parts[: private[0]]) + "."):
                 crossing.append(f"{name} -> {dep}")
     assert not crossing, crossing
+
+
+def test_evaluate_and_report_import_nothing_of_the_trainer(graph):
+    """roli evaluate and roli report read runs through the specs, the options and the run directory (floor 5),
+    not through the trainer's package: a change inside roli.training cannot change an evaluation."""
+    for program in ("roli.evaluate", "roli.report"):
+        assert graph[program], program  # the graph holds its imports
+        assert not [m for m in graph[program] if m.startswith("roli.training")], (program, graph[program])

@@ -111,7 +111,7 @@ def test_installed_roli_script_runs():
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_device_auto_picks_cuda_where_available(monkeypatch, cuda):
-    from roli.training.config import TrainConfig
+    from roli.config import TrainConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert TrainConfig().device == ("cuda" if cuda else "cpu")
@@ -188,7 +188,7 @@ def test_warmup_longer_than_the_run_names_the_fix(tmp_path, capsys):
 
 
 def test_shipped_configs_by_name_from_any_directory(tmp_path):
-    from roli.training.config import SHIPPED, find_config, shipped_configs
+    from roli.config import SHIPPED, find_config, shipped_configs
 
     names = shipped_configs()
     assert len(names) == 55 and "cub200/roli_lora" in names  # 5 datasets x (alp + 5 roli + 5 ranli)

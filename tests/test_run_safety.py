@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from roli.evaluate import main as evaluate
+from roli.rundir import OUTPUTS, RunLock, written_by_roli
 from roli.train import main as train
-from roli.training.rundir import OUTPUTS, RunLock, written_by_roli
 
 QUICK = ["--eps", "0.1", "--step-size", "0.05", "--steps", "1", "--val-steps", "1", "--epochs", "1", "--warmup", "0",
          "--random-backbone"]  # fmt: skip
@@ -71,13 +71,15 @@ def run_copy(npz_run, tmp_path) -> tuple[Path, Path]:
 
 
 def _fingerprint_of(run: Path) -> dict:
-    from roli.training.config import TrainConfig
-    from roli.training.pipeline import load_splits
-    from roli.training.rundir import fingerprint
+    from roli.config import TrainConfig
+    from roli.rundir import fingerprint
 
     cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
-    splits = load_splits(cfg)
-    return {"format": "roli run fingerprint 1", **fingerprint(cfg, splits, getattr(splits[0], "classes", None))}
+    splits = cfg.data_spec.load()
+    return {
+        "format": "roli run fingerprint 1",
+        **fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None)),
+    }
 
 
 # --overwrite

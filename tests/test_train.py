@@ -341,14 +341,13 @@ def test_torchrun_sigterm_and_resume(tmp_path):
 
 def test_each_torchrun_rank_draws_its_own_attack_noise(monkeypatch):
     from roli import _dist
-    from roli.training.config import TrainConfig
-    from roli.training.pipeline import _attack
+    from roli.config import TrainConfig
 
     cfg = TrainConfig(seed=3)
     seeds = []
     for rank in (0, 1):
         monkeypatch.setattr(_dist, "rank", lambda r=rank: r)
-        seeds.append(_attack(cfg, torch.nn.Linear(2, 2), "pgd").seed)
+        seeds.append(cfg.attack_spec.training("pgd", torch.nn.Linear(2, 2)).seed)
     assert seeds[0] == 3 and seeds[1] != seeds[0]
 
 

@@ -268,10 +268,9 @@ def test_python_m_roli_zoo_lists_every_entry():
 def test_head_rules_through_the_trainer(tmp_path):
     """A source whose classifier has the task's class count (5) never becomes the starting head unless asked:
     clean LP, ALP and RanLI start from a fresh random head, the log says which."""
+    from roli.config import TrainConfig
     from roli.models.small import small_cnn
     from roli.train import main
-    from roli.training.config import TrainConfig
-    from roli.training.pipeline import build_model
 
     torch.manual_seed(5)
     source = small_cnn(num_classes=5)
@@ -279,10 +278,10 @@ def test_head_rules_through_the_trainer(tmp_path):
     common = ["--dataset", "digits", "--classes", "5-9", "--checkpoint", str(tmp_path / "src.pt"), "--eps", "0.1",
               "--step-size", "0.05", "--steps", "1", "--val-steps", "1", "--epochs", "1", "--warmup", "0"]  # fmt: skip
     cfg = TrainConfig(checkpoint=str(tmp_path / "src.pt"), dataset="digits", classes="5-9")
-    fresh = build_model(cfg, 5, 1, cfg.checkpoint)
+    fresh = cfg.model_spec.build(5, 1, "cpu", cfg.checkpoint)
     assert not torch.equal(fresh.head.weight, source.fc.weight)
     torch.testing.assert_close(fresh.backbone.features[0].weight, source.features[0].weight)  # the backbone is
-    kept = build_model(TrainConfig(**{**cfg.to_dict(), "keep_source_head": True}), 5, 1, cfg.checkpoint)
+    kept = TrainConfig(**{**cfg.to_dict(), "keep_source_head": True}).model_spec.build(5, 1, "cpu", cfg.checkpoint)
     assert torch.equal(kept.head.weight, source.fc.weight)
 
     assert main([*common, "--method", "ft", "--init", "random", "--run-dir", str(tmp_path / "ft")]) == 0

@@ -35,9 +35,44 @@ class ArrayData:
         """All images as float in [0, 1] on `device` (for evaluation of small sets)."""
         return to_float(self.x.to(device)), self.y.to(device)
 
-    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, drop_last: bool = False,
-               indices: torch.Tensor | None = None, rank: int = 0, world: int = 1):  # fmt: skip
+    # The container interface roli's callers use (FileData has the same): held in memory, not streamed.
+    streamed = False
+
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(self.x.shape[1:])
+
+    def hash_into(self, h) -> None:
+        """The whole content (images and labels) into the hashlib object `h` (the feature cache's key)."""
+        from roli._io import hash_tensors
+
+        hash_tensors(h, [self.x, self.y])
+
+    def sample_parts(self) -> dict[str, tuple]:
+        """What a run's fingerprint hashes: the labels, and the image size with 64 images spread over the set."""
+        idx = torch.linspace(0, max(0, len(self) - 1), min(64, len(self))).long()
+        return {"labels": (self.y,), "pixels": (list(self.x.shape[1:]), self.x[idx])}
+
+    def select_classes(self, classes: list[int]) -> ArrayData:
+        """The examples of `classes`, relabelled 0..k-1 in that order."""
+        table = relabel_table(self.num_classes, classes)
+        sub = self.subset(torch.nonzero(table[self.y] >= 0)[:, 0])
+        sub.y, sub.num_classes = table[sub.y], len(classes)
+        return sub
+
+    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 0,
+               drop_last: bool = False, indices: torch.Tensor | None = None, rank: int = 0,
+               world: int = 1):  # fmt: skip
+        """Batches on `device` (`workers` is ignored: the images are in memory); under torchrun (`world` > 1)
+        this rank's share of each shuffled epoch."""
         return ArrayLoader(self, batch_size, shuffle, device, seed, drop_last, indices, rank, world)
+
+
+def relabel_table(num_classes: int, classes: list[int]) -> torch.Tensor:
+    """label -> its index in `classes`, -1 for a label not kept."""
+    table = torch.full((num_classes,), -1, dtype=torch.long)
+    table[torch.tensor(classes)] = torch.arange(len(classes))
+    return table
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ naming it when decoded, and verify() scans all of them and names the first few.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,43 @@ class FileData(Dataset):
         if bad:
             raise ValueError(f"{self.name}: unreadable images: {'; '.join(bad)}")
 
+    # The container interface roli's callers use (ArrayData has the same): decoded while loading.
+    streamed = True
+
+    def image_shape(self) -> tuple[int, ...] | None:
+        """(3, crop, crop) after a crop transform; None when the files' own sizes decide."""
+        crop_size = getattr(self.transform, "crop_size", None)
+        return (3, crop_size, crop_size) if crop_size else None
+
+    def hash_into(self, h) -> None:
+        """Paths, file sizes and labels into the hashlib object `h` (the feature cache's key)."""
+        for path, label in self.items:
+            h.update(f"{path}\0{path.stat().st_size}\0{label}\n".encode())
+
+    def sample_parts(self) -> dict[str, tuple]:
+        """What a run's fingerprint hashes: the labels, and the file list with the files' sizes."""
+        items = [(str(p), int(y)) for p, y in self.items]
+        sizes = [os.stat(p).st_size if os.path.exists(p) else -1 for p, _ in items]
+        return {"labels": ([y for _, y in items],), "files": ([p for p, _ in items], sizes)}
+
+    def select_classes(self, classes: list[int]) -> FileData:
+        """The examples of `classes`, relabelled 0..k-1 in that order (class names kept for those)."""
+        from roli.data.arrays import relabel_table
+
+        table = relabel_table(self.num_classes, classes)
+        names = [self.classes[c] for c in classes] if self.classes is not None else None
+        kept = [(p, int(table[y])) for p, y in self.items if table[y] >= 0]
+        return FileData(kept, len(classes), self.name, names, self.transform)
+
     def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 2,
-               drop_last: bool = False, sampler=None):  # fmt: skip
+               drop_last: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
+        """Batches decoded by `workers` processes onto `device`; under torchrun (`world` > 1) this rank's share
+        of each shuffled epoch (a DistributedSampler)."""
+        sampler = None
+        if world > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(self, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         return FileLoader(self, batch_size, shuffle, device, seed, workers, drop_last, sampler)
 
 

@@ -34,8 +34,7 @@ import roli
 from roli import _env
 from roli._amp import autocast_for
 from roli._dist import rank_world
-from roli.data import ArrayData, FileData
-from roli.data.arrays import to_float
+from roli._io import hash_tensors
 
 DTYPES = ("fp32", "bf16")
 
@@ -54,21 +53,9 @@ class Features:
     hit: bool
 
 
-def _hash_tensors(h, tensors) -> None:
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def dataset_identity(data) -> str:
     h = hashlib.sha256()
-    if isinstance(data, ArrayData):
-        _hash_tensors(h, [data.x, data.y])
-    elif isinstance(data, FileData):
-        for path, label in data.items:
-            h.update(f"{path}\0{path.stat().st_size}\0{label}\n".encode())
-    else:
-        raise TypeError(f"cannot cache features of {type(data).__name__}; use ArrayData or FileData")
+    data.hash_into(h)
     return h.hexdigest()
 
 
@@ -81,7 +68,7 @@ def cache_key(model, data, split: str, dtype: str) -> tuple[str, dict]:
             "cache a deterministic view (an eval transform) instead"
         )
     wh = hashlib.sha256()
-    _hash_tensors(wh, model.backbone.state_dict().values())
+    hash_tensors(wh, model.backbone.state_dict().values())
     pre = model.pre
     desc = {
         "backbone": model.name,
@@ -99,14 +86,9 @@ def cache_key(model, data, split: str, dtype: str) -> tuple[str, dict]:
 
 
 def _batches(data, batch_size: int, device, indices):
-    if isinstance(data, ArrayData):
-        for i in range(0, len(indices), batch_size):
-            b = indices[i : i + batch_size]
-            yield to_float(data.x[b].to(device)), data.y[b]
-    else:
-        sub = data.subset(indices)
-        for x, y in sub.loader(batch_size, device=device, workers=min(4, os.cpu_count() or 1)):
-            yield x, y.cpu()
+    workers = min(4, os.cpu_count() or 1) if data.streamed else 0
+    for x, y in data.subset(indices).loader(batch_size, device=device, workers=workers):
+        yield x, y.cpu()
 
 
 @torch.no_grad()

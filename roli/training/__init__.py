@@ -3,8 +3,8 @@
 `python -m roli.train` (roli/train.py) parses flags into a TrainConfig and calls run().
 """
 
+from roli.config import ConfigError, StageSettings, TrainConfig
 from roli.training.alp import ALPResult, adversarial_linear_probe
-from roli.training.config import ConfigError, StageSettings, TrainConfig
 from roli.training.loop import Interrupted, NonFiniteLoss, Stage, fit
 from roli.training.run import run
 

@@ -23,7 +23,7 @@ import torch
 import roli
 from roli import _env
 from roli._io import save_json, save_torch
-from roli.training.config import TrainConfig
+from roli.config import TrainConfig
 from roli.training.run import run
 
 COMMON = dict(model="roli.models.small:small_cnn", dataset="digits", eps=0.1, step_size=0.025, steps=5,

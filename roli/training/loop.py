@@ -30,10 +30,10 @@ from roli import _env
 from roli._amp import autocast_for
 from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD, robust_counts
+from roli.config import OPTIMIZERS, REF_ADAMW_EPS, ConfigError
 from roli.features.alp import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
-from roli.training.config import OPTIMIZERS, REF_ADAMW_EPS, ConfigError
 from roli.training.guard import Guard, trained_state
 
 STATE_FORMAT = "roli-train-state"

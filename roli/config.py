@@ -9,13 +9,14 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
-from roli._cli import BadValue, auto_device, parse_budget
+from roli._cli import BadValue, auto_device
 from roli._io import first_line
 from roli.attacks import fast
-from roli.models.classifier import HEAD_INITS
-from roli.models.peft import METHODS as PEFT_METHODS
+from roli.specs import AttackSpec, Batches, DataSpec, ModelSpec, PeftSpec, is_int, is_number, need, need_int
+from roli.specs import parse_classes as parse_classes  # re-exported: the grid and tests read it here
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
 # Per kind of stage: optimiser, effective learning rate and weight decay. The reference's CIFAR-10 values:
@@ -47,22 +48,6 @@ class StageSettings:
 ConfigError = BadValue  # a bad configuration value: one line, exit code 2
 
 
-def parse_classes(text: str | None) -> list[int] | None:
-    """ "0-4" or "5,6,7" -> class indices (relabelled 0..k-1 in that order)."""
-    if text in (None, ""):
-        return None
-    out = []
-    try:
-        for part in str(text).split(","):
-            lo, sep, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    except ValueError:
-        raise ConfigError(f"classes: {text!r} is not a list like 0-4 or 1,3,5") from None
-    if not out or len(set(out)) != len(out) or min(out) < 0:
-        raise ConfigError(f"classes: {text!r} must name distinct classes >= 0")
-    return out
-
-
 # sgd: momentum SGD; adamw: torch's AdamW (decay on weights only); adamw-ref: the RoLI reference's AdamW (eps 1e-6,
 # no decay on parameters named *bias*), see roli.training.loop.param_groups.
 OPTIMIZERS = ("sgd", "adamw", "adamw-ref")
@@ -83,7 +68,7 @@ STAGE_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "warmup", "attack")
 TRAIN_ATTACKS = (*fast.ATTACKS, "none")
 
 
-def _check_stage(stage: str, d, cfg) -> None:
+def _check_stage(stage: str, d, norm: str, run_epochs: int) -> None:
     """A per-stage mapping (alp / ft / ranli) of STAGE_KEYS."""
     if not isinstance(d, dict):
         raise ConfigError(f"{stage}: must be a mapping of {', '.join(STAGE_KEYS)}; got {d!r}")
@@ -93,7 +78,7 @@ def _check_stage(stage: str, d, cfg) -> None:
     if "optimizer" in d and d["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
     if "attack" in d:
-        _check_attack(f"{stage}.attack", d["attack"], cfg.norm)
+        _check_attack(f"{stage}.attack", d["attack"], norm)
     for key in ("lr", "weight_decay"):
         v = d.get(key)
         if key in d and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
@@ -102,7 +87,7 @@ def _check_stage(stage: str, d, cfg) -> None:
         v = d.get(key)
         if key in d and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise ConfigError(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
-    epochs = d.get("epochs", cfg.epochs)
+    epochs = d.get("epochs", run_epochs)
     if d.get("warmup", 0) > epochs:
         raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
                           f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}")  # fmt: skip
@@ -136,7 +121,7 @@ def check_code_from_file(model: str, source: str, trust_code: bool) -> None:
                           "file only from installed packages: pass --trust-code if you trust the file")  # fmt: skip
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
+SHIPPED = Path(__file__).resolve().parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
 
 
 def shipped_configs() -> list[str]:
@@ -169,20 +154,6 @@ def _check_attack(name: str, kind, norm: str) -> None:
             fast.check_attack(kind, norm)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
-
-
-def _channels(value, name: str) -> list[float] | None:
-    """Per-channel statistics from a list or "0.485,0.456,0.406"."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        out = [float(v) for v in items]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected comma-separated numbers, one per channel; got {value!r}") from None
-    if not out or not all(math.isfinite(v) for v in out):
-        raise ConfigError(f"{name}: expected finite numbers, one per channel; got {value!r}")
-    return out
 
 
 @dataclass
@@ -270,102 +241,61 @@ class TrainConfig:
     compare_ranli: bool = False
 
     def __post_init__(self):
-        def need(cond: bool, message: str):
-            if not cond:
-                raise ConfigError(message)
-
-        for f in fields(self):  # values read from YAML/JSON: a string "false" or "no" is not a boolean
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                need(isinstance(value, bool), f"{f.name.replace('_', '-')}: must be true or false; got {value!r}")
-            elif f.type == "str" and f.name != "eps":
-                need(isinstance(value, str) and value != "",
-                     f"{f.name.replace('_', '-')}: must be a non-empty string; got {value!r}")  # fmt: skip
-            elif f.type == "dict":
-                need(isinstance(value, dict), f"{f.name.replace('_', '-')}: must be a mapping; got {value!r}")
-        for name in ("seed", "split_seed"):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
-            need(ok or value is None and name == "split_seed",
-                 f"{name.replace('_', '-')}: must be an integer in [0, 2**63); got {value!r}")  # fmt: skip
-        need(isinstance(self.val_percent, (int, float)) and not isinstance(self.val_percent, bool),
-             f"val-percent: must be a number in (0, 100); got {self.val_percent!r}")  # fmt: skip
+        self._check_types()
         need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        need(self.peft in PEFT_METHODS, f"peft: {self.peft!r} is not one of {', '.join(PEFT_METHODS)}")
         need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
              f"init: {self.init!r} is not random, lp, alp or a checkpoint path")  # fmt: skip
-        need(self.head_init in HEAD_INITS, f"head-init: {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
-        need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
+        # Each domain's values are checked where its spec is built (roli.specs); the parsed forms are kept.
+        model, attack = self.model_spec, self.attack_spec
+        self.mean, self.std, self.eps, self.step_size = model.mean, model.std, attack.eps, attack.step_size
+        self.peft_spec, self.data_spec  # noqa: B018 - built to check them
         _check_attack("attack", self.attack, self.norm)
-        need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
-        need(self.interpolation in ("bilinear", "bicubic"),
-             f"interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
-        self.mean, self.std = _channels(self.mean, "mean"), _channels(self.std, "std")
-        need((self.mean is None) == (self.std is None), "mean, std: give both or neither")
-        need(self.mean is None or len(self.mean) == len(self.std),
-             f"mean, std: {len(self.mean or [])} and {len(self.std or [])} channels differ")  # fmt: skip
-        need(self.std is None or all(v > 0 for v in self.std), f"std: must be > 0 per channel; got {self.std}")
-        need(self.input_size is None or (isinstance(self.input_size, int) and not isinstance(self.input_size, bool)
-                                         and self.input_size >= 1),
-             f"input-size: must be an integer >= 1; got {self.input_size!r}")  # fmt: skip
-        moved = sorted(set(self.model_args) & {"mean", "std", "input_size", "interpolation"})
-        need(not moved, f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
-                        f"--{moved[0].replace('_', '-')} instead" if moved else "")  # fmt: skip
-        need(self.optimizer in (None, *OPTIMIZERS), f"optimizer: {self.optimizer!r} is not one of "
-                                                     f"{', '.join(OPTIMIZERS)}")  # fmt: skip
-        need(
-            self.autoattack in (None, "standard", "plus", "rand"),
-            f"autoattack: {self.autoattack!r} is not standard, plus or rand",
-        )
-        for name in ("epochs", "batch_size", "steps", "val_steps", "lora_rank", "adapter_reduction", "vpt_tokens",
-                     "guard_every", "guard_images"):  # fmt: skip
-            value = getattr(self, name)
-            low = 0 if name in ("steps", "guard_every") else 1
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            need(ok, f"{name.replace('_', '-')}: must be an integer >= {low}; got {value!r}")
-        need(isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
-             f"warmup: must be an integer >= 0; got {self.warmup!r}")  # fmt: skip
-        need(self.warmup <= self.epochs,
-             f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
-             f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})")  # fmt: skip
-        need(isinstance(self.guard_drop, (int, float)) and not isinstance(self.guard_drop, bool)
-             and 0 < self.guard_drop < 1,
-             f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}")  # fmt: skip
-        need(0 < self.val_percent < 100, f"val-percent: must be in (0, 100); got {self.val_percent}")
-        for stage in ("alp", "ft", "ranli"):
-            _check_stage(stage, getattr(self, stage), self)
-        need(0 <= self.lora_dropout < 1 and 0 <= self.vpt_dropout < 1,
-             f"lora-dropout, vpt-dropout: must be in [0, 1); got {self.lora_dropout}, {self.vpt_dropout}")  # fmt: skip
-        need(isinstance(self.lora_targets, str) and self.lora_targets in ("q", "k", "v", "qk", "qv", "kv", "qkv"),
-             f"lora-targets: {self.lora_targets!r} is not one of q, k, v, qk, qv, kv, qkv")  # fmt: skip
-        need(self.data_interpolation in ("bilinear", "bicubic"),
-             f"data-interpolation: {self.data_interpolation!r} is not bilinear or bicubic")  # fmt: skip
-        for name in ("resize", "crop_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name.replace('_', '-')}: must be an integer >= 1; got {value!r}")  # fmt: skip
-        need(self.crop_size <= self.resize, f"crop-size: {self.crop_size} is larger than resize {self.resize}")
-        need(self.workers is None or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
-                                      and self.workers >= 0),
-             f"workers: must be an integer >= 0; got {self.workers!r}")  # fmt: skip
-        for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
-                 f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
-        self.eps = parse_budget(self.eps, "eps", self.norm)
-        self.step_size = parse_budget(self.step_size, "step-size")
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
-        classes = parse_classes(self.classes)
-        need(classes is None or len(classes) >= 2,
-             f"classes: {self.classes!r} names one class; a classifier needs at least two")  # fmt: skip
-        need(isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
-             and math.isfinite(self.momentum) and 0 <= self.momentum < 1,
-             f"momentum: must be a number in [0, 1); got {self.momentum!r}")  # fmt: skip
+        need(self.autoattack in (None, "standard", "plus", "rand"),
+             f"autoattack: {self.autoattack!r} is not standard, plus or rand")  # fmt: skip
+        for name in ("guard_every", "guard_images"):
+            need_int(name, getattr(self, name), 0 if name == "guard_every" else 1)
+        need(is_number(self.guard_drop) and 0 < self.guard_drop < 1,
+             f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}")  # fmt: skip
+        self._check_optimisation()
         self.device = auto_device(self.device)
         need(isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
         need(not self.cuda_graph or str(self.device).startswith("cuda"),
              f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
+        self._check_method_combinations()
+        self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
+
+    def _check_types(self) -> None:
+        for f in fields(self):  # values read from YAML/JSON: a string "false" or "no" is not a boolean
+            value, name = getattr(self, f.name), f.name.replace("_", "-")
+            if f.type == "bool":
+                need(isinstance(value, bool), f"{name}: must be true or false; got {value!r}")
+            elif f.type == "str" and f.name != "eps":
+                need(isinstance(value, str) and value != "", f"{name}: must be a non-empty string; got {value!r}")
+            elif f.type == "dict":
+                need(isinstance(value, dict), f"{name}: must be a mapping; got {value!r}")
+        need(is_int(self.seed, 0) and self.seed < 2**63, f"seed: must be an integer in [0, 2**63); got {self.seed!r}")
+
+    def _check_optimisation(self) -> None:
+        need(self.optimizer in (None, *OPTIMIZERS), f"optimizer: {self.optimizer!r} is not one of "
+                                                     f"{', '.join(OPTIMIZERS)}")  # fmt: skip
+        need_int("epochs", self.epochs, 1)
+        need_int("batch_size", self.batch_size, 1)
+        need_int("warmup", self.warmup, 0)
+        need(self.warmup <= self.epochs,
+             f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
+             f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})")  # fmt: skip
+        for stage in ("alp", "ft", "ranli"):
+            _check_stage(stage, getattr(self, stage), self.norm, self.epochs)
+        for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
+            value = getattr(self, name)
+            need(value is None or is_number(value) and value >= 0,
+                 f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
+        need(is_number(self.momentum) and 0 <= self.momentum < 1,
+             f"momentum: must be a number in [0, 1); got {self.momentum!r}")  # fmt: skip
+
+    def _check_method_combinations(self) -> None:
         need(self.stage_name is None or self.method == "ft" and re.fullmatch(r"(RoLI|RanLI)-[\w-]+", self.stage_name)
              is not None and (self.stage_name.startswith("RanLI-") == (self.init == "random")),
              f"stage-name: {self.stage_name!r} names a --method ft stage RoLI-<peft> (from a head) or RanLI-<peft> "
@@ -377,7 +307,33 @@ class TrainConfig:
             not self.compare_ranli or self.method == "roli",
             f"compare-ranli: runs the random-head baseline beside --method roli; got --method {self.method}",
         )
-        self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
+
+    # -- what each domain builds from (roli.specs) ------------------------------------------------------------
+
+    @cached_property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.model_args, self.checkpoint, self.non_strict, self.ema, self.download,
+                         self.keep_source_head, self.pretrained, self.random_backbone, self.mean, self.std,
+                         self.input_size, self.interpolation, self.head_init)  # fmt: skip
+
+    @cached_property
+    def peft_spec(self) -> PeftSpec:
+        return PeftSpec(self.peft, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
+                        self.adapter_reduction, self.vpt_tokens, self.vpt_dropout)  # fmt: skip
+
+    @cached_property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.dataset, self.classes, self.image_root, self.val_percent, self.split_seed, self.resize,
+                        self.crop_size, self.data_interpolation, self.workers)  # fmt: skip
+
+    @cached_property
+    def attack_spec(self) -> AttackSpec:
+        return AttackSpec(self.norm, self.eps, self.step_size, self.steps, self.random_start, self.val_steps,
+                          self.precision, self.seed, self.fold_bn, self.cuda_graph, self.channels_last)  # fmt: skip
+
+    @cached_property
+    def batches(self) -> Batches:
+        return Batches(self.batch_size, self.device, self.seed, self.data_spec.n_workers())
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -408,6 +364,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def inputs(self, config_file: str | None = None) -> dict[str, Path]:
+        """The files and folders the run reads, by flag: checkpoint, --init head, the dataset's path, the image
+        root, the config file (--overwrite must not delete them)."""
+        out = {}
+        if self.checkpoint:
+            out["--checkpoint"] = Path(self.checkpoint).expanduser()
+        if self.init not in ("random", "lp", "alp"):
+            out["--init"] = Path(self.init).expanduser()
+        kind, sep, arg = str(self.dataset).partition(":")
+        if sep and arg:
+            out["--dataset"] = Path(arg).expanduser()
+        if self.image_root:
+            out["--image-root"] = Path(self.image_root).expanduser()
+        if config_file:
+            out["--config"] = Path(config_file).expanduser()
+        return out
+
+    def record(self, data: dict | None = None) -> dict:
+        """config.json: the options (what --resume and --config read back), plus records that they skip: the
+        settings each stage resolved to, the data splits used, the versions and the command line."""
+        import sys
+
+        import torch
+
+        import roli
+
+        return {**self.to_dict(), "_resolved": self.resolved(), "_data": data or {},
+                "_versions": {"roli": roli.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+                "_command": [Path(sys.argv[0]).name, *sys.argv[1:]]}  # fmt: skip
 
     def settings(self, kind: str) -> StageSettings:
         """Resolved settings of a stage kind (pretrain | lp | alp | ft | ranli), from the first that sets

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from roli._io import remove_stale_temporaries, save_json
-from roli.data import ArrayData
-from roli.training.config import ConfigError
+from roli.config import ConfigError
 
 log = logging.getLogger("roli.train")
 
@@ -60,24 +59,6 @@ def _inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def input_paths(cfg, config_file: str | None = None) -> dict[str, Path]:
-    """The files and folders a run reads: checkpoint, --init head, the dataset's path, the image root, the
-    config file."""
-    out = {}
-    if cfg.checkpoint:
-        out["--checkpoint"] = Path(cfg.checkpoint).expanduser()
-    if cfg.init not in ("random", "lp", "alp"):
-        out["--init"] = Path(cfg.init).expanduser()
-    kind, sep, arg = str(cfg.dataset).partition(":")
-    if sep and arg:
-        out["--dataset"] = Path(arg).expanduser()
-    if cfg.image_root:
-        out["--image-root"] = Path(cfg.image_root).expanduser()
-    if config_file:
-        out["--config"] = Path(config_file).expanduser()
-    return out
 
 
 def check_overwrite(run_dir: Path, inputs: dict[str, Path]) -> None:
@@ -149,6 +130,13 @@ class RunLock:
 EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir"}
 
 
+def stage_dir(label: str) -> str:
+    """The folder of a stage inside a run directory, from its label in results.json."""
+    if label in ("pretrain", "lp", "alp"):
+        return label
+    return "roli-ft" if label.startswith("RoLI-") else "ranli-ft" if label.startswith("RanLI-") else "ft"
+
+
 def _digest(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -161,20 +149,14 @@ def _digest(*parts) -> str:
 
 def data_fingerprint(name: str, data) -> dict:
     """Sizes, a hash of the labels and of a sample of 64 images (arrays), or of the file list with sizes."""
-    out = {"n": len(data)}
-    if isinstance(data, ArrayData):
-        idx = torch.linspace(0, max(0, len(data) - 1), min(64, len(data))).long()
-        out |= {"labels": _digest(data.y), "pixels": _digest(list(data.x.shape[1:]), data.x[idx])}
-    else:
-        items = [(str(p), int(y)) for p, y in data.items]
-        sizes = [os.stat(p).st_size if os.path.exists(p) else -1 for p, _ in items]
-        out |= {"labels": _digest([y for _, y in items]), "files": _digest([p for p, _ in items], sizes)}
-    return {name: out}
+    return {name: {"n": len(data), **{part: _digest(*v) for part, v in data.sample_parts().items()}}}
 
 
-def fingerprint(cfg, splits, classes=None) -> dict:
+def fingerprint(options: dict, splits, classes=None) -> dict:
+    """A run's fingerprint: its options (config.json's, execution settings aside), the class count and names,
+    and each split's data_fingerprint."""
     train, val, test, num_classes = splits
-    options = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION}
+    options = {k: v for k, v in options.items() if k not in EXECUTION}
     out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d)

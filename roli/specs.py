@@ -1,0 +1,400 @@
+"""What a run builds, one small frozen spec per domain: the model (ModelSpec -> `build`), the data (DataSpec ->
+`load`, class subsetting included), the PEFT method (PeftSpec -> `apply`), the attacks (AttackSpec -> the
+training attack of a stage, and its label) and the batches (Batches -> loaders).
+
+Each spec checks its own values when it is built, in one line naming the option (BadValue: exit code 2). The
+trainer's TrainConfig (roli.config) composes them from its flat options (config.json stays flat, so runs of
+any roli version read back); `roli evaluate --run` rebuilds a run's model and data from the same specs, and
+nothing here depends on the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from roli import _dist as D
+from roli._cli import BadValue, parse_budget
+from roli._io import first_line
+
+log = logging.getLogger("roli.train")
+
+
+def need(cond: bool, message: str) -> None:
+    if not cond:
+        raise BadValue(message)
+
+
+def is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def need_int(name: str, value, low: int) -> None:
+    need(is_int(value, low), f"{name.replace('_', '-')}: must be an integer >= {low}; got {value!r}")
+
+
+def channels(value, name: str) -> list[float] | None:
+    """Per-channel statistics from a list or "0.485,0.456,0.406"."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise BadValue(f"{name}: expected comma-separated numbers, one per channel; got {value!r}") from None
+    need(bool(out) and all(math.isfinite(v) for v in out),
+         f"{name}: expected finite numbers, one per channel; got {value!r}")  # fmt: skip
+    return out
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """ "0-4" or "5,6,7" -> class indices (relabelled 0..k-1 in that order)."""
+    if text in (None, ""):
+        return None
+    out = []
+    try:
+        for part in str(text).split(","):
+            lo, sep, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise BadValue(f"classes: {text!r} is not a list like 0-4 or 1,3,5") from None
+    need(bool(out) and len(set(out)) == len(out) and min(out) >= 0,
+         f"classes: {text!r} must name distinct classes >= 0")  # fmt: skip
+    return out
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A classifier: architecture (`name`: a registry backbone, a timm name or package.module:function, with
+    constructor `args`), its weights, the preprocessing inside it, and the head it starts from."""
+
+    name: str
+    args: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    non_strict: bool = False
+    ema: bool = False
+    download: bool = False
+    keep_source_head: bool = False
+    pretrained: bool = False
+    random_backbone: bool = False
+    mean: list | None = None
+    std: list | None = None
+    input_size: int | None = None
+    interpolation: str = "bilinear"
+    head_init: str = "torch"
+
+    def __post_init__(self):
+        from roli.models.classifier import HEAD_INITS
+
+        need(self.head_init in HEAD_INITS, f"head-init: {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
+        need(self.interpolation in ("bilinear", "bicubic"),
+             f"interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        mean, std = channels(self.mean, "mean"), channels(self.std, "std")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        need((mean is None) == (std is None), "mean, std: give both or neither")
+        need(mean is None or len(mean) == len(std),
+             f"mean, std: {len(mean or [])} and {len(std or [])} channels differ")  # fmt: skip
+        need(std is None or all(v > 0 for v in std), f"std: must be > 0 per channel; got {std}")
+        need(self.input_size is None or is_int(self.input_size, 1),
+             f"input-size: must be an integer >= 1; got {self.input_size!r}")  # fmt: skip
+        moved = sorted(set(self.args) & {"mean", "std", "input_size", "interpolation"})
+        need(not moved, f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
+                        f"--{moved[0].replace('_', '-')} instead" if moved else "")  # fmt: skip
+
+    def weights(self) -> str | None:
+        """The backbone's weights: the checkpoint, or a registry backbone's file in the cache."""
+        from roli.models import resolve_checkpoint
+
+        try:
+            return resolve_checkpoint(self.name, self.checkpoint, self.download)
+        except ValueError as e:
+            raise BadValue(f"checkpoint: {e}") from None
+
+    def check_weights(self, method: str, weights: str | None) -> None:
+        """Transfer learning from a random backbone is refused unless random_backbone says it is meant."""
+        need(not self.ema or weights is not None,
+             "ema: loads a checkpoint's EMA weights; give --checkpoint FILE (a timm CheckpointSaver file)")  # fmt: skip
+        if method == "pretrain":  # trains the backbone itself: from scratch or from the weights given
+            return
+        need(weights is not None or self.pretrained or self.random_backbone,
+             f"model: --method {method} would transfer from a random backbone ({self.name} has no weights): give "
+             "--checkpoint FILE (a robust backbone; roli zoo lists published ones), --pretrained (timm's own "
+             "weights) or --random-backbone if that is meant")  # fmt: skip
+        need(
+            not (self.random_backbone and (weights or self.pretrained)),
+            "random-backbone: cannot go with --checkpoint or --pretrained (they give the weights)",
+        )
+        need(
+            not (self.pretrained and ":" in self.name),
+            f"pretrained: timm's own weights exist for timm names only, not {self.name}; give --checkpoint FILE",
+        )
+
+    def build(self, num_classes: int, in_chans: int, device, weights: str | None = None, quiet: bool = False):
+        """The classifier with the backbone's `weights` and a fresh random head (the checkpoint's classifier
+        only with keep_source_head); the log says which head it starts from."""
+        from roli.models import create_classifier, init_head, load_pretrained
+
+        pre = {"mean": self.mean if self.mean is not None else "auto",
+               "std": self.std if self.std is not None else "auto", "input_size": self.input_size or "auto",
+               "interpolation": self.interpolation}  # fmt: skip
+        try:
+            extra = {"pretrained": True} if self.pretrained else {}
+            model = create_classifier(self.name, num_classes, in_chans=in_chans, **pre, **extra, **self.args)
+        except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
+            raise BadValue(f"model: {first_line(e)}") from None
+        head = None  # the checkpoint's classifier, where keep_source_head loaded it
+        if weights:
+            try:
+                report = load_pretrained(model, weights, strict=not self.non_strict, keep_head=self.keep_source_head,
+                                         ema=self.ema)  # fmt: skip
+            except ValueError as e:
+                raise BadValue(f"checkpoint: {e}") from None
+            bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            need(not bad, f"checkpoint: {weights} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
+                          f"{bad[0] if bad else ''}; use another file")  # fmt: skip
+            if not quiet:
+                log.info("checkpoint: %s", report)
+            if report.head_loaded:
+                head = "the checkpoint's classifier (--keep-source-head)"
+            else:
+                need(
+                    not self.keep_source_head,
+                    f"keep-source-head: the checkpoint has no classifier for {num_classes} classes ({report.head})",
+                )
+        else:
+            need(not self.keep_source_head, "keep-source-head: needs a --checkpoint whose classifier to keep")
+        if head is None:
+            if self.head_init != "torch":  # create_classifier's head is already nn.Linear's own init
+                init_head(model.head, self.head_init)
+            head = f"a fresh random head (head init: {self.head_init})"
+        if not quiet:
+            log.info("model: %s, starting from %s", model.name, head)
+        return model.to(device)
+
+
+# -- PEFT --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """A parameter-efficient finetuning method and its options (roli.models.peft)."""
+
+    method: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "qv"
+    adapter_reduction: int = 8
+    vpt_tokens: int = 10
+    vpt_dropout: float = 0.0
+
+    def __post_init__(self):
+        from roli.models.peft import METHODS
+
+        need(self.method in METHODS, f"peft: {self.method!r} is not one of {', '.join(METHODS)}")
+        for name in ("lora_rank", "adapter_reduction", "vpt_tokens"):
+            need_int(name, getattr(self, name), 1)
+        need(is_number(self.lora_dropout) and is_number(self.vpt_dropout) and 0 <= self.lora_dropout < 1
+             and 0 <= self.vpt_dropout < 1,
+             f"lora-dropout, vpt-dropout: must be in [0, 1); got {self.lora_dropout}, {self.vpt_dropout}")  # fmt: skip
+        need(isinstance(self.lora_targets, str) and self.lora_targets in ("q", "k", "v", "qk", "qv", "kv", "qkv"),
+             f"lora-targets: {self.lora_targets!r} is not one of q, k, v, qk, qv, kv, qkv")  # fmt: skip
+
+    def apply(self, model) -> None:
+        """This method on `model` (its trainable parameters set); a misfit is a one-line BadValue."""
+        from roli.models import apply_peft
+
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        try:
+            apply_peft(model, self.method, **options)
+        except (ValueError, TypeError) as e:
+            raise BadValue(f"peft: {first_line(e)}") from None
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset (roli.data.load_dataset's spec), its validation split, a class subset relabelled 0..k-1, and
+    the file datasets' resize/crop and loading processes."""
+
+    dataset: str = "digits"
+    classes: str | None = None
+    image_root: str | None = None
+    val_percent: float = 10.0
+    split_seed: int | None = None
+    resize: int = 256
+    crop_size: int = 224
+    interpolation: str = "bilinear"
+    workers: int | None = None
+
+    def __post_init__(self):
+        need(is_number(self.val_percent) and 0 < self.val_percent < 100,
+             f"val-percent: must be a number in (0, 100); got {self.val_percent!r}")  # fmt: skip
+        need(self.split_seed is None or is_int(self.split_seed, 0) and self.split_seed < 2**63,
+             f"split-seed: must be an integer in [0, 2**63); got {self.split_seed!r}")  # fmt: skip
+        classes = parse_classes(self.classes)
+        need(classes is None or len(classes) >= 2,
+             f"classes: {self.classes!r} names one class; a classifier needs at least two")  # fmt: skip
+        need(self.interpolation in ("bilinear", "bicubic"),
+             f"data-interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        need_int("resize", self.resize, 1)
+        need_int("crop_size", self.crop_size, 1)
+        need(self.crop_size <= self.resize, f"crop-size: {self.crop_size} is larger than resize {self.resize}")
+        need(self.workers is None or is_int(self.workers, 0), f"workers: must be an integer >= 0; got {self.workers!r}")
+
+    def n_workers(self) -> int:
+        """Data-loading processes of file datasets: `workers`, else up to 8 from the CPUs (per rank)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 2) // max(1, D.world()) - 1))
+
+    def load(self):
+        """(train, val, test, num_classes), restricted to `classes` (relabelled 0..k-1) when given; the
+        validation split records how it was split off (`origin`)."""
+        from roli.data import load_dataset
+
+        try:
+            s = load_dataset(self.dataset, val_percent=self.val_percent, split_seed=self.split_seed,
+                             image_root=self.image_root, resize=self.resize, crop_size=self.crop_size,
+                             interpolation=self.interpolation)  # fmt: skip
+        except ValueError as e:
+            raise BadValue(f"dataset: {e}") from None
+        need(s.train is not None and s.test is not None, f"dataset: {self.dataset} needs train and test splits for "
+                                                         "training")  # fmt: skip
+        for name, d in (("val", s.val), ("test", s.test)):
+            shape, train_shape = d.image_shape() if d is not None else None, s.train.image_shape()
+            need(shape is None or train_shape is None or shape == train_shape,
+                 f"dataset: {self.dataset}: the {name} images are {shape} (CHW), the train images {train_shape}; "
+                 "every split needs one size")  # fmt: skip
+        classes = parse_classes(self.classes)
+        if classes is None:
+            distinct = torch.unique(s.train.y)
+            need(len(distinct) >= 2, f"dataset: {self.dataset}: every training label is {distinct.tolist()}; a "
+                                     "classifier needs at least two classes")  # fmt: skip
+            need(s.num_classes >= 2, f"dataset: {self.dataset} has {s.num_classes} class; a classifier needs at "
+                                     "least two")  # fmt: skip
+            s.val.origin = s.val_split  # how validation was split off (recorded in config.json)
+            return s.train, s.val, s.test, s.num_classes
+        need(max(classes) < s.num_classes,
+             f"classes: {self.classes} names a class >= {s.num_classes} (the dataset's count)")  # fmt: skip
+        val = s.val.select_classes(classes)
+        val.origin = s.val_split
+        return s.train.select_classes(classes), val, s.test.select_classes(classes), len(classes)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """How a run batches its data: the global batch size (split over torchrun ranks for training), the
+    device the batches go to, the shuffling seed and the loading processes of file datasets."""
+
+    batch_size: int
+    device: str
+    seed: int
+    workers: int
+
+    def train(self, data, shuffle: bool = True):
+        """Per-rank batches under torchrun (the global batch stays batch_size); the whole set otherwise."""
+        if D.active() and shuffle:
+            return data.loader(self.batch_size // D.world(), shuffle=True, device=self.device, seed=self.seed,
+                               rank=D.rank(), world=D.world(), workers=self.workers)  # fmt: skip
+        return data.loader(self.batch_size, shuffle=shuffle, device=self.device, seed=self.seed, workers=self.workers)
+
+    def eval(self, data, batch_size: int = 256) -> EvalBatches:
+        """Batches of a validation or test set, sharded over torchrun ranks by batch (D.shard)."""
+        size = min(batch_size, 4 * self.batch_size) if data.streamed else batch_size
+        n = len(data)
+        ids = list(D.shard(-(-n // size)))
+        if D.active():
+            parts = [torch.arange(i * size, min(n, (i + 1) * size)) for i in ids]
+            data = data.subset(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+        return EvalBatches(data.loader(size, device=self.device, workers=self.workers), ids)
+
+
+class EvalBatches:
+    """Batches of a validation or test set streamed to the device (never held there whole), and `ids`, their
+    indices among the set's batches. Under torchrun each rank takes every world-th batch (D.shard): the
+    batches, and the per-batch attack seeds, are those of one process, so reduced results equal its own."""
+
+    def __init__(self, loader, ids: list[int]):
+        self.loader, self.ids = loader, ids
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+# -- attacks -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """The threat model (norm, eps) and the attacks of a run: the training attack of each stage (pgd with
+    `steps` steps of `step_size`, fgsm-rs, n-fgsm, none), PGD-`val_steps` for validation and test."""
+
+    norm: str = "linf"
+    eps: float | str = "8/255"
+    step_size: float | str = "2/255"
+    steps: int = 7
+    random_start: bool = True
+    val_steps: int = 10
+    precision: str = "fp32"
+    seed: int = 0
+    fold_bn: bool = True
+    cuda_graph: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self):
+        need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
+        need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
+        need_int("steps", self.steps, 0)
+        need_int("val_steps", self.val_steps, 1)
+        object.__setattr__(self, "eps", parse_budget(self.eps, "eps", self.norm))
+        object.__setattr__(self, "step_size", parse_budget(self.step_size, "step-size"))
+
+    def clean(self, kind: str) -> bool:
+        """A stage of attack `kind` trains on clean images: none, or PGD with 0 steps."""
+        return kind == "none" or (kind == "pgd" and self.steps == 0)
+
+    def label(self, kind: str) -> str:
+        from roli.attacks.fast import label
+
+        return "clean" if self.clean(kind) else label(kind, self.steps)
+
+    def training(self, kind: str, net, seed_offset: int = 0):
+        """The training attack `kind` on `net`, checked at the loop's synchronisation points (deferred); None
+        trains on clean images. Each torchrun rank draws its own random starts."""
+        from roli.attacks.fast import training_attack
+
+        if self.clean(kind):
+            return None
+        attack = training_attack(kind, net, self.eps, self.step_size, self.steps, self.norm,
+                                 random_start=self.random_start, precision=self.precision,
+                                 seed=self.seed + seed_offset + 1_000_003 * D.rank(),
+                                 memory_format="channels_last" if self.channels_last else "auto", fold_bn=self.fold_bn,
+                                 cuda_graph=self.cuda_graph)  # fmt: skip
+        attack.deferred = True  # its value checks are read at the loop's synchronisation points
+        return attack
+
+    def single_step(self, kind: str, net, seed_offset: int):
+        """The guard's own copy of a single-step training attack: its own seed, never the training's draws."""
+        from roli.attacks.fast import training_attack
+
+        return training_attack(kind, net, self.eps, precision=self.precision, seed=self.seed + seed_offset,
+                               fold_bn=self.fold_bn)  # fmt: skip
