@@ -1,7 +1,7 @@
 """The package's import structure: no import circle, and every module imports only from its own floor or
 below. Floors, bottom up: the ground (roli's private helpers), ops and kernels, models and data, attacks,
-features, the run's specs/options/directory, training, the command-line programs. Imports inside functions count too (a lazy import is still
-a dependency)."""
+features, the run's specs/options/directory, training, the command-line programs. Imports inside functions
+count too (a lazy import is still a dependency)."""
 
 from __future__ import annotations
 
