@@ -44,6 +44,7 @@ from roli.data import load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
 from roli.ops import requested_impl, unavailable_reason
 from roli.rundir import RunLock, check_fingerprint, fingerprint
+from roli.specs import DataSpec, ModelSpec, PeftSpec
 
 CliError = BadValue  # a bad flag value: one line, exit code 2
 
@@ -216,18 +217,19 @@ def _from_run(args):
     return cfg, run / stage
 
 
-def _run_model(cfg, stage_dir: Path, num_classes: int, in_chans: int, device) -> RobustClassifier:
+def _run_model(model_spec: ModelSpec, peft: PeftSpec, stage_dir: Path, num_classes: int, in_chans: int,
+               device) -> RobustClassifier:  # fmt: skip
     """The run's model for `stage_dir`: built as the trainer built it (architecture, preprocessing, PEFT
     method of the stage), then the stage's best.pt loaded strictly."""
     from roli.models import apply_peft, load_checkpoint
 
     try:
-        spec = dataclasses.replace(cfg.model_spec, checkpoint=None, keep_source_head=False)
+        spec = dataclasses.replace(model_spec, checkpoint=None, keep_source_head=False)
         model = spec.build(num_classes, in_chans, device, quiet=True)
         if stage_dir.name in ("alp", "lp"):
             apply_peft(model, "linear")
         elif stage_dir.name != "pretrain":
-            cfg.peft_spec.apply(model)
+            peft.apply(model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
     except ValueError as e:  # BadValue included
         raise CliError(f"--run: {first_line(e)}") from None
@@ -291,19 +293,21 @@ def _device(args) -> torch.device:
     return device
 
 
-def _data(args, run, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(images, labels, classes) of the split evaluated. With --run: the run's own splits (its class subset,
-    label mapping, validation split), checked against the run's fingerprint."""
+def _data(args, device, spec: DataSpec | None = None, options: dict | None = None,
+          run_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """(images, labels, classes) of the split evaluated. With --run: the run's own splits (`spec`: its class
+    subset, label mapping, validation split), checked against the fingerprint in `run_dir` of the run's
+    `options`."""
     try:
-        if run is not None:
+        if spec is not None:
             try:
-                splits = dataclasses.replace(run.data_spec, dataset=args.dataset, image_root=args.image_root).load()
+                splits = dataclasses.replace(spec, dataset=args.dataset, image_root=args.image_root).load()
                 allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
-                fp = fingerprint(run.to_dict(), splits, getattr(splits[0], "classes", None))
+                fp = fingerprint(options, splits, getattr(splits[0], "classes", None))
             except BadValue as e:
                 raise ValueError(str(e)) from None
             try:  # the run's settings and data as they were when it trained
-                args.changed_since_run = check_fingerprint(Path(run.run_dir), fp, "--run", allowed)
+                args.changed_since_run = check_fingerprint(run_dir, fp, "--run", allowed)
             except BadValue as e:
                 raise CliError(str(e)) from None
             data, num_classes = splits[("train", "val", "test").index(args.split)], splits[3]
@@ -363,16 +367,17 @@ def evaluate(args) -> dict:
         raise CliError("give --model and --dataset (or --run RUN_DIR)")
     eps, step, sweep = _check_flags(args)
     device = _device(args)
-    x, y, num_classes = _data(args, run, device)
-    if run is not None:
+    if run is None:
+        x, y, num_classes = _data(args, device)
+        model = _model(args, num_classes, x.shape[1], device)
+    else:
+        x, y, num_classes = _data(args, device, run.data_spec, run.to_dict(), Path(run.run_dir))
         if D.is_main():  # no trainer (or other evaluation) works in the run meanwhile
             try:
                 _HELD.append(RunLock(Path(run.run_dir), "roli evaluate --run").acquire())
             except ValueError as e:
                 raise CliError(f"--run: {e}") from None
-        model = _run_model(run, stage_dir, num_classes, x.shape[1], device)
-    else:
-        model = _model(args, num_classes, x.shape[1], device)
+        model = _run_model(run.model_spec, run.peft_spec, stage_dir, num_classes, x.shape[1], device)
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
         raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()

@@ -142,7 +142,7 @@ BAD = [
     (["--warmup", "5"], "warmup: 5 warmup epochs is more than the run's 2 epochs; pass --warmup N with N <= 2"),
     (["--classes", "a-b"], "classes: 'a-b' is not a list"),
     (["--classes", "0-20"], "classes: 0-20 names a class >= 10"),
-    (["--val-percent", "0"], "val-percent: must be in (0, 100)"),
+    (["--val-percent", "0"], "val-percent: must be a number in (0, 100); got 0"),
     (["--lr", "-1"], "lr: must be a number >= 0"),
     (["--steps", "-1"], "steps: must be an integer >= 0"),
     (["--config", "/nonexistent.yaml"], "config: file not found"),

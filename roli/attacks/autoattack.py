@@ -136,6 +136,37 @@ def cross_check(n: int, clean: float, aa_clean: float, aa_robust: float, per_att
     return found
 
 
+def _check_args(x, y, eps: float, norm: str, version: str, attacks) -> str:
+    """run_autoattack's arguments checked; returns the norm's name in AutoAttack's spelling."""
+    if version not in VERSIONS:
+        raise ValueError(f"AutoAttack version must be one of {VERSIONS}; got {version!r}")
+    if (version == "custom") != (attacks is not None):
+        raise ValueError("pass attacks=[...] exactly when version='custom'")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    aa_norm = {"linf": "Linf", "l2": "L2"}.get(norm)
+    if aa_norm is None:
+        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
+    check_images(x, (0.0, 1.0))
+    check_labels("y", y, x)
+    return aa_norm
+
+
+def _adversary(adversary, wrapped, x):
+    """A reference AutoAttack made quiet and fitted to the model's class count: targeted attacks aim at the
+    top other classes, never more than the model has; the DLR loss needs MIN_CLASSES_DLR classes."""
+    adversary.verbose = False
+    if len(x):
+        n_cls = wrapped(x[:1]).shape[1]
+        dlr = [a for a in adversary.attacks_to_run if a in DLR_ATTACKS]
+        if dlr and n_cls < MIN_CLASSES_DLR:
+            raise ValueError(f"AutoAttack's DLR loss ({', '.join(dlr)}) needs at least {MIN_CLASSES_DLR} classes; "
+                             f"the model has {n_cls}")  # fmt: skip
+        for attack in (adversary.apgd_targeted, adversary.fab):
+            attack.n_target_classes = max(1, min(attack.n_target_classes, n_cls - 1))
+    return adversary
+
+
 def run_autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -166,31 +197,12 @@ def run_autoattack(
         from pyautoattack import AutoAttack
     except ImportError as e:
         raise ImportError(f"AutoAttack needs the reference implementation: pip install pyautoattack ({e})") from None
-    if version not in VERSIONS:
-        raise ValueError(f"AutoAttack version must be one of {VERSIONS}; got {version!r}")
-    if (version == "custom") != (attacks is not None):
-        raise ValueError("pass attacks=[...] exactly when version='custom'")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0; got {eps}")
-    aa_norm = {"linf": "Linf", "l2": "L2"}.get(norm)
-    if aa_norm is None:
-        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
-    check_images(x, (0.0, 1.0))
-    check_labels("y", y, x)
+    aa_norm = _check_args(x, y, eps, norm, version, attacks)
     path = Path(state_path) if state_path is not None else None
     with attack_mode(model) as inner, torch.no_grad(), forwarded_warnings():
         wrapped = _Logits(inner, precision)
-        adversary = AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks, seed=seed,
-                               device=x.device)  # fmt: skip
-        adversary.verbose = False
-        if len(x):  # targeted attacks aim at the top other classes: never more than the model has
-            n_cls = wrapped(x[:1]).shape[1]
-            dlr = [a for a in adversary.attacks_to_run if a in DLR_ATTACKS]
-            if dlr and n_cls < MIN_CLASSES_DLR:
-                raise ValueError(f"AutoAttack's DLR loss ({', '.join(dlr)}) needs at least {MIN_CLASSES_DLR} classes; "
-                                 f"the model has {n_cls}")  # fmt: skip
-            for attack in (adversary.apgd_targeted, adversary.fab):
-                attack.n_target_classes = max(1, min(attack.n_target_classes, n_cls - 1))
+        adversary = _adversary(AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks,
+                                          seed=seed, device=x.device), wrapped, x)  # fmt: skip
         order = list(adversary.attacks_to_run)
         fingerprint = state = None
         if path is not None:  # hashing the weights is only needed to bind a state file to them

@@ -29,6 +29,7 @@ backbone's modules keep working.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,12 +50,58 @@ def _bound(patch_size: int, embed_dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size * patch_size + embed_dim))
 
 
+@functools.cache
 def _classes():
     timm = import_timm()
     from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
     from timm.models.vision_transformer import VisionTransformer
 
     return timm, VisionTransformer, SwinTransformer, window_partition, window_reverse
+
+
+def window_attention(attn: nn.Module, x: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """timm WindowAttention on windows whose first n tokens are prompts: the relative position bias and the
+    shift mask padded with zeros for the prompts' rows and columns. x: (B * nW, n + window area, C)."""
+    b_, tokens, c = x.shape
+    qkv = attn.qkv(x).reshape(b_, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B * nW, heads, tokens, head dim) each
+    bias = F.pad(attn._get_rel_pos_bias(), (n, 0, n, 0)).to(q.dtype)  # (1, heads, tokens, tokens)
+    if mask is not None:
+        windows = mask.shape[0]
+        full = F.pad(mask, (n, 0, n, 0)).to(q.dtype)  # (nW, tokens, tokens)
+        bias = (bias.unsqueeze(1) + full.view(1, windows, 1, tokens, tokens)).expand(
+            b_ // windows, -1, -1, -1, -1).reshape(b_, attn.num_heads, tokens, tokens)  # fmt: skip
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)  # fmt: skip
+    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, tokens, -1)))
+
+
+def prompted_block(blk: nn.Module, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timm SwinTransformerBlock on image tokens x (B, H, W, C) with prompts p (B, n, C)."""
+    batch, h, w, c = x.shape
+    n = p.shape[1]
+    xn, pn = blk.norm1(x), blk.norm1(p)
+    shift = blk.shift_size
+    if any(shift):
+        xn = torch.roll(xn, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    ws = blk.window_size
+    pad_h, pad_w = (ws[0] - h % ws[0]) % ws[0], (ws[1] - w % ws[1]) % ws[1]
+    xn = F.pad(xn, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = xn.shape[1], xn.shape[2]
+    _, _, _, window_partition, window_reverse = _classes()
+    windows = window_partition(xn, ws).view(-1, ws[0] * ws[1], c)  # (B * nW, area, C), image-major
+    n_win = windows.shape[0] // batch
+    prompts = pn.unsqueeze(1).expand(batch, n_win, n, c).reshape(batch * n_win, n, c)  # each image's own
+    mask = blk.get_attn_mask(xn) if getattr(blk, "dynamic_mask", False) else blk.attn_mask
+    out = window_attention(blk.attn, torch.cat([prompts, windows], 1), n, mask)
+    attn_p = out[:, :n].reshape(batch, n_win, n, c).mean(1)  # the prompts' outputs, averaged over windows
+    attn_x = window_reverse(out[:, n:].reshape(-1, ws[0], ws[1], c), ws, hp, wp)[:, :h, :w]
+    if any(shift):
+        attn_x = torch.roll(attn_x, shifts=shift, dims=(1, 2))
+    t = torch.cat([p, x.reshape(batch, h * w, c)], 1)
+    t = t + blk.drop_path1(torch.cat([attn_p, attn_x.reshape(batch, h * w, c)], 1))
+    t = t + blk.drop_path2(blk.mlp(blk.norm2(t)))
+    return t[:, n:].reshape(batch, h, w, c), t[:, :n]
 
 
 _PROMPTED: dict[type, type] = {}
@@ -64,7 +111,7 @@ def prompted_classes() -> dict[type, type]:
     """{timm class: its prompted subclass}, built once (timm is imported on first use)."""
     if _PROMPTED:
         return _PROMPTED
-    _, vit_cls, swin_cls, window_partition, window_reverse = _classes()
+    _, vit_cls, swin_cls, _, _ = _classes()
 
     class PromptedViT(vit_cls):
         """A timm VisionTransformer with deep prompts (see the module docstring)."""
@@ -85,48 +132,6 @@ def prompted_classes() -> dict[type, type]:
                 x = blk(torch.cat([x[:, :pre], self._prompts(i, batch, x.dtype), rest], 1))
             x = torch.cat([x[:, :pre], x[:, pre + n :]], 1)
             return self.norm(x)
-
-    def window_attention(attn: nn.Module, x: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """timm WindowAttention on windows whose first n tokens are prompts: the relative position bias and the
-        shift mask padded with zeros for the prompts' rows and columns. x: (B * nW, n + window area, C)."""
-        b_, tokens, c = x.shape
-        qkv = attn.qkv(x).reshape(b_, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B * nW, heads, tokens, head dim) each
-        bias = F.pad(attn._get_rel_pos_bias(), (n, 0, n, 0)).to(q.dtype)  # (1, heads, tokens, tokens)
-        if mask is not None:
-            windows = mask.shape[0]
-            full = F.pad(mask, (n, 0, n, 0)).to(q.dtype)  # (nW, tokens, tokens)
-            bias = (bias.unsqueeze(1) + full.view(1, windows, 1, tokens, tokens)).expand(
-                b_ // windows, -1, -1, -1, -1).reshape(b_, attn.num_heads, tokens, tokens)  # fmt: skip
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)  # fmt: skip
-        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, tokens, -1)))
-
-    def prompted_block(blk: nn.Module, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One timm SwinTransformerBlock on image tokens x (B, H, W, C) with prompts p (B, n, C)."""
-        batch, h, w, c = x.shape
-        n = p.shape[1]
-        xn, pn = blk.norm1(x), blk.norm1(p)
-        shift = blk.shift_size
-        if any(shift):
-            xn = torch.roll(xn, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        ws = blk.window_size
-        pad_h, pad_w = (ws[0] - h % ws[0]) % ws[0], (ws[1] - w % ws[1]) % ws[1]
-        xn = F.pad(xn, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = xn.shape[1], xn.shape[2]
-        windows = window_partition(xn, ws).view(-1, ws[0] * ws[1], c)  # (B * nW, area, C), image-major
-        n_win = windows.shape[0] // batch
-        prompts = pn.unsqueeze(1).expand(batch, n_win, n, c).reshape(batch * n_win, n, c)  # each image's own
-        mask = blk.get_attn_mask(xn) if getattr(blk, "dynamic_mask", False) else blk.attn_mask
-        out = window_attention(blk.attn, torch.cat([prompts, windows], 1), n, mask)
-        attn_p = out[:, :n].reshape(batch, n_win, n, c).mean(1)  # the prompts' outputs, averaged over windows
-        attn_x = window_reverse(out[:, n:].reshape(-1, ws[0], ws[1], c), ws, hp, wp)[:, :h, :w]
-        if any(shift):
-            attn_x = torch.roll(attn_x, shifts=shift, dims=(1, 2))
-        t = torch.cat([p, x.reshape(batch, h * w, c)], 1)
-        t = t + blk.drop_path1(torch.cat([attn_p, attn_x.reshape(batch, h * w, c)], 1))
-        t = t + blk.drop_path2(blk.mlp(blk.norm2(t)))
-        return t[:, n:].reshape(batch, h, w, c), t[:, :n]
 
     class PromptedSwin(swin_cls):
         """A timm SwinTransformer with the reference's deep window prompts (see the module docstring)."""

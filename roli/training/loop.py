@@ -225,93 +225,21 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
     best_state = None  # run_dir=None: the best model's trained tensors
     partial = (0, 0.0, 0)  # (seen, loss sum, correct) of an epoch interrupted mid-way
     if resume and last is not None and last.exists():
-        try:
-            state = load_tagged(last, STATE_FORMAT, "roli training state")
-            stage.model.load_state_dict(state["model"])
-            stage.optimizer.load_state_dict(state["optimizer"])
-            if stage.guard is not None:  # before the attack's RNG: a guarded run may have switched attacks
-                stage.guard.load(state.get("guard"), stage)
-            r = D.rank() if len(state["torch_rng"]) == D.world() else 0
-            torch.set_rng_state(state["torch_rng"][r])
-            if stage.attack is not None:
-                stage.attack.set_rng_state(state["attack_rng"][r])
-        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
-            raise ConfigError(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
-                              "may have been edited, or the file is damaged: start a new run") from None  # fmt: skip
-        start_epoch, start_step, best, stage.history = state["epoch"], state["step"], state["best"], state["history"]
-        partial = tuple(state["partial"][r])
-        log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, start_epoch, start_step)
+        start_epoch, start_step, best, partial = _resume(stage, last)
     show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
-    guard = stage.guard
-    if guard is not None and guard.good is None:  # the reference: the model the stage starts from
-        guard.check(stage, start_epoch, 0)
+    if stage.guard is not None and stage.guard.good is None:  # the reference: the model the stage starts from
+        stage.guard.check(stage, start_epoch, 0)
     with StopOnSignal() if run_dir is not None else contextlib.nullcontext(_NoSignal()) as stop:
         for epoch in range(start_epoch, stage.epochs):
-            factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
-            for g in stage.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            if hasattr(stage.train, "set_epoch"):
-                stage.train.set_epoch(epoch)
             t0 = time.time()
-            tally = _Tally(*(partial if epoch == start_epoch else (0, 0.0, 0)))
-            n_steps = len(stage.train) if hasattr(stage.train, "__len__") else None
-            ticker = _Progress(stage, report, n_steps, tally.seen)
-            batches = _progress(stage.train, show, f"{stage.name} epoch {epoch}")
-            synced = start_step  # the last step whose flags were read
-            for i, (x, y) in enumerate(batches):
-                if i < start_step:
-                    continue
-                try:
-                    loss, ok = stage.step(x, y)
-                except ValueError as e:  # the attack found the model's outputs non-finite
-                    if "non-finite" not in str(e):
-                        raise
-                    loss, ok = float("nan"), 0
-                attack = stage.attack
-                tally.add(loss, ok, len(y), attack.pop_invalid() if attack is not None and attack.deferred else None)
-                if not show and D.is_main():
-                    ticker.tick(epoch, i + 1, tally)
-                guard_due = guard is not None and guard.due(i + 1, i + 1 == n_steps)
-                if not (guard_due or (i + 1) % SYNC_STEPS == 0 or i + 1 == n_steps):
-                    continue
-                # A synchronisation point (every SYNC_STEPS steps, the epoch's end, a guard check): the running
-                # sums stay on the device in between. One collective for both flags: a non-finite loss on any
-                # rank stops every rank (no rank is left waiting in the next collective), and so does a signal.
-                bad = tally.read()[3]
-                stopping, non_finite = D.sum_(float(stop.signum is not None), float(bad > 0)) if D.active() else \
-                    (stop.signum is not None, bad > 0)  # fmt: skip
-                if non_finite:
-                    good = last if last is not None and last.exists() else "none (first epoch)"
-                    raise NonFiniteLoss(f"{stage.name}: the loss became non-finite (NaN/inf; on this or another rank) "
-                                        f"at epoch {epoch}, between steps {synced + 1} and {i + 1}; the last good "
-                                        f"checkpoint is {good}")  # fmt: skip
-                synced = i + 1
-                if guard_due:
-                    guard.check(stage, epoch, i + 1)
-                if stopping:  # every rank stops after the same step
-                    _save_state(_state(stage, epoch, i + 1, best, tally.read()[:3]), last)
-                    raise Interrupted(stop.signum or signal.SIGTERM, last)
+            run = _EpochRun(stage, epoch, stop, last, best)
+            tally = run.train(start_step, partial if epoch == start_epoch else (0, 0.0, 0), show, report)
             start_step = 0
-            seconds = time.time() - t0
-            seen, loss_sum, correct = D.sum_(*tally.read()[:3])
-            clean, robust = _validate(stage)
-            row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
-                   "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-                   "val_clean": clean, "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9),
-                   "seconds": round(seconds, 3), "train_attack": _attack_name(stage)}  # fmt: skip
-            if guard is not None:
-                row["guard_checks"], row["guard_last"] = guard.checks, guard.last
-                if guard.event is not None and guard.event["epoch"] == epoch:
-                    row["guard_event"] = guard.event
-            stage.history.append(row)
-            report(
-                f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
-                f"val clean {clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s"
-            )
+            row = _end_epoch(stage, epoch, tally, time.time() - t0, report)
             if run_dir is not None and D.is_main():
                 _write_metrics(run_dir, stage.history)
-            if robust > best["val_robust"]:
-                best = {"epoch": epoch, "val_clean": clean, "val_robust": robust}
+            if row["val_robust"] > best["val_robust"]:
+                best = {"epoch": epoch, "val_clean": row["val_clean"], "val_robust": row["val_robust"]}
                 if run_dir is None:
                     best_state = trained_state(stage.model)
                 elif D.is_main():
@@ -327,6 +255,104 @@ def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool
         D.barrier()
         load_checkpoint(stage.model, best_path)
     return {**best, "train_attack": _attack_name(stage)}
+
+
+def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
+    """Restore the stage from last.pt (model, optimiser, guard, RNG streams, history); returns (epoch, step,
+    best, partial epoch's tally) to continue from."""
+    try:
+        state = load_tagged(last, STATE_FORMAT, "roli training state")
+        stage.model.load_state_dict(state["model"])
+        stage.optimizer.load_state_dict(state["optimizer"])
+        if stage.guard is not None:  # before the attack's RNG: a guarded run may have switched attacks
+            stage.guard.load(state.get("guard"), stage)
+        r = D.rank() if len(state["torch_rng"]) == D.world() else 0
+        torch.set_rng_state(state["torch_rng"][r])
+        if stage.attack is not None:
+            stage.attack.set_rng_state(state["attack_rng"][r])
+    except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
+                          "may have been edited, or the file is damaged: start a new run") from None  # fmt: skip
+    stage.history = state["history"]
+    log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, state["epoch"], state["step"])
+    return state["epoch"], state["step"], state["best"], tuple(state["partial"][r])
+
+
+class _EpochRun:
+    """One epoch's training steps, with its synchronisation points: every SYNC_STEPS steps, the epoch's end and
+    each guard check read the device-side tally once, stop every rank on a non-finite loss or a signal
+    (last.pt written mid-epoch), and run the guard."""
+
+    def __init__(self, stage: Stage, epoch: int, stop, last: Path | None, best: dict):
+        self.stage, self.epoch, self.stop, self.last, self.best = stage, epoch, stop, last, best
+
+    def train(self, start_step: int, partial: tuple, show: bool, report) -> _Tally:
+        stage, epoch = self.stage, self.epoch
+        factor = warmup_cosine(epoch, stage.epochs, stage.warmup)
+        for g in stage.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        if hasattr(stage.train, "set_epoch"):
+            stage.train.set_epoch(epoch)
+        tally = _Tally(*partial)
+        n_steps = len(stage.train) if hasattr(stage.train, "__len__") else None
+        ticker = _Progress(stage, report, n_steps, tally.seen)
+        self.synced = start_step  # the last step whose flags were read
+        for i, (x, y) in enumerate(_progress(stage.train, show, f"{stage.name} epoch {epoch}")):
+            if i < start_step:
+                continue
+            try:
+                loss, ok = stage.step(x, y)
+            except ValueError as e:  # the attack found the model's outputs non-finite
+                if "non-finite" not in str(e):
+                    raise
+                loss, ok = float("nan"), 0
+            attack = stage.attack
+            tally.add(loss, ok, len(y), attack.pop_invalid() if attack is not None and attack.deferred else None)
+            if not show and D.is_main():
+                ticker.tick(epoch, i + 1, tally)
+            guard_due = stage.guard is not None and stage.guard.due(i + 1, i + 1 == n_steps)
+            if guard_due or (i + 1) % SYNC_STEPS == 0 or i + 1 == n_steps:
+                self._sync(i + 1, tally, guard_due)
+        return tally
+
+    def _sync(self, step: int, tally: _Tally, guard_due: bool) -> None:
+        # The running sums stay on the device in between. One collective for both flags: a non-finite loss on
+        # any rank stops every rank (no rank is left waiting in the next collective), and so does a signal.
+        stage, stop, last = self.stage, self.stop, self.last
+        bad = tally.read()[3]
+        stopping, non_finite = D.sum_(float(stop.signum is not None), float(bad > 0)) if D.active() else \
+            (stop.signum is not None, bad > 0)  # fmt: skip
+        if non_finite:
+            good = last if last is not None and last.exists() else "none (first epoch)"
+            raise NonFiniteLoss(f"{stage.name}: the loss became non-finite (NaN/inf; on this or another rank) at "
+                                f"epoch {self.epoch}, between steps {self.synced + 1} and {step}; the last good "
+                                f"checkpoint is {good}")  # fmt: skip
+        self.synced = step
+        if guard_due:
+            stage.guard.check(stage, self.epoch, step)
+        if stopping:  # every rank stops after the same step
+            _save_state(_state(stage, self.epoch, step, self.best, tally.read()[:3]), last)
+            raise Interrupted(stop.signum or signal.SIGTERM, last)
+
+
+def _end_epoch(stage: Stage, epoch: int, tally: _Tally, seconds: float, report) -> dict:
+    """The epoch's row of metrics.jsonl: training loss and accuracy (summed over ranks), validation, the guard's
+    checks; appended to stage.history and reported."""
+    seen, loss_sum, correct = D.sum_(*tally.read()[:3])
+    clean, robust = _validate(stage)
+    row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
+           "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen), "val_clean": clean,
+           "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9), "seconds": round(seconds, 3),
+           "train_attack": _attack_name(stage)}  # fmt: skip
+    guard = stage.guard
+    if guard is not None:
+        row["guard_checks"], row["guard_last"] = guard.checks, guard.last
+        if guard.event is not None and guard.event["epoch"] == epoch:
+            row["guard_event"] = guard.event
+    stage.history.append(row)
+    report(f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, val clean "
+           f"{clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s")  # fmt: skip
+    return row
 
 
 def _attack_name(stage: Stage) -> str:

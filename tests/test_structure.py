@@ -1,0 +1,60 @@
+"""The shape of the code, measured (issue 25): no function longer than 80 lines (docstrings and argument
+parsers aside), and the trainer's whole TrainConfig taken by at most 6 functions: the rest build from the
+small specs of roli.specs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import roli
+
+ROOT = Path(roli.__file__).resolve().parent
+MAX_LINES = 80
+PARSERS = {"build_parser"}  # one add_argument per option: long by nature
+
+
+def _functions(tree: ast.AST):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def long_functions(source: str, where: str) -> list[str]:
+    out = []
+    for fn in _functions(ast.parse(source)):
+        first = fn.body[0]
+        value = getattr(first, "value", None)
+        doc = first if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+        lines = fn.end_lineno - fn.lineno + 1 - (doc.end_lineno - doc.lineno + 1 if doc else 0)
+        if lines > MAX_LINES and fn.name not in PARSERS:
+            out.append(f"{where}:{fn.lineno} {fn.name}: {lines} lines")
+    return out
+
+
+def takes_train_config(source: str, where: str) -> list[str]:
+    out = []
+    for fn in _functions(ast.parse(source)):
+        args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+        if any(a.annotation is not None and "TrainConfig" in ast.unparse(a.annotation) for a in args):
+            out.append(f"{where}:{fn.lineno} {fn.name}")
+    return out
+
+
+def _sources():
+    return [(str(p.relative_to(ROOT.parent)), p.read_text()) for p in sorted(ROOT.rglob("*.py"))]
+
+
+def test_no_function_over_80_lines():
+    found = [f for where, src in _sources() for f in long_functions(src, where)]
+    assert not found, found
+
+
+def test_train_config_taken_by_at_most_six_functions():
+    found = [f for where, src in _sources() for f in takes_train_config(src, where)]
+    assert len(found) <= 6, found
+
+
+def test_the_measures_find_what_they_look_for():
+    body = "\n".join(f"    x = {i}" for i in range(MAX_LINES + 1))
+    assert long_functions(f'def f():\n    """doc"""\n{body}\n', "t") == ["t:1 f: 82 lines"]  # the def line counts
+    assert long_functions(f"def build_parser():\n{body}\n", "t") == []
+    assert takes_train_config("def g(cfg: TrainConfig, n: int): pass\ndef h(cfg): pass\n", "t") == ["t:1 g"]
