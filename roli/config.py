@@ -45,7 +45,7 @@ class StageSettings:
     attack: str = "pgd"  # the training attack: pgd | fgsm-rs | n-fgsm | none
 
 
-ConfigError = BadValue  # a bad configuration value: one line, exit code 2
+ConfigError = BadValue  # the public name of roli's one user-error type (roli.training exports it)
 
 
 # sgd: momentum SGD; adamw: torch's AdamW (decay on weights only); adamw-ref: the RoLI reference's AdamW (eps 1e-6,
@@ -71,25 +71,25 @@ TRAIN_ATTACKS = (*fast.ATTACKS, "none")
 def _check_stage(stage: str, d, norm: str, run_epochs: int) -> None:
     """A per-stage mapping (alp / ft / ranli) of STAGE_KEYS."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{stage}: must be a mapping of {', '.join(STAGE_KEYS)}; got {d!r}")
+        raise BadValue(f"{stage}: must be a mapping of {', '.join(STAGE_KEYS)}; got {d!r}")
     unknown = sorted(set(d) - set(STAGE_KEYS))
     if unknown:
-        raise ConfigError(f"{stage}: unknown keys {', '.join(unknown)} (use {', '.join(STAGE_KEYS)})")
+        raise BadValue(f"{stage}: unknown keys {', '.join(unknown)} (use {', '.join(STAGE_KEYS)})")
     if "optimizer" in d and d["optimizer"] not in OPTIMIZERS:
-        raise ConfigError(f"{stage}.optimizer: {d['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise BadValue(f"{stage}.optimizer: {d['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
     if "attack" in d:
         _check_attack(f"{stage}.attack", d["attack"], norm)
     for key in ("lr", "weight_decay"):
         v = d.get(key)
         if key in d and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            raise ConfigError(f"{stage}.{key}: must be a number >= 0; got {v!r}")
+            raise BadValue(f"{stage}.{key}: must be a number >= 0; got {v!r}")
     for key, low in (("epochs", 1), ("warmup", 0)):
         v = d.get(key)
         if key in d and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise ConfigError(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
+            raise BadValue(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
     epochs = d.get("epochs", run_epochs)
     if d.get("warmup", 0) > epochs:
-        raise ConfigError(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
+        raise BadValue(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
                           f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}")  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def check_code_from_file(model: str, source: str, trust_code: bool) -> None:
     """A model spec read from a file (a config, a run's config.json) imports and calls code: only an installed
     package's, unless --trust-code. Checked before anything is imported."""
     if ":" in str(model) and not trust_code and not installed_module(str(model)):
-        raise ConfigError(f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
+        raise BadValue(f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
                           "file only from installed packages: pass --trust-code if you trust the file")  # fmt: skip
 
 
@@ -141,19 +141,19 @@ def find_config(text: str) -> Path:
     if re.fullmatch(r"[\w-]+/[\w-]+", name):
         near = [n for n in shipped_configs() if n.split("/")[0] == name.split("/")[0]]
         hint = f" ({name.split('/')[0]} has: {', '.join(n.split('/')[1] for n in near)})" if near else ""
-        raise ConfigError(f"config: {text} is neither a file nor a shipped setting{hint}; roli train --list-configs "
+        raise BadValue(f"config: {text} is neither a file nor a shipped setting{hint}; roli train --list-configs "
                           "lists them")  # fmt: skip
-    raise ConfigError(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
+    raise BadValue(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
 
 
 def _check_attack(name: str, kind, norm: str) -> None:
     if kind not in TRAIN_ATTACKS:
-        raise ConfigError(f"{name}: {kind!r} is not one of {', '.join(TRAIN_ATTACKS)}")
+        raise BadValue(f"{name}: {kind!r} is not one of {', '.join(TRAIN_ATTACKS)}")
     if kind != "none":
         try:
             fast.check_attack(kind, norm)
         except ValueError as e:
-            raise ConfigError(f"{name}: {e}") from None
+            raise BadValue(f"{name}: {e}") from None
 
 
 @dataclass
@@ -204,13 +204,13 @@ class TrainConfig:
     warmup: int = 10
     batch_size: int = 64
     optimizer: str | None = None  # default: sgd for pretrain/lp/alp, adamw for ft
-    lr: float | None = None  # the method's own stage (FT for ft/roli); default: DEFAULT_LR[...]
+    lr: float | None = None  # the method's own stage (FT for ft/roli); default: STAGE_DEFAULTS
     alp_lr: float | None = None  # the ALP stage inside ft/roli (default 0.0125)
     ranli_lr: float | None = None  # the random-head FT of --compare-ranli (default 1.25e-4)
     weight_decay: float | None = None  # default: 0.01 (ALP/FT), 5e-4 (pretrain)
     momentum: float = 0.9
-    # Per-stage settings, each a mapping of optimizer / lr / weight_decay / epochs / warmup, over the
-    # flags above: the ALP stage, the finetuning stage, and the random-head (RanLI) finetuning.
+    # Per-stage settings, each a mapping of STAGE_KEYS (optimizer / lr / weight_decay / epochs / warmup /
+    # attack), over the flags above: the ALP stage, the finetuning stage, and the random-head (RanLI) finetuning.
     alp: dict = field(default_factory=dict)
     ft: dict = field(default_factory=dict)
     ranli: dict = field(default_factory=dict)
@@ -339,7 +339,7 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config: file not found: {path}")
+            raise BadValue(f"config: file not found: {path}")
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -348,14 +348,14 @@ class TrainConfig:
             else:
                 data = json.loads(path.read_text())
         except Exception as e:  # noqa: BLE001 - any parse error
-            raise ConfigError(f"config: cannot parse {path}: {first_line(e)}") from None
+            raise BadValue(f"config: cannot parse {path}: {first_line(e)}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of options")
+            raise BadValue(f"config: {path} must hold a mapping of options")
         data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # a run's records, not options
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k.replace("-", "_") not in known)
         if unknown:
-            raise ConfigError(f"config: unknown options in {path}: {', '.join(unknown)}")
+            raise BadValue(f"config: unknown options in {path}: {', '.join(unknown)}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
         for stage in ("alp", "ft", "ranli"):  # a flag sets one key of a stage's mapping, not all of it
             if isinstance(overrides.get(stage), dict) and isinstance(data.get(stage), dict):
@@ -439,9 +439,9 @@ class TrainConfig:
             s = self.settings(k)
             name = "ranli" if k == "ft" and self.init == "random" else k
             if k == "lp" and s.optimizer == "adamw-ref":
-                raise ConfigError("lp.optimizer: the clean linear probe trains with sgd or adamw, not adamw-ref")
+                raise BadValue("lp.optimizer: the clean linear probe trains with sgd or adamw, not adamw-ref")
             if s.optimizer == "adamw-ref" and s.weight_decay == 0:
-                raise ConfigError(
+                raise BadValue(
                     f"{name}.optimizer: adamw-ref with weight_decay 0 is not what the reference ran "
                     "(its optimizer.py falls through to SGD, momentum 0.9, no decay); use sgd"
                 )

@@ -46,8 +46,6 @@ from roli.ops import requested_impl, unavailable_reason
 from roli.rundir import RunLock, check_fingerprint, fingerprint
 from roli.specs import DataSpec, ModelSpec, PeftSpec
 
-CliError = BadValue  # a bad flag value: one line, exit code 2
-
 
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
@@ -55,7 +53,7 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise CliError(f"{flag}: expected comma-separated numbers; got {text!r}") from None
+        raise BadValue(f"{flag}: expected comma-separated numbers; got {text!r}") from None
 
 
 def build_parser() -> OneLineParser:
@@ -125,20 +123,20 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
     mean = parse_floats(args.mean, "--mean") if args.mean else "auto"
     std = parse_floats(args.std, "--std") if args.std else "auto"
     if (mean == "auto") != (std == "auto"):
-        raise CliError("--mean and --std go together")
+        raise BadValue("--mean and --std go together")
     try:
         model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
                                   input_size=args.input_size or "auto", interpolation=args.interpolation,
                                   pretrained=args.timm_pretrained, **parse_kwargs(args.model_arg))  # fmt: skip
         checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.download)
     except (ValueError, TypeError) as e:
-        raise CliError(f"--model: {e}") from None
+        raise BadValue(f"--model: {e}") from None
     head_from = None
     if checkpoint:
         try:
             report = load_pretrained(model, checkpoint, strict=not args.non_strict, keep_head=True, ema=args.ema)
         except ValueError as e:
-            raise CliError(f"--checkpoint: {e}") from None
+            raise BadValue(f"--checkpoint: {e}") from None
         print(f"checkpoint: {report}")
         head_from = "the checkpoint" if report.head_loaded else None
     if head_from is None and model.classifier_key is None and model.feat_dim == num_classes:
@@ -151,7 +149,7 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
         print(f"classifier: {args.model} returns {num_classes} outputs: evaluated as the whole classifier")
     if head_from is None and not args.timm_pretrained:
         why = report.head if checkpoint else "no --checkpoint"
-        raise CliError(f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
+        raise BadValue(f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
                        "holds one (a roli run's best.pt, a model trained on these labels), or set --num-classes to "
                        "its class count")  # fmt: skip
     return model.to(device).eval()
@@ -186,24 +184,24 @@ def _from_run(args):
         inner = sorted(str(p.parent) for p in run.glob("*/config.json")) if run.is_dir() else []
         if inner:  # e.g. the demo's directory: one run per method
             listed = " | --run ".join(inner)
-            raise CliError(f"--run: {run} holds {len(inner)} runs, evaluate one of them: --run {listed}")
-        raise CliError(f"--run: {run} holds no config.json: not a run directory of {prog('train')}")
+            raise BadValue(f"--run: {run} holds {len(inner)} runs, evaluate one of them: --run {listed}")
+        raise BadValue(f"--run: {run} holds no config.json: not a run directory of {prog('train')}")
     given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
              ("--model-arg", args.model_arg), ("--mean", args.mean), ("--std", args.std),
              ("--input-size", args.input_size), ("--num-classes", args.num_classes), ("--ema", args.ema),
              ("--timm-pretrained", args.timm_pretrained)) if value]  # fmt: skip
     if given:
-        raise CliError(f"--run rebuilds the model as the run trained it: drop {', '.join(given)}")
+        raise BadValue(f"--run rebuilds the model as the run trained it: drop {', '.join(given)}")
     try:
         cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
         check_code_from_file(cfg.model, str(run / "config.json"), args.trust_code)
     except BadValue as e:
-        raise CliError(f"--run: {e}") from None
+        raise BadValue(f"--run: {e}") from None
     stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
     stage = args.stage or (stages[0] if stages else None)
     if stage is None or not (run / stage / "best.pt").is_file():
         have = ", ".join(stages) or "none"
-        raise CliError(f"--stage: {run} has no finished stage {stage!r} (stages with a best.pt: {have})")
+        raise BadValue(f"--stage: {run} has no finished stage {stage!r} (stages with a best.pt: {have})")
     for name, value in (("dataset", cfg.dataset), ("image_root", cfg.image_root), ("eps", str(cfg.eps)),
                         ("step_size", str(cfg.step_size)), ("steps", cfg.val_steps), ("norm", cfg.norm),
                         ("precision", cfg.precision), ("seed", cfg.seed)):  # fmt: skip
@@ -213,7 +211,7 @@ def _from_run(args):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out, args.out_in_run = str(run / stage / "evaluations" / f"{stamp}-{os.getpid()}.json"), True
         if not os.access(run / stage, os.W_OK | os.X_OK):
-            raise CliError(f"--run: {run / stage} is read-only; give --out FILE for the results")
+            raise BadValue(f"--run: {run / stage} is read-only; give --out FILE for the results")
     return cfg, run / stage
 
 
@@ -232,7 +230,7 @@ def _run_model(model_spec: ModelSpec, peft: PeftSpec, stage_dir: Path, num_class
             peft.apply(model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
     except ValueError as e:  # BadValue included
-        raise CliError(f"--run: {first_line(e)}") from None
+        raise BadValue(f"--run: {first_line(e)}") from None
     val = meta.get("val_robust")
     val = f"{100 * val:.2f}%" if isinstance(val, float) else "-"
     print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {val})")
@@ -248,48 +246,48 @@ def _check_flags(args) -> tuple[float, float, list[float] | None]:
                              ("--batch-size", args.batch_size, 1), ("--n-ex", args.n_ex, 1),
                              ("--num-classes", args.num_classes, 2), ("--input-size", args.input_size, 1)):  # fmt: skip
         if value is not None and value < low:
-            raise CliError(f"{flag} must be >= {low}; got {value}")
+            raise BadValue(f"{flag} must be >= {low}; got {value}")
     eps = parse_budget(args.eps, "--eps", args.norm)
     step = parse_budget(args.step_size, "--step-size") if args.step_size else eps / 4
     if args.attack == "pgd" and step <= 0:
-        raise CliError("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
+        raise BadValue("--step-size must be > 0 (with --eps 0, give --step-size explicitly)")
     sweep = [parse_budget(v, "--eps-sweep", args.norm) for v in args.eps_sweep.split(",")] if args.eps_sweep else None
     if args.aa_state and Path(args.aa_state).exists():
         from roli.attacks.autoattack import STATE_FORMAT
 
         aa_dir = Path(args.aa_state)
         if not aa_dir.is_dir():
-            raise CliError(f"--aa-state: {aa_dir} is a file; give a directory (one state file per batch goes there)")
+            raise BadValue(f"--aa-state: {aa_dir} is a file; give a directory (one state file per batch goes there)")
         for state in sorted(aa_dir.glob("batch*.pt")):  # a corrupt file is reported now, not after other attacks
             try:
                 load_tagged(state, STATE_FORMAT, "roli AutoAttack state file (delete it or pass another directory)")
             except ValueError as e:
-                raise CliError(f"--aa-state: {first_line(e)}") from None
+                raise BadValue(f"--aa-state: {first_line(e)}") from None
     if args.out:
         out = Path(args.out)
         if out.is_dir():
-            raise CliError(f"--out: {out} is a directory; give a file name for the JSON results")
+            raise BadValue(f"--out: {out} is a directory; give a file name for the JSON results")
         parent = out.parent.parent if getattr(args, "out_in_run", False) else out.parent  # evaluations/ made later
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise CliError(f"--out: cannot write into {out.parent} (missing or read-only)")
+            raise BadValue(f"--out: cannot write into {out.parent} (missing or read-only)")
     return eps, step, sweep
 
 
 def _device(args) -> torch.device:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise CliError(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
+        raise BadValue(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
     try:
         device = torch.device(D.local_device(args.device))
     except RuntimeError:
-        raise CliError(f"--device: {args.device!r} is not a device (use cpu or cuda)") from None
+        raise BadValue(f"--device: {args.device!r} is not a device (use cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available")
+        raise BadValue("--device cuda: no CUDA device is available")
     try:
         impl = requested_impl(args.impl)
     except ValueError as e:
-        raise CliError(f"--impl: {e}") from None
+        raise BadValue(f"--impl: {e}") from None
     if impl != "auto" and (reason := unavailable_reason(impl, device, torch.float32)):
-        raise CliError(f"--impl {impl} cannot run here: {reason}")
+        raise BadValue(f"--impl {impl} cannot run here: {reason}")
     return device
 
 
@@ -309,7 +307,7 @@ def _data(args, device, spec: DataSpec | None = None, options: dict | None = Non
             try:  # the run's settings and data as they were when it trained
                 args.changed_since_run = check_fingerprint(run_dir, fp, "--run", allowed)
             except BadValue as e:
-                raise CliError(str(e)) from None
+                raise BadValue(str(e)) from None
             data, num_classes = splits[("train", "val", "test").index(args.split)], splits[3]
         else:
             splits = load_dataset(args.dataset, image_root=args.image_root)
@@ -321,12 +319,12 @@ def _data(args, device, spec: DataSpec | None = None, options: dict | None = Non
         xs, ys = zip(*data.loader(batch_size=256, device=device, workers=0), strict=True)
         x, y = torch.cat(xs), torch.cat(ys)
     except ValueError as e:
-        raise CliError(f"--dataset: {e}") from None
+        raise BadValue(f"--dataset: {e}") from None
     num_classes = args.num_classes or num_classes
     if args.autoattack and num_classes < 4:
-        raise CliError(f"--autoattack: its DLR loss needs at least 4 classes; this task has {num_classes}")
+        raise BadValue(f"--autoattack: its DLR loss needs at least 4 classes; this task has {num_classes}")
     if y.numel() and int(y.max()) >= num_classes:
-        raise CliError(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
+        raise BadValue(f"--num-classes {num_classes} but the labels go up to {int(y.max())}")
     return x, y, num_classes
 
 
@@ -362,9 +360,9 @@ def evaluate(args) -> dict:
     if args.run:
         run, stage_dir = _from_run(args)
     elif args.stage:
-        raise CliError("--stage goes with --run")
+        raise BadValue("--stage goes with --run")
     elif not args.model or not args.dataset:
-        raise CliError("give --model and --dataset (or --run RUN_DIR)")
+        raise BadValue("give --model and --dataset (or --run RUN_DIR)")
     eps, step, sweep = _check_flags(args)
     device = _device(args)
     if run is None:
@@ -376,10 +374,10 @@ def evaluate(args) -> dict:
             try:
                 _HELD.append(RunLock(Path(run.run_dir), "roli evaluate --run").acquire())
             except ValueError as e:
-                raise CliError(f"--run: {e}") from None
+                raise BadValue(f"--run: {e}") from None
         model = _run_model(run.model_spec, run.peft_spec, stage_dir, num_classes, x.shape[1], device)
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
-        raise CliError(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
+        raise BadValue(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
     results = _attacks(args, model, Sharded(x, y, args.batch_size), eps, step, sweep)
     results["seconds"] = round(time.time() - t0, 2)
@@ -441,7 +439,7 @@ def _autoattack(args, model, data: Sharded, eps: float, clean, pgd_ok, results: 
                                 batch_size=args.batch_size, seed=args.seed, precision=args.precision,
                                 progress=_aa_progress(i, len(data.parts)))  # fmt: skip
         except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
-            raise CliError(f"--aa-state: {first_line(e)}") from None
+            raise BadValue(f"--aa-state: {first_line(e)}") from None
         for k, acc in aa.per_attack.items():
             per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
         aa_clean[0] += round(aa.clean_accuracy * len(aa.robust))
@@ -492,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.out).parent.mkdir(exist_ok=True)  # the run's STAGE/evaluations/
                 save_json(results, args.out)
                 print(f"results written to {args.out}")
-    except CliError as e:
+    except BadValue as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from roli._cli import BadValue
 from roli._io import remove_stale_temporaries, save_json
-from roli.config import ConfigError
 
 log = logging.getLogger("roli.train")
 
@@ -65,7 +65,7 @@ def check_overwrite(run_dir: Path, inputs: dict[str, Path]) -> None:
     """--overwrite deletes roli's outputs in run_dir: refused when an input of the new run lies inside it."""
     for flag, path in inputs.items():
         if _inside(path, run_dir):
-            raise ConfigError(f"--overwrite: {flag} {path} lies inside the run directory {run_dir}, whose contents "
+            raise BadValue(f"--overwrite: {flag} {path} lies inside the run directory {run_dir}, whose contents "
                               "--overwrite replaces; move it out first (or choose another --run-dir)")  # fmt: skip
 
 
@@ -100,7 +100,7 @@ class RunLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
+                raise BadValue(f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
                                   "use another --run-dir") from None  # fmt: skip
             raise
         before = os.read(fd, 200).decode(errors="replace").strip()
@@ -194,11 +194,11 @@ def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None
         saved = json.loads(path.read_text())
         saved.pop("format")
     except (ValueError, KeyError, OSError, AttributeError):
-        raise ConfigError(f"{what}: {path} is damaged; the run cannot be checked") from None
+        raise BadValue(f"{what}: {path} is damaged; the run cannot be checked") from None
     diff = changed(saved, fp)
     if diff and allow_flag != "allowed":
         hint = f" ({allow_flag} to evaluate anyway, recorded in the results)" if allow_flag else ""
-        raise ConfigError(f"{what}: {', '.join(diff)} changed since the run started in {run_dir}; start a new run "
+        raise BadValue(f"{what}: {', '.join(diff)} changed since the run started in {run_dir}; start a new run "
                           f"for changed data or settings{hint}")  # fmt: skip
     return diff
 
@@ -212,23 +212,23 @@ def nearest_existing(path: Path) -> Path:
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str, Path] | None = None) -> None:
     """Everything about the run directory that can be wrong, before anything is written."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
+        raise BadValue(f"run directory {run_dir} is a file; choose another --run-dir")
     base = nearest_existing(run_dir.resolve())
     if not base.is_dir():
-        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
+        raise BadValue(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
+        raise BadValue(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
     if resume:
         if not (run_dir / MARKER).is_file():
-            raise ConfigError(f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes "
+            raise BadValue(f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes "
                               "only its own runs")  # fmt: skip
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ConfigError(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+            raise BadValue(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
                               "--overwrite to start over")  # fmt: skip
         if not (run_dir / MARKER).is_file():
-            raise ConfigError(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
+            raise BadValue(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
                               "deletes only what it wrote; choose another --run-dir")  # fmt: skip
         check_overwrite(run_dir, inputs or {})
 
@@ -247,10 +247,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                    "holding this file, and only the files it wrote there"}, run_dir / MARKER)  # fmt: skip
 
 
-def disk_full(e: OSError, run_dir: Path) -> ConfigError | None:
+def disk_full(e: OSError, run_dir: Path) -> BadValue | None:
     """ENOSPC as one line naming the directory."""
     if e.errno != errno.ENOSPC:
         return None
     free = shutil.disk_usage(nearest_existing(run_dir.resolve())).free
-    return ConfigError(f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
+    return BadValue(f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
                        f"continue with --resume {run_dir}")  # fmt: skip

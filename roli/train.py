@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
-from roli._cli import OneLineParser, parse_kwargs, prog
+from roli._cli import BadValue, OneLineParser, parse_kwargs, prog
 from roli._io import first_line
 from roli.config import (
     METHODS,
     OPTIMIZERS,
     TRAIN_ATTACKS,
-    ConfigError,
     TrainConfig,
     check_code_from_file,
     find_config,
@@ -190,7 +189,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     try:
         return _config(args, flags)
     except TypeError as e:  # e.g. an option a config file names that TrainConfig does not have
-        raise ConfigError(f"config: {e}") from None
+        raise BadValue(f"config: {e}") from None
 
 
 # What --resume may change: how the run executes, not what it computes.
@@ -200,24 +199,24 @@ RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "dow
 def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
     if args.resume:
         if Path(args.resume).is_dir() and not (Path(args.resume) / MARKER).is_file():
-            raise ConfigError(f"resume: {args.resume} was not written by roli (it has no {MARKER} marker); roli "
+            raise BadValue(f"resume: {args.resume} was not written by roli (it has no {MARKER} marker); roli "
                               "resumes only its own runs")  # fmt: skip
         if not (Path(args.resume) / "config.json").is_file():
-            raise ConfigError(f"resume: {args.resume} holds no config.json: not a roli run directory")
+            raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
         if args.overwrite or "run_dir" in flags or args.config:
             given = [f for f, on in (("--overwrite", args.overwrite), ("--run-dir", "run_dir" in flags),
                                      ("--config", args.config)) if on]  # fmt: skip
-            raise ConfigError(f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was "
+            raise BadValue(f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was "
                               "configured)")  # fmt: skip
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
-            raise ConfigError(f"resume: {args.resume} holds no config.json: not a roli run directory")
+            raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
         before = TrainConfig.from_file(saved, run_dir=args.resume)
         after = TrainConfig.from_file(saved, **{**flags, "run_dir": args.resume})
         changed = sorted(k for k, v in before.to_dict().items() if k not in RESUMABLE and after.to_dict()[k] != v)
         if changed:
             names = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ConfigError(f"resume: {names} would change what the run computes; start a new run for that "
+            raise BadValue(f"resume: {names} would change what the run computes; start a new run for that "
                               "(--run-dir) or drop the flags")  # fmt: skip
         if "model" not in flags:
             check_code_from_file(after.model, str(saved), args.trust_code)
@@ -270,9 +269,9 @@ def _main(parser, args) -> int:
             print(json.dumps(cfg.record(), indent=2))
             return 0
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("device: cuda requested but no CUDA device is available")
+            raise BadValue("device: cuda requested but no CUDA device is available")
         run(cfg, resume=resume, overwrite=overwrite, config_file=str(find_config(args.config)) if args.config else None)
-    except ConfigError as e:
+    except BadValue as e:
         print(f"{me}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # a bad image found while training (decoded in a loader worker)

@@ -84,7 +84,7 @@ class PGD:
         seed: seeds the random starts (identical runs); None uses the global generator.
         clip: the pixel range.
         memory_format: layout of the attack's image tensors: "auto" (channels_last for 4-D images under
-            bf16, where oneDNN convolutions run 1.2-1.5x faster on it; measured on our CPU), "channels_last"
+            bf16, where oneDNN convolutions run 1.2-1.5x faster on it on a 2-core Xeon), "channels_last"
             or "contiguous". The result is returned in the caller's layout either way.
         fold_bn: while the attack runs, fold every Conv -> BatchNorm pair of the (eval-mode) model into one
             conv (roli.models.BatchNormFolding): the same function up to float rounding, without the

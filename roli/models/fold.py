@@ -3,7 +3,7 @@
 While an attack runs the model is in eval mode, so each BatchNorm is a per-channel affine map and the
 conv before it can absorb it (w' = w * g / sqrt(v + e), b' = (b - m) * g / sqrt(v + e) + beta). Folding
 drops the BatchNorm forward and backward from every attack step (on resnet18 at 32x32, about a tenth of
-a PGD step on our CPU) and computes the same function up to float rounding.
+a PGD step on a 2-core Xeon, BENCHMARKS.md) and computes the same function up to float rounding.
 
 How: `BatchNormFolding(model)` finds the pairs once, by torch.fx tracing (a module that does not trace
 is searched child by child). `with folding.applied():` then swaps, in place, each pair's conv for a

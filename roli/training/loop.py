@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from roli import _dist as D
 from roli import _env
 from roli._amp import autocast_for
+from roli._cli import BadValue
 from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD, robust_counts
-from roli.config import OPTIMIZERS, REF_ADAMW_EPS, ConfigError
+from roli.config import OPTIMIZERS, REF_ADAMW_EPS
 from roli.features.alp import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
@@ -271,7 +272,7 @@ def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
         if stage.attack is not None:
             stage.attack.set_rng_state(state["attack_rng"][r])
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
-        raise ConfigError(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
+        raise BadValue(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
                           "may have been edited, or the file is damaged: start a new run") from None  # fmt: skip
     stage.history = state["history"]
     log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, state["epoch"], state["step"])

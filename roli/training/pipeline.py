@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
+from roli._cli import BadValue
 from roli._io import first_line, save_json
 from roli.attacks import robust_counts, run_autoattack
 from roli.attacks.autoattack import cross_check
-from roli.config import ConfigError, StageSettings, TrainConfig
+from roli.config import StageSettings, TrainConfig
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import apply_peft, load_checkpoint, save_checkpoint
 from roli.training.guard import Guard, first_images
@@ -47,15 +48,15 @@ def check_forward(model, shape: tuple[int, ...], name: str) -> None:
         expects = getattr(embed, "img_size", None)
         size = tuple(getattr(getattr(model, "pre", None), "input_size", None) or shape[-2:])
         if expects is not None and tuple(expects) != size:
-            raise ConfigError(f"model: {name} takes {expects[0]}x{expects[1]} images and gets {size[0]}x{size[1]}; "
+            raise BadValue(f"model: {name} takes {expects[0]}x{expects[1]} images and gets {size[0]}x{size[1]}; "
                               f"build it for that size with --model-arg img_size={size[0]}, or resize inside the model "
                               f"with --input-size {expects[0]}") from None  # fmt: skip
-        raise ConfigError(f"model: {name} fails on one {'x'.join(map(str, shape))} image of the dataset: "
+        raise BadValue(f"model: {name} fails on one {'x'.join(map(str, shape))} image of the dataset: "
                           f"{first_line(e)[:200]}") from None  # fmt: skip
     finally:
         model.train(was)
     if out.ndim != 2 or out.shape[0] != 1:
-        raise ConfigError(f"model: {name} returns shape {tuple(out.shape)} for one image; expected (1, classes)")
+        raise BadValue(f"model: {name} returns shape {tuple(out.shape)} for one image; expected (1, classes)")
 
 
 def _done(stage_dir: Path) -> bool:
@@ -218,7 +219,7 @@ def _autoattack_counts(model, batches, a, version: str, state_dir: Path | None) 
                                     state_path=state, batch_size=max(1, len(y)), seed=a.seed,
                                     progress=log.info if D.is_main() else None)  # fmt: skip
             except ValueError as e:  # a damaged state file, or one of another model
-                raise ConfigError(f"autoattack: {first_line(e)}") from None
+                raise BadValue(f"autoattack: {first_line(e)}") from None
             aa_robust += int(aa.robust.sum())
             aa_clean += round(aa.clean_accuracy * len(y))
             for name, acc in aa.per_attack.items():
@@ -233,17 +234,17 @@ def load_init(model, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"init: cannot read {path}: {first_line(e)[:150]}") from None
+        raise BadValue(f"init: cannot read {path}: {first_line(e)[:150]}") from None
     sd = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(sd, dict) or "head.weight" not in sd:
-        raise ConfigError(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
+        raise BadValue(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
     if sd["head.weight"].shape != model.head.weight.shape:
-        raise ConfigError(f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has "
+        raise BadValue(f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has "
                           f"{model.num_classes}")  # fmt: skip
     try:
         load_checkpoint(model, path)
     except ValueError as e:
-        raise ConfigError(f"init: {e}") from None
+        raise BadValue(f"init: {e}") from None
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
+from roli._cli import BadValue
 from roli._io import save_json
-from roli.config import ConfigError, TrainConfig
+from roli.config import TrainConfig
 from roli.models import apply_peft
 from roli.rundir import (
     RunLock,
@@ -81,12 +82,12 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     checkpoint to start from, an unchanged run to resume. Returns (splits, fresh, fingerprint): fresh(quiet)
     builds the model every stage that does not continue another starts from."""
     if D.active() and cfg.batch_size % D.world():
-        raise ConfigError(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
+        raise BadValue(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
     check_run_dir(run_dir, resume, overwrite, cfg.inputs(config_file))
     splits = cfg.data_spec.load()
     train, _, _, num_classes = splits
     if cfg.autoattack and num_classes < 4:
-        raise ConfigError(f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
+        raise BadValue(f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
                           f"{num_classes} (drop --autoattack: PGD still runs)")  # fmt: skip
     model_spec = cfg.model_spec
     weights = model_spec.weights()
