@@ -182,13 +182,14 @@ class TrainConfig:
     # The random head every stage that does not continue another starts from (ALP, RanLI, pretrain):
     # reference (the RoLI code's kaiming fan_out + prior bias), torch (nn.Linear's), zero.
     head_init: str = "torch"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "qv"
-    adapter_reduction: int = 8
-    vpt_tokens: int = 10
-    vpt_dropout: float = 0.0
+    # the PEFT method's options (their defaults are PeftSpec's)
+    lora_rank: int = PeftSpec.lora_rank
+    lora_alpha: float = PeftSpec.lora_alpha
+    lora_dropout: float = PeftSpec.lora_dropout
+    lora_targets: str = PeftSpec.lora_targets
+    adapter_reduction: int = PeftSpec.adapter_reduction
+    vpt_tokens: int = PeftSpec.vpt_tokens
+    vpt_dropout: float = PeftSpec.vpt_dropout
     # data
     dataset: str = "digits"
     classes: str | None = None
@@ -216,12 +217,13 @@ class TrainConfig:
     ranli: dict = field(default_factory=dict)
     # attack
     attack: str = "pgd"  # of every training stage (a stage's mapping may set its own): pgd | fgsm-rs | n-fgsm | none
-    norm: str = "linf"
-    eps: float | str = "8/255"
-    step_size: float | str = "2/255"
-    steps: int = 7
-    random_start: bool = True
-    val_steps: int = 10
+    # the threat model and the PGD of training and validation (their defaults are AttackSpec's)
+    norm: str = AttackSpec.norm
+    eps: float | str = AttackSpec.eps
+    step_size: float | str = AttackSpec.step_size
+    steps: int = AttackSpec.steps
+    random_start: bool = AttackSpec.random_start
+    val_steps: int = AttackSpec.val_steps
     autoattack: str | None = None
     # The catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): every `guard_every` steps
     # and at each epoch end, PGD-5 accuracy on a fixed batch of `guard_images` validation images; a drop of
