@@ -421,3 +421,19 @@ def test_more_inputs_that_used_to_traceback(run_copy, tmp_path, capsys):
     assert train(["--resume", str(link)]) == 0
     assert evaluate(["--run", str(link), "--out", str(tmp_path / "e.json")]) == 0
     assert (run / "alp" / "done.json").is_file() and not (tmp_path / "afile").is_dir()
+
+
+def test_a_run_written_before_the_specs_still_matches_its_fingerprint():
+    """config.json and fingerprint.json as roli wrote them before the specs refactor (commit b197307, a
+    `--method roli --peft lora` run on digits 0-4): the options read back, and the data loaded through today's
+    DataSpec, give the same fingerprint, so such runs still --resume and evaluate --run."""
+    from roli.config import TrainConfig
+    from roli.rundir import fingerprint
+
+    here = Path(__file__).parent / "fixtures" / "run_before_specs"
+    saved = json.loads((here / "fingerprint.json").read_text())
+    cfg = TrainConfig.from_file(here / "config.json", run_dir="unused", device="cpu")
+    splits = cfg.data_spec.load()
+    now = fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None))
+    assert {"format": saved.pop("format"), **now} == {"format": "roli run fingerprint 1", **saved}
+    assert now["train"]["n"] + now["val"]["n"] == 637 + 71 and cfg.peft_spec.method == "lora"
