@@ -21,6 +21,7 @@ import torch
 from roli import _dist as D
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
+from roli.seeds import derive_seed
 
 log = logging.getLogger("roli.train")
 
@@ -377,7 +378,7 @@ class AttackSpec:
 
         return "clean" if self.clean(kind) else label(kind, self.steps)
 
-    def training(self, kind: str, net, seed_offset: int = 0):
+    def training(self, kind: str, net, purpose: str = "training attack"):
         """The training attack `kind` on `net`, checked at the loop's synchronisation points (deferred); None
         trains on clean images. Each torchrun rank draws its own random starts."""
         from roli.attacks.fast import training_attack
@@ -386,15 +387,15 @@ class AttackSpec:
             return None
         attack = training_attack(kind, net, self.eps, self.step_size, self.steps, self.norm,
                                  random_start=self.random_start, precision=self.precision,
-                                 seed=self.seed + seed_offset + 1_000_003 * D.rank(),
+                                 seed=derive_seed(self.seed, purpose, rank=D.rank()),
                                  memory_format="channels_last" if self.channels_last else "auto", fold_bn=self.fold_bn,
                                  cuda_graph=self.cuda_graph)  # fmt: skip
         attack.deferred = True  # its value checks are read at the loop's synchronisation points
         return attack
 
-    def single_step(self, kind: str, net, seed_offset: int):
+    def single_step(self, kind: str, net):
         """The guard's own copy of a single-step training attack: its own seed, never the training's draws."""
         from roli.attacks.fast import training_attack
 
-        return training_attack(kind, net, self.eps, precision=self.precision, seed=self.seed + seed_offset,
-                               fold_bn=self.fold_bn)  # fmt: skip
+        seed = derive_seed(self.seed, "guard single-step")
+        return training_attack(kind, net, self.eps, precision=self.precision, seed=seed, fold_bn=self.fold_bn)

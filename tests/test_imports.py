@@ -15,7 +15,17 @@ import pytest
 import roli
 
 ROOT = Path(roli.__file__).resolve().parent
-GROUND = {"roli._amp", "roli._cli", "roli._compat", "roli._dist", "roli._env", "roli._ext", "roli._io", "roli.schedule"}
+GROUND = {
+    "roli._amp",
+    "roli._cli",
+    "roli._compat",
+    "roli._dist",
+    "roli._env",
+    "roli._ext",
+    "roli._io",
+    "roli.schedule",
+    "roli.seeds",
+}
 FLOORS = [  # (floor, module prefixes)
     (0, GROUND),
     (1, {"roli.ops", "roli.kernels"}),

@@ -452,3 +452,17 @@ def test_lp_trains_with_the_optimizer_it_records(tmp_path, monkeypatch, optimize
 def test_lp_refuses_adamw_ref(tmp_path, capsys):
     assert main(["--method", "lp", "--optimizer", "adamw-ref", "--run-dir", str(tmp_path / "r"), *TINY]) == 2
     assert "lp.optimizer: the clean linear probe trains with sgd or adamw" in capsys.readouterr().err
+
+
+def test_derived_seeds_are_the_streams_runs_were_written_with():
+    """Every stream's seed as roli drew it before roli.seeds existed (hand-written numbers, not the table): a
+    run's last.pt continues these streams on --resume, and evaluations repeat their random starts."""
+    from roli.attacks.accuracy import batch_seed
+    from roli.seeds import derive_seed
+
+    assert [derive_seed(11, "training attack", rank=r) for r in (0, 1, 3)] == [11, 1_000_014, 3_000_020]
+    assert derive_seed(11, "guard check") == 16 and derive_seed(11, "guard single-step") == 18
+    assert derive_seed(11, "fallback attack", rank=2) == 11 + 2_000_003 + 2_000_006
+    assert [batch_seed(4, i) for i in (0, 1, 5)] == [4, 7923, 39599]
+    with pytest.raises(ValueError, match="unknown seed purpose"):
+        derive_seed(0, "dropout")

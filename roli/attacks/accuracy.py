@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from roli.attacks.pgd import PGD
+from roli.seeds import derive_seed
 
 
 def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -19,7 +20,7 @@ def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.
 def batch_seed(seed: int, index: int) -> int:
     """The attack seed of batch `index` of an evaluation: its random starts depend on the batch, never on the
     process that attacks it, so a sharded evaluation equals one process's example by example."""
-    return seed + 7919 * index
+    return derive_seed(seed, "evaluation", index=index)
 
 
 def robust_accuracy(model, data, eps: float, step_size: float | None = None, steps: int = 10,

@@ -18,6 +18,7 @@ from roli.attacks.autoattack import cross_check
 from roli.config import StageSettings, TrainConfig
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import apply_peft, load_checkpoint, save_checkpoint
+from roli.seeds import derive_seed
 from roli.training.guard import Guard, first_images
 from roli.training.loop import (
     Interrupted,
@@ -121,8 +122,8 @@ class Stages:
         opt = self.optimizer(model, settings)
         precision = self.attacks.precision
 
-        def make_step(kind: str, seed_offset: int = 0):
-            attack = self.attacks.training(kind, net, seed_offset)
+        def make_step(kind: str, purpose: str = "training attack"):
+            attack = self.attacks.training(kind, net, purpose)
             return stage_step(net, attack, opt, precision), attack
 
         train, val, _, _ = self.splits
@@ -143,12 +144,12 @@ class Stages:
 
     def _guard(self, stage: Stage, kind: str, model, make_step) -> Guard:
         """The catastrophic-overfitting guard of a single-step stage; its copy of the training attack has its
-        own seed (seed + 7): its checks never draw from the training's."""
+        own seed (roli.seeds): its checks never draw from the training's."""
         cfg, a = self.cfg, self.attacks
         x, y = first_images(stage.val, max(1, cfg.guard_images // D.world()))
         return Guard(every=cfg.guard_every, drop=cfg.guard_drop, x=x, y=y, eps=a.eps, precision=a.precision,
-                     seed=a.seed + 5, single=lambda: a.single_step(kind, model, 7),
-                     fallback=lambda: make_step("pgd", 2_000_003), label=stage.attack_label,
+                     seed=derive_seed(a.seed, "guard check"), single=lambda: a.single_step(kind, model),
+                     fallback=lambda: make_step("pgd", "fallback attack"), label=stage.attack_label,
                      fallback_label=a.label("pgd"))  # fmt: skip
 
     def linear_probe(self, model, stage_dir: Path) -> dict:
