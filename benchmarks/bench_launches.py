@@ -29,8 +29,7 @@ def step_of(name: str, batch: int):
     torch.manual_seed(0)
     model = MODELS[name]()
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    attack = PGD(model, eps=8 / 255, step_size=2 / 255, steps=7, keep="last", seed=0)
-    attack.deferred = True
+    attack = PGD(model, eps=8 / 255, step_size=2 / 255, steps=7, keep="last", seed=0, deferred=True)
     opt = make_optimizer(param_groups(model, 0.0), "adamw", 1e-5, 0.9)
 
     def step():

@@ -389,8 +389,7 @@ class AttackSpec:
                                  random_start=self.random_start, precision=self.precision,
                                  seed=derive_seed(self.seed, purpose, rank=D.rank()),
                                  memory_format="channels_last" if self.channels_last else "auto", fold_bn=self.fold_bn,
-                                 cuda_graph=self.cuda_graph)  # fmt: skip
-        attack.deferred = True  # its value checks are read at the loop's synchronisation points
+                                 cuda_graph=self.cuda_graph, deferred=True)  # fmt: skip
         return attack
 
     def single_step(self, kind: str, net):

@@ -465,8 +465,7 @@ def test_training_steps_never_synchronise_with_the_host(kind, monkeypatch):
     model = create_classifier("roli.models.small:small_cnn", 5, in_chans=3)
     x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 5, (16,))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    attack = training_attack(kind, model, EPS, 2 / 255, 3, seed=0)
-    attack.deferred = True
+    attack = training_attack(kind, model, EPS, 2 / 255, 3, seed=0, deferred=True)
     ft_step(model, attack, opt, x, y)  # warm-up (lazy initialisation may read values once)
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):

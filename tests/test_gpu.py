@@ -195,8 +195,7 @@ def test_training_step_does_not_synchronise():
     x, y = torch.rand(64, 3, 32, 32, device="cuda"), torch.randint(0, 5, (64,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     for kind in ("pgd", "fgsm-rs", "n-fgsm"):
-        attack = training_attack(kind, model, 8 / 255, 2 / 255, 3, seed=0)
-        attack.deferred = True
+        attack = training_attack(kind, model, 8 / 255, 2 / 255, 3, seed=0, deferred=True)
         ft_step(model, attack, opt, x, y)  # warm-up
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

@@ -93,6 +93,9 @@ class PGD:
         cuda_graph: on CUDA tensors, record the k steps in a CUDA graph once per batch shape and budget and
             replay it (roli.attacks._graph). Needs the static loop: keep="last", restarts=1, no early_stop.
             Elsewhere the same loop runs uncaptured.
+        deferred: the checks of values (pixel range, labels < K, finite logits) add to a device flag that
+            pop_invalid() returns, instead of synchronising with the host in every call (training attacks,
+            read at the training loop's synchronisation points).
 
     Shapes: x (B, ...) float in [0, 1]; y (B,) int64. Returns x_adv with x's shape and dtype.
 
@@ -122,6 +125,7 @@ class PGD:
         fold_bn: bool = True,
         cuda_graph: bool = False,
         init_eps: float | torch.Tensor | None = None,
+        deferred: bool = False,
     ):
         C.check_config(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=norm, loss=loss, keep=keep,
                        precision=precision, memory_format=memory_format, early_stop=early_stop,
@@ -131,9 +135,7 @@ class PGD:
         self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
         self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
         self.fold_bn, self.cuda_graph = bool(fold_bn), bool(cuda_graph)
-        # deferred=True (training attacks): the checks of values (pixel range, labels < K, finite logits) add to
-        # a device flag that pop_invalid() returns, instead of synchronising with the host in every call.
-        self.deferred = False
+        self.deferred = bool(deferred)
         self._invalid: torch.Tensor | None = None
         if init_eps is not None:
             C.check_budget_value("init_eps", init_eps)
