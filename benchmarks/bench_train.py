@@ -64,8 +64,9 @@ def plain_update(model, opt, x_adv, y, bf16: bool = False):
 
 def trainer_step(step, attack: PGD):
     """`step` as the trainer runs it: the attack's value checks deferred to a device flag that is collected
-    after each step (the trainer reads it at its sync points, every few steps), never a host sync per call."""
-    attack.deferred = True
+    after each step (the trainer reads it at its sync points, every few steps), never a host sync per call.
+    `attack` is built with deferred=True, as roli.specs.AttackSpec.training builds the trainer's."""
+    assert attack.config.deferred, "build the attack with deferred=True"
     flags = []
 
     def run():
@@ -96,8 +97,9 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         if channels_last:
             m.to(memory_format=torch.channels_last)
         net = torch.compile(m) if compiled else m
+        layout = "channels_last" if channels_last else "auto"
         attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
-                     memory_format="channels_last" if channels_last else "auto", cuda_graph=graph)  # fmt: skip
+                     memory_format=layout, cuda_graph=graph, deferred=True)  # fmt: skip
         opt = make_optimizer(param_groups(m, 0.0), "adamw", 1e-5, 0.9)
         out[("FT", label)] = (precision, trainer_step(lambda: ft_step(net, attack, opt, X, Y, precision), attack))
 
@@ -134,7 +136,7 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         m = copy.deepcopy(base)
         apply_peft(m, "linear")
         fast_layout(m, precision)  # what the trainer's ALP stage does: channels_last backbone under bf16
-        attack = PGD(m, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0)
+        attack = PGD(m, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0, deferred=True)
         opt = make_optimizer(param_groups(m.head, 0.0), "sgd", 0.01, 0.9)
         step = trainer_step(lambda m=m, a=attack, o=opt, p=precision: alp_step(m, a, o, X, Y, p), attack)
         out[("ALP", label)] = (precision, step)

@@ -310,6 +310,47 @@ def test_bad_input(kwargs, call, pattern):
         attack(x, y)
 
 
+def test_settings_are_one_frozen_validated_config():
+    from dataclasses import FrozenInstanceError
+
+    from roli.attacks import PGDConfig
+
+    model = random_model()
+    x, y = batch()
+    config = PGDConfig(eps=0.05, step_size=0.02, steps=3, seed=4, keep="last")
+    attack = PGD(model, config)
+    assert attack.config is config and (attack.eps, attack.steps, attack.keep) == (0.05, 3, "last")
+    with pytest.raises(AttributeError, match="fixed when the attack is built"):
+        attack.steps = 7
+    with pytest.raises(FrozenInstanceError):
+        config.steps = 7
+    with pytest.raises(ValueError, match="restarts must be an integer >= 1"):
+        PGDConfig(restarts=0)
+    with pytest.raises(ValueError, match="restarts must be an integer >= 1"):
+        PGD(model, config, restarts=0)  # an override is validated as the config is
+    longer = PGD(model, config, steps=6)  # a variant: the override wins, the rest is the config's
+    assert (longer.steps, longer.eps, config.steps) == (6, 0.05, 3)
+    same = PGD(model, eps=0.05, step_size=0.02, steps=3, seed=4, keep="last")
+    torch.testing.assert_close(attack(x, y), same(x, y), rtol=0, atol=0)
+    assert not torch.equal(longer(x, y), same(x, y))
+    attack.reseed(9)  # the running seed is the attack's own: per-batch seeds in evaluations
+    assert attack.seed == 9 and config.seed == 4
+
+
+def test_graph_module_takes_a_loop_not_the_attacks_privates():
+    import inspect
+
+    from roli.attacks import _graph
+
+    source = inspect.getsource(_graph)
+    assert "._run" not in source and "self.attack" not in source
+    model = random_model()
+    x, y = batch()
+    plain = PGD(model, eps=0.05, step_size=0.02, steps=3, seed=2, keep="last")
+    graphed = PGD(model, eps=0.05, step_size=0.02, steps=3, seed=2, keep="last", cuda_graph=True)
+    torch.testing.assert_close(graphed(x, y), plain(x, y), rtol=0, atol=0)  # off CUDA: the same loop, run
+
+
 def test_non_finite_logits_rejected():
     model = random_model()
     model.model[-1].bias.data[0] = float("nan")

@@ -97,7 +97,8 @@ def test_n_fgsm_noise_is_uniform_in_twice_the_budget():
     x = 0.3 + 0.4 * torch.rand(64, 3, 16, 16)  # away from the pixel range's ends: nothing is clipped
     y = torch.randint(0, 5, (64,))
     attack = training_attack("n-fgsm", ConstantModel(), EPS, seed=2)
-    assert attack.init_eps == 2 * EPS and attack.step_size == EPS and attack.steps == 1
+    c = attack.config
+    assert c.init_eps == 2 * EPS and c.step_size == EPS and c.steps == 1
     delta = attack(x, y) - x  # sign(0) = 0: no step, the start itself
     assert float(delta.abs().max()) <= 2 * EPS + 1e-6
     assert float(delta.abs().max()) > 1.99 * EPS  # fills the 2 eps box, not the eps one

@@ -37,24 +37,23 @@ def _count(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
 
 
-def check_config(*, eps, step_size, steps, restarts, norm, loss, keep, precision, memory_format, early_stop,
-                 cuda_graph) -> None:  # fmt: skip
-    """A PGD configuration, checked once at construction."""
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {memory_format!r}")
-    check_budget_value("eps", eps)
-    check_budget_value("step_size", step_size, positive=True)
-    _count("steps", steps, 0)
-    _count("restarts", restarts, 1)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
-    if keep not in KEEPS:
-        raise ValueError(f"keep must be 'best' or 'last'; got {keep!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    if cuda_graph and (keep != "last" or restarts != 1 or early_stop):
+def check_config(c) -> None:
+    """A PGD configuration (roli.attacks.pgd.PGDConfig), checked once when built."""
+    if c.memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {c.memory_format!r}")
+    check_budget_value("eps", c.eps)
+    check_budget_value("step_size", c.step_size, positive=True)
+    _count("steps", c.steps, 0)
+    _count("restarts", c.restarts, 1)
+    if c.norm not in NORMS:
+        raise ValueError(f"norm must be 'linf' or 'l2'; got {c.norm!r}")
+    if c.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {c.loss!r}")
+    if c.keep not in KEEPS:
+        raise ValueError(f"keep must be 'best' or 'last'; got {c.keep!r}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {c.precision!r}")
+    if c.cuda_graph and (c.keep != "last" or c.restarts != 1 or c.early_stop):
         raise ValueError("cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False")
 
 

@@ -11,8 +11,8 @@ The random start is drawn eagerly before the replay, so it follows the attack's 
 What a replay reads is the storage recorded: the model's parameters and buffers (and the folded
 BatchNorm weights, which are refreshed in place) by address. Updating them in place (optimizer steps,
 load_state_dict) is seen by the next replay; replacing a tensor (e.g. .to()) changes the key and records
-again. The loop is PGD's own (PGD._run, which updates its start in place). On tensors that are not on
-CUDA the same static tensors and loop are used, run instead of replayed.
+again. The loop is the attack's own, passed in as a callable that updates its start in place. On tensors
+that are not on CUDA the same static tensors and loop are used, run instead of replayed.
 """
 
 from __future__ import annotations
@@ -41,18 +41,21 @@ def _static(t):
 
 
 class GraphedSteps:
-    def __init__(self, attack):
-        self.attack = attack
+    """Recordings of `loop(plan, model, x_nat, y, target, x, check)`, the attack's k plain steps in place
+    on x, keyed by the call's shapes and budgets and by `settings` (the attack's fixed settings that the
+    loop depends on: steps, norm, loss, ...)."""
+
+    def __init__(self, loop: Callable[..., None], settings: tuple):
+        self.loop, self.settings = loop, settings
         self.recorded: dict[tuple, _Recorded] = {}
 
     def run(self, plan, model, x_nat, y, target, start: torch.Tensor) -> torch.Tensor:
         """The k steps from `start` through the recording for these shapes, budgets, attack settings and
         model storage (`plan`: the attack call's roli.attacks.pgd.Plan)."""
-        a = self.attack
         inputs = (x_nat, y, target, plan.eps[0], plan.step_size[0])
         key = (tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
-               start.stride(), plan.eps[1], plan.step_size[1], plan.step, plan.lo, plan.hi, a.steps, a.norm, a.loss,
-               a.targeted, a.precision, id(model), _storage_key(model))  # fmt: skip
+               start.stride(), plan.eps[1], plan.step_size[1], plan.step, plan.lo, plan.hi, self.settings, id(model),
+               _storage_key(model))  # fmt: skip
         rec = self.recorded.get(key)
         if rec is None:
             if len(self.recorded) >= MAX_GRAPHS:
@@ -73,9 +76,9 @@ class GraphedSteps:
         plan = replace(plan, eps=(eps_t, plan.eps[1]), step_size=(step_t, plan.step_size[1]))
 
         def steps(check: bool) -> None:
-            # PGD's own loop (keep="last": no scoring), in place on x's storage; x.detach() keeps the
+            # The attack's own loop (plain PGD: no scoring), in place on x's storage; x.detach() keeps the
             # static tensor itself out of autograd.
-            self.attack._run(plan, model, x_nat, y, target, x.detach(), None, None, None, check)
+            self.loop(plan, model, x_nat, y, target, x.detach(), check)
 
         if not x.is_cuda:  # the same static tensors and loop, run instead of replayed
             return _Recorded(lambda: steps(check=True), x, static)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -59,6 +59,48 @@ def _take(t, index: torch.Tensor | None):
     return t.index_select(0, index) if isinstance(t, torch.Tensor) and index is not None else t
 
 
+@dataclass(frozen=True, eq=False)
+class PGDConfig:
+    """PGD's settings, validated once when built (the fields are those of PGD's arguments, documented
+    there). Frozen: an attack's settings never change under it; dataclasses.replace makes a variant."""
+
+    eps: float | torch.Tensor = 8 / 255
+    step_size: float | torch.Tensor = 2 / 255
+    steps: int = 10
+    norm: str = "linf"
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    targeted: bool = False
+    keep: str = "best"
+    early_stop: bool = False
+    precision: str = "fp32"
+    impl: str | None = None
+    seed: int | None = None
+    clip: tuple[float, float] | None = (0.0, 1.0)
+    memory_format: str = "auto"
+    fold_bn: bool = True
+    cuda_graph: bool = False
+    init_eps: float | torch.Tensor | None = None
+    deferred: bool = False
+
+    def __post_init__(self):
+        C.check_config(self)
+        if self.init_eps is not None:
+            C.check_budget_value("init_eps", self.init_eps)
+        for name in ("random_start", "targeted", "early_stop", "fold_bn", "cuda_graph", "deferred"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @property
+    def scored(self) -> bool:
+        """Whether iterates are scored (per-sample bookkeeping), or plain PGD returns its last iterate."""
+        return self.keep == "best" or self.restarts > 1 or self.early_stop
+
+    def graph_key(self) -> tuple:
+        """The settings a CUDA-graph recording of the loop depends on (with the call's shapes and budgets)."""
+        return self.steps, self.norm, self.loss, self.targeted, self.precision
+
+
 class PGD:
     """Projected gradient descent, Linf or L2, on images in [0, 1].
 
@@ -104,49 +146,34 @@ class PGD:
         >>> x_adv = attack(x, y)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        eps: float | torch.Tensor = 8 / 255,
-        step_size: float | torch.Tensor = 2 / 255,
-        steps: int = 10,
-        norm: str = "linf",
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-        targeted: bool = False,
-        keep: str = "best",
-        early_stop: bool = False,
-        precision: str = "fp32",
-        impl: str | None = None,
-        seed: int | None = None,
-        clip: tuple[float, float] | None = (0.0, 1.0),
-        memory_format: str = "auto",
-        fold_bn: bool = True,
-        cuda_graph: bool = False,
-        init_eps: float | torch.Tensor | None = None,
-        deferred: bool = False,
-    ):
-        C.check_config(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=norm, loss=loss, keep=keep,
-                       precision=precision, memory_format=memory_format, early_stop=early_stop,
-                       cuda_graph=cuda_graph)  # fmt: skip
-        self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
-        self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
-        self.targeted, self.keep, self.early_stop, self.precision = targeted, keep, early_stop, precision
-        self.impl, self.seed, self.clip, self.memory_format = impl, seed, clip, memory_format
-        self.fold_bn, self.cuda_graph = bool(fold_bn), bool(cuda_graph)
-        self.deferred = bool(deferred)
+    __slots__ = ("model", "config", "seed", "_gen", "_folding", "_invalid", "_graphed")
+
+    def __init__(self, model: nn.Module, config: PGDConfig | None = None, **settings):
+        """PGD(model, eps=..., steps=...) or PGD(model, config) (a PGDConfig; `settings` then override its
+        fields, as dataclasses.replace would). The settings are validated once, here, and never change:
+        the attack's attributes cannot be set afterwards (build another attack, or pass another config)."""
+        if config is None:
+            config = PGDConfig(**settings)
+        elif settings:
+            config = replace(config, **settings)
+        self.model, self.config = model, config
+        self.seed = config.seed  # the random starts' seed now: reseed() changes it, per batch
         self._invalid: torch.Tensor | None = None
-        if init_eps is not None:
-            C.check_budget_value("init_eps", init_eps)
-        self.init_eps = init_eps
-        self._graphed = GraphedSteps(self) if self.cuda_graph else None
+        self._graphed = GraphedSteps(self._plain_loop, config.graph_key()) if config.cuda_graph else None
         self._gen = self._folding = None  # built on first use
 
-    @property
-    def _scored(self) -> bool:
-        """Whether iterates are scored (per-sample bookkeeping), or plain PGD returns its last iterate."""
-        return self.keep == "best" or self.restarts > 1 or self.early_stop
+    def __getattr__(self, name: str):
+        """The settings read as attributes (attack.eps, attack.steps, ...), from the frozen config; setting
+        one is an AttributeError (__slots__), never a silent change of a running attack."""
+        if name in PGDConfig.__dataclass_fields__:
+            return getattr(self.config, name)
+        raise AttributeError(f"'PGD' object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in PGDConfig.__dataclass_fields__ and name != "seed":
+            raise AttributeError(f"PGD.{name} is fixed when the attack is built: PGD(model, attack.config, "
+                                 f"{name}=...) builds one with another {name}")  # fmt: skip
+        object.__setattr__(self, name, value)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         return self.perturb(x, y, target).x_adv
@@ -154,15 +181,15 @@ class PGD:
     # -- helpers ------------------------------------------------------------------------------------
 
     def _forward(self, model, x_adv, y, target, with_grad: bool, check: bool):
-        with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.precision):
+        with torch.set_grad_enabled(with_grad), autocast_for(x_adv.device, self.config.precision):
             logits = model(x_adv)
-        if check and self.deferred:
+        if check and self.config.deferred:
             C.check_logits_shape(logits, x_adv)
             self._flag(C.invalid_values(y, logits.detach(), target))
         elif check:
             C.check_logits(logits, x_adv, y, target)
-        loss = attack_loss(self.loss, logits, y, target)
-        if not self._scored:  # plain PGD never reads it: no argmax/compare kernels in the training attack
+        loss = attack_loss(self.config.loss, logits, y, target)
+        if not self.config.scored:  # plain PGD never reads it: no argmax/compare kernels in the training attack
             return loss, None
         pred = logits.argmax(1)
         success = pred == target if target is not None else pred != y
@@ -182,14 +209,14 @@ class PGD:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> PGDResult:
         """Attack a batch. See the class docstring."""
-        C.check_images(x, self.clip, values=not self.deferred)
-        C.check_labels("y", y, x, values=not self.deferred)
-        if self.targeted and target is None:
+        C.check_images(x, self.config.clip, values=not self.config.deferred)
+        C.check_labels("y", y, x, values=not self.config.deferred)
+        if self.config.targeted and target is None:
             raise ValueError("targeted PGD needs target labels: attack(x, y, target)")
         if target is not None:
-            C.check_labels("target", target, x, values=not self.deferred)
-        target = target if self.targeted else None
-        if self.deferred and (bad := C.invalid_range(x, self.clip)) is not None:  # the input's range, read later
+            C.check_labels("target", target, x, values=not self.config.deferred)
+        target = target if self.config.targeted else None
+        if self.config.deferred and (bad := C.invalid_range(x, self.config.clip)) is not None:  # read later
             self._flag(bad)
         x_nat = self._layout(x.detach())
         result = self._perturb(x_nat, y, target)
@@ -245,7 +272,7 @@ class PGD:
 
     def _folded(self, model: nn.Module):
         """A context in which `model` runs with its Conv -> BatchNorm pairs folded (fold_bn), else a no-op."""
-        if not self.fold_bn:
+        if not self.config.fold_bn:
             return contextlib.nullcontext()
         inner = getattr(model, "_orig_mod", model)  # torch.compile'd: fold the module it compiled
         folding = self._folding
@@ -253,12 +280,12 @@ class PGD:
             self._folding = folding = BatchNormFolding(inner)
         # Under bf16 autocast the folded weights are kept in bf16: the same values autocast would make,
         # cast once per attack instead of at every step.
-        return folding.applied(torch.bfloat16 if self.precision == "bf16" else None)
+        return folding.applied(torch.bfloat16 if self.config.precision == "bf16" else None)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        want = self.memory_format
+        want = self.config.memory_format
         if want == "auto":
-            want = "channels_last" if (x.dim() == 4 and self.precision == "bf16") else "keep"
+            want = "channels_last" if (x.dim() == 4 and self.config.precision == "bf16") else "keep"
         if want == "channels_last" and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         if want == "contiguous":
@@ -268,17 +295,18 @@ class PGD:
     def _perturb(self, x_nat: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> PGDResult:
         device, batch = x_nat.device, x_nat.shape[0]
         gen = self._generator(device)
-        lo, hi = check_clip(self.clip)
-        plan = Plan(step=step_kernel(self.norm, device, x_nat.dtype, self.impl),
-                    keep_best=keep_best_kernel(device, x_nat.dtype, self.impl), lo=lo, hi=hi,
-                    eps=C.budget(self.eps, x_nat), step_size=C.budget(self.step_size, x_nat),
-                    init_eps=C.budget(self.eps if self.init_eps is None else self.init_eps, x_nat))  # fmt: skip
+        c = self.config
+        lo, hi = check_clip(c.clip)
+        plan = Plan(step=step_kernel(c.norm, device, x_nat.dtype, c.impl),
+                    keep_best=keep_best_kernel(device, x_nat.dtype, c.impl), lo=lo, hi=hi,
+                    eps=C.budget(c.eps, x_nat), step_size=C.budget(c.step_size, x_nat),
+                    init_eps=C.budget(c.eps if c.init_eps is None else c.init_eps, x_nat))  # fmt: skip
         if batch == 0:
             return PGDResult(x_nat.clone(), torch.zeros(0, dtype=torch.bool, device=device))
         # Plain PGD (keep="last", one restart, no early stop) returns its last iterate: no best-iterate copy of
         # the batch and no scores to allocate (a training attack's every call).
-        best_x = x_nat.clone(memory_format=torch.preserve_format) if self._scored else None
-        best_score = torch.full((batch,), -INF, device=device) if self._scored else None
+        best_x = x_nat.clone(memory_format=torch.preserve_format) if self.config.scored else None
+        best_score = torch.full((batch,), -INF, device=device) if self.config.scored else None
         clean_success = None
         with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
             if self._graphed is not None:  # the static loop, from its recording; the start is drawn eagerly
@@ -287,12 +315,12 @@ class PGD:
                 return PGDResult(x_last, None)
             idx = None  # None: all samples active (no gather/scatter needed)
             check = True
-            if self.keep == "best" or self.early_stop:  # the clean image is an iterate too
+            if self.config.keep == "best" or self.config.early_stop:  # the clean image is an iterate too
                 loss, clean_success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
                 check = False
                 self._record(plan, best_x, best_score, None, x_nat, torch.where(clean_success, INF, loss))
-            for restart in range(self.restarts):
-                if restart > 0 or self.early_stop:
+            for restart in range(self.config.restarts):
+                if restart > 0 or self.config.early_stop:
                     idx = torch.nonzero(best_score != INF)[:, 0]
                     if idx.numel() == 0:
                         break
@@ -301,16 +329,21 @@ class PGD:
                 start = self._start(plan, x_nat, gen)
                 x_last = self._run(plan, model, x_nat, y, target, start, idx, best_x, best_score, check)
                 check = False
-            if not self._scored:
+            if not self.config.scored:
                 return PGDResult(x_last, None)
         return PGDResult(best_x, best_score == INF, clean_success)
 
     def _start(self, plan: Plan, x_nat: torch.Tensor, gen) -> torch.Tensor | None:
         """The random start of a restart, for the whole batch (None: start at x_nat)."""
-        if not self.random_start:
+        if not self.config.random_start:
             return None
         eps_t, eps_f = plan.init_eps
-        return pgd_init(x_nat, eps_t if eps_t is not None else eps_f, self.norm, generator=gen, clip=self.clip)
+        init = eps_t if eps_t is not None else eps_f
+        return pgd_init(x_nat, init, self.config.norm, generator=gen, clip=self.config.clip)
+
+    def _plain_loop(self, plan: Plan, model, x_nat, y, target, x: torch.Tensor, check: bool) -> None:
+        """The static loop a CUDA graph records: plain PGD's steps on all samples, in place on x."""
+        self._run(plan, model, x_nat, y, target, x, None, None, None, check)
 
     def _run(self, plan: Plan, model, x_nat, y, target, start, idx, best_x, best_score, check):
         """One restart on the samples `idx` (None: all) from `start` (None: x_nat), which the steps update
@@ -321,9 +354,9 @@ class PGD:
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
         xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps_t, step_t))
         x_adv = _take(start, idx) if start is not None else xn.clone(memory_format=torch.preserve_format)
-        for it in range(self.steps + 1):
-            last = it == self.steps
-            if last and not self._scored:
+        for it in range(self.config.steps + 1):
+            last = it == self.config.steps
+            if last and not self.config.scored:
                 return x_adv
             x_adv.requires_grad_(not last)
             with torch.enable_grad():
@@ -331,13 +364,13 @@ class PGD:
                 check = False
                 grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
             x_adv = x_adv.detach()
-            if self.keep == "best" or last or self.early_stop:
-                score = torch.where(success, INF, loss.detach()) if (self.keep == "best" or last) else \
+            if self.config.keep == "best" or last or self.config.early_stop:
+                score = torch.where(success, INF, loss.detach()) if (self.config.keep == "best" or last) else \
                     torch.where(success, INF, -INF)  # fmt: skip
                 self._record(plan, best_x, best_score, idx, x_adv, score)
             if last:
                 return x_adv
-            if self.early_stop:  # one host sync per step (nonzero's size), only where samples were broken
+            if self.config.early_stop:  # one host sync per step (nonzero's size), only where samples were broken
                 keep = torch.nonzero(~success)[:, 0]
                 if keep.numel() == 0:
                     return x_adv

@@ -308,7 +308,7 @@ class _EpochRun:
                     raise
                 loss, ok = float("nan"), 0
             attack = stage.attack
-            tally.add(loss, ok, len(y), attack.pop_invalid() if attack is not None and attack.deferred else None)
+            tally.add(loss, ok, len(y), attack.pop_invalid() if attack is not None and attack.config.deferred else None)
             if not show and D.is_main():
                 ticker.tick(epoch, i + 1, tally)
             guard_due = stage.guard is not None and stage.guard.due(i + 1, i + 1 == n_steps)
