@@ -35,10 +35,8 @@ from roli import _dist as D
 from roli import _env
 from roli._cli import BadValue, OneLineParser, auto_device, parse_budget, parse_kwargs, prog
 from roli._io import first_line, load_tagged, save_json
-from roli.attacks import PGD, clean_correct, eps_sweep, run_autoattack
-from roli.attacks.accuracy import batch_seed
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
-from roli.attacks.autoattack import cross_check
+from roli.attacks.evaluation import AutoAttackStateError, Evaluation, TensorBatches
 from roli.config import TrainConfig, check_code_from_file
 from roli.data import load_dataset
 from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
@@ -328,33 +326,6 @@ def _data(args, device, spec: DataSpec | None = None, options: dict | None = Non
     return x, y, num_classes
 
 
-class Sharded:
-    """The evaluated images in batches of --batch-size; under torchrun each rank attacks every N-th batch
-    (D.shard) and per-example outcomes are summed over ranks, so results equal one process's."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-        self.x, self.y = x, y
-        self.parts = [slice(i, i + batch_size) for i in range(0, len(y), batch_size)]
-        self.mine = list(D.shard(len(self.parts)))  # this rank's batches (all of them in one process)
-        self.every = _env.progress_seconds()
-
-    def outcomes(self, fn, what: str) -> torch.Tensor:
-        """Per-example 0/1 outcomes of fn(batch index, slice) over this rank's batches, summed over ranks;
-        off a terminal, a progress line at most every ROLI_PROGRESS_SECONDS (rank 0's batches)."""
-        flags = torch.zeros(len(self.y), dtype=torch.int64, device=self.y.device)
-        t0 = last = time.time()
-        for k, i in enumerate(self.mine, 1):
-            flags[self.parts[i]] = fn(i, self.parts[i]).to(torch.int64)
-            now = time.time()
-            if D.is_main() and now - last >= self.every and k < len(self.mine):
-                last = now
-                rate = sum(len(self.y[self.parts[j]]) for j in self.mine[:k]) / max(now - t0, 1e-9)
-                print(f"evaluate: {what} batch {k}/{len(self.mine)}{' (this rank)' if D.world() > 1 else ''}, "
-                      f"{rate:.1f} img/s, ETA {(now - t0) / k * (len(self.mine) - k):.0f} s", file=sys.stderr,
-                      flush=True)  # fmt: skip
-        return D.sum_flags(flags).bool()
-
-
 def evaluate(args) -> dict:
     run = stage_dir = None
     if args.run:
@@ -379,88 +350,69 @@ def evaluate(args) -> dict:
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
         raise BadValue(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
-    results = _attacks(args, model, Sharded(x, y, args.batch_size), eps, step, sweep)
+    results = _attacks(args, model, TensorBatches(x, y, args.batch_size), eps, step, sweep)
     results["seconds"] = round(time.time() - t0, 2)
     results["device"] = str(device)  # --device auto's choice
     results["config"] = {k: v for k, v in vars(args).items()}
     return results
 
 
-def _attacks(args, model, data: Sharded, eps: float, step: float, sweep: list[float] | None) -> dict:
-    """Clean accuracy, then each attack asked for; the worst case over all of them, per example."""
-    x, y, n = data.x, data.y, len(data.y)
-    clean = data.outcomes(lambda i, s: clean_correct(model, x[s], y[s], args.precision), "clean")
-    robust = clean.clone()
-    results: dict = {"n": n, "processes": D.world(), "clean": _fraction(clean), "attacks": {},
-                     "per_example": {"clean": _bits(clean)}}  # fmt: skip
-    pgd_ok = None
-    if args.attack == "pgd":
-        attack = PGD(model, eps=eps, step_size=step, steps=args.steps, norm=args.norm, restarts=args.restarts,
-                     loss=args.loss, keep="best", early_stop=True, precision=args.precision, impl=args.impl,
-                     seed=args.seed)  # fmt: skip
-
-        def pgd_broken(i, s):
-            attack.reseed(batch_seed(args.seed, i))
-            return attack.perturb(x[s], y[s]).success
-
-        pgd_ok = clean & ~data.outcomes(pgd_broken, f"PGD-{args.steps}")
-        robust &= pgd_ok
+def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: list[float] | None) -> dict:
+    """Clean accuracy, then each attack asked for (one roli.attacks.evaluation.Evaluation); the worst case over
+    all of them, per example."""
+    if args.autoattack and D.is_main():
+        print(f"evaluate: AutoAttack-{args.autoattack} on {len(data.y)} images in {data.total} batches (a progress "
+              f"line at most every {_env.progress_seconds():g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr,
+              flush=True)  # fmt: skip
+    evaluation = Evaluation(
+        eps,
+        step,
+        args.steps,
+        pgd=args.attack == "pgd",
+        norm=args.norm,
+        restarts=args.restarts,
+        loss=args.loss,
+        precision=args.precision,
+        impl=args.impl,
+        seed=args.seed,
+        sweep=tuple(sweep or ()),
+        autoattack=args.autoattack,
+        sweep_chunk=args.batch_size,
+    )
+    if args.aa_state:
+        Path(args.aa_state).mkdir(parents=True, exist_ok=True)
+    try:
+        outcomes = evaluation.run(model, data, state_dir=args.aa_state, report=_report,
+                                  aa_progress=lambda i: _aa_progress(i, data.total))  # fmt: skip
+    except AutoAttackStateError as e:  # a state file of another model or evaluation, or a corrupt one
+        raise BadValue(f"--aa-state: {e}") from None
+    flags = outcomes.per_example(data.parts, len(data.y), data.y.device)
+    totals = outcomes.totals()
+    n = len(data.y)
+    results: dict = {"n": n, "processes": D.world(), "clean": _fraction(flags["clean"]), "attacks": {},
+                     "per_example": {"clean": _bits(flags["clean"])}}  # fmt: skip
+    robust = flags["clean"].clone()
+    if "pgd" in flags:
+        robust &= flags["pgd"]
         restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
-        results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={args.eps}{restarts})"] = _fraction(pgd_ok)
-        results["per_example"]["pgd"] = _bits(pgd_ok)
+        results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={args.eps}{restarts})"] = _fraction(flags["pgd"])
+        results["per_example"]["pgd"] = _bits(flags["pgd"])
     if sweep:
-        counts = [0.0] * len(sweep)
-        for i in data.mine:
-            s = data.parts[i]
-            accs = eps_sweep(model, (x[s], y[s]), sweep, steps=args.steps, norm=args.norm, restarts=args.restarts,
-                             loss=args.loss, precision=args.precision, impl=args.impl, seed=batch_seed(args.seed, i),
-                             chunk_size=args.batch_size)  # fmt: skip
-            counts = [c + round(accs[e] * len(y[s])) for c, e in zip(counts, sweep, strict=True)]
-        counts = D.sum_(*counts)
-        results["eps_sweep"] = {f"{e:.6g}": c / max(1, n) for e, c in zip(sweep, counts, strict=True)}
-    if args.autoattack:
-        robust &= _autoattack(args, model, data, eps, clean, pgd_ok, results)
+        results["eps_sweep"] = {f"{e:.6g}": c / max(1, n) for e, c in zip(sweep, totals["sweep"], strict=True)}
+    if "autoattack" in flags:
+        aa = flags["autoattack"]
+        robust &= aa
+        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa)
+        results["autoattack_per_attack"] = {k: t / max(1, n) for k, t in totals["aa_per_attack"].items()}
+        results["per_example"]["autoattack"] = _bits(aa)
+        results["autoattack_warnings"] = Evaluation.warnings(totals)
     results["worst_case"] = _fraction(robust)
     results["per_example"]["worst_case"] = _bits(robust)
     return results
 
 
-def _autoattack(args, model, data: Sharded, eps: float, clean, pgd_ok, results: dict) -> torch.Tensor:
-    """AutoAttack per batch (a state file per batch with --aa-state); its accuracy, per-attack figures and
-    cross-checks go into `results`; returns the per-example outcomes."""
-    x, y, n = data.x, data.y, len(data.y)
-    per_attack: dict[str, float] = {}
-    aa_clean = [0]
-
-    def aa_robust(i, s):
-        state = Path(args.aa_state) / f"batch{i}.pt" if args.aa_state else None
-        try:
-            aa = run_autoattack(model, x[s], y[s], eps, norm=args.norm, version=args.autoattack, state_path=state,
-                                batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-                                progress=_aa_progress(i, len(data.parts)))  # fmt: skip
-        except ValueError as e:  # a state file of another model or evaluation, or a corrupt one
-            raise BadValue(f"--aa-state: {first_line(e)}") from None
-        for k, acc in aa.per_attack.items():
-            per_attack[k] = per_attack.get(k, 0) + round(acc * len(aa.robust))
-        aa_clean[0] += round(aa.clean_accuracy * len(aa.robust))
-        return aa.robust
-
-    if args.aa_state:
-        Path(args.aa_state).mkdir(parents=True, exist_ok=True)
-    if D.is_main():
-        print(f"evaluate: AutoAttack-{args.autoattack} on {n} images in {len(data.parts)} batches (a progress line "
-              f"at most every {data.every:g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr, flush=True)  # fmt: skip
-    aa_ok = data.outcomes(aa_robust, f"AutoAttack-{args.autoattack}")
-    names = next((k for k in D.gather_objects(list(per_attack)) if k), [])  # the attack order, from any rank
-    totals = D.sum_(*(per_attack.get(k, 0) for k in names))
-    results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa_ok)
-    results["autoattack_per_attack"] = per = {k: t / max(1, n) for k, t in zip(names, totals, strict=True)}
-    results["per_example"]["autoattack"] = _bits(aa_ok)
-    (aa_clean_total,) = D.sum_(aa_clean[0])
-    pgd_acc = _fraction(pgd_ok) if pgd_ok is not None else None
-    results["autoattack_warnings"] = cross_check(n, _fraction(clean), aa_clean_total / max(1, n), _fraction(aa_ok),
-                                                 per, pgd_acc)  # fmt: skip
-    return aa_ok
+def _report(line: str) -> None:
+    print(f"evaluate: {line}", file=sys.stderr, flush=True)
 
 
 def render(results: dict) -> str:

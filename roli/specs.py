@@ -319,11 +319,12 @@ class Batches:
         """Batches of a validation or test set, sharded over torchrun ranks by batch (D.shard)."""
         size = min(batch_size, 4 * self.batch_size) if data.streamed else batch_size
         n = len(data)
-        ids = list(D.shard(-(-n // size)))
+        total = -(-n // size)
+        ids = list(D.shard(total))
         if D.active():
             parts = [torch.arange(i * size, min(n, (i + 1) * size)) for i in ids]
             data = data.subset(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
-        return EvalBatches(data.loader(size, device=self.device, workers=self.workers), ids)
+        return EvalBatches(data.loader(size, device=self.device, workers=self.workers), ids, total)
 
 
 class EvalBatches:
@@ -331,8 +332,8 @@ class EvalBatches:
     indices among the set's batches. Under torchrun each rank takes every world-th batch (D.shard): the
     batches, and the per-batch attack seeds, are those of one process, so reduced results equal its own."""
 
-    def __init__(self, loader, ids: list[int]):
-        self.loader, self.ids = loader, ids
+    def __init__(self, loader, ids: list[int], total: int):
+        self.loader, self.ids, self.total = loader, ids, total  # total: the batches of the whole set
 
     def __iter__(self):
         return iter(self.loader)
@@ -391,6 +392,14 @@ class AttackSpec:
                                  memory_format="channels_last" if self.channels_last else "auto", fold_bn=self.fold_bn,
                                  cuda_graph=self.cuda_graph, deferred=True)  # fmt: skip
         return attack
+
+    def evaluation(self, autoattack: str | None = None):
+        """Validation and test (roli.attacks.evaluation.Evaluation): PGD-`val_steps` of `step_size` (the best
+        iterate, early stop) with the run's seed, and AutoAttack `autoattack` ("standard", ...) if asked."""
+        from roli.attacks.evaluation import Evaluation
+
+        return Evaluation(self.eps, self.step_size, self.val_steps, norm=self.norm, precision=self.precision,
+                          seed=self.seed, autoattack=autoattack)  # fmt: skip
 
     def single_step(self, kind: str, net):
         """The guard's own copy of a single-step training attack: its own seed, never the training's draws."""

@@ -113,8 +113,8 @@ def test_evaluate_progress_lines_off_a_terminal(checkpoint, tmp_path):
     argv = [*BASE, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o.json")]
     run = subprocess.run(_cmd(1, "roli.evaluate", argv), capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in run.stderr.splitlines() if line.startswith("evaluate: PGD-4 batch ")]
-    assert lines and "img/s, ETA" in lines[0] and lines[0].startswith("evaluate: PGD-4 batch 1/4")
+    lines = [line for line in run.stderr.splitlines() if line.startswith("evaluate: batch ")]
+    assert lines and "img/s, ETA" in lines[0] and lines[0].startswith("evaluate: batch 1/4")
 
 
 def test_evaluate_run_dir_passes_through_torchrun():

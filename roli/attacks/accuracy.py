@@ -1,4 +1,5 @@
-"""Clean and PGD robust accuracy of a model over a validation or test set (model selection, test metrics)."""
+"""Clean and PGD robust accuracy of a model over a set, in one process: the library form of the evaluator
+(roli.attacks.evaluation), which computes them (the trainer's validation counts through robust_counts)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ from collections.abc import Iterable
 
 import torch
 
-from roli.attacks.pgd import PGD
-from roli.seeds import derive_seed
+from roli.attacks.evaluation import Evaluation, batch_seed
+
+__all__ = ["batch_seed", "robust_accuracy", "robust_counts"]
+
+
+class _Numbered:
+    """Batches with their indices in the whole set (`ids`): the per-batch attack seeds."""
+
+    def __init__(self, batches, ids):
+        self.batches, self.ids = batches, list(ids)
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -15,12 +27,6 @@ def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.
         x, y = data
         return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
     return data
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The attack seed of batch `index` of an evaluation: its random starts depend on the batch, never on the
-    process that attacks it, so a sharded evaluation equals one process's example by example."""
-    return derive_seed(seed, "evaluation", index=index)
 
 
 def robust_accuracy(model, data, eps: float, step_size: float | None = None, steps: int = 10,
@@ -38,16 +44,12 @@ def robust_accuracy(model, data, eps: float, step_size: float | None = None, ste
 
 def robust_counts(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
                   seed: int = 0, norm: str = "linf", batch_ids=None) -> tuple[int, int, int]:  # fmt: skip
-    """(clean correct, PGD robust, examples) over `data`, as robust_accuracy counts them. The k-th batch is
-    attacked with seed batch_seed(seed, batch_ids[k]) (default: its position k)."""
-    clean = robust = n = 0
-    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, norm=norm, early_stop=True, precision=precision,
-                 seed=seed)  # fmt: skip
-    for k, (x, y) in enumerate(_batches(data)):
-        attack.reseed(batch_seed(seed, batch_ids[k] if batch_ids is not None else k))
-        res = attack.perturb(x, y)  # early_stop: the clean image is its first iterate (no second forward)
-        ok = ~res.clean_success
-        clean += int(ok.sum())
-        robust += int((ok & ~res.success).sum())
-        n += len(y)
-    return clean, robust, n
+    """(clean correct, PGD robust, examples) over `data` in this process (not reduced over torchrun ranks), as
+    robust_accuracy counts them. The k-th batch is attacked with seed batch_seed(seed, batch_ids[k]) (default:
+    its position k)."""
+    batches = _batches(data)
+    if batch_ids is not None:
+        batches = _Numbered(batches, batch_ids)
+    evaluation = Evaluation(eps, step_size, steps, norm=norm, precision=precision, seed=seed)
+    totals = evaluation.run(model, batches).totals(reduce=False)
+    return totals["clean"], totals["pgd"], totals["n"]

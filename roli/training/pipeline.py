@@ -13,8 +13,7 @@ import torch
 from roli import _dist as D
 from roli._cli import BadValue
 from roli._io import first_line, save_json
-from roli.attacks import robust_counts, run_autoattack
-from roli.attacks.autoattack import cross_check
+from roli.attacks.evaluation import AutoAttackStateError, Evaluation
 from roli.config import StageSettings, TrainConfig
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import apply_peft, load_checkpoint, save_checkpoint
@@ -189,45 +188,27 @@ class Stages:
         SIGTERM stops it after the current batch, and --resume continues from the batches already done."""
         a, version = self.attacks, self.cfg.autoattack
         batches = self.batches.eval(self.splits[2])
-        clean, robust, n = robust_counts(model, batches, a.eps, a.step_size, a.val_steps, a.precision, a.seed, a.norm,
-                                         batch_ids=batches.ids)  # fmt: skip
-        aa_robust, aa_clean, aa_per = (0, 0, {}) if not version else _autoattack_counts(model, batches, a, version,
-                                                                                         state_dir)  # fmt: skip
-        names = list(aa_per)
-        clean, robust, n, aa_robust, aa_clean, *per = D.sum_(clean, robust, n, aa_robust, aa_clean,
-                                                              *(aa_per[k] for k in names))  # fmt: skip
-        out = {"n": int(n), "clean": clean / max(n, 1), f"pgd{a.val_steps}": robust / max(n, 1)}
-        if version:
-            out["autoattack"] = aa_robust / max(n, 1)
-            out["autoattack_per_attack"] = {k: v / max(n, 1) for k, v in zip(names, per, strict=True)}
-            if D.is_main():
-                pgd, per = out[f"pgd{a.val_steps}"], out["autoattack_per_attack"]
-                out["autoattack_warnings"] = cross_check(int(n), out["clean"], aa_clean / max(n, 1), out["autoattack"],
-                                                         per, pgd)  # fmt: skip
-        return out
+        with StopOnSignal() as stop:
 
+            def stop_check() -> None:  # a collective: every rank calls it as often (Evaluation.run)
+                if D.any_(stop.signum is not None):
+                    raise Interrupted(stop.signum or signal.SIGTERM, state_dir or Path("."))
 
-def _autoattack_counts(model, batches, a, version: str, state_dir: Path | None) -> tuple[int, int, dict]:
-    """AutoAttack on this rank's test batches: (robust, clean, per attack) counts. A state file per batch:
-    any number of ranks resumes; SIGINT/SIGTERM stops after the current batch."""
-    aa_robust, aa_clean, aa_per = 0, 0, {}
-    with StopOnSignal() as stop:
-        for i, (x, y) in zip(batches.ids, batches, strict=True):
-            state = None if state_dir is None else state_dir / f"batch{i}.pt"
             try:
-                # The batch in one piece and the run's seed, as python -m roli.evaluate --run attacks it.
-                aa = run_autoattack(model, x, y, a.eps, norm=a.norm, version=version, precision=a.precision,
-                                    state_path=state, batch_size=max(1, len(y)), seed=a.seed,
-                                    progress=log.info if D.is_main() else None)  # fmt: skip
-            except ValueError as e:  # a damaged state file, or one of another model
-                raise BadValue(f"autoattack: {first_line(e)}") from None
-            aa_robust += int(aa.robust.sum())
-            aa_clean += round(aa.clean_accuracy * len(y))
-            for name, acc in aa.per_attack.items():
-                aa_per[name] = aa_per.get(name, 0) + round(acc * len(y))
-            if D.any_(stop.signum is not None):
-                raise Interrupted(stop.signum or signal.SIGTERM, state_dir or Path("."))
-    return aa_robust, aa_clean, aa_per
+                outcomes = a.evaluation(version).run(model, batches, state_dir=state_dir,
+                                                     aa_progress=lambda i: log.info if D.is_main() else None,
+                                                     after_batch=stop_check if version else None)  # fmt: skip
+            except AutoAttackStateError as e:  # a damaged state file, or one of another model
+                raise BadValue(f"autoattack: {e}") from None
+        t = outcomes.totals()
+        n = max(t["n"], 1)
+        out = {"n": t["n"], "clean": t["clean"] / n, f"pgd{a.val_steps}": t["pgd"] / n}
+        if version:
+            out["autoattack"] = t["autoattack"] / n
+            out["autoattack_per_attack"] = {k: v / n for k, v in t["aa_per_attack"].items()}
+            if D.is_main():
+                out["autoattack_warnings"] = Evaluation.warnings(t)
+        return out
 
 
 def load_init(model, path: str) -> None:
