@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from roli._cli import OneLineParser, prog
-from roli.models.zoo import LAYOUTS, REGISTRY, cached_path, lookup, table
+from roli.models.registry import LAYOUTS, REGISTRY, cached_path, lookup, table
 
 
 def describe(name: str) -> str:

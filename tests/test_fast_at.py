@@ -458,7 +458,7 @@ def test_training_steps_never_synchronise_with_the_host(kind, monkeypatch):
     """A training step (the attack with deferred checks, forward, backward, update) reads no value back to the
     host: no .item(), float(), int(), bool() or .tolist() of a tensor. On a GPU each of those would stall
     the queue; the trainer reads its sums and flags once per SYNC_STEPS steps."""
-    from roli.features.alp import alp_step
+    from roli.features.alp_step import alp_step
     from roli.models import apply_peft, create_classifier
     from roli.training.loop import ft_step
 

@@ -58,3 +58,15 @@ def test_the_measures_find_what_they_look_for():
     assert long_functions(f'def f():\n    """doc"""\n{body}\n', "t") == ["t:1 f: 82 lines"]  # the def line counts
     assert long_functions(f"def build_parser():\n{body}\n", "t") == []
     assert takes_train_config("def g(cfg: TrainConfig, n: int): pass\ndef h(cfg): pass\n", "t") == ["t:1 g"]
+
+
+def test_no_two_modules_share_a_file_name():
+    """A name says what a file holds: one zoo.py, one alp.py, one _checks.py. The fused ops and their Triton
+    kernels are the exception by design (ops/pgd_step.py dispatches to kernels/pgd_step.py)."""
+    paired = {"__init__.py", "pgd_step.py", "keep_best.py"}
+    seen: dict[str, list[str]] = {}
+    for p in ROOT.rglob("*.py"):
+        seen.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    shared = {name: where for name, where in seen.items() if len(where) > 1 and name not in paired}
+    assert not shared, shared
+    assert sorted(seen["pgd_step.py"]) == ["kernels/pgd_step.py", "ops/pgd_step.py"]

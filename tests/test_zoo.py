@@ -18,7 +18,7 @@ import torch
 from roli._compat import import_timm
 from roli.models import IMAGENET_MEAN, REGISTRY, create_classifier, load_pretrained
 from roli.models.convstem import ConvStem
-from roli.models.zoo import lookup, resolve_checkpoint
+from roli.models.registry import lookup, resolve_checkpoint
 
 timm = import_timm()
 
@@ -298,7 +298,7 @@ def test_download_checks_the_sha256_and_lands_atomically(tmp_path, monkeypatch):
     import dataclasses
     import hashlib
 
-    from roli.models import zoo
+    from roli.models import registry as zoo
 
     monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
     payload = tmp_path / "published.pth"
@@ -335,7 +335,7 @@ RB_FACTS = {
 
 
 def test_robustbench_entries_preprocess_as_robustbench_does():
-    from roli.models.zoo import REGISTRY, lookup
+    from roli.models.registry import REGISTRY, lookup
 
     rb = [e for e in REGISTRY.values() if e.layout == "robustbench"]
     assert {e.aliases[0] for e in rb} == set(RB_FACTS)

@@ -5,8 +5,8 @@ from roli.models.classifier import HEAD_INITS, RobustClassifier, create_classifi
 from roli.models.fold import BatchNormFolding, FoldedConvBN
 from roli.models.peft import METHODS as PEFT_METHODS
 from roli.models.peft import apply_peft, count_trainable, merge_lora
+from roli.models.registry import REGISTRY, Published, resolve_checkpoint
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel, Preprocess
-from roli.models.zoo import REGISTRY, Published, resolve_checkpoint
 
 __all__ = [
     "IMAGENET_MEAN",

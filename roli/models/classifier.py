@@ -19,7 +19,7 @@ from torch import nn
 
 from roli._compat import import_timm
 from roli._io import first_line
-from roli.models import zoo
+from roli.models import registry
 from roli.models.wrapper import Preprocess
 
 
@@ -135,7 +135,7 @@ def create_classifier(
     """Build a RobustClassifier.
 
     Args:
-        model: a name of the registry of published robust backbones (roli.models.zoo, e.g. "ares_swin_b":
+        model: a name of the registry of published robust backbones (roli.models.registry, e.g. "ares_swin_b":
             the publisher's architecture, mean/std and input size), a timm model name (created without
             weights: load robust weights with roli.models.load_pretrained), "package.module:function" (a
             factory returning an nn.Module, called with **model_kwargs), or an nn.Module.
@@ -152,7 +152,7 @@ def create_classifier(
         model_kwargs: passed to timm.create_model or the factory (e.g. img_size=32 for a ViT).
     """
     name = model if isinstance(model, str) else type(model).__name__
-    entry = zoo.lookup(model)
+    entry = registry.lookup(model)
     if entry is not None:  # a published backbone: its architecture and the publisher's preprocessing
         name, model = entry.name, entry.arch
         model_kwargs = {**entry.arch_args, **model_kwargs}

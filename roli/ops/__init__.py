@@ -7,7 +7,7 @@
 impl="auto" | "torch" | "cpp" | "cuda" | "triton"; the environment variable ROLI_IMPL sets the default.
 """
 
-from roli.ops._checks import check_clip
+from roli.ops._args import check_clip
 from roli.ops._dispatch import IMPLS, requested_impl, resolve, triton_error, unavailable_reason
 from roli.ops.keep_best import keep_best_, keep_best_kernel, keep_best_torch
 from roli.ops.pgd_init import pgd_init

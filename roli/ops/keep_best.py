@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from roli.ops._checks import check_image, check_writable, per_sample_view
+from roli.ops._args import check_image, check_writable, per_sample_view
 from roli.ops._dispatch import resolve
 from roli.ops._triton import triton_keep_best_
 

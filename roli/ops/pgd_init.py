@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from roli.ops._checks import check_budget, check_clip, check_image, check_norm, per_sample_view
+from roli.ops._args import check_budget, check_clip, check_image, check_norm, per_sample_view
 
 
 def pgd_init(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from roli.ops._checks import check_budget, check_clip, check_image, check_norm, check_writable, per_sample_view
+from roli.ops._args import check_budget, check_clip, check_image, check_norm, check_writable, per_sample_view
 from roli.ops._dispatch import resolve
 from roli.ops._triton import triton_pgd_step_l2_, triton_pgd_step_linf_
 

@@ -32,7 +32,7 @@ from roli._cli import BadValue
 from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD, robust_counts
 from roli.config import OPTIMIZERS, REF_ADAMW_EPS
-from roli.features.alp import alp_step
+from roli.features.alp_step import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
 from roli.training.guard import Guard, trained_state
