@@ -182,7 +182,7 @@ class TrainConfig:
     # The random head every stage that does not continue another starts from (ALP, RanLI, pretrain):
     # reference (the RoLI code's kaiming fan_out + prior bias), torch (nn.Linear's), zero.
     head_init: str = "torch"
-    # the PEFT method's options (their defaults are PeftSpec's)
+    # the PEFT method's options: PeftSpec's fields, same names and defaults (tests/test_configs.py checks both)
     lora_rank: int = PeftSpec.lora_rank
     lora_alpha: float = PeftSpec.lora_alpha
     lora_dropout: float = PeftSpec.lora_dropout
@@ -320,8 +320,7 @@ class TrainConfig:
 
     @cached_property
     def peft_spec(self) -> PeftSpec:
-        return PeftSpec(self.peft, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
-                        self.adapter_reduction, self.vpt_tokens, self.vpt_dropout)  # fmt: skip
+        return PeftSpec(self.peft, **{f.name: getattr(self, f.name) for f in PeftSpec.options()})
 
     @cached_property
     def data_spec(self) -> DataSpec:

@@ -37,13 +37,13 @@ from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
 from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config
-from roli.specs import DataSpec
+from roli.specs import DataSpec, PeftSpec
 
-# TrainConfig fields that do not change what the ALP stage of a run computes (finetuning, RanLI, execution).
-NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-           "adapter_reduction", "vpt_tokens", "vpt_dropout", "lr", "optimizer", "weight_decay", "ft", "ranli",
-           "ranli_lr", "alp_lr", "compare_ranli", "epochs", "warmup", "attack", "alp", "workers", "device",
-           "compile", "cuda_graph", "channels_last", "download"}  # fmt: skip
+# TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
+# RanLI, execution).
+NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lr", "optimizer", "weight_decay", "ft", "ranli",
+           "ranli_lr", "alp_lr", "compare_ranli", "epochs", "warmup", "attack", "alp", "workers", "device", "compile",
+           "cuda_graph", "channels_last", "download"} | {f.name for f in PeftSpec.options()}  # fmt: skip
 
 
 @dataclass

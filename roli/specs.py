@@ -191,34 +191,49 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class PeftSpec:
-    """A parameter-efficient finetuning method and its options (roli.models.peft)."""
+    """A parameter-efficient finetuning method and its options (roli.models.peft's apply_peft keywords).
+
+    The options are declared here once: each field's metadata (help, and its bounds or choices) gives the
+    check below, `roli train`'s flag (--lora-rank, ...) and, with TrainConfig's field of the same name and
+    default (tests/test_configs.py checks the two agree), the run's config.json key."""
 
     method: str = "full"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "qv"
-    adapter_reduction: int = 8
-    vpt_tokens: int = 10
-    vpt_dropout: float = 0.0
+    lora_rank: int = field(default=16, metadata={"help": "LoRA's rank", "min": 1})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scale numerator (scale alpha/rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on LoRA's input (reference: 0.1)",
+                                                       "unit": True})  # fmt: skip
+    lora_targets: str = field(default="qv", metadata={"help": "which of q, k, v get LoRA (qv: the paper)",
+                                                      "choices": ("q", "k", "v", "qk", "qv", "kv", "qkv")})  # fmt: skip
+    adapter_reduction: int = field(default=8, metadata={"help": "the Adapter's bottleneck: width / reduction",
+                                                        "min": 1})  # fmt: skip
+    vpt_tokens: int = field(default=10, metadata={"help": "prompt tokens per block (VPT-deep)", "min": 1})
+    vpt_dropout: float = field(default=0.0, metadata={"help": "dropout on the prompts (reference: 0.1)", "unit": True})
+
+    @staticmethod
+    def options() -> list[dataclasses.Field]:
+        """The methods' options (every field but `method`), in declaration order."""
+        return [f for f in dataclasses.fields(PeftSpec) if f.name != "method"]
 
     def __post_init__(self):
         from roli.models.peft import METHODS
 
         need(self.method in METHODS, f"peft: {self.method!r} is not one of {', '.join(METHODS)}")
-        for name in ("lora_rank", "adapter_reduction", "vpt_tokens"):
-            need_int(name, getattr(self, name), 1)
-        need(is_number(self.lora_dropout) and is_number(self.vpt_dropout) and 0 <= self.lora_dropout < 1
-             and 0 <= self.vpt_dropout < 1,
-             f"lora-dropout, vpt-dropout: must be in [0, 1); got {self.lora_dropout}, {self.vpt_dropout}")  # fmt: skip
-        need(isinstance(self.lora_targets, str) and self.lora_targets in ("q", "k", "v", "qk", "qv", "kv", "qkv"),
-             f"lora-targets: {self.lora_targets!r} is not one of q, k, v, qk, qv, kv, qkv")  # fmt: skip
+        for f in self.options():
+            value, flag, meta = getattr(self, f.name), f.name.replace("_", "-"), f.metadata
+            if "min" in meta:
+                need_int(f.name, value, meta["min"])
+            elif "choices" in meta:
+                need(isinstance(value, str) and value in meta["choices"],
+                     f"{flag}: {value!r} is not one of {', '.join(meta['choices'])}")  # fmt: skip
+            else:
+                need(is_number(value), f"{flag}: must be a number; got {value!r}")
+                need(not meta.get("unit") or 0 <= value < 1, f"{flag}: must be in [0, 1); got {value}")
 
     def apply(self, model) -> None:
         """This method on `model` (its trainable parameters set); a misfit is a one-line BadValue."""
         from roli.models import apply_peft
 
-        options = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        options = {f.name: getattr(self, f.name) for f in self.options()}
         try:
             apply_peft(model, self.method, **options)
         except (ValueError, TypeError) as e:

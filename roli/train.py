@@ -36,6 +36,7 @@ from roli.config import (
 )
 from roli.models.classifier import HEAD_INITS
 from roli.rundir import MARKER
+from roli.specs import PeftSpec
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import run
 
@@ -93,13 +94,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--head-init", choices=list(HEAD_INITS),
                    help="the random head of ALP, RanLI and pretraining: reference (the RoLI code's kaiming fan_out "
                         "weights, bias -log(99)), torch (nn.Linear's; the default), zero")  # fmt: skip
-    g.add_argument("--lora-rank", type=int)
-    g.add_argument("--lora-alpha", type=float)
-    g.add_argument("--lora-dropout", type=float, help="dropout on LoRA's input (reference: 0.1)")
-    g.add_argument("--lora-targets", help="which of q, k, v get LoRA (default qv, as the paper)")
-    g.add_argument("--adapter-reduction", type=int)
-    g.add_argument("--vpt-tokens", type=int)
-    g.add_argument("--vpt-dropout", type=float, help="dropout on the prompts (reference: 0.1)")
+    for f in PeftSpec.options():  # --lora-rank, ...: declared once, in roli.specs.PeftSpec
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, help=f.metadata["help"])
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits | npz:PATH | cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT | json:DIR")
     g.add_argument("--classes", help="train on these classes only, relabelled, e.g. 0-4 or 1,3,5")

@@ -181,3 +181,49 @@ def test_print_config_touches_nothing(tmp_path):
     shown = json.loads(r.stdout)
     assert shown["dataset"] == "json:/nonexistent" and shown["_resolved"]["ft"]["lr"] == 0.00125
     assert not (tmp_path / "run").exists()
+
+
+def test_peft_options_are_declared_once():
+    """A PEFT option is a field of roli.specs.PeftSpec: the trainer's config carries it under the same name and
+    default, `roli train` has its flag, apply_peft takes it with the same default, grid shares ALP across it."""
+    import dataclasses
+    import inspect
+
+    from roli.grid import NOT_ALP
+    from roli.models.peft import apply_peft
+    from roli.specs import PeftSpec
+    from roli.train import build_parser
+
+    names = [f.name for f in PeftSpec.options()]
+    assert names == ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_reduction", "vpt_tokens",
+                     "vpt_dropout"]  # fmt: skip
+    config = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    keywords = inspect.signature(apply_peft).parameters
+    flags = {a.dest: a for a in build_parser()._actions}
+    values = {"lora_rank": 4, "lora_alpha": 2.5, "lora_dropout": 0.25, "lora_targets": "kv", "adapter_reduction": 3,
+              "vpt_tokens": 7, "vpt_dropout": 0.5}  # fmt: skip
+    argv = [a for k, v in values.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    parsed = build_parser().parse_args(argv)
+    for f in PeftSpec.options():
+        assert config[f.name].default == f.default == keywords[f.name].default, f.name
+        assert f.name in flags and f.name in NOT_ALP and getattr(parsed, f.name) == values[f.name], f.name
+    spec = TrainConfig(peft="lora", **values).peft_spec
+    assert (spec.method, spec.lora_rank, spec.lora_targets, spec.vpt_dropout) == ("lora", 4, "kv", 0.5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lora_rank": 0}, "lora-rank: must be an integer >= 1; got 0"),
+        ({"adapter_reduction": 2.5}, "adapter-reduction: must be an integer >= 1; got 2.5"),
+        ({"lora_targets": "qq"}, "lora-targets: 'qq' is not one of q, k, v, qk, qv, kv, qkv"),
+        ({"vpt_dropout": 1.0}, r"vpt-dropout: must be in \[0, 1\); got 1.0"),
+        ({"lora_alpha": "big"}, "lora-alpha: must be a number; got 'big'"),
+    ],
+)
+def test_peft_options_are_checked_where_the_spec_is_built(options, message):
+    from roli._cli import BadValue
+    from roli.specs import PeftSpec
+
+    with pytest.raises(BadValue, match=message):
+        PeftSpec("lora", **options)
