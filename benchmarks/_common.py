@@ -193,8 +193,16 @@ def header(title: str, device: str, stamp: str, peaks: dict) -> str:
     return f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak {shown} GFLOP/s{note}"
 
 
-def publish(out, name: str, title: str, peaks: dict, cols: list[str], cells, rows: list[dict],
-            device: torch.device | str = "cpu") -> str:  # fmt: skip
+def publish(
+    out,
+    name: str,
+    title: str,
+    peaks: dict,
+    cols: list[str],
+    cells,
+    rows: list[dict],
+    device: torch.device | str = "cpu",
+) -> str:
     """Print the Markdown table (header with date, machine, versions, peaks) and write it with the CSV."""
     import datetime as dt
 

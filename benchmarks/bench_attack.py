@@ -66,8 +66,9 @@ def make_variants(model, x, y, eps, alpha, steps, torchattacks) -> dict:
         x_peer = x.contiguous(memory_format=torch.channels_last) if conv else x
         out["torchattacks"] = ("fp32", lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(x, y))
         out["torchattacks bf16 (autocast)"] = (
-            "bf16", lambda: torchattacks.PGD(peer, eps=eps, alpha=alpha, steps=steps)(x_peer, y)
-        )  # fmt: skip
+            "bf16",
+            lambda: torchattacks.PGD(peer, eps=eps, alpha=alpha, steps=steps)(x_peer, y),
+        )
     out["reference-style"] = ("fp32", lambda: reference_pgd(model, x, y, eps, alpha, steps))
     return out
 
@@ -99,8 +100,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--eps", type=float, help="budget for every model (default: per model, see MODELS)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list of the models above (vit_base_patch16_224 "
-                    "at batch 64 is meant for a GPU)")  # fmt: skip
+    ap.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help="comma list of the models above (vit_base_patch16_224 at batch 64 is meant for a GPU)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -139,17 +143,34 @@ def main() -> None:
             t = times[label]
             util = flops[precision] / t / 1e9 / peaks[precision]
             row = {"model": f"{name} @{size}", "eps": f"{eps * 255:.3g}/255", "batch": batch, "attack": label}
-            row.update(seconds=t, images_per_s=batch / t, robust_acc=checked[label], gflops=flops[precision] / 1e9,
-                       utilisation=util, precision=precision, vs_torchattacks=base / t if base else None,
-                       vs_reference=times["reference-style"] / t)  # fmt: skip
+            row.update(
+                seconds=t,
+                images_per_s=batch / t,
+                robust_acc=checked[label],
+                gflops=flops[precision] / 1e9,
+                utilisation=util,
+                precision=precision,
+                vs_torchattacks=base / t if base else None,
+                vs_reference=times["reference-style"] / t,
+            )
             rows.append(row)
     end_peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
     for r in rows:  # utilisation against the best peak seen at the start or the end of the run
         peak = max(peaks[r["precision"]], end_peaks[r["precision"]])
         r["utilisation"] = r["gflops"] / r["seconds"] / peak
     peaks = {k: max(peaks[k], end_peaks[k]) for k in peaks}
-    cols = ["model", "eps", "batch", "attack", "images/s", "vs torchattacks", "vs reference-style", "robust acc",
-            "GFLOP per PGD", "FLOP utilisation"]  # fmt: skip
+    cols = [
+        "model",
+        "eps",
+        "batch",
+        "attack",
+        "images/s",
+        "vs torchattacks",
+        "vs reference-style",
+        "robust acc",
+        "GFLOP per PGD",
+        "FLOP utilisation",
+    ]
 
     def cells(r):
         return [r["model"], r["eps"], str(r["batch"]), r["attack"], f"{r['images_per_s']:.1f}",

@@ -115,8 +115,12 @@ def source_backbone(src: Path, epochs: int, common: dict) -> Path:
     returns its backbone's weights file."""
     weights = src / "backbone.pt"
     if not weights.exists():
-        run(TrainConfig(method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, run_dir=str(src / "run"),
-                        **common), overwrite=True)  # fmt: skip
+        run(
+            TrainConfig(
+                method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, run_dir=str(src / "run"), **common
+            ),
+            overwrite=True,
+        )
         state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
         torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
     return weights
@@ -131,8 +135,20 @@ def autoattack(run_dir: Path, stage: str | None, version: str, device: str) -> f
     """AutoAttack accuracy of a finished stage (None: the run's only one) on the run's test set, through python -m
     roli.evaluate --run (the trainer would also attack its ALP stage, which the table does not need)."""
     out = run_dir / f"autoattack-{stage or 'run'}.json"
-    cmd = [sys.executable, "-m", "roli.evaluate", "--run", str(run_dir), *(["--stage", stage] if stage else []),
-           "--autoattack", version, "--device", device, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "roli.evaluate",
+        "--run",
+        str(run_dir),
+        *(["--stage", stage] if stage else []),
+        "--autoattack",
+        version,
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     attacks = json.loads(out.read_text())["attacks"]
     return next(v for k, v in attacks.items() if k.startswith("AutoAttack"))
@@ -150,8 +166,11 @@ def main() -> None:
     ap.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand"])
     ap.add_argument("--guard-every", type=int, default=100)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "roli-bench-fast-at"),
-                    help="run directories and the data subset (never inside the repository)")  # fmt: skip
+    ap.add_argument(
+        "--work",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "roli-bench-fast-at"),
+        help="run directories and the data subset (never inside the repository)",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
         "--keep-rows",
@@ -190,15 +209,35 @@ def main() -> None:
     rows = []
     for eps_text in args.eps.split(","):
         eps = parse_budget(eps_text, "eps", "linf")
-        common = dict(model="roli.models.small:small_cnn", dataset=f"npz:{npz}", eps=eps, step_size=eps / 4,
-                      steps=7, val_steps=10, batch_size=64, seed=0, device=args.device,
-                      guard_every=args.guard_every)  # fmt: skip
+        common = dict(
+            model="roli.models.small:small_cnn",
+            dataset=f"npz:{npz}",
+            eps=eps,
+            step_size=eps / 4,
+            steps=7,
+            val_steps=10,
+            batch_size=64,
+            seed=0,
+            device=args.device,
+            guard_every=args.guard_every,
+        )
         tag = eps_text.replace("/", "_")
-        weights = source_backbone(work / f"source-{tag}-{args.train_per_class}-{args.source_epochs}",
-                                  args.source_epochs, common)  # fmt: skip
-        target = TrainConfig(method="roli", compare_ranli=True, classes="5-9", checkpoint=str(weights),
-                             epochs=args.epochs, warmup=1, alp_lr=0.05, lr=2e-4, ranli_lr=1e-3, weight_decay=0.01,
-                             **common)  # fmt: skip
+        weights = source_backbone(
+            work / f"source-{tag}-{args.train_per_class}-{args.source_epochs}", args.source_epochs, common
+        )
+        target = TrainConfig(
+            method="roli",
+            compare_ranli=True,
+            classes="5-9",
+            checkpoint=str(weights),
+            epochs=args.epochs,
+            warmup=1,
+            alp_lr=0.05,
+            lr=2e-4,
+            ranli_lr=1e-3,
+            weight_decay=0.01,
+            **common,
+        )
         n_train = len(target.data_spec.load()[0])
         for attack in attacks:
             run_dir = work / f"transfer-{tag}-{attack}"
@@ -207,20 +246,33 @@ def main() -> None:
             res = run(replace(target, attack=attack, run_dir=str(run_dir)), overwrite=True)
             wall = time.time() - t0
             fits = dict(zip(("alp", "roli-ft", "ranli-ft"), (n for _, n in counter.fits), strict=True))
-            for method, stages, label in (("RoLI", ("alp", "roli-ft"), "RoLI-full"),
-                                          ("RanLI", ("ranli-ft",), "RanLI-full")):  # fmt: skip
+            for method, stages, label in (
+                ("RoLI", ("alp", "roli-ft"), "RoLI-full"),
+                ("RanLI", ("ranli-ft",), "RanLI-full"),
+            ):
                 r = res[label]
                 alp, ft = res["alp"]["val"]["train_attack"], r["val"]["train_attack"]
                 epochs = len(stages) * args.epochs
                 aa = None if args.quick else autoattack(run_dir, stages[-1], args.aa_version, args.device)
-                rows.append({"eps": eps_text, "method": method, "attack": fast.label(attack, 7),
-                             "train_attack": f"ALP {alp}; FT {ft}" if method == "RoLI" and alp != ft else ft,
-                             "test_clean": r["test"]["clean"], "test_pgd10": r["test"]["pgd10"],
-                             "test_aa": aa, "n_test": r["test"]["n"],
-                             "train_s": sum(stage_seconds(run_dir, s) for s in stages),
-                             "forwards_per_image": sum(fits[s] for s in stages) / (n_train * epochs),
-                             "run_wall_s": wall, "n_train": n_train, "epochs": args.epochs,
-                             "source_epochs": args.source_epochs, "date": stamp})  # fmt: skip
+                rows.append(
+                    {
+                        "eps": eps_text,
+                        "method": method,
+                        "attack": fast.label(attack, 7),
+                        "train_attack": f"ALP {alp}; FT {ft}" if method == "RoLI" and alp != ft else ft,
+                        "test_clean": r["test"]["clean"],
+                        "test_pgd10": r["test"]["pgd10"],
+                        "test_aa": aa,
+                        "n_test": r["test"]["n"],
+                        "train_s": sum(stage_seconds(run_dir, s) for s in stages),
+                        "forwards_per_image": sum(fits[s] for s in stages) / (n_train * epochs),
+                        "run_wall_s": wall,
+                        "n_train": n_train,
+                        "epochs": args.epochs,
+                        "source_epochs": args.source_epochs,
+                        "date": stamp,
+                    }
+                )
             with store.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows[-2:])
             print(json.dumps(rows[-2:]), flush=True)
@@ -255,12 +307,17 @@ def report(rows: list[dict], new_rows: list[dict], args) -> None:
     for r in rows:
         b = base.get((r["eps"], r["method"]))
         r["speedup"] = b["train_s"] / r["train_s"] if b else None
-        lines.append(f"| {r['eps']} | {r['method']} | {r['attack']} | {r['train_attack']} | {r['n_train']} | "
-                     f"{r['epochs']} ({r['source_epochs']}) | {r['n_test']} | {_pct(r['test_clean'])} | "
-                     f"{_pct(r['test_pgd10'])} | {_pct(r['test_aa'])} | {r['train_s']:.1f} | {_times(r['speedup'])} | "
-                     f"{r['forwards_per_image']:.2f} |")  # fmt: skip
-    lines += ["", "Target (RoLI): a single-step attack within 1 point of PGD-7's AutoAttack accuracy at >= 2.5x less "
-              "training time."]  # fmt: skip
+        lines.append(
+            f"| {r['eps']} | {r['method']} | {r['attack']} | {r['train_attack']} | {r['n_train']} | "
+            f"{r['epochs']} ({r['source_epochs']}) | {r['n_test']} | {_pct(r['test_clean'])} | "
+            f"{_pct(r['test_pgd10'])} | {_pct(r['test_aa'])} | {r['train_s']:.1f} | {_times(r['speedup'])} | "
+            f"{r['forwards_per_image']:.2f} |"
+        )
+    lines += [
+        "",
+        "Target (RoLI): a single-step attack within 1 point of PGD-7's AutoAttack accuracy at >= 2.5x less "
+        "training time.",
+    ]
     for (eps, method), b in base.items():
         if method != "RoLI":
             continue
@@ -271,8 +328,10 @@ def report(rows: list[dict], new_rows: list[dict], args) -> None:
             gap = round(100 * (r[key] - b[key]), 6)  # exact counts: -1.0000000000000009 is one point
             ok = gap >= -1.0 and r["speedup"] >= 2.5
             what = "AutoAttack" if key == "test_aa" else "PGD-10"
-            lines.append(f"- eps {eps}, {r['attack']}: {gap:+.1f} points ({what}) at {r['speedup']:.2f}x less time: "
-                         f"{'met' if ok else 'not met'}")  # fmt: skip
+            lines.append(
+                f"- eps {eps}, {r['attack']}: {gap:+.1f} points ({what}) at {r['speedup']:.2f}x less time: "
+                f"{'met' if ok else 'not met'}"
+            )
     table = "\n".join(lines)
     print(table)
     meta = {"device": device, "aa": args.aa_version, "guard_every": args.guard_every}
@@ -293,8 +352,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, eps in zip(axes[0], epss, strict=True):
         for r in (r for r in rows if r["eps"] == eps):
             acc = r["test_aa"] if r["test_aa"] is not None else r["test_pgd10"]
-            ax.scatter(r["train_s"], 100 * acc, marker=markers[r["attack"]], color=colors[r["method"]], s=60,
-                       label=f"{r['method']} {r['attack']}")  # fmt: skip
+            ax.scatter(
+                r["train_s"],
+                100 * acc,
+                marker=markers[r["attack"]],
+                color=colors[r["method"]],
+                s=60,
+                label=f"{r['method']} {r['attack']}",
+            )
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("robust accuracy (%), AutoAttack" if rows[0]["test_aa"] is not None else "PGD-10 accuracy (%)")
         ax.set_title(f"eps {eps}")

@@ -51,10 +51,13 @@ def write_configs(folder: Path, datasets: dict, epochs: int, steps: int) -> list
     files = []
     for tag, (dataset, classes, size, patch) in datasets.items():
         subset = f"classes: '{classes}'\n" if classes else ""
-        base = (f"model: vit_tiny_patch16_224\nmodel_args: {{img_size: {size}, patch_size: {patch}, depth: 1, "
-                f"embed_dim: 64, num_heads: 2}}\ndataset: '{dataset}'\n" + subset
-                + f"eps: 0.1\nstep_size: 0.025\nsteps: {steps}\nval_steps: 3\nepochs: {epochs}\nwarmup: 1\n"
-                "batch_size: 64\nrandom_backbone: true\nhead_init: reference\n")  # fmt: skip
+        base = (
+            f"model: vit_tiny_patch16_224\nmodel_args: {{img_size: {size}, patch_size: {patch}, depth: 1, "
+            f"embed_dim: 64, num_heads: 2}}\ndataset: '{dataset}'\n"
+            + subset
+            + f"eps: 0.1\nstep_size: 0.025\nsteps: {steps}\nval_steps: 3\nepochs: {epochs}\nwarmup: 1\n"
+            "batch_size: 64\nrandom_backbone: true\nhead_init: reference\n"
+        )
         variants = {"alp": "method: alp\n"}
         for peft in PEFTS:
             variants[f"roli_{peft}"] = f"method: roli\npeft: {peft}\nlr: 0.001\n"
@@ -89,14 +92,22 @@ def main() -> None:
 
     t0 = time.perf_counter()  # one by one, as a user without the grid runs them
     for f in files:
-        subprocess.run([*roli_cmd, "--config", str(f), "--run-dir", str(work / "solo" / f.stem)], check=True,
-                       capture_output=True, env=env)  # fmt: skip
+        subprocess.run(
+            [*roli_cmd, "--config", str(f), "--run-dir", str(work / "solo" / f.stem)],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
     solo_s = time.perf_counter() - t0
 
     def run_grid(folder: str, *extra: str) -> float:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "roli.grid", *map(str, files), "--out", str(work / folder), "--jobs",
-                        "1", *extra], check=True, capture_output=True, env=env)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "roli.grid", *map(str, files), "--out", str(work / folder), "--jobs", "1", *extra],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         return time.perf_counter() - t0
 
     fresh_s = run_grid("grid-fresh", "--fresh-processes")
@@ -106,8 +117,12 @@ def main() -> None:
         grid = json.loads((root / "grid.json").read_text())
         same = compared = 0
         differ = []
-        alp_of = {c: Path(r["dir"]) for r in grid["runs"].values() if r["dir"].startswith(str(root / "alp"))
-                  for c in r["configs"]}  # fmt: skip
+        alp_of = {
+            c: Path(r["dir"])
+            for r in grid["runs"].values()
+            if r["dir"].startswith(str(root / "alp"))
+            for c in r["configs"]
+        }
         for f in files:
             name = f.stem
             solo = results_of(work / "solo" / name)
@@ -134,25 +149,40 @@ def main() -> None:
     train_solo, train_grid = training_seconds(work / "solo"), training_seconds(work / "grid")
     alp_solo = sum(1 for f in files if not f.stem.split("_", 1)[1].startswith("ranli"))
     alp_grid = len(list((work / "grid" / "alp").iterdir()))
-    rows = [{"runs": len(files), "one_by_one_s": round(solo_s, 1), "grid_s": round(grid_s, 1),
-             "speedup": round(solo_s / grid_s, 3), "grid_fresh_s": round(fresh_s, 1),
-             "speedup_fresh": round(solo_s / fresh_s, 3), "training_one_by_one_s": round(train_solo, 1),
-             "training_grid_s": round(train_grid, 1), "alp_stages_one_by_one": alp_solo, "alp_stages_grid": alp_grid,
-             "stages_identical": f"{same}/{compared}", "stages_identical_fresh": f"{same_f}/{compared_f}",
-             "epochs": args.epochs, "steps": args.steps}]  # fmt: skip
+    rows = [
+        {
+            "runs": len(files),
+            "one_by_one_s": round(solo_s, 1),
+            "grid_s": round(grid_s, 1),
+            "speedup": round(solo_s / grid_s, 3),
+            "grid_fresh_s": round(fresh_s, 1),
+            "speedup_fresh": round(solo_s / fresh_s, 3),
+            "training_one_by_one_s": round(train_solo, 1),
+            "training_grid_s": round(train_grid, 1),
+            "alp_stages_one_by_one": alp_solo,
+            "alp_stages_grid": alp_grid,
+            "stages_identical": f"{same}/{compared}",
+            "stages_identical_fresh": f"{same_f}/{compared_f}",
+            "epochs": args.epochs,
+            "steps": args.steps,
+        }
+    ]
     stamp = time.strftime("%Y-%m-%d")
-    table = "\n".join([
-        f"roli grid vs the same {len(files)} configs one by one ({stamp}, {cpu_name()}; "
-        f"{len(datasets)} datasets x 11 configs, one-block ViT, PGD-{args.steps}, {args.epochs} epochs, one run at "
-        "a time)", "",
-        "| runs | wall: one by one | wall: grid --fresh-processes (speed-up) | wall: grid (speed-up) | training "
-        "epochs' time: one by one / grid | ALP stages trained | identical figures: fresh, grid |",
-        "|---|---|---|---|---|---|---|",
-        f"| {len(files)} | {solo_s:.0f} s | {fresh_s:.0f} s ({solo_s / fresh_s:.2f}x) | {grid_s:.0f} s "
-        f"({solo_s / grid_s:.2f}x) | {train_solo:.0f} s / {train_grid:.0f} s "
-        f"({train_solo / max(train_grid, 1e-9):.2f}x) | {alp_solo} / {alp_grid} | "
-        f"{same_f}/{compared_f}, {same}/{compared} |",
-    ])  # fmt: skip
+    table = "\n".join(
+        [
+            f"roli grid vs the same {len(files)} configs one by one ({stamp}, {cpu_name()}; "
+            f"{len(datasets)} datasets x 11 configs, one-block ViT, PGD-{args.steps}, {args.epochs} epochs, one run at "
+            "a time)",
+            "",
+            "| runs | wall: one by one | wall: grid --fresh-processes (speed-up) | wall: grid (speed-up) | training "
+            "epochs' time: one by one / grid | ALP stages trained | identical figures: fresh, grid |",
+            "|---|---|---|---|---|---|---|",
+            f"| {len(files)} | {solo_s:.0f} s | {fresh_s:.0f} s ({solo_s / fresh_s:.2f}x) | {grid_s:.0f} s "
+            f"({solo_s / grid_s:.2f}x) | {train_solo:.0f} s / {train_grid:.0f} s "
+            f"({train_solo / max(train_grid, 1e-9):.2f}x) | {alp_solo} / {alp_grid} | "
+            f"{same_f}/{compared_f}, {same}/{compared} |",
+        ]
+    )
     if differ:
         table += f"\n\nstages whose figures differ: {', '.join(differ)}"
     print(table)

@@ -44,8 +44,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="epochs of each transfer stage (ALP, finetuning)")
     ap.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "roli-bench-head-init"),
-                    help="run directories and the data subset (never inside the repository)")  # fmt: skip
+    ap.add_argument(
+        "--work",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "roli-bench-head-init"),
+        help="run directories and the data subset (never inside the repository)",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one epoch, no AutoAttack")
     args = ap.parse_args()
@@ -60,8 +63,17 @@ def main() -> None:
     if not npz.exists():
         subset(data, npz, args.train_per_class, args.test_per_class)
     eps = parse_budget(args.eps, "eps", "linf")
-    common = dict(model="roli.models.small:small_cnn", dataset=f"npz:{npz}", eps=eps, step_size=eps / 4, steps=7,
-                  val_steps=10, batch_size=64, seed=0, device=args.device)  # fmt: skip
+    common = dict(
+        model="roli.models.small:small_cnn",
+        dataset=f"npz:{npz}",
+        eps=eps,
+        step_size=eps / 4,
+        steps=7,
+        val_steps=10,
+        batch_size=64,
+        seed=0,
+        device=args.device,
+    )
     src = work / f"source-{args.train_per_class}-{args.source_epochs}-{args.eps.replace('/', '_')}"
     weights = source_backbone(src, args.source_epochs, common)
     target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=1, weight_decay=0.01, **common)
@@ -70,19 +82,40 @@ def main() -> None:
     def row(name: str, init: str, res: dict, run_dir: Path, stage: str | None) -> None:
         aa = None if args.quick else autoattack(run_dir, stage, args.aa_version, args.device)
         test = res["test"]
-        rows.append({"method": name, "head_init": init, "clean": test["clean"], "pgd10": test["pgd10"],
-                     "autoattack": aa, "n_test": test["n"]})  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "head_init": init,
+                "clean": test["clean"],
+                "pgd10": test["pgd10"],
+                "autoattack": aa,
+                "n_test": test["n"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     roli_dir = work / "roli-reference"
-    res = run(TrainConfig(method="roli", compare_ranli=True, head_init="reference", alp_lr=0.05, lr=2e-4,
-                          ranli_lr=1e-3, run_dir=str(roli_dir), **target), overwrite=True)  # fmt: skip
+    res = run(
+        TrainConfig(
+            method="roli",
+            compare_ranli=True,
+            head_init="reference",
+            alp_lr=0.05,
+            lr=2e-4,
+            ranli_lr=1e-3,
+            run_dir=str(roli_dir),
+            **target,
+        ),
+        overwrite=True,
+    )
     row("RoLI (ALP head)", "reference (ALP's start)", res["RoLI-full"], roli_dir, "roli-ft")
     row("RanLI", "reference", res["RanLI-full"], roli_dir, "ranli-ft")
     for init in INITS[1:]:
         run_dir = work / f"ranli-{init}"
-        res = run(TrainConfig(method="ft", init="random", head_init=init, lr=1e-3, run_dir=str(run_dir), **target),
-                  overwrite=True)  # fmt: skip
+        res = run(
+            TrainConfig(method="ft", init="random", head_init=init, lr=1e-3, run_dir=str(run_dir), **target),
+            overwrite=True,
+        )
         row("RanLI", init, next(iter(res.values())), run_dir, None)
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     n_train = 5 * args.train_per_class * 9 // 10
@@ -95,12 +128,19 @@ def main() -> None:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     for r in rows:
-        lines.append(f"| {r['method']} | {r['head_init']} | {pct(r['clean'])} | {pct(r['pgd10'])} | "
-                     f"{pct(r['autoattack'])} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['head_init']} | {pct(r['clean'])} | {pct(r['pgd10'])} | {pct(r['autoattack'])} |"
+        )
     table = "\n".join(lines)
     print(table)
-    write_results(args.out, "bench_head_init", table, rows, {"date": stamp, "device": device_name(args.device)},
-                  torch.device(args.device).type)  # fmt: skip
+    write_results(
+        args.out,
+        "bench_head_init",
+        table,
+        rows,
+        {"date": stamp, "device": device_name(args.device)},
+        torch.device(args.device).type,
+    )
 
 
 if __name__ == "__main__":

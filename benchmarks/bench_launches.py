@@ -86,8 +86,15 @@ def main() -> None:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        rows.append({"model": name, "batch": args.batch, "events": events, "kernels": leaves,
-                     "seconds": statistics.median(times)})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "batch": args.batch,
+                "events": events,
+                "kernels": leaves,
+                "seconds": statistics.median(times),
+            }
+        )
     if args.json:
         for r in rows:
             print(json.dumps(r))

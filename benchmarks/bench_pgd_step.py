@@ -156,13 +156,30 @@ def main() -> None:
                 x = x0.clone()
                 t = measure(bind(fn, x, grad, x_nat), device, reps)
                 base = t["p50"] if name == "eager_chain" else base
-                rows.append({"provider": name, "shape": "x".join(map(str, shape)), "dtype": dname, "norm": args.norm,
-                             "p20_ms": t["p20"] * 1e3, "p50_ms": t["p50"] * 1e3, "p80_ms": t["p80"] * 1e3,
-                             "GBps": nbytes / t["p50"] / 1e9, "pct_copy": 100 * nbytes / t["p50"] / 1e9 / copy_gbs,
-                             "speedup_vs_eager": base / t["p50"], "max_err": err})  # fmt: skip
+                rows.append(
+                    {
+                        "provider": name,
+                        "shape": "x".join(map(str, shape)),
+                        "dtype": dname,
+                        "norm": args.norm,
+                        "p20_ms": t["p20"] * 1e3,
+                        "p50_ms": t["p50"] * 1e3,
+                        "p80_ms": t["p80"] * 1e3,
+                        "GBps": nbytes / t["p50"] / 1e9,
+                        "pct_copy": 100 * nbytes / t["p50"] / 1e9 / copy_gbs,
+                        "speedup_vs_eager": base / t["p50"],
+                        "max_err": err,
+                    }
+                )
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    meta = {"date": stamp, "device": device_name(device), "torch": torch.__version__, "roli": roli.__version__,
-            "triton": _triton_version(), "copy_GBps": round(copy_gbs, 1)}  # fmt: skip
+    meta = {
+        "date": stamp,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "roli": roli.__version__,
+        "triton": _triton_version(),
+        "copy_GBps": round(copy_gbs, 1),
+    }
     table = render(rows, meta)
     print(table)
     out = Path(args.out)
@@ -188,13 +205,17 @@ def _triton_version() -> str:
 
 
 def render(rows, meta) -> str:
-    head = (f"pgd_step_ ({rows[0]['norm']}) on {meta['device']}, {meta['date']}; torch {meta['torch']}, "
-            f"triton {meta['triton']}; same-run copy_ bandwidth {meta['copy_GBps']} GB/s")  # fmt: skip
+    head = (
+        f"pgd_step_ ({rows[0]['norm']}) on {meta['device']}, {meta['date']}; torch {meta['torch']}, "
+        f"triton {meta['triton']}; same-run copy_ bandwidth {meta['copy_GBps']} GB/s"
+    )
     cols = "| shape | dtype | provider | median ms | GB/s (4 passes) | % of copy_ | speedup vs eager chain |"
     lines = [head, "", cols, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['p50_ms']:.3f} | {r['GBps']:.1f} | "
-                     f"{r['pct_copy']:.0f}% | {r['speedup_vs_eager']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['p50_ms']:.3f} | {r['GBps']:.1f} | "
+            f"{r['pct_copy']:.0f}% | {r['speedup_vs_eager']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -57,8 +57,9 @@ def main() -> None:
     reps = 3 if args.quick else 7
     torch.manual_seed(0)
     model = create_classifier("resnet18", 10, mean=CIFAR_MEAN, std=CIFAR_STD, input_size=None)
-    data = ArrayData(torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8),
-                     torch.randint(0, 10, (args.n,)), 10, "random")  # fmt: skip
+    data = ArrayData(
+        torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (args.n,)), 10, "random"
+    )
     val = compute_features(model, ArrayData(data.x[:256], data.y[:256], 10, "v"))
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -75,21 +76,46 @@ def main() -> None:
             train_linear_probe(lambda e: compute_features(model, data), val, 10, lr=0.1, epochs=1, batch_size=256)
 
         t_cached, t_recomp = timed(lp_cached, reps), timed(lp_recompute, max(2, reps // 2))
-        rows.append({"measure": "LP epoch", "variant": "from the cache", "seconds": t_cached,
-                     "ratio": t_recomp / t_cached, "target": ">= 100x faster than recomputing"})  # fmt: skip
-        rows.append({"measure": "LP epoch", "variant": "recompute features", "seconds": t_recomp, "ratio": 1.0,
-                     "target": ""})  # fmt: skip
-        rows.append({"measure": "cache lookup (once per run)", "variant": "hash weights + data, mmap",
-                     "seconds": t_lookup, "ratio": t_recomp / t_lookup, "target": ""})  # fmt: skip
+        rows.append(
+            {
+                "measure": "LP epoch",
+                "variant": "from the cache",
+                "seconds": t_cached,
+                "ratio": t_recomp / t_cached,
+                "target": ">= 100x faster than recomputing",
+            }
+        )
+        rows.append(
+            {"measure": "LP epoch", "variant": "recompute features", "seconds": t_recomp, "ratio": 1.0, "target": ""}
+        )
+        rows.append(
+            {
+                "measure": "cache lookup (once per run)",
+                "variant": "hash weights + data, mmap",
+                "seconds": t_lookup,
+                "ratio": t_recomp / t_lookup,
+                "target": "",
+            }
+        )
         f = cache.get(model, data, "train")
         lrs = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
-        sweep = round_robin({
-            "1 head": lambda: train_linear_probes((f.x, f.y), val, 10, lrs[:1], epochs=5, batch_size=256),
-            "8 heads": lambda: train_linear_probes((f.x, f.y), val, 10, lrs, epochs=5, batch_size=256),
-        }, reps)  # fmt: skip
+        sweep = round_robin(
+            {
+                "1 head": lambda: train_linear_probes((f.x, f.y), val, 10, lrs[:1], epochs=5, batch_size=256),
+                "8 heads": lambda: train_linear_probes((f.x, f.y), val, 10, lrs, epochs=5, batch_size=256),
+            },
+            reps,
+        )
         for k, t in sweep.items():
-            rows.append({"measure": "LP sweep (5 epochs)", "variant": k, "seconds": t, "ratio": t / sweep["1 head"],
-                         "target": "<= 1.5x the time of one head" if k == "8 heads" else ""})  # fmt: skip
+            rows.append(
+                {
+                    "measure": "LP sweep (5 epochs)",
+                    "variant": k,
+                    "seconds": t,
+                    "ratio": t / sweep["1 head"],
+                    "target": "<= 1.5x the time of one head" if k == "8 heads" else "",
+                }
+            )
     apply_peft(model, "linear")
     x, y = data.x[:64].float() / 255, data.y[:64]
     ours16 = copy.deepcopy(model)
@@ -97,23 +123,41 @@ def main() -> None:
     opts = {k: torch.optim.SGD(m.head.parameters(), lr=0.01, momentum=0.9) for k, m in (("32", model), ("16", ours16))}
     budget = dict(eps=8 / 255, step_size=2 / 255, steps=7, keep="last", seed=0)
     attacks = {"fp32": PGD(model, **budget), "bf16": PGD(ours16, precision="bf16", **budget)}
-    steps = round_robin({
-        "reference-style fp32": lambda: reference_alp_step(model, opts["32"], x, y),
-        "ours fp32": lambda: alp_step(model, attacks["fp32"], opts["32"], x, y, "fp32"),
-        "ours bf16": lambda: alp_step(ours16, attacks["bf16"], opts["16"], x, y, "bf16"),
-    }, reps)  # fmt: skip
+    steps = round_robin(
+        {
+            "reference-style fp32": lambda: reference_alp_step(model, opts["32"], x, y),
+            "ours fp32": lambda: alp_step(model, attacks["fp32"], opts["32"], x, y, "fp32"),
+            "ours bf16": lambda: alp_step(ours16, attacks["bf16"], opts["16"], x, y, "bf16"),
+        },
+        reps,
+    )
     ref = steps["reference-style fp32"]
     for k, t in steps.items():
         target = {"ours fp32": ">= 1.1x", "ours bf16": ">= 1.8x"}.get(k, "")
-        rows.append({"measure": "ALP step (PGD-7 + update, batch 64)", "variant": k, "seconds": t,
-                     "ratio": ref / t, "target": target, "images_per_s": 64 / t})  # fmt: skip
+        rows.append(
+            {
+                "measure": "ALP step (PGD-7 + update, batch 64)",
+                "variant": k,
+                "seconds": t,
+                "ratio": ref / t,
+                "target": target,
+                "images_per_s": 64 / t,
+            }
+        )
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     device = cpu_name()
-    lines = [f"Stage-1 benchmark on {device}, {stamp}; torch {torch.__version__}; resnet18 @32x32, {args.n} images",
-             "", "| measure | variant | median s | ratio | target |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Stage-1 benchmark on {device}, {stamp}; torch {torch.__version__}; resnet18 @32x32, {args.n} images",
+        "",
+        "| measure | variant | median s | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        ratio = f"{r['ratio']:.1f}x faster" if r["measure"] == "LP epoch" and r["variant"] == "from the cache" else (
-            f"{r['ratio']:.2f}x the time" if r["measure"].startswith("LP sweep") else f"{r['ratio']:.2f}x")  # fmt: skip
+        ratio = (
+            f"{r['ratio']:.1f}x faster"
+            if r["measure"] == "LP epoch" and r["variant"] == "from the cache"
+            else (f"{r['ratio']:.2f}x the time" if r["measure"].startswith("LP sweep") else f"{r['ratio']:.2f}x")
+        )
         lines.append(f"| {r['measure']} | {r['variant']} | {r['seconds']:.4f} | {ratio} | {r['target']} |")
     table = "\n".join(lines)
     print(table)

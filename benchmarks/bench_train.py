@@ -98,8 +98,18 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
             m.to(memory_format=torch.channels_last)
         net = torch.compile(m) if compiled else m
         layout = "channels_last" if channels_last else "auto"
-        attack = PGD(net, eps=EPS, step_size=ALPHA, steps=STEPS, keep="last", precision=precision, seed=0,
-                     memory_format=layout, cuda_graph=graph, deferred=True)  # fmt: skip
+        attack = PGD(
+            net,
+            eps=EPS,
+            step_size=ALPHA,
+            steps=STEPS,
+            keep="last",
+            precision=precision,
+            seed=0,
+            memory_format=layout,
+            cuda_graph=graph,
+            deferred=True,
+        )
         opt = make_optimizer(param_groups(m, 0.0), "adamw", 1e-5, 0.9)
         out[("FT", label)] = (precision, trainer_step(lambda: ft_step(net, attack, opt, X, Y, precision), attack))
 
@@ -210,8 +220,11 @@ def main() -> None:
     X, Y = torch.rand(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device)
     rows = []
     for name in args.models.split(","):
-        runs = {k: v for k, v in variants(name, use_compile=not args.no_compile, device=device).items()
-                if v[0] in precisions}  # fmt: skip
+        runs = {
+            k: v
+            for k, v in variants(name, use_compile=not args.no_compile, device=device).items()
+            if v[0] in precisions
+        }
         torch.manual_seed(0)
         probe = MODELS[name]().to(device).eval()
         flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}
@@ -224,15 +237,33 @@ def main() -> None:
             seen_peaks[p].append(peaks[p])
         for (kind, label), (precision, _) in runs.items():
             t, ref = times[(kind, label)], times[(kind, "reference-style")]
-            rows.append({"model": name, "step": kind, "variant": label, "seconds": t, "steps_per_s": 1 / t,
-                         "images_per_s": BATCH / t, "vs_reference": ref / t,
-                         "utilisation": flops[kind] / t / 1e9 / peaks[precision], "precision": precision,
-                         "gflop_per_step": flops[kind] / 1e9, "peak_gflops": peaks[precision]})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "step": kind,
+                    "variant": label,
+                    "seconds": t,
+                    "steps_per_s": 1 / t,
+                    "images_per_s": BATCH / t,
+                    "vs_reference": ref / t,
+                    "utilisation": flops[kind] / t / 1e9 / peaks[precision],
+                    "precision": precision,
+                    "gflop_per_step": flops[kind] / 1e9,
+                    "peak_gflops": peaks[precision],
+                }
+            )
     cols = ["model", "step", "variant", "steps/s", "images/s", "vs reference-style", "FLOP utilisation"]
 
     def cells(r):
-        return [r["model"], r["step"], r["variant"], f"{r['steps_per_s']:.2f}", f"{r['images_per_s']:.1f}",
-                f"{r['vs_reference']:.2f}x", f"{100 * r['utilisation']:.0f}% ({r['precision']})"]  # fmt: skip
+        return [
+            r["model"],
+            r["step"],
+            r["variant"],
+            f"{r['steps_per_s']:.2f}",
+            f"{r['images_per_s']:.1f}",
+            f"{r['vs_reference']:.2f}x",
+            f"{100 * r['utilisation']:.0f}% ({r['precision']})",
+        ]
 
     title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32)"
     title += " (the peak: interleaved with the steps, median over the models)"
@@ -252,8 +283,10 @@ def chart(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
-        vals = [next((r["vs_reference"] for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
-                for g in groups]  # fmt: skip
+        vals = [
+            next((r["vs_reference"] for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
+            for g in groups
+        ]
         ax.bar([i + j * width for i in range(len(groups))], vals, width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{m}\n{s}" for m, s in groups])
     ax.axhline(1.0, color="grey", lw=0.8)

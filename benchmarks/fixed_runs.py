@@ -22,9 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-VIT = ("--model vit_tiny_patch16_224 --model-arg img_size=8 --model-arg patch_size=2 --model-arg depth=1 "
-       "--model-arg embed_dim=48 --model-arg num_heads=2 --dataset digits --random-backbone --eps 0.1 "
-       "--step-size 0.025 --val-steps 3 --batch-size 64 --warmup 1").split()  # fmt: skip
+VIT = (
+    "--model vit_tiny_patch16_224 --model-arg img_size=8 --model-arg patch_size=2 --model-arg depth=1 "
+    "--model-arg embed_dim=48 --model-arg num_heads=2 --dataset digits --random-backbone --eps 0.1 "
+    "--step-size 0.025 --val-steps 3 --batch-size 64 --warmup 1"
+).split()
 
 
 def sh(*argv: str, env: dict | None = None) -> None:
@@ -37,15 +39,15 @@ def record_run(run: Path) -> dict:
     out = {"results": json.loads((run / "results.json").read_text())}
     for metrics in sorted(run.glob("*/metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        out[metrics.parent.name] = [{k: r[k] for k in sorted(r) if k not in ("seconds", "images_per_s", "img_s")}
-                                    for r in rows]  # fmt: skip
+        out[metrics.parent.name] = [
+            {k: r[k] for k in sorted(r) if k not in ("seconds", "images_per_s", "img_s")} for r in rows
+        ]
     return out
 
 
 def record_eval(path: Path) -> dict:
     r = json.loads(path.read_text())
-    return {k: r[k] for k in ("n", "clean", "attacks", "per_example", "worst_case", "autoattack_per_attack")
-            if k in r}  # fmt: skip
+    return {k: r[k] for k in ("n", "clean", "attacks", "per_example", "worst_case", "autoattack_per_attack") if k in r}
 
 
 def record(work: Path) -> dict:
@@ -55,21 +57,71 @@ def record(work: Path) -> dict:
     for method in ("lp", "roli"):
         figures[f"demo/{method}"] = record_run(work / "demo" / method)
     lora = work / "lora"
-    sh(py, "-m", "roli.train", *VIT, "--method", "roli", "--peft", "lora", "--epochs", "3", "--steps", "3",
-       "--classes", "0-4", "--compare-ranli", "--run-dir", str(lora))  # fmt: skip
+    sh(
+        py,
+        "-m",
+        "roli.train",
+        *VIT,
+        "--method",
+        "roli",
+        "--peft",
+        "lora",
+        "--epochs",
+        "3",
+        "--steps",
+        "3",
+        "--classes",
+        "0-4",
+        "--compare-ranli",
+        "--run-dir",
+        str(lora),
+    )
     figures["lora"] = record_run(lora)
     fgsm = work / "fgsm"
-    sh(py, "-m", "roli.train", *VIT, "--method", "ft", "--attack", "fgsm-rs", "--guard-every", "5", "--epochs", "3",
-       "--lr", "0.003", "--run-dir", str(fgsm))  # fmt: skip
+    sh(
+        py,
+        "-m",
+        "roli.train",
+        *VIT,
+        "--method",
+        "ft",
+        "--attack",
+        "fgsm-rs",
+        "--guard-every",
+        "5",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.003",
+        "--run-dir",
+        str(fgsm),
+    )
     figures["fgsm-rs"] = record_run(fgsm)
-    figures["fgsm-rs"]["log"] = [line.split(" ", 2)[-1] for line in (fgsm / "train.log").read_text().splitlines()
-                                 if "guard" in line]  # fmt: skip
+    figures["fgsm-rs"]["log"] = [
+        line.split(" ", 2)[-1] for line in (fgsm / "train.log").read_text().splitlines() if "guard" in line
+    ]
     one = work / "eval1.json"
     sh(py, "-m", "roli.evaluate", "--run", str(lora), "--autoattack", "standard", "--n-ex", "48", "--out", str(one))
     figures["evaluate"] = record_eval(one)
     two = work / "eval2.json"
-    sh(py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "roli.evaluate", "--run-dir",
-       str(lora), "--n-ex", "96", "--batch-size", "32", "--out", str(two), env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    sh(
+        py,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "roli.evaluate",
+        "--run-dir",
+        str(lora),
+        "--n-ex",
+        "96",
+        "--batch-size",
+        "32",
+        "--out",
+        str(two),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     figures["evaluate-torchrun-2"] = record_eval(two)
     return figures
 

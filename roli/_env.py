@@ -63,8 +63,9 @@ def _is_toolkit(root: str | None) -> bool:
 def toolkit_release(root: str) -> str | None:
     """The toolkit's CUDA release ("13.0") from its nvcc, or None if nvcc does not say."""
     try:
-        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r"release (\d+\.\d+)", out.stdout)

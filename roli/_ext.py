@@ -193,7 +193,9 @@ def cuda_image_error(device: torch.device) -> str | None:
             _RUNS_ON[index] = None
         except RuntimeError as e:
             major, minor = torch.cuda.get_device_capability(index)
-            _RUNS_ON[index] = (f"roli._C's CUDA kernels have no image for this GPU (sm_{major}{minor}): rebuild "
-                               f"with TORCH_CUDA_ARCH_LIST including {major}.{minor} "
-                               f"({str(e).splitlines()[0][:80]})")  # fmt: skip
+            _RUNS_ON[index] = (
+                f"roli._C's CUDA kernels have no image for this GPU (sm_{major}{minor}): rebuild "
+                f"with TORCH_CUDA_ARCH_LIST including {major}.{minor} "
+                f"({str(e).splitlines()[0][:80]})"
+            )
     return _RUNS_ON[index]

@@ -56,11 +56,16 @@ REF_ADAMW_EPS = 1e-6  # the RoLI reference's own AdamW (src/solver/optimizer.py)
 
 def describe_optimizer(kind: str, lr: float, weight_decay: float, momentum: float) -> str:
     """One line for config.json and --print-config: the optimiser and its decay groups."""
-    decay = {"adamw": "on weights (ndim >= 2), 0 on biases/norms/gates",
-             "adamw-ref": "on every parameter without 'bias' in its name, 0 on the rest",
-             "sgd": "on weights (ndim >= 2), 0 on biases/norms/gates"}[kind]  # fmt: skip
-    opt = {"sgd": f"SGD momentum {momentum}", "adamw": "AdamW (torch, eps 1e-8)",
-           "adamw-ref": f"AdamW (reference, eps {REF_ADAMW_EPS:g})"}[kind]  # fmt: skip
+    decay = {
+        "adamw": "on weights (ndim >= 2), 0 on biases/norms/gates",
+        "adamw-ref": "on every parameter without 'bias' in its name, 0 on the rest",
+        "sgd": "on weights (ndim >= 2), 0 on biases/norms/gates",
+    }[kind]
+    opt = {
+        "sgd": f"SGD momentum {momentum}",
+        "adamw": "AdamW (torch, eps 1e-8)",
+        "adamw-ref": f"AdamW (reference, eps {REF_ADAMW_EPS:g})",
+    }[kind]
     return f"{opt}, lr {lr:g}, decay {weight_decay:g} {decay}" if weight_decay else f"{opt}, lr {lr:g}, no decay"
 
 
@@ -89,8 +94,10 @@ def _check_stage(stage: str, d, norm: str, run_epochs: int) -> None:
             raise BadValue(f"{stage}.{key}: must be an integer >= {low}; got {v!r}")
     epochs = d.get("epochs", run_epochs)
     if d.get("warmup", 0) > epochs:
-        raise BadValue(f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
-                          f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}")  # fmt: skip
+        raise BadValue(
+            f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
+            f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}"
+        )
 
 
 def installed_module(spec: str) -> bool:
@@ -108,8 +115,11 @@ def installed_module(spec: str) -> bool:
         found = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
-    where = (found.origin if found and found.origin else None) or next(iter(found.submodule_search_locations or []),
-                                                                        None) if found else None  # fmt: skip
+    where = (
+        (found.origin if found and found.origin else None) or next(iter(found.submodule_search_locations or []), None)
+        if found
+        else None
+    )
     return where is not None and any(p in ("site-packages", "dist-packages") for p in Path(where).resolve().parts)
 
 
@@ -117,8 +127,10 @@ def check_code_from_file(model: str, source: str, trust_code: bool) -> None:
     """A model spec read from a file (a config, a run's config.json) imports and calls code: only an installed
     package's, unless --trust-code. Checked before anything is imported."""
     if ":" in str(model) and not trust_code and not installed_module(str(model)):
-        raise BadValue(f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
-                          "file only from installed packages: pass --trust-code if you trust the file")  # fmt: skip
+        raise BadValue(
+            f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
+            "file only from installed packages: pass --trust-code if you trust the file"
+        )
 
 
 SHIPPED = Path(__file__).resolve().parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
@@ -141,8 +153,9 @@ def find_config(text: str) -> Path:
     if re.fullmatch(r"[\w-]+/[\w-]+", name):
         near = [n for n in shipped_configs() if n.split("/")[0] == name.split("/")[0]]
         hint = f" ({name.split('/')[0]} has: {', '.join(n.split('/')[1] for n in near)})" if near else ""
-        raise BadValue(f"config: {text} is neither a file nor a shipped setting{hint}; roli train --list-configs "
-                          "lists them")  # fmt: skip
+        raise BadValue(
+            f"config: {text} is neither a file nor a shipped setting{hint}; roli train --list-configs lists them"
+        )
     raise BadValue(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
 
 
@@ -245,26 +258,36 @@ class TrainConfig:
     def __post_init__(self):
         self._check_types()
         need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        need(self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
-             f"init: {self.init!r} is not random, lp, alp or a checkpoint path")  # fmt: skip
+        need(
+            self.init in ("random", "lp", "alp") or Path(self.init).suffix != "" or Path(self.init).exists(),
+            f"init: {self.init!r} is not random, lp, alp or a checkpoint path",
+        )
         # Each domain's values are checked where its spec is built (roli.specs); the parsed forms are kept.
         model, attack = self.model_spec, self.attack_spec
         self.mean, self.std, self.eps, self.step_size = model.mean, model.std, attack.eps, attack.step_size
         self.peft_spec, self.data_spec  # noqa: B018 - built to check them
         _check_attack("attack", self.attack, self.norm)
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
-        need(self.autoattack in (None, "standard", "plus", "rand"),
-             f"autoattack: {self.autoattack!r} is not standard, plus or rand")  # fmt: skip
+        need(
+            self.autoattack in (None, "standard", "plus", "rand"),
+            f"autoattack: {self.autoattack!r} is not standard, plus or rand",
+        )
         for name in ("guard_every", "guard_images"):
             need_int(name, getattr(self, name), 0 if name == "guard_every" else 1)
-        need(is_number(self.guard_drop) and 0 < self.guard_drop < 1,
-             f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}")  # fmt: skip
+        need(
+            is_number(self.guard_drop) and 0 < self.guard_drop < 1,
+            f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}",
+        )
         self._check_optimisation()
         self.device = auto_device(self.device)
-        need(isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
-             f"device: {self.device!r} is not cpu, cuda or cuda:N")  # fmt: skip
-        need(not self.cuda_graph or str(self.device).startswith("cuda"),
-             f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}")  # fmt: skip
+        need(
+            isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+            f"device: {self.device!r} is not cpu, cuda or cuda:N",
+        )
+        need(
+            not self.cuda_graph or str(self.device).startswith("cuda"),
+            f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}",
+        )
         self._check_method_combinations()
         self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
 
@@ -280,31 +303,45 @@ class TrainConfig:
         need(is_int(self.seed, 0) and self.seed < 2**63, f"seed: must be an integer in [0, 2**63); got {self.seed!r}")
 
     def _check_optimisation(self) -> None:
-        need(self.optimizer in (None, *OPTIMIZERS), f"optimizer: {self.optimizer!r} is not one of "
-                                                     f"{', '.join(OPTIMIZERS)}")  # fmt: skip
+        need(
+            self.optimizer in (None, *OPTIMIZERS),
+            f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}",
+        )
         need_int("epochs", self.epochs, 1)
         need_int("batch_size", self.batch_size, 1)
         need_int("warmup", self.warmup, 0)
-        need(self.warmup <= self.epochs,
-             f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
-             f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})")  # fmt: skip
+        need(
+            self.warmup <= self.epochs,
+            f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
+            f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})",
+        )
         for stage in ("alp", "ft", "ranli"):
             _check_stage(stage, getattr(self, stage), self.norm, self.epochs)
         for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
             value = getattr(self, name)
-            need(value is None or is_number(value) and value >= 0,
-                 f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}")  # fmt: skip
-        need(is_number(self.momentum) and 0 <= self.momentum < 1,
-             f"momentum: must be a number in [0, 1); got {self.momentum!r}")  # fmt: skip
+            need(
+                value is None or is_number(value) and value >= 0,
+                f"{name.replace('_', '-')}: must be a number >= 0; got {value!r}",
+            )
+        need(
+            is_number(self.momentum) and 0 <= self.momentum < 1,
+            f"momentum: must be a number in [0, 1); got {self.momentum!r}",
+        )
 
     def _check_method_combinations(self) -> None:
-        need(self.stage_name is None or self.method == "ft" and re.fullmatch(r"(RoLI|RanLI)-[\w-]+", self.stage_name)
-             is not None and (self.stage_name.startswith("RanLI-") == (self.init == "random")),
-             f"stage-name: {self.stage_name!r} names a --method ft stage RoLI-<peft> (from a head) or RanLI-<peft> "
-             "(--init random)")  # fmt: skip
-        need(self.method != "roli" or self.init == "alp",
-             f"init: --method roli finetunes from the ALP head; got --init {self.init} (a random head is RanLI: "
-             "--method ft --init random, or --compare-ranli beside RoLI)")  # fmt: skip
+        need(
+            self.stage_name is None
+            or self.method == "ft"
+            and re.fullmatch(r"(RoLI|RanLI)-[\w-]+", self.stage_name) is not None
+            and (self.stage_name.startswith("RanLI-") == (self.init == "random")),
+            f"stage-name: {self.stage_name!r} names a --method ft stage RoLI-<peft> (from a head) or RanLI-<peft> "
+            "(--init random)",
+        )
+        need(
+            self.method != "roli" or self.init == "alp",
+            f"init: --method roli finetunes from the ALP head; got --init {self.init} (a random head is RanLI: "
+            "--method ft --init random, or --compare-ranli beside RoLI)",
+        )
         need(
             not self.compare_ranli or self.method == "roli",
             f"compare-ranli: runs the random-head baseline beside --method roli; got --method {self.method}",
@@ -314,9 +351,22 @@ class TrainConfig:
 
     @cached_property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.model, self.model_args, self.checkpoint, self.non_strict, self.ema, self.download,
-                         self.keep_source_head, self.pretrained, self.random_backbone, self.mean, self.std,
-                         self.input_size, self.interpolation, self.head_init)  # fmt: skip
+        return ModelSpec(
+            self.model,
+            self.model_args,
+            self.checkpoint,
+            self.non_strict,
+            self.ema,
+            self.download,
+            self.keep_source_head,
+            self.pretrained,
+            self.random_backbone,
+            self.mean,
+            self.std,
+            self.input_size,
+            self.interpolation,
+            self.head_init,
+        )
 
     @cached_property
     def peft_spec(self) -> PeftSpec:
@@ -324,13 +374,33 @@ class TrainConfig:
 
     @cached_property
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.dataset, self.classes, self.image_root, self.val_percent, self.split_seed, self.resize,
-                        self.crop_size, self.data_interpolation, self.workers)  # fmt: skip
+        return DataSpec(
+            self.dataset,
+            self.classes,
+            self.image_root,
+            self.val_percent,
+            self.split_seed,
+            self.resize,
+            self.crop_size,
+            self.data_interpolation,
+            self.workers,
+        )
 
     @cached_property
     def attack_spec(self) -> AttackSpec:
-        return AttackSpec(self.norm, self.eps, self.step_size, self.steps, self.random_start, self.val_steps,
-                          self.precision, self.seed, self.fold_bn, self.cuda_graph, self.channels_last)  # fmt: skip
+        return AttackSpec(
+            self.norm,
+            self.eps,
+            self.step_size,
+            self.steps,
+            self.random_start,
+            self.val_steps,
+            self.precision,
+            self.seed,
+            self.fold_bn,
+            self.cuda_graph,
+            self.channels_last,
+        )
 
     @cached_property
     def batches(self) -> Batches:
@@ -431,8 +501,13 @@ class TrainConfig:
 
     def resolved(self) -> dict:
         """The settings every stage of this method runs with (written into config.json)."""
-        kinds = {"pretrain": ["pretrain"], "lp": ["lp"], "alp": ["alp"], "roli": ["alp", "ft"],
-                 "ft": {"lp": ["lp", "ft"], "alp": ["alp", "ft"]}.get(self.init, ["ft"])}[self.method]  # fmt: skip
+        kinds = {
+            "pretrain": ["pretrain"],
+            "lp": ["lp"],
+            "alp": ["alp"],
+            "roli": ["alp", "ft"],
+            "ft": {"lp": ["lp", "ft"], "alp": ["alp", "ft"]}.get(self.init, ["ft"]),
+        }[self.method]
         if self.method == "roli" and self.compare_ranli:
             kinds.append("ranli")
         out = {}
@@ -447,6 +522,13 @@ class TrainConfig:
                     "(its optimizer.py falls through to SGD, momentum 0.9, no decay); use sgd"
                 )
             detail = describe_optimizer(s.optimizer, s.lr, s.weight_decay, self.momentum)
-            out[name] = {"optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
-                         "warmup": s.warmup, "attack": s.attack, "optimizer_detail": detail}  # fmt: skip
+            out[name] = {
+                "optimizer": s.optimizer,
+                "lr": s.lr,
+                "weight_decay": s.weight_decay,
+                "epochs": s.epochs,
+                "warmup": s.warmup,
+                "attack": s.attack,
+                "optimizer_detail": detail,
+            }
         return out

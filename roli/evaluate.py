@@ -57,20 +57,37 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("evaluate"), description=__doc__.strip())
     g = p.add_argument_group("model")
-    g.add_argument("--run", "--run-dir", dest="run", metavar="RUN_DIR",
-                   help="evaluate a run of python -m roli.train (instead of --model); under torchrun write --run-dir, "
-                        "since torchrun reads --run as an abbreviation of its own --run-path")  # fmt: skip
-    g.add_argument("--allow-changed-data", action="store_true",
-                   help="with --run: evaluate although the run's data or settings changed since it trained (what "
-                        "changed is recorded in the results)")  # fmt: skip
-    g.add_argument("--trust-code", action="store_true",
-                   help="with --run: build a package.module:function model named in the run's config.json even when "
-                        "it is not an installed package's")  # fmt: skip
+    g.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        metavar="RUN_DIR",
+        help="evaluate a run of python -m roli.train (instead of --model); under torchrun write --run-dir, "
+        "since torchrun reads --run as an abbreviation of its own --run-path",
+    )
+    g.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="with --run: evaluate although the run's data or settings changed since it trained (what "
+        "changed is recorded in the results)",
+    )
+    g.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="with --run: build a package.module:function model named in the run's config.json even when "
+        "it is not an installed package's",
+    )
     g.add_argument("--stage", help="with --run: which stage's best.pt (default: the last one the run finished)")
-    g.add_argument("--model", help="a published robust backbone (python -m roli.zoo), a timm name "
-                   "or 'package.module:function' (an nn.Module factory)")  # fmt: skip
-    g.add_argument("--checkpoint", help="weights (.pt/.pth/.bin/.safetensors; timm, ARES, RobustBench, MadryLab, "
-                   "RoLI-reference or roli format) holding the classifier to evaluate")  # fmt: skip
+    g.add_argument(
+        "--model",
+        help="a published robust backbone (python -m roli.zoo), a timm name "
+        "or 'package.module:function' (an nn.Module factory)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        help="weights (.pt/.pth/.bin/.safetensors; timm, ARES, RobustBench, MadryLab, "
+        "RoLI-reference or roli format) holding the classifier to evaluate",
+    )
     g.add_argument("--non-strict", action="store_true", help="load a checkpoint with missing/unexpected keys")
     g.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (timm CheckpointSaver files)")
     g.add_argument(
@@ -79,16 +96,24 @@ def build_parser() -> OneLineParser:
         help="registry backbones: fetch the file into the cache when no --checkpoint is given",
     )
     g.add_argument("--timm-pretrained", action="store_true", help="start from timm's weights (needs a reachable hub)")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to the model constructor, e.g. img_size=32 (repeatable)")  # fmt: skip
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to the model constructor, e.g. img_size=32 (repeatable)",
+    )
     g.add_argument("--num-classes", type=int, help="classes of the model (default: the dataset's)")
     g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", help="per-channel std applied inside the model")
     g.add_argument("--input-size", type=int, help="resize images to this size inside the model")
     g.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"], help="of that resize")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR "
-                   "(with --run: the run's by default)")  # fmt: skip
+    g.add_argument(
+        "--dataset",
+        help="digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or json:DIR "
+        "(with --run: the run's by default)",
+    )
     g.add_argument("--image-root", help="image root of a json:DIR dataset (default: DIR)")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     g.add_argument("--n-ex", type=int, help="evaluate the first N examples only")
@@ -111,8 +136,11 @@ def build_parser() -> OneLineParser:
     g.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")
     g.add_argument("--seed", type=int, help="seeds the random starts (default 0, or the run's)")
-    g.add_argument("--out", help="write the results as JSON here (with --run, default: a new file in "
-                   "RUN_DIR/STAGE/evaluations/, where roli report reads AutoAttack results from)")  # fmt: skip
+    g.add_argument(
+        "--out",
+        help="write the results as JSON here (with --run, default: a new file in "
+        "RUN_DIR/STAGE/evaluations/, where roli report reads AutoAttack results from)",
+    )
     p.add_defaults({a.dest: a.default for a in p._actions if a.dest != "help"})
     return p
 
@@ -123,9 +151,17 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
     if (mean == "auto") != (std == "auto"):
         raise BadValue("--mean and --std go together")
     try:
-        model = create_classifier(args.model, num_classes, mean=mean, std=std, in_chans=in_chans,
-                                  input_size=args.input_size or "auto", interpolation=args.interpolation,
-                                  pretrained=args.timm_pretrained, **parse_kwargs(args.model_arg))  # fmt: skip
+        model = create_classifier(
+            args.model,
+            num_classes,
+            mean=mean,
+            std=std,
+            in_chans=in_chans,
+            input_size=args.input_size or "auto",
+            interpolation=args.interpolation,
+            pretrained=args.timm_pretrained,
+            **parse_kwargs(args.model_arg),
+        )
         checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.download)
     except (ValueError, TypeError) as e:
         raise BadValue(f"--model: {e}") from None
@@ -147,9 +183,11 @@ def _model(args, num_classes: int, in_chans: int, device: torch.device) -> Robus
         print(f"classifier: {args.model} returns {num_classes} outputs: evaluated as the whole classifier")
     if head_from is None and not args.timm_pretrained:
         why = report.head if checkpoint else "no --checkpoint"
-        raise BadValue(f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
-                       "holds one (a roli run's best.pt, a model trained on these labels), or set --num-classes to "
-                       "its class count")  # fmt: skip
+        raise BadValue(
+            f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
+            "holds one (a roli run's best.pt, a model trained on these labels), or set --num-classes to "
+            "its class count"
+        )
     return model.to(device).eval()
 
 
@@ -184,10 +222,21 @@ def _from_run(args):
             listed = " | --run ".join(inner)
             raise BadValue(f"--run: {run} holds {len(inner)} runs, evaluate one of them: --run {listed}")
         raise BadValue(f"--run: {run} holds no config.json: not a run directory of {prog('train')}")
-    given = [flag for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint),
-             ("--model-arg", args.model_arg), ("--mean", args.mean), ("--std", args.std),
-             ("--input-size", args.input_size), ("--num-classes", args.num_classes), ("--ema", args.ema),
-             ("--timm-pretrained", args.timm_pretrained)) if value]  # fmt: skip
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--checkpoint", args.checkpoint),
+            ("--model-arg", args.model_arg),
+            ("--mean", args.mean),
+            ("--std", args.std),
+            ("--input-size", args.input_size),
+            ("--num-classes", args.num_classes),
+            ("--ema", args.ema),
+            ("--timm-pretrained", args.timm_pretrained),
+        )
+        if value
+    ]
     if given:
         raise BadValue(f"--run rebuilds the model as the run trained it: drop {', '.join(given)}")
     try:
@@ -213,8 +262,9 @@ def _from_run(args):
     return cfg, run / stage
 
 
-def _run_model(model_spec: ModelSpec, peft: PeftSpec, stage_dir: Path, num_classes: int, in_chans: int,
-               device) -> RobustClassifier:  # fmt: skip
+def _run_model(
+    model_spec: ModelSpec, peft: PeftSpec, stage_dir: Path, num_classes: int, in_chans: int, device
+) -> RobustClassifier:
     """The run's model for `stage_dir`: built as the trainer built it (architecture, preprocessing, PEFT
     method of the stage), then the stage's best.pt loaded strictly."""
     from roli.models import apply_peft, load_checkpoint
@@ -289,8 +339,9 @@ def _device(args) -> torch.device:
     return device
 
 
-def _data(args, device, spec: DataSpec | None = None, options: dict | None = None,
-          run_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+def _data(
+    args, device, spec: DataSpec | None = None, options: dict | None = None, run_dir: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(images, labels, classes) of the split evaluated. With --run: the run's own splits (`spec`: its class
     subset, label mapping, validation split), checked against the fingerprint in `run_dir` of the run's
     `options`."""
@@ -361,9 +412,12 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     """Clean accuracy, then each attack asked for (one roli.attacks.evaluation.Evaluation); the worst case over
     all of them, per example."""
     if args.autoattack and D.is_main():
-        print(f"evaluate: AutoAttack-{args.autoattack} on {len(data.y)} images in {data.total} batches (a progress "
-              f"line at most every {_env.progress_seconds():g} s: ROLI_PROGRESS_SECONDS)", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"evaluate: AutoAttack-{args.autoattack} on {len(data.y)} images in {data.total} batches (a progress "
+            f"line at most every {_env.progress_seconds():g} s: ROLI_PROGRESS_SECONDS)",
+            file=sys.stderr,
+            flush=True,
+        )
     evaluation = Evaluation(
         eps,
         step,
@@ -382,15 +436,21 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     if args.aa_state:
         Path(args.aa_state).mkdir(parents=True, exist_ok=True)
     try:
-        outcomes = evaluation.run(model, data, state_dir=args.aa_state, report=_report,
-                                  aa_progress=lambda i: _aa_progress(i, data.total))  # fmt: skip
+        outcomes = evaluation.run(
+            model, data, state_dir=args.aa_state, report=_report, aa_progress=lambda i: _aa_progress(i, data.total)
+        )
     except AutoAttackStateError as e:  # a state file of another model or evaluation, or a corrupt one
         raise BadValue(f"--aa-state: {e}") from None
     flags = outcomes.per_example(data.parts, len(data.y), data.y.device)
     totals = outcomes.totals()
     n = len(data.y)
-    results: dict = {"n": n, "processes": D.world(), "clean": _fraction(flags["clean"]), "attacks": {},
-                     "per_example": {"clean": _bits(flags["clean"])}}  # fmt: skip
+    results: dict = {
+        "n": n,
+        "processes": D.world(),
+        "clean": _fraction(flags["clean"]),
+        "attacks": {},
+        "per_example": {"clean": _bits(flags["clean"])},
+    }
     robust = flags["clean"].clone()
     if "pgd" in flags:
         robust &= flags["pgd"]

@@ -41,9 +41,31 @@ from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
 # RanLI, execution).
-NOT_ALP = {"method", "run_dir", "peft", "init", "stage_name", "lr", "optimizer", "weight_decay", "ft", "ranli",
-           "ranli_lr", "alp_lr", "compare_ranli", "epochs", "warmup", "attack", "alp", "workers", "device", "compile",
-           "cuda_graph", "channels_last", "download"} | {f.name for f in PeftSpec.options()}  # fmt: skip
+NOT_ALP = {
+    "method",
+    "run_dir",
+    "peft",
+    "init",
+    "stage_name",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "ft",
+    "ranli",
+    "ranli_lr",
+    "alp_lr",
+    "compare_ranli",
+    "epochs",
+    "warmup",
+    "attack",
+    "alp",
+    "workers",
+    "device",
+    "compile",
+    "cuda_graph",
+    "channels_last",
+    "download",
+} | {f.name for f in PeftSpec.options()}
 
 
 @dataclass
@@ -98,11 +120,30 @@ def _sha(path: str | None) -> str | None:
 def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The ALP stage of a roli config as a run of its own: the stage's resolved settings, nothing of finetuning."""
     s = cfg.settings("alp")
-    alp = {"optimizer": s.optimizer, "lr": s.lr, "weight_decay": s.weight_decay, "epochs": s.epochs,
-           "warmup": s.warmup, "attack": s.attack}  # fmt: skip
-    return dataclasses.replace(cfg, method="alp", run_dir=str(run_dir), alp=alp, ft={}, ranli={}, lr=None,
-                               optimizer=None, weight_decay=None, alp_lr=None, ranli_lr=None, compare_ranli=False,
-                               init="alp", stage_name=None)  # fmt: skip
+    alp = {
+        "optimizer": s.optimizer,
+        "lr": s.lr,
+        "weight_decay": s.weight_decay,
+        "epochs": s.epochs,
+        "warmup": s.warmup,
+        "attack": s.attack,
+    }
+    return dataclasses.replace(
+        cfg,
+        method="alp",
+        run_dir=str(run_dir),
+        alp=alp,
+        ft={},
+        ranli={},
+        lr=None,
+        optimizer=None,
+        weight_decay=None,
+        alp_lr=None,
+        ranli_lr=None,
+        compare_ranli=False,
+        init="alp",
+        stage_name=None,
+    )
 
 
 def alp_key(cfg: TrainConfig, data: dict) -> str:
@@ -135,8 +176,22 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
         if cfg.method not in ("roli", "alp"):
             runs.append(Job(name, dataclasses.replace(cfg, run_dir=str(run_dir)), sources=[name]))
             continue
-        key_data = json.dumps({k: getattr(cfg, k) for k in ("dataset", "classes", "image_root", "val_percent",
-                              "split_seed", "resize", "crop_size", "data_interpolation")}, sort_keys=True)  # fmt: skip
+        key_data = json.dumps(
+            {
+                k: getattr(cfg, k)
+                for k in (
+                    "dataset",
+                    "classes",
+                    "image_root",
+                    "val_percent",
+                    "split_seed",
+                    "resize",
+                    "crop_size",
+                    "data_interpolation",
+                )
+            },
+            sort_keys=True,
+        )
         if key_data not in data_cache:
             data_cache[key_data] = data_of(cfg.data_spec)
         key = alp_key(cfg, data_cache[key_data])
@@ -147,24 +202,43 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
         if cfg.method == "alp":  # an ALP config is that shared stage itself: its run is DIR/alp/<key>
             continue
         head = out / "alp" / key / "alp" / "best.pt"
-        ft = dataclasses.replace(cfg, method="ft", run_dir=str(run_dir), init=str(head), compare_ranli=False,
-                                 stage_name=f"RoLI-{cfg.peft}")  # fmt: skip
+        ft = dataclasses.replace(
+            cfg, method="ft", run_dir=str(run_dir), init=str(head), compare_ranli=False, stage_name=f"RoLI-{cfg.peft}"
+        )
         runs.append(Job(name, ft, deps=[alp_name], sources=[name]))
         if cfg.compare_ranli:
             r = cfg.settings("ranli")
-            ranli = dataclasses.replace(cfg, method="ft", run_dir=str(out / f"{name}-ranli"), init="random",
-                                        compare_ranli=False, stage_name=f"RanLI-{cfg.peft}", lr=None, optimizer=None,
-                                        weight_decay=None, ranli_lr=None, ft={},
-                                        ranli={"optimizer": r.optimizer, "lr": r.lr, "weight_decay": r.weight_decay,
-                                               "epochs": r.epochs, "warmup": r.warmup, "attack": r.attack})  # fmt: skip
+            ranli = dataclasses.replace(
+                cfg,
+                method="ft",
+                run_dir=str(out / f"{name}-ranli"),
+                init="random",
+                compare_ranli=False,
+                stage_name=f"RanLI-{cfg.peft}",
+                lr=None,
+                optimizer=None,
+                weight_decay=None,
+                ranli_lr=None,
+                ft={},
+                ranli={
+                    "optimizer": r.optimizer,
+                    "lr": r.lr,
+                    "weight_decay": r.weight_decay,
+                    "epochs": r.epochs,
+                    "warmup": r.warmup,
+                    "attack": r.attack,
+                },
+            )
             runs.append(Job(f"{name}-ranli", ranli, sources=[name]))
     jobs = [*alp_jobs.values(), *runs]
     seen: dict[Path, str] = {}
     for job in jobs:
         where = job.run_dir.resolve()
         if where in seen:
-            raise BadValue(f"{job.name} and {seen[where]} would share the run directory {job.run_dir}; give the "
-                           "configs different names")  # fmt: skip
+            raise BadValue(
+                f"{job.name} and {seen[where]} would share the run directory {job.run_dir}; give the "
+                "configs different names"
+            )
         seen[where] = job.name
     return jobs
 
@@ -174,8 +248,12 @@ def state_of(job: Job) -> str:
     d = job.run_dir
     if not (d / ".roli-run").is_file():
         return "new"
-    stages = {"alp": ["alp"], "ft": [job.cfg.stage_name and ("roli-ft" if job.cfg.stage_name.startswith("RoLI")
-              else "ranli-ft") or "ft"], "pretrain": ["pretrain"], "lp": ["lp"]}.get(job.cfg.method)  # fmt: skip
+    stages = {
+        "alp": ["alp"],
+        "ft": [job.cfg.stage_name and ("roli-ft" if job.cfg.stage_name.startswith("RoLI") else "ranli-ft") or "ft"],
+        "pretrain": ["pretrain"],
+        "lp": ["lp"],
+    }.get(job.cfg.method)
     if stages is None:  # a roli run of its own
         stages = ["alp", "roli-ft"] + (["ranli-ft"] if job.cfg.compare_ranli else [])
     if job.cfg.method == "ft" and job.cfg.init in ("lp", "alp"):
@@ -195,8 +273,16 @@ def command(job: Job, out: Path, gpus_per_run: int, trust_code: bool) -> list[st
     """The command line of a job as a new interpreter (torchrun with gpus_per_run > 1)."""
     args = train_args(job, out, trust_code)
     if gpus_per_run > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
-                "-m", "roli.train", *args]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={gpus_per_run}",
+            "-m",
+            "roli.train",
+            *args,
+        ]
     return [sys.executable, "-m", "roli.train", *args]
 
 
@@ -243,8 +329,9 @@ class _Forked:
 
             _Forked._context = multiprocessing.get_context("forkserver")
             _Forked._context.set_forkserver_preload(PRELOAD)
-        self.proc = _Forked._context.Process(target=_train_in_child, args=(argv, str(log_path), env, _cli.INVOKED_AS),
-                                             daemon=False)  # fmt: skip
+        self.proc = _Forked._context.Process(
+            target=_train_in_child, args=(argv, str(log_path), env, _cli.INVOKED_AS), daemon=False
+        )
         self.proc.start()
         self.returncode = None
 
@@ -270,8 +357,9 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local(jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int, trust_code: bool,
-              log=print, fresh: bool = False) -> dict[str, dict]:  # fmt: skip
+def run_local(
+    jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int, trust_code: bool, log=print, fresh: bool = False
+) -> dict[str, dict]:
     """Run the jobs here, dependencies first, at most n_jobs at once; returns {name: {status, seconds}}.
 
     A run is forked from the preloaded server unless `fresh`, torchrun (gpus_per_run > 1) or a platform without
@@ -321,8 +409,10 @@ def run_local(jobs: list[Job], out: Path, n_jobs: int | None, gpus_per_run: int,
             ok = proc.returncode == 0
             status[name] = {"status": "finished" if ok else "failed", "seconds": seconds, "code": proc.returncode}
             where = out / "logs" / (name.replace("/", "__") + ".log")
-            log(f"grid: {name}: " + (f"finished in {seconds:.0f} s" if ok else
-                f"failed (exit {proc.returncode}); see {where}"))  # fmt: skip
+            log(
+                f"grid: {name}: "
+                + (f"finished in {seconds:.0f} s" if ok else f"failed (exit {proc.returncode}); see {where}")
+            )
             free.append(devices)
             del running[name]
         time.sleep(0.2)
@@ -372,8 +462,10 @@ def run_slurm(jobs: list[Job], out: Path, args) -> dict[str, dict]:
         submitted = ex.submit(submitit.helpers.CommandFunction(command(job, out, args.gpus_per_run, args.trust_code)))
         ids[job.name] = str(submitted.job_id)
         status[job.name] = {"status": "submitted", "job_id": ids[job.name], "job": submitted}
-        print(f"grid: {job.name}: submitted as job {ids[job.name]}" + (f" (after {', '.join(job.deps)})"
-              if job.deps else ""))  # fmt: skip
+        print(
+            f"grid: {job.name}: submitted as job {ids[job.name]}"
+            + (f" (after {', '.join(job.deps)})" if job.deps else "")
+        )
         if args.launcher == "submitit-local" and job.deps == [] and any(job.name in j.deps for j in jobs):
             submitted.result()  # the local executor knows no dependencies: an ALP job finishes first
     return status
@@ -383,19 +475,31 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("grid"), description=__doc__.strip())
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="shipped settings (roli train --list-configs) or files")
     p.add_argument("--out", required=True, help="the grid's directory: one run per config, alp/, logs/, report/")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for every run, e.g. checkpoint=FILE, dataset=cifar10:~/data")  # fmt: skip
-    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
-                   help="local: here; slurm: jobs through submitit; submitit-local: its local executor")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for every run, e.g. checkpoint=FILE, dataset=cifar10:~/data",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=["local", "slurm", "submitit-local"],
+        default="local",
+        help="local: here; slurm: jobs through submitit; submitit-local: its local executor",
+    )
     p.add_argument("--jobs", type=int, help="local: runs at once (default: one per visible GPU, else 1)")
     p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs of each run (torchrun when > 1)")
     p.add_argument("--slurm-partition", help="slurm: the partition")
     p.add_argument("--slurm-time", type=int, help="slurm: minutes per job (default 1440)")
     p.add_argument("--slurm-cpus", type=int, default=8, help="slurm: CPUs per job (data loading)")
     p.add_argument("--trust-code", action="store_true", help="run package.module:function models named in configs")
-    p.add_argument("--fresh-processes", action="store_true",
-                   help="local: start each run as a new `python -m roli.train` (default: forked from a process "
-                        "with roli, torch and timm imported)")  # fmt: skip
+    p.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="local: start each run as a new `python -m roli.train` (default: forked from a process "
+        "with roli, torch and timm imported)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, shared ALP stages) and exit")
     return p
 
@@ -435,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     shared = [j for j in jobs if j.name.startswith("alp/")]
-    print(f"grid: {len(jobs)} runs in {out}; {len(shared)} ALP stage(s) shared by "
-          f"{sum(len(j.sources) for j in shared)} RoLI config(s)")  # fmt: skip
+    print(
+        f"grid: {len(jobs)} runs in {out}; {len(shared)} ALP stage(s) shared by "
+        f"{sum(len(j.sources) for j in shared)} RoLI config(s)"
+    )
     for job in jobs:
         after = f" (after {', '.join(job.deps)})" if job.deps else ""
         print(f"  {job.name}: {job.cfg.method} -> {job.run_dir} [{state_of(job)}]{after}")
@@ -469,14 +575,24 @@ def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
     spent = sum(_seconds(j) for j in finished)
     if finished:
         report([*[str(j.run_dir) for j in finished], "--out", str(out / "report")])
-    print(f"grid: {len(finished)}/{len(jobs)} runs finished, {wall:.0f} s wall; training time {spent:.0f} s, "
-          f"{saved:.0f} s saved by training each shared ALP stage once" + (f"; failed: {', '.join(failed)}"
-          if failed else ""))  # fmt: skip
-    save_json({"runs": {j.name: {"dir": str(j.run_dir), "state": state_of(j), "deps": j.deps, "configs": j.sources}
-                        for j in jobs},
-               "status": {n: {k: v for k, v in s.items() if k != "job"} for n, s in status.items()},
-               "wall_seconds": round(wall, 1), "training_seconds": round(spent, 1),
-               "saved_seconds": round(saved, 1)}, out / "grid.json")  # fmt: skip
+    print(
+        f"grid: {len(finished)}/{len(jobs)} runs finished, {wall:.0f} s wall; training time {spent:.0f} s, "
+        f"{saved:.0f} s saved by training each shared ALP stage once"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    save_json(
+        {
+            "runs": {
+                j.name: {"dir": str(j.run_dir), "state": state_of(j), "deps": j.deps, "configs": j.sources}
+                for j in jobs
+            },
+            "status": {n: {k: v for k, v in s.items() if k != "job"} for n, s in status.items()},
+            "wall_seconds": round(wall, 1),
+            "training_seconds": round(spent, 1),
+            "saved_seconds": round(saved, 1),
+        },
+        out / "grid.json",
+    )
     return 1 if failed else 0
 
 

@@ -22,8 +22,19 @@ from roli._cli import BadValue, OneLineParser, parse_budget, prog
 from roli._io import atomic_write
 from roli.rundir import stage_dir as stage_dir_of
 
-COLUMNS = ["run", "stage", "kind", "method", "test clean", "test PGD", "AutoAttack", "best epoch", "epochs",
-           "wall s", "images/s"]  # fmt: skip
+COLUMNS = [
+    "run",
+    "stage",
+    "kind",
+    "method",
+    "test clean",
+    "test PGD",
+    "AutoAttack",
+    "best epoch",
+    "epochs",
+    "wall s",
+    "images/s",
+]
 
 
 def _kind(label: str, stage_dir: str, cfg: dict) -> str:
@@ -62,13 +73,21 @@ def rows_of(run: Path) -> list[dict]:
         autoattack = test.get("autoattack")
         if autoattack is None:  # a later `roli evaluate --run` with AutoAttack on the run's test set and budget
             autoattack = evaluated_autoattack(run / stage_dir, cfg)
-        rows.append({
-            "run": run.name, "stage": label, "kind": _kind(label, stage_dir, cfg), "method": method,
-            "test clean": test.get("clean"), "test PGD": pgd, "AutoAttack": autoattack,
-            "best epoch": val.get("epoch"), "epochs": len(history) or None,
-            "wall s": round(seconds, 1) if history else None,
-            "images/s": round(seen / seconds, 1) if seconds else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "stage": label,
+                "kind": _kind(label, stage_dir, cfg),
+                "method": method,
+                "test clean": test.get("clean"),
+                "test PGD": pgd,
+                "AutoAttack": autoattack,
+                "best epoch": val.get("epoch"),
+                "epochs": len(history) or None,
+                "wall s": round(seconds, 1) if history else None,
+                "images/s": round(seen / seconds, 1) if seconds else None,
+            }
+        )
     return rows
 
 
@@ -85,8 +104,12 @@ def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:
             print(f"report: skipped {path}: not an evaluation of roli evaluate --run", file=sys.stderr)
             continue
         try:
-            same = (args.get("split") == "test" and args.get("n_ex") is None and args.get("norm") == cfg.get("norm")
-                    and abs(parse_budget(args.get("eps")) - parse_budget(cfg.get("eps"))) < 1e-9)  # fmt: skip
+            same = (
+                args.get("split") == "test"
+                and args.get("n_ex") is None
+                and args.get("norm") == cfg.get("norm")
+                and abs(parse_budget(args.get("eps")) - parse_budget(cfg.get("eps"))) < 1e-9
+            )
         except BadValue:
             same = False
         if aa and same:
@@ -122,8 +145,13 @@ def _cell(v) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r[c]) if c.startswith(("test", "Auto")) else
-                                       ("-" if r[c] is None else str(r[c])) for c in COLUMNS) + " |")  # fmt: skip
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(r[c]) if c.startswith(("test", "Auto")) else ("-" if r[c] is None else str(r[c])) for c in COLUMNS
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -135,8 +163,14 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    style = {"RoLI": ("tab:red", "o"), "RanLI": ("tab:blue", "s"), "ALP": ("tab:green", "^"), "LP": ("gray", "v"),
-             "FT": ("tab:purple", "D"), "pretrain": ("black", "x")}  # fmt: skip
+    style = {
+        "RoLI": ("tab:red", "o"),
+        "RanLI": ("tab:blue", "s"),
+        "ALP": ("tab:green", "^"),
+        "LP": ("gray", "v"),
+        "FT": ("tab:purple", "D"),
+        "pretrain": ("black", "x"),
+    }
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=130)
     seen = set()
     for r in rows:
@@ -144,11 +178,22 @@ def plot(rows: list[dict], path: Path) -> bool:
         if r["test clean"] is None or robust is None:
             continue
         color, marker = style.get(r["kind"], ("gray", "."))
-        ax.scatter(100 * r["test clean"], 100 * robust, c=color, marker=marker, s=60,
-                   label=r["kind"] if r["kind"] not in seen else None)  # fmt: skip
+        ax.scatter(
+            100 * r["test clean"],
+            100 * robust,
+            c=color,
+            marker=marker,
+            s=60,
+            label=r["kind"] if r["kind"] not in seen else None,
+        )
         seen.add(r["kind"])
-        ax.annotate(f"{r['run']}:{r['stage']}", (100 * r["test clean"], 100 * robust), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            f"{r['run']}:{r['stage']}",
+            (100 * r["test clean"], 100 * robust),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("test clean accuracy (%)")
     ax.set_ylabel("test robust accuracy (%)")
     ax.set_title("clean vs robust accuracy per stage\n(robust: AutoAttack where the run had it, else PGD)", fontsize=9)
@@ -173,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         while not base.exists() and base != base.parent:
             base = base.parent
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-            raise BadValue(f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
-                           "read-only; give a writable directory")  # fmt: skip
+            raise BadValue(
+                f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
+                "read-only; give a writable directory"
+            )
         rows = [row for run in args.runs for row in rows_of(Path(run))]
     except BadValue as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
@@ -192,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
 
     atomic_write(out / "report.csv", write_csv)
     drawn = plot(rows, out / "report.png")
-    print(f"written: {out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.png'}" if drawn else
-                                                                     " (no matplotlib: no plot)"))  # fmt: skip
+    print(
+        f"written: {out / 'report.md'}, {out / 'report.csv'}"
+        + (f", {out / 'report.png'}" if drawn else " (no matplotlib: no plot)")
+    )
     return 0
 
 

@@ -65,8 +65,10 @@ def check_overwrite(run_dir: Path, inputs: dict[str, Path]) -> None:
     """--overwrite deletes roli's outputs in run_dir: refused when an input of the new run lies inside it."""
     for flag, path in inputs.items():
         if _inside(path, run_dir):
-            raise BadValue(f"--overwrite: {flag} {path} lies inside the run directory {run_dir}, whose contents "
-                              "--overwrite replaces; move it out first (or choose another --run-dir)")  # fmt: skip
+            raise BadValue(
+                f"--overwrite: {flag} {path} lies inside the run directory {run_dir}, whose contents "
+                "--overwrite replaces; move it out first (or choose another --run-dir)"
+            )
 
 
 def remove_outputs(run_dir: Path) -> list[str]:
@@ -100,8 +102,10 @@ class RunLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise BadValue(f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
-                                  "use another --run-dir") from None  # fmt: skip
+                raise BadValue(
+                    f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
+                    "use another --run-dir"
+                ) from None
             raise
         before = os.read(fd, 200).decode(errors="replace").strip()
         if before:
@@ -165,8 +169,11 @@ def fingerprint(options: dict, splits, classes=None) -> dict:
 
 def changed(saved: dict, now: dict) -> list[str]:
     """What differs between two fingerprints, in words."""
-    words = {"options": "the settings in config.json", "num_classes": "the number of classes",
-             "classes": "the class names (labels.json)"}  # fmt: skip
+    words = {
+        "options": "the settings in config.json",
+        "num_classes": "the number of classes",
+        "classes": "the class names (labels.json)",
+    }
     out = []
     for key in saved:
         if key in ("train", "val", "test"):
@@ -198,8 +205,10 @@ def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None
     diff = changed(saved, fp)
     if diff and allow_flag != "allowed":
         hint = f" ({allow_flag} to evaluate anyway, recorded in the results)" if allow_flag else ""
-        raise BadValue(f"{what}: {', '.join(diff)} changed since the run started in {run_dir}; start a new run "
-                          f"for changed data or settings{hint}")  # fmt: skip
+        raise BadValue(
+            f"{what}: {', '.join(diff)} changed since the run started in {run_dir}; start a new run "
+            f"for changed data or settings{hint}"
+        )
     return diff
 
 
@@ -220,16 +229,21 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str
         raise BadValue(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
     if resume:
         if not (run_dir / MARKER).is_file():
-            raise BadValue(f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes "
-                              "only its own runs")  # fmt: skip
+            raise BadValue(
+                f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes only its own runs"
+            )
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise BadValue(f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
-                              "--overwrite to start over")  # fmt: skip
+            raise BadValue(
+                f"run directory {run_dir} is not empty; pass --resume {run_dir} to continue it or "
+                "--overwrite to start over"
+            )
         if not (run_dir / MARKER).is_file():
-            raise BadValue(f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
-                              "deletes only what it wrote; choose another --run-dir")  # fmt: skip
+            raise BadValue(
+                f"--overwrite: {run_dir} was not written by roli (it has no {MARKER} marker), and roli "
+                "deletes only what it wrote; choose another --run-dir"
+            )
         check_overwrite(run_dir, inputs or {})
 
 
@@ -238,13 +252,23 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if overwrite and not resume and run_dir.exists() and (run_dir / MARKER).is_file():
         kept = remove_outputs(run_dir)
         if kept:
-            log.warning("--overwrite: kept %d file(s) roli did not write in %s: %s", len(kept), run_dir,
-                        ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""))  # fmt: skip
+            log.warning(
+                "--overwrite: kept %d file(s) roli did not write in %s: %s",
+                len(kept),
+                run_dir,
+                ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""),
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)  # left by a process killed while writing a checkpoint
     if not (run_dir / MARKER).exists():
-        save_json({"created_by": "roli train", "note": "roli deletes (--overwrite) and resumes only directories "
-                   "holding this file, and only the files it wrote there"}, run_dir / MARKER)  # fmt: skip
+        save_json(
+            {
+                "created_by": "roli train",
+                "note": "roli deletes (--overwrite) and resumes only directories "
+                "holding this file, and only the files it wrote there",
+            },
+            run_dir / MARKER,
+        )
 
 
 def disk_full(e: OSError, run_dir: Path) -> BadValue | None:
@@ -252,5 +276,7 @@ def disk_full(e: OSError, run_dir: Path) -> BadValue | None:
     if e.errno != errno.ENOSPC:
         return None
     free = shutil.disk_usage(nearest_existing(run_dir.resolve())).free
-    return BadValue(f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
-                       f"continue with --resume {run_dir}")  # fmt: skip
+    return BadValue(
+        f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
+        f"continue with --resume {run_dir}"
+    )

@@ -52,8 +52,10 @@ def channels(value, name: str) -> list[float] | None:
         out = [float(v) for v in items]
     except (TypeError, ValueError):
         raise BadValue(f"{name}: expected comma-separated numbers, one per channel; got {value!r}") from None
-    need(bool(out) and all(math.isfinite(v) for v in out),
-         f"{name}: expected finite numbers, one per channel; got {value!r}")  # fmt: skip
+    need(
+        bool(out) and all(math.isfinite(v) for v in out),
+        f"{name}: expected finite numbers, one per channel; got {value!r}",
+    )
     return out
 
 
@@ -68,8 +70,9 @@ def parse_classes(text: str | None) -> list[int] | None:
             out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
     except ValueError:
         raise BadValue(f"classes: {text!r} is not a list like 0-4 or 1,3,5") from None
-    need(bool(out) and len(set(out)) == len(out) and min(out) >= 0,
-         f"classes: {text!r} must name distinct classes >= 0")  # fmt: skip
+    need(
+        bool(out) and len(set(out)) == len(out) and min(out) >= 0, f"classes: {text!r} must name distinct classes >= 0"
+    )
     return out
 
 
@@ -100,20 +103,30 @@ class ModelSpec:
         from roli.models.classifier import HEAD_INITS
 
         need(self.head_init in HEAD_INITS, f"head-init: {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
-        need(self.interpolation in ("bilinear", "bicubic"),
-             f"interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        need(
+            self.interpolation in ("bilinear", "bicubic"),
+            f"interpolation: {self.interpolation!r} is not bilinear or bicubic",
+        )
         mean, std = channels(self.mean, "mean"), channels(self.std, "std")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         need((mean is None) == (std is None), "mean, std: give both or neither")
-        need(mean is None or len(mean) == len(std),
-             f"mean, std: {len(mean or [])} and {len(std or [])} channels differ")  # fmt: skip
+        need(
+            mean is None or len(mean) == len(std), f"mean, std: {len(mean or [])} and {len(std or [])} channels differ"
+        )
         need(std is None or all(v > 0 for v in std), f"std: must be > 0 per channel; got {std}")
-        need(self.input_size is None or is_int(self.input_size, 1),
-             f"input-size: must be an integer >= 1; got {self.input_size!r}")  # fmt: skip
+        need(
+            self.input_size is None or is_int(self.input_size, 1),
+            f"input-size: must be an integer >= 1; got {self.input_size!r}",
+        )
         moved = sorted(set(self.args) & {"mean", "std", "input_size", "interpolation"})
-        need(not moved, f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
-                        f"--{moved[0].replace('_', '-')} instead" if moved else "")  # fmt: skip
+        need(
+            not moved,
+            f"model-arg: {', '.join(moved)} is preprocessing, not a constructor argument: use "
+            f"--{moved[0].replace('_', '-')} instead"
+            if moved
+            else "",
+        )
 
     def weights(self) -> str | None:
         """The backbone's weights: the checkpoint, or a registry backbone's file in the cache."""
@@ -126,14 +139,18 @@ class ModelSpec:
 
     def check_weights(self, method: str, weights: str | None) -> None:
         """Transfer learning from a random backbone is refused unless random_backbone says it is meant."""
-        need(not self.ema or weights is not None,
-             "ema: loads a checkpoint's EMA weights; give --checkpoint FILE (a timm CheckpointSaver file)")  # fmt: skip
+        need(
+            not self.ema or weights is not None,
+            "ema: loads a checkpoint's EMA weights; give --checkpoint FILE (a timm CheckpointSaver file)",
+        )
         if method == "pretrain":  # trains the backbone itself: from scratch or from the weights given
             return
-        need(weights is not None or self.pretrained or self.random_backbone,
-             f"model: --method {method} would transfer from a random backbone ({self.name} has no weights): give "
-             "--checkpoint FILE (a robust backbone; roli zoo lists published ones), --pretrained (timm's own "
-             "weights) or --random-backbone if that is meant")  # fmt: skip
+        need(
+            weights is not None or self.pretrained or self.random_backbone,
+            f"model: --method {method} would transfer from a random backbone ({self.name} has no weights): give "
+            "--checkpoint FILE (a robust backbone; roli zoo lists published ones), --pretrained (timm's own "
+            "weights) or --random-backbone if that is meant",
+        )
         need(
             not (self.random_backbone and (weights or self.pretrained)),
             "random-backbone: cannot go with --checkpoint or --pretrained (they give the weights)",
@@ -159,13 +176,17 @@ class ModelSpec:
         head = None  # the checkpoint's classifier, where keep_source_head loaded it
         if weights:
             try:
-                report = load_pretrained(model, weights, strict=not self.non_strict, keep_head=self.keep_source_head,
-                                         ema=self.ema)  # fmt: skip
+                report = load_pretrained(
+                    model, weights, strict=not self.non_strict, keep_head=self.keep_source_head, ema=self.ema
+                )
             except ValueError as e:
                 raise BadValue(f"checkpoint: {e}") from None
             bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-            need(not bad, f"checkpoint: {weights} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
-                          f"{bad[0] if bad else ''}; use another file")  # fmt: skip
+            need(
+                not bad,
+                f"checkpoint: {weights} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
+                f"{bad[0] if bad else ''}; use another file",
+            )
             if not quiet:
                 log.info("checkpoint: %s", report)
             if report.head_loaded:
@@ -200,12 +221,19 @@ class PeftSpec:
     method: str = "full"
     lora_rank: int = field(default=16, metadata={"help": "LoRA's rank", "min": 1})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scale numerator (scale alpha/rank)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on LoRA's input (reference: 0.1)",
-                                                       "unit": True})  # fmt: skip
-    lora_targets: str = field(default="qv", metadata={"help": "which of q, k, v get LoRA (qv: the paper)",
-                                                      "choices": ("q", "k", "v", "qk", "qv", "kv", "qkv")})  # fmt: skip
-    adapter_reduction: int = field(default=8, metadata={"help": "the Adapter's bottleneck: width / reduction",
-                                                        "min": 1})  # fmt: skip
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on LoRA's input (reference: 0.1)", "unit": True}
+    )
+    lora_targets: str = field(
+        default="qv",
+        metadata={
+            "help": "which of q, k, v get LoRA (qv: the paper)",
+            "choices": ("q", "k", "v", "qk", "qv", "kv", "qkv"),
+        },
+    )
+    adapter_reduction: int = field(
+        default=8, metadata={"help": "the Adapter's bottleneck: width / reduction", "min": 1}
+    )
     vpt_tokens: int = field(default=10, metadata={"help": "prompt tokens per block (VPT-deep)", "min": 1})
     vpt_dropout: float = field(default=0.0, metadata={"help": "dropout on the prompts (reference: 0.1)", "unit": True})
 
@@ -223,8 +251,10 @@ class PeftSpec:
             if "min" in meta:
                 need_int(f.name, value, meta["min"])
             elif "choices" in meta:
-                need(isinstance(value, str) and value in meta["choices"],
-                     f"{flag}: {value!r} is not one of {', '.join(meta['choices'])}")  # fmt: skip
+                need(
+                    isinstance(value, str) and value in meta["choices"],
+                    f"{flag}: {value!r} is not one of {', '.join(meta['choices'])}",
+                )
             else:
                 need(is_number(value), f"{flag}: must be a number; got {value!r}")
                 need(not meta.get("unit") or 0 <= value < 1, f"{flag}: must be in [0, 1); got {value}")
@@ -259,15 +289,23 @@ class DataSpec:
     workers: int | None = None
 
     def __post_init__(self):
-        need(is_number(self.val_percent) and 0 < self.val_percent < 100,
-             f"val-percent: must be a number in (0, 100); got {self.val_percent!r}")  # fmt: skip
-        need(self.split_seed is None or is_int(self.split_seed, 0) and self.split_seed < 2**63,
-             f"split-seed: must be an integer in [0, 2**63); got {self.split_seed!r}")  # fmt: skip
+        need(
+            is_number(self.val_percent) and 0 < self.val_percent < 100,
+            f"val-percent: must be a number in (0, 100); got {self.val_percent!r}",
+        )
+        need(
+            self.split_seed is None or is_int(self.split_seed, 0) and self.split_seed < 2**63,
+            f"split-seed: must be an integer in [0, 2**63); got {self.split_seed!r}",
+        )
         classes = parse_classes(self.classes)
-        need(classes is None or len(classes) >= 2,
-             f"classes: {self.classes!r} names one class; a classifier needs at least two")  # fmt: skip
-        need(self.interpolation in ("bilinear", "bicubic"),
-             f"data-interpolation: {self.interpolation!r} is not bilinear or bicubic")  # fmt: skip
+        need(
+            classes is None or len(classes) >= 2,
+            f"classes: {self.classes!r} names one class; a classifier needs at least two",
+        )
+        need(
+            self.interpolation in ("bilinear", "bicubic"),
+            f"data-interpolation: {self.interpolation!r} is not bilinear or bicubic",
+        )
         need_int("resize", self.resize, 1)
         need_int("crop_size", self.crop_size, 1)
         need(self.crop_size <= self.resize, f"crop-size: {self.crop_size} is larger than resize {self.resize}")
@@ -285,29 +323,46 @@ class DataSpec:
         from roli.data import load_dataset
 
         try:
-            s = load_dataset(self.dataset, val_percent=self.val_percent, split_seed=self.split_seed,
-                             image_root=self.image_root, resize=self.resize, crop_size=self.crop_size,
-                             interpolation=self.interpolation)  # fmt: skip
+            s = load_dataset(
+                self.dataset,
+                val_percent=self.val_percent,
+                split_seed=self.split_seed,
+                image_root=self.image_root,
+                resize=self.resize,
+                crop_size=self.crop_size,
+                interpolation=self.interpolation,
+            )
         except ValueError as e:
             raise BadValue(f"dataset: {e}") from None
-        need(s.train is not None and s.test is not None, f"dataset: {self.dataset} needs train and test splits for "
-                                                         "training")  # fmt: skip
+        need(
+            s.train is not None and s.test is not None,
+            f"dataset: {self.dataset} needs train and test splits for training",
+        )
         for name, d in (("val", s.val), ("test", s.test)):
             shape, train_shape = d.image_shape() if d is not None else None, s.train.image_shape()
-            need(shape is None or train_shape is None or shape == train_shape,
-                 f"dataset: {self.dataset}: the {name} images are {shape} (CHW), the train images {train_shape}; "
-                 "every split needs one size")  # fmt: skip
+            need(
+                shape is None or train_shape is None or shape == train_shape,
+                f"dataset: {self.dataset}: the {name} images are {shape} (CHW), the train images {train_shape}; "
+                "every split needs one size",
+            )
         classes = parse_classes(self.classes)
         if classes is None:
             distinct = torch.unique(s.train.y)
-            need(len(distinct) >= 2, f"dataset: {self.dataset}: every training label is {distinct.tolist()}; a "
-                                     "classifier needs at least two classes")  # fmt: skip
-            need(s.num_classes >= 2, f"dataset: {self.dataset} has {s.num_classes} class; a classifier needs at "
-                                     "least two")  # fmt: skip
+            need(
+                len(distinct) >= 2,
+                f"dataset: {self.dataset}: every training label is {distinct.tolist()}; a "
+                "classifier needs at least two classes",
+            )
+            need(
+                s.num_classes >= 2,
+                f"dataset: {self.dataset} has {s.num_classes} class; a classifier needs at least two",
+            )
             s.val.origin = s.val_split  # how validation was split off (recorded in config.json)
             return s.train, s.val, s.test, s.num_classes
-        need(max(classes) < s.num_classes,
-             f"classes: {self.classes} names a class >= {s.num_classes} (the dataset's count)")  # fmt: skip
+        need(
+            max(classes) < s.num_classes,
+            f"classes: {self.classes} names a class >= {s.num_classes} (the dataset's count)",
+        )
         val = s.val.select_classes(classes)
         val.origin = s.val_split
         return s.train.select_classes(classes), val, s.test.select_classes(classes), len(classes)
@@ -326,8 +381,15 @@ class Batches:
     def train(self, data, shuffle: bool = True):
         """Per-rank batches under torchrun (the global batch stays batch_size); the whole set otherwise."""
         if D.active() and shuffle:
-            return data.loader(self.batch_size // D.world(), shuffle=True, device=self.device, seed=self.seed,
-                               rank=D.rank(), world=D.world(), workers=self.workers)  # fmt: skip
+            return data.loader(
+                self.batch_size // D.world(),
+                shuffle=True,
+                device=self.device,
+                seed=self.seed,
+                rank=D.rank(),
+                world=D.world(),
+                workers=self.workers,
+            )
         return data.loader(self.batch_size, shuffle=shuffle, device=self.device, seed=self.seed, workers=self.workers)
 
     def eval(self, data, batch_size: int = 256) -> EvalBatches:
@@ -401,11 +463,21 @@ class AttackSpec:
 
         if self.clean(kind):
             return None
-        attack = training_attack(kind, net, self.eps, self.step_size, self.steps, self.norm,
-                                 random_start=self.random_start, precision=self.precision,
-                                 seed=derive_seed(self.seed, purpose, rank=D.rank()),
-                                 memory_format="channels_last" if self.channels_last else "auto", fold_bn=self.fold_bn,
-                                 cuda_graph=self.cuda_graph, deferred=True)  # fmt: skip
+        attack = training_attack(
+            kind,
+            net,
+            self.eps,
+            self.step_size,
+            self.steps,
+            self.norm,
+            random_start=self.random_start,
+            precision=self.precision,
+            seed=derive_seed(self.seed, purpose, rank=D.rank()),
+            memory_format="channels_last" if self.channels_last else "auto",
+            fold_bn=self.fold_bn,
+            cuda_graph=self.cuda_graph,
+            deferred=True,
+        )
         return attack
 
     def evaluation(self, autoattack: str | None = None):
@@ -413,8 +485,15 @@ class AttackSpec:
         iterate, early stop) with the run's seed, and AutoAttack `autoattack` ("standard", ...) if asked."""
         from roli.attacks.evaluation import Evaluation
 
-        return Evaluation(self.eps, self.step_size, self.val_steps, norm=self.norm, precision=self.precision,
-                          seed=self.seed, autoattack=autoattack)  # fmt: skip
+        return Evaluation(
+            self.eps,
+            self.step_size,
+            self.val_steps,
+            norm=self.norm,
+            precision=self.precision,
+            seed=self.seed,
+            autoattack=autoattack,
+        )
 
     def single_step(self, kind: str, net):
         """The guard's own copy of a single-step training attack: its own seed, never the training's draws."""

@@ -45,14 +45,23 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("train"), description=__doc__.strip(), argument_default=None)
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help="pretrain | lp | alp | ft | roli (default roli)")
-    g.add_argument("--config", help="YAML or JSON file with any of these options (flags override it), or the name "
-                   "of a shipped setting of the paper, e.g. cifar10/roli_lora (see --list-configs)")  # fmt: skip
+    g.add_argument(
+        "--config",
+        help="YAML or JSON file with any of these options (flags override it), or the name "
+        "of a shipped setting of the paper, e.g. cifar10/roli_lora (see --list-configs)",
+    )
     g.add_argument("--list-configs", action="store_true", help="list the shipped settings (--config NAME) and exit")
-    g.add_argument("--trust-code", action="store_true",
-                   help="run a package.module:function model named in a config file or a run's config.json even "
-                        "when it is not an installed package's")  # fmt: skip
-    g.add_argument("--print-config", action="store_true",
-                   help="print the resolved settings as JSON and exit (reads no data, writes nothing)")  # fmt: skip
+    g.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="run a package.module:function model named in a config file or a run's config.json even "
+        "when it is not an installed package's",
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings as JSON and exit (reads no data, writes nothing)",
+    )
     g.add_argument("--run-dir", help="where outputs go (default runs/roli)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start over in a non-empty run directory")
@@ -61,20 +70,39 @@ def build_parser() -> OneLineParser:
     g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for attack and update (CPU and GPU)")
     g.add_argument("--channels-last", action="store_true", default=None, help="conv nets: channels_last memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (attack and update)")
-    g.add_argument("--cuda-graph", action="store_true", default=None,
-                   help="GPU: record the training attack's k steps in a CUDA graph and replay it")  # fmt: skip
-    g.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", default=None,
-                   help="training attacks: do not fold the Conv->BatchNorm pairs")  # fmt: skip
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        default=None,
+        help="GPU: record the training attack's k steps in a CUDA graph and replay it",
+    )
+    g.add_argument(
+        "--no-fold-bn",
+        dest="fold_bn",
+        action="store_false",
+        default=None,
+        help="training attacks: do not fold the Conv->BatchNorm pairs",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="a published robust backbone (python -m roli.zoo), a timm name or "
-                   "package.module:function (default roli.models.small:small_cnn)")  # fmt: skip
+    g.add_argument(
+        "--model",
+        help="a published robust backbone (python -m roli.zoo), a timm name or "
+        "package.module:function (default roli.models.small:small_cnn)",
+    )
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
     g.add_argument("--checkpoint", help="robust backbone weights (timm, MadryLab, ARES or roli format)")
-    g.add_argument("--pretrained", action="store_true", default=None,
-                   help="timm names: start from timm's own (non-robust) weights; needs a reachable hub")  # fmt: skip
-    g.add_argument("--random-backbone", action="store_true", default=None,
-                   help="lp/alp/ft/roli without --checkpoint or --pretrained: a random backbone, on purpose (refused "
-                        "otherwise)")  # fmt: skip
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        default=None,
+        help="timm names: start from timm's own (non-robust) weights; needs a reachable hub",
+    )
+    g.add_argument(
+        "--random-backbone",
+        action="store_true",
+        default=None,
+        help="lp/alp/ft/roli without --checkpoint or --pretrained: a random backbone, on purpose (refused otherwise)",
+    )
     g.add_argument("--non-strict", action="store_true", help="accept missing/unexpected checkpoint keys")
     g.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (timm CheckpointSaver files)")
     g.add_argument(
@@ -91,9 +119,12 @@ def build_parser() -> OneLineParser:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
     g.add_argument("--peft", help="full | linear | lora | adapter | vpt | vpt-gated | bias (finetuning)")
     g.add_argument("--init", help="head of finetuning: random | lp | alp | PATH to a roli head checkpoint")
-    g.add_argument("--head-init", choices=list(HEAD_INITS),
-                   help="the random head of ALP, RanLI and pretraining: reference (the RoLI code's kaiming fan_out "
-                        "weights, bias -log(99)), torch (nn.Linear's; the default), zero")  # fmt: skip
+    g.add_argument(
+        "--head-init",
+        choices=list(HEAD_INITS),
+        help="the random head of ALP, RanLI and pretraining: reference (the RoLI code's kaiming fan_out "
+        "weights, bias -log(99)), torch (nn.Linear's; the default), zero",
+    )
     for f in PeftSpec.options():  # --lora-rank, ...: declared once, in roli.specs.PeftSpec
         kind = {"int": int, "float": float}.get(str(f.type), str)
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, help=f.metadata["help"])
@@ -111,9 +142,12 @@ def build_parser() -> OneLineParser:
     g.add_argument("--epochs", type=int)
     g.add_argument("--warmup", type=int, help="warmup epochs of the warmup-cosine schedule")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS),
-                   help="sgd (momentum); adamw (torch's, decay on weights only); adamw-ref (the RoLI reference's: "
-                        "eps 1e-6, no decay on parameters named *bias*)")  # fmt: skip
+    g.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help="sgd (momentum); adamw (torch's, decay on weights only); adamw-ref (the RoLI reference's: "
+        "eps 1e-6, no decay on parameters named *bias*)",
+    )
     g.add_argument("--lr", type=float, help="learning rate of the method's stage (FT for ft/roli)")
     g.add_argument("--alp-lr", type=float, help="learning rate of the ALP stage inside ft/roli")
     g.add_argument("--alp-weight-decay", type=float, help="weight decay of the ALP stage inside ft/roli")
@@ -125,9 +159,12 @@ def build_parser() -> OneLineParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("attack")
-    g.add_argument("--attack", choices=TRAIN_ATTACKS,
-                   help="training attack of every stage: pgd (PGD-k, default), fgsm-rs (step 1.25 eps), n-fgsm (noise "
-                        "2 eps, step eps), none (standard training)")  # fmt: skip
+    g.add_argument(
+        "--attack",
+        choices=TRAIN_ATTACKS,
+        help="training attack of every stage: pgd (PGD-k, default), fgsm-rs (step 1.25 eps), n-fgsm (noise "
+        "2 eps, step eps), none (standard training)",
+    )
     g.add_argument(
         "--alp-attack",
         choices=TRAIN_ATTACKS,
@@ -149,12 +186,16 @@ def build_parser() -> OneLineParser:
     g.add_argument("--step-size", help="PGD step, e.g. 2/255")
     g.add_argument("--steps", type=int, help="PGD steps for training (default 7)")
     g.add_argument("--val-steps", type=int, help="PGD steps for validation and test (default 10)")
-    g.add_argument("--no-random-start", dest="random_start", action="store_false", default=None,
-                   help="training PGD starts at the clean image instead of a random point of the ball")  # fmt: skip
+    g.add_argument(
+        "--no-random-start",
+        dest="random_start",
+        action="store_false",
+        default=None,
+        help="training PGD starts at the clean image instead of a random point of the ball",
+    )
     g.add_argument("--autoattack", choices=["standard", "plus", "rand"], help="also run AutoAttack on the test set")
     g.add_argument("--compare-ranli", action="store_true", help="with --method roli: also run the random-head baseline")
-    p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.default is not dataclasses.MISSING})  # fmt: skip
+    p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING})
     return p
 
 
@@ -162,8 +203,10 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     skip = ("config", "resume", "overwrite", "print_config", "list_configs", "trust_code")
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
-    for stage, keys in (("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
-                        ("ranli", ("lr", "weight_decay"))):  # fmt: skip
+    for stage, keys in (
+        ("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
+        ("ranli", ("lr", "weight_decay")),
+    ):
         per_stage = {k: flags.pop(f"{stage}_{k}") for k in keys if f"{stage}_{k}" in flags}
         if per_stage:
             flags[stage] = per_stage
@@ -196,15 +239,25 @@ RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "dow
 def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
     if args.resume:
         if Path(args.resume).is_dir() and not (Path(args.resume) / MARKER).is_file():
-            raise BadValue(f"resume: {args.resume} was not written by roli (it has no {MARKER} marker); roli "
-                              "resumes only its own runs")  # fmt: skip
+            raise BadValue(
+                f"resume: {args.resume} was not written by roli (it has no {MARKER} marker); roli "
+                "resumes only its own runs"
+            )
         if not (Path(args.resume) / "config.json").is_file():
             raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
         if args.overwrite or "run_dir" in flags or args.config:
-            given = [f for f, on in (("--overwrite", args.overwrite), ("--run-dir", "run_dir" in flags),
-                                     ("--config", args.config)) if on]  # fmt: skip
-            raise BadValue(f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was "
-                              "configured)")  # fmt: skip
+            given = [
+                f
+                for f, on in (
+                    ("--overwrite", args.overwrite),
+                    ("--run-dir", "run_dir" in flags),
+                    ("--config", args.config),
+                )
+                if on
+            ]
+            raise BadValue(
+                f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was configured)"
+            )
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
@@ -213,8 +266,10 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
         changed = sorted(k for k, v in before.to_dict().items() if k not in RESUMABLE and after.to_dict()[k] != v)
         if changed:
             names = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise BadValue(f"resume: {names} would change what the run computes; start a new run for that "
-                              "(--run-dir) or drop the flags")  # fmt: skip
+            raise BadValue(
+                f"resume: {names} would change what the run computes; start a new run for that "
+                "(--run-dir) or drop the flags"
+            )
         if "model" not in flags:
             check_code_from_file(after.model, str(saved), args.trust_code)
         return after, True, False
@@ -248,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_configs:
         names = shipped_configs()
         print("\n".join(names))
-        print(f"{len(names)} shipped settings (the paper's protocol; roli/configs/make_configs.py writes them): "
-              f"{prog('train')} --config NAME --checkpoint FILE ...", file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(names)} shipped settings (the paper's protocol; roli/configs/make_configs.py writes them): "
+            f"{prog('train')} --config NAME --checkpoint FILE ...",
+            file=sys.stderr,
+        )
         return 0
     try:
         return _main(parser, args)
@@ -275,8 +333,11 @@ def _main(parser, args) -> int:
         cause = _worker_error(e)
         if "unreadable image" not in cause:
             raise
-        print(f"{me}: error: dataset: {cause}; remove or replace the file (the run's state is saved at each "
-              "epoch end: --resume continues)", file=sys.stderr)  # fmt: skip
+        print(
+            f"{me}: error: dataset: {cause}; remove or replace the file (the run's state is saved at each "
+            "epoch end: --resume continues)",
+            file=sys.stderr,
+        )
         return 2
     except Interrupted as e:
         where = args.resume or (cfg.run_dir if cfg else "RUN_DIR")

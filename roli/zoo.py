@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(describe(args.name))
     except KeyError:
-        print(f"{p.prog}: error: {args.name!r} is not in the registry ({prog('zoo')} lists it)",
-              file=sys.stderr)  # fmt: skip
+        print(f"{p.prog}: error: {args.name!r} is not in the registry ({prog('zoo')} lists it)", file=sys.stderr)
         return 2
     return 0
 

@@ -53,9 +53,18 @@ class GraphedSteps:
         """The k steps from `start` through the recording for these shapes, budgets, attack settings and
         model storage (`plan`: the attack call's roli.attacks.pgd.Plan)."""
         inputs = (x_nat, y, target, plan.eps[0], plan.step_size[0])
-        key = (tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
-               start.stride(), plan.eps[1], plan.step_size[1], plan.step, plan.lo, plan.hi, self.settings, id(model),
-               _storage_key(model))  # fmt: skip
+        key = (
+            tuple((t.shape, t.stride(), t.dtype, t.device) if t is not None else None for t in inputs),
+            start.stride(),
+            plan.eps[1],
+            plan.step_size[1],
+            plan.step,
+            plan.lo,
+            plan.hi,
+            self.settings,
+            id(model),
+            _storage_key(model),
+        )
         rec = self.recorded.get(key)
         if rec is None:
             if len(self.recorded) >= MAX_GRAPHS:

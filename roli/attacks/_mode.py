@@ -23,8 +23,9 @@ from torch.nn.modules.module import (
 from torch.nn.parallel import DistributedDataParallel
 
 _registrations = 0  # modules and parameters registered in this process: the cached walks' validity stamp
-_walks: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module], list[nn.Parameter]]] = \
-    weakref.WeakKeyDictionary()  # fmt: skip
+_walks: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module], list[nn.Parameter]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _count_registration(*_args):

@@ -29,8 +29,16 @@ def _batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.
     return data
 
 
-def robust_accuracy(model, data, eps: float, step_size: float | None = None, steps: int = 10,
-                    precision: str = "fp32", seed: int = 0, norm: str = "linf") -> tuple[float, float]:  # fmt: skip
+def robust_accuracy(
+    model,
+    data,
+    eps: float,
+    step_size: float | None = None,
+    steps: int = 10,
+    precision: str = "fp32",
+    seed: int = 0,
+    norm: str = "linf",
+) -> tuple[float, float]:
     """(clean accuracy, PGD-`steps` robust accuracy) over `data`: a (x, y) pair of tensors (attacked in
     batches of 256) or an iterable of (x, y) batches. Robust means correct on the clean image and on
     every PGD iterate (early stop: the same accuracy, less work). step_size defaults to eps / 4 (the RoLI
@@ -42,8 +50,17 @@ def robust_accuracy(model, data, eps: float, step_size: float | None = None, ste
     return clean / max(1, n), robust / max(1, n)
 
 
-def robust_counts(model, data, eps: float, step_size: float, steps: int, precision: str = "fp32",
-                  seed: int = 0, norm: str = "linf", batch_ids=None) -> tuple[int, int, int]:  # fmt: skip
+def robust_counts(
+    model,
+    data,
+    eps: float,
+    step_size: float,
+    steps: int,
+    precision: str = "fp32",
+    seed: int = 0,
+    norm: str = "linf",
+    batch_ids=None,
+) -> tuple[int, int, int]:
     """(clean correct, PGD robust, examples) over `data` in this process (not reduced over torchrun ranks), as
     robust_accuracy counts them. The k-th batch is attacked with seed batch_seed(seed, batch_ids[k]) (default:
     its position k)."""

@@ -107,8 +107,9 @@ def forwarded_warnings():
         source.removeHandler(handler)
 
 
-def cross_check(n: int, clean: float, aa_clean: float, aa_robust: float, per_attack: dict[str, float],
-                pgd: float | None = None) -> list[str]:  # fmt: skip
+def cross_check(
+    n: int, clean: float, aa_clean: float, aa_robust: float, per_attack: dict[str, float], pgd: float | None = None
+) -> list[str]:
     """Checks of a finished AutoAttack evaluation over n examples; each problem is logged as one warning line and
     returned. roli runs AutoAttack's attacks one call each, which bypasses AutoAttack's own check that Square (a
     gradient-free attack) finds little the gradient attacks missed: it is run here on the totals, with
@@ -125,12 +126,16 @@ def cross_check(n: int, clean: float, aa_clean: float, aa_robust: float, per_att
 
         checks.check_square_sr({"clean": aa_clean, **per_attack}, logger=Collect())
     if pgd is not None and aa_robust > pgd + 0.01:
-        found.append(f"AutoAttack robust accuracy {aa_robust:.2%} is above PGD's {pgd:.2%} by more than 1 point: the "
-                     "stronger attack did worse, which points at a broken evaluation (randomness in the model, "
-                     "gradient masking, or a state file of another run)")  # fmt: skip
+        found.append(
+            f"AutoAttack robust accuracy {aa_robust:.2%} is above PGD's {pgd:.2%} by more than 1 point: the "
+            "stronger attack did worse, which points at a broken evaluation (randomness in the model, "
+            "gradient masking, or a state file of another run)"
+        )
     if abs(round(aa_clean * n) - round(clean * n)) > max(1, n // 1000):  # counts, not float products
-        found.append(f"AutoAttack's clean accuracy {aa_clean:.2%} differs from the evaluation's {clean:.2%} on the "
-                     f"same {n} images: the model's outputs are not deterministic")  # fmt: skip
+        found.append(
+            f"AutoAttack's clean accuracy {aa_clean:.2%} differs from the evaluation's {clean:.2%} on the "
+            f"same {n} images: the model's outputs are not deterministic"
+        )
     for message in found:
         log.warning(message)
     return found
@@ -160,8 +165,10 @@ def _adversary(adversary, wrapped, x):
         n_cls = wrapped(x[:1]).shape[1]
         dlr = [a for a in adversary.attacks_to_run if a in DLR_ATTACKS]
         if dlr and n_cls < MIN_CLASSES_DLR:
-            raise ValueError(f"AutoAttack's DLR loss ({', '.join(dlr)}) needs at least {MIN_CLASSES_DLR} classes; "
-                             f"the model has {n_cls}")  # fmt: skip
+            raise ValueError(
+                f"AutoAttack's DLR loss ({', '.join(dlr)}) needs at least {MIN_CLASSES_DLR} classes; "
+                f"the model has {n_cls}"
+            )
         for attack in (adversary.apgd_targeted, adversary.fab):
             attack.n_target_classes = max(1, min(attack.n_target_classes, n_cls - 1))
     return adversary
@@ -201,13 +208,27 @@ def run_autoattack(
     path = Path(state_path) if state_path is not None else None
     with attack_mode(model) as inner, torch.no_grad(), forwarded_warnings():
         wrapped = _Logits(inner, precision)
-        adversary = _adversary(AutoAttack(wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks,
-                                          seed=seed, device=x.device), wrapped, x)  # fmt: skip
+        adversary = _adversary(
+            AutoAttack(
+                wrapped, eps=float(eps), norm=aa_norm, version=version, attacks=attacks, seed=seed, device=x.device
+            ),
+            wrapped,
+            x,
+        )
         order = list(adversary.attacks_to_run)
         fingerprint = state = None
         if path is not None:  # hashing the weights is only needed to bind a state file to them
-            fingerprint = _fingerprint(x, y, eps=float(eps), norm=norm, version=version, attacks=order, seed=seed,
-                                       model=model_fingerprint(inner), precision=precision)  # fmt: skip
+            fingerprint = _fingerprint(
+                x,
+                y,
+                eps=float(eps),
+                norm=norm,
+                version=version,
+                attacks=order,
+                seed=seed,
+                model=model_fingerprint(inner),
+                precision=precision,
+            )
             state = _load_state(path, fingerprint)
 
         def predict(images):

@@ -81,14 +81,26 @@ class Outcomes:
         def count(flags):
             return sum(int(f.sum()) for f in flags)
 
-        local = [sum(len(f) for f in self.clean), count(self.clean), count(self.pgd or []),
-                 count(self.autoattack or []), self.aa_clean, *(self.aa_per_attack.get(k, 0) for k in names),
-                 *self.sweep]  # fmt: skip
+        local = [
+            sum(len(f) for f in self.clean),
+            count(self.clean),
+            count(self.pgd or []),
+            count(self.autoattack or []),
+            self.aa_clean,
+            *(self.aa_per_attack.get(k, 0) for k in names),
+            *self.sweep,
+        ]
         n, clean, pgd, aa, aa_clean, *rest = (int(v) for v in (D.sum_(*local) if reduce else local))
         per_attack = dict(zip(names, rest[: len(names)], strict=True))
-        return {"n": n, "clean": clean, "pgd": None if self.pgd is None else pgd,
-                "autoattack": None if self.autoattack is None else aa, "aa_clean": aa_clean,
-                "aa_per_attack": per_attack, "sweep": rest[len(names) :]}  # fmt: skip
+        return {
+            "n": n,
+            "clean": clean,
+            "pgd": None if self.pgd is None else pgd,
+            "autoattack": None if self.autoattack is None else aa,
+            "aa_clean": aa_clean,
+            "aa_per_attack": per_attack,
+            "sweep": rest[len(names) :],
+        }
 
     def per_example(self, parts: list[slice], n: int, device) -> dict[str, torch.Tensor]:
         """Every example's outcome (bool, n long, on `device`) per attack run, gathered over ranks: `parts[i]`
@@ -125,9 +137,16 @@ class Evaluation:
     autoattack: str | None = None
     sweep_chunk: int | None = None
 
-    def run(self, model, batches: Iterable, *, state_dir: Path | None = None,
-            report: Callable[[str], None] | None = None, aa_progress: Callable[[int], Callable | None] | None = None,
-            after_batch: Callable[[], None] | None = None) -> Outcomes:  # fmt: skip
+    def run(
+        self,
+        model,
+        batches: Iterable,
+        *,
+        state_dir: Path | None = None,
+        report: Callable[[str], None] | None = None,
+        aa_progress: Callable[[int], Callable | None] | None = None,
+        after_batch: Callable[[], None] | None = None,
+    ) -> Outcomes:
         """Evaluate `model` on `batches`: an iterable of this rank's (x, y) batches, with `ids`, their indices
         in the whole set (default: their positions), and `total`, the number of batches in the set (needed
         with after_batch under torchrun; TensorBatches and roli.specs.EvalBatches have both).
@@ -140,11 +159,23 @@ class Evaluation:
         count = len(ids) if ids is not None else len(batches) if hasattr(batches, "__len__") else None
         attack = None
         if self.pgd:
-            attack = PGD(model, eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
-                         restarts=self.restarts, loss=self.loss, keep="best", early_stop=True,
-                         precision=self.precision, impl=self.impl, seed=self.seed)  # fmt: skip
-        out = Outcomes(pgd=[] if self.pgd else None, autoattack=[] if self.autoattack else None,
-                       sweep=[0] * len(self.sweep))  # fmt: skip
+            attack = PGD(
+                model,
+                eps=self.eps,
+                step_size=self.step_size,
+                steps=self.steps,
+                norm=self.norm,
+                restarts=self.restarts,
+                loss=self.loss,
+                keep="best",
+                early_stop=True,
+                precision=self.precision,
+                impl=self.impl,
+                seed=self.seed,
+            )
+        out = Outcomes(
+            pgd=[] if self.pgd else None, autoattack=[] if self.autoattack else None, sweep=[0] * len(self.sweep)
+        )
         progress = _Progress(report, count)
         k = -1
         for k, (x, y) in enumerate(batches):
@@ -168,9 +199,19 @@ class Evaluation:
         else:
             out.clean.append(clean_correct(model, x, y, self.precision))
         if self.sweep:
-            accs = eps_sweep(model, (x, y), list(self.sweep), steps=self.steps, norm=self.norm, restarts=self.restarts,
-                             loss=self.loss, precision=self.precision, impl=self.impl, seed=batch_seed(self.seed, i),
-                             chunk_size=self.sweep_chunk or len(y))  # fmt: skip
+            accs = eps_sweep(
+                model,
+                (x, y),
+                list(self.sweep),
+                steps=self.steps,
+                norm=self.norm,
+                restarts=self.restarts,
+                loss=self.loss,
+                precision=self.precision,
+                impl=self.impl,
+                seed=batch_seed(self.seed, i),
+                chunk_size=self.sweep_chunk or len(y),
+            )
             out.sweep = [c + round(accs[e] * len(y)) for c, e in zip(out.sweep, self.sweep, strict=True)]
         if self.autoattack:
             out.autoattack.append(self._autoattack(model, i, x, y, out, state_dir, aa_progress))
@@ -178,9 +219,19 @@ class Evaluation:
     def _autoattack(self, model, i: int, x, y, out: Outcomes, state_dir, aa_progress) -> torch.Tensor:
         state = None if state_dir is None else Path(state_dir) / f"batch{i}.pt"
         try:  # the batch in one piece, with the evaluation's seed
-            aa = run_autoattack(model, x, y, self.eps, norm=self.norm, version=self.autoattack, state_path=state,
-                                batch_size=max(1, len(y)), seed=self.seed, precision=self.precision,
-                                progress=aa_progress(i) if aa_progress is not None else None)  # fmt: skip
+            aa = run_autoattack(
+                model,
+                x,
+                y,
+                self.eps,
+                norm=self.norm,
+                version=self.autoattack,
+                state_path=state,
+                batch_size=max(1, len(y)),
+                seed=self.seed,
+                precision=self.precision,
+                progress=aa_progress(i) if aa_progress is not None else None,
+            )
         except ValueError as e:
             raise AutoAttackStateError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         out.aa_clean += round(aa.clean_accuracy * len(y))
@@ -194,8 +245,7 @@ class Evaluation:
         n = max(1, totals["n"])
         pgd = totals["pgd"] / n if totals["pgd"] is not None else None
         per = {k: v / n for k, v in totals["aa_per_attack"].items()}
-        return cross_check(totals["n"], totals["clean"] / n, totals["aa_clean"] / n, totals["autoattack"] / n, per,
-                           pgd)  # fmt: skip
+        return cross_check(totals["n"], totals["clean"] / n, totals["aa_clean"] / n, totals["autoattack"] / n, per, pgd)
 
 
 class _Progress:
@@ -213,5 +263,7 @@ class _Progress:
             return
         self.last = now
         rank = " (this rank)" if D.world() > 1 else ""
-        self.report(f"batch {self.k}/{self.batches}{rank}, {self.images / max(now - self.t0, 1e-9):.1f} img/s, "
-                    f"ETA {(now - self.t0) / self.k * (self.batches - self.k):.0f} s")  # fmt: skip
+        self.report(
+            f"batch {self.k}/{self.batches}{rank}, {self.images / max(now - self.t0, 1e-9):.1f} img/s, "
+            f"ETA {(now - self.t0) / self.k * (self.batches - self.k):.0f} s"
+        )

@@ -41,8 +41,9 @@ def radius(kind: str, eps: float) -> float:
     return eps * (NFGSM_NOISE + NFGSM_STEP) if kind == "n-fgsm" else eps
 
 
-def training_attack(kind: str, model, eps: float, step_size: float = 2 / 255, steps: int = 7, norm: str = "linf",
-                    **options) -> PGD:  # fmt: skip
+def training_attack(
+    kind: str, model, eps: float, step_size: float = 2 / 255, steps: int = 7, norm: str = "linf", **options
+) -> PGD:
     """The training attack `kind` on `model` (step_size and steps are PGD's; the single-step attacks take
     their published steps). `options` go to PGD (precision, seed, memory_format, fold_bn, cuda_graph, ...);
     random_start=False is honoured by PGD only (the single-step attacks are defined by their noise)."""
@@ -53,5 +54,13 @@ def training_attack(kind: str, model, eps: float, step_size: float = 2 / 255, st
     options.pop("random_start", None)
     if kind == "fgsm-rs":
         return PGD(model, eps=eps, step_size=FGSM_RS_STEP * eps, steps=1, norm="linf", random_start=True, **options)
-    return PGD(model, eps=radius(kind, eps), step_size=NFGSM_STEP * eps, steps=1, norm="linf", random_start=True,
-               init_eps=NFGSM_NOISE * eps, **options)  # fmt: skip
+    return PGD(
+        model,
+        eps=radius(kind, eps),
+        step_size=NFGSM_STEP * eps,
+        steps=1,
+        norm="linf",
+        random_start=True,
+        init_eps=NFGSM_NOISE * eps,
+        **options,
+    )

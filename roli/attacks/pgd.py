@@ -171,8 +171,10 @@ class PGD:
 
     def __setattr__(self, name: str, value) -> None:
         if name in PGDConfig.__dataclass_fields__ and name != "seed":
-            raise AttributeError(f"PGD.{name} is fixed when the attack is built: PGD(model, attack.config, "
-                                 f"{name}=...) builds one with another {name}")  # fmt: skip
+            raise AttributeError(
+                f"PGD.{name} is fixed when the attack is built: PGD(model, attack.config, "
+                f"{name}=...) builds one with another {name}"
+            )
         object.__setattr__(self, name, value)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,8 +222,11 @@ class PGD:
             self._flag(bad)
         x_nat = self._layout(x.detach())
         result = self._perturb(x_nat, y, target)
-        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else torch.contiguous_format  # fmt: skip
+        layout = (
+            torch.channels_last
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
         return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success, result.clean_success)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -297,10 +302,15 @@ class PGD:
         gen = self._generator(device)
         c = self.config
         lo, hi = check_clip(c.clip)
-        plan = Plan(step=step_kernel(c.norm, device, x_nat.dtype, c.impl),
-                    keep_best=keep_best_kernel(device, x_nat.dtype, c.impl), lo=lo, hi=hi,
-                    eps=C.budget(c.eps, x_nat), step_size=C.budget(c.step_size, x_nat),
-                    init_eps=C.budget(c.eps if c.init_eps is None else c.init_eps, x_nat))  # fmt: skip
+        plan = Plan(
+            step=step_kernel(c.norm, device, x_nat.dtype, c.impl),
+            keep_best=keep_best_kernel(device, x_nat.dtype, c.impl),
+            lo=lo,
+            hi=hi,
+            eps=C.budget(c.eps, x_nat),
+            step_size=C.budget(c.step_size, x_nat),
+            init_eps=C.budget(c.eps if c.init_eps is None else c.init_eps, x_nat),
+        )
         if batch == 0:
             return PGDResult(x_nat.clone(), torch.zeros(0, dtype=torch.bool, device=device))
         # Plain PGD (keep="last", one restart, no early stop) returns its last iterate: no best-iterate copy of
@@ -365,8 +375,11 @@ class PGD:
                 grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
             x_adv = x_adv.detach()
             if self.config.keep == "best" or last or self.config.early_stop:
-                score = torch.where(success, INF, loss.detach()) if (self.config.keep == "best" or last) else \
-                    torch.where(success, INF, -INF)  # fmt: skip
+                score = (
+                    torch.where(success, INF, loss.detach())
+                    if (self.config.keep == "best" or last)
+                    else torch.where(success, INF, -INF)
+                )
                 self._record(plan, best_x, best_score, idx, x_adv, score)
             if last:
                 return x_adv

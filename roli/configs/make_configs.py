@@ -61,8 +61,16 @@ def render(dataset: str, name: str) -> str:
              "--dataset ...", ""]  # fmt: skip
     opts: dict = {"model": "ares_swin_b", "model_args": "{drop_path_rate: 0.5}"}
     opts |= DATASETS[dataset]
-    opts |= {"batch_size": 64, "eps": "8/255", "step_size": "2/255", "steps": 7, "val_steps": 10,
-             "autoattack": "standard", "epochs": epochs, "warmup": 10}  # fmt: skip
+    opts |= {
+        "batch_size": 64,
+        "eps": "8/255",
+        "step_size": "2/255",
+        "steps": 7,
+        "val_steps": 10,
+        "autoattack": "standard",
+        "epochs": epochs,
+        "warmup": 10,
+    }
     notes = []
 
     def stage(key: str, optimizer: str) -> str:
@@ -76,11 +84,15 @@ def render(dataset: str, name: str) -> str:
         lr, wd = ref[key]
         if wd > 0:
             if wd != 0.01:
-                notes.append(f"# {label}: the reference YAML says WEIGHT_DECAY {_num(wd)}; its optimizer.py applies "
-                             "0.01 whenever it is > 0 (and none to parameters named *bias*).")  # fmt: skip
+                notes.append(
+                    f"# {label}: the reference YAML says WEIGHT_DECAY {_num(wd)}; its optimizer.py applies "
+                    "0.01 whenever it is > 0 (and none to parameters named *bias*)."
+                )
             return "adamw-ref", lr * SCALE, 0.01
-        notes.append(f"# {label}: OPTIMIZER adamw with WEIGHT_DECAY 0: the reference's optimizer.py falls through to "
-                     "SGD (momentum 0.9, no decay), which is what ran.")  # fmt: skip
+        notes.append(
+            f"# {label}: OPTIMIZER adamw with WEIGHT_DECAY 0: the reference's optimizer.py falls through to "
+            "SGD (momentum 0.9, no decay), which is what ran."
+        )
         return "sgd", lr * SCALE, 0.0
 
     def mapping(key: str, label: str) -> str:
@@ -101,11 +113,17 @@ def render(dataset: str, name: str) -> str:
         ranli_key = f"{peft}-ranli"
         roli_key = f"{peft}-roli" if f"{peft}-roli" in ref else ranli_key
         if roli_key != f"{peft}-roli":
-            notes.append(f"# The reference has no RoLI-{peft.upper()} config: the finetuning stage takes its RanLI "
-                         "settings (not a reference value).")  # fmt: skip
+            notes.append(
+                f"# The reference has no RoLI-{peft.upper()} config: the finetuning stage takes its RanLI "
+                "settings (not a reference value)."
+            )
         if kind == "roli":
-            opts |= {"method": "roli", "alp": stage("alp", "sgd"), "ft": mapping(roli_key, "ft"),
-                     "ranli": mapping(ranli_key, "ranli")}  # fmt: skip
+            opts |= {
+                "method": "roli",
+                "alp": stage("alp", "sgd"),
+                "ft": mapping(roli_key, "ft"),
+                "ranli": mapping(ranli_key, "ranli"),
+            }
         else:
             optimizer, lr, wd = finetune(ranli_key, "finetuning")
             opts |= {"method": "ft", "init": "random", "optimizer": optimizer, "lr": _num(lr), "weight_decay": _num(wd)}

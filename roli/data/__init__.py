@@ -62,8 +62,10 @@ def _split_val(train, val_percent: float, split_seed: int | None, tail: bool):
         val_parts.append(members[:k])
     val_idx = torch.cat(val_parts) if val_parts else torch.zeros(0, dtype=torch.long)
     if val_idx.numel() == 0:
-        raise ValueError(f"{n} training examples are too few for a stratified {val_percent}% validation split "
-                         "(no class has enough examples)")  # fmt: skip
+        raise ValueError(
+            f"{n} training examples are too few for a stratified {val_percent}% validation split "
+            "(no class has enough examples)"
+        )
     keep = torch.ones(n, dtype=torch.bool)
     keep[val_idx] = False
     return train.subset(torch.nonzero(keep)[:, 0]), train.subset(torch.sort(val_idx).values)
@@ -77,8 +79,10 @@ def _check_labels_within_train(train, others: dict) -> None:
             continue
         unknown = sorted(set(torch.unique(split.y).tolist()) - known)
         if unknown:
-            raise ValueError(f"the {name} split has labels the train split lacks: {unknown[:5]}"
-                             + (f" ({len(unknown)} in all)" if len(unknown) > 5 else ""))  # fmt: skip
+            raise ValueError(
+                f"the {name} split has labels the train split lacks: {unknown[:5]}"
+                + (f" ({len(unknown)} in all)" if len(unknown) > 5 else "")
+            )
 
 
 def load_dataset(
@@ -94,8 +98,10 @@ def load_dataset(
     """Load `name` (see the module docstring) as train/val/test splits."""
     kind, _, arg = name.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"unknown dataset {name!r}; use one of digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, "
-                         "imagefolder:ROOT, json:DIR")  # fmt: skip
+        raise ValueError(
+            f"unknown dataset {name!r}; use one of digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, "
+            "imagefolder:ROOT, json:DIR"
+        )
     if kind != "digits" and not arg:
         raise ValueError(f"dataset {kind!r} needs a path: {kind}:PATH")
     val = None
@@ -122,8 +128,11 @@ def load_dataset(
     if val is None and train is not None:
         tail = kind in ("cifar10", "cifar100") and split_seed is None
         train, val = _split_val(train, val_percent, split_seed, tail)
-        val_split = (f"the last {val_percent:g}% of train (the reference CIFAR protocol)" if tail else
-                     f"{val_percent:g}% of train, stratified by class, seed {split_seed or 0}")  # fmt: skip
+        val_split = (
+            f"the last {val_percent:g}% of train (the reference CIFAR protocol)"
+            if tail
+            else f"{val_percent:g}% of train, stratified by class, seed {split_seed or 0}"
+        )
     if train is not None and kind == "npz":  # the other formats declare their classes (CIFAR, folders, splits)
         _check_labels_within_train(train, {"validation": val, "test": test})
     num_classes = max(s.num_classes for s in (train, val, test) if s is not None)
@@ -135,5 +144,13 @@ def load_dataset(
     return Splits(train, val, test, num_classes, name, val_split)
 
 
-__all__ = ["ArrayData", "ArrayLoader", "FileData", "FileLoader", "ProtocolTransform", "Splits",
-           "load_dataset", "to_float"]  # fmt: skip
+__all__ = [
+    "ArrayData",
+    "ArrayLoader",
+    "FileData",
+    "FileLoader",
+    "ProtocolTransform",
+    "Splits",
+    "load_dataset",
+    "to_float",
+]

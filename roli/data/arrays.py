@@ -60,9 +60,18 @@ class ArrayData:
         sub.y, sub.num_classes = table[sub.y], len(classes)
         return sub
 
-    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 0,
-               drop_last: bool = False, indices: torch.Tensor | None = None, rank: int = 0,
-               world: int = 1):  # fmt: skip
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        device="cpu",
+        seed: int = 0,
+        workers: int = 0,
+        drop_last: bool = False,
+        indices: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
         """Batches on `device` (`workers` is ignored: the images are in memory); under torchrun (`world` > 1)
         this rank's share of each shuffled epoch."""
         return ArrayLoader(self, batch_size, shuffle, device, seed, drop_last, indices, rank, world)
@@ -135,8 +144,10 @@ def to_nchw_uint8(x: np.ndarray, source: str) -> torch.Tensor:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):
         alpha = " (RGBA? drop the alpha channel)" if x.shape[1] == 4 else ""
-        raise ValueError(f"{source}: images must have 1 (grey) or 3 (RGB) channels; got shape {x.shape} read as "
-                         f"{x.shape[1]} channels{alpha}")  # fmt: skip
+        raise ValueError(
+            f"{source}: images must have 1 (grey) or 3 (RGB) channels; got shape {x.shape} read as "
+            f"{x.shape[1]} channels{alpha}"
+        )
     if x.dtype != np.uint8:
         if np.issubdtype(x.dtype, np.floating) and x.size and not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0].tolist()
@@ -170,8 +181,9 @@ def npz(path: str | Path) -> tuple[ArrayData | None, ArrayData | None]:
     try:
         return _npz(path)
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # empty, cut short
-        raise ValueError(f"cannot read {path} as an npz file ({type(e).__name__}: {e}); write it with "
-                         "numpy.savez") from None  # fmt: skip
+        raise ValueError(
+            f"cannot read {path} as an npz file ({type(e).__name__}: {e}); write it with numpy.savez"
+        ) from None
 
 
 def _npz(path: Path) -> tuple[ArrayData | None, ArrayData | None]:
@@ -186,8 +198,12 @@ def _npz(path: Path) -> tuple[ArrayData | None, ArrayData | None]:
         for y in ys.values():
             _labels(y, str(path))  # integer labels >= 0, before their maximum is taken
         k = max(int(y.max()) for y in ys.values() if y.size) + 1 if any(y.size for y in ys.values()) else 0
-        out = [_check_sizes(ArrayData(to_nchw_uint8(f[p[0]], str(path)), _labels(ys[p], str(path)), k, path.stem))
-               if p in ys else None for p in pairs]  # fmt: skip
+        out = [
+            _check_sizes(ArrayData(to_nchw_uint8(f[p[0]], str(path)), _labels(ys[p], str(path)), k, path.stem))
+            if p in ys
+            else None
+            for p in pairs
+        ]
     return (out[0], out[1]) if len(out) == 2 else (out[0], None)
 
 
@@ -240,11 +256,14 @@ def cifar(root: str | Path, which: str = "cifar10") -> tuple[ArrayData, ArrayDat
                 or np.asarray(p[b"data"]).ndim != 2
                 or np.asarray(p[b"data"]).shape[1] != 3072
             ):
-                raise ValueError(f"CIFAR pickle {base / n}: {len(p[b'data'])} images of shape "
-                                 f"{np.asarray(p[b'data']).shape[1:]} and {len(p[label_key])} labels; expected equal "
-                                 "counts of 3072 bytes each")  # fmt: skip
+                raise ValueError(
+                    f"CIFAR pickle {base / n}: {len(p[b'data'])} images of shape "
+                    f"{np.asarray(p[b'data']).shape[1:]} and {len(p[label_key])} labels; expected equal "
+                    "counts of 3072 bytes each"
+                )
         x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(p[label_key]) for p in parts])
-        out.append(ArrayData(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), _labels(y, str(base), k),
-                             k, which))  # fmt: skip
+        out.append(
+            ArrayData(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), _labels(y, str(base), k), k, which)
+        )
     return out[0], out[1]

@@ -102,8 +102,17 @@ class FileData(Dataset):
         kept = [(p, int(table[y])) for p, y in self.items if table[y] >= 0]
         return FileData(kept, len(classes), self.name, names, self.transform)
 
-    def loader(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 2,
-               drop_last: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        device="cpu",
+        seed: int = 0,
+        workers: int = 2,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         """Batches decoded by `workers` processes onto `device`; under torchrun (`world` > 1) this rank's share
         of each shuffled epoch (a DistributedSampler)."""
         sampler = None
@@ -120,9 +129,17 @@ class FileLoader:
     def __init__(self, data, batch_size, shuffle, device, seed, workers, drop_last, sampler):
         self.device, self.seed = torch.device(device), seed
         g = torch.Generator().manual_seed(seed)
-        self.dl = DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                             generator=g, persistent_workers=workers > 0)  # fmt: skip
+        self.dl = DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            generator=g,
+            persistent_workers=workers > 0,
+        )
 
     def __len__(self) -> int:
         return len(self.dl)
@@ -153,8 +170,13 @@ def image_folder(root: str | Path, classes: list[str] | None = None) -> FileData
     if not classes:
         raise ValueError(f"{root}: no class sub-folders")
     index = {c: i for i, c in enumerate(classes)}
-    items = [(p, index[d.name]) for d in sorted(root.iterdir()) if d.is_dir() and d.name in index
-             for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    items = [
+        (p, index[d.name])
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name in index
+        for p in sorted(d.rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not items:
         raise ValueError(f"{root}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return FileData(items, len(classes), root.name, classes)
@@ -201,8 +223,9 @@ def json_split(split_file: str | Path, image_root: str | Path, classes: list[str
         raise ValueError(f"{split_file} must hold a non-empty object {{relative_path: label}}")
     outside = [p for p in mapping if Path(p).is_absolute() or ".." in Path(p).parts]
     if outside:
-        raise ValueError(f"{split_file}: paths must stay inside the image root (relative, no '..'); got e.g. "
-                         f"{outside[:3]}")  # fmt: skip
+        raise ValueError(
+            f"{split_file}: paths must stay inside the image root (relative, no '..'); got e.g. {outside[:3]}"
+        )
     keys = {p: _label_key(v) for p, v in mapping.items()}
     bad = [(p, mapping[p]) for p, k in keys.items() if k is None]
     if bad:
@@ -214,7 +237,8 @@ def json_split(split_file: str | Path, image_root: str | Path, classes: list[str
     if unknown:
         example = next(p for p, k in keys.items() if k == unknown[0])
         more = f"; {len(unknown)} such labels" if len(unknown) > 1 else ""
-        raise ValueError(f"{split_file}: label {unknown[0]!r} (e.g. {example}) is not among the train split's "
-                         f"{len(classes)} classes{more}")  # fmt: skip
-    return FileData([(image_root / p, index[k]) for p, k in keys.items()], len(classes), split_file.stem,
-                    list(classes))  # fmt: skip
+        raise ValueError(
+            f"{split_file}: label {unknown[0]!r} (e.g. {example}) is not among the train split's "
+            f"{len(classes)} classes{more}"
+        )
+    return FileData([(image_root / p, index[k]) for p, k in keys.items()], len(classes), split_file.stem, list(classes))

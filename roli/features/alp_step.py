@@ -26,8 +26,15 @@ def fast_layout(model, precision: str, channels_last: bool | None = None) -> boo
     return channels_last
 
 
-def alp_step(model, attack: PGD, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             precision: str = "fp32", before_step=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def alp_step(
+    model,
+    attack: PGD,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str = "fp32",
+    before_step=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ALP step: k attack steps through the frozen model, then the head update on the features of the
     final adversarial batch, computed without a backbone graph. Returns (loss, correct count) as 0-dim tensors
     on the device (reading them would synchronise)."""

@@ -92,8 +92,9 @@ def _batches(data, batch_size: int, device, indices):
 
 
 @torch.no_grad()
-def compute_features(model, data, batch_size: int = 256, dtype: str = "fp32", device="cpu",
-                     indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def compute_features(
+    model, data, batch_size: int = 256, dtype: str = "fp32", device="cpu", indices: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 and labels of `data` (or its rows `indices`), backbone in eval mode."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")

@@ -97,8 +97,13 @@ def train_linear_probes(
     b = init.bias.detach().to(device).expand(heads, -1).clone().requires_grad_(True)  # (H, C)
     lr_t = torch.tensor(lrs, device=device).view(-1, 1, 1)
     wd_t = torch.tensor(wds, device=device).view(-1, 1, 1)
-    state = {"m_w": torch.zeros_like(w), "m_b": torch.zeros_like(b), "v_w": torch.zeros_like(w),
-             "v_b": torch.zeros_like(b), "t": 0}  # fmt: skip
+    state = {
+        "m_w": torch.zeros_like(w),
+        "m_b": torch.zeros_like(b),
+        "v_w": torch.zeros_like(w),
+        "v_b": torch.zeros_like(b),
+        "t": 0,
+    }
     vx, vy = val[0].to(device), val[1].to(device)
     best_acc = torch.full((heads,), -1.0, device=device)
     best_w, best_b, best_epoch = w.detach().clone(), b.detach().clone(), torch.zeros(heads, dtype=torch.long)

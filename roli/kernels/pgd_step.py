@@ -65,8 +65,9 @@ def _clamp(v, lo, hi):
 
 
 @dual_jit
-def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
-                          BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr):  # fmt: skip
+def _pgd_step_linf_kernel(
+    X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS, BLOCK: tl.constexpr, EPS_T: tl.constexpr, STEP_T: tl.constexpr
+):
     b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
@@ -79,8 +80,21 @@ def _pgd_step_linf_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, N, CHUNKS,
 
 
 @dual_jit
-def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, PART, B, N, CHUNKS, BLOCK: tl.constexpr,
-                               STEP_T: tl.constexpr, PASS: tl.constexpr, CPOW: tl.constexpr):  # fmt: skip
+def _pgd_step_l2_reduce_kernel(
+    X,
+    G,
+    XN,
+    STEP,
+    step,
+    PART,
+    B,
+    N,
+    CHUNKS,
+    BLOCK: tl.constexpr,
+    STEP_T: tl.constexpr,
+    PASS: tl.constexpr,
+    CPOW: tl.constexpr,
+):
     # PASS 0: PART[b, chunk] = sum g^2.  PASS 1: PART[B + b, chunk] = sum (x + gscale * g - xn)^2.
     pid = tl.program_id(0)
     b, mask, ptr = _sample_block(pid, CHUNKS, N, BLOCK)
@@ -97,11 +111,27 @@ def _pgd_step_l2_reduce_kernel(X, G, XN, STEP, step, PART, B, N, CHUNKS, BLOCK: 
 
 
 @dual_jit
-def _pgd_step_l2_update_kernel(X, G, XN, EPS, STEP, eps, step, lo, hi, PART, B, N, CHUNKS, BLOCK: tl.constexpr,
-                               EPS_T: tl.constexpr, STEP_T: tl.constexpr, CPOW: tl.constexpr):  # fmt: skip
+def _pgd_step_l2_update_kernel(
+    X,
+    G,
+    XN,
+    EPS,
+    STEP,
+    eps,
+    step,
+    lo,
+    hi,
+    PART,
+    B,
+    N,
+    CHUNKS,
+    BLOCK: tl.constexpr,
+    EPS_T: tl.constexpr,
+    STEP_T: tl.constexpr,
+    CPOW: tl.constexpr,
+):
     b, mask, ptr = _sample_block(tl.program_id(0), CHUNKS, N, BLOCK)
-    gscale, dscale = _l2_scales(PART, B, b, _budget(EPS, b, eps, EPS_T), _budget(STEP, b, step, STEP_T), CHUNKS,
-                                CPOW)  # fmt: skip
+    gscale, dscale = _l2_scales(PART, B, b, _budget(EPS, b, eps, EPS_T), _budget(STEP, b, step, STEP_T), CHUNKS, CPOW)
     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + ptr, mask=mask, other=0.0).to(tl.float32)
@@ -130,9 +160,22 @@ def pgd_step_linf_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) 
         return
     x, g, xn, batch, n, block, chunks = _geometry(x_adv, grad, x_nat)
     _pgd_step_linf_kernel.launcher(x.device)[(batch * chunks,)](
-        x, g, xn, _budget_ptr(eps_t, x), _budget_ptr(step_t, x), float(eps), float(step), float(lo), float(hi),
-        n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, num_warps=8,
-    )  # fmt: skip
+        x,
+        g,
+        xn,
+        _budget_ptr(eps_t, x),
+        _budget_ptr(step_t, x),
+        float(eps),
+        float(step),
+        float(lo),
+        float(hi),
+        n,
+        chunks,
+        BLOCK=block,
+        EPS_T=eps_t is not None,
+        STEP_T=step_t is not None,
+        num_warps=8,
+    )
     finish_write(x_adv, x)
 
 
@@ -146,11 +189,39 @@ def pgd_step_l2_forward(x_adv, grad, x_nat, eps_t, eps, step_t, step, lo, hi) ->
     step_ptr = _budget_ptr(step_t, part)
     for pass_ in (0, 1):
         _pgd_step_l2_reduce_kernel.launcher(x.device)[(batch * chunks,)](
-            x, g, xn, step_ptr, float(step), part, batch, n, chunks,
-            BLOCK=block, STEP_T=step_t is not None, PASS=pass_, CPOW=cpow, num_warps=8,
-        )  # fmt: skip
+            x,
+            g,
+            xn,
+            step_ptr,
+            float(step),
+            part,
+            batch,
+            n,
+            chunks,
+            BLOCK=block,
+            STEP_T=step_t is not None,
+            PASS=pass_,
+            CPOW=cpow,
+            num_warps=8,
+        )
     _pgd_step_l2_update_kernel.launcher(x.device)[(batch * chunks,)](
-        x, g, xn, _budget_ptr(eps_t, part), step_ptr, float(eps), float(step), float(lo), float(hi), part,
-        batch, n, chunks, BLOCK=block, EPS_T=eps_t is not None, STEP_T=step_t is not None, CPOW=cpow, num_warps=8,
-    )  # fmt: skip
+        x,
+        g,
+        xn,
+        _budget_ptr(eps_t, part),
+        step_ptr,
+        float(eps),
+        float(step),
+        float(lo),
+        float(hi),
+        part,
+        batch,
+        n,
+        chunks,
+        BLOCK=block,
+        EPS_T=eps_t is not None,
+        STEP_T=step_t is not None,
+        CPOW=cpow,
+        num_warps=8,
+    )
     finish_write(x_adv, x)

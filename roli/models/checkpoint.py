@@ -43,10 +43,25 @@ from roli._io import first_line, load_tagged, save_torch
 
 NESTING_KEYS = ("state_dict", "model", "model_state", "net")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
-PREFIXES = ("", "module.", "model.", "module.model.", "attacker.model.", "module.attacker.model.", "backbone.",
-            "module.backbone.")  # fmt: skip
-DROPPED = ("normalizer.", "attacker.normalize.", "attacker.", "module.normalizer.", "module.attacker.", "normalize.",
-           "module.normalize.")  # fmt: skip
+PREFIXES = (
+    "",
+    "module.",
+    "model.",
+    "module.model.",
+    "attacker.model.",
+    "module.attacker.model.",
+    "backbone.",
+    "module.backbone.",
+)
+DROPPED = (
+    "normalizer.",
+    "attacker.normalize.",
+    "attacker.",
+    "module.normalizer.",
+    "module.attacker.",
+    "normalize.",
+    "module.normalize.",
+)
 ROLI_FORMAT = "roli-checkpoint"
 
 
@@ -149,8 +164,12 @@ def _best_prefix(state: dict, wanted: set[str], head_key: str | None) -> str:
 
 _REF_ROOT = re.compile(r"^((?:module\.)?(?:\d+\.)?)enc\.")
 _REF_VIT_BLOCK = re.compile(r"^transformer\.encoder\.layer\.(\d+)\.(.+)$")
-_REF_VIT_RENAMES = (("attention_norm.", "norm1."), ("ffn_norm.", "norm2."), ("ffn.", "mlp."),
-                    ("attn.out.", "attn.proj."))  # fmt: skip
+_REF_VIT_RENAMES = (
+    ("attention_norm.", "norm1."),
+    ("ffn_norm.", "norm2."),
+    ("ffn.", "mlp."),
+    ("attn.out.", "attn.proj."),
+)
 
 
 def _from_roli_reference(state: dict, notes: list[str]) -> tuple[dict, dict, list[str]] | None:
@@ -176,8 +195,10 @@ def _from_roli_reference(state: dict, notes: list[str]) -> tuple[dict, dict, lis
         enc = {k: v for k, v in enc.items() if k not in lora}
         peft = [k for k in peft if k not in lora]
     if peft:
-        raise ValueError(f"the RoLI reference model holds PEFT parameters roli cannot convert ({peft[0]}, "
-                         f"{len(peft)} in all); merge them into the backbone first")  # fmt: skip
+        raise ValueError(
+            f"the RoLI reference model holds PEFT parameters roli cannot convert ({peft[0]}, "
+            f"{len(peft)} in all); merge them into the backbone first"
+        )
     if any(k.startswith("transformer.") for k in enc):
         enc = _reference_vit_to_timm(enc)
         notes.append("converted the RoLI reference ViT to timm names")
@@ -231,15 +252,18 @@ def _timm_filter(state: dict, backbone: nn.Module, notes: list[str]) -> dict:
     try:
         out = fn(dict(state), backbone)
     except Exception as e:  # noqa: BLE001 - timm's filter met a layout it does not know
-        raise ValueError(f"timm's checkpoint filter for {type(backbone).__name__} failed ({first_line(e)[:150]}): "
-                         "is this checkpoint of this architecture?") from None  # fmt: skip
+        raise ValueError(
+            f"timm's checkpoint filter for {type(backbone).__name__} failed ({first_line(e)[:150]}): "
+            "is this checkpoint of this architecture?"
+        ) from None
     if set(out) != set(state) or any(out[k].shape != state[k].shape for k in out if k in state):
         notes.append(f"converted by timm's {type(backbone).__name__} checkpoint filter")
     return out
 
 
-def load_pretrained(model, path: str | Path, strict: bool = True, keep_head: bool = False,
-                    ema: bool = False) -> LoadReport:  # fmt: skip
+def load_pretrained(
+    model, path: str | Path, strict: bool = True, keep_head: bool = False, ema: bool = False
+) -> LoadReport:
     """Load a (robust) backbone checkpoint into a RobustClassifier. See the module docstring.
 
     Args:
@@ -277,20 +301,25 @@ def load_pretrained(model, path: str | Path, strict: bool = True, keep_head: boo
     matched = [k for k in backbone_state if k in expected and k not in shape_bad]
     if not matched:
         have, want = ", ".join(list(state)[:3]), ", ".join(list(expected)[:3])
-        raise ValueError(f"{path}: no tensor matches the backbone {model.name} (the checkpoint has {have}; "
-                         f"the model expects {want})")  # fmt: skip
+        raise ValueError(
+            f"{path}: no tensor matches the backbone {model.name} (the checkpoint has {have}; the model expects {want})"
+        )
     if shape_bad:
         example = _shapes(shape_bad[:3], backbone_state, expected)
-        raise ValueError(f"{path}: {len(shape_bad)} tensors have other shapes than in {model.name} "
-                         f"(e.g. {example}): another architecture?")  # fmt: skip
+        raise ValueError(
+            f"{path}: {len(shape_bad)} tensors have other shapes than in {model.name} "
+            f"(e.g. {example}): another architecture?"
+        )
     if strict and (missing or unexpected):
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing keys ({', '.join(missing[:4])})")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:4])})")
-        raise ValueError(f"{path} does not match the backbone {model.name}: {'; '.join(problems)}. "
-                         "To load it anyway, pass strict=False (CLI: --non-strict)")  # fmt: skip
+        raise ValueError(
+            f"{path} does not match the backbone {model.name}: {'; '.join(problems)}. "
+            "To load it anyway, pass strict=False (CLI: --non-strict)"
+        )
     model.backbone.load_state_dict({k: backbone_state[k] for k in matched}, strict=False)
     head, head_loaded = "not in checkpoint", False
     w, b = head_state.get("weight"), head_state.get("bias")
@@ -303,12 +332,23 @@ def load_pretrained(model, path: str | Path, strict: bool = True, keep_head: boo
                 model.head.bias.zero_()
         head, head_loaded = f"loaded from the checkpoint ({w.shape[0]} classes)", True
     elif w is not None and w.shape == model.head.weight.shape:
-        head = (f"the checkpoint's classifier ({w.shape[0]} classes) is not used: a fresh random head "
-                "(keep it with keep_head=True / --keep-source-head when the label space is the same)")  # fmt: skip
+        head = (
+            f"the checkpoint's classifier ({w.shape[0]} classes) is not used: a fresh random head "
+            "(keep it with keep_head=True / --keep-source-head when the label space is the same)"
+        )
     elif w is not None:
         head = f"dropped (checkpoint has {w.shape[0]} classes, the model {model.num_classes})"
-    return LoadReport(str(path), prefix, len(matched), head, ignored, missing if not strict else [],
-                      unexpected if not strict else [], notes, head_loaded)  # fmt: skip
+    return LoadReport(
+        str(path),
+        prefix,
+        len(matched),
+        head,
+        ignored,
+        missing if not strict else [],
+        unexpected if not strict else [],
+        notes,
+        head_loaded,
+    )
 
 
 def _shapes(keys, got, want) -> str:
@@ -321,8 +361,13 @@ def save_checkpoint(model: nn.Module, path: str | Path, trainable_only: bool = F
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in names}
-    payload = {"format": ROLI_FORMAT, "version": 1, "trainable_only": trainable_only,
-               "state_dict": {k: v.detach().cpu() for k, v in state.items()}, "meta": dict(meta or {})}  # fmt: skip
+    payload = {
+        "format": ROLI_FORMAT,
+        "version": 1,
+        "trainable_only": trainable_only,
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "meta": dict(meta or {}),
+    }
     save_torch(payload, path)
 
 
@@ -338,8 +383,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
     missing = [] if payload["trainable_only"] else [k for k in own if k not in state]
     bad = [k for k in state if k in own and state[k].shape != own[k].shape]
     if unexpected or missing or bad:
-        raise ValueError(f"{path} does not fit this model: {len(missing)} missing ({', '.join(missing[:3])}), "
-                         f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}), {len(bad)} with other "
-                         f"shapes ({_shapes(bad[:2], state, own) if bad else ''})")  # fmt: skip
+        raise ValueError(
+            f"{path} does not fit this model: {len(missing)} missing ({', '.join(missing[:3])}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}), {len(bad)} with other "
+            f"shapes ({_shapes(bad[:2], state, own) if bad else ''})"
+        )
     model.load_state_dict(state, strict=not payload["trainable_only"])
     return payload["meta"]

@@ -24,9 +24,18 @@ from roli.models.wrapper import Preprocess
 
 
 class RobustClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean=None, std=None,
-                 input_size=None, name: str = "custom", classifier_key: str | None = None,
-                 interpolation: str = "bilinear"):  # fmt: skip
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        num_classes: int,
+        mean=None,
+        std=None,
+        input_size=None,
+        name: str = "custom",
+        classifier_key: str | None = None,
+        interpolation: str = "bilinear",
+    ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {num_classes}")
@@ -114,9 +123,44 @@ def _factory(spec: str):
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"cannot import model factory {spec!r}: {e}") from None
     if not (inspect.isfunction(fn) or inspect.isclass(fn)):
-        raise ValueError(f"model factory {spec!r} is a {type(fn).__name__}, not a Python function or class that "
-                         "builds an nn.Module")  # fmt: skip
+        raise ValueError(
+            f"model factory {spec!r} is a {type(fn).__name__}, not a Python function or class that builds an nn.Module"
+        )
     return fn
+
+
+def _build_net(model: str | nn.Module, in_chans: int, pretrained: bool, model_kwargs: dict) -> nn.Module:
+    """The backbone: the module itself, a "package.module:function" factory's, or timm's (no classifier)."""
+    if isinstance(model, nn.Module):
+        return model
+    elif ":" in model:
+        fn = _factory(model)
+        try:
+            takes_chans = "in_chans" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_chans = False
+        if takes_chans and "in_chans" not in model_kwargs:
+            model_kwargs = {**model_kwargs, "in_chans": in_chans}
+        net = fn(**model_kwargs)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model factory {model!r} returned {type(net).__name__}, not an nn.Module")
+        return net
+    else:
+        try:
+            timm = import_timm()
+        except ImportError:
+            raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
+        if model not in timm.list_models():
+            raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
+        try:
+            return timm.create_model(model, pretrained=pretrained, num_classes=0, in_chans=in_chans, **model_kwargs)
+        except (OSError, RuntimeError) as e:  # no hub, no cached weights
+            if not pretrained:
+                raise
+            raise ValueError(
+                f"timm could not fetch pretrained weights for {model!r} ({first_line(e)}); "
+                "load a local checkpoint with load_pretrained instead"
+            ) from None
 
 
 def create_classifier(
@@ -161,36 +205,12 @@ def create_classifier(
         if input_size == "auto" and "img_size" not in model_kwargs:
             input_size = (entry.input_size, entry.input_size)
     for key, value in (("mean", mean), ("std", std)):
-        if value not in ("auto", None) and (isinstance(value, (str, bytes)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):  # fmt: skip
+        if value not in ("auto", None) and (
+            isinstance(value, (str, bytes))
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
             raise ValueError(f"{key} must be a sequence of numbers, one per channel; got {value!r}")
-    if isinstance(model, nn.Module):
-        net = model
-    elif ":" in model:
-        fn = _factory(model)
-        try:
-            takes_chans = "in_chans" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            takes_chans = False
-        if takes_chans and "in_chans" not in model_kwargs:
-            model_kwargs = {**model_kwargs, "in_chans": in_chans}
-        net = fn(**model_kwargs)
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"model factory {model!r} returned {type(net).__name__}, not an nn.Module")
-    else:
-        try:
-            timm = import_timm()
-        except ImportError:
-            raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
-        if model not in timm.list_models():
-            raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
-        try:
-            net = timm.create_model(model, pretrained=pretrained, num_classes=0, in_chans=in_chans, **model_kwargs)
-        except (OSError, RuntimeError) as e:  # no hub, no cached weights
-            if not pretrained:
-                raise
-            raise ValueError(f"timm could not fetch pretrained weights for {model!r} ({first_line(e)}); "
-                             "load a local checkpoint with load_pretrained instead") from None  # fmt: skip
+    net = _build_net(model, in_chans, pretrained, model_kwargs)
     cfg = _timm_cfg(net)
     classifier_key = cfg.get("classifier") or _classifier_name(net)
     if hasattr(net, "reset_classifier") and hasattr(net, "num_features"):

@@ -60,8 +60,12 @@ class FoldedConvBN(nn.Module):
         dtype changed; otherwise keep them, so a compiled or graph-captured forward reads the same storage."""
         w = self.conv.weight
         out_dtype = dtype or w.dtype
-        if (self.weight.shape, self.weight.dtype, self.weight.stride(), self.weight.device) != \
-                (w.shape, out_dtype, w.stride(), w.device):  # fmt: skip
+        if (self.weight.shape, self.weight.dtype, self.weight.stride(), self.weight.device) != (
+            w.shape,
+            out_dtype,
+            w.stride(),
+            w.device,
+        ):
             self.weight = torch.empty_like(w, dtype=out_dtype)  # the conv weight's layout (channels_last stays)
             self.bias = torch.empty(w.shape[0], dtype=out_dtype, device=w.device)
 
@@ -92,8 +96,11 @@ def refresh_folded(folded: list[FoldedConvBN], dtype: torch.dtype | None = None)
     beta = [(b, bn.bias.to(d)) for b, bn, d in zip(bias, bns, work, strict=True) if bn.bias is not None]
     if beta:
         torch._foreach_add_([b for b, _ in beta], [t for _, t in beta])
-    conv_bias = [(b, f.conv.bias.to(d), s) for b, f, d, s in zip(bias, folded, work, scale, strict=True)
-                 if f.conv.bias is not None]  # fmt: skip
+    conv_bias = [
+        (b, f.conv.bias.to(d), s)
+        for b, f, d, s in zip(bias, folded, work, scale, strict=True)
+        if f.conv.bias is not None
+    ]
     if conv_bias:
         torch._foreach_addcmul_(*(list(t) for t in zip(*conv_bias, strict=True)))
     for f, s, d in zip(folded, scale, work, strict=True):

@@ -34,8 +34,15 @@ from roli.models.vpt import apply_vpt, supports_vpt
 METHODS = ("full", "linear", "lora", "adapter", "vpt", "vpt-gated", "bias")
 # The backbone's mode while the model trains, as the RoLI reference runs each method (src/models/vit_models.py:
 # froze_enc for every transfer type but end2end and prompt; its VPT-Swin keeps only prompt dropout active).
-ENCODER_MODES = {"full": "train", "linear": "eval", "lora": "eval", "adapter": "eval", "bias": "eval",
-                 "vpt": "prompts", "vpt-gated": "prompts"}  # fmt: skip
+ENCODER_MODES = {
+    "full": "train",
+    "linear": "eval",
+    "lora": "eval",
+    "adapter": "eval",
+    "bias": "eval",
+    "vpt": "prompts",
+    "vpt-gated": "prompts",
+}
 _IDENTITY = nn.Identity()
 
 
@@ -71,15 +78,21 @@ class LoRAQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = self.dropout(x)
-        updates = [(h @ self.lora_A[t].t() @ self.lora_B[t].t()) * self.scale if t in self.targets else None
-                   for t in "qkv"]  # fmt: skip
+        updates = [
+            (h @ self.lora_A[t].t() @ self.lora_B[t].t()) * self.scale if t in self.targets else None for t in "qkv"
+        ]
         zero = torch.zeros_like(out[..., : self.dim])
         return out + torch.cat([u if u is not None else zero for u in updates], -1)
 
     def merged(self) -> nn.Linear:
         w = self.base.weight
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=w.device, dtype=w.dtype)  # fmt: skip
+        lin = nn.Linear(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(w + self.delta_weight())
             if self.base.bias is not None:
@@ -139,17 +152,29 @@ def _prompt_site(attn: nn.Module) -> bool:
     # timm ViT Attention or Swin WindowAttention. The gated prompt term is added after the output
     # projection: exact only when no non-linear norm sits between attention and projection (timm's
     # default: attn.norm is Identity or absent).
-    return (all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads")) and isinstance(attn.qkv, nn.Linear)
-            and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity))  # fmt: skip
+    return (
+        all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads"))
+        and isinstance(attn.qkv, nn.Linear)
+        and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
+    )
 
 
 def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module)]
 
 
-def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-               lora_targets: str = "qv", adapter_reduction: int = 8, vpt_tokens: int = 10,
-               vpt_dropout: float = 0.0) -> dict:  # fmt: skip
+def apply_peft(
+    model,
+    method: str,
+    *,
+    lora_rank: int = 16,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "qv",
+    adapter_reduction: int = 8,
+    vpt_tokens: int = 10,
+    vpt_dropout: float = 0.0,
+) -> dict:
     """Apply `method` to a RobustClassifier in place. Returns {"method", "trainable", "total"}."""
     if method not in METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
@@ -182,14 +207,18 @@ def apply_peft(model, method: str, *, lora_rank: int = 16, lora_alpha: float = 1
             raise ValueError(f"vpt_dropout must be in [0, 1); got {vpt_dropout}")
         if method == "vpt":
             if not supports_vpt(backbone):
-                raise ValueError(f"{model.name} is not a timm ViT or Swin: VPT (the paper's prompts) applies to those; "
-                                 "vpt-gated works on any ViT/Swin-style attention")  # fmt: skip
+                raise ValueError(
+                    f"{model.name} is not a timm ViT or Swin: VPT (the paper's prompts) applies to those; "
+                    "vpt-gated works on any ViT/Swin-style attention"
+                )
             apply_vpt(backbone, vpt_tokens, vpt_dropout)
         else:
             sites = [(n, m) for n, m in _blocks_with(backbone, "attn") if _prompt_site(m.attn)]
             if not sites:
-                raise ValueError(f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies "
-                                 "to ViT and Swin models")  # fmt: skip
+                raise ValueError(
+                    f"{model.name} has no ViT/Swin attention blocks (qkv, proj, num_heads): VPT applies "
+                    "to ViT and Swin models"
+                )
             for _, m in sites:
                 m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight)
     for name, p in model.named_parameters():

@@ -54,8 +54,11 @@ class Published:
         return int(round(self.input_size / self.crop_pct))
 
     def preprocessing(self) -> str:
-        norm = "no normalization" if self.mean is None else \
-            f"mean {tuple(round(m, 4) for m in self.mean)}, std {tuple(round(s, 4) for s in self.std)}"  # fmt: skip
+        norm = (
+            "no normalization"
+            if self.mean is None
+            else f"mean {tuple(round(m, 4) for m in self.mean)}, std {tuple(round(s, 4) for s in self.std)}"
+        )
         return f"{norm}; {self.interpolation} resize {self.resize_size}, crop {self.input_size}"
 
 
@@ -76,8 +79,17 @@ _ARES = "ARES 2.0 (thu-ml/ares, robust_training)"
 
 
 def _ares(name: str, arch: str, file: str, clean: float, aa: float, **kw) -> Published:
-    return Published(name, arch, *LINF_4, _ARES, file, _ARES_URL + file, "timm",
-                     f"ImageNet clean {clean}, AutoAttack {aa} (Linf 4/255, 1000 val images)", **kw)  # fmt: skip
+    return Published(
+        name,
+        arch,
+        *LINF_4,
+        _ARES,
+        file,
+        _ARES_URL + file,
+        "timm",
+        f"ImageNet clean {clean}, AutoAttack {aa} (Linf 4/255, 1000 val images)",
+        **kw,
+    )
 
 
 _RB = "RobustBench (ImageNet Linf leaderboard)"
@@ -87,10 +99,12 @@ def _gdrive(file_id: str) -> str:
     return f"https://drive.google.com/uc?id={file_id}"
 
 
-def _rb(name: str, rb_name: str, arch: str, file_id: str, reported: str, layout: str = "robustbench",
-        **kw) -> Published:  # fmt: skip
-    return Published(name, arch, *LINF_4, _RB, f"{rb_name}.pt", _gdrive(file_id), layout, reported,
-                     aliases=(rb_name,), **kw)  # fmt: skip
+def _rb(
+    name: str, rb_name: str, arch: str, file_id: str, reported: str, layout: str = "robustbench", **kw
+) -> Published:
+    return Published(
+        name, arch, *LINF_4, _RB, f"{rb_name}.pt", _gdrive(file_id), layout, reported, aliases=(rb_name,), **kw
+    )
 
 
 _MADRY = "MadryLab robustness (ImageNet ResNet-50)"
@@ -180,8 +194,10 @@ def table() -> str:
     """The registry as a Markdown table."""
     rows = ["| name | architecture | threat model | preprocessing | source | file |", "|---|---|---|---|---|---|"]
     for e in REGISTRY.values():
-        rows.append(f"| `{e.name}` | {e.arch} | {e.threat} {e.eps_text} | {e.preprocessing()} | {e.publisher} "
-                    f"({e.layout} layout) | [{e.filename}]({e.url}) |")  # fmt: skip
+        rows.append(
+            f"| `{e.name}` | {e.arch} | {e.threat} {e.eps_text} | {e.preprocessing()} | {e.publisher} "
+            f"({e.layout} layout) | [{e.filename}]({e.url}) |"
+        )
     return "\n".join(rows)
 
 
@@ -205,16 +221,19 @@ def fetch(entry: Published, timeout: float = 60.0) -> Path:
     dest = cached_path(entry)
     url = _direct_url(entry.url or "")
     if url is None:
-        raise ValueError(f"{entry.name}: {entry.url} cannot be fetched by a plain download (Google Drive); fetch "
-                         f"it in a browser or with gdown and put it at {dest}")  # fmt: skip
+        raise ValueError(
+            f"{entry.name}: {entry.url} cannot be fetched by a plain download (Google Drive); fetch "
+            f"it in a browser or with gdown and put it at {dest}"
+        )
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a URL of the registry
             data = response.read()
     except OSError as e:
-        raise ValueError(f"{entry.name}: cannot download {entry.url} ({e}); fetch it yourself and put it at "
-                         f"{dest}") from None  # fmt: skip
+        raise ValueError(
+            f"{entry.name}: cannot download {entry.url} ({e}); fetch it yourself and put it at {dest}"
+        ) from None
     digest = hashlib.sha256(data).hexdigest()
     if entry.sha256 is not None and digest != entry.sha256:
         raise ValueError(f"{entry.name}: the download's sha256 is {digest}, the publisher's {entry.sha256}")
@@ -234,6 +253,8 @@ def resolve_checkpoint(model: str, checkpoint: str | None, download: bool = Fals
         return str(path)
     if download:
         return str(fetch(entry))
-    raise ValueError(f"{entry.name} needs its weights file {entry.filename} (from {entry.url}): download it "
-                     f"and pass --checkpoint PATH, or put it at {path}, or add --download where the host is "
-                     "reachable")  # fmt: skip
+    raise ValueError(
+        f"{entry.name} needs its weights file {entry.filename} (from {entry.url}): download it "
+        f"and pass --checkpoint PATH, or put it at {path}, or add --download where the host is "
+        "reachable"
+    )

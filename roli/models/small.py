@@ -22,8 +22,9 @@ class SmallCNN(nn.Module):
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(*block(in_chans, width, 1), *block(width, 2 * width, 2),
-                                      *block(2 * width, 2 * width, 2))  # fmt: skip
+        self.features = nn.Sequential(
+            *block(in_chans, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 2)
+        )
         self.num_features = 2 * width
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = {"classifier": "fc", "mean": None, "std": None, "input_size": None}

@@ -69,10 +69,14 @@ def window_attention(attn: nn.Module, x: torch.Tensor, n: int, mask: torch.Tenso
     if mask is not None:
         windows = mask.shape[0]
         full = F.pad(mask, (n, 0, n, 0)).to(q.dtype)  # (nW, tokens, tokens)
-        bias = (bias.unsqueeze(1) + full.view(1, windows, 1, tokens, tokens)).expand(
-            b_ // windows, -1, -1, -1, -1).reshape(b_, attn.num_heads, tokens, tokens)  # fmt: skip
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)  # fmt: skip
+        bias = (
+            (bias.unsqueeze(1) + full.view(1, windows, 1, tokens, tokens))
+            .expand(b_ // windows, -1, -1, -1, -1)
+            .reshape(b_, attn.num_heads, tokens, tokens)
+        )
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=attn.scale, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(b_, tokens, -1)))
 
 
@@ -178,8 +182,11 @@ def supports_vpt(backbone: nn.Module) -> bool:
     cls = prompted_classes().get(type(backbone))
     if cls is None:
         return False
-    return cls.__name__ != "PromptedSwin" or getattr(backbone.head, "global_pool", None) is not None and \
-        getattr(backbone.head.global_pool, "pool_type", "avg") == "avg"  # fmt: skip
+    return (
+        cls.__name__ != "PromptedSwin"
+        or getattr(backbone.head, "global_pool", None) is not None
+        and getattr(backbone.head.global_pool, "pool_type", "avg") == "avg"
+    )
 
 
 def apply_vpt(backbone: nn.Module, n_tokens: int, dropout: float = 0.0) -> int:
@@ -187,8 +194,10 @@ def apply_vpt(backbone: nn.Module, n_tokens: int, dropout: float = 0.0) -> int:
     prompt parameters."""
     classes = prompted_classes()
     if not supports_vpt(backbone):
-        raise ValueError(f"VPT applies to timm VisionTransformer and SwinTransformer backbones (the published robust "
-                         f"ViT/Swin); got {type(backbone).__name__}")  # fmt: skip
+        raise ValueError(
+            f"VPT applies to timm VisionTransformer and SwinTransformer backbones (the published robust "
+            f"ViT/Swin); got {type(backbone).__name__}"
+        )
     like = next(backbone.parameters())  # the prompts take the backbone's device and dtype
     if classes.get(type(backbone)).__name__ == "PromptedViT":
         dim, patch = backbone.embed_dim, backbone.patch_embed.patch_size[0]
@@ -197,9 +206,15 @@ def apply_vpt(backbone: nn.Module, n_tokens: int, dropout: float = 0.0) -> int:
         dims = [stage.blocks[0].norm1.normalized_shape[0] for stage in backbone.layers]
         bound = _bound(backbone.patch_embed.patch_size[0], dims[0])
         backbone.vpt_prompts = nn.ParameterList(
-            [_prompt_init(len(stage.blocks), n_tokens, d, bound, like) for stage, d in zip(backbone.layers, dims,
-                                                                                             strict=True)])  # fmt: skip
+            [
+                _prompt_init(len(stage.blocks), n_tokens, d, bound, like)
+                for stage, d in zip(backbone.layers, dims, strict=True)
+            ]
+        )
     backbone.prompt_dropout = nn.Dropout(dropout)
     backbone.__class__ = classes[type(backbone)]
-    return sum(p.numel() for p in backbone.vpt_prompts.parameters()) if isinstance(backbone.vpt_prompts, nn.Module) \
-        else backbone.vpt_prompts.numel()  # fmt: skip
+    return (
+        sum(p.numel() for p in backbone.vpt_prompts.parameters())
+        if isinstance(backbone.vpt_prompts, nn.Module)
+        else backbone.vpt_prompts.numel()
+    )

@@ -74,9 +74,22 @@ def adversarial_linear_probe(
             model.head.bias.copy_(init_head[1])
     opt = make_optimizer(param_groups(model, weight_decay), "sgd", lr, momentum)
     attack = PGD(model, eps=eps, step_size=step_size, steps=steps, keep="last", precision=precision, seed=seed)
-    stage = Stage(name="alp", model=model, step=alp_stage_step(model, attack, opt, precision), train=train, val=val,
-                  optimizer=opt, epochs=epochs, warmup=warmup, attack=attack, eps=eps, step_size=step_size,
-                  val_steps=val_steps, precision=precision, seed=seed)  # fmt: skip
+    stage = Stage(
+        name="alp",
+        model=model,
+        step=alp_stage_step(model, attack, opt, precision),
+        train=train,
+        val=val,
+        optimizer=opt,
+        epochs=epochs,
+        warmup=warmup,
+        attack=attack,
+        eps=eps,
+        step_size=step_size,
+        val_steps=val_steps,
+        precision=precision,
+        seed=seed,
+    )
     best = fit(stage, None, progress=False, report=log or (lambda line: None))
     if checkpoint is not None:
         meta = {"stage": "alp", **best, "backbone": model.name}

@@ -26,15 +26,24 @@ from roli._io import save_json, save_torch
 from roli.config import TrainConfig
 from roli.training.run import run
 
-COMMON = dict(model="roli.models.small:small_cnn", dataset="digits", eps=0.1, step_size=0.025, steps=5,
-              val_steps=10, batch_size=64, seed=0)  # fmt: skip
+COMMON = dict(
+    model="roli.models.small:small_cnn",
+    dataset="digits",
+    eps=0.1,
+    step_size=0.025,
+    steps=5,
+    val_steps=10,
+    batch_size=64,
+    seed=0,
+)
 
 
 def source_backbone(epochs: int = 15) -> Path:
     """The robust source backbone (digits 0-4), trained once and cached; returns its weights file."""
     cfg = TrainConfig(method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, **COMMON)
-    key = hashlib.sha256(json.dumps({**cfg.to_dict(), "run_dir": None, "roli": roli.__version__},
-                                    sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
+    key = hashlib.sha256(
+        json.dumps({**cfg.to_dict(), "run_dir": None, "roli": roli.__version__}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     base = _env.cache_root() / "demo" / key
     weights = base / "backbone.pt"
     if weights.is_file():
@@ -60,18 +69,36 @@ def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 
         TrainConfig(method="lp", epochs=30, warmup=0, lr=0.1, weight_decay=0.0, run_dir=str(run_dir / "lp"), **target)
     )
     print("3/3 ALP, then RoLI-FT (from the ALP head) and RanLI-FT (from a random head) on digits 5-9 ...")
-    roli_runs = run(TrainConfig(method="roli", compare_ranli=True, epochs=epochs, warmup=1, alp_lr=0.05, lr=2e-4,
-                                ranli_lr=1e-3, weight_decay=0.01, run_dir=str(run_dir / "roli"), **target))  # fmt: skip
-    rows = {"clean LP": lp["lp"], "ALP": roli_runs["alp"], "RanLI-FT (full)": roli_runs["RanLI-full"],
-            "RoLI-FT (full)": roli_runs["RoLI-full"]}  # fmt: skip
+    roli_runs = run(
+        TrainConfig(
+            method="roli",
+            compare_ranli=True,
+            epochs=epochs,
+            warmup=1,
+            alp_lr=0.05,
+            lr=2e-4,
+            ranli_lr=1e-3,
+            weight_decay=0.01,
+            run_dir=str(run_dir / "roli"),
+            **target,
+        )
+    )
+    rows = {
+        "clean LP": lp["lp"],
+        "ALP": roli_runs["alp"],
+        "RanLI-FT (full)": roli_runs["RanLI-full"],
+        "RoLI-FT (full)": roli_runs["RoLI-full"],
+    }
     lines = ["", f"RoLI demonstration: robust small CNN pretrained on digits 0-4, transferred to digits 5-9 "
              f"(test set, Linf eps 0.1, PGD-10); {time.time() - t0:.0f} s", "",
              "| method | clean acc | PGD-10 acc |", "|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         lines.append(f"| {name} | {100 * r['test']['clean']:.2f}% | {100 * r['test']['pgd10']:.2f}% |")
     gain = rows["RoLI-FT (full)"]["test"]["pgd10"] - rows["RanLI-FT (full)"]["test"]["pgd10"]
-    lines.append(f"\nRoLI vs RanLI: {100 * gain:+.2f} PGD points on this run"
-                 + (" (no gain in this regime)" if gain <= 0 else ""))  # fmt: skip
+    lines.append(
+        f"\nRoLI vs RanLI: {100 * gain:+.2f} PGD points on this run"
+        + (" (no gain in this regime)" if gain <= 0 else "")
+    )
     table = "\n".join(lines)
     print(table)
     summary = {name: r["test"] for name, r in rows.items()}

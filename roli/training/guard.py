@@ -58,9 +58,21 @@ class Guard:
     the (step function, PGD-k attack) the stage continues with after a collapse; `label`/`fallback_label`
     name them in logs and tables."""
 
-    def __init__(self, *, every: int, drop: float, x: torch.Tensor, y: torch.Tensor, eps: float, precision: str,
-                 seed: int, single: Callable[[], PGD], fallback: Callable[[], tuple[Callable, PGD]], label: str,
-                 fallback_label: str):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        every: int,
+        drop: float,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        precision: str,
+        seed: int,
+        single: Callable[[], PGD],
+        fallback: Callable[[], tuple[Callable, PGD]],
+        label: str,
+        fallback_label: str,
+    ):
         self.every, self.drop, self.x, self.y, self.eps = every, drop, x, y, eps
         self.precision, self.seed, self.single, self.fallback = precision, seed, single, fallback
         self.label, self.fallback_label = label, fallback_label
@@ -80,8 +92,15 @@ class Guard:
 
     def measure(self, model: torch.nn.Module) -> tuple[float, float]:
         """(PGD-5 accuracy, single-step accuracy) on the guard's batch, summed over ranks."""
-        probe = PGD(model, eps=self.eps, step_size=2.5 * self.eps / PROBE_STEPS, steps=PROBE_STEPS, early_stop=True,
-                    precision=self.precision, seed=self.seed)  # fmt: skip
+        probe = PGD(
+            model,
+            eps=self.eps,
+            step_size=2.5 * self.eps / PROBE_STEPS,
+            steps=PROBE_STEPS,
+            early_stop=True,
+            precision=self.precision,
+            seed=self.seed,
+        )
         res = probe.perturb(self.x, self.y)
         x_single = self.single()(self.x, self.y)
         with attack_mode(model) as m, torch.no_grad(), autocast_for(self.x.device, self.precision):
@@ -103,10 +122,23 @@ class Guard:
                           "from": self.label, "to": self.fallback_label}  # fmt: skip
             self._restore(stage)
             stage.step, stage.attack = self.fallback()
-            log.warning("%s: catastrophic overfitting at epoch %d step %d (guard PGD-%d accuracy %.3f, best %.3f; "
-                        "%s accuracy %.3f, %.3f at the best): restored the state of epoch %d step %d and continuing "
-                        "with %s", stage.name, epoch, step, PROBE_STEPS, pgd, best["pgd"], self.label, single,
-                        best["single"], self.good["epoch"], self.good["step"], self.fallback_label)  # fmt: skip
+            log.warning(
+                "%s: catastrophic overfitting at epoch %d step %d (guard PGD-%d accuracy %.3f, best %.3f; "
+                "%s accuracy %.3f, %.3f at the best): restored the state of epoch %d step %d and continuing "
+                "with %s",
+                stage.name,
+                epoch,
+                step,
+                PROBE_STEPS,
+                pgd,
+                best["pgd"],
+                self.label,
+                single,
+                best["single"],
+                self.good["epoch"],
+                self.good["step"],
+                self.fallback_label,
+            )
             self._snapshot = None
             return self.event
         if best is None or pgd > best["pgd"]:
@@ -134,8 +166,14 @@ class Guard:
         """What a resumed run needs. At an epoch end the last good state is the saved state itself (the epoch
         ends with a check), so the snapshot is written only for a save in the middle of an epoch."""
         snapshot = self._snapshot if with_snapshot and self.active else None
-        return {"best": self.best, "good": self.good, "last": self.last, "event": self.event, "checks": self.checks,
-                "snapshot": snapshot}  # fmt: skip
+        return {
+            "best": self.best,
+            "good": self.good,
+            "last": self.last,
+            "event": self.event,
+            "checks": self.checks,
+            "snapshot": snapshot,
+        }
 
     def load(self, state: dict | None, stage) -> None:
         """Restore state() after the stage's model and optimiser were loaded (switching to PGD-k if the run had)."""

@@ -109,8 +109,11 @@ def make_optimizer(params_groups, kind: str, lr: float, momentum: float) -> torc
     step takes 7 ms instead of 41 ms on a 2-core CPU)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
-    cls, extra = {"sgd": (torch.optim.SGD, {"momentum": momentum}), "adamw": (torch.optim.AdamW, {}),
-                  "adamw-ref": (torch.optim.AdamW, {"eps": REF_ADAMW_EPS})}[kind]  # fmt: skip
+    cls, extra = {
+        "sgd": (torch.optim.SGD, {"momentum": momentum}),
+        "adamw": (torch.optim.AdamW, {}),
+        "adamw-ref": (torch.optim.AdamW, {"eps": REF_ADAMW_EPS}),
+    }[kind]
     params = [p for g in params_groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     try:
@@ -139,8 +142,9 @@ def param_groups(model, weight_decay: float, optimizer: str = "adamw") -> list[d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def ft_step(net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-            precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def ft_step(
+    net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One adversarial training step of every trainable parameter: the attack (which unwraps DDP: no
     all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode.
     Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""
@@ -196,9 +200,17 @@ def _save_state(state: dict, path: Path) -> None:
 
 def _validate(stage: Stage) -> tuple[float, float]:
     """Clean and PGD accuracy on the validation set (each rank attacks its shard), reduced over ranks."""
-    clean, robust, n = robust_counts(stage.model, stage.val, stage.eps, stage.step_size, stage.val_steps,
-                                     stage.precision, stage.seed, stage.norm,
-                                     batch_ids=getattr(stage.val, "ids", None))  # fmt: skip
+    clean, robust, n = robust_counts(
+        stage.model,
+        stage.val,
+        stage.eps,
+        stage.step_size,
+        stage.val_steps,
+        stage.precision,
+        stage.seed,
+        stage.norm,
+        batch_ids=getattr(stage.val, "ids", None),
+    )
     clean, robust, n = D.sum_(clean, robust, n)
     return clean / max(n, 1), robust / max(n, 1)
 
@@ -209,8 +221,13 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     )
 
 
-def fit(stage: Stage, run_dir: Path | None, resume: bool = False, progress: bool | None = None,
-        report: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+def fit(
+    stage: Stage,
+    run_dir: Path | None,
+    resume: bool = False,
+    progress: bool | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict:
     """Train `stage` for its epochs, selecting the model by validation robust accuracy; afterwards
     stage.model holds the best model. Returns the best {"epoch", "val_clean", "val_robust"}.
 
@@ -272,8 +289,10 @@ def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
         if stage.attack is not None:
             stage.attack.set_rng_state(state["attack_rng"][r])
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
-        raise BadValue(f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
-                          "may have been edited, or the file is damaged: start a new run") from None  # fmt: skip
+        raise BadValue(
+            f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "
+            "may have been edited, or the file is damaged: start a new run"
+        ) from None
     stage.history = state["history"]
     log.info("resumed %s from %s at epoch %d, step %d", stage.name, last, state["epoch"], state["step"])
     return state["epoch"], state["step"], state["best"], tuple(state["partial"][r])
@@ -321,13 +340,16 @@ class _EpochRun:
         # any rank stops every rank (no rank is left waiting in the next collective), and so does a signal.
         stage, stop, last = self.stage, self.stop, self.last
         bad = tally.read()[3]
-        stopping, non_finite = D.sum_(float(stop.signum is not None), float(bad > 0)) if D.active() else \
-            (stop.signum is not None, bad > 0)  # fmt: skip
+        stopping, non_finite = (
+            D.sum_(float(stop.signum is not None), float(bad > 0)) if D.active() else (stop.signum is not None, bad > 0)
+        )
         if non_finite:
             good = last if last is not None and last.exists() else "none (first epoch)"
-            raise NonFiniteLoss(f"{stage.name}: the loss became non-finite (NaN/inf; on this or another rank) at "
-                                f"epoch {self.epoch}, between steps {self.synced + 1} and {step}; the last good "
-                                f"checkpoint is {good}")  # fmt: skip
+            raise NonFiniteLoss(
+                f"{stage.name}: the loss became non-finite (NaN/inf; on this or another rank) at "
+                f"epoch {self.epoch}, between steps {self.synced + 1} and {step}; the last good "
+                f"checkpoint is {good}"
+            )
         self.synced = step
         if guard_due:
             stage.guard.check(stage, self.epoch, step)
@@ -351,8 +373,10 @@ def _end_epoch(stage: Stage, epoch: int, tally: _Tally, seconds: float, report) 
         if guard.event is not None and guard.event["epoch"] == epoch:
             row["guard_event"] = guard.event
     stage.history.append(row)
-    report(f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, val clean "
-           f"{clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s")  # fmt: skip
+    report(
+        f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, val clean "
+        f"{clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s"
+    )
     return row
 
 

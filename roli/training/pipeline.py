@@ -48,11 +48,14 @@ def check_forward(model, shape: tuple[int, ...], name: str) -> None:
         expects = getattr(embed, "img_size", None)
         size = tuple(getattr(getattr(model, "pre", None), "input_size", None) or shape[-2:])
         if expects is not None and tuple(expects) != size:
-            raise BadValue(f"model: {name} takes {expects[0]}x{expects[1]} images and gets {size[0]}x{size[1]}; "
-                              f"build it for that size with --model-arg img_size={size[0]}, or resize inside the model "
-                              f"with --input-size {expects[0]}") from None  # fmt: skip
-        raise BadValue(f"model: {name} fails on one {'x'.join(map(str, shape))} image of the dataset: "
-                          f"{first_line(e)[:200]}") from None  # fmt: skip
+            raise BadValue(
+                f"model: {name} takes {expects[0]}x{expects[1]} images and gets {size[0]}x{size[1]}; "
+                f"build it for that size with --model-arg img_size={size[0]}, or resize inside the model "
+                f"with --input-size {expects[0]}"
+            ) from None
+        raise BadValue(
+            f"model: {name} fails on one {'x'.join(map(str, shape))} image of the dataset: {first_line(e)[:200]}"
+        ) from None
     finally:
         model.train(was)
     if out.ndim != 2 or out.shape[0] != 1:
@@ -113,8 +116,7 @@ class Stages:
         name = "pretrain" if kind == "pretrain" else "ft"
         return self._train(name, model, net, ft_stage_step, self.cfg.settings(kind), stage_dir, resume)
 
-    def _train(self, name: str, model, net, stage_step, settings: StageSettings, stage_dir: Path,
-               resume: bool) -> dict:  # fmt: skip
+    def _train(self, name: str, model, net, stage_step, settings: StageSettings, stage_dir: Path, resume: bool) -> dict:
         """One stage of `stage_step` updates of `net` (the model, or its DDP/compiled wrapper). The training
         attack is built per attack kind: the stage's own, and PGD-k after the catastrophic-overfitting guard
         (single-step attacks) fires. Attacks unwrap DDP: no all-reduce inside them."""
@@ -128,10 +130,24 @@ class Stages:
         train, val, _, _ = self.splits
         step, attack = make_step(settings.attack)
         a = self.attacks
-        stage = Stage(name=name, model=model, step=step, train=self.batches.train(train), val=self.batches.eval(val),
-                      optimizer=opt, epochs=settings.epochs, warmup=settings.warmup, attack=attack, eps=a.eps,
-                      step_size=a.step_size, val_steps=a.val_steps, precision=precision, seed=a.seed, norm=a.norm,
-                      attack_label=a.label(settings.attack))  # fmt: skip
+        stage = Stage(
+            name=name,
+            model=model,
+            step=step,
+            train=self.batches.train(train),
+            val=self.batches.eval(val),
+            optimizer=opt,
+            epochs=settings.epochs,
+            warmup=settings.warmup,
+            attack=attack,
+            eps=a.eps,
+            step_size=a.step_size,
+            val_steps=a.val_steps,
+            precision=precision,
+            seed=a.seed,
+            norm=a.norm,
+            attack_label=a.label(settings.attack),
+        )
         if settings.attack in ("fgsm-rs", "n-fgsm") and self.cfg.guard_every > 0:
             stage.guard = self._guard(stage, settings.attack, model, make_step)
         best = fit(stage, stage_dir, resume=resume)
@@ -146,10 +162,19 @@ class Stages:
         own seed (roli.seeds): its checks never draw from the training's."""
         cfg, a = self.cfg, self.attacks
         x, y = first_images(stage.val, max(1, cfg.guard_images // D.world()))
-        return Guard(every=cfg.guard_every, drop=cfg.guard_drop, x=x, y=y, eps=a.eps, precision=a.precision,
-                     seed=derive_seed(a.seed, "guard check"), single=lambda: a.single_step(kind, model),
-                     fallback=lambda: make_step("pgd", "fallback attack"), label=stage.attack_label,
-                     fallback_label=a.label("pgd"))  # fmt: skip
+        return Guard(
+            every=cfg.guard_every,
+            drop=cfg.guard_drop,
+            x=x,
+            y=y,
+            eps=a.eps,
+            precision=a.precision,
+            seed=derive_seed(a.seed, "guard check"),
+            single=lambda: a.single_step(kind, model),
+            fallback=lambda: make_step("pgd", "fallback attack"),
+            label=stage.attack_label,
+            fallback_label=a.label("pgd"),
+        )
 
     def linear_probe(self, model, stage_dir: Path) -> dict:
         """Clean LP through the feature cache: a sweep over learning rates around the stage's, best by val
@@ -163,10 +188,19 @@ class Stages:
         settings = self.cfg.settings("lp")
         lrs = [settings.lr * f for f in (0.1, 0.3, 1.0, 3.0)]
         wds = [settings.weight_decay] * len(lrs)
-        res = train_linear_probes((tr.x, tr.y), (va.x, va.y), model.num_classes, lrs, wds, epochs=settings.epochs,
-                                  warmup=settings.warmup, batch_size=self.batches.batch_size,
-                                  optimizer=settings.optimizer, momentum=self.cfg.momentum,
-                                  seed=self.attacks.seed)  # fmt: skip
+        res = train_linear_probes(
+            (tr.x, tr.y),
+            (va.x, va.y),
+            model.num_classes,
+            lrs,
+            wds,
+            epochs=settings.epochs,
+            warmup=settings.warmup,
+            batch_size=self.batches.batch_size,
+            optimizer=settings.optimizer,
+            momentum=self.cfg.momentum,
+            seed=self.attacks.seed,
+        )
         with torch.no_grad():
             model.head.weight.copy_(res.weight)
             model.head.bias.copy_(res.bias)
@@ -195,9 +229,13 @@ class Stages:
                     raise Interrupted(stop.signum or signal.SIGTERM, state_dir or Path("."))
 
             try:
-                outcomes = a.evaluation(version).run(model, batches, state_dir=state_dir,
-                                                     aa_progress=lambda i: log.info if D.is_main() else None,
-                                                     after_batch=stop_check if version else None)  # fmt: skip
+                outcomes = a.evaluation(version).run(
+                    model,
+                    batches,
+                    state_dir=state_dir,
+                    aa_progress=lambda i: log.info if D.is_main() else None,
+                    after_batch=stop_check if version else None,
+                )
             except AutoAttackStateError as e:  # a damaged state file, or one of another model
                 raise BadValue(f"autoattack: {e}") from None
         t = outcomes.totals()
@@ -221,8 +259,9 @@ def load_init(model, path: str) -> None:
     if not isinstance(sd, dict) or "head.weight" not in sd:
         raise BadValue(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
     if sd["head.weight"].shape != model.head.weight.shape:
-        raise BadValue(f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has "
-                          f"{model.num_classes}")  # fmt: skip
+        raise BadValue(
+            f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has {model.num_classes}"
+        )
     try:
         load_checkpoint(model, path)
     except ValueError as e:

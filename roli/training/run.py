@@ -33,8 +33,13 @@ from roli.training.pipeline import Stages, check_forward, load_init
 log = logging.getLogger("roli.train")
 
 
-def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announce: bool = True,
-        config_file: str | None = None) -> dict:  # fmt: skip
+def run(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    announce: bool = True,
+    config_file: str | None = None,
+) -> dict:
     """Run cfg.method in cfg.run_dir; returns {stage: {"val": best, "test": metrics}}. announce: print the
     table and where the outputs are at the end. config_file: the --config file the options came from (an
     input that --overwrite must not delete)."""
@@ -55,8 +60,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announc
             if not resume:
                 write_fingerprint(run_dir, fp)
             if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
-                save_json({"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
-                          run_dir / "labels.json")  # fmt: skip
+                save_json(
+                    {"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
+                    run_dir / "labels.json",
+                )
         D.barrier()
         _log_to(run_dir / "train.log")
         log.info("run directory: %s; device: %s", run_dir, cfg.device)
@@ -70,9 +77,11 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, announc
             lock.release()
     if D.is_main() and announce:
         print(render(results, cfg.val_steps, cfg.autoattack is not None))
-        print(f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
-              f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
-              f"roli report {run_dir}")  # fmt: skip
+        print(
+            f"outputs: {run_dir} (results.json, config.json, train.log; per stage: best.pt, metrics.jsonl, "
+            f"curves.png). Next: roli evaluate --run {run_dir} --autoattack standard, "
+            f"roli report {run_dir}"
+        )
     return results
 
 
@@ -87,8 +96,10 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     splits = cfg.data_spec.load()
     train, _, _, num_classes = splits
     if cfg.autoattack and num_classes < 4:
-        raise BadValue(f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
-                          f"{num_classes} (drop --autoattack: PGD still runs)")  # fmt: skip
+        raise BadValue(
+            f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
+            f"{num_classes} (drop --autoattack: PGD still runs)"
+        )
     model_spec = cfg.model_spec
     weights = model_spec.weights()
     shape = train.image_shape() or (3, cfg.crop_size, cfg.crop_size)
