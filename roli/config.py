@@ -15,7 +15,7 @@ from pathlib import Path
 from roli._cli import BadValue, auto_device
 from roli._io import first_line
 from roli.attacks import fast
-from roli.specs import AttackSpec, Batches, DataSpec, ModelSpec, PeftSpec, is_int, is_number, need, need_int
+from roli.specs import AttackSpec, Batches, DataSpec, GuardSpec, ModelSpec, PeftSpec, is_int, is_number, need, need_int
 from roli.specs import parse_classes as parse_classes  # re-exported: the grid and tests read it here
 
 METHODS = ("pretrain", "lp", "alp", "ft", "roli")
@@ -238,13 +238,10 @@ class TrainConfig:
     random_start: bool = AttackSpec.random_start
     val_steps: int = AttackSpec.val_steps
     autoattack: str | None = None
-    # The catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): every `guard_every` steps
-    # and at each epoch end, PGD-5 accuracy on a fixed batch of `guard_images` validation images; a drop of
-    # more than `guard_drop` below the best check while the single-step accuracy rises restores the last
-    # good state and continues the stage with PGD-`steps`. guard_every 0 switches it off.
-    guard_every: int = 100
-    guard_drop: float = 0.2
-    guard_images: int = 128
+    # the catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): GuardSpec (roli.specs)
+    guard_every: int = GuardSpec.every
+    guard_drop: float = GuardSpec.drop
+    guard_images: int = GuardSpec.images
     # run
     precision: str = "fp32"
     channels_last: bool = False  # conv nets: the model and the attack's images in channels_last
@@ -265,18 +262,12 @@ class TrainConfig:
         # Each domain's values are checked where its spec is built (roli.specs); the parsed forms are kept.
         model, attack = self.model_spec, self.attack_spec
         self.mean, self.std, self.eps, self.step_size = model.mean, model.std, attack.eps, attack.step_size
-        self.peft_spec, self.data_spec  # noqa: B018 - built to check them
+        self.peft_spec, self.data_spec, self.guard_spec  # noqa: B018 - built to check them
         _check_attack("attack", self.attack, self.norm)
         need(self.attack == "none" or self.steps == 0 or self.step_size > 0, "step-size: must be > 0 for PGD")
         need(
             self.autoattack in (None, "standard", "plus", "rand"),
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
-        )
-        for name in ("guard_every", "guard_images"):
-            need_int(name, getattr(self, name), 0 if name == "guard_every" else 1)
-        need(
-            is_number(self.guard_drop) and 0 < self.guard_drop < 1,
-            f"guard-drop: must be a fraction in (0, 1); got {self.guard_drop!r}",
         )
         self._check_optimisation()
         self.device = auto_device(self.device)
@@ -401,6 +392,10 @@ class TrainConfig:
             self.cuda_graph,
             self.channels_last,
         )
+
+    @cached_property
+    def guard_spec(self) -> GuardSpec:
+        return GuardSpec(self.guard_every, self.guard_drop, self.guard_images)
 
     @cached_property
     def batches(self) -> Batches:

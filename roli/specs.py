@@ -423,6 +423,29 @@ class EvalBatches:
 
 
 @dataclass(frozen=True)
+class GuardSpec:
+    """The catastrophic-overfitting guard of single-step training (roli.training.guard): every `every` steps
+    and at each epoch end, PGD-5 accuracy on a fixed batch of `images` validation images; a drop of more than
+    `drop` below the best check while the single-step accuracy rises restores the last good state and goes
+    on with PGD. every=0 switches it off."""
+
+    every: int = 100
+    drop: float = 0.2
+    images: int = 128
+
+    def __post_init__(self):
+        need_int("guard_every", self.every, 0)
+        need_int("guard_images", self.images, 1)
+        need(is_number(self.drop) and 0 < self.drop < 1, f"guard-drop: must be a fraction in (0, 1); got {self.drop!r}")
+
+    def watches(self, kind: str) -> bool:
+        """Whether a stage trained with attack `kind` gets the guard: the single-step attacks, when on."""
+        from roli.attacks.fast import SINGLE_STEP
+
+        return self.every > 0 and kind in SINGLE_STEP
+
+
+@dataclass(frozen=True)
 class AttackSpec:
     """The threat model (norm, eps) and the attacks of a run: the training attack of each stage (pgd with
     `steps` steps of `step_size`, fgsm-rs, n-fgsm, none), PGD-`val_steps` for validation and test."""

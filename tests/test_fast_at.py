@@ -534,3 +534,20 @@ def test_first_images_takes_the_first_n_of_a_tensor_pair_or_of_batches():
     assert torch.equal(fx, x[:6]) and torch.equal(fy, y[:6])
     fx, fy = first_images(batches, 50)  # fewer than asked: all of them
     assert torch.equal(fx, x) and torch.equal(fy, y)
+
+
+def test_guard_spec_checks_once_and_names_the_attacks_it_watches():
+    from roli._cli import BadValue
+    from roli.config import TrainConfig
+    from roli.specs import GuardSpec
+
+    on, off = GuardSpec(), GuardSpec(every=0)
+    assert [on.watches(k) for k in ("pgd", "fgsm-rs", "n-fgsm", "none")] == [False, True, True, False]
+    assert not off.watches("fgsm-rs")
+    for bad, message in ((dict(drop=1.0), "guard-drop: must be a fraction"), (dict(every=-1), "guard-every: must"),
+                         (dict(images=0), "guard-images: must be an integer >= 1")):  # fmt: skip
+        with pytest.raises(BadValue, match=message):
+            GuardSpec(**bad)
+    with pytest.raises(BadValue, match="guard-drop: must be a fraction in"):
+        TrainConfig(guard_drop=0)  # the trainer's config checks it through the spec
+    assert TrainConfig(guard_every=7, attack="fgsm-rs").guard_spec == GuardSpec(7, 0.2, 128)

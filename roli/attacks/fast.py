@@ -18,6 +18,7 @@ from __future__ import annotations
 from roli.attacks.pgd import PGD
 
 ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")
+SINGLE_STEP = ("fgsm-rs", "n-fgsm")  # the ones that can collapse (catastrophic overfitting)
 FGSM_RS_STEP = 1.25  # x eps (Wong et al. 2020)
 NFGSM_NOISE = 2.0  # x eps: the random start's half-width (de Jorge et al. 2022)
 NFGSM_STEP = 1.0  # x eps

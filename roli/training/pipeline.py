@@ -148,7 +148,7 @@ class Stages:
             norm=a.norm,
             attack_label=a.label(settings.attack),
         )
-        if settings.attack in ("fgsm-rs", "n-fgsm") and self.cfg.guard_every > 0:
+        if self.cfg.guard_spec.watches(settings.attack):
             stage.guard = self._guard(stage, settings.attack, model, make_step)
         best = fit(stage, stage_dir, resume=resume)
         if D.is_main():
@@ -160,11 +160,11 @@ class Stages:
     def _guard(self, stage: Stage, kind: str, model, make_step) -> Guard:
         """The catastrophic-overfitting guard of a single-step stage; its copy of the training attack has its
         own seed (roli.seeds): its checks never draw from the training's."""
-        cfg, a = self.cfg, self.attacks
-        x, y = first_images(stage.val, max(1, cfg.guard_images // D.world()))
+        g, a = self.cfg.guard_spec, self.attacks
+        x, y = first_images(stage.val, max(1, g.images // D.world()))
         return Guard(
-            every=cfg.guard_every,
-            drop=cfg.guard_drop,
+            every=g.every,
+            drop=g.drop,
             x=x,
             y=y,
             eps=a.eps,
