@@ -77,13 +77,16 @@ def test_sharded_autoattack_resumes_after_sigkill(checkpoint, tmp_path):
     assert sorted(p.name for p in state.glob("batch*.pt")) == [f"batch{i}.pt" for i in range(4)]
 
 
-def test_trainer_test_autoattack_runs_once_sharded(tmp_path):
+@pytest.mark.parametrize("classes", [None, "0-4"])  # 0-4: one test batch, so rank 1 attacks none
+def test_trainer_test_autoattack_runs_once_sharded(tmp_path, classes):
     """Under torchrun the trainer's test-time AutoAttack runs on each batch once (one state file per batch),
-    and its figures equal a one-process evaluation of the same model."""
+    and its figures equal a one-process evaluation of the same model. With fewer batches than ranks, the
+    stop check after each batch is still called as often on every rank (the code before the one evaluator
+    crashed there: "Is there a distributed collective mismatch in your code?")."""
     run = tmp_path / "run"
     flags = ["--method", "alp", "--dataset", "digits", "--eps", "0.1", "--step-size", "0.025", "--steps", "2",
              "--val-steps", "2", "--epochs", "1", "--warmup", "0", "--batch-size", "32", "--autoattack", "standard",
-             "--random-backbone", "--run-dir", str(run)]  # fmt: skip
+             "--random-backbone", "--run-dir", str(run), *(["--classes", classes] if classes else [])]  # fmt: skip
     out = subprocess.run(_cmd(2, "roli.train", flags), capture_output=True, text=True, timeout=900, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     test = json.loads((run / "results.json").read_text())["alp"]["test"]
