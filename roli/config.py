@@ -44,6 +44,10 @@ class StageSettings:
     warmup: int
     attack: str = "pgd"  # the training attack: pgd | fgsm-rs | n-fgsm | none
 
+    def as_mapping(self) -> dict:
+        """The settings as a per-stage mapping of STAGE_KEYS (the form --alp / --ft and config.json take)."""
+        return {k: getattr(self, k) for k in STAGE_KEYS}
+
 
 ConfigError = BadValue  # the public name of roli's one user-error type (roli.training exports it)
 
@@ -517,13 +521,5 @@ class TrainConfig:
                     "(its optimizer.py falls through to SGD, momentum 0.9, no decay); use sgd"
                 )
             detail = describe_optimizer(s.optimizer, s.lr, s.weight_decay, self.momentum)
-            out[name] = {
-                "optimizer": s.optimizer,
-                "lr": s.lr,
-                "weight_decay": s.weight_decay,
-                "epochs": s.epochs,
-                "warmup": s.warmup,
-                "attack": s.attack,
-                "optimizer_detail": detail,
-            }
+            out[name] = {**s.as_mapping(), "optimizer_detail": detail}
         return out

@@ -119,15 +119,7 @@ def _sha(path: str | None) -> str | None:
 
 def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The ALP stage of a roli config as a run of its own: the stage's resolved settings, nothing of finetuning."""
-    s = cfg.settings("alp")
-    alp = {
-        "optimizer": s.optimizer,
-        "lr": s.lr,
-        "weight_decay": s.weight_decay,
-        "epochs": s.epochs,
-        "warmup": s.warmup,
-        "attack": s.attack,
-    }
+    alp = cfg.settings("alp").as_mapping()
     return dataclasses.replace(
         cfg,
         method="alp",
