@@ -39,7 +39,7 @@ from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation, TensorBatches
 from roli.config import TrainConfig, check_code_from_file
 from roli.data import load_dataset
-from roli.models import RobustClassifier, create_classifier, load_pretrained, resolve_checkpoint
+from roli.models import RobustClassifier
 from roli.ops import requested_impl, unavailable_reason
 from roli.rundir import RunLock, check_fingerprint, fingerprint
 from roli.specs import DataSpec, ModelSpec, PeftSpec
@@ -146,49 +146,19 @@ def build_parser() -> OneLineParser:
 
 
 def _model(args, num_classes: int, in_chans: int, device: torch.device) -> RobustClassifier:
-    mean = parse_floats(args.mean, "--mean") if args.mean else "auto"
-    std = parse_floats(args.std, "--std") if args.std else "auto"
-    if (mean == "auto") != (std == "auto"):
+    """--model/--checkpoint: the classifier as trained or published (ModelSpec.build_trained)."""
+    mean = parse_floats(args.mean, "--mean")
+    std = parse_floats(args.std, "--std")
+    if (mean is None) != (std is None):
         raise BadValue("--mean and --std go together")
     try:
-        model = create_classifier(
-            args.model,
-            num_classes,
-            mean=mean,
-            std=std,
-            in_chans=in_chans,
-            input_size=args.input_size or "auto",
-            interpolation=args.interpolation,
-            pretrained=args.timm_pretrained,
-            **parse_kwargs(args.model_arg),
-        )
-        checkpoint = resolve_checkpoint(args.model, args.checkpoint, args.download)
-    except (ValueError, TypeError) as e:
-        raise BadValue(f"--model: {e}") from None
-    head_from = None
-    if checkpoint:
-        try:
-            report = load_pretrained(model, checkpoint, strict=not args.non_strict, keep_head=True, ema=args.ema)
-        except ValueError as e:
-            raise BadValue(f"--checkpoint: {e}") from None
-        print(f"checkpoint: {report}")
-        head_from = "the checkpoint" if report.head_loaded else None
-    if head_from is None and model.classifier_key is None and model.feat_dim == num_classes:
-        # A module without a classifier of its own that returns num_classes outputs: its outputs are the
-        # logits, so the whole module is the classifier (an identity head, exact in any precision).
-        with torch.no_grad():
-            model.head.weight.copy_(torch.eye(num_classes))
-            model.head.bias.zero_()
-        head_from = "the model's own outputs (it returns logits for the task's classes)"
-        print(f"classifier: {args.model} returns {num_classes} outputs: evaluated as the whole classifier")
-    if head_from is None and not args.timm_pretrained:
-        why = report.head if checkpoint else "no --checkpoint"
-        raise BadValue(
-            f"nothing supplies a classifier for {num_classes} classes ({why}): evaluate a checkpoint that "
-            "holds one (a roli run's best.pt, a model trained on these labels), or set --num-classes to "
-            "its class count"
-        )
-    return model.to(device).eval()
+        spec = ModelSpec(args.model, parse_kwargs(args.model_arg), checkpoint=args.checkpoint,
+                         non_strict=args.non_strict, ema=args.ema, download=args.download,
+                         pretrained=args.timm_pretrained, mean=mean, std=std, input_size=args.input_size,
+                         interpolation=args.interpolation)  # fmt: skip
+        return spec.build_trained(num_classes, in_chans, device).eval()
+    except BadValue as e:  # the spec names its field (model: ..., checkpoint: ...); this command's flags have --
+        raise BadValue(f"--{e}") from None
 
 
 def _fraction(flags: torch.Tensor) -> float:

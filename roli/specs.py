@@ -160,33 +160,45 @@ class ModelSpec:
             f"pretrained: timm's own weights exist for timm names only, not {self.name}; give --checkpoint FILE",
         )
 
-    def build(self, num_classes: int, in_chans: int, device, weights: str | None = None, quiet: bool = False):
-        """The classifier with the backbone's `weights` and a fresh random head (the checkpoint's classifier
-        only with keep_source_head); the log says which head it starts from."""
-        from roli.models import create_classifier, init_head, load_pretrained
+    def _create(self, num_classes: int, in_chans: int):
+        """The classifier with this spec's architecture and preprocessing (timm's weights with pretrained)."""
+        from roli.models import create_classifier
 
         pre = {"mean": self.mean if self.mean is not None else "auto",
                "std": self.std if self.std is not None else "auto", "input_size": self.input_size or "auto",
                "interpolation": self.interpolation}  # fmt: skip
         try:
             extra = {"pretrained": True} if self.pretrained else {}
-            model = create_classifier(self.name, num_classes, in_chans=in_chans, **pre, **extra, **self.args)
+            return create_classifier(self.name, num_classes, in_chans=in_chans, **pre, **extra, **self.args)
         except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
             raise BadValue(f"model: {first_line(e)}") from None
+
+    def _load(self, model, weights: str, keep_head: bool):
+        """`weights` loaded into `model` (its classifier too where keep_head and the shapes fit); refused where
+        the file holds NaN/inf. Returns load_pretrained's report."""
+        from roli.models import load_pretrained
+
+        try:
+            report = load_pretrained(model, weights, strict=not self.non_strict, keep_head=keep_head, ema=self.ema)
+        except ValueError as e:
+            raise BadValue(f"checkpoint: {e}") from None
+        bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        need(
+            not bad,
+            f"checkpoint: {weights} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
+            f"{bad[0] if bad else ''}; use another file",
+        )
+        return report
+
+    def build(self, num_classes: int, in_chans: int, device, weights: str | None = None, quiet: bool = False):
+        """The classifier with the backbone's `weights` and a fresh random head (the checkpoint's classifier
+        only with keep_source_head); the log says which head it starts from. For training."""
+        from roli.models import init_head
+
+        model = self._create(num_classes, in_chans)
         head = None  # the checkpoint's classifier, where keep_source_head loaded it
         if weights:
-            try:
-                report = load_pretrained(
-                    model, weights, strict=not self.non_strict, keep_head=self.keep_source_head, ema=self.ema
-                )
-            except ValueError as e:
-                raise BadValue(f"checkpoint: {e}") from None
-            bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-            need(
-                not bad,
-                f"checkpoint: {weights} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. "
-                f"{bad[0] if bad else ''}; use another file",
-            )
+            report = self._load(model, weights, keep_head=self.keep_source_head)
             if not quiet:
                 log.info("checkpoint: %s", report)
             if report.head_loaded:
@@ -204,6 +216,34 @@ class ModelSpec:
             head = f"a fresh random head (head init: {self.head_init})"
         if not quiet:
             log.info("model: %s, starting from %s", model.name, head)
+        return model.to(device)
+
+    def build_trained(self, num_classes: int, in_chans: int, device, say=print):
+        """The classifier as it was trained or published, for evaluation: the checkpoint's weights with its
+        classifier; or, for a module without a classifier of its own that returns num_classes outputs, those
+        outputs as the logits; or timm's own (pretrained). Refused where nothing supplies a classifier: a
+        random head would report chance accuracy. `say` prints what was loaded."""
+        model = self._create(num_classes, in_chans)
+        weights = self.weights()
+        head, report = None, None
+        if weights:
+            report = self._load(model, weights, keep_head=True)
+            say(f"checkpoint: {report}")
+            head = "the checkpoint" if report.head_loaded else None
+        if head is None and model.classifier_key is None and model.feat_dim == num_classes:
+            # Its outputs are the logits, so the whole module is the classifier (an identity head, exact in any
+            # precision).
+            with torch.no_grad():
+                model.head.weight.copy_(torch.eye(num_classes))
+                model.head.bias.zero_()
+            head = "the model's own outputs"
+            say(f"classifier: {self.name} returns {num_classes} outputs: evaluated as the whole classifier")
+        need(
+            head is not None or self.pretrained,
+            f"checkpoint: nothing supplies a classifier for {num_classes} classes "
+            f"({report.head if report else 'no --checkpoint'}): evaluate a checkpoint that holds one (a roli "
+            "run's best.pt, a model trained on these labels), or set --num-classes to its class count",
+        )
         return model.to(device)
 
 

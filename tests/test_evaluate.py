@@ -180,3 +180,54 @@ def test_evaluate_run_reproduces_a_lora_run(tmp_path, capsys):
     assert f"holds 1 runs, evaluate one of them: --run {run}" in err and len(err.splitlines()) == 1
     assert main(["--run", str(run / "lora")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+LOGITS_MODULE = """
+import torch.nn as nn
+
+
+def net(num_classes=10, in_chans=1):  # no classifier of its own: its 10 outputs are the logits
+    return nn.Sequential(nn.Flatten(), nn.Linear(64 * in_chans, num_classes))
+"""
+
+
+def test_a_module_returning_logits_is_evaluated_as_the_whole_classifier(tmp_path, monkeypatch, capsys):
+    """--model pkg:fn whose outputs are the task's logits (no classifier to find) and --input-size N for it:
+    the per-example clean outcomes equal the module's own predictions, computed here in float64."""
+    from roli.data import load_dataset
+
+    (tmp_path / "tiny_logits.py").write_text(LOGITS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    test = load_dataset("digits").test
+    x, y = (torch.cat(t)[:120] for t in zip(*test.loader(batch_size=256), strict=True))
+    train = load_dataset("digits").train
+    xt, yt = (torch.cat(t) for t in zip(*train.loader(batch_size=512), strict=True))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 10).double()
+    with torch.no_grad():  # nearest class mean (plus noise): most digits right, some wrong
+        means = torch.stack([xt[yt == c].flatten(1).mean(0) for c in range(10)]).double()
+        linear.weight.copy_(means + 0.05 * torch.randn(10, 64, dtype=torch.float64))
+        linear.bias.copy_(-0.5 * (means**2).sum(1))
+        expected = (linear(x.flatten(1).double()).argmax(1) == y).tolist()
+    ck = tmp_path / "ck.pt"
+    torch.save({"1.weight": linear.weight.float(), "1.bias": linear.bias.float()}, ck)
+    out = tmp_path / "res.json"
+    argv = ["--model", "tiny_logits:net", "--checkpoint", str(ck), "--dataset", "digits", "--n-ex", "120",
+            "--input-size", "8", "--steps", "0", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "evaluated as the whole classifier" in capsys.readouterr().out
+    got = [c == "1" for c in json.loads(out.read_text())["per_example"]["clean"]]
+    assert got == expected and 0.5 < sum(expected) / 120 < 1
+
+
+def test_a_checkpoint_with_nan_is_refused(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state = state["state_dict"]
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    state[key] = state[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save({"state_dict": state}, bad)
+    assert main([*BASE, "--checkpoint", str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--checkpoint:" in err and "non-finite values (NaN/inf)" in err
+    assert not (tmp_path / "r.json").exists()

@@ -223,6 +223,8 @@ def create_classifier(
     if input_size == "auto":
         native = cfg.get("input_size")
         input_size = tuple(native[-2:]) if native and "img_size" not in model_kwargs else None
+    if isinstance(input_size, int):  # --input-size N: N x N (the probe below needs both sides)
+        input_size = (input_size, input_size)
     if feat_dim is None:
         probe = torch.zeros(2, in_chans, *(input_size or (32, 32)))
         was_training = net.training
