@@ -45,15 +45,6 @@ from roli.rundir import RunLock, check_fingerprint, fingerprint
 from roli.specs import DataSpec, ModelSpec, PeftSpec
 
 
-def parse_floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise BadValue(f"{flag}: expected comma-separated numbers; got {text!r}") from None
-
-
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=prog("evaluate"), description=__doc__.strip())
     g = p.add_argument_group("model")
@@ -147,14 +138,10 @@ def build_parser() -> OneLineParser:
 
 def _model(args, num_classes: int, in_chans: int, device: torch.device) -> RobustClassifier:
     """--model/--checkpoint: the classifier as trained or published (ModelSpec.build_trained)."""
-    mean = parse_floats(args.mean, "--mean")
-    std = parse_floats(args.std, "--std")
-    if (mean is None) != (std is None):
-        raise BadValue("--mean and --std go together")
     try:
         spec = ModelSpec(args.model, parse_kwargs(args.model_arg), checkpoint=args.checkpoint,
                          non_strict=args.non_strict, ema=args.ema, download=args.download,
-                         pretrained=args.timm_pretrained, mean=mean, std=std, input_size=args.input_size,
+                         pretrained=args.timm_pretrained, mean=args.mean, std=args.std, input_size=args.input_size,
                          interpolation=args.interpolation)  # fmt: skip
         return spec.build_trained(num_classes, in_chans, device).eval()
     except BadValue as e:  # the spec names its field (model: ..., checkpoint: ...); this command's flags have --

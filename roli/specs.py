@@ -110,7 +110,8 @@ class ModelSpec:
         mean, std = channels(self.mean, "mean"), channels(self.std, "std")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
-        need((mean is None) == (std is None), "mean, std: give both or neither")
+        given, missing = ("std", "mean") if mean is None else ("mean", "std")
+        need((mean is None) == (std is None), f"{given}: goes with {missing}; give both or neither")
         need(
             mean is None or len(mean) == len(std), f"mean, std: {len(mean or [])} and {len(std or [])} channels differ"
         )
@@ -225,21 +226,20 @@ class ModelSpec:
         random head would report chance accuracy. `say` prints what was loaded."""
         model = self._create(num_classes, in_chans)
         weights = self.weights()
-        head, report = None, None
-        if weights:
-            report = self._load(model, weights, keep_head=True)
+        report = self._load(model, weights, keep_head=True) if weights else None
+        if report is not None:
             say(f"checkpoint: {report}")
-            head = "the checkpoint" if report.head_loaded else None
-        if head is None and model.classifier_key is None and model.feat_dim == num_classes:
+        has_head = report is not None and report.head_loaded
+        if not has_head and model.classifier_key is None and model.feat_dim == num_classes:
             # Its outputs are the logits, so the whole module is the classifier (an identity head, exact in any
             # precision).
             with torch.no_grad():
                 model.head.weight.copy_(torch.eye(num_classes))
                 model.head.bias.zero_()
-            head = "the model's own outputs"
+            has_head = True
             say(f"classifier: {self.name} returns {num_classes} outputs: evaluated as the whole classifier")
         need(
-            head is not None or self.pretrained,
+            has_head or self.pretrained,
             f"checkpoint: nothing supplies a classifier for {num_classes} classes "
             f"({report.head if report else 'no --checkpoint'}): evaluate a checkpoint that holds one (a roli "
             "run's best.pt, a model trained on these labels), or set --num-classes to its class count",

@@ -68,6 +68,8 @@ def test_autoattack_from_the_cli(checkpoint, tmp_path):
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--num-classes", "5"], "--num-classes 5 but the labels go up to 9"),
         (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "--mean/--std"),
+        (["--mean", "0.5"], "--mean: goes with std; give both or neither"),
+        (["--std", "0.5,x"], "--std: expected comma-separated numbers"),
         (["--device", "gpu0"], "--device: 'gpu0' is not auto, cpu, cuda or cuda:N"),
         (["--impl", "fastest"], "--impl: impl='fastest' is not a backend"),
         (["--impl", "cuda"], "--impl cuda cannot run here"),
