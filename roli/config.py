@@ -43,6 +43,7 @@ class StageSettings:
     epochs: int
     warmup: int
     attack: str = "pgd"  # the training attack: pgd | fgsm-rs | n-fgsm | none
+    lr_from: str = ""  # how lr was derived (config.json's _resolved, --print-config, the log)
 
     def as_mapping(self) -> dict:
         """The settings as a per-stage mapping of STAGE_KEYS (the form --alp / --ft and config.json take)."""
@@ -163,6 +164,28 @@ def find_config(text: str) -> Path:
     raise BadValue(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
 
 
+def _flags_over_mappings(data: dict, overrides: dict) -> None:
+    """A plain flag given over a config file wins over the file's per-stage value it stands for: --lr,
+    --optimizer and --weight-decay over the method's own stage (ft; also ranli for --init random), --alp-lr
+    over alp.lr, --ranli-lr over ranli.lr; a non-CIFAR --dataset drops a CIFAR file's record_order. Removes
+    those keys from `data`."""
+    method, init = overrides.get("method", data.get("method", "roli")), overrides.get("init", data.get("init"))
+    own = {"pretrain": [], "lp": [], "alp": ["alp"], "ft": ["ft"], "roli": ["ft"]}.get(method, [])
+    if method == "ft" and init == "random":
+        own = ["ft", "ranli"]
+    pairs = [(flag, stage) for flag in ("lr", "optimizer", "weight_decay") for stage in own]
+    pairs += [("alp_lr", "alp"), ("ranli_lr", "ranli")]
+    kind = str(overrides.get("dataset", "")).partition(":")[0]
+    if kind and kind not in ("cifar10", "cifar100") and "record_order" not in overrides:
+        data.pop("record_order", None)  # a CIFAR file's TFDS order does not apply to the --dataset given over it
+    for flag, stage in pairs:
+        key = "lr" if flag.endswith("lr") else flag
+        if overrides.get(flag) is not None and isinstance(data.get(stage), dict) and key in data[stage]:
+            if stage in overrides and isinstance(overrides[stage], dict) and key in overrides[stage]:
+                continue  # the flag's own per-stage form (e.g. --alp-weight-decay) already set it
+            data[stage] = {k: v for k, v in data[stage].items() if k != key}
+
+
 def _check_attack(name: str, kind, norm: str) -> None:
     if kind not in TRAIN_ATTACKS:
         raise BadValue(f"{name}: {kind!r} is not one of {', '.join(TRAIN_ATTACKS)}")
@@ -207,6 +230,7 @@ class TrainConfig:
     adapter_reduction: int = PeftSpec.adapter_reduction
     vpt_tokens: int = PeftSpec.vpt_tokens
     vpt_dropout: float = PeftSpec.vpt_dropout
+    peft_init: str = PeftSpec.peft_init
     # data
     dataset: str = "digits"
     classes: str | None = None
@@ -217,6 +241,9 @@ class TrainConfig:
     crop_size: int = 224
     data_interpolation: str = "bilinear"  # of that resize
     workers: int | None = None  # data-loading processes of file datasets (default: from the CPU count)
+    # CIFAR's record order: file (the pickles'), or tfds (TensorFlow Datasets', in which the reference reads its
+    # train[:45000] / train[45000:] and its test batches; the shipped CIFAR configs)
+    record_order: str = "file"
     # optimisation
     epochs: int = 20
     warmup: int = 10
@@ -227,6 +254,10 @@ class TrainConfig:
     ranli_lr: float | None = None  # the random-head FT of --compare-ranli (default 1.25e-4)
     weight_decay: float | None = None  # default: 0.01 (ALP/FT), 5e-4 (pretrain)
     momentum: float = 0.9
+    # The batch size at which the per-stage mappings' learning rates (alp / ft / ranli below) hold: with another
+    # --batch-size they scale linearly, as the reference's BASE_LR x BATCH/256 does (the shipped configs: 64).
+    # None: no scaling. The plain flags (--lr, --alp-lr, --ranli-lr) always set the effective rate.
+    lr_batch: int | None = None
     # Per-stage settings, each a mapping of STAGE_KEYS (optimizer / lr / weight_decay / epochs / warmup /
     # attack), over the flags above: the ALP stage, the finetuning stage, and the random-head (RanLI) finetuning.
     alp: dict = field(default_factory=dict)
@@ -241,6 +272,9 @@ class TrainConfig:
     steps: int = AttackSpec.steps
     random_start: bool = AttackSpec.random_start
     val_steps: int = AttackSpec.val_steps
+    # the validation figure that picks each stage's best epoch: pgd (roli's per-example worst case over the clean
+    # image and every iterate) or reference-pgd (the RoLI code's: per batch of 64, the iterate of highest mean loss)
+    select_by: str = "pgd"
     autoattack: str | None = None
     # the catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): GuardSpec (roli.specs)
     guard_every: int = GuardSpec.every
@@ -274,6 +308,7 @@ class TrainConfig:
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
         )
         self._check_optimisation()
+        need(self.select_by in ("pgd", "reference-pgd"), f"select-by: {self.select_by!r} is not pgd or reference-pgd")
         self.device = auto_device(self.device)
         need(
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
@@ -304,6 +339,8 @@ class TrainConfig:
         )
         need_int("epochs", self.epochs, 1)
         need_int("batch_size", self.batch_size, 1)
+        if self.lr_batch is not None:
+            need_int("lr_batch", self.lr_batch, 1)
         need_int("warmup", self.warmup, 0)
         need(
             self.warmup <= self.epochs,
@@ -379,6 +416,7 @@ class TrainConfig:
             self.crop_size,
             self.data_interpolation,
             self.workers,
+            self.record_order,
         )
 
     @cached_property
@@ -427,6 +465,7 @@ class TrainConfig:
         if unknown:
             raise BadValue(f"config: unknown options in {path}: {', '.join(unknown)}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        _flags_over_mappings(data, overrides)
         for stage in ("alp", "ft", "ranli"):  # a flag sets one key of a stage's mapping, not all of it
             if isinstance(overrides.get(stage), dict) and isinstance(data.get(stage), dict):
                 overrides[stage] = {**data[stage], **overrides[stage]}
@@ -486,9 +525,7 @@ class TrainConfig:
                 return flag
             return default
 
-        lr = pick("lr", self.lr, None)
-        if lr is None:
-            lr = legacy_lr if legacy_lr is not None else d["lr"]
+        lr, lr_from = self._stage_lr(kind, mapping, own, legacy_lr, d["lr"])
         return StageSettings(
             optimizer=pick("optimizer", self.optimizer, d["optimizer"]),
             lr=float(lr),
@@ -496,7 +533,26 @@ class TrainConfig:
             epochs=mapping.get("epochs", self.epochs),
             warmup=mapping.get("warmup", self.warmup),
             attack=mapping.get("attack", self.attack),
+            lr_from=lr_from,
         )
+
+    def _stage_lr(self, kind: str, mapping: dict, own: bool, legacy, default: float) -> tuple[float, str]:
+        """A stage's effective learning rate and where it came from. A per-stage mapping's lr (a config file's)
+        holds at batch lr_batch and scales linearly to this run's batch (the reference: BASE_LR x BATCH/256);
+        --lr (the method's own stage), --alp-lr, --ranli-lr and roli's defaults are effective rates as given."""
+        if "lr" in mapping:
+            base = float(mapping["lr"])
+            if self.lr_batch is None:
+                return base, f"{kind}.lr {base:g} (not scaled: no lr_batch)"
+            if self.batch_size == self.lr_batch:
+                return base, f"{kind}.lr {base:g} at batch {self.lr_batch} (this run's batch)"
+            lr = base * self.batch_size / self.lr_batch
+            return lr, f"{kind}.lr {base:g} at batch {self.lr_batch}, x {self.batch_size}/{self.lr_batch} = {lr:g}"
+        if own and self.lr is not None:
+            return float(self.lr), f"--lr {self.lr:g} (effective, not scaled)"
+        if legacy is not None:
+            return float(legacy), f"--{kind}-lr {legacy:g} (effective, not scaled)"
+        return float(default), f"roli's default {default:g} for {kind} (not scaled with the batch)"
 
     def resolved(self) -> dict:
         """The settings every stage of this method runs with (written into config.json)."""
@@ -521,5 +577,5 @@ class TrainConfig:
                     "(its optimizer.py falls through to SGD, momentum 0.9, no decay); use sgd"
                 )
             detail = describe_optimizer(s.optimizer, s.lr, s.weight_decay, self.momentum)
-            out[name] = {**s.as_mapping(), "optimizer_detail": detail}
+            out[name] = {**s.as_mapping(), "optimizer_detail": detail, "lr_from": s.lr_from}
         return out

@@ -414,6 +414,10 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
         restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
         results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={args.eps}{restarts})"] = _fraction(flags["pgd"])
         results["per_example"]["pgd"] = _bits(flags["pgd"])
+        if "pgd_reference" in flags:  # the same attack pass scored as the RoLI reference code does
+            label = f"PGD-{args.steps} reference scoring (per batch of {evaluation.reference_batch})"
+            results["attacks_reference_scoring"] = {label: _fraction(flags["pgd_reference"])}
+            results["per_example"]["pgd_reference"] = _bits(flags["pgd_reference"])
     if sweep:
         results["eps_sweep"] = {f"{e:.6g}": c / max(1, n) for e, c in zip(sweep, totals["sweep"], strict=True)}
     if "autoattack" in flags:
@@ -436,6 +440,7 @@ def render(results: dict) -> str:
     rows = [("clean", results["clean"])] + list(results["attacks"].items())
     if results["attacks"]:
         rows.append(("worst case (all attacks)", results["worst_case"]))
+    rows += list(results.get("attacks_reference_scoring", {}).items())
     rows += [(f"PGD sweep eps={e}", a) for e, a in results.get("eps_sweep", {}).items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]

@@ -180,6 +180,7 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
                     "resize",
                     "crop_size",
                     "data_interpolation",
+                    "record_order",
                 )
             },
             sort_keys=True,

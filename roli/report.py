@@ -29,6 +29,7 @@ COLUMNS = [
     "method",
     "test clean",
     "test PGD",
+    "test PGD (ref. scoring)",
     "AutoAttack",
     "best epoch",
     "epochs",
@@ -62,7 +63,8 @@ def rows_of(run: Path) -> list[dict]:
             continue
         stage_dir = r.get("dir") or stage_dir_of(label)  # runs written before results.json named the folder
         test, val = r.get("test", {}), r.get("val", {})
-        pgd = next((v for k, v in test.items() if k.startswith("pgd")), None)
+        pgd = next((v for k, v in test.items() if k.startswith("pgd") and not k.endswith("_reference")), None)
+        pgd_ref = next((v for k, v in test.items() if k.startswith("pgd") and k.endswith("_reference")), None)
         history = []
         metrics = run / stage_dir / "metrics.jsonl"
         if metrics.is_file():
@@ -81,6 +83,7 @@ def rows_of(run: Path) -> list[dict]:
                 "method": method,
                 "test clean": test.get("clean"),
                 "test PGD": pgd,
+                "test PGD (ref. scoring)": pgd_ref,
                 "AutoAttack": autoattack,
                 "best epoch": val.get("epoch"),
                 "epochs": len(history) or None,

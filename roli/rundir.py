@@ -132,6 +132,9 @@ class RunLock:
 # What --resume and evaluate --run compare: the options that decide what a run computes (config.json minus how
 # it executes), and the data.
 EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir"}
+# Options added after fingerprint format 1, with their defaults: in the digest only when set to something else,
+# so a run written before they existed (its config.json reads back with the default) keeps its fingerprint.
+ADDED_OPTIONS = {"peft_init": "standard", "lr_batch": None, "select_by": "pgd", "record_order": "file"}
 
 
 def stage_dir(label: str) -> str:
@@ -160,7 +163,9 @@ def fingerprint(options: dict, splits, classes=None) -> dict:
     """A run's fingerprint: its options (config.json's, execution settings aside), the class count and names,
     and each split's data_fingerprint."""
     train, val, test, num_classes = splits
-    options = {k: v for k, v in options.items() if k not in EXECUTION}
+    options = {
+        k: v for k, v in options.items() if k not in EXECUTION and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])
+    }
     out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d)

@@ -276,6 +276,15 @@ class PeftSpec:
     )
     vpt_tokens: int = field(default=10, metadata={"help": "prompt tokens per block (VPT-deep)", "min": 1})
     vpt_dropout: float = field(default=0.0, metadata={"help": "dropout on the prompts (reference: 0.1)", "unit": True})
+    peft_init: str = field(
+        default="standard",
+        metadata={
+            "help": "standard (LoRA A random, B zero; Adapter down random, up zero: the methods as named) or "
+            "reference (the RoLI code's inits: Swin RoLI-LoRA A = B = 0, Adapters all zero: the paper's "
+            "nearly head-only rows)",
+            "choices": ("standard", "reference"),
+        },
+    )
 
     @staticmethod
     def options() -> list[dataclasses.Field]:
@@ -299,13 +308,14 @@ class PeftSpec:
                 need(is_number(value), f"{flag}: must be a number; got {value!r}")
                 need(not meta.get("unit") or 0 <= value < 1, f"{flag}: must be in [0, 1); got {value}")
 
-    def apply(self, model) -> None:
-        """This method on `model` (its trainable parameters set); a misfit is a one-line BadValue."""
+    def apply(self, model, role: str = "roli") -> None:
+        """This method on `model` (its trainable parameters set) for a finetuning stage of `role` (roli: from a
+        trained head; ranli: from a random head; the reference inits differ); a misfit is a one-line BadValue."""
         from roli.models import apply_peft
 
         options = {f.name: getattr(self, f.name) for f in self.options()}
         try:
-            apply_peft(model, self.method, **options)
+            apply_peft(model, self.method, role=role, **options)
         except (ValueError, TypeError) as e:
             raise BadValue(f"peft: {first_line(e)}") from None
 
@@ -327,6 +337,7 @@ class DataSpec:
     crop_size: int = 224
     interpolation: str = "bilinear"
     workers: int | None = None
+    record_order: str = "file"  # CIFAR: file (the pickles') or tfds (TensorFlow Datasets', as the reference reads)
 
     def __post_init__(self):
         need(
@@ -350,6 +361,13 @@ class DataSpec:
         need_int("crop_size", self.crop_size, 1)
         need(self.crop_size <= self.resize, f"crop-size: {self.crop_size} is larger than resize {self.resize}")
         need(self.workers is None or is_int(self.workers, 0), f"workers: must be an integer >= 0; got {self.workers!r}")
+        need(self.record_order in ("file", "tfds"), f"record-order: {self.record_order!r} is not file or tfds")
+        kind = str(self.dataset).partition(":")[0]
+        need(
+            self.record_order == "file" or kind in ("cifar10", "cifar100"),
+            f"record-order: tfds (TensorFlow Datasets' record order) applies to cifar10: and cifar100: datasets, "
+            f"not {kind}",
+        )
 
     def n_workers(self) -> int:
         """Data-loading processes of file datasets: `workers`, else up to 8 from the CPUs (per rank)."""
@@ -371,6 +389,7 @@ class DataSpec:
                 resize=self.resize,
                 crop_size=self.crop_size,
                 interpolation=self.interpolation,
+                record_order=self.record_order,
             )
         except ValueError as e:
             raise BadValue(f"dataset: {e}") from None

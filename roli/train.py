@@ -138,6 +138,13 @@ def build_parser() -> OneLineParser:
     g.add_argument("--crop-size", type=int, help="file datasets: then crop this (default 224)")
     g.add_argument("--data-interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
     g.add_argument("--workers", type=int, help="data-loading processes (default: from the CPU count)")
+    g.add_argument(
+        "--record-order",
+        choices=["file", "tfds"],
+        help="CIFAR: the order train[:45000] / train[45000:] and the test batches are taken in: file (the pickles', "
+        "the default) or tfds (TensorFlow Datasets' record order, as the reference reads them; the shipped CIFAR "
+        "configs)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--warmup", type=int, help="warmup epochs of the warmup-cosine schedule")
@@ -187,6 +194,13 @@ def build_parser() -> OneLineParser:
     g.add_argument("--steps", type=int, help="PGD steps for training (default 7)")
     g.add_argument("--val-steps", type=int, help="PGD steps for validation and test (default 10)")
     g.add_argument(
+        "--select-by",
+        choices=["pgd", "reference-pgd"],
+        help="the validation figure that picks each stage's best epoch: pgd (default: an example counts as broken "
+        "if the clean image or any PGD iterate is misclassified) or reference-pgd (the RoLI code's scoring: per "
+        "batch of 64, the iterate with the highest mean loss); both are recorded",
+    )
+    g.add_argument(
         "--no-random-start",
         dest="random_start",
         action="store_false",
@@ -204,8 +218,8 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     flags.pop("model_arg", None)
     for stage, keys in (
-        ("alp", ("lr", "weight_decay", "optimizer", "epochs", "warmup", "attack")),
-        ("ranli", ("lr", "weight_decay")),
+        ("alp", ("weight_decay", "optimizer", "epochs", "warmup", "attack")),  # --alp-lr / --ranli-lr: effective
+        ("ranli", ("weight_decay",)),
     ):
         per_stage = {k: flags.pop(f"{stage}_{k}") for k in keys if f"{stage}_{k}" in flags}
         if per_stage:

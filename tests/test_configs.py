@@ -49,7 +49,7 @@ def test_reference_values_resolve_per_stage():
     assert (cub["lr"], cub["weight_decay"], cub["epochs"]) == (0.25, 0.001, 60)
     # Stanford Dogs RanLI-LoRA: the YAML's WEIGHT_DECAY 0.0001 > 0, so the reference's AdamW with 0.01 ran.
     dogs = TrainConfig.from_file(CONFIGS / "stanford_dogs" / "ranli_lora.yaml").resolved()
-    assert {k: v for k, v in dogs["ranli"].items() if k != "optimizer_detail"} == {
+    assert {k: v for k, v in dogs["ranli"].items() if k not in ("optimizer_detail", "lr_from")} == {
         "optimizer": "adamw-ref",
         "lr": 0.00125,
         "weight_decay": 0.01,
@@ -196,12 +196,12 @@ def test_peft_options_are_declared_once():
 
     names = [f.name for f in PeftSpec.options()]
     assert names == ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter_reduction", "vpt_tokens",
-                     "vpt_dropout"]  # fmt: skip
+                     "vpt_dropout", "peft_init"]  # fmt: skip
     config = {f.name: f for f in dataclasses.fields(TrainConfig)}
     keywords = inspect.signature(apply_peft).parameters
     flags = {a.dest: a for a in build_parser()._actions}
     values = {"lora_rank": 4, "lora_alpha": 2.5, "lora_dropout": 0.25, "lora_targets": "kv", "adapter_reduction": 3,
-              "vpt_tokens": 7, "vpt_dropout": 0.5}  # fmt: skip
+              "vpt_tokens": 7, "vpt_dropout": 0.5, "peft_init": "reference"}  # fmt: skip
     argv = [a for k, v in values.items() for a in ("--" + k.replace("_", "-"), str(v))]
     parsed = build_parser().parse_args(argv)
     for f in PeftSpec.options():
@@ -209,6 +209,7 @@ def test_peft_options_are_declared_once():
         assert f.name in flags and f.name in NOT_ALP and getattr(parsed, f.name) == values[f.name], f.name
     spec = TrainConfig(peft="lora", **values).peft_spec
     assert (spec.method, spec.lora_rank, spec.lora_targets, spec.vpt_dropout) == ("lora", 4, "kv", 0.5)
+    assert spec.peft_init == "reference"
 
 
 @pytest.mark.parametrize(
@@ -219,6 +220,7 @@ def test_peft_options_are_declared_once():
         ({"lora_targets": "qq"}, "lora-targets: 'qq' is not one of q, k, v, qk, qv, kv, qkv"),
         ({"vpt_dropout": 1.0}, r"vpt-dropout: must be in \[0, 1\); got 1.0"),
         ({"lora_alpha": "big"}, "lora-alpha: must be a number; got 'big'"),
+        ({"peft_init": "paper"}, "peft-init: 'paper' is not one of standard, reference"),
     ],
 )
 def test_peft_options_are_checked_where_the_spec_is_built(options, message):

@@ -94,6 +94,34 @@ def test_cifar_pickle_layout(tmp_path, which):
     assert len(s.test) == n_test and s.num_classes == (10 if which == "cifar10" else 100)
 
 
+def test_tfds_record_order_matches_tensorflow_datasets():
+    """The first and last keys of TFDS's CIFAR order, as TFDS 4.9.10's own core/hashing.Hasher sorts the keys
+    0..n-1 of each split (run once by hand on the whole splits: equal to roli's order on every key)."""
+    from roli.data.arrays import tfds_order
+
+    train, test = tfds_order("train", 50000), tfds_order("test", 10000)
+    assert train[:8].tolist() == [16399, 1680, 47917, 17307, 27051, 48736, 26263, 1456]
+    assert train[-3:].tolist() == [5073, 39601, 32842]
+    assert test[:8].tolist() == [9933, 5669, 163, 6686, 4747, 131, 9167, 1579]
+    assert test[-3:].tolist() == [3829, 8858, 4202]
+    assert sorted(train.tolist()) == list(range(50000))
+
+
+def test_cifar_in_tfds_order_takes_the_reference_split(tmp_path):
+    from roli.data.arrays import tfds_order
+
+    x, y = _write_cifar(tmp_path, "cifar10", np.random.default_rng(2))  # 20 train images, 4 test
+    s = load_dataset(f"cifar10:{tmp_path}", val_percent=25, record_order="tfds")
+    images = torch.from_numpy(x.reshape(-1, 3, 32, 32))
+    order = tfds_order("train", 20)
+    assert torch.equal(s.train.x, images[order[:15]]) and torch.equal(s.val.x, images[order[15:]])
+    assert torch.equal(s.test.x, images[20:][tfds_order("test", 4)])
+    assert torch.equal(s.val.y, torch.from_numpy(y)[order[15:]])
+    assert "TensorFlow Datasets' record order" in s.val_split
+    with pytest.raises(ValueError, match="applies to cifar10: and cifar100:"):
+        load_dataset("digits", record_order="tfds")
+
+
 def test_cifar_refuses_code_in_pickles(tmp_path):
     base = tmp_path / "cifar-100-python"
     base.mkdir()

@@ -37,7 +37,8 @@ def test_bf16_and_l2(checkpoint, capsys, tmp_path):
         assert main([*BASE, "--checkpoint", str(checkpoint), "--steps", "3", "--out", str(out), *extra]) == 0
         r = json.loads(out.read_text())
         res[name] = (r["clean"], next(v for k, v in r["attacks"].items() if k.startswith("PGD-3")))
-    assert capsys.readouterr().out.count("PGD-3") == 3
+    printed = capsys.readouterr().out
+    assert printed.count("PGD-3 (") == 3 and printed.count("PGD-3 reference scoring") == 3
     # bf16 evaluates the same model: on 120 images its figures stay within 2 images of fp32's.
     assert abs(res["bf16"][0] - res["fp32"][0]) <= 2 / 120 + 1e-9 and abs(res["bf16"][1] - res["fp32"][1]) <= 3 / 120
     # The L2 attack (eps 0.5 on 8x8 digits) works: it breaks some images, not all.

@@ -243,15 +243,15 @@ def test_demo_directory_lists_its_runs_and_report_reads_evaluate(tmp_path, capsy
     assert len(written) == 1 and {k: v for k, v in tree(run).items() if "evaluations" not in k} == before
     # --n-ex 40 is not the whole test split: report does not take it for the run's AutoAttack figure
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
-    row = (tmp_path / "rep" / "report.csv").read_text().splitlines()[1].split(",")
-    assert row[6] == ""
+    header, row = (line.split(",") for line in (tmp_path / "rep" / "report.csv").read_text().splitlines()[:2])
+    assert dict(zip(header, row, strict=True))["AutoAttack"] == ""
     assert evaluate(["--run", str(run), "--autoattack", "standard", "--attack", "none"]) == 0
     aa = json.loads(sorted((run / "alp" / "evaluations").glob("*.json"))[-1].read_text())["attacks"]
     (aa_value,) = [v for k, v in aa.items() if k.startswith("AutoAttack")]
     capsys.readouterr()
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
-    row = (tmp_path / "rep" / "report.csv").read_text().splitlines()[1].split(",")
-    assert float(row[6]) == pytest.approx(aa_value)
+    header, row = (line.split(",") for line in (tmp_path / "rep" / "report.csv").read_text().splitlines()[:2])
+    assert float(dict(zip(header, row, strict=True))["AutoAttack"]) == pytest.approx(aa_value)
 
 
 def test_report_plot_names_methods_as_the_table(tmp_path, monkeypatch):

@@ -53,6 +53,13 @@ def check_config(c) -> None:
         raise ValueError(f"keep must be 'best' or 'last'; got {c.keep!r}")
     if c.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {c.precision!r}")
+    if c.reference_chunk is not None:
+        _count("reference_chunk", c.reference_chunk, 1)
+        if c.keep != "best" or c.early_stop or c.cuda_graph:
+            raise ValueError(
+                "reference_chunk scores every iterate of every example: it needs keep='best', early_stop=False "
+                "and cuda_graph=False"
+            )
     if c.cuda_graph and (c.keep != "last" or c.restarts != 1 or c.early_stop):
         raise ValueError("cuda_graph=True records a static loop: it needs keep='last', restarts=1 and early_stop=False")
 

@@ -9,7 +9,7 @@ import torch
 
 from roli.attacks.evaluation import Evaluation, batch_seed
 
-__all__ = ["batch_seed", "robust_accuracy", "robust_counts"]
+__all__ = ["batch_seed", "robust_accuracy", "robust_counts", "validation_counts"]
 
 
 class _Numbered:
@@ -67,6 +67,18 @@ def robust_counts(
     batches = _batches(data)
     if batch_ids is not None:
         batches = _Numbered(batches, batch_ids)
-    evaluation = Evaluation(eps, step_size, steps, norm=norm, precision=precision, seed=seed)
+    evaluation = Evaluation(eps, step_size, steps, norm=norm, precision=precision, seed=seed, reference_batch=None)
     totals = evaluation.run(model, batches).totals(reduce=False)
     return totals["clean"], totals["pgd"], totals["n"]
+
+
+def validation_counts(model, data, eps, step_size, steps, precision="fp32", seed=0, norm="linf", batch_ids=None,
+                      reference_batch: int = 64) -> dict:  # fmt: skip
+    """The trainer's validation: robust_counts' counts and the reference's scoring of the same attack pass
+    (`pgd_reference`, per batch of `reference_batch`), as Outcomes.totals of this process (not reduced)."""
+    batches = _batches(data)
+    if batch_ids is not None:
+        batches = _Numbered(batches, batch_ids)
+    evaluation = Evaluation(eps, step_size, steps, norm=norm, precision=precision, seed=seed,
+                            reference_batch=reference_batch)  # fmt: skip
+    return evaluation.run(model, batches).totals(reduce=False)

@@ -8,7 +8,14 @@ evaluation equals one process's, example by example. Definitions, in one place:
 
 - clean: correct on the clean image. Where PGD runs, the clean image is PGD's first iterate (early stop:
   no second forward); otherwise one forward (clean_correct).
-- pgd: correct on the clean image and on every PGD iterate of every restart.
+- pgd: correct on the clean image and on every PGD iterate of every restart (roli's figure: the per-example
+  worst case, used for model selection by default).
+- pgd_reference: the RoLI reference code's scoring of the same attack pass (its first restart): per batch of
+  `reference_batch` consecutive examples (64, the reference's batch), the iterate with the highest batch-mean
+  loss, and the prediction on it (roli.attacks.pgd.reference_pick). Always >= pgd: an example robust by
+  roli's definition is correct on every iterate. Batches are chunked from their start, so it equals the
+  reference's chunking of the whole set when the evaluation's batch size is a multiple of reference_batch.
+  Scoring every iterate turns PGD's early stop off.
 - autoattack: robust to AutoAttack (its own clean forward first; a state file per batch resumes it).
 - the eps sweep: robust counts per budget (eps_sweep, steps of eps / 4).
 """
@@ -66,6 +73,7 @@ class Outcomes:
     ids: list[int] = field(default_factory=list)
     clean: list[torch.Tensor] = field(default_factory=list)
     pgd: list[torch.Tensor] | None = None
+    pgd_reference: list[torch.Tensor] | None = None
     autoattack: list[torch.Tensor] | None = None
     aa_clean: int = 0  # AutoAttack's own clean count (cross-checked against `clean`)
     aa_per_attack: dict[str, int] = field(default_factory=dict)  # robust count after each of its attacks
@@ -85,17 +93,19 @@ class Outcomes:
             sum(len(f) for f in self.clean),
             count(self.clean),
             count(self.pgd or []),
+            count(self.pgd_reference or []),
             count(self.autoattack or []),
             self.aa_clean,
             *(self.aa_per_attack.get(k, 0) for k in names),
             *self.sweep,
         ]
-        n, clean, pgd, aa, aa_clean, *rest = (int(v) for v in (D.sum_(*local) if reduce else local))
+        n, clean, pgd, pgd_ref, aa, aa_clean, *rest = (int(v) for v in (D.sum_(*local) if reduce else local))
         per_attack = dict(zip(names, rest[: len(names)], strict=True))
         return {
             "n": n,
             "clean": clean,
             "pgd": None if self.pgd is None else pgd,
+            "pgd_reference": None if self.pgd_reference is None else pgd_ref,
             "autoattack": None if self.autoattack is None else aa,
             "aa_clean": aa_clean,
             "aa_per_attack": per_attack,
@@ -106,7 +116,7 @@ class Outcomes:
         """Every example's outcome (bool, n long, on `device`) per attack run, gathered over ranks: `parts[i]`
         is batch i's slice of the whole set. A collective: every rank calls it."""
         out = {}
-        for name in ("clean", "pgd", "autoattack"):
+        for name in ("clean", "pgd", "pgd_reference", "autoattack"):
             flags = getattr(self, name)
             if flags is None:
                 continue
@@ -119,7 +129,8 @@ class Outcomes:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What an evaluation runs. pgd: PGD-`steps` with `restarts` (keep the best iterate, early stop).
+    """What an evaluation runs. pgd: PGD-`steps` with `restarts` (keep the best iterate; early stop where
+    reference_batch is None, else the reference's scoring too, see the module docstring).
     sweep: the budgets of an eps sweep (empty: none), attacked in chunks of `sweep_chunk` replicated images
     (None: one batch's size). autoattack: its version ("standard", "plus", "rand") or None."""
 
@@ -136,6 +147,7 @@ class Evaluation:
     sweep: tuple[float, ...] = ()
     autoattack: str | None = None
     sweep_chunk: int | None = None
+    reference_batch: int | None = 64  # None: no reference scoring (PGD then stops early on broken examples)
 
     def run(
         self,
@@ -168,13 +180,17 @@ class Evaluation:
                 restarts=self.restarts,
                 loss=self.loss,
                 keep="best",
-                early_stop=True,
+                early_stop=self.reference_batch is None,
+                reference_chunk=self.reference_batch,
                 precision=self.precision,
                 impl=self.impl,
                 seed=self.seed,
             )
         out = Outcomes(
-            pgd=[] if self.pgd else None, autoattack=[] if self.autoattack else None, sweep=[0] * len(self.sweep)
+            pgd=[] if self.pgd else None,
+            pgd_reference=[] if self.pgd and self.reference_batch else None,
+            autoattack=[] if self.autoattack else None,
+            sweep=[0] * len(self.sweep),
         )
         progress = _Progress(report, count)
         k = -1
@@ -193,9 +209,12 @@ class Evaluation:
         out.ids.append(i)
         if attack is not None:
             attack.reseed(batch_seed(self.seed, i))
-            res = attack.perturb(x, y)  # early stop: the clean image is its first iterate
+            res = attack.perturb(x, y)  # keep="best": the clean image is its first iterate
             out.clean.append(~res.clean_success)
             out.pgd.append(~res.clean_success & ~res.success)
+            if out.pgd_reference is not None:
+                ref = res.reference_success
+                out.pgd_reference.append(~ref if ref is not None else torch.zeros_like(res.success))
         else:
             out.clean.append(clean_correct(model, x, y, self.precision))
         if self.sweep:

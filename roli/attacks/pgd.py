@@ -32,11 +32,28 @@ class PGDResult:
     or the target class predicted) at some evaluated iterate, or None where plain PGD did not evaluate
     its final iterate (restarts=1, keep="last", early_stop=False). clean_success: (B,) bool, the goal
     already reached by the clean image (untargeted: clean mistakes), where the attack evaluated it
-    (keep="best" or early_stop), else None: an evaluation needs no second clean forward."""
+    (keep="best" or early_stop), else None: an evaluation needs no second clean forward.
+    reference_success: (B,) bool, with reference_chunk set: the goal reached on the iterate the RoLI reference
+    code would keep (see reference_pick), else None."""
 
     x_adv: torch.Tensor
     success: torch.Tensor | None
     clean_success: torch.Tensor | None = None
+    reference_success: torch.Tensor | None = None
+
+
+def reference_pick(losses: torch.Tensor, success: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The RoLI reference's scoring of one PGD run (src/adv_func.py, adv_generator with use_best): per batch of
+    `chunk` consecutive examples, the iterate (the random start x_0, ..., the final x_k) with the highest
+    batch-mean loss, the first of equals (it replaces only on a strictly higher loss); each example's outcome
+    is then read on that iterate. losses, success: (k + 1, B), iterate by iterate. Returns (B,) bool."""
+    steps, batch = losses.shape
+    group = torch.arange(batch, device=losses.device) // chunk  # (B,) the example's reference batch
+    groups = (batch + chunk - 1) // chunk
+    sums = losses.new_zeros(steps, groups).index_add_(1, group, losses)
+    sizes = torch.bincount(group, minlength=groups).to(losses.dtype)
+    pick = torch.argmax(sums / sizes, dim=0)  # (groups,) first maximum
+    return success[pick[group], torch.arange(batch, device=losses.device)]
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,7 @@ class PGDConfig:
     cuda_graph: bool = False
     init_eps: float | torch.Tensor | None = None
     deferred: bool = False
+    reference_chunk: int | None = None
 
     def __post_init__(self):
         C.check_config(self)
@@ -138,6 +156,10 @@ class PGD:
         deferred: the checks of values (pixel range, labels < K, finite logits) add to a device flag that
             pop_invalid() returns, instead of synchronising with the host in every call (training attacks,
             read at the training loop's synchronisation points).
+        reference_chunk: also score the first restart as the RoLI reference code does (per batch of this many
+            consecutive examples, the iterate with the highest batch-mean loss: reference_pick), from the same
+            iterates: PGDResult.reference_success. Needs keep="best" and no early stop (every example is
+            attacked at every step, as the batch means need).
 
     Shapes: x (B, ...) float in [0, 1]; y (B,) int64. Returns x_adv with x's shape and dtype.
 
@@ -227,7 +249,7 @@ class PGD:
             if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             else torch.contiguous_format
         )
-        return PGDResult(result.x_adv.contiguous(memory_format=layout), result.success, result.clean_success)
+        return replace(result, x_adv=result.x_adv.contiguous(memory_format=layout))
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         # One seeded generator per attack object, kept across calls: every batch gets fresh random
@@ -329,6 +351,7 @@ class PGD:
                 loss, clean_success = self._forward(model, x_nat, y, target, with_grad=False, check=True)
                 check = False
                 self._record(plan, best_x, best_score, None, x_nat, torch.where(clean_success, INF, loss))
+            reference = None
             for restart in range(self.config.restarts):
                 if restart > 0 or self.config.early_stop:
                     idx = torch.nonzero(best_score != INF)[:, 0]
@@ -337,11 +360,15 @@ class PGD:
                     if idx.numel() == batch:
                         idx = None
                 start = self._start(plan, x_nat, gen)
-                x_last = self._run(plan, model, x_nat, y, target, start, idx, best_x, best_score, check)
+                trace = [] if restart == 0 and self.config.reference_chunk else None  # every iterate's scores
+                x_last = self._run(plan, model, x_nat, y, target, start, idx, best_x, best_score, check, trace)
                 check = False
+                if trace is not None:
+                    losses, successes = (torch.stack(t) for t in zip(*trace, strict=True))
+                    reference = reference_pick(losses, successes, self.config.reference_chunk)
             if not self.config.scored:
                 return PGDResult(x_last, None)
-        return PGDResult(best_x, best_score == INF, clean_success)
+        return PGDResult(best_x, best_score == INF, clean_success, reference)
 
     def _start(self, plan: Plan, x_nat: torch.Tensor, gen) -> torch.Tensor | None:
         """The random start of a restart, for the whole batch (None: start at x_nat)."""
@@ -355,10 +382,10 @@ class PGD:
         """The static loop a CUDA graph records: plain PGD's steps on all samples, in place on x."""
         self._run(plan, model, x_nat, y, target, x, None, None, None, check)
 
-    def _run(self, plan: Plan, model, x_nat, y, target, start, idx, best_x, best_score, check):
+    def _run(self, plan: Plan, model, x_nat, y, target, start, idx, best_x, best_score, check, trace=None):
         """One restart on the samples `idx` (None: all) from `start` (None: x_nat), which the steps update
         in place when idx is None (what the CUDA-graph recording relies on). Returns the final iterate
-        (plain PGD)."""
+        (plain PGD). trace: a list that receives every iterate's (loss, success), all samples (reference_chunk)."""
         (eps_t, eps_f), (step_t, step_f) = plan.eps, plan.step_size
         # The random start is drawn for the whole batch and then subset, so which samples are still
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
@@ -374,6 +401,8 @@ class PGD:
                 check = False
                 grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
             x_adv = x_adv.detach()
+            if trace is not None:
+                trace.append((loss.detach().float(), success))
             if self.config.keep == "best" or last or self.config.early_stop:
                 score = (
                     torch.where(success, INF, loss.detach())

@@ -8,7 +8,8 @@ is built from the train split (numeric order where every label is a number); a v
 folder that train lacks is an error naming it.
 
 Validation: the format's own val split when it has one; for CIFAR without split_seed the last
-`val_percent` % of train (the reference protocol, train[:45000] / train[45000:]); otherwise a seeded
+`val_percent` % of train (train[:45000] / train[45000:]: with record_order="tfds" in TensorFlow Datasets'
+record order, the reference's images; with "file", the default, in the pickles' order); otherwise a seeded
 split stratified by class (split_seed, default 0), so a file sorted by class never loses whole classes
 to validation. A validation or test label that train lacks is an error. Arrays stay uint8 in memory;
 file datasets get the reference transforms (train: Resize(256)+RandomCrop(224)+flip; eval:
@@ -94,9 +95,17 @@ def load_dataset(
     crop_size: int = 224,
     train_augment: bool = True,
     interpolation: str = "bilinear",
+    record_order: str = "file",
 ) -> Splits:
-    """Load `name` (see the module docstring) as train/val/test splits."""
+    """Load `name` (see the module docstring) as train/val/test splits. record_order: "file" or "tfds"
+    (CIFAR only: train and test in TensorFlow Datasets' record order, arrays.tfds_order)."""
     kind, _, arg = name.partition(":")
+    if record_order not in ("file", "tfds"):
+        raise ValueError(f"record_order must be file or tfds; got {record_order!r}")
+    if record_order == "tfds" and kind not in ("cifar10", "cifar100"):
+        raise ValueError(
+            f"record_order tfds (TensorFlow Datasets' order) applies to cifar10: and cifar100:, not {kind}"
+        )
     if kind not in KINDS:
         raise ValueError(
             f"unknown dataset {name!r}; use one of digits, npz:PATH, cifar10:ROOT, cifar100:ROOT, "
@@ -111,6 +120,10 @@ def load_dataset(
         train, test = arrays.npz(arg)
     elif kind in ("cifar10", "cifar100"):
         train, test = arrays.cifar(arg, kind)
+        if record_order == "tfds":
+            train, test = (
+                d.subset(arrays.tfds_order(split, len(d))) for split, d in (("train", train), ("test", test))
+            )
     elif kind == "imagefolder":
         root = Path(arg).expanduser()
         train = files.image_folder(root / "train")
@@ -128,8 +141,9 @@ def load_dataset(
     if val is None and train is not None:
         tail = kind in ("cifar10", "cifar100") and split_seed is None
         train, val = _split_val(train, val_percent, split_seed, tail)
+        order = "TensorFlow Datasets' record order, the reference's" if record_order == "tfds" else "the files' order"
         val_split = (
-            f"the last {val_percent:g}% of train (the reference CIFAR protocol)"
+            f"the last {val_percent:g}% of train in {order} (the reference CIFAR protocol's split)"
             if tail
             else f"{val_percent:g}% of train, stratified by class, seed {split_seed or 0}"
         )

@@ -6,6 +6,7 @@ torchvision python-pickle layout (read with a restricted unpickler that only bui
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -234,6 +235,18 @@ def _unpickle(path: Path) -> dict:
             return _NumpyOnlyUnpickler(f, encoding="bytes").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as e:
             raise ValueError(f"cannot read CIFAR pickle {path}: {e}") from None
+
+
+def tfds_order(split: str, n: int) -> torch.Tensor:
+    """The record order of TensorFlow Datasets' CIFAR builders, as index tensor into the files' order: TFDS keys
+    example i of a split by the integer i (image_classification/cifar.py) and writes the split sorted by
+    md5(split name + str(key)) as a 128-bit integer (core/hashing.py's Hasher, salted with the split name;
+    core/shuffle.py sorts ascending and keeps that order across shards). The RoLI reference reads CIFAR through
+    TFDS (cifar10:3.*.*, train[:45000] / train[45000:], test in this order). Checked against TFDS 4.9.10's own
+    Hasher on all 50,000 train and 10,000 test keys (tests/test_data.py holds its first keys)."""
+    salt = split.encode()
+    keys = [int(hashlib.md5(salt + str(i).encode()).hexdigest(), 16) for i in range(n)]
+    return torch.tensor(sorted(range(n), key=keys.__getitem__), dtype=torch.long)
 
 
 def cifar(root: str | Path, which: str = "cifar10") -> tuple[ArrayData, ArrayData]:

@@ -4,7 +4,7 @@ from roli.models.checkpoint import LoadReport, load_checkpoint, load_pretrained,
 from roli.models.classifier import HEAD_INITS, RobustClassifier, create_classifier, init_head
 from roli.models.fold import BatchNormFolding, FoldedConvBN
 from roli.models.peft import METHODS as PEFT_METHODS
-from roli.models.peft import apply_peft, count_trainable, merge_lora
+from roli.models.peft import apply_peft, count_trainable, inert_parameters, merge_lora, what_trains
 from roli.models.registry import REGISTRY, Published, resolve_checkpoint
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, NormalizedModel, Preprocess
 
@@ -24,6 +24,7 @@ __all__ = [
     "apply_peft",
     "count_trainable",
     "create_classifier",
+    "inert_parameters",
     "init_head",
     "load_checkpoint",
     "load_pretrained",
@@ -31,4 +32,5 @@ __all__ = [
     "read_state_dict",
     "resolve_checkpoint",
     "save_checkpoint",
+    "what_trains",
 ]

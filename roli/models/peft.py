@@ -17,8 +17,19 @@ train for full finetuning, eval with only prompt dropout for VPT.
   attention): out = attn(x) + proj(g * softmax(q k_p^T) v_p). Any ViT/Swin-style attention block.
 - "bias": BitFit as the reference selects it: every parameter with "bias" in its name (Swin's
   relative_position_bias_table too), and the head.
-The head always trains. The reference code's bugs are not reproduced: its LoRA zero-initialises both
-matrices (no gradient ever reaches them) and its Adapter zero-initialises both projections.
+The head always trains.
+
+Initialisation (peft_init): "standard" (the default) makes each method what its name says: LoRA's A random
+and B zero, the Adapter's down projection random and up zero, so the branches output zero at init and both
+factors train. "reference" initialises the branches exactly as the RoLI reference code does (DongXzz/RoLI,
+src/models/vit_lora and vit_adapter), which depends on the model family and the run's role:
+- LoRA on Swin: the RoLI configs (lora/*_roli.yaml) set ZEROINIT, so A = B = 0: neither matrix ever receives a
+  gradient and RoLI-LoRA trains only the head; RanLI-LoRA keeps A kaiming-uniform, B zero (its LoRA trains).
+- LoRA on ViT: the reference's ViT ignores ZEROINIT: A kaiming-uniform, B zero in both roles (= standard).
+- Adapter (Swin and ViT, both roles): down and up weights and biases all zero: only the up biases learn.
+- VPT and Bias: the standard inits are already the reference's. vpt-gated is roli's own: no reference init.
+inert_parameters() names the trainable tensors that can never receive a gradient from their current values;
+the trainer logs them at the start of each finetuning stage.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from torch import nn
 from roli.models.vpt import apply_vpt, supports_vpt
 
 METHODS = ("full", "linear", "lora", "adapter", "vpt", "vpt-gated", "bias")
+PEFT_INITS = ("standard", "reference")
+ROLES = ("roli", "ranli")  # finetuning from the ALP head, or from a random head
 # The backbone's mode while the model trains, as the RoLI reference runs each method (src/models/vit_models.py:
 # froze_enc for every transfer type but end2end and prompt; its VPT-Swin keeps only prompt dropout active).
 ENCODER_MODES = {
@@ -163,22 +176,10 @@ def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module)]
 
 
-def apply_peft(
-    model,
-    method: str,
-    *,
-    lora_rank: int = 16,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: str = "qv",
-    adapter_reduction: int = 8,
-    vpt_tokens: int = 10,
-    vpt_dropout: float = 0.0,
-) -> dict:
-    """Apply `method` to a RobustClassifier in place. Returns {"method", "trainable", "total"}."""
-    if method not in METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
-    backbone, training = model.backbone, model.training
+def _apply_method(model, method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_reduction, vpt_tokens,
+                  vpt_dropout) -> None:  # fmt: skip
+    """The method's branches on model.backbone (standard inits), every parameter frozen but for full FT."""
+    backbone = model.backbone
     for p in model.parameters():
         p.requires_grad_(method == "full")
     model.encoder_mode = ENCODER_MODES[method]
@@ -221,6 +222,50 @@ def apply_peft(
                 )
             for _, m in sites:
                 m.attn = PromptedAttention(m.attn, vpt_tokens, vpt_dropout).to(m.attn.qkv.weight)
+
+
+def _reference_init(model, role: str) -> None:
+    """The RoLI reference's inits over the standard ones (see the module docstring): its Swin RoLI-LoRA zeroes A
+    too (ZEROINIT; B is zero already), its Adapter zeroes the down projection too (the up one is zero already)."""
+    swin_roli = role == "roli" and family(model.backbone) == "swin"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRAQKV) and swin_roli:
+                for a in m.lora_A.values():
+                    a.zero_()
+            elif isinstance(m, Adapter):
+                m.down.weight.zero_()
+                m.down.bias.zero_()
+
+
+def apply_peft(
+    model,
+    method: str,
+    *,
+    lora_rank: int = 16,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "qv",
+    adapter_reduction: int = 8,
+    vpt_tokens: int = 10,
+    vpt_dropout: float = 0.0,
+    peft_init: str = "standard",
+    role: str = "roli",
+) -> dict:
+    """Apply `method` to a RobustClassifier in place. peft_init: "standard" or "reference" (the RoLI code's
+    inits for this method, model family and `role`, "roli" or "ranli"; see the module docstring). Returns
+    {"method", "trainable", "total"}."""
+    if method not in METHODS:
+        raise ValueError(f"unknown PEFT method {method!r}; use one of {', '.join(METHODS)}")
+    if peft_init not in PEFT_INITS or role not in ROLES:
+        raise ValueError(f"peft_init must be one of {', '.join(PEFT_INITS)} and role one of {', '.join(ROLES)}")
+    if peft_init == "reference":
+        _check_reference(model, method)
+    training = model.training
+    _apply_method(model, method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_reduction, vpt_tokens,
+                  vpt_dropout)  # fmt: skip
+    if peft_init == "reference":
+        _reference_init(model, role)
     for name, p in model.named_parameters():
         trainable = (
             method == "full"
@@ -234,6 +279,83 @@ def apply_peft(
         p.requires_grad_(trainable)
     model.train(training)  # new branches (prompts' dropout) take the model's mode, with the method's encoder mode
     return {"method": method, "trainable": count_trainable(model), "total": sum(p.numel() for p in model.parameters())}
+
+
+def family(backbone: nn.Module) -> str | None:
+    """ "swin" or "vit" for timm's SwinTransformer / VisionTransformer (or a subclass, e.g. a prompted one),
+    else None. Read from the class hierarchy's names: nothing is imported."""
+    names = {c.__name__ for c in type(backbone).__mro__}
+    return "swin" if "SwinTransformer" in names else "vit" if "VisionTransformer" in names else None
+
+
+def _check_reference(model, method: str) -> None:
+    if method == "vpt-gated":
+        raise ValueError("peft_init reference: vpt-gated is roli's own method and has no reference init")
+    if method == "lora" and family(model.backbone) is None:
+        raise ValueError(
+            f"peft_init reference: the reference's LoRA exists for Swin and ViT only (its init differs between "
+            f"them); {model.name} is a {type(model.backbone).__name__}: use peft_init standard"
+        )
+
+
+def inert_parameters(model: nn.Module) -> list[str]:
+    """The trainable parameters that can never receive a gradient from their current values, by name:
+    - a LoRA pair whose A and B are both zero (B's gradient is a product with A h, A's with B: each is zero while
+      the other is);
+    - an Adapter whose down projection (weight and bias) and up weight are zero (GELU(0) = 0 gives up.weight no
+      signal, and up.weight = 0 passes none back to down; its up bias still learns).
+    Gradient steps, momentum and (coupled or decoupled) weight decay keep such zeros at zero, so these tensors
+    stay exactly where they are for a whole stage."""
+    out = []
+    for prefix, m in model.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        if isinstance(m, LoRAQKV):
+            for t in m.targets:
+                a, b = m.lora_A[t], m.lora_B[t]
+                if a.requires_grad and b.requires_grad and not a.any() and not b.any():
+                    out += [f"{pre}lora_A.{t}", f"{pre}lora_B.{t}"]
+        elif isinstance(m, Adapter):
+            d, u = m.down, m.up
+            if not (d.weight.any() or d.bias.any() or u.weight.any()):
+                out += [f"{pre}{n}" for n, p in (("down.weight", d.weight), ("down.bias", d.bias),
+                                                 ("up.weight", u.weight)) if p.requires_grad]  # fmt: skip
+    return out
+
+
+def what_trains(model: nn.Module) -> dict:
+    """The trainable parameters of `model` and those of them that can receive a gradient: {"trainable",
+    "receiving_gradient", "inert" (counts of elements), "inert_tensors" (names), "summary" (one line)}."""
+    params = dict(model.named_parameters())
+    inert = inert_parameters(model)
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    dead = sum(params[n].numel() for n in inert)
+    live = [n for n, p in params.items() if p.requires_grad and n not in set(inert)]
+    if not inert:
+        summary = f"{trainable:,} trainable parameters, all of them can receive a gradient"
+    else:
+        kinds = sorted({"LoRA A and B (both zero)" if ".lora_" in n else "Adapter down/up weights" for n in inert})
+        rest = (
+            "this stage trains the head only"
+            if all(n.startswith("head.") for n in live)
+            else f"this stage trains {trainable - dead:,} parameters: " + ", ".join(sorted({_group(n) for n in live}))
+        )
+        summary = (
+            f"{trainable:,} trainable parameters; {dead:,} of them ({' and '.join(kinds)}, {len(inert)} tensors) "
+            f"are zero on both sides of their branch: they receive no gradient and stay zero; {rest}"
+        )
+    return {"trainable": trainable, "receiving_gradient": trainable - dead, "inert": dead, "inert_tensors": len(inert),
+            "summary": summary}  # fmt: skip
+
+
+def _group(name: str) -> str:
+    if name.startswith("head."):
+        return "the head"
+    for key, label in ((".up.bias", "the Adapters' up biases"), (".up.", "the Adapters' up projections"),
+                       (".down.", "the Adapters' down projections"), ("lora_", "LoRA matrices"),
+                       ("vpt_prompts", "prompts"), ("bias", "biases")):  # fmt: skip
+        if key in name:
+            return label
+    return "backbone weights"
 
 
 def count_trainable(model: nn.Module) -> int:

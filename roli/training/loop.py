@@ -30,7 +30,8 @@ from roli import _env
 from roli._amp import autocast_for
 from roli._cli import BadValue
 from roli._io import atomic_write, first_line, load_tagged, save_torch
-from roli.attacks import PGD, robust_counts
+from roli.attacks import PGD
+from roli.attacks.accuracy import validation_counts
 from roli.config import OPTIMIZERS, REF_ADAMW_EPS
 from roli.features.alp_step import alp_step
 from roli.models import load_checkpoint, save_checkpoint
@@ -76,6 +77,7 @@ class Stage:
     seed: int = 0
     norm: str = "linf"  # of the validation attack (the run's threat model)
     attack_label: str = ""  # the training attack's name in logs and tables (PGD-7, FGSM-RS, ...)
+    select_by: str = "pgd"  # the best epoch by: pgd (roli's per-example worst case) | reference-pgd
     guard: Guard | None = None  # the catastrophic-overfitting guard of single-step training
     history: list[dict] = field(default_factory=list)
 
@@ -198,9 +200,10 @@ def _save_state(state: dict, path: Path) -> None:
     D.barrier()
 
 
-def _validate(stage: Stage) -> tuple[float, float]:
-    """Clean and PGD accuracy on the validation set (each rank attacks its shard), reduced over ranks."""
-    clean, robust, n = robust_counts(
+def _validate(stage: Stage) -> tuple[float, float, float]:
+    """Clean, PGD and the reference's PGD scoring accuracy on the validation set (each rank attacks its shard),
+    reduced over ranks."""
+    t = validation_counts(
         stage.model,
         stage.val,
         stage.eps,
@@ -211,8 +214,8 @@ def _validate(stage: Stage) -> tuple[float, float]:
         stage.norm,
         batch_ids=getattr(stage.val, "ids", None),
     )
-    clean, robust, n = D.sum_(clean, robust, n)
-    return clean / max(n, 1), robust / max(n, 1)
+    clean, robust, ref, n = D.sum_(t["clean"], t["pgd"], t["pgd_reference"], t["n"])
+    return clean / max(n, 1), robust / max(n, 1), ref / max(n, 1)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -256,8 +259,9 @@ def fit(
             row = _end_epoch(stage, epoch, tally, time.time() - t0, report)
             if run_dir is not None and D.is_main():
                 _write_metrics(run_dir, stage.history)
-            if row["val_robust"] > best["val_robust"]:
-                best = {"epoch": epoch, "val_clean": row["val_clean"], "val_robust": row["val_robust"]}
+            key = SELECT_BY[stage.select_by]
+            if row[key] > best.get(key, -1.0):
+                best = {k: row[k] for k in ("val_clean", "val_robust", "val_robust_reference")} | {"epoch": epoch}
                 if run_dir is None:
                     best_state = trained_state(stage.model)
                 elif D.is_main():
@@ -273,6 +277,10 @@ def fit(
         D.barrier()
         load_checkpoint(stage.model, best_path)
     return {**best, "train_attack": _attack_name(stage)}
+
+
+# --select-by: the validation figure that picks the best epoch
+SELECT_BY = {"pgd": "val_robust", "reference-pgd": "val_robust_reference"}
 
 
 def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
@@ -362,10 +370,11 @@ def _end_epoch(stage: Stage, epoch: int, tally: _Tally, seconds: float, report) 
     """The epoch's row of metrics.jsonl: training loss and accuracy (summed over ranks), validation, the guard's
     checks; appended to stage.history and reported."""
     seen, loss_sum, correct = D.sum_(*tally.read()[:3])
-    clean, robust = _validate(stage)
+    clean, robust, reference = _validate(stage)
     row = {"stage": stage.name, "epoch": epoch, "lr": stage.optimizer.param_groups[0]["lr"],
            "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen), "val_clean": clean,
-           "val_robust": robust, "images_per_s": seen / max(seconds, 1e-9), "seconds": round(seconds, 3),
+           "val_robust": robust, "val_robust_reference": reference,
+           "images_per_s": seen / max(seconds, 1e-9), "seconds": round(seconds, 3),
            "train_attack": _attack_name(stage)}  # fmt: skip
     guard = stage.guard
     if guard is not None:
@@ -375,7 +384,8 @@ def _end_epoch(stage: Stage, epoch: int, tally: _Tally, seconds: float, report) 
     stage.history.append(row)
     report(
         f"{stage.name} epoch {epoch}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, val clean "
-        f"{clean:.4f}, val PGD-{stage.val_steps} {robust:.4f}, {row['images_per_s']:.1f} img/s"
+        f"{clean:.4f}, val PGD-{stage.val_steps} {robust:.4f} (reference scoring {reference:.4f}), "
+        f"{row['images_per_s']:.1f} img/s"
     )
     return row
 

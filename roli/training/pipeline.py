@@ -122,6 +122,9 @@ class Stages:
         (single-step attacks) fires. Attacks unwrap DDP: no all-reduce inside them."""
         opt = self.optimizer(model, settings)
         precision = self.attacks.precision
+        if D.is_main():
+            log.info("%s: %s epochs (warmup %s), learning rate %g from %s", name, settings.epochs, settings.warmup,
+                     settings.lr, settings.lr_from or "the stage's settings")  # fmt: skip
 
         def make_step(kind: str, purpose: str = "training attack"):
             attack = self.attacks.training(kind, net, purpose)
@@ -147,6 +150,7 @@ class Stages:
             seed=a.seed,
             norm=a.norm,
             attack_label=a.label(settings.attack),
+            select_by=self.cfg.select_by,
         )
         if self.cfg.guard_spec.watches(settings.attack):
             stage.guard = self._guard(stage, settings.attack, model, make_step)
@@ -240,7 +244,8 @@ class Stages:
                 raise BadValue(f"autoattack: {e}") from None
         t = outcomes.totals()
         n = max(t["n"], 1)
-        out = {"n": t["n"], "clean": t["clean"] / n, f"pgd{a.val_steps}": t["pgd"] / n}
+        out = {"n": t["n"], "clean": t["clean"] / n, f"pgd{a.val_steps}": t["pgd"] / n,
+               f"pgd{a.val_steps}_reference": t["pgd_reference"] / n}  # fmt: skip
         if version:
             out["autoattack"] = t["autoattack"] / n
             out["autoattack_per_attack"] = {k: v / n for k, v in t["aa_per_attack"].items()}

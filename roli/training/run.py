@@ -17,7 +17,7 @@ from roli import _dist as D
 from roli._cli import BadValue
 from roli._io import save_json
 from roli.config import TrainConfig
-from roli.models import apply_peft
+from roli.models import apply_peft, what_trains
 from roli.rundir import (
     RunLock,
     check_fingerprint,
@@ -117,7 +117,7 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     if not resume:  # a run of an earlier version resumes as it was configured
         model_spec.check_weights(cfg.method, weights)
     if cfg.method in ("ft", "roli"):
-        cfg.peft_spec.apply(probe)
+        cfg.peft_spec.apply(probe, _role(cfg.method, cfg.init))
     check_forward(probe, shape, cfg.model)
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(fresh(quiet=True), cfg.init)
@@ -132,9 +132,11 @@ def run_stages(stages: Stages, run_dir: Path, fresh, resume: bool) -> dict:
     """The stages of the run's method in order, each evaluated on the test set as it finishes (results.json)."""
     cfg, results = stages.cfg, {}
 
-    def finish(name, model, best):
+    def finish(name, model, best, trains=None):
         stage = stage_dir(name)
         results[name] = {"val": best, "test": stages.test(model, run_dir / "autoattack" / stage), "dir": stage}
+        if trains is not None:
+            results[name]["trainable"] = trains
         if D.is_main():
             save_json(results, run_dir / "results.json")
 
@@ -149,26 +151,45 @@ def run_stages(stages: Stages, run_dir: Path, fresh, resume: bool) -> dict:
     elif cfg.method == "ft" and cfg.init != "random":
         load_init(model, cfg.init)
     if cfg.method in ("ft", "roli"):
-        cfg.peft_spec.apply(model)
+        cfg.peft_spec.apply(model, _role(cfg.method, cfg.init))
         name = (
             f"RoLI-{cfg.peft}"
             if cfg.method == "roli"
             else cfg.stage_name or f"ft ({cfg.peft}, init {Path(cfg.init).name})"
         )
-        finish(name, model, stages.full("ft", model, run_dir / stage_dir(name), resume))
+        trains = _say_what_trains(name, model, cfg.peft_spec)
+        finish(name, model, stages.full("ft", model, run_dir / stage_dir(name), resume), trains)
     if cfg.compare_ranli:
         model = fresh()
-        cfg.peft_spec.apply(model)
-        finish(f"RanLI-{cfg.peft}", model, stages.full("ranli", model, run_dir / "ranli-ft", resume))
+        cfg.peft_spec.apply(model, "ranli")
+        trains = _say_what_trains(f"RanLI-{cfg.peft}", model, cfg.peft_spec)
+        finish(f"RanLI-{cfg.peft}", model, stages.full("ranli", model, run_dir / "ranli-ft", resume), trains)
     return results
+
+
+def _role(method: str, init: str) -> str:
+    """The finetuning stage's role for the PEFT init: ranli from a random head, roli from a trained one."""
+    return "ranli" if method == "ft" and init == "random" else "roli"
+
+
+def _say_what_trains(name: str, model, peft) -> dict:
+    """Log, at the start of a finetuning stage, which trainable parameters can receive a gradient (a PEFT branch
+    zero on both sides cannot), and return the counts for results.json."""
+    t = what_trains(model)
+    like = ""
+    if t["inert"] and peft.peft_init == "reference":
+        like = f" (as the reference's {'RoLI' if name.startswith('RoLI') else 'RanLI'}-{peft.method})"
+    log.info("%s, peft init %s: %s%s", name, peft.peft_init, t["summary"], like)
+    return {k: t[k] for k in ("trainable", "receiving_gradient", "inert", "inert_tensors")} | {
+        "peft_init": peft.peft_init
+    }
 
 
 def render(results: dict, val_steps: int, autoattack: bool) -> str:
     """The run's table: per stage, its training attack and its validation and test accuracies."""
     steps = f"PGD-{val_steps}"
-    cols = ["stage", "train attack", "val clean", f"val {steps}", "test clean", f"test {steps}"] + (
-        ["AutoAttack"] if autoattack else []
-    )
+    cols = ["stage", "train attack", "val clean", f"val {steps}", "test clean", f"test {steps}",
+            f"test {steps} (ref. scoring)"] + (["AutoAttack"] if autoattack else [])  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def pct(v):
@@ -183,6 +204,7 @@ def render(results: dict, val_steps: int, autoattack: bool) -> str:
             pct(v.get("val_robust")),
             pct(t["clean"]),
             pct(t[f"pgd{val_steps}"]),
+            pct(t.get(f"pgd{val_steps}_reference")),
         ]
         if autoattack:
             cells.append(pct(t.get("autoattack")))
