@@ -32,6 +32,7 @@ import torch
 from _common import device_name, write_results
 from bench_fast_at import DEFAULT_DATA, RESULTS, subset
 
+from roli._cli import parse_budget
 from roli.config import TrainConfig
 from roli.training.run import run
 
@@ -58,6 +59,8 @@ def autoattack(run_dir: Path, n: int, device: str) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 as an npz (x_train, y_train, x_test, y_test)")
+    ap.add_argument("--eps", default="8/255", help="Linf budget of every stage (step eps/4)")
+    ap.add_argument("--source-lr", type=float, default=1e-3, help="AdamW learning rate of the source pretraining")
     ap.add_argument("--train-per-class", type=int, default=1000)
     ap.add_argument("--test-per-class", type=int, default=100, help="test images per class (5 classes)")
     ap.add_argument("--source-epochs", type=int, default=10)
@@ -78,19 +81,20 @@ def main() -> None:
     npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
     if not npz.exists():
         subset(data, npz, args.train_per_class, args.test_per_class)
-    common = dict(model="swin_tiny_patch4_window7_224", model_args=SWIN, dataset=f"npz:{npz}", eps=8 / 255,
-                  step_size=2 / 255, steps=7, val_steps=10, batch_size=64, seed=0, device=args.device,
+    eps = parse_budget(args.eps, "eps", "linf")
+    common = dict(model="swin_tiny_patch4_window7_224", model_args=SWIN, dataset=f"npz:{npz}", eps=eps,
+                  step_size=eps / 4, steps=7, val_steps=10, batch_size=64, seed=0, device=args.device,
                   head_init="reference")  # fmt: skip
-    src = work / f"source-{args.train_per_class}-{args.source_epochs}"
+    src = work / f"source-{args.train_per_class}-{args.source_epochs}-{args.eps.replace('/', '_')}-{args.source_lr:g}"
     weights = src / "backbone.pt"
     if not weights.exists():
         run(TrainConfig(method="pretrain", classes="0-4", epochs=args.source_epochs, warmup=1, optimizer="adamw",
-                        lr=1e-3, weight_decay=0.05, random_backbone=True, run_dir=str(src / "run"), **common),
+                        lr=args.source_lr, weight_decay=0.05, random_backbone=True, run_dir=str(src / "run"), **common),
             overwrite=True, announce=False)  # fmt: skip
         state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
         torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
     target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=1, **common)
-    alp_dir = work / f"alp-{args.epochs}"
+    alp_dir = work / f"alp-{args.epochs}-{args.eps.replace('/', '_')}"
     alp = run(TrainConfig(method="alp", alp={"optimizer": "sgd", "lr": 0.0125, "weight_decay": 0.01},
                           run_dir=str(alp_dir), **target), overwrite=True, announce=False)["alp"]  # fmt: skip
     rows = [{"method": "ALP", "peft": "linear", "init": "-", "lr": 0.0125, **_scores(alp), "aa": None}]
@@ -102,7 +106,7 @@ def main() -> None:
             for init, factor in (("reference", 1.0), ("standard", 1.0), ("standard", 0.1)):
                 lr = stage["lr"] * factor
                 name = f"{'RoLI' if role == 'roli' else 'RanLI'}-{peft}"
-                run_dir = work / f"{name}-{init}-{factor:g}-{args.epochs}"
+                run_dir = work / f"{name}-{init}-{factor:g}-{args.epochs}-{args.eps.replace('/', '_')}"
                 mapping = {**stage, "lr": lr}
                 cfg = TrainConfig(method="ft", peft=peft, peft_init=init, stage_name=name,
                                   init=str(alp_dir / "alp" / "best.pt") if role == "roli" else "random",
@@ -115,7 +119,7 @@ def main() -> None:
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     n_train = 5 * args.train_per_class * 9 // 10
     lines = [f"PEFT init, reference vs standard: CIFAR-10 classes 5-9 from a small Swin adversarially pretrained on "
-             f"classes 0-4 ({args.source_epochs} epochs), PGD-7 training at eps 8/255, {args.epochs} epochs per "
+             f"classes 0-4 ({args.source_epochs} epochs), PGD-7 training at eps {args.eps}, {args.epochs} epochs per "
              f"stage, {n_train} training images, {rows[0]['n']} test images (AutoAttack standard on the first "
              f"{args.aa_n}); {device_name(args.device)}, {stamp}", "",
              "| run | PEFT init | lr | trains (of trainable) | clean | PGD-10 | PGD-10 ref. scoring | AutoAttack |",

@@ -105,36 +105,34 @@ def _check_stage(stage: str, d, norm: str, run_epochs: int) -> None:
         )
 
 
-def installed_module(spec: str) -> bool:
-    """A "package.module:function" spec whose top-level package is installed (site-packages, or roli itself)
-    and not part of the standard library; found without importing anything."""
-    import importlib.util
-    import sys
-
-    top = spec.partition(":")[0].split(".")[0]
-    if not top or top in sys.stdlib_module_names:
-        return False
-    if top == "roli":
-        return True
-    try:
-        found = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return False
-    where = (
-        (found.origin if found and found.origin else None) or next(iter(found.submodule_search_locations or []), None)
-        if found
-        else None
-    )
-    return where is not None and any(p in ("site-packages", "dist-packages") for p in Path(where).resolve().parts)
+# roli's own model constructors: the only "package.module:function" specs a file may name without --trust-code.
+ROLI_MODELS = frozenset(
+    {
+        "roli.models.small:small_cnn",
+        "roli.models.convstem:convnext_tiny_convstem",
+        "roli.models.convstem:convnext_small_convstem",
+        "roli.models.convstem:convnext_base_convstem",
+        "roli.models.convstem:convnext_large_convstem",
+    }
+)
 
 
-def check_code_from_file(model: str, source: str, trust_code: bool) -> None:
-    """A model spec read from a file (a config, a run's config.json) imports and calls code: only an installed
-    package's, unless --trust-code. Checked before anything is imported."""
-    if ":" in str(model) and not trust_code and not installed_module(str(model)):
+def names_code(model) -> bool:
+    """Whether a model spec names code to import and call: a "package.module:function" spec (anything with a colon
+    but timm's "hf-hub:" names, which are data) that is not one of roli's own constructors. Registry and timm
+    names build through their registries."""
+    spec = str(model)
+    return ":" in spec and not spec.startswith("hf-hub:") and spec not in ROLI_MODELS
+
+
+def check_code_from_file(model, source: str, trust_code: bool) -> None:
+    """A model spec read from a file (a config, a run's config.json, a grid's config) is data: a registry or timm
+    name, or one of roli's own constructors; a spec that would import and call other code is refused unless
+    --trust-code. Checked before anything is imported. (A spec typed on the command line runs as typed.)"""
+    if names_code(model) and not trust_code:
         raise BadValue(
-            f"model: {model} (from {source}) would import and run that code; roli runs code named in a "
-            "file only from installed packages: pass --trust-code if you trust the file"
+            f"model: {model} (from {source}) would import and run that code; a file may name registry or timm "
+            "models and roli's own: pass --trust-code if you trust the file, or give --model on the command line"
         )
 
 

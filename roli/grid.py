@@ -36,7 +36,7 @@ from pathlib import Path
 from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
-from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config
+from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -526,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BadValue("--jobs and --gpus-per-run must be >= 1")
         if out.exists() and not out.is_dir():
             raise BadValue(f"--out: {out} is a file; give a directory")
-        configs = load_configs(args.configs, parse_sets(args.set), args.trust_code)
+        sets = parse_sets(args.set)
+        configs = load_configs(args.configs, sets, args.trust_code)
+        # every file's model spec was checked above; one typed with --set runs as typed, in the runs too
+        args.trust_code = args.trust_code or names_code(sets.get("model", ""))
         jobs = plan(configs, out)
     except BadValue as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

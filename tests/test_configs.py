@@ -170,7 +170,18 @@ def test_configs_run_a_step(path, tmp_path, tiny_ares):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_config_runs_a_step(path, tmp_path, tiny_ares):
-    _run_config(path, tmp_path, tiny_ares)
+    results = _run_config(path, tmp_path, tiny_ares)
+    shipped = TrainConfig.from_file(path)
+    written = json.loads((tmp_path / "run" / "config.json").read_text())["_resolved"]
+    for stage, settings in shipped.resolved().items():  # the paper's optimisation settings, untouched by the run
+        assert {k: written[stage][k] for k in ("optimizer", "lr", "weight_decay")} == {
+            k: settings[k] for k in ("optimizer", "lr", "weight_decay")}, stage  # fmt: skip
+    names = {"alp": ["alp"], "roli": ["alp", f"RoLI-{shipped.peft}", f"RanLI-{shipped.peft}"]}.get(
+        shipped.method, [f"ft ({shipped.peft}, init random)"])  # fmt: skip
+    assert list(results) == names
+    for r in results.values():  # the standard PEFT init: everything trainable can receive a gradient
+        if "trainable" in r:
+            assert r["trainable"]["inert"] == 0 and r["trainable"]["receiving_gradient"] > 0
 
 
 def test_print_config_touches_nothing(tmp_path):

@@ -14,6 +14,18 @@ from roli.evaluate import main, parse_budget
 BASE = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "120"]
 
 
+def _plain_accuracy(checkpoint, n: int) -> float:
+    """The checkpoint's clean accuracy on the first n digits test images: the model and the data built here."""
+    from roli.data.arrays import digits
+    from roli.models.small import small_cnn
+
+    x, y = digits()[1].to_float()
+    model = small_cnn(10, 1)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        return float((model.eval()(x[:n]).argmax(1) == y[:n]).float().mean())
+
+
 def test_end_to_end_subprocess(checkpoint, tmp_path):
     out = tmp_path / "res.json"
     cmd = [sys.executable, "-m", "roli.evaluate", *BASE, "--checkpoint", str(checkpoint), "--eps", "1/10",
@@ -23,9 +35,13 @@ def test_end_to_end_subprocess(checkpoint, tmp_path):
     assert "clean" in run.stdout and "PGD-10" in run.stdout and "worst case" in run.stdout
     res = json.loads(out.read_text())
     assert res["n"] == 120
-    pgd = next(v for k, v in res["attacks"].items() if k.startswith("PGD-10"))
-    assert 0.3 < pgd <= res["clean"] and res["clean"] > 0.9
-    assert res["worst_case"] <= pgd
+    pgd = next(v for k, v in res["attacks"].items() if k.startswith("PGD-10 ("))
+    assert res["clean"] == pytest.approx(_plain_accuracy(checkpoint, 120))  # a plain forward, outside evaluate
+    assert 0.3 < pgd < res["clean"]  # the attack breaks some images, not all
+    bits = {k: [c == "1" for c in v] for k, v in res["per_example"].items()}
+    assert pgd == pytest.approx(sum(bits["pgd"]) / 120)
+    worst = [c and p for c, p in zip(bits["clean"], bits["pgd"], strict=True)]
+    assert res["worst_case"] == pytest.approx(sum(worst) / 120) and bits["worst_case"] == worst
     sweep = [res["eps_sweep"][k] for k in ("0.05", "0.1", "0.2")]
     assert sweep == sorted(sweep, reverse=True)
 
@@ -53,7 +69,11 @@ def test_autoattack_from_the_cli(checkpoint, tmp_path):
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert list(res["autoattack_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert res["worst_case"] <= min(res["attacks"].values())
+    bits = {k: [c == "1" for c in v] for k, v in res["per_example"].items()}
+    worst = [all(v) for v in zip(bits["clean"], bits["pgd"], bits["autoattack"], strict=True)]
+    assert bits["worst_case"] == worst and res["worst_case"] == pytest.approx(sum(worst) / len(worst))
+    per = list(res["autoattack_per_attack"].values())  # robust after each attack in turn: never rises
+    assert per == sorted(per, reverse=True) and per[-1] == pytest.approx(sum(bits["autoattack"]) / len(worst))
 
 
 @pytest.mark.parametrize(

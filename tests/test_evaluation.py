@@ -44,8 +44,9 @@ def test_outcomes_are_the_definitions(digits_model):
     assert torch.equal(flags["pgd"], torch.cat(ref))
     assert not (flags["pgd"] & ~flags["clean"]).any() and flags["pgd"].sum() < flags["clean"].sum()
     t = out.totals()
-    assert (t["n"], t["clean"], t["pgd"], t["autoattack"]) == (150, int(flags["clean"].sum()),
-                                                               int(flags["pgd"].sum()), None)  # fmt: skip
+    undecided = int((~decided).sum())  # near-ties the float64 copy may decide either way
+    assert abs(t["clean"] - int(correct64.sum())) <= undecided
+    assert (t["n"], t["pgd"], t["autoattack"]) == (150, int(torch.cat(ref).sum()), None)
 
 
 def test_sweep_counts_and_clean_only(digits_model):

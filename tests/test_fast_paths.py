@@ -51,7 +51,9 @@ def test_trainer_optimizer_is_fused_and_steps_like_the_plain_one(kind):
     plain, start = copy.deepcopy(net), copy.deepcopy(net)
     opt = make_optimizer(param_groups(net, 0.01), kind, 0.05, 0.9)
     assert all(g["fused"] for g in opt.param_groups)
-    groups = param_groups(plain, 0.01)
+    # the plain optimiser with its decay groups written out: weights decay, biases do not
+    groups = [{"params": [plain[0].weight, plain[2].weight], "weight_decay": 0.01},
+              {"params": [plain[0].bias, plain[2].bias], "weight_decay": 0.0}]  # fmt: skip
     ref = torch.optim.SGD(groups, lr=0.05, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(groups, lr=0.05)
     for _ in range(4):
         x = torch.randn(9, 7)

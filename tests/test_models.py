@@ -605,7 +605,12 @@ def test_peft_branches_take_the_models_dtype(method):
     m = _model("vit_tiny_patch16_224", VIT).double()
     apply_peft(m, method)
     assert {p.dtype for p in m.parameters()} == {torch.float64}
-    new = [n for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    assert new and all(isinstance(p, nn.Parameter) for p in m.parameters())
-    with torch.no_grad():
-        assert m.eval()(images(2, seed=1).double()).dtype == torch.float64
+    new = {n: p for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")}
+    # registered branch tensors, counted by hand for 2 blocks: LoRA (q, v) x (A, B); Adapter down/up weight and
+    # bias; VPT one (depth, n, dim) prompt tensor; vpt-gated prompts and gate per block
+    assert len(new) == {"lora": 8, "adapter": 8, "vpt": 1, "vpt-gated": 4}[method], sorted(new)
+    assert set(new) <= set(m.state_dict())  # saved with the model
+    out = m.train()(images(2, seed=1).double())
+    assert out.dtype == torch.float64
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in new.values())

@@ -306,3 +306,22 @@ def test_reference_pick_by_hand():
     tie = torch.tensor([[1.0, 1.0], [0.5, 1.5], [2.0, 0.0]])
     hit = torch.tensor([[False, False], [True, True], [True, True]])
     assert reference_pick(tie, hit, 2).tolist() == [False, False]  # means 1.0, 1.0, 1.0: the first, iterate 0
+
+
+@pytest.mark.parametrize("case", ["lora A zero, B not", "lora B zero, A not", "adapter down zero, up weight not"])
+def test_a_branch_zero_on_one_side_only_is_not_inert(case):
+    """Only a fixed point (both sides zero) is inert: with one side non-zero, the zero side gets a gradient and
+    moves in the first step."""
+    m = _model("vit")
+    apply_peft(m, "adapter" if case.startswith("adapter") else "lora", peft_init="reference")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if case == "lora A zero, B not" and "lora_" in name:
+                p.copy_(torch.zeros_like(p) if "lora_A" in name else torch.randn_like(p) * 0.1)
+            if case == "adapter down zero, up weight not" and name.endswith("up.weight"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    assert inert_parameters(m) == []
+    zero = {n for n, p in m.named_parameters() if p.requires_grad and not p.any() and not n.endswith("bias")}
+    before = _steps(m, "sgd", 1)
+    after = dict(m.named_parameters())
+    assert zero and all(not torch.equal(after[n], before[n]) for n in zero), zero

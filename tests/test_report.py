@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from roli.report import main as report
 from roli.train import main as train
@@ -21,7 +22,11 @@ def test_report_of_two_runs(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
     assert [(r["run"], r["kind"]) for r in rows] == [("a", "ALP"), ("a", "RoLI"), ("a", "RanLI"), ("b", "ALP")]
     assert all(r["epochs"] == "2" and float(r["wall s"]) > 0 and float(r["images/s"]) > 0 for r in rows)
-    assert all(0 <= float(r["test PGD"]) <= float(r["test clean"]) <= 1 for r in rows)
+    runs = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("a", "b")}
+    for r in rows:  # each row's figures are its stage's in results.json, column by column
+        test = runs[r["run"]][r["stage"]]["test"]
+        assert (float(r["test clean"]), float(r["test PGD"]), float(r["test PGD (ref. scoring)"])) == (
+            test["clean"], test["pgd2"], test["pgd2_reference"])  # fmt: skip
     assert md.count("\n") == 2 + len(rows) and "| a | RoLI-full | RoLI | full |" in md
     assert (tmp_path / "rep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report([str(tmp_path / "rep")]) == 2

@@ -1,8 +1,8 @@
 """No data lost and no wrong figure from a changed run: --overwrite deletes only roli's outputs and never an
 input of the new run; --resume only of roli's runs, and of unchanged ones (settings and data fingerprinted);
-evaluate --run refuses changed data unless told; one process at a time in a run directory; code named in a
-file runs only from installed packages or with --trust-code. Each case: exit code 2, one line on stderr, no
-Traceback, and every file hashed before and after."""
+evaluate --run refuses changed data unless told; one process at a time in a run directory; a file never names
+code to run (registry, timm and roli's own models only) without --trust-code. Each case: exit code 2, one line
+on stderr, no Traceback, and every file hashed before and after."""
 
 from __future__ import annotations
 
@@ -213,22 +213,56 @@ def test_a_run_in_use_is_refused_and_a_stale_lock_taken_over(run_copy, capsys):
 # code named in files
 
 
-def test_a_model_spec_from_a_file_runs_only_from_installed_packages(tmp_path, capsys, monkeypatch):
-    evil = tmp_path / "evil.py"
+def test_a_model_spec_from_a_file_never_names_code(tmp_path, capsys, monkeypatch):
+    """A file names registry/timm models and roli's own constructors only: installed packages' functions (the two
+    routes to a shell: sympy's sympify on a model_args string, roli.train:main with an argv), a local module and
+    one under a folder named site-packages are all refused without --trust-code, before anything is imported."""
+    evil = tmp_path / "site-packages" / "evil.py"
+    evil.parent.mkdir()
     marker = tmp_path / "ran"
     evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\ndef make(**kw):\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for spec in ("evil:make", "os:popen", "subprocess:getoutput"):
-        cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"model: {spec}\ndataset: digits\nmethod: alp\n")
+    monkeypatch.syspath_prepend(str(evil.parent))
+    shell = f"__import__('os').system('touch {marker}')"
+    cfg = tmp_path / "c.yaml"
+    for spec, args in (("sympy:sympify", f"model_args: {{a: \"{shell}\"}}\n"),
+                       ("roli.train:main", "model_args: {argv: ['--config', 'x']}\n"),
+                       ("evil:make", ""), ("os:popen", ""), ("subprocess:getoutput", ""),
+                       ("timm.models.resnet:resnet18", "")):  # fmt: skip
+        cfg.write_text(f"model: {spec}\n{args}dataset: digits\nmethod: alp\n")
         assert train(["--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
         one_line(capsys, f"model: {spec} (from {cfg}) would import and run that code")
         assert not marker.exists() and not (tmp_path / "r").exists()
-    cfg.write_text("model: timm.models.resnet:resnet18\ndataset: digits\nmethod: alp\n")  # installed: accepted
-    assert train(["--config", str(cfg), "--print-config"]) == 0
+    for ok in ("resnet18", "roli.models.small:small_cnn", "ares_swin_b"):  # timm, roli's own, the registry
+        cfg.write_text(f"model: {ok}\ndataset: digits\nmethod: alp\n")
+        assert train(["--config", str(cfg), "--print-config"]) == 0
     cfg.write_text("model: evil:make\ndataset: digits\nmethod: alp\n")
     assert train(["--config", str(cfg), "--trust-code", "--print-config"]) == 0  # trusted on purpose
     assert not marker.exists()  # --print-config builds nothing
+
+
+def test_grid_refuses_code_from_its_configs(tmp_path, capsys):
+    from roli.grid import main as grid
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: sympy:sympify\nmodel_args: {{a: \"open('{tmp_path / 'ran'}', 'w')\"}}\n"
+                   "dataset: digits\nmethod: alp\n")  # fmt: skip
+    assert grid([str(cfg), "--out", str(tmp_path / "g")]) == 2
+    one_line(capsys, "would import and run that code")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "g").exists()
+
+
+def test_resume_of_an_edited_config_refuses_before_building(run_copy, capsys, tmp_path, monkeypatch):
+    run, _ = run_copy
+    (tmp_path / "payload.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\ndef make(**kw): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "model": "payload:make"}))
+    assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "would import and run that code")
+    (run / "config.json").write_text(json.dumps({**cfg, "model_args": {"width": 8}}))  # a registry-free edit
+    assert train(["--resume", str(run)]) == 2  # the fingerprint, checked before the model is built
+    one_line(capsys, "changed since the run started")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_evaluate_run_of_a_downloaded_run_does_not_run_its_code(run_copy, capsys, tmp_path, monkeypatch):

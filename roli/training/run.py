@@ -100,6 +100,9 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
             f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
             f"{num_classes} (drop --autoattack: PGD still runs)"
         )
+    fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None))
+    if resume:  # before anything is built from the (possibly edited) config.json
+        check_fingerprint(run_dir, fp, "resume")
     model_spec = cfg.model_spec
     weights = model_spec.weights()
     shape = train.image_shape() or (3, cfg.crop_size, cfg.crop_size)
@@ -122,9 +125,6 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(fresh(quiet=True), cfg.init)
     del probe
-    fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None))
-    if resume:
-        check_fingerprint(run_dir, fp, "resume")
     return splits, fresh, fp
 
 
