@@ -162,6 +162,28 @@ def find_config(text: str) -> Path:
     raise BadValue(f"config: file not found: {text} (shipped settings by name: roli train --list-configs)")
 
 
+def trainable_warmup(epochs: int, warmup: int | None = None, of: int | None = None) -> int:
+    """A warmup for `epochs` epochs that leaves at least one epoch training at lr > 0: `warmup` of `of` epochs
+    scaled in proportion (default: a tenth), at most epochs - 1."""
+    scaled = round(warmup * epochs / of) if warmup is not None and of else max(1, epochs // 10)
+    return max(0, min(epochs - 1, scaled))
+
+
+def _scale_warmup(data: dict, overrides: dict) -> str | None:
+    """--epochs N over a config file that sets its warmup (and no --warmup): the warmup scales in proportion
+    (the shipped 10 of 20 becomes 2 of 5), leaving an epoch at lr > 0. Returns the note for the log and
+    config.json."""
+    if "epochs" not in overrides or "warmup" in overrides or "warmup" not in data:
+        return None
+    file_epochs, warmup, epochs = data.get("epochs", 20), data["warmup"], overrides["epochs"]
+    if not all(is_int(v, 0) for v in (file_epochs, warmup, epochs)) or file_epochs < 1 or epochs < 1:
+        return None  # bad values: the checks of the fields say what is wrong
+    if epochs == file_epochs:
+        return None
+    data["warmup"] = trainable_warmup(epochs, warmup, file_epochs)
+    return f"--epochs {epochs} over the file's {file_epochs}: its warmup {warmup} scaled to {data['warmup']}"
+
+
 def _flags_over_mappings(data: dict, overrides: dict) -> None:
     """A plain flag given over a config file wins over the file's per-stage value it stands for: --lr,
     --optimizer and --weight-decay over the method's own stage (ft; also ranli for --init random), --alp-lr
@@ -343,10 +365,17 @@ class TrainConfig:
         need(
             self.warmup <= self.epochs,
             f"warmup: {self.warmup} warmup epochs is more than the run's {self.epochs} epochs; pass --warmup N with "
-            f"N <= {self.epochs} (e.g. --warmup {min(self.epochs, max(1, self.epochs // 10))})",
+            f"N < {self.epochs} (e.g. --warmup {trainable_warmup(self.epochs)})",
         )
         for stage in ("alp", "ft", "ranli"):
             _check_stage(stage, getattr(self, stage), self.norm, self.epochs)
+            d = getattr(self, stage)
+            epochs, warmup = d.get("epochs", self.epochs), d.get("warmup", self.warmup)
+            need(
+                not (epochs == 1 and warmup >= 1),
+                f"warmup: a stage of 1 epoch with warmup {warmup} trains nothing (the warmup's epoch 0 runs at lr 0): "
+                "pass --warmup 0" + (f" (or {stage}.warmup 0)" if "warmup" in d or "epochs" in d else ""),
+            )
         for name in ("lr", "alp_lr", "ranli_lr", "weight_decay"):
             value = getattr(self, name)
             need(
@@ -464,10 +493,13 @@ class TrainConfig:
             raise BadValue(f"config: unknown options in {path}: {', '.join(unknown)}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
         _flags_over_mappings(data, overrides)
+        note = _scale_warmup(data, overrides)
         for stage in ("alp", "ft", "ranli"):  # a flag sets one key of a stage's mapping, not all of it
             if isinstance(overrides.get(stage), dict) and isinstance(data.get(stage), dict):
                 overrides[stage] = {**data[stage], **overrides[stage]}
-        return cls(**{**data, **overrides})
+        cfg = cls(**{**data, **overrides})
+        cfg.notes = [note] if note else []
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -499,6 +531,7 @@ class TrainConfig:
         import roli
 
         return {**self.to_dict(), "_resolved": self.resolved(), "_data": data or {},
+                "_notes": getattr(self, "notes", []),
                 "_versions": {"roli": roli.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
                 "_command": [Path(sys.argv[0]).name, *sys.argv[1:]]}  # fmt: skip
 

@@ -180,8 +180,32 @@ def test_a_model_that_fails_on_the_data_is_refused_before_writing(tmp_path, caps
 def test_warmup_longer_than_the_run_names_the_fix(tmp_path, capsys):
     assert train(["--method", "pretrain", *QUICK, "--epochs", "4", "--warmup", "10", "--run-dir", str(tmp_path)]) == 2
     assert one_line(capsys.readouterr().err).endswith(
-        "warmup: 10 warmup epochs is more than the run's 4 epochs; pass --warmup N with N <= 4 (e.g. --warmup 1)"
+        "warmup: 10 warmup epochs is more than the run's 4 epochs; pass --warmup N with N < 4 (e.g. --warmup 1)"
     )
+    # a single epoch with warmup would run at lr 0 only: refused, naming a warmup that trains
+    assert train(["--method", "pretrain", *QUICK, "--warmup", "1", "--run-dir", str(tmp_path / "a")]) == 2
+    assert one_line(capsys.readouterr().err).endswith(
+        "trains nothing (the warmup's epoch 0 runs at lr 0): pass --warmup 0"
+    )
+    assert train(["--method", "pretrain", *QUICK, "--epochs", "1", "--warmup", "3", "--run-dir", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err).endswith("(e.g. --warmup 0)")
+
+
+def test_epochs_over_a_config_scale_its_warmup(capsys):
+    """README's own override (--config cifar10/roli_lora ... --epochs 5): the file's warmup 10 of 20 becomes 2 of 5,
+    said on stderr and in config.json; --warmup given keeps its value."""
+    import json
+
+    assert train(["--config", "cifar10/roli_lora", "--epochs", "5", "--print-config"]) == 0
+    out = capsys.readouterr()
+    shown = json.loads(out.out)
+    assert shown["warmup"] == 2 and shown["_resolved"]["ft"]["warmup"] == 2
+    assert shown["_notes"] == ["--epochs 5 over the file's 20: its warmup 10 scaled to 2"]
+    assert "its warmup 10 scaled to 2" in out.err
+    assert train(["--config", "cifar10/roli_lora", "--epochs", "1", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["warmup"] == 0  # one epoch: no warmup, it trains
+    assert train(["--config", "cifar10/roli_lora", "--epochs", "5", "--warmup", "3", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["warmup"] == 3
 
 
 # 6. configs by name
