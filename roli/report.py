@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def rows_of(run: Path) -> list[dict]:
             history = _metrics(metrics)
         seconds = sum(h.get("seconds", 0) for h in history)
         seen = sum(h.get("images_per_s", 0) * h.get("seconds", 0) for h in history)
+        for key, value in (("clean", test.get("clean")), ("PGD", pgd), ("PGD reference scoring", pgd_ref),
+                           ("AutoAttack", test.get("autoattack"))):  # fmt: skip
+            _accuracy(value, f"{results_path}: {label} test {key}")
         method = cfg.get("peft") if stage_dir in ("roli-ft", "ranli-ft", "ft") else stage_dir
         autoattack = test.get("autoattack")
         if autoattack is None:  # a later `roli evaluate --run` with AutoAttack on the run's test set and budget
@@ -92,6 +96,15 @@ def rows_of(run: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def _accuracy(value, where: str) -> None:
+    """A figure of a results file is an accuracy (a number in [0, 1]) or absent; anything else is refused."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+    if not ok:
+        raise BadValue(f"{where} is {value!r}, not an accuracy in [0, 1]: the file was edited or is damaged")
 
 
 def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:

@@ -102,6 +102,11 @@ class ModelSpec:
     def __post_init__(self):
         from roli.models.classifier import HEAD_INITS
 
+        need(
+            self.checkpoint is None or isinstance(self.checkpoint, str) and self.checkpoint.strip() != "",
+            f"checkpoint: {self.checkpoint!r} is not a path; give --checkpoint FILE, or leave it out",
+        )
+
         need(self.head_init in HEAD_INITS, f"head-init: {self.head_init!r} is not one of {', '.join(HEAD_INITS)}")
         need(
             self.interpolation in ("bilinear", "bicubic"),
@@ -417,14 +422,21 @@ class DataSpec:
                 f"dataset: {self.dataset} has {s.num_classes} class; a classifier needs at least two",
             )
             s.val.origin = s.val_split  # how validation was split off (recorded in config.json)
-            return s.train, s.val, s.test, s.num_classes
+            return self._nonempty(s.train, s.val, s.test, s.num_classes)
         need(
             max(classes) < s.num_classes,
             f"classes: {self.classes} names a class >= {s.num_classes} (the dataset's count)",
         )
         val = s.val.select_classes(classes)
         val.origin = s.val_split
-        return s.train.select_classes(classes), val, s.test.select_classes(classes), len(classes)
+        return self._nonempty(s.train.select_classes(classes), val, s.test.select_classes(classes), len(classes))
+
+    def _nonempty(self, train, val, test, num_classes):
+        """Every split has an image: an empty one would train nothing or report 0.00% of nothing."""
+        subset = f" for --classes {self.classes}" if self.classes else ""
+        for name, d in (("train", train), ("validation", val), ("test", test)):
+            need(len(d) > 0, f"dataset: {self.dataset}: the {name} split is empty{subset}; every split needs images")
+        return train, val, test, num_classes
 
 
 @dataclass(frozen=True)

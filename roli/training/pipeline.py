@@ -263,6 +263,13 @@ def load_init(model, path: str) -> None:
     sd = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(sd, dict) or "head.weight" not in sd:
         raise BadValue(f"init: {path} is not a head checkpoint (a roli checkpoint from --method lp/alp/ft)")
+    bad = sorted(
+        k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    )
+    if bad:
+        raise BadValue(
+            f"init: {path} holds non-finite values ({', '.join(bad[:3])}); a head to start from must be finite"
+        )
     if sd["head.weight"].shape != model.head.weight.shape:
         raise BadValue(
             f"init: {path} has a head for {sd['head.weight'].shape[0]} classes; this run has {model.num_classes}"

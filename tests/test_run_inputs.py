@@ -1,0 +1,73 @@
+"""Inputs that used to go through unchecked (issue 38): an empty --checkpoint, an empty split, a non-finite --init
+head, figures in a results file that are not accuracies. Each: exit code 2, one line on stderr, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from roli.report import main as report
+from roli.train import main as train
+
+QUICK = ["--eps", "0.1", "--step-size", "0.05", "--steps", "1", "--val-steps", "1", "--epochs", "1", "--warmup", "0"]
+
+
+def _one_line(capsys, contains: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and contains in err[0], err
+    return err[0]
+
+
+def test_an_empty_checkpoint_path_is_refused(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--checkpoint", "", "--run-dir", str(run)]) == 2
+    _one_line(capsys, "checkpoint: '' is not a path; give --checkpoint FILE, or leave it out")
+    assert not run.exists()
+
+
+def test_an_empty_test_split_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.arange(40) % 4,
+             x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64))  # fmt: skip
+    run = tmp_path / "r"
+    assert train(["--method", "pretrain", "--dataset", f"npz:{data}", *QUICK, "--run-dir", str(run)]) == 2
+    _one_line(capsys, "the test split is empty")
+    assert not run.exists()
+    assert train(["--method", "pretrain", "--dataset", "digits", "--classes", "0,12", *QUICK,
+                  "--run-dir", str(run)]) == 2  # fmt: skip
+    _one_line(capsys, "classes: 0,12 names a class >= 10")
+
+
+def test_a_non_finite_init_head_is_refused(tmp_path, capsys):
+    from roli.models import create_classifier, save_checkpoint
+
+    model = create_classifier("roli.models.small:small_cnn", 10, in_chans=1)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    head = tmp_path / "head.pt"
+    save_checkpoint(model, head)
+    run = tmp_path / "r"
+    argv = ["--method", "ft", "--init", str(head), "--dataset", "digits", *QUICK, "--random-backbone"]
+    assert train([*argv, "--run-dir", str(run)]) == 2
+    _one_line(capsys, "holds non-finite values (head.weight)")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("value", [1.5, -0.2, "abc", float("nan"), True])
+def test_report_refuses_figures_that_are_not_accuracies(tmp_path, capsys, value):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"peft": "full", "eps": 0.1, "norm": "linf"}))
+    results = {"alp": {"val": {"epoch": 0}, "test": {"n": 10, "clean": 0.5, "pgd2": value}, "dir": "alp"}}
+    (run / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "rep"
+    assert report([str(run), "--out", str(out)]) == 2
+    _one_line(capsys, "not an accuracy in [0, 1]")
+    assert not out.exists()
+    results["alp"]["test"]["pgd2"] = 0.25  # a real accuracy: the report is written
+    (run / "results.json").write_text(json.dumps(results))
+    assert report([str(run), "--out", str(out)]) == 0
