@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=100, help="test images per class (5 classes)")
     ap.add_argument("--source-epochs", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=5, help="epochs of ALP and of each finetuning run")
-    ap.add_argument("--aa-n", type=int, default=200, help="test images AutoAttack runs on (0: none)")
+    ap.add_argument("--aa-n", type=int, default=100, help="test images AutoAttack runs on (0: none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "roli-bench-peft-init"))
     ap.add_argument("--out", default=str(RESULTS))
@@ -93,8 +93,9 @@ def main() -> None:
             overwrite=True, announce=False)  # fmt: skip
         state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
         torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
-    target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=1, **common)
-    alp_dir = work / f"alp-{args.epochs}-{args.eps.replace('/', '_')}"
+    # no warmup in the transfer stages: with a few epochs, a warmup epoch at lr 0 would be a large share of them
+    target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=0, **common)
+    alp_dir = work / f"alp-{args.epochs}-{args.eps.replace('/', '_')}-w0"
     alp = run(TrainConfig(method="alp", alp={"optimizer": "sgd", "lr": 0.0125, "weight_decay": 0.01},
                           run_dir=str(alp_dir), **target), overwrite=True, announce=False)["alp"]  # fmt: skip
     rows = [{"method": "ALP", "peft": "linear", "init": "-", "lr": 0.0125, **_scores(alp), "aa": None}]
@@ -106,7 +107,7 @@ def main() -> None:
             for init, factor in (("reference", 1.0), ("standard", 1.0), ("standard", 0.1)):
                 lr = stage["lr"] * factor
                 name = f"{'RoLI' if role == 'roli' else 'RanLI'}-{peft}"
-                run_dir = work / f"{name}-{init}-{factor:g}-{args.epochs}-{args.eps.replace('/', '_')}"
+                run_dir = work / f"{name}-{init}-{factor:g}-{args.epochs}-{args.eps.replace('/', '_')}-w0"
                 mapping = {**stage, "lr": lr}
                 cfg = TrainConfig(method="ft", peft=peft, peft_init=init, stage_name=name,
                                   init=str(alp_dir / "alp" / "best.pt") if role == "roli" else "random",

@@ -86,3 +86,20 @@ def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:
         else:
             out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
+
+
+def exit_with(main) -> None:
+    """sys.exit(main()) for a command's entry point, quiet when its output pipe closes early (`roli train --help |
+    head`): the rest of the output goes to /dev/null and the exit status is a SIGPIPE'd process's, 141, with no
+    traceback."""
+    import os
+    import sys
+
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        code = 141
+    sys.exit(code)

@@ -593,4 +593,6 @@ def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from roli._cli import exit_with
+
+    exit_with(main)

@@ -366,4 +366,6 @@ def _main(parser, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from roli._cli import exit_with
+
+    exit_with(main)

@@ -71,3 +71,28 @@ def test_report_refuses_figures_that_are_not_accuracies(tmp_path, capsys, value)
     results["alp"]["test"]["pgd2"] = 0.25  # a real accuracy: the report is written
     (run / "results.json").write_text(json.dumps(results))
     assert report([str(run), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "roli", "train", "--help"],
+        ["-m", "roli.train", "--config", "cifar10/roli_full", "--print-config"],
+        ["-m", "roli", "--help"],
+        ["-m", "roli.evaluate", "--help"],
+    ],  # fmt: skip
+)
+def test_output_into_a_closed_pipe_is_quiet(argv):
+    """`roli train --help | head`: the reader is gone before roli writes; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader closes first, as head does after its lines
+    try:
+        proc = subprocess.run([sys.executable, *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 141)  # argparse swallows the error of its own help; roli exits as SIGPIPE would
