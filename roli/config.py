@@ -494,6 +494,9 @@ class TrainConfig:
         data = {k.replace("-", "_"): v for k, v in data.items()}
         _flags_over_mappings(data, overrides)
         note = _scale_warmup(data, overrides)
+        if isinstance(overrides.get("model_args"), dict) and isinstance(data.get("model_args"), dict):
+            if "model" not in overrides:  # --model-arg adds to the file's model's arguments
+                overrides["model_args"] = {**data["model_args"], **overrides["model_args"]}
         for stage in ("alp", "ft", "ranli"):  # a flag sets one key of a stage's mapping, not all of it
             if isinstance(overrides.get(stage), dict) and isinstance(data.get(stage), dict):
                 overrides[stage] = {**data[stage], **overrides[stage]}

@@ -207,7 +207,12 @@ def build_parser() -> OneLineParser:
         default=None,
         help="training PGD starts at the clean image instead of a random point of the ball",
     )
-    g.add_argument("--autoattack", choices=["standard", "plus", "rand"], help="also run AutoAttack on the test set")
+    g.add_argument(
+        "--autoattack",
+        choices=["standard", "plus", "rand", "none"],
+        help="also run AutoAttack on the test set after each stage (default: none; the shipped configs: standard); "
+        "none turns a config's off",
+    )
     g.add_argument("--compare-ranli", action="store_true", help="with --method roli: also run the random-head baseline")
     p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING})
     return p
@@ -226,6 +231,8 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
             flags[stage] = per_stage
     if args.model_arg:
         flags["model_args"] = parse_kwargs(args.model_arg)
+    if flags.get("autoattack") == "none":
+        flags["autoattack"] = None  # over a config's: no AutoAttack
     for b in (
         "non_strict",
         "compare_ranli",

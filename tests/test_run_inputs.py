@@ -3,6 +3,7 @@ head, figures in a results file that are not accuracies. Each: exit code 2, one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -96,3 +97,31 @@ def test_output_into_a_closed_pipe_is_quiet(argv):
         os.close(write)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode in (0, 141)  # argparse swallows the error of its own help; roli exits as SIGPIPE would
+
+
+def test_pgd_reads_like_torchattacks():
+    from roli.attacks import PGD
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    a = PGD(net, 8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    assert (a.eps, a.step_size, a.steps, a.random_start) == (8 / 255, 2 / 255, 3, True)
+    assert dataclasses.asdict(PGD(net, eps=0.1).config) == dataclasses.asdict(PGD(net, 0.1).config)
+    for bad, pattern in ((dict(alpha=0.1, step_size=0.1), "alpha or step_size"), (dict(eps=0.2), "eps given twice")):
+        with pytest.raises(TypeError, match=pattern):
+            PGD(net, 0.1, **bad)
+    with pytest.raises(TypeError, match="got str"):
+        PGD(net, "8/255")
+    res = a.perturb(torch.rand(5, 3, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1]))
+    text = repr(res)
+    assert text.startswith("PGDResult(x_adv (5, 3, 2, 2), success ") and len(text) < 200 and "tensor" not in text
+
+
+def test_train_switches_over_a_config(capsys):
+    assert train(["--config", "cifar10/roli_lora", "--autoattack", "none", "--model-arg", "img_size=32",
+                  "--print-config"]) == 0  # fmt: skip
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["autoattack"] is None  # the file's "standard" turned off
+    assert shown["model_args"] == {"drop_path_rate": 0.5, "img_size": 32}  # merged into the file's
+    assert train(["--config", "cifar10/roli_lora", "--model", "resnet18", "--model-arg", "num_classes=3",
+                  "--print-config"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["model_args"] == {"num_classes": 3}  # another model: its own only

@@ -44,6 +44,11 @@ class AutoAttackResult:
     per_attack: dict[str, float] = field(default_factory=dict)  # robust accuracy after each attack, in order
     robust: torch.Tensor | None = None  # (B,) bool
 
+    def __repr__(self) -> str:  # the figures, not the tensors
+        per = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.per_attack.items())
+        return (f"AutoAttackResult(clean {100 * self.clean_accuracy:.2f}%, robust {100 * self.robust_accuracy:.2f}%"
+                f"{', after ' + per if per else ''}; x_adv {tuple(self.x_adv.shape)})")  # fmt: skip
+
 
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module, precision: str):

@@ -41,6 +41,13 @@ class PGDResult:
     clean_success: torch.Tensor | None = None
     reference_success: torch.Tensor | None = None
 
+    def __repr__(self) -> str:  # shapes and rates, not the tensors
+        def rate(t):
+            return "-" if t is None else f"{100 * float(t.float().mean()) if t.numel() else 0.0:.2f}%"
+
+        return (f"PGDResult(x_adv {tuple(self.x_adv.shape)}, success {rate(self.success)}, clean_success "
+                f"{rate(self.clean_success)}, reference_success {rate(self.reference_success)})")  # fmt: skip
+
 
 def reference_pick(losses: torch.Tensor, success: torch.Tensor, chunk: int) -> torch.Tensor:
     """The RoLI reference's scoring of one PGD run (src/adv_func.py, adv_generator with use_best): per batch of
@@ -170,10 +177,21 @@ class PGD:
 
     __slots__ = ("model", "config", "seed", "_gen", "_folding", "_invalid", "_graphed")
 
-    def __init__(self, model: nn.Module, config: PGDConfig | None = None, **settings):
-        """PGD(model, eps=..., steps=...) or PGD(model, config) (a PGDConfig; `settings` then override its
+    def __init__(self, model: nn.Module, config: PGDConfig | float | torch.Tensor | None = None, **settings):
+        """PGD(model, eps=..., steps=...), PGD(model, 8 / 255, alpha=2 / 255, steps=10) as torchattacks writes it
+        (eps positional, `alpha` for step_size), or PGD(model, config) (a PGDConfig; `settings` then override its
         fields, as dataclasses.replace would). The settings are validated once, here, and never change:
         the attack's attributes cannot be set afterwards (build another attack, or pass another config)."""
+        if "alpha" in settings:
+            if "step_size" in settings:
+                raise TypeError("PGD: give alpha or step_size, not both (alpha is torchattacks' name for it)")
+            settings["step_size"] = settings.pop("alpha")
+        if isinstance(config, (int, float, torch.Tensor)) and not isinstance(config, bool):
+            if "eps" in settings:
+                raise TypeError("PGD: eps given twice (positionally and by name)")
+            config, settings = None, {"eps": config, **settings}
+        if config is not None and not isinstance(config, PGDConfig):
+            raise TypeError(f"PGD(model, eps or config, **settings): got {type(config).__name__} for eps/config")
         if config is None:
             config = PGDConfig(**settings)
         elif settings:
