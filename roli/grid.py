@@ -103,8 +103,24 @@ def parse_sets(items: list[str]) -> dict:
             raise BadValue(f"--set: {key} is set twice, to {out[key]!r} and {_value(value)!r}")
         if key in ("run_dir", "method"):
             raise BadValue(f"--set: {key} is the grid's to choose (runs go under --out; the method is the config's)")
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise BadValue(f"--set: {key} is not a config option (roli train --print-config lists them)")
         out[key] = _value(value)
     return out
+
+
+def check_launcher(args) -> None:
+    """The launcher's options, before anything is written: SLURM's minutes and CPUs, submitit installed."""
+    if args.launcher == "local":
+        return
+    if args.slurm_time is not None and args.slurm_time < 1:
+        raise BadValue(f"--slurm-time: {args.slurm_time} is not a number of minutes >= 1")
+    if args.slurm_cpus < 1:
+        raise BadValue(f"--slurm-cpus: {args.slurm_cpus} is not a CPU count >= 1")
+    import importlib.util
+
+    if importlib.util.find_spec("submitit") is None:
+        raise BadValue(f"--launcher {args.launcher} needs submitit: pip install submitit (or --launcher local)")
 
 
 def _sha(path: str | None) -> str | None:
@@ -526,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BadValue("--jobs and --gpus-per-run must be >= 1")
         if out.exists() and not out.is_dir():
             raise BadValue(f"--out: {out} is a file; give a directory")
+        check_launcher(args)
         sets = parse_sets(args.set)
         configs = load_configs(args.configs, sets, args.trust_code)
         # every file's model spec was checked above; one typed with --set runs as typed, in the runs too

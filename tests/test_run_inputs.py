@@ -125,3 +125,23 @@ def test_train_switches_over_a_config(capsys):
     assert train(["--config", "cifar10/roli_lora", "--model", "resnet18", "--model-arg", "num_classes=3",
                   "--print-config"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["model_args"] == {"num_classes": 3}  # another model: its own only
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--set", "frob=1"], "--set: frob is not a config option"),
+        (["--set", "dataset=npz:nowhere.npz"], "npz file not found: nowhere.npz"),
+        (["--set", "classes=0-99"], "classes: 0-99 names a class >= 10"),
+        (["--launcher", "slurm", "--slurm-time", "-5"], "--slurm-time: -5 is not a number of minutes >= 1"),
+        (["--launcher", "slurm", "--slurm-cpus", "0"], "--slurm-cpus: 0 is not a CPU count >= 1"),
+    ],
+)
+def test_grid_validates_before_writing(tmp_path, capsys, extra, pattern):
+    from roli.grid import main as grid
+
+    out = tmp_path / "g"
+    data = [] if any(a.startswith("dataset=") for a in extra) else ["--set", "dataset=digits"]
+    assert grid(["cifar10/alp", "--out", str(out), *data, *extra]) == 2
+    _one_line(capsys, pattern)
+    assert not out.exists()
