@@ -143,10 +143,15 @@ def _metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict):
+        numbers = isinstance(row, dict) and all(
+            isinstance(row.get(k, 0), (int, float)) and not isinstance(row.get(k, 0), bool)
+            and math.isfinite(row.get(k, 0)) and row.get(k, 0) >= 0
+            for k in ("seconds", "images_per_s")
+        )  # fmt: skip
+        if numbers:
             out.append(row)
         else:
-            print(f"report: skipped line {i} of {path}: not a JSON record", file=sys.stderr)
+            print(f"report: skipped line {i} of {path}: not an epoch record of roli", file=sys.stderr)
     return out
 
 

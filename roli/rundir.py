@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -95,7 +96,16 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink (a link to a user's file would be emptied), never a directory
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            what = "a symlink" if self.path.is_symlink() else "a directory" if self.path.is_dir() else e.strerror
+            raise BadValue(
+                f"run directory {self.path.parent}: its lock {LOCK} is {what}, not roli's lock file; move it away"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadValue(f"run directory {self.path.parent}: its lock {LOCK} is not a plain file; move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -205,7 +215,10 @@ def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None
     try:
         saved = json.loads(path.read_text())
         saved.pop("format")
-    except (ValueError, KeyError, OSError, AttributeError):
+        parts = ("train", "val", "test")
+        if not all(isinstance(saved.get(k), dict) for k in parts) or "options" not in saved:
+            raise ValueError("missing or malformed parts")
+    except (ValueError, KeyError, OSError, AttributeError, TypeError):
         raise BadValue(f"{what}: {path} is damaged; the run cannot be checked") from None
     diff = changed(saved, fp)
     if diff and allow_flag != "allowed":

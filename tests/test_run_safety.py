@@ -471,3 +471,41 @@ def test_a_run_written_before_the_specs_still_matches_its_fingerprint():
     now = fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None))
     assert {"format": saved.pop("format"), **now} == {"format": "roli run fingerprint 1", **saved}
     assert now["train"]["n"] + now["val"]["n"] == 637 + 71 and cfg.peft_spec.method == "lora"
+
+
+# a run directory's own files replaced by something else
+
+
+def test_a_lock_that_is_a_symlink_or_a_directory_is_refused(run_copy, capsys, tmp_path):
+    run, _ = run_copy
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's file")
+    (run / ".roli-lock").unlink(missing_ok=True)
+    (run / ".roli-lock").symlink_to(precious)
+    assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "its lock .roli-lock is a symlink, not roli's lock file")
+    assert precious.read_text() == "the user's file"  # never emptied through the link
+    (run / ".roli-lock").unlink()
+    (run / ".roli-lock").mkdir()
+    assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "its lock .roli-lock is a directory")
+
+
+@pytest.mark.parametrize("content", ['{"format": "roli run fingerprint 1", "train": 5}', "[1, 2]", '{"options": "x"}'])
+def test_a_malformed_fingerprint_is_one_line(run_copy, capsys, content):
+    run, _ = run_copy
+    (run / "fingerprint.json").write_text(content)
+    assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "fingerprint.json is damaged; the run cannot be checked")
+
+
+def test_report_skips_epoch_records_with_bad_numbers(run_copy, capsys, tmp_path):
+    from roli.report import main as report
+
+    run, _ = run_copy
+    metrics = run / "alp" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[0]["seconds"] = "abc"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert "skipped line 1 of" in capsys.readouterr().err
