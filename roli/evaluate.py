@@ -23,6 +23,7 @@ the clean image and under every attack that ran. Results print as a table and ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -41,7 +42,7 @@ from roli.config import TrainConfig, check_code_from_file
 from roli.data import load_dataset
 from roli.models import RobustClassifier
 from roli.ops import requested_impl, unavailable_reason
-from roli.rundir import RunLock, check_fingerprint, fingerprint
+from roli.rundir import MARKER, RunLock, check_fingerprint, fingerprint
 from roli.specs import DataSpec, ModelSpec, PeftSpec
 
 
@@ -275,7 +276,32 @@ def _check_flags(args) -> tuple[float, float, list[float] | None]:
         parent = out.parent.parent if getattr(args, "out_in_run", False) else out.parent  # evaluations/ made later
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise BadValue(f"--out: cannot write into {out.parent} (missing or read-only)")
+        if not getattr(args, "out_in_run", False):
+            _check_out_file(out, args)
     return eps, step, sweep
+
+
+def _check_out_file(out: Path, args) -> None:
+    """--out never replaces what roli did not write as an evaluation: an input of this evaluation, a file inside a
+    run directory (its evaluations/ folders aside), or an existing file that is not a roli evaluate result."""
+    target = out.resolve()
+    inputs = [args.checkpoint, str(args.dataset or "").partition(":")[2], args.image_root]
+    if any(p and Path(p).expanduser().resolve() == target for p in inputs):
+        raise BadValue(f"--out: {out} is an input of this evaluation; give another file name")
+    for folder in target.parents:
+        if (folder / MARKER).is_file() and target.parent.name != "evaluations":
+            raise BadValue(f"--out: {out} lies inside the run directory {folder}; give a file outside it (or no --out "
+                           "with --run: the result goes to STAGE/evaluations/)")  # fmt: skip
+    if out.is_symlink() or (out.exists() and not _is_result(out)):
+        raise BadValue(f"--out: {out} exists and is not a result of roli evaluate; give another file name")
+
+
+def _is_result(path: Path) -> bool:
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(res, dict) and {"n", "clean", "attacks", "per_example"} <= set(res)
 
 
 def _device(args) -> torch.device:

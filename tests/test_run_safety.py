@@ -509,3 +509,20 @@ def test_report_skips_epoch_records_with_bad_numbers(run_copy, capsys, tmp_path)
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
     assert "skipped line 1 of" in capsys.readouterr().err
+
+
+def test_evaluate_out_never_replaces_an_input_or_a_run_file(run_copy, capsys, tmp_path):
+    run, data = run_copy
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    for out, pattern in ((run / "config.json", "lies inside the run directory"),
+                         (run / "alp" / "best.pt", "lies inside the run directory"),
+                         (data, "is an input of this evaluation"),
+                         (mine, "exists and is not a result of roli evaluate")):  # fmt: skip
+        before = out.read_bytes()
+        assert evaluate(["--run", str(run), "--out", str(out)]) == 2
+        one_line(capsys, pattern)
+        assert out.read_bytes() == before
+    ok = tmp_path / "res.json"
+    assert evaluate(["--run", str(run), "--out", str(ok)]) == 0
+    assert evaluate(["--run", str(run), "--out", str(ok)]) == 0  # its own result: replaced
