@@ -49,7 +49,14 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file() and p.name.count(".") >= 3]
+    from roli.rundir import written_by_roli  # the temporaries of roli's own outputs only, never a user's file
+
+    stale = [
+        p
+        for p in folder.rglob(f".*{TMP_SUFFIX}")
+        if p.is_file() and not p.is_symlink() and p.name.count(".") >= 3
+        and written_by_roli(p.relative_to(folder).as_posix())
+    ]  # fmt: skip
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -51,7 +51,23 @@ def written_by_roli(rel: str) -> bool:
     if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
         target = name[1:].rsplit(".", 2)[0]
         rel = f"{parent}/{target}" if parent else target
-    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in OUTPUTS)
+    parts = rel.split("/")
+    return any(
+        len(pattern.split("/")) == len(parts)  # component by component: a * never matches across a '/'
+        and all(fnmatch.fnmatchcase(part, p) for part, p in zip(parts, pattern.split("/"), strict=True))
+        for pattern in OUTPUTS
+    )
+
+
+def foreign_links(run_dir: Path) -> list[str]:
+    """Symlinks inside a run directory (roli makes none): writing or deleting through one would reach files
+    outside the run. Relative paths; the tree is walked without following links."""
+    found = []
+    for root, dirs, files in os.walk(run_dir, followlinks=False):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(root, name)):
+                found.append(Path(root, name).relative_to(run_dir).as_posix())
+    return sorted(found)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -245,6 +261,12 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str
         raise BadValue(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
     if not os.access(base, os.W_OK | os.X_OK):
         raise BadValue(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
+    links = foreign_links(run_dir) if run_dir.is_dir() and (resume or overwrite) else []
+    if links:
+        raise BadValue(
+            f"run directory {run_dir} holds a symlink roli did not make ({links[0]}): roli would write or delete "
+            "through it; remove it, or choose another --run-dir"
+        )
     if resume:
         if not (run_dir / MARKER).is_file():
             raise BadValue(

@@ -483,8 +483,13 @@ def test_a_lock_that_is_a_symlink_or_a_directory_is_refused(run_copy, capsys, tm
     (run / ".roli-lock").unlink(missing_ok=True)
     (run / ".roli-lock").symlink_to(precious)
     assert train(["--resume", str(run)]) == 2
-    one_line(capsys, "its lock .roli-lock is a symlink, not roli's lock file")
+    one_line(capsys, "holds a symlink roli did not make (.roli-lock)")
     assert precious.read_text() == "the user's file"  # never emptied through the link
+    from roli.rundir import RunLock
+
+    with pytest.raises(Exception, match="its lock .roli-lock is a symlink, not roli's lock file"):
+        RunLock(run, "test").acquire()  # the lock itself never follows a link either
+    assert precious.read_text() == "the user's file"
     (run / ".roli-lock").unlink()
     (run / ".roli-lock").mkdir()
     assert train(["--resume", str(run)]) == 2
@@ -526,3 +531,36 @@ def test_evaluate_out_never_replaces_an_input_or_a_run_file(run_copy, capsys, tm
     ok = tmp_path / "res.json"
     assert evaluate(["--run", str(run), "--out", str(ok)]) == 0
     assert evaluate(["--run", str(run), "--out", str(ok)]) == 0  # its own result: replaced
+
+
+def test_overwrite_and_resume_touch_only_roli_names(run_copy, capsys, tmp_path):
+    """A '*' of roli's output names never spans folders; a user's '.x.y.tmp' is not roli's temporary."""
+    run, data = run_copy
+    mine = {run / "alp" / "evaluations" / "sub" / "keep.json": "{}",
+            run / "autoattack" / "alp" / "batch_backup" / "important.pt": "x",
+            run / "alp" / ".notes.txt.abc.tmp": "my notes"}  # fmt: skip
+    for path, text in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    stale = run / "alp" / ".best.pt.k3j2.tmp"  # atomic_write's leftover of roli's best.pt: removed
+    stale.write_text("half")
+    (run / "alp" / "done.json").unlink()
+    assert train(["--resume", str(run)]) == 0
+    assert all(p.read_text() == t for p, t in mine.items()) and not stale.exists()
+    cfg = json.loads((run / "config.json").read_text())
+    argv = ["--method", "alp", "--dataset", cfg["dataset"], *QUICK, "--run-dir", str(run), "--overwrite"]
+    assert train(argv) == 0
+    assert all(p.read_text() == t for p, t in mine.items())
+
+
+def test_a_symlink_inside_a_run_directory_is_refused(run_copy, capsys, tmp_path):
+    run, _ = run_copy
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "alp" / "done.json").unlink()
+    (run / "alp" / "best.pt").rename(outside / "best.pt")
+    (run / "alp" / "best.pt").symlink_to(outside / "best.pt")
+    before = (outside / "best.pt").read_bytes()
+    assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "holds a symlink roli did not make (alp/best.pt)")
+    assert (outside / "best.pt").read_bytes() == before
