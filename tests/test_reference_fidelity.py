@@ -325,3 +325,17 @@ def test_a_branch_zero_on_one_side_only_is_not_inert(case):
     before = _steps(m, "sgd", 1)
     after = dict(m.named_parameters())
     assert zero and all(not torch.equal(after[n], before[n]) for n in zero), zero
+
+
+def test_a_grid_reproduces_the_paper_with_one_set():
+    """`roli grid ... --set peft_init=reference`: every run's finetuning takes the reference's inits, and the ALP
+    stage is the one a standard grid shares (the PEFT init does not decide ALP)."""
+    from roli.grid import load_configs, plan
+
+    names = ["cifar10/roli_lora", "cifar10/roli_adapter"]
+    sets = {"peft_init": "reference", "dataset": "digits", "compare_ranli": True}
+    ref = plan(load_configs(names, sets, False), Path("/tmp/unused"))
+    std = plan(load_configs(names, {"dataset": "digits"}, False), Path("/tmp/unused"))
+    runs = [j for j in ref if not j.name.startswith("alp/")]
+    assert [j.cfg.peft_init for j in runs] == ["reference"] * 4  # RoLI-lora, RoLI-adapter and their RanLI runs
+    assert {j.name for j in ref if j.name.startswith("alp/")} == {j.name for j in std if j.name.startswith("alp/")}
