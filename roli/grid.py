@@ -148,6 +148,7 @@ def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
         weight_decay=None,
         alp_lr=None,
         ranli_lr=None,
+        lr_batch=None,  # the mapping holds the resolved (already batch-scaled) rate
         compare_ranli=False,
         init="alp",
         stage_name=None,
@@ -228,6 +229,7 @@ def plan(configs: list[tuple[str, TrainConfig]], out: Path) -> list[Job]:
                 optimizer=None,
                 weight_decay=None,
                 ranli_lr=None,
+                lr_batch=None,  # the mapping below holds the resolved (already batch-scaled) rate
                 ft={},
                 ranli={
                     "optimizer": r.optimizer,

@@ -339,3 +339,16 @@ def test_a_grid_reproduces_the_paper_with_one_set():
     runs = [j for j in ref if not j.name.startswith("alp/")]
     assert [j.cfg.peft_init for j in runs] == ["reference"] * 4  # RoLI-lora, RoLI-adapter and their RanLI runs
     assert {j.name for j in ref if j.name.startswith("alp/")} == {j.name for j in std if j.name.startswith("alp/")}
+
+
+def test_a_grid_scales_each_learning_rate_once():
+    """--set batch_size=32 over the shipped configs: the shared ALP run, the finetuning run and the RanLI run each
+    resolve to half the file's rate (the grid's derived configs hold resolved rates: scaled once, not twice)."""
+    from roli.grid import load_configs, plan
+
+    sets = {"dataset": "digits", "compare_ranli": True, "batch_size": 32}
+    jobs = {j.name: j.cfg for j in plan(load_configs(["cifar10/roli_full"], sets, False), Path("/x"))}
+    alp = next(c for n, c in jobs.items() if n.startswith("alp/"))
+    assert alp.resolved()["alp"]["lr"] == pytest.approx(0.0125 / 2)
+    assert jobs["cifar10/roli_full"].resolved()["ft"]["lr"] == pytest.approx(2.5e-05 / 2)
+    assert jobs["cifar10/roli_full-ranli"].resolved()["ranli"]["lr"] == pytest.approx(1.25e-04 / 2)
