@@ -134,7 +134,7 @@ def stage_seconds(run_dir: Path, stage: str) -> float:
 def autoattack(run_dir: Path, stage: str | None, version: str, device: str) -> float:
     """AutoAttack accuracy of a finished stage (None: the run's only one) on the run's test set, through python -m
     roli.evaluate --run (the trainer would also attack its ALP stage, which the table does not need)."""
-    out = run_dir / f"autoattack-{stage or 'run'}.json"
+    out = run_dir.parent / f"{run_dir.name}-autoattack-{stage or 'run'}.json"  # beside the run, never inside
     cmd = [
         sys.executable,
         "-m",

@@ -49,11 +49,20 @@ def shipped(peft: str, role: str) -> dict:
 def autoattack(run_dir: Path, n: int, device: str) -> float | None:
     if n <= 0:
         return None
-    out = run_dir / "autoattack.json"
+    out = run_dir.parent / f"{run_dir.name}-autoattack.json"  # beside the run: evaluate writes nothing inside one
     cmd = [sys.executable, "-m", "roli.evaluate", "--run", str(run_dir), "--autoattack", "standard", "--n-ex", str(n),
            "--device", device, "--out", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return next(v for k, v in json.loads(out.read_text())["attacks"].items() if k.startswith("AutoAttack"))
+
+
+def _run(cfg: TrainConfig) -> dict:
+    """A finished run of an earlier invocation is read back (the benchmark resumes where it stopped)."""
+    done = Path(cfg.run_dir) / "results.json"
+    if done.is_file() and all((Path(cfg.run_dir) / r["dir"] / "done.json").is_file()
+                              for r in json.loads(done.read_text()).values()):  # fmt: skip
+        return json.loads(done.read_text())
+    return run(cfg, overwrite=True, announce=False)
 
 
 def main() -> None:
@@ -96,8 +105,8 @@ def main() -> None:
     # no warmup in the transfer stages: with a few epochs, a warmup epoch at lr 0 would be a large share of them
     target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=0, **common)
     alp_dir = work / f"alp-{args.epochs}-{args.eps.replace('/', '_')}-w0"
-    alp = run(TrainConfig(method="alp", alp={"optimizer": "sgd", "lr": 0.0125, "weight_decay": 0.01},
-                          run_dir=str(alp_dir), **target), overwrite=True, announce=False)["alp"]  # fmt: skip
+    alp = _run(TrainConfig(method="alp", alp={"optimizer": "sgd", "lr": 0.0125, "weight_decay": 0.01},
+                           run_dir=str(alp_dir), **target))["alp"]  # fmt: skip
     rows = [{"method": "ALP", "peft": "linear", "init": "-", "lr": 0.0125, **_scores(alp), "aa": None}]
     print(json.dumps(rows[-1]), flush=True)
     for peft in ("lora", "adapter"):
@@ -113,7 +122,7 @@ def main() -> None:
                                   init=str(alp_dir / "alp" / "best.pt") if role == "roli" else "random",
                                   ft=mapping if role == "roli" else {}, ranli=mapping if role == "ranli" else {},
                                   run_dir=str(run_dir), **peft_args, **target)  # fmt: skip
-                res = next(iter(run(cfg, overwrite=True, announce=False).values()))
+                res = next(iter(_run(cfg).values()))
                 rows.append({"method": name, "peft": peft, "init": init, "lr": lr, **_scores(res),
                              "aa": autoattack(run_dir, args.aa_n, args.device)})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
