@@ -43,19 +43,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, ours=None) -> list[Path]:
     """Remove the temporary files atomic_write left in `folder` (and its sub-folders) when a process was
-    killed mid-write: ".<name>.<random>.tmp" next to a file roli writes. Returns what was removed."""
+    killed mid-write: ".<name>.<random>.tmp" next to a file roli writes; `ours(relative path)` says which are
+    roli's (a user's own ".x.y.tmp" is never touched). Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    from roli.rundir import written_by_roli  # the temporaries of roli's own outputs only, never a user's file
-
     stale = [
         p
         for p in folder.rglob(f".*{TMP_SUFFIX}")
         if p.is_file() and not p.is_symlink() and p.name.count(".") >= 3
-        and written_by_roli(p.relative_to(folder).as_posix())
+        and (ours is None or ours(p.relative_to(folder).as_posix()))
     ]  # fmt: skip
     for p in stale:
         p.unlink(missing_ok=True)

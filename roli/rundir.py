@@ -299,7 +299,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""),
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)  # left by a process killed while writing a checkpoint
+    remove_stale_temporaries(run_dir, written_by_roli)  # left by a process killed while writing a checkpoint
     if not (run_dir / MARKER).exists():
         save_json(
             {

@@ -152,7 +152,7 @@ BAD = [
     (["--checkpoint", "/nonexistent.pt"], "checkpoint: checkpoint not found"),
     (["--batch-size", "0"], "batch-size: must be an integer >= 1"),
     (["--epochs", "0"], "epochs: must be an integer >= 1"),
-    (["--warmup", "5"], "warmup: 5 warmup epochs is more than the run's 2 epochs; pass --warmup N with N <= 2"),
+    (["--warmup", "5"], "warmup: 5 warmup epochs is more than the run's 2 epochs; pass --warmup N with N < 2"),
     (["--classes", "a-b"], "classes: 'a-b' is not a list"),
     (["--classes", "0-20"], "classes: 0-20 names a class >= 10"),
     (["--val-percent", "0"], "val-percent: must be a number in (0, 100); got 0"),
