@@ -97,6 +97,18 @@ def instrument(counter: Forwards) -> None:
     P.fit, L._validate, G.Guard.check = counted_fit, paused(validate), paused(check)
 
 
+def prepared_subset(bench: str, data: str, work: Path, train_per_class: int, test_per_class: int) -> Path:
+    """The benchmark's class-balanced CIFAR-10 subset in `work`, made once from the npz `data` (exits naming
+    --data when it is missing)."""
+    if not Path(data).is_file():
+        sys.exit(f"{bench}: {data} not found; pass --data PATH to CIFAR-10 as an npz")
+    work.mkdir(parents=True, exist_ok=True)
+    npz = work / f"cifar10-{train_per_class}-{test_per_class}.npz"
+    if not npz.exists():
+        subset(Path(data), npz, train_per_class, test_per_class)
+    return npz
+
+
 def subset(src: Path, dst: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> None:
     """A class-balanced random subset of the CIFAR-10 npz (all ten classes), written outside the repository."""
     d = np.load(src)
@@ -117,7 +129,13 @@ def source_backbone(src: Path, epochs: int, common: dict) -> Path:
     if not weights.exists():
         run(
             TrainConfig(
-                method="pretrain", classes="0-4", epochs=epochs, warmup=1, lr=0.05, run_dir=str(src / "run"), **common
+                method="pretrain",
+                classes="0-4",
+                epochs=epochs,
+                warmup=min(1, epochs - 1),
+                lr=0.05,
+                run_dir=str(src / "run"),
+                **common,
             ),
             overwrite=True,
         )
@@ -191,13 +209,7 @@ def main() -> None:
         stored = [json.loads(x) for x in (work / "rows.jsonl").read_text().splitlines()]
         report(stored, stored, args)
         return
-    data = Path(args.data)
-    if not data.is_file():
-        sys.exit(f"bench_fast_at: {data} not found; pass --data PATH to CIFAR-10 as an npz")
-    work.mkdir(parents=True, exist_ok=True)
-    npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
-    if not npz.exists():
-        subset(data, npz, args.train_per_class, args.test_per_class)
+    npz = prepared_subset("bench_fast_at", args.data, work, args.train_per_class, args.test_per_class)
     counter = Forwards()
     instrument(counter)
     attacks = args.attacks.split(",")
@@ -231,7 +243,7 @@ def main() -> None:
             classes="5-9",
             checkpoint=str(weights),
             epochs=args.epochs,
-            warmup=1,
+            warmup=min(1, args.epochs - 1),  # a warmup epoch runs at lr 0: one epoch alone has none
             alp_lr=0.05,
             lr=2e-4,
             ranli_lr=1e-3,

@@ -20,12 +20,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from _common import device_name, write_results
-from bench_fast_at import DEFAULT_DATA, RESULTS, autoattack, source_backbone, subset
+from bench_fast_at import DEFAULT_DATA, RESULTS, autoattack, prepared_subset, source_backbone
 
 from roli._cli import parse_budget
 from roli.config import TrainConfig
@@ -54,14 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train_per_class, args.test_per_class, args.source_epochs, args.epochs = 40, 8, 1, 1
-    data = Path(args.data)
-    if not data.is_file():
-        sys.exit(f"bench_head_init: {data} not found; pass --data PATH to CIFAR-10 as an npz")
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
-    if not npz.exists():
-        subset(data, npz, args.train_per_class, args.test_per_class)
+    npz = prepared_subset("bench_head_init", args.data, work, args.train_per_class, args.test_per_class)
     eps = parse_budget(args.eps, "eps", "linf")
     common = dict(
         model="roli.models.small:small_cnn",
@@ -76,7 +69,14 @@ def main() -> None:
     )
     src = work / f"source-{args.train_per_class}-{args.source_epochs}-{args.eps.replace('/', '_')}"
     weights = source_backbone(src, args.source_epochs, common)
-    target = dict(classes="5-9", checkpoint=str(weights), epochs=args.epochs, warmup=1, weight_decay=0.01, **common)
+    target = dict(
+        classes="5-9",
+        checkpoint=str(weights),
+        epochs=args.epochs,
+        warmup=min(1, args.epochs - 1),
+        weight_decay=0.01,
+        **common,
+    )
     rows = []
 
     def row(name: str, init: str, res: dict, run_dir: Path, stage: str | None) -> None:

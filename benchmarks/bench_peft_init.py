@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from _common import device_name, write_results
-from bench_fast_at import DEFAULT_DATA, RESULTS, subset
+from bench_fast_at import DEFAULT_DATA, RESULTS, prepared_subset
 
 from roli._cli import parse_budget
 from roli.config import TrainConfig
@@ -82,14 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train_per_class, args.test_per_class, args.source_epochs, args.epochs, args.aa_n = 40, 8, 1, 1, 0
-    data = Path(args.data)
-    if not data.is_file():
-        sys.exit(f"bench_peft_init: {data} not found; pass --data PATH to CIFAR-10 as an npz")
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    npz = work / f"cifar10-{args.train_per_class}-{args.test_per_class}.npz"
-    if not npz.exists():
-        subset(data, npz, args.train_per_class, args.test_per_class)
+    npz = prepared_subset("bench_peft_init", args.data, work, args.train_per_class, args.test_per_class)
     eps = parse_budget(args.eps, "eps", "linf")
     common = dict(model="swin_tiny_patch4_window7_224", model_args=SWIN, dataset=f"npz:{npz}", eps=eps,
                   step_size=eps / 4, steps=7, val_steps=10, batch_size=64, seed=0, device=args.device,
@@ -97,9 +91,10 @@ def main() -> None:
     src = work / f"source-{args.train_per_class}-{args.source_epochs}-{args.eps.replace('/', '_')}-{args.source_lr:g}"
     weights = src / "backbone.pt"
     if not weights.exists():
-        run(TrainConfig(method="pretrain", classes="0-4", epochs=args.source_epochs, warmup=1, optimizer="adamw",
-                        lr=args.source_lr, weight_decay=0.05, random_backbone=True, run_dir=str(src / "run"), **common),
-            overwrite=True, announce=False)  # fmt: skip
+        source = TrainConfig(method="pretrain", classes="0-4", epochs=args.source_epochs,
+                             warmup=min(1, args.source_epochs - 1), optimizer="adamw", lr=args.source_lr,
+                             weight_decay=0.05, random_backbone=True, run_dir=str(src / "run"), **common)  # fmt: skip
+        run(source, overwrite=True, announce=False)
         state = torch.load(src / "run" / "pretrain" / "best.pt", map_location="cpu", weights_only=True)
         torch.save({k: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}, weights)
     # no warmup in the transfer stages: with a few epochs, a warmup epoch at lr 0 would be a large share of them

@@ -88,18 +88,23 @@ def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:
     return out
 
 
-def exit_with(main) -> None:
-    """sys.exit(main()) for a command's entry point, quiet when its output pipe closes early (`roli train --help |
-    head`): the rest of the output goes to /dev/null and the exit status is a SIGPIPE'd process's, 141, with no
-    traceback."""
+def quiet_pipe(main) -> int:
+    """main()'s exit status, quiet when the output pipe closes early (`roli train --help | head`): the rest of
+    the output goes to /dev/null and the status is a SIGPIPE'd process's, 141, with no traceback."""
     import os
     import sys
 
     try:
-        code = main()
+        code = int(main() or 0)
         sys.stdout.flush()
+        return code
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
-        code = 141
-    sys.exit(code)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 141
+
+
+def exit_with(main) -> None:
+    """sys.exit(main()) for a `python -m roli.<command>` entry point, through quiet_pipe."""
+    import sys
+
+    sys.exit(quiet_pipe(main))

@@ -28,15 +28,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The console command (and `python -m roli`): quiet, exit status 141, when its output pipe closes early."""
-    try:
-        code = _main(argv)
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail again
-        return 141
+    return _cli.quiet_pipe(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:

@@ -50,6 +50,9 @@ class StageSettings:
         return {k: getattr(self, k) for k in STAGE_KEYS}
 
 
+# --select-by: the validation figure that picks each stage's best epoch (a key of metrics.jsonl's rows)
+SELECT_BY = {"pgd": "val_robust", "reference-pgd": "val_robust_reference"}
+
 ConfigError = BadValue  # the public name of roli's one user-error type (roli.training exports it)
 
 
@@ -328,7 +331,7 @@ class TrainConfig:
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
         )
         self._check_optimisation()
-        need(self.select_by in ("pgd", "reference-pgd"), f"select-by: {self.select_by!r} is not pgd or reference-pgd")
+        need(self.select_by in SELECT_BY, f"select-by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
         self.device = auto_device(self.device)
         need(
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,

@@ -28,6 +28,7 @@ from roli._io import first_line
 from roli.config import (
     METHODS,
     OPTIMIZERS,
+    SELECT_BY,
     TRAIN_ATTACKS,
     TrainConfig,
     check_code_from_file,
@@ -195,7 +196,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--val-steps", type=int, help="PGD steps for validation and test (default 10)")
     g.add_argument(
         "--select-by",
-        choices=["pgd", "reference-pgd"],
+        choices=list(SELECT_BY),
         help="the validation figure that picks each stage's best epoch: pgd (default: an example counts as broken "
         "if the clean image or any PGD iterate is misclassified) or reference-pgd (the RoLI code's scoring: per "
         "batch of 64, the iterate with the highest mean loss); both are recorded",

@@ -172,3 +172,20 @@ def checkpoint(digits_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "digits_cnn.pt"
     torch.save({"state_dict": model.model.state_dict()}, path)
     return path
+
+
+# A tiny Swin in ARES-B's layout (the shipped configs' model made small): tests/test_configs.py and others.
+TINY_SWIN = {"drop_path_rate": 0.5, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "img_size": 32,
+             "window_size": 4}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_ares(tmp_path_factory) -> str:
+    """A tiny Swin's weights in the ARES file layout (a timm state dict with its 1000-class head)."""
+    from roli._compat import import_timm
+
+    timm = import_timm()
+    net = timm.create_model("swin_base_patch4_window7_224", num_classes=1000, **TINY_SWIN)
+    path = tmp_path_factory.mktemp("weights") / "ARES_Swin_base_patch4_window7_224_AT.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)

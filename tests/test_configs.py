@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SWIN
 from test_data import _png, _write_cifar
 
 from roli._compat import import_timm
@@ -22,8 +23,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "roli" / "configs"
 FILES = sorted(CONFIGS.glob("*/*.yaml"))
 DATASETS = ("cifar10", "cifar100", "caltech256", "cub200", "stanford_dogs")
 NAMES = ["alp"] + [f"{k}_{p}" for p in ("full", "lora", "adapter", "bias", "vpt") for k in ("roli", "ranli")]
-TINY_SWIN = {"drop_path_rate": 0.5, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "img_size": 32,
-             "window_size": 4}  # fmt: skip
 
 
 def test_every_dataset_and_method_is_shipped_and_validates():
@@ -129,16 +128,6 @@ def _data(dataset: str, root: Path) -> dict:
                 mapping[rel] = label
         (root / "splits" / f"{split}.json").write_text(json.dumps(mapping))
     return {"dataset": f"json:{root / 'splits'}", "image_root": str(root / "images"), "resize": 36, "crop_size": 32}
-
-
-@pytest.fixture(scope="module")
-def tiny_ares(tmp_path_factory) -> str:
-    """A tiny Swin's weights in the ARES file layout (a timm state dict with its 1000-class head)."""
-    timm = import_timm()
-    net = timm.create_model("swin_base_patch4_window7_224", num_classes=1000, **TINY_SWIN)
-    path = tmp_path_factory.mktemp("weights") / "ARES_Swin_base_patch4_window7_224_AT.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def _run_config(path: Path, tmp_path: Path, checkpoint: str) -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_configs import CONFIGS, TINY_SWIN, _data
+from conftest import TINY_SWIN
+from test_configs import CONFIGS, _data
 
-from roli._compat import import_timm
 from roli.models import apply_peft, create_classifier, inert_parameters, what_trains
 
 VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=24, num_heads=2)
@@ -146,15 +146,6 @@ def test_steps_leave_exactly_the_inert_tensors_unchanged(family, method, init, r
 
 
 # -- the shipped configs with --peft-init reference, end to end --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_ares(tmp_path_factory) -> str:
-    timm = import_timm()
-    net = timm.create_model("swin_base_patch4_window7_224", num_classes=1000, **TINY_SWIN)
-    path = tmp_path_factory.mktemp("weights") / "ARES_Swin_base_patch4_window7_224_AT.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def _train(tmp_path: Path, checkpoint: str, config: str, *extra: str) -> subprocess.CompletedProcess:

@@ -64,18 +64,19 @@ def robust_counts(
     """(clean correct, PGD robust, examples) over `data` in this process (not reduced over torchrun ranks), as
     robust_accuracy counts them. The k-th batch is attacked with seed batch_seed(seed, batch_ids[k]) (default:
     its position k)."""
-    batches = _batches(data)
-    if batch_ids is not None:
-        batches = _Numbered(batches, batch_ids)
-    evaluation = Evaluation(eps, step_size, steps, norm=norm, precision=precision, seed=seed, reference_batch=None)
-    totals = evaluation.run(model, batches).totals(reduce=False)
-    return totals["clean"], totals["pgd"], totals["n"]
+    t = _totals(model, data, eps, step_size, steps, precision, seed, norm, batch_ids, None)
+    return t["clean"], t["pgd"], t["n"]
 
 
 def validation_counts(model, data, eps, step_size, steps, precision="fp32", seed=0, norm="linf", batch_ids=None,
                       reference_batch: int = 64) -> dict:  # fmt: skip
     """The trainer's validation: robust_counts' counts and the reference's scoring of the same attack pass
     (`pgd_reference`, per batch of `reference_batch`), as Outcomes.totals of this process (not reduced)."""
+    return _totals(model, data, eps, step_size, steps, precision, seed, norm, batch_ids, reference_batch)
+
+
+def _totals(model, data, eps, step_size, steps, precision, seed, norm, batch_ids, reference_batch) -> dict:
+    """Evaluation.run over `data` (batch k seeded by batch_ids[k], default k), totals of this process."""
     batches = _batches(data)
     if batch_ids is not None:
         batches = _Numbered(batches, batch_ids)

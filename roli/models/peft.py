@@ -327,9 +327,10 @@ def what_trains(model: nn.Module) -> dict:
     "receiving_gradient", "inert" (counts of elements), "inert_tensors" (names), "summary" (one line)}."""
     params = dict(model.named_parameters())
     inert = inert_parameters(model)
+    inert_set = set(inert)
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     dead = sum(params[n].numel() for n in inert)
-    live = [n for n, p in params.items() if p.requires_grad and n not in set(inert)]
+    live = [n for n, p in params.items() if p.requires_grad and n not in inert_set]
     if not inert:
         summary = f"{trainable:,} trainable parameters, all of them can receive a gradient"
     else:

@@ -32,7 +32,7 @@ from roli._cli import BadValue
 from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD
 from roli.attacks.accuracy import validation_counts
-from roli.config import OPTIMIZERS, REF_ADAMW_EPS
+from roli.config import OPTIMIZERS, REF_ADAMW_EPS, SELECT_BY
 from roli.features.alp_step import alp_step
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
@@ -277,10 +277,6 @@ def fit(
         D.barrier()
         load_checkpoint(stage.model, best_path)
     return {**best, "train_attack": _attack_name(stage)}
-
-
-# --select-by: the validation figure that picks the best epoch
-SELECT_BY = {"pgd": "val_robust", "reference-pgd": "val_robust_reference"}
 
 
 def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
