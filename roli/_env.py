@@ -13,6 +13,8 @@
 | ROLI_PROGRESS_SECONDS | off a terminal, a progress line inside each epoch at most this often (default 30) |
 | TRITON_INTERPRET=1 | Triton's own switch: kernels run on CPU tensors through its interpreter |
 | WORLD_SIZE, LOCAL_RANK | set by torchrun: the number of processes and this process's GPU |
+| HF_HUB_OFFLINE | the Hugging Face hub's own switch: timm's weights from the local cache only, no network tried |
+| WANDB_MODE, WANDB_PROJECT | Weights & Biases' own (`--log wandb`): online/offline/disabled; the project (roli) |
 """
 
 from __future__ import annotations
@@ -137,3 +139,27 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(_get("LOCAL_RANK", "0"))
+
+
+def hub_offline() -> bool:
+    return _get("HF_HUB_OFFLINE").strip().lower() in ("1", "true", "yes", "on")
+
+
+def wandb_mode() -> str | None:
+    return _get("WANDB_MODE") or None
+
+
+def wandb_project() -> str:
+    return _get("WANDB_PROJECT", "roli")
+
+
+def reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds: one attempt, so an offline machine
+    learns it in seconds (the hub's and wandb's clients retry for a minute)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

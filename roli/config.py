@@ -59,6 +59,7 @@ ConfigError = BadValue  # the public name of roli's one user-error type (roli.tr
 # sgd: momentum SGD; adamw: torch's AdamW (decay on weights only); adamw-ref: the RoLI reference's AdamW (eps 1e-6,
 # no decay on parameters named *bias*), see roli.training.loop.param_groups.
 OPTIMIZERS = ("sgd", "adamw", "adamw-ref")
+TRACKERS = ("tensorboard", "wandb", "csv")  # --log: roli.training.tracking
 REF_ADAMW_EPS = 1e-6  # the RoLI reference's own AdamW (src/solver/optimizer.py); torch's default is 1e-8
 
 
@@ -106,6 +107,45 @@ def _check_stage(stage: str, d, norm: str, run_epochs: int) -> None:
             f"{stage}.warmup: {d['warmup']} is more than the stage's {epochs} epochs; set "
             f"{stage}.warmup (or --{stage}-warmup) to at most {epochs}"
         )
+
+
+MAPPINGS = ("model_args", "alp", "ft", "ranli")  # the options that hold a mapping: --set KEY.SUB=VALUE sets one key
+
+
+def _set_value(text: str):
+    """--set KEY=VALUE: the value read as YAML (numbers, true/false, null, lists, mappings), else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_set_options(items: list[str] | None) -> dict:
+    """--set KEY=VALUE (roli train and roli grid): any TrainConfig option, its value read as YAML; a dotted key
+    sets one key of a mapping option (alp.lr=0.01, model_args.drop_path_rate=0.1), merged with the rest of it."""
+    out: dict = {}
+    known = {f.name for f in fields(TrainConfig)}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key, value = key.strip().replace("-", "_"), _set_value(text)
+        top, dot, sub = key.partition(".")
+        if not sep or not top or (dot and not sub):
+            raise BadValue(f"--set: expected KEY=VALUE or KEY.SUBKEY=VALUE; got {item!r}")
+        if top not in known:
+            raise BadValue(f"--set: {top} is not a config option (roli train --print-config lists them)")
+        if dot and top not in MAPPINGS:
+            raise BadValue(f"--set: {top} is not a mapping; only {', '.join(MAPPINGS)} take KEY.SUBKEY")
+        if dot and top != "model_args" and sub not in STAGE_KEYS:
+            raise BadValue(f"--set: {top}.{sub}: a stage's keys are {', '.join(STAGE_KEYS)}")
+        where, name = (out.setdefault(top, {}), sub) if dot else (out, top)
+        if not isinstance(where, dict):
+            raise BadValue(f"--set: {top} is set whole and by key; give one of the two")
+        if name in where and where[name] != value:
+            raise BadValue(f"--set: {key} is set twice, to {where[name]!r} and {value!r}")
+        where[name] = value
+    return out
 
 
 # roli's own model constructors: the only "package.module:function" specs a file may name without --trust-code.
@@ -271,6 +311,7 @@ class TrainConfig:
     epochs: int = 20
     warmup: int = 10
     batch_size: int = 64
+    accumulate: int = 1  # each batch as this many micro-batches (attack + backward each), one update per batch
     optimizer: str | None = None  # default: sgd for pretrain/lp/alp, adamw for ft
     lr: float | None = None  # the method's own stage (FT for ft/roli); default: STAGE_DEFAULTS
     alp_lr: float | None = None  # the ALP stage inside ft/roli (default 0.0125)
@@ -299,6 +340,7 @@ class TrainConfig:
     # image and every iterate) or reference-pgd (the RoLI code's: per batch of 64, the iterate of highest mean loss)
     select_by: str = "pgd"
     autoattack: str | None = None
+    n_ex: int | None = None  # the test evaluation after each stage: the first N test images (figures marked partial)
     # the catastrophic-overfitting guard of single-step training (fgsm-rs, n-fgsm): GuardSpec (roli.specs)
     guard_every: int = GuardSpec.every
     guard_drop: float = GuardSpec.drop
@@ -312,6 +354,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda where a CUDA device is available, else cpu (resolved here, recorded resolved)
     seed: int = 0
     compare_ranli: bool = False
+    log: list = field(default_factory=list)  # experiment tracking besides metrics.jsonl: tensorboard, wandb, csv
 
     def __post_init__(self):
         self._check_types()
@@ -330,6 +373,15 @@ class TrainConfig:
             self.autoattack in (None, "standard", "plus", "rand"),
             f"autoattack: {self.autoattack!r} is not standard, plus or rand",
         )
+        need(
+            isinstance(self.log, list) and all(k in TRACKERS for k in self.log),
+            f"log: {self.log!r} must list trackers out of {', '.join(TRACKERS)}",
+        )
+        need(
+            is_int(self.accumulate, 1) and self.accumulate <= self.batch_size,
+            f"accumulate: must be an integer in [1, batch-size {self.batch_size}]; got {self.accumulate!r}",
+        )
+        need(self.n_ex is None or is_int(self.n_ex, 1), f"n-ex: must be an integer >= 1; got {self.n_ex!r}")
         self._check_optimisation()
         need(self.select_by in SELECT_BY, f"select-by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
         self.device = auto_device(self.device)

@@ -123,7 +123,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--aa-state", help="AutoAttack state file: an interrupted evaluation resumes from it")
     g = p.add_argument_group("run")
     g.add_argument(
-        "--precision", choices=["fp32", "bf16"], help="forward/backward precision (default fp32 / the run's)"
+        "--precision", choices=["fp32", "bf16", "fp16"], help="forward/backward precision (default fp32 / the run's)"
     )
     g.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--impl", help="backend of the fused ops: auto, torch, cpp, cuda, triton")

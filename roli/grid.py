@@ -36,7 +36,7 @@ from pathlib import Path
 from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
-from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code
+from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code, parse_set_options
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -82,31 +82,12 @@ class Job:
         return Path(self.cfg.run_dir)
 
 
-def _value(text: str):
-    """--set KEY=VALUE: the value read as YAML (numbers, true/false, lists, mappings), else the string."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise BadValue(f"--set: expected KEY=VALUE; got {item!r}")
-        if key in out and out[key] != _value(value):
-            raise BadValue(f"--set: {key} is set twice, to {out[key]!r} and {_value(value)!r}")
-        if key in ("run_dir", "method"):
+    sets = parse_set_options(items)
+    for key in ("run_dir", "method"):
+        if key in sets:
             raise BadValue(f"--set: {key} is the grid's to choose (runs go under --out; the method is the config's)")
-        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            raise BadValue(f"--set: {key} is not a config option (roli train --print-config lists them)")
-        out[key] = _value(value)
-    return out
+    return sets
 
 
 def check_launcher(args) -> None:

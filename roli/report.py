@@ -32,6 +32,7 @@ COLUMNS = [
     "test PGD",
     "test PGD (ref. scoring)",
     "AutoAttack",
+    "test images",
     "best epoch",
     "epochs",
     "wall s",
@@ -89,6 +90,7 @@ def rows_of(run: Path) -> list[dict]:
                 "test PGD": pgd,
                 "test PGD (ref. scoring)": pgd_ref,
                 "AutoAttack": autoattack,
+                "test images": _images(test),
                 "best epoch": val.get("epoch"),
                 "epochs": len(history) or None,
                 "wall s": round(seconds, 1) if history else None,
@@ -96,6 +98,14 @@ def rows_of(run: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def _images(test: dict) -> str | None:
+    """How many test images the figures are of: "10000", or "500 of 10000 (partial)" for a run with --n-ex."""
+    n, of = test.get("n"), test.get("of")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    return f"{n} of {of} (partial)" if isinstance(of, int) and n < of else str(n)
 
 
 def _accuracy(value, where: str) -> None:

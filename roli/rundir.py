@@ -37,8 +37,11 @@ FINGERPRINT = "fingerprint.json"
 STAGES = ("pretrain", "lp", "alp", "ft", "roli-ft", "ranli-ft")
 # Relative paths (fnmatch patterns) of everything roli writes into a run directory.
 OUTPUTS = (
-    MARKER, LOCK, FINGERPRINT, "config.json", "labels.json", "results.json", "train.log",
-    *(f"{s}/{name}" for s in STAGES for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png", "done.json")),
+    MARKER, LOCK, FINGERPRINT, "config.json", "labels.json", "results.json", "train.log", "tracking.json",
+    *(f"{s}/{name}" for s in STAGES
+      for name in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv", "curves.png", "done.json")),
+    "tensorboard/events.out.tfevents.*",  # --log tensorboard; --log wandb: Weights & Biases' own tree
+    *("wandb/" + "/".join(["*"] * depth) for depth in range(1, 7)),
     *(f"{s}/evaluations/*.json" for s in STAGES),
     *(f"autoattack/{s}/batch*.pt" for s in STAGES),
 )  # fmt: skip
@@ -157,10 +160,17 @@ class RunLock:
 
 # What --resume and evaluate --run compare: the options that decide what a run computes (config.json minus how
 # it executes), and the data.
-EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir"}
+EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir", "log"}
 # Options added after fingerprint format 1, with their defaults: in the digest only when set to something else,
 # so a run written before they existed (its config.json reads back with the default) keeps its fingerprint.
-ADDED_OPTIONS = {"peft_init": "standard", "lr_batch": None, "select_by": "pgd", "record_order": "file"}
+ADDED_OPTIONS = {
+    "peft_init": "standard",
+    "lr_batch": None,
+    "select_by": "pgd",
+    "record_order": "file",
+    "n_ex": None,
+    "accumulate": 1,
+}
 
 
 def stage_dir(label: str) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from roli import _dist as D
+from roli._amp import PRECISIONS
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
 from roli.seeds import derive_seed
@@ -137,11 +138,33 @@ class ModelSpec:
     def weights(self) -> str | None:
         """The backbone's weights: the checkpoint, or a registry backbone's file in the cache."""
         from roli.models import resolve_checkpoint
+        from roli.models.registry import lookup
 
+        entry = lookup(self.name)
+        if entry is not None and not self.checkpoint and (self.random_backbone or self.pretrained):
+            # a registry name with --random-backbone / --pretrained: its architecture, without the publisher's file
+            need(
+                not self.pretrained or ":" not in entry.arch,
+                f"pretrained: {entry.name} is built by {entry.arch}, which has no timm weights; give --checkpoint "
+                "FILE or --random-backbone",
+            )
+            return None
         try:
             return resolve_checkpoint(self.name, self.checkpoint, self.download)
         except ValueError as e:
             raise BadValue(f"checkpoint: {e}") from None
+
+    def _without_file(self, weights: str | None) -> str:
+        """What a registry backbone is built with when its published file is not given (--random-backbone,
+        --pretrained), for the log; else ""."""
+        from roli.models.registry import lookup
+
+        entry = lookup(self.name)
+        if entry is None or weights or not (self.random_backbone or self.pretrained):
+            return ""
+        what = "random weights" if self.random_backbone else "timm's own (standard, non-robust) weights"
+        return (f" (its architecture {entry.arch} with {what}, not the published robust ones: for those give "
+                f"--checkpoint {entry.filename})")  # fmt: skip
 
     def check_weights(self, method: str, weights: str | None) -> None:
         """Transfer learning from a random backbone is refused unless random_backbone says it is meant."""
@@ -162,7 +185,7 @@ class ModelSpec:
             "random-backbone: cannot go with --checkpoint or --pretrained (they give the weights)",
         )
         need(
-            not (self.pretrained and ":" in self.name),
+            not (self.pretrained and ":" in self.name and not self.name.startswith(("hf-hub:", "hf_hub:"))),
             f"pretrained: timm's own weights exist for timm names only, not {self.name}; give --checkpoint FILE",
         )
 
@@ -173,9 +196,14 @@ class ModelSpec:
         pre = {"mean": self.mean if self.mean is not None else "auto",
                "std": self.std if self.std is not None else "auto", "input_size": self.input_size or "auto",
                "interpolation": self.interpolation}  # fmt: skip
+        from roli.models.registry import lookup
+
+        name, args, entry = self.name, self.args, lookup(self.name)
+        if entry is not None and self.pretrained and not self.checkpoint:  # timm's weights: timm's preprocessing
+            name, args = entry.arch, {**entry.arch_args, **self.args}
         try:
             extra = {"pretrained": True} if self.pretrained else {}
-            return create_classifier(self.name, num_classes, in_chans=in_chans, **pre, **extra, **self.args)
+            return create_classifier(name, num_classes, in_chans=in_chans, **pre, **extra, **args)
         except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. a negative width in --model-arg
             raise BadValue(f"model: {first_line(e)}") from None
 
@@ -221,7 +249,7 @@ class ModelSpec:
                 init_head(model.head, self.head_init)
             head = f"a fresh random head (head init: {self.head_init})"
         if not quiet:
-            log.info("model: %s, starting from %s", model.name, head)
+            log.info("model: %s%s, starting from %s", model.name, self._without_file(weights), head)
         return model.to(device)
 
     def build_trained(self, num_classes: int, in_chans: int, device, say=print):
@@ -535,7 +563,7 @@ class AttackSpec:
 
     def __post_init__(self):
         need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
-        need(self.precision in ("fp32", "bf16"), f"precision: {self.precision!r} is not fp32 or bf16")
+        need(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         need_int("steps", self.steps, 0)
         need_int("val_steps", self.val_steps, 1)
         object.__setattr__(self, "eps", parse_budget(self.eps, "eps", self.norm))

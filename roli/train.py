@@ -29,10 +29,12 @@ from roli.config import (
     METHODS,
     OPTIMIZERS,
     SELECT_BY,
+    TRACKERS,
     TRAIN_ATTACKS,
     TrainConfig,
     check_code_from_file,
     find_config,
+    parse_set_options,
     shipped_configs,
 )
 from roli.models.classifier import HEAD_INITS
@@ -67,8 +69,26 @@ def build_parser() -> OneLineParser:
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start over in a non-empty run directory")
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--log",
+        action="append",
+        choices=TRACKERS,
+        help="also send every metrics.jsonl record to tensorboard (RUN_DIR/tensorboard), wandb (offline without "
+        "network) or csv (STAGE/metrics.csv); repeatable (default: metrics.jsonl only)",
+    )
     g.add_argument("--device", help="auto (default: cuda where available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for attack and update (CPU and GPU)")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16: autocast for attack and update (CPU and GPU); fp16: float16 autocast with torch's GradScaler "
+        "for the update (GPUs without bf16: V100, T4); default fp32",
+    )
+    g.add_argument(
+        "--accumulate",
+        type=int,
+        help="split each batch into K micro-batches (attack and backward per micro-batch, one update per batch): "
+        "the same batch and learning rate with 1/K of the activation memory (default 1)",
+    )
     g.add_argument("--channels-last", action="store_true", default=None, help="conv nets: channels_last memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (attack and update)")
     g.add_argument(
@@ -215,14 +235,26 @@ def build_parser() -> OneLineParser:
         "none turns a config's off",
     )
     g.add_argument("--compare-ranli", action="store_true", help="with --method roli: also run the random-head baseline")
+    g.add_argument(
+        "--n-ex",
+        type=int,
+        help="the test evaluation after each stage: the first N test images only (default: all; results.json "
+        "and roli report mark the figures partial)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config option, the value read as YAML; KEY.SUBKEY sets one key of a mapping "
+        "(alp.lr=0.01, model_args.drop_path_rate=0.1); repeatable",
+    )
     p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING})
     return p
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
-    skip = ("config", "resume", "overwrite", "print_config", "list_configs", "trust_code")
+    skip = ("config", "resume", "overwrite", "print_config", "list_configs", "trust_code", "set", "model_arg")
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
-    flags.pop("model_arg", None)
     for stage, keys in (
         ("alp", ("weight_decay", "optimizer", "epochs", "warmup", "attack")),  # --alp-lr / --ranli-lr: effective
         ("ranli", ("weight_decay",)),
@@ -234,6 +266,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
         flags["model_args"] = parse_kwargs(args.model_arg)
     if flags.get("autoattack") == "none":
         flags["autoattack"] = None  # over a config's: no AutoAttack
+    _merge_sets(flags, parse_set_options(args.set))
     for b in (
         "non_strict",
         "compare_ranli",
@@ -254,8 +287,22 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
         raise BadValue(f"config: {e}") from None
 
 
+def _merge_sets(flags: dict, sets: dict) -> None:
+    """--set's options join the flags; one option given both ways with two values is refused."""
+    for key, value in sets.items():
+        if isinstance(value, dict) and isinstance(flags.get(key), dict):
+            clash = sorted(k for k in value if k in flags[key] and flags[key][k] != value[k])
+            if clash:
+                raise BadValue(f"--set: {key}.{clash[0]} is also given by a flag, with another value; give it once")
+            flags[key] = {**flags[key], **value}
+        elif key in flags and flags[key] != value:
+            raise BadValue(f"--set: {key} is also given as --{key.replace('_', '-')}, with another value; give it once")
+        else:
+            flags[key] = value
+
+
 # What --resume may change: how the run executes, not what it computes.
-RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack"}
+RESUMABLE = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "log"}
 
 
 def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:

@@ -216,7 +216,7 @@ def test_autoattack_standard_not_weaker_than_pgd(digits_model):
     clean = clean_correct(model, x, y)
     ours = PGD(model, eps=EPS, step_size=EPS / 8, steps=20, restarts=3, seed=0).perturb(x, y)
     pgd_acc = float((clean & ~ours.success).float().mean())
-    aa = run_autoattack(model, x, y, EPS, version="standard")
+    aa = run_autoattack(model, (x, y), EPS, version="standard")
     assert set(aa.per_attack) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     assert aa.robust_accuracy <= pgd_acc, (aa.robust_accuracy, pgd_acc)
     assert float((aa.x_adv - x).abs().max()) <= EPS + 1e-6
@@ -227,7 +227,7 @@ def test_autoattack_custom_with_resumable_state(digits_model, tmp_path):
     x, y = x[:64], y[:64]
     state = tmp_path / "aa_state.pt"
     attacks = ["apgd-ce", "apgd-dlr"]
-    full = run_autoattack(model, x, y, EPS, version="custom", attacks=attacks)
+    full = run_autoattack(model, (x, y), EPS, version="custom", attacks=attacks)
     assert list(full.per_attack) == attacks
     assert full.robust_accuracy <= full.clean_accuracy and full.robust_accuracy == full.per_attack["apgd-dlr"]
     assert float((full.x_adv - x).abs().max()) <= EPS + 1e-6
@@ -246,14 +246,14 @@ def test_autoattack_custom_with_resumable_state(digits_model, tmp_path):
     pyautoattack.AutoAttack.run_standard_evaluation = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_autoattack(model, x, y, EPS, version="custom", attacks=attacks, state_path=state)
-        resumed = run_autoattack(model, x, y, EPS, version="custom", attacks=attacks, state_path=state)
+            run_autoattack(model, (x, y), EPS, version="custom", attacks=attacks, state_path=state)
+        resumed = run_autoattack(model, (x, y), EPS, version="custom", attacks=attacks, state_path=state)
     finally:
         pyautoattack.AutoAttack.run_standard_evaluation = original
     assert calls == [["apgd-ce"], ["apgd-dlr"], ["apgd-dlr"]]
     assert resumed.per_attack == full.per_attack and torch.equal(resumed.robust, full.robust)
     with pytest.raises(ValueError, match="made for another evaluation"):
-        run_autoattack(model, x, y, EPS * 2, version="custom", attacks=attacks, state_path=state)
+        run_autoattack(model, (x, y), EPS * 2, version="custom", attacks=attacks, state_path=state)
     # The state is bound to the images and labels too: other pixels (one changed by one grey level), or
     # the same images with other labels, are another evaluation.
     x_other = x.clone()
@@ -261,9 +261,9 @@ def test_autoattack_custom_with_resumable_state(digits_model, tmp_path):
     y_other = y.roll(1)
     for xx, yy in ((x_other, y), (x, y_other)):
         with pytest.raises(ValueError, match="made for another evaluation"):
-            run_autoattack(model, xx, yy, EPS, version="custom", attacks=attacks, state_path=state)
+            run_autoattack(model, (xx, yy), EPS, version="custom", attacks=attacks, state_path=state)
     with pytest.raises(ValueError, match="attacks"):
-        run_autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
+        run_autoattack(model, (x, y), EPS, version="standard", attacks=["apgd-ce"])
 
 
 def test_eps_sweep_equals_separate_runs(digits_model):
@@ -495,7 +495,7 @@ def test_autoattack_own_warnings_reach_roli_log(caplog):
 
     x, y = batch(seed=2, n=8, classes=5)
     with caplog.at_level("WARNING", logger="roli.autoattack"):
-        run_autoattack(Noisy().eval(), x, y, 0.03, version="custom", attacks=["apgd-ce"], batch_size=8)
+        run_autoattack(Noisy().eval(), (x, y), 0.03, version="custom", attacks=["apgd-ce"], batch_size=8)
     lines = [r.getMessage() for r in caplog.records if r.name == "roli.autoattack"]
     assert lines and all(line.startswith("AutoAttack: ") for line in lines)
     assert any("randomized" in line for line in lines), lines

@@ -258,9 +258,9 @@ def test_autoattack_state_is_bound_to_its_model(tmp_path):
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     a, b = NormalizedModel(small_cnn(), None, None), NormalizedModel(small_cnn(), None, None)
     state = tmp_path / "aa.pt"
-    run_autoattack(a, x, y, 0.1, version="custom", attacks=["apgd-ce"], state_path=state)
+    run_autoattack(a, (x, y), 0.1, version="custom", attacks=["apgd-ce"], state_path=state)
     with pytest.raises(ValueError, match="made for another evaluation"):
-        run_autoattack(b, x, y, 0.1, version="custom", attacks=["apgd-ce"], state_path=state)
+        run_autoattack(b, (x, y), 0.1, version="custom", attacks=["apgd-ce"], state_path=state)
 
 
 @pytest.mark.slow

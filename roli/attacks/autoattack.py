@@ -179,10 +179,24 @@ def _adversary(adversary, wrapped, x):
     return adversary
 
 
+def _joined(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_autoattack's data as one (x, y) pair; the older (model, x, y, eps) form answered with the new one."""
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            "run_autoattack(model, data, eps): data is a (x, y) pair or an iterable of (x, y) batches, as in "
+            "robust_accuracy and eps_sweep; call run_autoattack(model, (x, y), eps)"
+        )
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    batches = list(data)
+    if not batches:
+        raise ValueError("run_autoattack: data holds no batches")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
 def run_autoattack(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data,
     eps: float,
     norm: str = "linf",
     version: str = "standard",
@@ -193,11 +207,13 @@ def run_autoattack(
     precision: str = "fp32",
     progress: Callable[[str], None] | None = None,
 ) -> AutoAttackResult:
-    """Run AutoAttack on (x, y).
+    """Run AutoAttack on `data`, called as robust_accuracy and eps_sweep are:
+    `run_autoattack(model, (x, y), 8 / 255)`.
 
     Args:
         model: images in [0, 1] -> logits (roli's model contract).
-        x, y: (B, C, H, W) images in [0, 1] and (B,) labels.
+        data: a (x, y) pair, (B, C, H, W) images in [0, 1] and (B,) labels, or an iterable of (x, y) batches
+            (joined into one set: AutoAttack runs its attacks one by one over all the points still robust).
         eps: the budget; norm: "linf" or "l2".
         version: "standard" (APGD-CE, APGD-T, FAB-T, Square), "plus", "rand", or "custom" with `attacks`
             (names from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
@@ -209,6 +225,7 @@ def run_autoattack(
         from pyautoattack import AutoAttack
     except ImportError as e:
         raise ImportError(f"AutoAttack needs the reference implementation: pip install pyautoattack ({e})") from None
+    x, y = _joined(data)
     aa_norm = _check_args(x, y, eps, norm, version, attacks)
     path = Path(state_path) if state_path is not None else None
     with attack_mode(model) as inner, torch.no_grad(), forwarded_warnings():

@@ -240,8 +240,7 @@ class Evaluation:
         try:  # the batch in one piece, with the evaluation's seed
             aa = run_autoattack(
                 model,
-                x,
-                y,
+                (x, y),
                 self.eps,
                 norm=self.norm,
                 version=self.autoattack,

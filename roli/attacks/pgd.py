@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from roli._amp import autocast_for
+from roli._amp import attack_loss_scale, autocast_for
 from roli.attacks import _checks as C
 from roli.attacks._graph import GraphedSteps
 from roli.attacks._mode import attack_mode
@@ -24,6 +24,12 @@ from roli.models.fold import BatchNormFolding
 from roli.ops import check_clip, keep_best_kernel, pgd_init, step_kernel
 
 INF = float("inf")
+
+
+def _scaled(loss: torch.Tensor, precision: str) -> torch.Tensor:
+    """The loss whose input gradient the step follows: in fp16 scaled up (attack_loss_scale), else as it is."""
+    scale = attack_loss_scale(precision)
+    return loss if scale == 1.0 else loss * scale
 
 
 @dataclass
@@ -146,7 +152,8 @@ class PGD:
         keep: "best" (per-sample highest-loss / first successful iterate, including the clean image) or
             "last" (the final iterate, as in adversarial training: no extra forward pass).
         early_stop: stop attacking samples whose goal is reached (evaluation: same accuracy, less work).
-        precision: "fp32" or "bf16" (forward and backward under autocast; CPU and GPU).
+        precision: "fp32", "bf16" or "fp16" (forward and backward under autocast; CPU and GPU; fp16 scales the
+            loss by roli._amp.FP16_ATTACK_SCALE before the input-gradient backward, so no gradient flushes to 0).
         impl: backend of the fused step (roli.ops), default $ROLI_IMPL or "auto".
         seed: seeds the random starts (identical runs); None uses the global generator.
         clip: the pixel range.
@@ -417,7 +424,7 @@ class PGD:
             with torch.enable_grad():
                 loss, success = self._forward(model, x_adv, yy, tt, with_grad=not last, check=check)
                 check = False
-                grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
+                grad = None if last else torch.autograd.grad(_scaled(loss.sum(), self.config.precision), x_adv)[0]
             x_adv = x_adv.detach()
             if trace is not None:
                 trace.append((loss.detach().float(), success))

@@ -40,6 +40,13 @@ class Splits:
     name: str
     val_split: str = ""  # how the validation split was made (recorded in the run's config.json)
 
+    @property
+    def in_chans(self) -> int:
+        """The images' channels (image files are decoded to RGB): create_classifier(..., in_chans=data.in_chans)."""
+        some = next(d for d in (self.train, self.val, self.test) if d is not None)
+        shape = some.image_shape()
+        return int(shape[0]) if shape else 3
+
 
 def _split_val(train, val_percent: float, split_seed: int | None, tail: bool):
     """(train, val): the tail `val_percent` % (tail=True: the reference protocol for CIFAR's own order),

@@ -36,6 +36,11 @@ class ArrayData:
         """All images as float in [0, 1] on `device` (for evaluation of small sets)."""
         return to_float(self.x.to(device)), self.y.to(device)
 
+    def batches(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0) -> Epochs:
+        """(float images in [0, 1], labels) batches on `device`, for a loop of your own (FileData has the same):
+        `for x, y in data.train.batches(64, shuffle=True)`. Each new pass is the next epoch (shuffled anew)."""
+        return Epochs(self.loader(batch_size, shuffle=shuffle, device=device, seed=seed))
+
     # The container interface roli's callers use (FileData has the same): held in memory, not streamed.
     streamed = False
 
@@ -87,6 +92,25 @@ def relabel_table(num_classes: int, classes: list[int]) -> torch.Tensor:
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255)
+
+
+class Epochs:
+    """A loader whose every pass is the next epoch (set_epoch before each), so a plain `for epoch ...: for x, y in
+    batches` reshuffles; roli's own epoch loop sets the epoch itself."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        yield from self.loader
 
 
 class ArrayLoader:

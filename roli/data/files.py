@@ -74,6 +74,19 @@ class FileData(Dataset):
         if bad:
             raise ValueError(f"{self.name}: unreadable images: {'; '.join(bad)}")
 
+    def batches(self, batch_size: int, shuffle: bool = False, device="cpu", seed: int = 0, workers: int = 0):
+        """(float images in [0, 1], labels) batches on `device`, decoded and transformed by `workers` processes
+        (0: in this one), for a loop of your own (ArrayData has the same). Each new pass is the next epoch."""
+        from roli.data.arrays import Epochs
+
+        return Epochs(self.loader(batch_size, shuffle=shuffle, device=device, seed=seed, workers=workers))
+
+    def to_float(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """All images decoded and transformed, as float in [0, 1] on `device` (small sets only: it holds them all;
+        batches() streams)."""
+        x, y = zip(*(self[i] for i in range(len(self))), strict=True)
+        return to_float(torch.stack(x).to(device)), torch.tensor(y, dtype=torch.int64, device=device)
+
     # The container interface roli's callers use (ArrayData has the same): decoded while loading.
     streamed = True
 

@@ -26,6 +26,32 @@ def fast_layout(model, precision: str, channels_last: bool | None = None) -> boo
     return channels_last
 
 
+def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
+    """(x_i, y_i, w_i): the batch in k near-equal parts, w_i = len(part) / len(batch), so that the sum of the parts'
+    mean losses weighted by w_i is the batch's mean loss (gradient accumulation that equals the whole batch)."""
+    n = len(y)
+    for xi, yi in zip(x.tensor_split(min(k, n)), y.tensor_split(min(k, n)), strict=True):
+        yield xi, yi, len(yi) / n
+
+
+def update(opt: torch.optim.Optimizer, scaler, before_step=None) -> None:
+    """The optimiser step after the (accumulated) backward passes: through the GradScaler in fp16 (unscaled first,
+    so `before_step`, e.g. averaging over ranks, sees true gradients; a step with inf/NaN gradients is skipped)."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if before_step is not None:
+        before_step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
+def backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def alp_step(
     model,
     attack: PGD,
@@ -34,18 +60,21 @@ def alp_step(
     y: torch.Tensor,
     precision: str = "fp32",
     before_step=None,
+    scaler=None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ALP step: k attack steps through the frozen model, then the head update on the features of the
-    final adversarial batch, computed without a backbone graph. Returns (loss, correct count) as 0-dim tensors
-    on the device (reading them would synchronise)."""
-    x_adv = attack(x, y)
-    with torch.no_grad(), autocast_for(x.device, precision):
-        feats = model.features(x_adv).float()
-    logits = model.head(feats)
-    loss = F.cross_entropy(logits, y)
+    final adversarial batch, computed without a backbone graph (with `accumulate` > 1: per micro-batch, one
+    update). Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if before_step is not None:
-        before_step()  # e.g. averaging the head's gradients over ranks
-    opt.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    total = correct = 0
+    for xi, yi, w in micro_batches(x, y, accumulate):
+        x_adv = attack(xi, yi)
+        with torch.no_grad(), autocast_for(xi.device, precision):
+            feats = model.features(x_adv).float()
+        logits = model.head(feats)
+        loss = F.cross_entropy(logits, yi) * w
+        backward(loss, scaler)
+        total, correct = total + loss.detach(), correct + (logits.argmax(1) == yi).sum()
+    update(opt, scaler, before_step)  # before_step: e.g. averaging the head's gradients over ranks
+    return total, correct

@@ -133,7 +133,7 @@ def _build_net(model: str | nn.Module, in_chans: int, pretrained: bool, model_kw
     """The backbone: the module itself, a "package.module:function" factory's, or timm's (no classifier)."""
     if isinstance(model, nn.Module):
         return model
-    elif ":" in model:
+    elif ":" in model and not model.startswith(HUB_PREFIXES):
         fn = _factory(model)
         try:
             takes_chans = "in_chans" in inspect.signature(fn).parameters
@@ -145,22 +145,62 @@ def _build_net(model: str | nn.Module, in_chans: int, pretrained: bool, model_kw
         if not isinstance(net, nn.Module):
             raise ValueError(f"model factory {model!r} returned {type(net).__name__}, not an nn.Module")
         return net
-    else:
-        try:
-            timm = import_timm()
-        except ImportError:
-            raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
-        if model not in timm.list_models():
-            raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
+    try:
+        timm = import_timm()
+    except ImportError:
+        raise ValueError(f"unknown model {model!r}: not 'module:function' and timm is not installed") from None
+    hub = model.startswith(HUB_PREFIXES)
+    if not hub and model not in timm.list_models():
+        raise ValueError(f"unknown model {model!r}: not 'module:function' and not a timm model name")
+    if not (pretrained or hub):
+        return timm.create_model(model, num_classes=0, in_chans=in_chans, **model_kwargs)
+    with _hub_access(model) as online:
         try:
             return timm.create_model(model, pretrained=pretrained, num_classes=0, in_chans=in_chans, **model_kwargs)
-        except (OSError, RuntimeError) as e:  # no hub, no cached weights
-            if not pretrained:
-                raise
+        except Exception as e:  # noqa: BLE001 - the hub's and torch.hub's many errors: one line
+            what = "is not reachable (offline, or HF_HUB_OFFLINE)" if not online else f"failed ({first_line(e)})"
             raise ValueError(
-                f"timm could not fetch pretrained weights for {model!r} ({first_line(e)}); "
-                "load a local checkpoint with load_pretrained instead"
+                f"{model}: timm's weights are not in the local cache and the Hugging Face hub {what}; fetch a "
+                "checkpoint where a network is and give --checkpoint FILE (load_pretrained in Python)"
             ) from None
+
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's names of models on the Hugging Face hub (data, not code)
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_online() -> bool:
+    """Whether timm's weights can be fetched: HF_HUB_OFFLINE unset and the hub's host reachable (one quick
+    connection, so an offline machine fails in seconds, not after a minute of retries)."""
+    from roli import _env
+
+    return not _env.hub_offline() and _env.reachable(*HUB_HOST)
+
+
+class _hub_access:
+    """Around timm's download: offline (no host, or HF_HUB_OFFLINE), the Hugging Face hub is switched to its local
+    cache for the call (a cached file still loads; a missing one fails at once, without retries). Yields
+    whether the hub is online."""
+
+    def __init__(self, model: str):
+        self.model, self.saved = model, None
+
+    def __enter__(self) -> bool:
+        self.online = hub_online()
+        if not self.online:
+            try:
+                from huggingface_hub import constants
+            except ImportError:
+                return False
+            self.saved = constants.HF_HUB_OFFLINE
+            constants.HF_HUB_OFFLINE = True
+        return self.online
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            from huggingface_hub import constants
+
+            constants.HF_HUB_OFFLINE = self.saved
 
 
 def create_classifier(

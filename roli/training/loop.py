@@ -33,7 +33,7 @@ from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD
 from roli.attacks.accuracy import validation_counts
 from roli.config import OPTIMIZERS, REF_ADAMW_EPS, SELECT_BY
-from roli.features.alp_step import alp_step
+from roli.features.alp_step import alp_step, backward, micro_batches, update
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
 from roli.training.guard import Guard, trained_state
@@ -80,6 +80,8 @@ class Stage:
     select_by: str = "pgd"  # the best epoch by: pgd (roli's per-example worst case) | reference-pgd
     guard: Guard | None = None  # the catastrophic-overfitting guard of single-step training
     history: list[dict] = field(default_factory=list)
+    on_epoch: Callable[[dict], None] | None = None  # receives each epoch's record (main process; --log trackers)
+    scaler: torch.amp.GradScaler | None = None  # fp16's (its scale is saved and restored with the stage)
 
 
 class StopOnSignal:
@@ -145,39 +147,56 @@ def param_groups(model, weight_decay: float, optimizer: str = "adamw") -> list[d
 
 
 def ft_step(
-    net, attack: PGD | None, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
+    net,
+    attack: PGD | None,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str = "fp32",
+    scaler=None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One adversarial training step of every trainable parameter: the attack (which unwraps DDP: no
-    all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode.
-    Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""
-    x_in = attack(x, y) if attack is not None else x
-    net.train()
-    with autocast_for(x.device, precision):
-        logits = net(x_in)
-    loss = F.cross_entropy(logits.float(), y)
+    all-reduce inside it; None trains on x), then forward/backward/update of `net` in train mode. With
+    `accumulate` > 1 the batch runs as that many micro-batches (attack, forward, backward each; DDP all-reduces
+    only the last) and one update; `scaler`: fp16's GradScaler. Returns (loss, correct count) as 0-dim tensors on
+    the device (reading them would synchronise)."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    parts = list(micro_batches(x, y, accumulate))
+    total = correct = 0
+    for i, (xi, yi, w) in enumerate(parts):
+        x_in = attack(xi, yi) if attack is not None else xi
+        net.train()
+        quiet = net.no_sync() if i < len(parts) - 1 and hasattr(net, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with autocast_for(xi.device, precision):
+                logits = net(x_in)
+            loss = F.cross_entropy(logits.float(), yi) * w
+            backward(loss, scaler)
+        total, correct = total + loss.detach(), correct + (logits.argmax(1) == yi).sum()
+    update(opt, scaler)
+    return total, correct
 
 
-def alp_stage_step(model, attack: PGD, opt: torch.optim.Optimizer, precision: str = "fp32") -> StepFn:
+def alp_stage_step(model, attack: PGD, opt: torch.optim.Optimizer, precision: str = "fp32", scaler=None,
+                   accumulate: int = 1) -> StepFn:  # fmt: skip
     """The step of an ALP stage: the attack through the frozen model, then the head update (its gradients
     averaged over torchrun ranks: the head trains outside any DDP forward)."""
     head = list(model.head.parameters())
 
     def step(x, y):
-        return alp_step(model, attack, opt, x, y, precision, before_step=lambda: D.average_grads(head))
+        return alp_step(model, attack, opt, x, y, precision, lambda: D.average_grads(head), scaler, accumulate)
 
     return step
 
 
-def ft_stage_step(net, attack: PGD | None, opt: torch.optim.Optimizer, precision: str = "fp32") -> StepFn:
+def ft_stage_step(net, attack: PGD | None, opt: torch.optim.Optimizer, precision: str = "fp32", scaler=None,
+                  accumulate: int = 1) -> StepFn:  # fmt: skip
     """The step of a pretraining or finetuning stage: every trainable parameter of `net` (the DDP or
     compiled wrapper where there is one) on the attack's examples."""
 
     def step(x, y):
-        return ft_step(net, attack, opt, x, y, precision)
+        return ft_step(net, attack, opt, x, y, precision, scaler, accumulate)
 
     return step
 
@@ -191,7 +210,8 @@ def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0))
     return {"format": STATE_FORMAT, "stage": stage.name, "epoch": epoch, "step": step,
             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
             "torch_rng": [r[0] for r in rngs], "attack_rng": [r[1] for r in rngs],
-            "best": best, "history": stage.history, "partial": [r[2] for r in rngs], "guard": guard}  # fmt: skip
+            "best": best, "history": stage.history, "partial": [r[2] for r in rngs], "guard": guard,
+            "scaler": stage.scaler.state_dict() if stage.scaler is not None else None}  # fmt: skip
 
 
 def _save_state(state: dict, path: Path) -> None:
@@ -259,6 +279,8 @@ def fit(
             row = _end_epoch(stage, epoch, tally, time.time() - t0, report)
             if run_dir is not None and D.is_main():
                 _write_metrics(run_dir, stage.history)
+            if stage.on_epoch is not None and D.is_main():
+                stage.on_epoch(row)
             key = SELECT_BY[stage.select_by]
             if row[key] > best.get(key, -1.0):
                 best = {k: row[k] for k in ("val_clean", "val_robust", "val_robust_reference")} | {"epoch": epoch}
@@ -292,6 +314,8 @@ def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
         torch.set_rng_state(state["torch_rng"][r])
         if stage.attack is not None:
             stage.attack.set_rng_state(state["attack_rng"][r])
+        if stage.scaler is not None and state.get("scaler"):
+            stage.scaler.load_state_dict(state["scaler"])
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
         raise BadValue(
             f"resume: {last} cannot be restored ({first_line(e)[:160]}); the run's config.json "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from roli import _dist as D
+from roli._amp import grad_scaler
 from roli._cli import BadValue
 from roli._io import first_line, save_json
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation
@@ -83,6 +84,7 @@ class Stages:
     def __init__(self, cfg: TrainConfig, splits):
         self.cfg, self.splits = cfg, splits
         self.attacks, self.batches = cfg.attack_spec, cfg.batches
+        self.trackers = None  # --log: roli.training.tracking.Trackers (main process), set by the run
 
     def optimizer(self, model, settings: StageSettings):
         """The stage's optimiser over `model`'s trainable parameters, in decay / no-decay groups."""
@@ -126,9 +128,11 @@ class Stages:
             log.info("%s: %s epochs (warmup %s), learning rate %g from %s", name, settings.epochs, settings.warmup,
                      settings.lr, settings.lr_from or "the stage's settings")  # fmt: skip
 
+        scaler = grad_scaler(precision, self.cfg.device)
+
         def make_step(kind: str, purpose: str = "training attack"):
             attack = self.attacks.training(kind, net, purpose)
-            return stage_step(net, attack, opt, precision), attack
+            return stage_step(net, attack, opt, precision, scaler, self.cfg.accumulate), attack
 
         train, val, _, _ = self.splits
         step, attack = make_step(settings.attack)
@@ -151,9 +155,12 @@ class Stages:
             norm=a.norm,
             attack_label=a.label(settings.attack),
             select_by=self.cfg.select_by,
+            scaler=scaler,
         )
         if self.cfg.guard_spec.watches(settings.attack):
             stage.guard = self._guard(stage, settings.attack, model, make_step)
+        if self.trackers is not None:
+            stage.on_epoch = lambda row: self.trackers.epoch(row, stage.history, stage_dir)
         best = fit(stage, stage_dir, resume=resume)
         if D.is_main():
             plot_curves(stage.history, stage_dir / "curves.png", name)
@@ -224,8 +231,10 @@ class Stages:
 
         AutoAttack keeps a state file per batch in `state_dir` (bound to the model and the data): SIGINT or
         SIGTERM stops it after the current batch, and --resume continues from the batches already done."""
-        a, version = self.attacks, self.cfg.autoattack
-        batches = self.batches.eval(self.splits[2])
+        a, version, test = self.attacks, self.cfg.autoattack, self.splits[2]
+        if self.cfg.n_ex is not None and self.cfg.n_ex < len(test):  # --n-ex: the first N (recorded as partial)
+            test = test.subset(torch.arange(self.cfg.n_ex))
+        batches = self.batches.eval(test)
         with StopOnSignal() as stop:
 
             def stop_check() -> None:  # a collective: every rank calls it as often (Evaluation.run)
@@ -244,7 +253,7 @@ class Stages:
                 raise BadValue(f"autoattack: {e}") from None
         t = outcomes.totals()
         n = max(t["n"], 1)
-        out = {"n": t["n"], "clean": t["clean"] / n, f"pgd{a.val_steps}": t["pgd"] / n,
+        out = {"n": t["n"], "of": len(self.splits[2]), "clean": t["clean"] / n, f"pgd{a.val_steps}": t["pgd"] / n,
                f"pgd{a.val_steps}_reference": t["pgd_reference"] / n}  # fmt: skip
         if version:
             out["autoattack"] = t["autoattack"] / n

@@ -29,6 +29,7 @@ from roli.rundir import (
     write_fingerprint,
 )
 from roli.training.pipeline import Stages, check_forward, load_init
+from roli.training.tracking import Trackers, check_trackers
 
 log = logging.getLogger("roli.train")
 
@@ -49,7 +50,7 @@ def run(
     splits, fresh, fp = _validate(cfg, run_dir, resume, overwrite, config_file)
     train = splits[0]
     D.barrier()  # every rank has validated before rank 0 touches the run directory
-    lock = None
+    lock = trackers = None
     try:
         if D.is_main():
             if run_dir.is_dir():  # before --overwrite deletes anything: no other process is using it
@@ -67,12 +68,18 @@ def run(
         D.barrier()
         _log_to(run_dir / "train.log")
         log.info("run directory: %s; device: %s", run_dir, cfg.device)
-        results = run_stages(Stages(cfg, splits), run_dir, fresh, resume)
+        stages = Stages(cfg, splits)
+        if cfg.log and D.is_main():
+            stages.trackers = trackers = Trackers(cfg.log, run_dir, cfg.to_dict(), resume)
+            log.info("tracking: %s", ", ".join(cfg.log))
+        results = run_stages(stages, run_dir, fresh, resume)
     except OSError as e:
         if (full := disk_full(e, run_dir)) is not None:
             raise full from None
         raise
     finally:
+        if trackers is not None:
+            trackers.close()
         if lock is not None:
             lock.release()
     if D.is_main() and announce:
@@ -93,6 +100,7 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     if D.active() and cfg.batch_size % D.world():
         raise BadValue(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
     check_run_dir(run_dir, resume, overwrite, cfg.inputs(config_file))
+    check_trackers(cfg.log)
     splits = cfg.data_spec.load()
     train, _, _, num_classes = splits
     if cfg.autoattack and num_classes < 4:
@@ -139,6 +147,8 @@ def run_stages(stages: Stages, run_dir: Path, fresh, resume: bool) -> dict:
             results[name]["trainable"] = trains
         if D.is_main():
             save_json(results, run_dir / "results.json")
+            if stages.trackers is not None:
+                stages.trackers.test(name, results[name]["test"])
 
     model = fresh()
     if cfg.method == "pretrain":
@@ -209,6 +219,11 @@ def render(results: dict, val_steps: int, autoattack: bool) -> str:
         if autoattack:
             cells.append(pct(t.get("autoattack")))
         lines.append("| " + " | ".join(cells) + " |")
+    partial = next((r["test"] for r in results.values() if r["test"].get("n", 0) < r["test"].get("of", 0)), None)
+    if partial:
+        lines.append(
+            f"(partial: the test figures are of the first {partial['n']} of {partial['of']} test images, --n-ex)"
+        )
     return "\n".join(lines)
 
 
