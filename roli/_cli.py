@@ -32,13 +32,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def add_defaults(self, defaults: dict) -> None:
-        """Append "(default: X)" to the help of every option whose destination has a default here and whose
-        help does not state one."""
+        """The defaults the help shows, by destination (values or words), where the help does not state one."""
+        self._defaults_text = {**getattr(self, "_defaults_text", {}), **defaults}
+
+    def format_help(self) -> str:
+        """Every option's help says its default (a flag's: off; a value option's: add_defaults' or none), or that
+        it is required."""
+        known = getattr(self, "_defaults_text", {})
         for action in self._actions:
-            if action.dest in defaults and "default" not in (action.help or ""):
-                value = defaults[action.dest]
-                if not (value is None or value is False or value == {} or value == []):
-                    action.help = f"{action.help} (default: {value})" if action.help else f"default: {value}"
+            text = action.help or ""
+            if action.help == argparse.SUPPRESS or "default" in text or "required" in text or action.dest == "help":
+                continue
+            if not action.option_strings or action.required:
+                note = "required"
+            elif action.nargs == 0:  # a flag (store_true / store_false / store_const)
+                note = "default: off"
+            else:
+                value = known.get(action.dest, action.default)
+                empty = value is None or value is False or value == {} or value == []
+                note = "default: none" if empty else f"default: {value}"
+            action.help = f"{text} ({note})" if text else note
+        return super().format_help()
 
 
 def auto_device(value: str | None) -> str:
@@ -68,6 +82,14 @@ def parse_budget(value, name: str = "eps", norm: str | None = None) -> float:
     if norm == "linf" and out > 1:
         raise BadValue(f"{name}: {out:g} is out of range for Linf on images in [0, 1] (use e.g. 8/255)")
     return out
+
+
+def budget_text(eps: float) -> str:
+    """A budget as people write it: 8/255 where it is a whole number of 255ths, else its shortest decimal."""
+    k = eps * 255
+    if 0 < eps <= 1 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
 
 
 def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:

@@ -34,7 +34,7 @@ import torch
 
 from roli import _dist as D
 from roli import _env
-from roli._cli import BadValue, OneLineParser, auto_device, parse_budget, parse_kwargs, prog
+from roli._cli import BadValue, OneLineParser, auto_device, budget_text, parse_budget, parse_kwargs, prog
 from roli._io import first_line, load_tagged, save_json
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation, TensorBatches
@@ -438,7 +438,9 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     if "pgd" in flags:
         robust &= flags["pgd"]
         restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
-        results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={args.eps}{restarts})"] = _fraction(flags["pgd"])
+        results["attacks"][
+            f"PGD-{args.steps} ({args.norm}, eps={budget_text(parse_budget(args.eps, '--eps', args.norm))}{restarts})"
+        ] = _fraction(flags["pgd"])
         results["per_example"]["pgd"] = _bits(flags["pgd"])
         if "pgd_reference" in flags:  # the same attack pass scored as the RoLI reference code does
             label = f"PGD-{args.steps} reference scoring (per batch of {evaluation.reference_batch})"
@@ -467,7 +469,7 @@ def render(results: dict) -> str:
     if results["attacks"]:
         rows.append(("worst case (all attacks)", results["worst_case"]))
     rows += list(results.get("attacks_reference_scoring", {}).items())
-    rows += [(f"PGD sweep eps={e}", a) for e, a in results.get("eps_sweep", {}).items()]
+    rows += [(f"PGD sweep eps={budget_text(float(e))}", a) for e, a in results.get("eps_sweep", {}).items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]
     lines += [f"{name:<{width}} | {100 * acc:7.2f}%" for name, acc in rows]

@@ -562,6 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     return summarize(jobs, status, out, time.time() - t0)
 
 
+def label(job: Job) -> str:
+    """A run's name in the grid's report: its config's (cifar10/roli_lora, cifar10/roli_lora-ranli); a shared ALP
+    stage by what shares it (cifar10/alp, shared by 6 configs) rather than by its key."""
+    if not job.name.startswith("alp/"):
+        return job.name
+    prefixes = sorted({s.rpartition("/")[0] for s in job.sources if "/" in s})
+    where = f"{'+'.join(prefixes)}/alp" if prefixes else "alp"
+    return f"{where} (shared by {len(job.sources)} configs)" if len(job.sources) > 1 else where
+
+
 def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
     from roli.report import main as report
 
@@ -570,7 +580,8 @@ def summarize(jobs: list[Job], status: dict, out: Path, wall: float) -> int:
     saved = sum(_seconds(j) * (len(j.sources) - 1) for j in jobs if j.name.startswith("alp/") and state_of(j) == "done")
     spent = sum(_seconds(j) for j in finished)
     if finished:
-        report([*[str(j.run_dir) for j in finished], "--out", str(out / "report")])
+        labels = [f"--label={j.run_dir}={label(j)}" for j in finished]
+        report([*[str(j.run_dir) for j in finished], *labels, "--out", str(out / "report")])
     print(
         f"grid: {len(finished)}/{len(jobs)} runs finished, {wall:.0f} s wall; training time {spent:.0f} s, "
         f"{saved:.0f} s saved by training each shared ALP stage once"

@@ -48,7 +48,7 @@ def _kind(label: str, stage_dir: str, cfg: dict) -> str:
     return {"alp": "ALP", "lp": "LP", "pretrain": "pretrain"}.get(stage_dir, "FT")
 
 
-def rows_of(run: Path) -> list[dict]:
+def rows_of(run: Path, name: str | None = None) -> list[dict]:
     results_path, cfg_path = run / "results.json", run / "config.json"
     if not results_path.is_file() or not cfg_path.is_file():
         raise BadValue(f"{run} has no results.json and config.json: not a finished run of python -m roli.train")
@@ -82,7 +82,7 @@ def rows_of(run: Path) -> list[dict]:
             autoattack = evaluated_autoattack(run / stage_dir, cfg)
         rows.append(
             {
-                "run": run.name,
+                "run": name or run.name,
                 "stage": label,
                 "kind": _kind(label, stage_dir, cfg),
                 "method": method,
@@ -202,8 +202,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         "FT": ("tab:purple", "D"),
         "pretrain": ("black", "x"),
     }
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=130)
-    seen = set()
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=130)
+    fig.subplots_adjust(left=0.08, right=0.62)
+    seen, key = set(), []
     for r in rows:
         robust = r["AutoAttack"] if r["AutoAttack"] is not None else r["test PGD"]
         if r["test clean"] is None or robust is None:
@@ -218,19 +219,16 @@ def plot(rows: list[dict], path: Path) -> bool:
             label=r["kind"] if r["kind"] not in seen else None,
         )
         seen.add(r["kind"])
-        ax.annotate(
-            f"{r['run']}:{r['stage']}",
-            (100 * r["test clean"], 100 * robust),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
+        key.append(f"{len(key) + 1}  {r['run']}: {r['stage']}")  # numbered points, names in the key beside the plot
+        ax.annotate(str(len(key)), (100 * r["test clean"], 100 * robust), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
     ax.set_xlabel("test clean accuracy (%)")
     ax.set_ylabel("test robust accuracy (%)")
     ax.set_title("clean vs robust accuracy per stage\n(robust: AutoAttack where the run had it, else PGD)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    shown = key if len(key) <= 40 else [*key[:39], f"... and {len(key) - 39} more (report.md)"]
+    fig.text(0.64, 0.95, "\n".join(line[:60] for line in shown), fontsize=6.5, va="top", family="monospace")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return True
@@ -240,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=prog("report"), description=__doc__.strip())
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m roli.train")
     p.add_argument("--out", default=".", help="where report.md, report.csv and report.png go (default: here)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="RUN_DIR=NAME",
+        help="name a run's rows NAME instead of its folder's name (repeatable; roli grid names its runs so)",
+    )
     args = p.parse_args(argv)
     try:
         out = Path(args.out)
@@ -253,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
                 "read-only; give a writable directory"
             )
-        rows = [row for run in args.runs for row in rows_of(Path(run))]
+        labels = {}
+        for item in args.label:
+            where, sep, name = item.rpartition("=")
+            if not sep or not where or not name:
+                raise BadValue(f"--label: expected RUN_DIR=NAME; got {item!r}")
+            labels[os.path.normpath(where)] = name
+        rows = [row for run in args.runs for row in rows_of(Path(run), labels.get(os.path.normpath(run)))]
     except BadValue as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from roli.config import (
     METHODS,
     OPTIMIZERS,
     SELECT_BY,
+    STAGE_DEFAULTS,
     TRACKERS,
     TRAIN_ATTACKS,
     TrainConfig,
@@ -249,7 +250,37 @@ def build_parser() -> OneLineParser:
         "(alp.lr=0.01, model_args.drop_path_rate=0.1); repeatable",
     )
     p.add_defaults({f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING})
+    p.add_defaults(HELP_DEFAULTS)
     return p
+
+
+def _stage_default(key: str) -> str:
+    """A per-stage default in words, from STAGE_DEFAULTS: "ALP 0.0125, FT 2.5e-05, ..."."""
+    return ", ".join(f"{kind} {d[key]}" for kind, d in STAGE_DEFAULTS.items())
+
+
+# The defaults --help shows where an option's None means something (the shipped configs set their own).
+HELP_DEFAULTS = {
+    "lr": f"per stage: {_stage_default('lr')}",
+    "weight_decay": f"per stage: {_stage_default('weight_decay')}",
+    "optimizer": f"per stage: {_stage_default('optimizer')}",
+    "alp_lr": STAGE_DEFAULTS["alp"]["lr"],
+    "alp_weight_decay": STAGE_DEFAULTS["alp"]["weight_decay"],
+    "alp_optimizer": STAGE_DEFAULTS["alp"]["optimizer"],
+    "alp_epochs": "--epochs",
+    "alp_warmup": "--warmup",
+    "alp_attack": "--attack",
+    "ranli_lr": STAGE_DEFAULTS["ranli"]["lr"],
+    "ranli_weight_decay": STAGE_DEFAULTS["ranli"]["weight_decay"],
+    "split_seed": "0 (CIFAR: the tail of train, unseeded)",
+    "mean": "the registry's, else timm's, else none",
+    "std": "the registry's, else timm's, else none",
+    "input_size": "the registry's or timm's native size, else none",
+    "classes": "all",
+    "checkpoint": "none (a registry model: its file in the cache)",
+    "workers": "from the CPU count",
+    "accumulate": 1,
+}
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
@@ -266,7 +297,6 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
         flags["model_args"] = parse_kwargs(args.model_arg)
     if flags.get("autoattack") == "none":
         flags["autoattack"] = None  # over a config's: no AutoAttack
-    _merge_sets(flags, parse_set_options(args.set))
     for b in (
         "non_strict",
         "compare_ranli",
@@ -281,6 +311,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool, bool]:
     ):
         if not flags.get(b):
             flags.pop(b, None)
+    _merge_sets(flags, parse_set_options(args.set))
     try:
         return _config(args, flags)
     except TypeError as e:  # e.g. an option a config file names that TrainConfig does not have

@@ -338,23 +338,76 @@ def test_accuracy_helpers_share_one_calling_convention(digits_model):
 
 
 def readme_loop() -> str:
-    text = README.read_text()
-    section = text.split("## roli inside your own training loop", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+    return readme_block("## roli inside your own training loop", "python")
 
 
-def test_readme_loop_example_runs_as_written(tmp_path):
-    from roli.training.demo import source_backbone
+def readme_block(after: str, lang: str = "bash", index: int = 0) -> str:
+    """The `index`-th code block of `lang` after the line `after` in README.md."""
+    section = README.read_text().split(after, 1)[1]
+    return section.split(f"```{lang}\n")[index + 1].split("```", 1)[0]
 
+
+def run_block(block: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A README shell block as written, with this interpreter's `roli` on PATH."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", block], capture_output=True, text=True, timeout=900, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def readme_backbone(tmp_path_factory) -> Path:
+    """robust_backbone.pt made by the README's own command (adversarial pretraining on digits 0-4)."""
+    where = tmp_path_factory.mktemp("readme")
+    block = readme_block("## roli inside your own training loop")
+    assert "robust_backbone.pt" in block
+    out = run_block(block, where)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return where / "robust_backbone.pt"
+
+
+def test_readme_loop_example_runs_as_written(tmp_path, readme_backbone):
     code = readme_loop()
     assert 15 <= len(code.splitlines()) <= 35
-    shutil.copy(source_backbone(), tmp_path / "robust_backbone.pt")  # the file the example names
+    shutil.copy(readme_backbone, tmp_path / "robust_backbone.pt")  # the file the example names
     out = _run([sys.executable, "-c", code], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     m = re.search(r"test: clean (\d+\.\d\d)%, PGD-10 (\d+\.\d\d)%", out.stdout)
     assert m, out.stdout
     clean, robust = float(m[1]), float(m[2])
     assert 0 < robust < clean and clean > 80, out.stdout  # a robust backbone transfers: the loop learned
+
+
+def test_readme_loop_runs_on_an_image_folder(tmp_path):
+    """The loop with its comment's alternative, an ImageFolder (RGB files), and a backbone made for it by the
+    README's command with --dataset imagefolder:ROOT (small images, so it runs in seconds)."""
+    from test_first_hour import _image_folder
+
+    root = _image_folder(tmp_path / "pets", per_class=20)
+    block = readme_block("## roli inside your own training loop").replace(
+        "--dataset digits", f"--dataset imagefolder:{root} --resize 12 --crop-size 12 --workers 0"
+    )
+    out = run_block(block.replace("--epochs 15", "--epochs 3"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    code = readme_loop()
+    assert 'roli.load_dataset("digits")' in code
+    code = code.replace(
+        'roli.load_dataset("digits")', f'roli.load_dataset("imagefolder:{root}", resize=12, crop_size=12)'
+    )
+    out = _run([sys.executable, "-c", code], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.search(r"test: clean (\d+\.\d\d)%, PGD-10 (\d+\.\d\d)%", out.stdout)
+    assert m and 0 <= float(m[2]) <= float(m[1]) <= 100, out.stdout
+
+
+@pytest.mark.slow
+def test_readme_try_without_weights_recipe_runs_as_written(tmp_path):
+    block = readme_block("Try the recipe without any weights file")
+    assert "--random-backbone" in block and "cifar10/roli_lora" in block
+    out = run_block(block, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "try-lora" / "results.json").read_text())
+    assert set(results) == {"alp", "RoLI-lora", "RanLI-lora"}
+    log = (tmp_path / "runs" / "try-lora" / "train.log").read_text()
+    assert "its architecture swin_base_patch4_window7_224 with random weights" in log
 
 
 # 9. the README itself
