@@ -5,6 +5,7 @@ resumes. Written files are fsynced and get the ordinary mode of the user's umask
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -92,6 +93,15 @@ def load_tagged(path: str | Path, fmt, what: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise ValueError(f"{path} is not a {what}")
     return obj
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def hash_tensors(h, tensors) -> None:

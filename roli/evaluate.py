@@ -35,7 +35,7 @@ import torch
 from roli import _dist as D
 from roli import _env
 from roli._cli import BadValue, OneLineParser, auto_device, budget_text, parse_budget, parse_kwargs, prog
-from roli._io import first_line, load_tagged, save_json
+from roli._io import file_sha256, first_line, load_tagged, save_json
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation, TensorBatches
 from roli.config import TrainConfig, check_code_from_file
@@ -120,7 +120,11 @@ def build_parser() -> OneLineParser:
     g.add_argument("--loss", default="ce", choices=["ce", "dlr"], help="PGD loss")
     g.add_argument("--eps-sweep", help="comma-separated budgets, all attacked in one batched run")
     g.add_argument("--autoattack", choices=[v for v in AA_VERSIONS if v != "custom"], help="also run AutoAttack")
-    g.add_argument("--aa-state", help="AutoAttack state file: an interrupted evaluation resumes from it")
+    g.add_argument(
+        "--aa-state",
+        metavar="DIR",
+        help="a directory for AutoAttack's state, one file per batch: an interrupted evaluation resumes from it",
+    )
     g = p.add_argument_group("run")
     g.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], help="forward/backward precision (default fp32 / the run's)"
@@ -381,6 +385,7 @@ def evaluate(args) -> dict:
             except ValueError as e:
                 raise BadValue(f"--run: {e}") from None
         model = _run_model(run.model_spec, run.peft_spec, stage_dir, num_classes, x.shape[1], device)
+        evaluated = file_sha256(stage_dir / "best.pt")  # under the run's lock: the file the model was loaded from
     if model.mean is not None and model.mean.shape[1] != x.shape[1]:
         raise BadValue(f"--mean/--std have {model.mean.shape[1]} channels but the images have {x.shape[1]}")
     t0 = time.time()
@@ -388,6 +393,8 @@ def evaluate(args) -> dict:
     results["seconds"] = round(time.time() - t0, 2)
     results["device"] = str(device)  # --device auto's choice
     results["config"] = {k: v for k, v in vars(args).items()}
+    if run is not None:  # which best.pt this evaluated: roli report attaches it to that model only
+        results["checkpoint"] = {"file": "best.pt", "sha256": evaluated}
     return results
 
 
@@ -438,9 +445,9 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     if "pgd" in flags:
         robust &= flags["pgd"]
         restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
-        results["attacks"][
-            f"PGD-{args.steps} ({args.norm}, eps={budget_text(parse_budget(args.eps, '--eps', args.norm))}{restarts})"
-        ] = _fraction(flags["pgd"])
+        results["attacks"][f"PGD-{args.steps} ({args.norm}, eps={budget_text(eps)}{restarts})"] = _fraction(
+            flags["pgd"]
+        )
         results["per_example"]["pgd"] = _bits(flags["pgd"])
         if "pgd_reference" in flags:  # the same attack pass scored as the RoLI reference code does
             label = f"PGD-{args.steps} reference scoring (per batch of {evaluation.reference_batch})"
@@ -451,7 +458,7 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     if "autoattack" in flags:
         aa = flags["autoattack"]
         robust &= aa
-        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={args.eps})"] = _fraction(aa)
+        results["attacks"][f"AutoAttack-{args.autoattack} ({args.norm}, eps={budget_text(eps)})"] = _fraction(aa)
         results["autoattack_per_attack"] = {k: t / max(1, n) for k, t in totals["aa_per_attack"].items()}
         results["per_example"]["autoattack"] = _bits(aa)
         results["autoattack_warnings"] = Evaluation.warnings(totals)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from roli._cli import BadValue, OneLineParser, parse_budget, prog
-from roli._io import atomic_write
+from roli._io import atomic_write, file_sha256
 from roli.rundir import stage_dir as stage_dir_of
 
 COLUMNS = [
@@ -37,6 +37,7 @@ COLUMNS = [
     "epochs",
     "wall s",
     "images/s",
+    "notes",
 ]
 
 
@@ -77,9 +78,9 @@ def rows_of(run: Path, name: str | None = None) -> list[dict]:
                            ("AutoAttack", test.get("autoattack"))):  # fmt: skip
             _accuracy(value, f"{results_path}: {label} test {key}")
         method = cfg.get("peft") if stage_dir in ("roli-ft", "ranli-ft", "ft") else stage_dir
-        autoattack = test.get("autoattack")
+        autoattack, note = test.get("autoattack"), None
         if autoattack is None:  # a later `roli evaluate --run` with AutoAttack on the run's test set and budget
-            autoattack = evaluated_autoattack(run / stage_dir, cfg)
+            autoattack, note = evaluated_autoattack(run / stage_dir, cfg)
         rows.append(
             {
                 "run": name or run.name,
@@ -95,6 +96,7 @@ def rows_of(run: Path, name: str | None = None) -> list[dict]:
                 "epochs": len(history) or None,
                 "wall s": round(seconds, 1) if history else None,
                 "images/s": round(seen / seconds, 1) if seconds else None,
+                "notes": note,
             }
         )
     return rows
@@ -117,10 +119,13 @@ def _accuracy(value, where: str) -> None:
         raise BadValue(f"{where} is {value!r}, not an accuracy in [0, 1]: the file was edited or is damaged")
 
 
-def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:
-    """The AutoAttack accuracy of the newest evaluation in STAGE/evaluations/ (written by `evaluate --run`) that
-    attacked the whole test split at the run's budget and norm; None when there is none. A malformed file is
-    skipped with a line on stderr."""
+def evaluated_autoattack(stage_dir: Path, cfg: dict) -> tuple[float | None, str | None]:
+    """(AutoAttack accuracy, note) of the newest evaluation in STAGE/evaluations/ (written by `evaluate --run`)
+    that attacked the stage's present best.pt (by its sha256) on the whole test split at the run's budget and
+    norm; (None, None) when there is none. The note marks one made on changed data (--allow-changed-data). A
+    malformed evaluation, or one of another best.pt, is skipped with a line on stderr."""
+    best = stage_dir / "best.pt"
+    present = file_sha256(best) if best.is_file() else None
     for path in sorted((stage_dir / "evaluations").glob("*.json"), reverse=True):
         try:
             res = json.loads(path.read_text())
@@ -138,9 +143,17 @@ def evaluated_autoattack(stage_dir: Path, cfg: dict) -> float | None:
             )
         except BadValue:
             same = False
-        if aa and same:
-            return float(aa[0])
-    return None
+        if not (aa and same):
+            continue
+        evaluated = res.get("checkpoint", {}).get("sha256") if isinstance(res.get("checkpoint"), dict) else None
+        if evaluated is None or evaluated != present:
+            why = "it does not name the best.pt it evaluated" if evaluated is None else "it evaluated another best.pt"
+            print(f"report: skipped {path}: {why} (roli evaluate --run again)", file=sys.stderr)
+            continue
+        _accuracy(aa[0], f"{path}: AutoAttack")
+        changed = args.get("changed_since_run")
+        return float(aa[0]), ("AutoAttack on changed data: " + "; ".join(map(str, changed)) if changed else None)
+    return None, None
 
 
 def _metrics(path: Path) -> list[dict]:

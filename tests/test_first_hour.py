@@ -14,7 +14,6 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -413,18 +412,3 @@ def test_zoo_fits_a_terminal_and_keeps_the_full_table(capsys):
 
 def test_budgets_print_as_people_write_them():
     assert [budget_text(v) for v in (8 / 255, 2 / 255, 0.1, 3.0, 0.0)] == ["8/255", "2/255", "0.1", "3", "0"]
-
-
-def test_report_plot_numbers_its_points(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
-    from matplotlib.axes import Axes
-
-    from roli.report import plot
-
-    texts = []
-    real = Axes.annotate
-    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: texts.append(text) or real(self, text, *a, **k))
-    rows = [{"run": f"r{i}", "stage": "alp", "kind": "ALP", "test clean": 0.5 + i / 100, "test PGD": 0.3,
-             "AutoAttack": None} for i in range(3)]  # fmt: skip
-    assert matplotlib and plot(rows, tmp_path / "p.png") and texts == ["1", "2", "3"]
-    assert np.frombuffer((tmp_path / "p.png").read_bytes()[:8], dtype=np.uint8).tolist()[1:4] == [80, 78, 71]

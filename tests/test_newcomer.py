@@ -4,6 +4,7 @@ loop example, run as written."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -276,11 +277,27 @@ def test_demo_directory_lists_its_runs_and_report_reads_evaluate(tmp_path, capsy
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
     header, row = (line.split(",") for line in (tmp_path / "rep" / "report.csv").read_text().splitlines()[:2])
     assert float(dict(zip(header, row, strict=True))["AutoAttack"]) == pytest.approx(aa_value)
+    # an evaluation made on changed data (evaluate --allow-changed-data records what changed) is marked
+    newest = sorted((run / "alp" / "evaluations").glob("*.json"))[-1]
+    record = json.loads(newest.read_text())
+    newest.write_text(json.dumps({**record, "config": {**record["config"], "changed_since_run": ["the test split"]}}))
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
+    assert row["notes"] == "AutoAttack on changed data: the test split" and float(row["AutoAttack"]) == aa_value
+    # a best.pt replaced since (an unfinished stage evaluated, then trained on): the evaluation is not its figure
+    state = torch.load(run / "alp" / "best.pt", weights_only=True)
+    state["state_dict"]["head.bias"] += 1
+    torch.save(state, run / "alp" / "best.pt")
+    capsys.readouterr()
+    assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert "it evaluated another best.pt (roli evaluate --run again)" in capsys.readouterr().err
+    assert next(csv.DictReader(open(tmp_path / "rep" / "report.csv")))["AutoAttack"] == ""
 
 
 def test_report_plot_names_methods_as_the_table(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
     from roli.report import plot
 
@@ -289,8 +306,14 @@ def test_report_plot_names_methods_as_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k))
     rows = [{"run": "c10", "stage": s, "kind": k, "method": "full", "test clean": 0.8, "test PGD": 0.4,
              "AutoAttack": None} for s, k in (("RoLI-full", "RoLI"), ("RanLI-full", "RanLI"))]  # fmt: skip
+    keys = []
+    real_text = Figure.text
+    monkeypatch.setattr(
+        Figure, "text", lambda self, x, y, s, *a, **k: keys.append(s) or real_text(self, x, y, s, *a, **k)
+    )
     assert plot(rows, tmp_path / "p.png")
-    assert labels == ["c10:RoLI-full", "c10:RanLI-full"]
+    assert labels == ["1", "2"]  # numbered points (names beside the plot never overlap)
+    assert keys == ["1  c10: RoLI-full\n2  c10: RanLI-full"]
 
 
 def test_help_texts_are_whole_and_show_defaults(capsys):
