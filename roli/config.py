@@ -378,7 +378,7 @@ class TrainConfig:
             f"log: {self.log!r} must list trackers out of {', '.join(TRACKERS)}",
         )
         need(
-            is_int(self.accumulate, 1) and self.accumulate <= self.batch_size,
+            is_int(self.accumulate, 1) and (not is_int(self.batch_size, 1) or self.accumulate <= self.batch_size),
             f"accumulate: must be an integer in [1, batch-size {self.batch_size}]; got {self.accumulate!r}",
         )
         need(self.n_ex is None or is_int(self.n_ex, 1), f"n-ex: must be an integer >= 1; got {self.n_ex!r}")

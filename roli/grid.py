@@ -65,7 +65,11 @@ NOT_ALP = {
     "cuda_graph",
     "channels_last",
     "download",
+    "log",
 } | {f.name for f in PeftSpec.options()}
+# Options added after the grid's ALP key was defined, with their defaults: in the key only when set to something
+# else, so a grid started before they existed keeps its keys (and its trained ALP stages).
+KEYED_IF_SET = {"n_ex": None, "accumulate": 1}
 
 
 @dataclass
@@ -139,7 +143,8 @@ def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 def alp_key(cfg: TrainConfig, data: dict) -> str:
     """What decides a roli config's ALP stage, hashed: its options but those of finetuning and execution, the
     resolved ALP settings, the backbone file's content (not its path) and the data's fingerprint."""
-    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_ALP}
+    options = {k: v for k, v in cfg.to_dict().items()
+               if k not in NOT_ALP and not (k in KEYED_IF_SET and v == KEYED_IF_SET[k])}  # fmt: skip
     options["checkpoint"] = _sha(cfg.checkpoint) or cfg.checkpoint
     options["alp"] = dataclasses.asdict(cfg.settings("alp"))
     return hashlib.sha256(json.dumps([options, data], sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -290,7 +290,7 @@ def test_eps_sweep_equals_separate_runs(digits_model):
         (dict(steps=-1), None, "steps must be an integer >= 0"),
         (dict(restarts=0), None, "restarts must be an integer >= 1"),
         (dict(norm="l1"), None, "norm must be"),
-        (dict(precision="fp16"), None, "precision must be one of"),
+        (dict(precision="fp64"), None, "precision must be one of"),
         (dict(), lambda x, y: (x * 2, y), r"images must lie in \[0, 1\]"),
         (dict(), lambda x, y: ((x * 255).to(torch.uint8), y), "images must be a floating-point tensor"),
         (dict(), lambda x, y: (x, y + 10), r"labels must be < the number of classes \(10\)"),

@@ -412,3 +412,37 @@ def test_zoo_fits_a_terminal_and_keeps_the_full_table(capsys):
 
 def test_budgets_print_as_people_write_them():
     assert [budget_text(v) for v in (8 / 255, 2 / 255, 0.1, 3.0, 0.0)] == ["8/255", "2/255", "0.1", "3", "0"]
+
+
+def test_pgd_shows_its_defaults_as_torchattacks_users_expect():
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(roli.PGD).parameters
+    assert (
+        list(params)[:3] == ["model", "eps", "step_size"]
+        and params["eps"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    )
+    assert (params["eps"].default, params["step_size"].default, params["steps"].default) == (8 / 255, 2 / 255, 10)
+    assert params["random_start"].default is True and "alpha" in params
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    a, b = roli.PGD(model, 8 / 255, alpha=1 / 255, steps=3), roli.PGD(model, eps=8 / 255, step_size=1 / 255, steps=3)
+    assert dataclasses.asdict(a.config) == dataclasses.asdict(b.config)
+
+
+def test_grid_alp_key_ignores_logging_and_keeps_old_keys():
+    import dataclasses
+
+    from roli.config import TrainConfig
+    from roli.grid import alp_key
+
+    cfg = TrainConfig(dataset="digits", random_backbone=True)
+    key = alp_key(cfg, {})
+    assert alp_key(dataclasses.replace(cfg, log=["csv"]), {}) == key  # tracking does not decide ALP
+    assert alp_key(dataclasses.replace(cfg, accumulate=2), {}) != key  # micro-batches draw other random starts
+    assert alp_key(dataclasses.replace(cfg, n_ex=100), {}) != key
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("n_ex", "accumulate", "log")}
+    assert (
+        alp_key(type("Old", (), {"to_dict": lambda self: old, "checkpoint": None, "settings": cfg.settings})(), {})
+        == key
+    )

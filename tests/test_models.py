@@ -59,7 +59,7 @@ def test_timm_pretrained_without_hub_is_a_clear_error(monkeypatch):
         raise OSError("We couldn't connect to the hub to load this model")
 
     monkeypatch.setattr(timm, "create_model", no_hub)
-    with pytest.raises(ValueError, match="could not fetch pretrained weights for 'resnet18'.*load_pretrained"):
+    with pytest.raises(ValueError, match="resnet18: timm's weights are not in the local cache.*give --checkpoint FILE"):
         create_classifier("resnet18", 3, pretrained=True)
     assert calls == [True]
 

@@ -9,8 +9,9 @@ iterate is chosen per example (the RoLI reference code picks it per batch by the
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -446,3 +447,18 @@ class PGD:
                     x_adv, grad, xn, yy, tt, e, s = (_take(t, keep) for t in (x_adv, grad, xn, yy, tt, e, s))
             plan.step(x_adv, grad, xn, e, eps_f, s, step_f, plan.lo, plan.hi)
         return x_adv
+
+
+def _signature() -> inspect.Signature:
+    """PGD's call as help() and IDEs show it: PGD(model, eps=8/255, *, step_size=2/255, steps=10, ...), every
+    setting with its default (PGDConfig's), plus torchattacks' `alpha` for step_size; PGD(model, config) too."""
+    P = inspect.Parameter
+    params = [P("model", P.POSITIONAL_OR_KEYWORD)]
+    for f in fields(PGDConfig):
+        kind = P.POSITIONAL_OR_KEYWORD if f.name == "eps" else P.KEYWORD_ONLY
+        params.append(P(f.name, kind, default=f.default))
+    params.append(P("alpha", P.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
+
+
+PGD.__signature__ = _signature()
