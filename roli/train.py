@@ -1,6 +1,6 @@
 """`python -m roli.train`: the RoLI pipeline end to end.
 
-    python -m roli.train                                   # the built-in demonstration (digits, ~2 min)
+    python -m roli.train                                   # the built-in demonstration (digits, ~30 s)
     python -m roli.train --method pretrain --dataset digits --classes 0-4 --eps 0.1 --step-size 0.025 ...
     python -m roli.train --method roli --checkpoint robust.pt --dataset cifar10:~/data --compare-ranli
     python -m roli.train --resume runs/roli                # continue an interrupted run
