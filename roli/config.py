@@ -15,6 +15,7 @@ from pathlib import Path
 from roli._cli import BadValue, auto_device
 from roli._io import first_line
 from roli.attacks import fast
+from roli.models.registry import HUB_PREFIXES
 from roli.specs import AttackSpec, Batches, DataSpec, GuardSpec, ModelSpec, PeftSpec, is_int, is_number, need, need_int
 from roli.specs import parse_classes as parse_classes  # re-exported: the grid and tests read it here
 
@@ -165,7 +166,7 @@ def names_code(model) -> bool:
     but timm's "hf-hub:" names, which are data) that is not one of roli's own constructors. Registry and timm
     names build through their registries."""
     spec = str(model)
-    return ":" in spec and not spec.startswith("hf-hub:") and spec not in ROLI_MODELS
+    return ":" in spec and not spec.startswith(HUB_PREFIXES) and spec not in ROLI_MODELS
 
 
 def check_code_from_file(model, source: str, trust_code: bool) -> None:

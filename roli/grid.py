@@ -37,6 +37,7 @@ from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import save_json
 from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code, parse_set_options
+from roli.rundir import without_added_defaults
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -67,9 +68,6 @@ NOT_ALP = {
     "download",
     "log",
 } | {f.name for f in PeftSpec.options()}
-# Options added after the grid's ALP key was defined, with their defaults: in the key only when set to something
-# else, so a grid started before they existed keeps its keys (and its trained ALP stages).
-KEYED_IF_SET = {"n_ex": None, "accumulate": 1}
 
 
 @dataclass
@@ -143,8 +141,7 @@ def alp_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 def alp_key(cfg: TrainConfig, data: dict) -> str:
     """What decides a roli config's ALP stage, hashed: its options but those of finetuning and execution, the
     resolved ALP settings, the backbone file's content (not its path) and the data's fingerprint."""
-    options = {k: v for k, v in cfg.to_dict().items()
-               if k not in NOT_ALP and not (k in KEYED_IF_SET and v == KEYED_IF_SET[k])}  # fmt: skip
+    options = without_added_defaults({k: v for k, v in cfg.to_dict().items() if k not in NOT_ALP})
     options["checkpoint"] = _sha(cfg.checkpoint) or cfg.checkpoint
     options["alp"] = dataclasses.asdict(cfg.settings("alp"))
     return hashlib.sha256(json.dumps([options, data], sort_keys=True, default=str).encode()).hexdigest()[:12]

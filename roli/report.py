@@ -124,8 +124,7 @@ def evaluated_autoattack(stage_dir: Path, cfg: dict) -> tuple[float | None, str 
     that attacked the stage's present best.pt (by its sha256) on the whole test split at the run's budget and
     norm; (None, None) when there is none. The note marks one made on changed data (--allow-changed-data). A
     malformed evaluation, or one of another best.pt, is skipped with a line on stderr."""
-    best = stage_dir / "best.pt"
-    present = file_sha256(best) if best.is_file() else None
+    best, present = stage_dir / "best.pt", None  # hashed once, and only if an evaluation is a candidate
     for path in sorted((stage_dir / "evaluations").glob("*.json"), reverse=True):
         try:
             res = json.loads(path.read_text())
@@ -146,6 +145,8 @@ def evaluated_autoattack(stage_dir: Path, cfg: dict) -> tuple[float | None, str 
         if not (aa and same):
             continue
         evaluated = res.get("checkpoint", {}).get("sha256") if isinstance(res.get("checkpoint"), dict) else None
+        if evaluated is not None and present is None and best.is_file():
+            present = file_sha256(best)
         if evaluated is None or evaluated != present:
             why = "it does not name the best.pt it evaluated" if evaluated is None else "it evaluated another best.pt"
             print(f"report: skipped {path}: {why} (roli evaluate --run again)", file=sys.stderr)

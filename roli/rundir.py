@@ -173,6 +173,12 @@ ADDED_OPTIONS = {
 }
 
 
+def without_added_defaults(options: dict) -> dict:
+    """`options` less those added after a digest's format was fixed that still hold their defaults (ADDED_OPTIONS):
+    the run fingerprint's and the grid's ALP key's digests stay those of the runs written before they existed."""
+    return {k: v for k, v in options.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
+
+
 def stage_dir(label: str) -> str:
     """The folder of a stage inside a run directory, from its label in results.json."""
     if label in ("pretrain", "lp", "alp"):
@@ -199,9 +205,7 @@ def fingerprint(options: dict, splits, classes=None) -> dict:
     """A run's fingerprint: its options (config.json's, execution settings aside), the class count and names,
     and each split's data_fingerprint."""
     train, val, test, num_classes = splits
-    options = {
-        k: v for k, v in options.items() if k not in EXECUTION and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])
-    }
+    options = without_added_defaults({k: v for k, v in options.items() if k not in EXECUTION})
     out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d)

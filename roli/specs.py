@@ -22,6 +22,7 @@ from roli import _dist as D
 from roli._amp import PRECISIONS
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
+from roli.models.registry import HUB_PREFIXES, lookup
 from roli.seeds import derive_seed
 
 log = logging.getLogger("roli.train")
@@ -138,7 +139,6 @@ class ModelSpec:
     def weights(self) -> str | None:
         """The backbone's weights: the checkpoint, or a registry backbone's file in the cache."""
         from roli.models import resolve_checkpoint
-        from roli.models.registry import lookup
 
         entry = lookup(self.name)
         if entry is not None and not self.checkpoint and (self.random_backbone or self.pretrained):
@@ -157,8 +157,6 @@ class ModelSpec:
     def _without_file(self, weights: str | None) -> str:
         """What a registry backbone is built with when its published file is not given (--random-backbone,
         --pretrained), for the log; else ""."""
-        from roli.models.registry import lookup
-
         entry = lookup(self.name)
         if entry is None or weights or not (self.random_backbone or self.pretrained):
             return ""
@@ -185,7 +183,7 @@ class ModelSpec:
             "random-backbone: cannot go with --checkpoint or --pretrained (they give the weights)",
         )
         need(
-            not (self.pretrained and ":" in self.name and not self.name.startswith(("hf-hub:", "hf_hub:"))),
+            not (self.pretrained and ":" in self.name and not self.name.startswith(HUB_PREFIXES)),
             f"pretrained: timm's own weights exist for timm names only, not {self.name}; give --checkpoint FILE",
         )
 
@@ -196,8 +194,6 @@ class ModelSpec:
         pre = {"mean": self.mean if self.mean is not None else "auto",
                "std": self.std if self.std is not None else "auto", "input_size": self.input_size or "auto",
                "interpolation": self.interpolation}  # fmt: skip
-        from roli.models.registry import lookup
-
         name, args, entry = self.name, self.args, lookup(self.name)
         if entry is not None and self.pretrained and not self.checkpoint:  # timm's weights: timm's preprocessing
             name, args = entry.arch, {**entry.arch_args, **self.args}

@@ -265,6 +265,9 @@ def test_log_wandb_offline_without_network_and_resumes_the_same_run(tmp_path, mo
     fake.util.generate_id = staticmethod(lambda: "other")
     assert train(["--resume", str(run), "--log", "wandb"]) == 0
     assert fake.inits[1]["id"] == "abc123"  # the same wandb run continues
+    (run / "tracking.json").write_text('{"wandb_id": ')  # truncated (or edited): a new run, said, never a crash
+    assert train(["--resume", str(run), "--log", "wandb"]) == 0
+    assert fake.inits[2]["id"] == "other" and "names no wandb run" in (run / "train.log").read_text()
 
 
 def test_log_refuses_a_missing_library_before_writing(tmp_path, monkeypatch, capsys):
@@ -441,7 +444,9 @@ def test_grid_alp_key_ignores_logging_and_keeps_old_keys():
     assert alp_key(dataclasses.replace(cfg, log=["csv"]), {}) == key  # tracking does not decide ALP
     assert alp_key(dataclasses.replace(cfg, accumulate=2), {}) != key  # micro-batches draw other random starts
     assert alp_key(dataclasses.replace(cfg, n_ex=100), {}) != key
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("n_ex", "accumulate", "log")}
+    from roli.rundir import ADDED_OPTIONS
+
+    old = {k: v for k, v in cfg.to_dict().items() if k not in (*ADDED_OPTIONS, "log")}  # a config of before them
     assert (
         alp_key(type("Old", (), {"to_dict": lambda self: old, "checkpoint": None, "settings": cfg.settings})(), {})
         == key

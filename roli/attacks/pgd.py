@@ -27,12 +27,6 @@ from roli.ops import check_clip, keep_best_kernel, pgd_init, step_kernel
 INF = float("inf")
 
 
-def _scaled(loss: torch.Tensor, precision: str) -> torch.Tensor:
-    """The loss whose input gradient the step follows: in fp16 scaled up (attack_loss_scale), else as it is."""
-    scale = attack_loss_scale(precision)
-    return loss if scale == 1.0 else loss * scale
-
-
 @dataclass
 class PGDResult:
     """x_adv: (B, ...) adversarial images. success: (B,) bool, the attack's goal reached (misclassified,
@@ -417,6 +411,7 @@ class PGD:
         # active never changes the random numbers of the others (early_stop keeps the same accuracy).
         xn, yy, tt, e, s = (_take(t, idx) for t in (x_nat, y, target, eps_t, step_t))
         x_adv = _take(start, idx) if start is not None else xn.clone(memory_format=torch.preserve_format)
+        scale = attack_loss_scale(self.config.precision)  # fp16: no input gradient flushes to zero
         for it in range(self.config.steps + 1):
             last = it == self.config.steps
             if last and not self.config.scored:
@@ -425,7 +420,8 @@ class PGD:
             with torch.enable_grad():
                 loss, success = self._forward(model, x_adv, yy, tt, with_grad=not last, check=check)
                 check = False
-                grad = None if last else torch.autograd.grad(_scaled(loss.sum(), self.config.precision), x_adv)[0]
+                if not last:
+                    grad = torch.autograd.grad(loss.sum() if scale == 1.0 else loss.sum() * scale, x_adv)[0]
             x_adv = x_adv.detach()
             if trace is not None:
                 trace.append((loss.detach().float(), success))

@@ -28,10 +28,23 @@ def fast_layout(model, precision: str, channels_last: bool | None = None) -> boo
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
     """(x_i, y_i, w_i): the batch in k near-equal parts, w_i = len(part) / len(batch), so that the sum of the parts'
-    mean losses weighted by w_i is the batch's mean loss (gradient accumulation that equals the whole batch)."""
+    mean losses weighted by w_i is the batch's mean loss (gradient accumulation that equals the whole batch). One
+    part (k = 1): the batch itself with w = None (no weighting: the step launches nothing it did not before)."""
     n = len(y)
+    if k <= 1 or n <= 1:
+        yield x, y, None
+        return
     for xi, yi in zip(x.tensor_split(min(k, n)), y.tensor_split(min(k, n)), strict=True):
         yield xi, yi, len(yi) / n
+
+
+def weighted(loss: torch.Tensor, w: float | None) -> torch.Tensor:
+    return loss if w is None else loss * w
+
+
+def tally(acc: tuple | None, loss: torch.Tensor, correct: torch.Tensor) -> tuple:
+    """The step's (loss, correct) summed over its micro-batches (the first part's tensors as they are)."""
+    return (loss.detach(), correct) if acc is None else (acc[0] + loss.detach(), acc[1] + correct)
 
 
 def update(opt: torch.optim.Optimizer, scaler, before_step=None) -> None:
@@ -67,14 +80,14 @@ def alp_step(
     final adversarial batch, computed without a backbone graph (with `accumulate` > 1: per micro-batch, one
     update). Returns (loss, correct count) as 0-dim tensors on the device (reading them would synchronise)."""
     opt.zero_grad(set_to_none=True)
-    total = correct = 0
+    acc = None
     for xi, yi, w in micro_batches(x, y, accumulate):
         x_adv = attack(xi, yi)
         with torch.no_grad(), autocast_for(xi.device, precision):
             feats = model.features(x_adv).float()
         logits = model.head(feats)
-        loss = F.cross_entropy(logits, yi) * w
+        loss = weighted(F.cross_entropy(logits, yi), w)
         backward(loss, scaler)
-        total, correct = total + loss.detach(), correct + (logits.argmax(1) == yi).sum()
+        acc = tally(acc, loss, (logits.argmax(1) == yi).sum())
     update(opt, scaler, before_step)  # before_step: e.g. averaging the head's gradients over ranks
-    return total, correct
+    return acc

@@ -20,6 +20,7 @@ from torch import nn
 from roli._compat import import_timm
 from roli._io import first_line
 from roli.models import registry
+from roli.models.registry import HUB_PREFIXES
 from roli.models.wrapper import Preprocess
 
 
@@ -165,7 +166,6 @@ def _build_net(model: str | nn.Module, in_chans: int, pretrained: bool, model_kw
             ) from None
 
 
-HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's names of models on the Hugging Face hub (data, not code)
 HUB_HOST = ("huggingface.co", 443)
 
 

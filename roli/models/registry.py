@@ -24,6 +24,7 @@ from roli._io import atomic_write
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD
 
 LINF_4 = ("Linf", 4 / 255, "4/255")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's names of models on the Hugging Face hub: names (data), not code
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from roli._io import atomic_write, first_line, load_tagged, save_torch
 from roli.attacks import PGD
 from roli.attacks.accuracy import validation_counts
 from roli.config import OPTIMIZERS, REF_ADAMW_EPS, SELECT_BY
-from roli.features.alp_step import alp_step, backward, micro_batches, update
+from roli.features.alp_step import alp_step, backward, micro_batches, tally, update, weighted
 from roli.models import load_checkpoint, save_checkpoint
 from roli.schedule import warmup_cosine
 from roli.training.guard import Guard, trained_state
@@ -163,7 +163,7 @@ def ft_step(
     the device (reading them would synchronise)."""
     opt.zero_grad(set_to_none=True)
     parts = list(micro_batches(x, y, accumulate))
-    total = correct = 0
+    acc = None
     for i, (xi, yi, w) in enumerate(parts):
         x_in = attack(xi, yi) if attack is not None else xi
         net.train()
@@ -171,11 +171,11 @@ def ft_step(
         with quiet:
             with autocast_for(xi.device, precision):
                 logits = net(x_in)
-            loss = F.cross_entropy(logits.float(), yi) * w
+            loss = weighted(F.cross_entropy(logits.float(), yi), w)
             backward(loss, scaler)
-        total, correct = total + loss.detach(), correct + (logits.argmax(1) == yi).sum()
+        acc = tally(acc, loss, (logits.argmax(1) == yi).sum())
     update(opt, scaler)
-    return total, correct
+    return acc
 
 
 def alp_stage_step(model, attack: PGD, opt: torch.optim.Optimizer, precision: str = "fp32", scaler=None,

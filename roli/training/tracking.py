@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import numbers
 from pathlib import Path
 
@@ -118,9 +119,13 @@ def _start_wandb(run_dir: Path, config: dict, resume: bool):
     if resume and ids.is_file():
         try:
             saved = json.loads(ids.read_text())
-        except ValueError:
-            saved = {}
-    run_id = saved.get("wandb_id") if isinstance(saved.get("wandb_id"), str) else None
+        except (ValueError, UnicodeDecodeError):
+            saved = None
+    run_id = saved.get("wandb_id") if isinstance(saved, dict) and isinstance(saved.get("wandb_id"), str) else None
+    if resume and ids.is_file() and run_id is None:
+        logging.getLogger("roli.train").warning(
+            "tracking: %s names no wandb run; the resumed run logs to a new one", ids
+        )
     run_id = run_id or wandb.util.generate_id()
     mode = _env.wandb_mode() or ("online" if _env.reachable(*WANDB_HOST) else "offline")
     save_json({"wandb_id": run_id, "wandb_mode": mode}, ids)
