@@ -1,13 +1,21 @@
 """Atomic file writes: a temporary file in the target folder, then a rename. A run killed mid-write
 leaves the previous file (if any) in place and no half-written file under the target name; its
 temporary file (".<name>.<random>.tmp") is removed by remove_stale_temporaries when the run starts or
-resumes. Written files are fsynced and get the ordinary mode of the user's umask (not mkstemp's 0600)."""
+resumes. Written files are fsynced and get the ordinary mode of the user's umask (not mkstemp's 0600).
+
+The manifest: a folder roli made (a run directory, holding RUN_MARKER; a grid's --out, holding GRID_MARKER)
+records every file roli writes into it, as it writes it, in MANIFEST (JSON lines, appended and fsynced):
+{"tmp": rel} before a temporary is filled, {"file": rel, "size": n, "sha256": h} before it is renamed into place,
+{"grown": rel} for a file a tracker appends to, {"tree": rel} for a folder a tracker library fills. --overwrite
+deletes exactly the recorded files whose content still matches (rundir.remove_outputs), and a start removes
+exactly the recorded temporaries: never a file roli did not write, whatever its name."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +23,68 @@ from pathlib import Path
 import torch
 
 TMP_SUFFIX = ".tmp"
+RUN_MARKER = ".roli-run"  # in every run directory roli creates
+GRID_MARKER = ".roli-grid"  # in every grid --out folder roli creates
+MANIFEST = ".roli-manifest.jsonl"
+_MARKERS = (RUN_MARKER, GRID_MARKER)
+_DEPTH = 4  # run dir / stage / evaluations / file: the deepest file roli writes through atomic_write
 
 
-def _umask() -> int:
+def owner(path: str | Path) -> Path | None:
+    """The folder roli made that `path` lies in (the nearest ancestor holding a marker), or None. A marker
+    being written makes its own folder the owner."""
+    path = Path(path)
+    if path.name in _MARKERS:
+        return path.parent
+    folder = path.parent
+    for _ in range(_DEPTH):
+        if any(os.path.isfile(folder / m) and not os.path.islink(folder / m) for m in _MARKERS):
+            return folder
+        if folder == folder.parent:
+            break
+        folder = folder.parent
+    return None
+
+
+def record(folder: Path, entry: dict) -> None:
+    """Append one entry to folder's manifest (fsynced: it is on disk before the file it names)."""
+    fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~umask())
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest(folder: str | Path) -> list[dict] | None:
+    """The entries of folder's manifest (a line cut short by a kill is skipped), or None when it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        return None
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def note_written(path: str | Path, kind: str = "grown") -> None:
+    """Record a file roli appends to (kind "grown": train.log, a TensorBoard event file) or a folder a tracker
+    library fills ("tree": wandb/) in the manifest of the folder it lies in, if roli made that folder."""
+    folder = owner(Path(path) / "x" if kind == "tree" else path)
+    if folder is not None:
+        record(folder, {kind: _rel(path, folder)})
+
+
+def _rel(path: str | Path, folder: Path) -> str:
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(folder)).as_posix()
+
+
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -32,12 +99,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) and move the result to `path` atomically (fsynced, mode 0666 & ~umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    folder = owner(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
+        if folder is not None:
+            record(folder, {"tmp": _rel(tmp, folder)})
         write(tmp)
         _fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
+        if folder is not None:
+            record(folder, {"file": _rel(path, folder), "size": os.path.getsize(tmp), "sha256": file_sha256(tmp)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,11 +118,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def remove_stale_temporaries(folder: str | Path, ours=None) -> list[Path]:
     """Remove the temporary files atomic_write left in `folder` (and its sub-folders) when a process was
-    killed mid-write: ".<name>.<random>.tmp" next to a file roli writes; `ours(relative path)` says which are
-    roli's (a user's own ".x.y.tmp" is never touched). Returns what was removed."""
+    killed mid-write: those its manifest names, or (a folder of an earlier roli, without a manifest)
+    ".<name>.<random>.tmp" next to a file roli writes; `ours(relative path)` says which are roli's (a user's
+    own ".x.y.tmp" is never touched). Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    entries = manifest(folder)
+    if entries is not None:
+        stale = [folder / e["tmp"] for e in entries if plain_file(folder, e.get("tmp"))]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
     stale = [
         p
         for p in folder.rglob(f".*{TMP_SUFFIX}")
@@ -60,6 +139,26 @@ def remove_stale_temporaries(folder: str | Path, ours=None) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def plain_file(folder: Path, rel) -> bool:
+    """`rel` (a manifest path) names a regular file inside `folder` reached without a symlink and without
+    '..': an edited manifest cannot point roli at another file."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/"):
+        return False
+    parts = rel.split("/")
+    if ".." in parts or "" in parts or "." in parts:
+        return False
+    path = Path(folder)
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return False
+        if stat.S_ISLNK(mode):
+            return False
+    return stat.S_ISREG(mode)
 
 
 def first_line(e: BaseException) -> str:

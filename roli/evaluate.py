@@ -42,7 +42,7 @@ from roli.config import TrainConfig, check_code_from_file
 from roli.data import load_dataset
 from roli.models import RobustClassifier
 from roli.ops import requested_impl, unavailable_reason
-from roli.rundir import MARKER, RunLock, check_fingerprint, fingerprint
+from roli.rundir import FINGERPRINT, MARKER, RunLock, check_as_written, check_fingerprint, fingerprint
 from roli.specs import DataSpec, ModelSpec, PeftSpec
 
 
@@ -201,12 +201,14 @@ def _from_run(args):
     ]
     if given:
         raise BadValue(f"--run rebuilds the model as the run trained it: drop {', '.join(given)}")
+    stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
+    reads = ("config.json", FINGERPRINT, *(f"{s}/best.pt" for s in ([args.stage] if args.stage else stages[:1])))
+    check_as_written(run, "--run", "evaluate the files roli wrote (or train the run again)", only=reads)
     try:
         cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
         check_code_from_file(cfg.model, str(run / "config.json"), args.trust_code)
     except BadValue as e:
         raise BadValue(f"--run: {e}") from None
-    stages = [s for s in STAGE_ORDER if (run / s / "best.pt").is_file()]
     stage = args.stage or (stages[0] if stages else None)
     if stage is None or not (run / stage / "best.pt").is_file():
         have = ", ".join(stages) or "none"

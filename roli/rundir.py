@@ -1,9 +1,14 @@
 """The run directory: what roli writes there (and so may delete), its lock, and the fingerprint that tells a
 resumed or evaluated run from a changed one.
 
-- roli writes only the names in OUTPUTS (and atomic_write's temporaries next to them). `--overwrite` deletes
-  those and nothing else: a user's file in the directory stays, and a directory holding an input of the new
-  run (checkpoint, head, data, config) is refused before anything is deleted.
+- roli records every file it writes in the run's manifest (roli._io: path, size, sha256, as it writes it), and
+  writes only names in OUTPUTS. `--overwrite` deletes the manifest's files whose content still matches what
+  roli wrote and nothing else: a user's file, a file edited since, a symlink stay; a directory holding an input
+  of the new run (checkpoint, head, data, config) is refused before anything is deleted. A run of an earlier
+  roli (no manifest) is cleared by OUTPUTS' names, as then.
+- A new run directory is created whole: its marker, manifest, config.json and fingerprint.json are written in
+  a temporary sibling (".<name>.roli-new-<random>") that is then renamed into place, so a kill while starting
+  leaves nothing under the run's name (the sibling is removed by the next start).
 - A process that trains in or evaluates a run holds an exclusive lock (fcntl.flock on RUN_DIR/.roli-lock, with
   its pid inside): a second trainer or `evaluate --run` is refused in one line. The kernel drops the lock when
   the process ends, however it ends; a lock file left by a process that is gone is taken over with a log line.
@@ -16,28 +21,39 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import torch
 
 from roli._cli import BadValue
-from roli._io import remove_stale_temporaries, save_json
+from roli._io import (
+    MANIFEST,
+    RUN_MARKER,
+    file_sha256,
+    manifest,
+    plain_file,
+    remove_stale_temporaries,
+    save_json,
+    umask,
+)
 
 log = logging.getLogger("roli.train")
 
-MARKER = ".roli-run"  # written into every run directory roli creates: --overwrite and --resume need it
+MARKER = RUN_MARKER  # written into every run directory roli creates: --overwrite and --resume need it
 LOCK = ".roli-lock"
 FINGERPRINT = "fingerprint.json"
 STAGES = ("pretrain", "lp", "alp", "ft", "roli-ft", "ranli-ft")
 # Relative paths (fnmatch patterns) of everything roli writes into a run directory.
 OUTPUTS = (
-    MARKER, LOCK, FINGERPRINT, "config.json", "labels.json", "results.json", "train.log", "tracking.json",
+    MARKER, LOCK, MANIFEST, FINGERPRINT, "config.json", "labels.json", "results.json", "train.log", "tracking.json",
     *(f"{s}/{name}" for s in STAGES
       for name in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv", "curves.png", "done.json")),
     "tensorboard/events.out.tfevents.*",  # --log tensorboard; --log wandb: Weights & Biases' own tree
@@ -47,11 +63,15 @@ OUTPUTS = (
 )  # fmt: skip
 
 
+def _temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
+
+
 def written_by_roli(rel: str) -> bool:
     """A path (relative to the run directory, '/'-separated) that roli writes, or one of atomic_write's
     temporaries next to such a file (".<name>.<random>.tmp")."""
     parent, _, name = rel.rpartition("/")
-    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+    if _temporary(name):
         target = name[1:].rsplit(".", 2)[0]
         rel = f"{parent}/{target}" if parent else target
     parts = rel.split("/")
@@ -92,7 +112,140 @@ def check_overwrite(run_dir: Path, inputs: dict[str, Path]) -> None:
 
 
 def remove_outputs(run_dir: Path) -> list[str]:
-    """Delete what roli wrote in run_dir (OUTPUTS); returns the files it kept (not roli's)."""
+    """Delete what roli wrote in run_dir: the manifest's files whose content still matches (by OUTPUTS'
+    names for a run of an earlier roli, without a manifest). Returns the files it kept, with why."""
+    entries = manifest(run_dir)
+    if entries is None:
+        log.info("--overwrite: %s has no %s (a run of an earlier roli): its files are known by name", run_dir, MANIFEST)
+        return _remove_by_name(run_dir)
+    written: dict[str, set] = {}
+    for e in entries:
+        if isinstance(e.get("file"), str):
+            written.setdefault(e["file"], set()).add((e.get("size"), e.get("sha256")))
+    grown = {e["grown"] for e in entries if isinstance(e.get("grown"), str)}
+    removed, changed_since = [], []
+    for rel in sorted(written) + sorted(grown - set(written)):
+        if rel == MARKER or not plain_file(run_dir, rel):
+            continue
+        path = run_dir / rel
+        if rel in written and (path.stat().st_size, file_sha256(path)) not in written[rel]:
+            changed_since.append(rel)
+            continue
+        path.unlink()
+        removed.append(rel)
+    for tree in sorted({e["tree"] for e in entries if isinstance(e.get("tree"), str)}):
+        if not _plain_dir(run_dir, tree):
+            continue
+        for root, dirs, files in os.walk(run_dir / tree, followlinks=False):
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                os.unlink(os.path.join(root, name))  # a link itself, never what it points to
+                removed.append(Path(root, name).relative_to(run_dir).as_posix())
+    folders = {parent for rel in removed for parent in Path(rel).parents if parent != Path(".")}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
+        path = run_dir / folder
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+    _restart_manifest(run_dir)
+    kept = [
+        p.relative_to(run_dir).as_posix() for p in sorted(run_dir.rglob("*"))
+        if (p.is_file() or p.is_symlink()) and p.name not in (MARKER, LOCK, MANIFEST)
+    ]  # fmt: skip
+    return [f"{k} (changed since roli wrote it)" if k in changed_since else k for k in kept]
+
+
+MARKER_FORMAT = "roli run 2"  # a run with a manifest; a marker without "format" is of an earlier roli
+
+
+def not_as_written(run_dir: Path, only: tuple[str, ...] | None = None) -> list[str] | None:
+    """roli's files in run_dir that are not what roli wrote there, in words: edited or replaced (content not in
+    the manifest), copied in (a name roli writes, never written here), or config.json/fingerprint.json gone.
+    `only`: just these paths. None for a run of an earlier roli (no manifest, an old marker)."""
+    entries = manifest(run_dir)
+    if entries is None:
+        try:
+            fmt = json.loads((run_dir / MARKER).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        return [f"its manifest {MANIFEST} is missing"] if fmt == MARKER_FORMAT else None
+    written: dict[str, set] = {}
+    for e in entries:
+        if isinstance(e.get("file"), str):
+            written.setdefault(e["file"], set()).add((e.get("size"), e.get("sha256")))
+    skip = {LOCK, MANIFEST} | {e.get("grown") for e in entries} | {e.get("tmp") for e in entries}
+    trees = tuple(e["tree"] + "/" for e in entries if isinstance(e.get("tree"), str))
+    out = []
+    for root, _, files in os.walk(run_dir, followlinks=False):
+        for name in files:
+            rel = Path(root, name).relative_to(run_dir).as_posix()
+            if rel in skip or rel.startswith(trees) or (only is not None and rel not in only) or _temporary(name):
+                continue  # a temporary is never read: a start removes roli's
+            if rel in written:
+                size = os.lstat(run_dir / rel).st_size
+                if (
+                    not any(size == n for n, _ in written[rel])
+                    or (size, file_sha256(run_dir / rel)) not in written[rel]
+                ):
+                    out.append(f"{rel} is not the file roli wrote there (edited or replaced)")
+            elif written_by_roli(rel):
+                out.append(f"{rel} was not written by this run (copied in?)")
+    for rel in ("config.json", FINGERPRINT):
+        if rel in written and not (run_dir / rel).exists() and (only is None or rel in only):
+            out.append(f"{rel} is missing (deleted?)")
+    return sorted(out)
+
+
+def check_links(run_dir: Path) -> None:
+    links = foreign_links(run_dir)
+    if links:
+        raise BadValue(
+            f"run directory {run_dir} holds a symlink roli did not make ({links[0]}): roli would write or delete "
+            "through it; remove it, or choose another --run-dir"
+        )
+
+
+def check_as_written(run_dir: Path, what: str, advice: str, only: tuple[str, ...] | None = None) -> None:
+    """Refuse (one line) a run holding a symlink, or whose files roli would read or replace are not those it
+    wrote (not_as_written)."""
+    check_links(run_dir)
+    found = not_as_written(run_dir, only)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise BadValue(f"{what}: in {run_dir}, {found[0]}{more}; {advice}")
+
+
+def _plain_dir(folder: Path, rel: str) -> bool:
+    """`rel` is a folder inside `folder` reached without a symlink or '..'."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or {"..", ".", ""} & set(parts):
+        return False
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return False
+    return path.is_dir()
+
+
+def _restart_manifest(run_dir: Path) -> None:
+    """After --overwrite cleared the run: a manifest naming only the marker (written whole, then renamed)."""
+    marker = run_dir / MARKER
+    entry = (
+        {"file": MARKER, "size": marker.stat().st_size, "sha256": file_sha256(marker)}
+        if plain_file(run_dir, MARKER)
+        else {}
+    )
+    tmp = run_dir / (MANIFEST + ".new")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode() if entry else b"")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, run_dir / MANIFEST)
+
+
+def _remove_by_name(run_dir: Path) -> list[str]:
     kept = []
     for path in sorted(run_dir.rglob("*"), reverse=True):  # files before their folders
         rel = path.relative_to(run_dir).as_posix()
@@ -275,17 +428,16 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str
         raise BadValue(f"run directory {run_dir}: {base} is a file, not a directory; choose another --run-dir")
     if not os.access(base, os.W_OK | os.X_OK):
         raise BadValue(f"run directory {run_dir}: {base} is not writable; choose another --run-dir")
-    links = foreign_links(run_dir) if run_dir.is_dir() and (resume or overwrite) else []
-    if links:
-        raise BadValue(
-            f"run directory {run_dir} holds a symlink roli did not make ({links[0]}): roli would write or delete "
-            "through it; remove it, or choose another --run-dir"
-        )
+    if run_dir.is_dir() and (resume or overwrite):
+        check_links(run_dir)
     if resume:
         if not (run_dir / MARKER).is_file():
             raise BadValue(
                 f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes only its own runs"
             )
+        check_as_written(
+            run_dir, "resume", "put back the file roli wrote, or move it away and start over with --overwrite"
+        )
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -299,30 +451,98 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str
                 "deletes only what it wrote; choose another --run-dir"
             )
         check_overwrite(run_dir, inputs or {})
+        check_as_written(run_dir, "--overwrite", "--overwrite replaces only the files roli wrote: move it away first")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run directory (or clear roli's outputs from it with --overwrite) and mark it as roli's."""
-    if overwrite and not resume and run_dir.exists() and (run_dir / MARKER).is_file():
-        kept = remove_outputs(run_dir)
-        if kept:
-            log.warning(
-                "--overwrite: kept %d file(s) roli did not write in %s: %s",
-                len(kept),
-                run_dir,
-                ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""),
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir, written_by_roli)  # left by a process killed while writing a checkpoint
-    if not (run_dir / MARKER).exists():
+STAGING = ".roli-new-"  # a new run directory is written as ".<name>.roli-new-<random>" beside it, then renamed
+
+
+def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, first) -> RunLock:
+    """Take the run directory for this process and write its first files: returns the held lock.
+
+    A new directory is created whole: marker, manifest and what first(folder) writes (config.json,
+    fingerprint.json) go into a locked temporary sibling that is renamed into place, so a kill leaves either
+    nothing under the run's name or a run that --resume (or --overwrite) accepts. --overwrite clears roli's
+    files (remove_outputs) under the lock; --resume keeps them; both then call first(run_dir)."""
+    if run_dir.is_dir() and (run_dir / MARKER).is_file():
+        lock = RunLock(run_dir, purpose).acquire()  # before --overwrite deletes anything: no one else uses it
+        try:
+            if overwrite and not resume:
+                kept = remove_outputs(run_dir)
+                if kept:
+                    log.warning(
+                        "--overwrite: kept %d file(s) roli did not write in %s: %s",
+                        len(kept),
+                        run_dir,
+                        ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""),
+                    )
+            remove_stale_temporaries(run_dir, written_by_roli)  # left by a process killed while writing
+            first(run_dir)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(run_dir)
+    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}{STAGING}"))
+    os.chmod(staging, 0o777 & ~umask())
+    lock = RunLock(staging, purpose).acquire()  # the flock stays on the file through the rename
+    try:
         save_json(
             {
+                "format": MARKER_FORMAT,
                 "created_by": "roli train",
-                "note": "roli deletes (--overwrite) and resumes only directories "
-                "holding this file, and only the files it wrote there",
+                "note": "roli deletes (--overwrite) and resumes only directories holding this file, and only "
+                f"the files it wrote there (listed in {MANIFEST})",
             },
-            run_dir / MARKER,
+            staging / MARKER,
         )
+        first(staging)
+        try:
+            os.rename(staging, run_dir)  # onto nothing, or onto an empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise BadValue(
+                f"run directory {run_dir} was filled by another process while this run started; choose another "
+                "--run-dir"
+            ) from None
+        lock.path = run_dir / LOCK
+    except BaseException:
+        lock.release()
+        _remove_staging(staging)
+        raise
+    return lock
+
+
+def _remove_staging(staging: Path) -> bool:
+    """Remove a start's temporary sibling: only roli's files in it (by its manifest); True when it is gone."""
+    if staging.is_symlink() or not staging.is_dir():
+        return False
+    if remove_outputs(staging):
+        return False
+    for name in (MARKER, MANIFEST, LOCK):
+        if plain_file(staging, name):
+            (staging / name).unlink()
+    try:
+        staging.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stale_staging(run_dir: Path) -> None:
+    """Temporary siblings of run_dir left by a start that was killed (none is in use: each is locked)."""
+    for staging in run_dir.parent.glob(f".{glob.escape(run_dir.name)}{STAGING}*"):
+        if staging.is_symlink() or not (staging / MARKER).is_file():
+            continue
+        try:
+            lock = RunLock(staging, "removing a killed start").acquire()
+        except BadValue:
+            continue  # another process is starting this run right now
+        lock.release()
+        if _remove_staging(staging):
+            log.info("removed %s, left by a start of %s that was killed", staging.name, run_dir)
 
 
 def disk_full(e: OSError, run_dir: Path) -> BadValue | None:

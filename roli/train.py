@@ -39,7 +39,7 @@ from roli.config import (
     shipped_configs,
 )
 from roli.models.classifier import HEAD_INITS
-from roli.rundir import MARKER
+from roli.rundir import MARKER, check_as_written
 from roli.specs import PeftSpec
 from roli.training.loop import Interrupted, NonFiniteLoss
 from roli.training.run import run
@@ -344,7 +344,13 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
                 "resumes only its own runs"
             )
         if not (Path(args.resume) / "config.json").is_file():
-            raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
+            raise BadValue(
+                f"resume: {args.resume} holds no config.json (its start was killed, or it was deleted): start it "
+                "again with --overwrite, or use another --run-dir"
+            )
+        check_as_written(  # before config.json is read: an edited one is refused, not trusted
+            Path(args.resume), "resume", "put back the file roli wrote, or move it away and start over with --overwrite"
+        )
         if args.overwrite or "run_dir" in flags or args.config:
             given = [
                 f
@@ -359,8 +365,6 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
                 f"resume: {', '.join(given)} cannot go with --resume (it continues RUN_DIR as it was configured)"
             )
         saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise BadValue(f"resume: {args.resume} holds no config.json: not a roli run directory")
         before = TrainConfig.from_file(saved, run_dir=args.resume)
         after = TrainConfig.from_file(saved, **{**flags, "run_dir": args.resume})
         changed = sorted(k for k, v in before.to_dict().items() if k not in RESUMABLE and after.to_dict()[k] != v)

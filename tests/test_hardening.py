@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from roli._io import atomic_write, record, save_json
 from roli.evaluate import main as evaluate
 from roli.train import main as train
 
@@ -95,12 +96,15 @@ def test_resume_of_a_damaged_or_mismatched_state(run_copy, capsys):
     (state / "done.json").unlink()  # the stage is unfinished again: --resume reads last.pt
     data = (state / "last.pt").read_bytes()
     (state / "last.pt").write_bytes(data[: len(data) // 3])
+    assert train(["--resume", str(run_copy)]) == 2  # the manifest: not the last.pt roli wrote
+    one_line(capsys, "pretrain/last.pt is not the file roli wrote there (edited or replaced)")
+    atomic_write(state / "last.pt", lambda tmp: Path(tmp).write_bytes(data[: len(data) // 3]))  # recorded
     assert train(["--resume", str(run_copy)]) == 2
     one_line(capsys, "cannot be restored", after_start=True)
-    (state / "last.pt").write_bytes(data)
+    atomic_write(state / "last.pt", lambda tmp: Path(tmp).write_bytes(data))
     cfg = json.loads((run_copy / "config.json").read_text())
     cfg["model_args"] = {"width": 16}  # an edited config.json: refused by the run's fingerprint, before anything
-    (run_copy / "config.json").write_text(json.dumps(cfg))
+    save_json(cfg, run_copy / "config.json")
     before = tree_hash(run_copy)
     assert train(["--resume", str(run_copy)]) == 2
     one_line(capsys, "resume: the settings in config.json changed since the run started")
@@ -111,11 +115,14 @@ def test_resume_of_a_damaged_or_mismatched_state(run_copy, capsys):
 def test_stale_temporaries_removed_and_modes_follow_the_umask(run_copy):
     stale = run_copy / "pretrain" / ".last.pt.k3j2h1.tmp"
     stale.write_bytes(b"half a checkpoint")
+    record(run_copy, {"tmp": "pretrain/.last.pt.k3j2h1.tmp"})  # as atomic_write names it before filling it
     mine = run_copy / "pretrain" / ".notes.tmp"  # not of roli's pattern: kept
     mine.write_text("x")
+    alike = run_copy / "pretrain" / ".best.pt.u7v8w9.tmp"  # roli's pattern, but never roli's temporary: kept
+    alike.write_text("a user's")
     (run_copy / "pretrain" / "done.json").unlink()
     assert train(["--resume", str(run_copy)]) == 0
-    assert not stale.exists() and mine.exists()
+    assert not stale.exists() and mine.exists() and alike.read_text() == "a user's"
     mask = os.umask(0)
     os.umask(mask)
     for name in ("config.json", "results.json", "pretrain/best.pt", "pretrain/last.pt"):

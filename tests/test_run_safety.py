@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from roli._io import atomic_write, record, save_json
 from roli.evaluate import main as evaluate
 from roli.rundir import OUTPUTS, RunLock, written_by_roli
 from roli.train import main as train
@@ -63,10 +64,8 @@ def run_copy(npz_run, tmp_path) -> tuple[Path, Path]:
     shutil.copy(data, data_dest)
     cfg = json.loads((dest / "config.json").read_text())
     cfg["dataset"] = f"npz:{data_dest}"  # the copy reads its own copy of the data
-    (dest / "config.json").write_text(json.dumps(cfg))
-    (dest / "fingerprint.json").unlink()  # rewritten below for the copied config
-    fp = _fingerprint_of(dest)
-    (dest / "fingerprint.json").write_text(json.dumps(fp))
+    save_json(cfg, dest / "config.json")  # as roli writes them: recorded in the copy's manifest
+    save_json(_fingerprint_of(dest), dest / "fingerprint.json")
     return dest, data_dest
 
 
@@ -143,10 +142,10 @@ def test_resume_refuses_a_directory_roli_did_not_make(tmp_path, capsys, npz_run)
 def test_a_changed_run_is_never_resumed(run_copy, capsys, change, named):
     run, data = run_copy
     (run / "alp" / "done.json").unlink()  # unfinished again: --resume would train
-    if change in ("eps", "seed"):
+    if change in ("eps", "seed"):  # config.json rewritten as roli writes it (its manifest agrees): the fingerprint
         cfg = json.loads((run / "config.json").read_text())
         cfg[change] = 0.2 if change == "eps" else 5
-        (run / "config.json").write_text(json.dumps(cfg))
+        save_json(cfg, run / "config.json")
     else:
         with np.load(data) as f:
             arrays = dict(f)
@@ -185,6 +184,12 @@ def test_runs_of_an_earlier_roli_without_a_fingerprint_still_resume(run_copy, ca
     run, _ = run_copy
     (run / "fingerprint.json").unlink()
     (run / "alp" / "done.json").unlink()
+    before = tree_hash(run)
+    assert train(["--resume", str(run)]) == 2  # this roli's run (a manifest): a deleted fingerprint is refused
+    one_line(capsys, "fingerprint.json is missing (deleted?)")
+    assert tree_hash(run) == before
+    (run / ".roli-manifest.jsonl").unlink()  # as an earlier roli left it: no manifest, a marker without format
+    (run / ".roli-run").write_text(json.dumps({"created_by": "roli train"}))
     assert train(["--resume", str(run)]) == 0
     assert "has no fingerprint.json (a run of an earlier roli)" in capsys.readouterr().err
 
@@ -257,9 +262,12 @@ def test_resume_of_an_edited_config_refuses_before_building(run_copy, capsys, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, "model": "payload:make"}))
+    assert train(["--resume", str(run)]) == 2  # the manifest: config.json is not what roli wrote
+    one_line(capsys, "config.json is not the file roli wrote there (edited or replaced)")
+    save_json({**cfg, "model": "payload:make"}, run / "config.json")  # the manifest forged too
     assert train(["--resume", str(run)]) == 2
     one_line(capsys, "would import and run that code")
-    (run / "config.json").write_text(json.dumps({**cfg, "model_args": {"width": 8}}))  # a registry-free edit
+    save_json({**cfg, "model_args": {"width": 8}}, run / "config.json")  # a registry-free edit
     assert train(["--resume", str(run)]) == 2  # the fingerprint, checked before the model is built
     one_line(capsys, "changed since the run started")
     assert not (tmp_path / "ran").exists()
@@ -501,6 +509,9 @@ def test_a_malformed_fingerprint_is_one_line(run_copy, capsys, content):
     run, _ = run_copy
     (run / "fingerprint.json").write_text(content)
     assert train(["--resume", str(run)]) == 2
+    one_line(capsys, "fingerprint.json is not the file roli wrote there")
+    atomic_write(run / "fingerprint.json", lambda tmp: Path(tmp).write_text(content))  # the manifest forged too
+    assert train(["--resume", str(run)]) == 2
     one_line(capsys, "fingerprint.json is damaged; the run cannot be checked")
 
 
@@ -542,8 +553,12 @@ def test_overwrite_and_resume_touch_only_roli_names(run_copy, capsys, tmp_path):
     for path, text in mine.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    stale = run / "alp" / ".best.pt.k3j2.tmp"  # atomic_write's leftover of roli's best.pt: removed
+    stale = run / "alp" / ".best.pt.k3j2.tmp"  # atomic_write's leftover of roli's best.pt (named in the manifest)
     stale.write_text("half")
+    record(run, {"tmp": "alp/.best.pt.k3j2.tmp"})
+    alike = run / "alp" / ".last.pt.zz99.tmp"  # of the same pattern, but not named: a user's, kept
+    alike.write_text("mine")
+    mine[alike] = "mine"
     (run / "alp" / "done.json").unlink()
     assert train(["--resume", str(run)]) == 0
     assert all(p.read_text() == t for p, t in mine.items()) and not stale.exists()

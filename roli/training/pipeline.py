@@ -13,7 +13,7 @@ import torch
 from roli import _dist as D
 from roli._amp import grad_scaler
 from roli._cli import BadValue
-from roli._io import first_line, save_json
+from roli._io import atomic_write, first_line, save_json
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation
 from roli.config import StageSettings, TrainConfig
 from roli.features import FeatureCache, fast_layout, train_linear_probes
@@ -309,5 +309,5 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -15,16 +15,15 @@ import torch
 
 from roli import _dist as D
 from roli._cli import BadValue
-from roli._io import save_json
+from roli._io import note_written, save_json
 from roli.config import TrainConfig
 from roli.models import apply_peft, what_trains
 from roli.rundir import (
-    RunLock,
     check_fingerprint,
     check_run_dir,
     disk_full,
     fingerprint,
-    prepare_run_dir,
+    open_run_dir,
     stage_dir,
     write_fingerprint,
 )
@@ -53,18 +52,18 @@ def run(
     lock = trackers = None
     try:
         if D.is_main():
-            if run_dir.is_dir():  # before --overwrite deletes anything: no other process is using it
-                lock = RunLock(run_dir, f"roli train --method {cfg.method}").acquire()
-            prepare_run_dir(run_dir, resume, overwrite)
-            lock = lock or RunLock(run_dir, f"roli train --method {cfg.method}").acquire()
-            save_json(cfg.record({"validation": getattr(splits[1], "origin", None)}), run_dir / "config.json")
-            if not resume:
-                write_fingerprint(run_dir, fp)
-            if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
-                save_json(
-                    {"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
-                    run_dir / "labels.json",
-                )
+
+            def first(folder: Path) -> None:  # the files a run is resumed from, written before any other
+                if not resume:
+                    write_fingerprint(folder, fp)
+                save_json(cfg.record({"validation": getattr(splits[1], "origin", None)}), folder / "config.json")
+                if getattr(train, "classes", None) is not None:  # the label -> class mapping the run trained with
+                    save_json(
+                        {"classes": list(train.classes), "note": "class i is the i-th entry (the dataset's label)"},
+                        folder / "labels.json",
+                    )
+
+            lock = open_run_dir(run_dir, resume, overwrite, f"roli train --method {cfg.method}", first)
         D.barrier()
         _log_to(run_dir / "train.log")
         log.info("run directory: %s; device: %s", run_dir, cfg.device)
@@ -252,6 +251,7 @@ def _log_to(path: Path) -> None:
     for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(h)
         h.close()
+    note_written(path)  # appended to: --overwrite removes it by name
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(fh)

@@ -23,7 +23,7 @@ import numbers
 from pathlib import Path
 
 from roli._cli import BadValue
-from roli._io import atomic_write, save_json
+from roli._io import atomic_write, note_written, save_json
 from roli.config import TRACKERS
 
 WANDB_HOST = ("api.wandb.ai", 443)
@@ -64,6 +64,7 @@ class Trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            note_written(self.tb.file_writer.event_writer._file_name)  # appended to by TensorBoard's writer
         if "wandb" in self.kinds:
             self.wandb = _start_wandb(self.run_dir, config, resume)
 
@@ -130,6 +131,7 @@ def _start_wandb(run_dir: Path, config: dict, resume: bool):
     mode = _env.wandb_mode() or ("online" if _env.reachable(*WANDB_HOST) else "offline")
     save_json({"wandb_id": run_id, "wandb_mode": mode}, ids)
     (run_dir / "wandb").mkdir(exist_ok=True)
+    note_written(run_dir / "wandb", "tree")  # filled by wandb itself
     return wandb.init(
         project=_env.wandb_project(),
         name=run_dir.name,
