@@ -519,6 +519,7 @@ def _remove_staging(staging: Path) -> bool:
     """Remove a start's temporary sibling: only roli's files in it (by its manifest); True when it is gone."""
     if staging.is_symlink() or not staging.is_dir():
         return False
+    remove_stale_temporaries(staging)
     if remove_outputs(staging):
         return False
     for name in (MARKER, MANIFEST, LOCK):
@@ -534,8 +535,8 @@ def _remove_staging(staging: Path) -> bool:
 def _remove_stale_staging(run_dir: Path) -> None:
     """Temporary siblings of run_dir left by a start that was killed (none is in use: each is locked)."""
     for staging in run_dir.parent.glob(f".{glob.escape(run_dir.name)}{STAGING}*"):
-        if staging.is_symlink() or not (staging / MARKER).is_file():
-            continue
+        if staging.is_symlink() or not plain_file(staging, MANIFEST):
+            continue  # roli's start writes its manifest first
         try:
             lock = RunLock(staging, "removing a killed start").acquire()
         except BadValue:

@@ -1,0 +1,118 @@
+"""Killed at any write, a run resumes (or starts again) to exactly the uninterrupted result.
+
+Each case runs roli in a forked child (torch already imported: no start-up cost per kill) that SIGKILLs itself
+just before its k-th rename of a file into place (every write roli makes goes through atomic_write's rename;
+a new run directory through one rename of its temporary sibling), for every k the run has. Then `--resume`
+(or, where the kill came before the run directory existed, the same command again) runs in a fresh child, and
+every tensor of every best.pt and the test figures must equal those of a run that was never killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from roli._io import manifest
+from roli.train import main as train
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per kill")
+
+DIGITS = ["--dataset", "digits", "--classes", "0-3", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
+          "--val-steps", "1", "--epochs", "2", "--warmup", "0", "--random-backbone", "--batch-size", "64", "--alp-lr", "0.5", "--lr", "0.1"]  # fmt: skip
+
+
+def in_child(call, kill_at: int = 0, count_to: Path | None = None) -> int | str:
+    """call() in a forked child with one thread; SIGKILLed before its kill_at-th rename (1-based; 0: never).
+    Returns call()'s exit code, or "killed". count_to: the child writes how many renames it made there."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            torch.set_num_threads(1)
+            renames = [0]
+
+            def counting(real):
+                def rename(src, dst, *a, **kw):
+                    renames[0] += 1
+                    if renames[0] == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(src, dst, *a, **kw)
+
+                return rename
+
+            os.replace, os.rename = counting(os.replace), counting(os.rename)
+            code = call()
+            if count_to is not None:
+                count_to.write_text(str(renames[0]))
+        except BaseException as e:  # noqa: BLE001 - reported through the exit code
+            print(f"child failed: {e!r}", file=sys.stderr)
+        finally:
+            os._exit(code if isinstance(code, int) else 71)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return "killed"
+    return os.WEXITSTATUS(status)
+
+
+def outcome(run: Path) -> dict:
+    """Every tensor of every stage's best.pt, and the test figures."""
+    out = {"results": {k: v["test"] for k, v in json.loads((run / "results.json").read_text()).items()}}
+    for best in sorted(run.glob("*/best.pt")):
+        state = torch.load(best, map_location="cpu", weights_only=True)
+        out[best.parent.name] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} or state
+        last = torch.load(best.parent / "last.pt", map_location="cpu", weights_only=True)
+        out[best.parent.name + "/last"] = last["model"]  # the final weights, whichever epoch was best
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            if not isinstance(y, dict) or not same(x, y):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def kill_everywhere(tmp_path: Path, argv: list[str], run: Path) -> tuple[int, int]:
+    """(writes, how many kills came before the run directory existed): each k from 1 to the run's count."""
+    count = tmp_path / "count"
+    assert train([*argv, "--run-dir", str(tmp_path / "warm")]) == 0  # imports all it needs before the forks
+    assert in_child(lambda: train([*argv, "--run-dir", str(run)]), count_to=count) == 0
+    writes, expected = int(count.read_text()), outcome(run)
+    assert writes >= 10, writes
+    before_dir = 0
+    for k in range(1, writes + 1):
+        where = tmp_path / f"k{k}" / "run"
+        assert in_child(lambda: train([*argv, "--run-dir", str(where)]), kill_at=k) == "killed", k
+        if where.exists():  # a run directory exists only whole: marker, manifest, config and fingerprint
+            assert all((where / n).is_file() for n in (".roli-run", ".roli-manifest.jsonl", "config.json")), k
+            assert manifest(where), k
+            assert in_child(lambda: train(["--resume", str(where)])) == 0, k
+        else:
+            before_dir += 1
+            assert in_child(lambda: train([*argv, "--run-dir", str(where)])) == 0, k
+        assert same(outcome(where), expected), f"killed before write {k}: resumed differently"
+        leftovers = [p.name for p in where.parent.iterdir() if p.name != "run"]
+        assert not leftovers, (k, leftovers)  # a killed start's temporary sibling was removed
+        temporaries = [p for p in where.rglob("*.tmp")]
+        assert not temporaries, (k, temporaries)  # a killed write's temporary was removed
+    return writes, before_dir
+
+
+def test_train_killed_at_every_write_resumes_identically(tmp_path):
+    writes, before_dir = kill_everywhere(tmp_path, ["--method", "roli", "--peft", "full", *DIGITS], tmp_path / "ref")
+    assert before_dir >= 1 and writes - before_dir >= 10  # both kinds were exercised
