@@ -35,9 +35,9 @@ from pathlib import Path
 
 from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
-from roli._io import save_json
+from roli._io import GRID_MARKER, save_json
 from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code, parse_set_options
-from roli.rundir import without_added_defaults
+from roli.rundir import RunLock, check_links, settings, without_added_defaults
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -78,6 +78,7 @@ class Job:
     cfg: TrainConfig
     deps: list[str] = field(default_factory=list)  # names of the jobs whose outputs it needs
     sources: list[str] = field(default_factory=list)  # the configs it serves (an ALP job: all that share it)
+    rerun: bool = False  # --rerun-changed: its run exists under other settings and is trained again
 
     @property
     def run_dir(self) -> Path:
@@ -259,8 +260,33 @@ def state_of(job: Job) -> str:
 def train_args(job: Job, out: Path, trust_code: bool) -> list[str]:
     """The `roli train` arguments of a job: a new run from its config file, or --resume of an interrupted one."""
     spec = out / "jobs" / f"{job.name.replace('/', '__')}.json"
-    args = ["--resume", str(job.run_dir)] if state_of(job) == "partial" else ["--config", str(spec)]
+    if job.rerun:
+        args = ["--config", str(spec), "--overwrite"]
+    else:
+        args = ["--resume", str(job.run_dir)] if state_of(job) == "partial" else ["--config", str(spec)]
     return [*args, "--trust-code"] if trust_code else args
+
+
+def changed_runs(jobs: list[Job]) -> list[tuple[Job, list[str]]]:
+    """The jobs whose run directory holds a run of other settings than the job's resolved config (the
+    settings a run's fingerprint holds: how it executes aside), with the keys that differ. A job after one
+    that changed is trained again too (its input changes)."""
+    out, again = [], set()
+    for job in jobs:  # dependencies first (plan's order)
+        saved = job.run_dir / "config.json"
+        if state_of(job) == "new" or not saved.is_file():
+            continue
+        try:
+            before = settings(TrainConfig.from_file(saved, run_dir=str(job.run_dir)).to_dict())
+        except (BadValue, ValueError, TypeError, OSError):
+            before = {}
+        now = settings(job.cfg.to_dict())
+        keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        keys += [f"after {d}" for d in job.deps if d in again]
+        if keys:
+            out.append((job, keys))
+            again.add(job.name)
+    return out
 
 
 def command(job: Job, out: Path, gpus_per_run: int, trust_code: bool) -> list[str]:
@@ -365,7 +391,7 @@ def run_local(
     free = [gpus[i * gpus_per_run : (i + 1) * gpus_per_run] for i in range(slots)] if gpus else [[]] * n_jobs
     status: dict[str, dict] = {}
     for job in jobs:
-        if state_of(job) == "done":
+        if state_of(job) == "done" and not job.rerun:
             status[job.name] = {"status": "done before", "seconds": _seconds(job)}
     pending = [j for j in jobs if j.name not in status]
     running: dict[str, tuple] = {}
@@ -436,7 +462,7 @@ def run_slurm(jobs: list[Job], out: Path, args) -> dict[str, dict]:
     ids: dict[str, str] = {}
     status: dict[str, dict] = {}
     for job in jobs:
-        if state_of(job) == "done":
+        if state_of(job) == "done" and not job.rerun:
             status[job.name] = {"status": "done before"}
             continue
         if args.launcher == "submitit-local":
@@ -495,6 +521,12 @@ def build_parser() -> OneLineParser:
         "with roli, torch and timm imported)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, shared ALP stages) and exit")
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train again (replacing its outputs) a run whose config changed since it was trained; without it "
+        "such a grid is refused",
+    )
     return p
 
 
@@ -532,7 +564,16 @@ def main(argv: list[str] | None = None) -> int:
         configs = load_configs(args.configs, sets, args.trust_code)
         # every file's model spec was checked above; one typed with --set runs as typed, in the runs too
         args.trust_code = args.trust_code or names_code(sets.get("model", ""))
+        check_out(out)
         jobs = plan(configs, out)
+        for job, keys in changed_runs(jobs):
+            if not args.rerun_changed:
+                raise BadValue(
+                    f"{job.name}: {job.run_dir} was trained with other settings ({', '.join(keys[:4])}"
+                    f"{' ...' if len(keys) > 4 else ''}) than its config now gives; pass --rerun-changed to train it "
+                    "again (its outputs are replaced), or restore the config"
+                )
+            job.rerun = True
     except BadValue as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -543,25 +584,65 @@ def main(argv: list[str] | None = None) -> int:
     )
     for job in jobs:
         after = f" (after {', '.join(job.deps)})" if job.deps else ""
-        print(f"  {job.name}: {job.cfg.method} -> {job.run_dir} [{state_of(job)}]{after}")
+        state = "changed: trained again" if job.rerun else state_of(job)
+        print(f"  {job.name}: {job.cfg.method} -> {job.run_dir} [{state}]{after}")
     if args.dry_run:
         return 0
-    write_specs(jobs, out)
-    if args.launcher == "local":
-        status = run_local(jobs, out, args.jobs, args.gpus_per_run, args.trust_code, fresh=args.fresh_processes)
-    else:
-        try:
-            status = run_slurm(jobs, out, args)
-        except BadValue as e:
-            print(f"{parser.prog}: error: {e}", file=sys.stderr)
-            return 2
-        if args.launcher == "slurm":
-            print(f"grid: submitted; rerun this command when the jobs are done for the report ({out / 'slurm'})")
-            return 0
-        for s in status.values():
-            if "job" in s:
-                s["job"].wait()
-    return summarize(jobs, status, out, time.time() - t0)
+    try:
+        lock = open_out(out)
+    except BadValue as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        write_specs(jobs, out)
+        if args.launcher == "local":
+            status = run_local(jobs, out, args.jobs, args.gpus_per_run, args.trust_code, fresh=args.fresh_processes)
+        else:
+            try:
+                status = run_slurm(jobs, out, args)
+            except BadValue as e:
+                print(f"{parser.prog}: error: {e}", file=sys.stderr)
+                return 2
+            if args.launcher == "slurm":
+                print(f"grid: submitted; rerun this command when the jobs are done for the report ({out / 'slurm'})")
+                return 0
+            for s in status.values():
+                if "job" in s:
+                    s["job"].wait()
+        return summarize(jobs, status, out, time.time() - t0)
+    finally:
+        lock.release()
+
+
+def check_out(out: Path) -> None:
+    """--out is new, empty, or a grid's folder (its marker); never a folder roli's grid did not make."""
+    if out.is_dir() and any(out.iterdir()) and not (out / GRID_MARKER).is_file() and not _earlier_grid(out):
+        raise BadValue(
+            f"--out: {out} holds files and is not a grid's folder (it has no {GRID_MARKER}); roli writes a grid "
+            "only into a new folder or its own: choose another --out"
+        )
+    if out.is_dir():
+        check_links(out)
+
+
+def _earlier_grid(out: Path) -> bool:
+    """A grid's folder from a roli before the marker: its grid.json is a grid's record."""
+    try:
+        record = json.loads((out / "grid.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"runs", "status", "wall_seconds"} <= set(record)
+
+
+def open_out(out: Path) -> RunLock:
+    """Take --out for this grid (a second grid on it is refused) and mark it as a grid's folder."""
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, "roli grid", what="grid folder").acquire()
+    if not (out / GRID_MARKER).is_file():
+        save_json({"created_by": "roli grid", "note": "roli grid writes into and reruns only folders holding this"},
+                  out / GRID_MARKER)  # fmt: skip
+    return lock
 
 
 def label(job: Job) -> str:

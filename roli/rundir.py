@@ -262,8 +262,8 @@ def _remove_by_name(run_dir: Path) -> list[str]:
 class RunLock:
     """An exclusive lock on a run directory for this process (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, purpose: str):
-        self.path, self.purpose, self.fd = Path(run_dir) / LOCK, purpose, None
+    def __init__(self, run_dir: Path, purpose: str, what: str = "run directory"):
+        self.path, self.purpose, self.fd, self.what = Path(run_dir) / LOCK, purpose, None, what
 
     def acquire(self) -> RunLock:
         import fcntl
@@ -273,20 +273,21 @@ class RunLock:
         except OSError as e:
             what = "a symlink" if self.path.is_symlink() else "a directory" if self.path.is_dir() else e.strerror
             raise BadValue(
-                f"run directory {self.path.parent}: its lock {LOCK} is {what}, not roli's lock file; move it away"
+                f"{self.what} {self.path.parent}: its lock {LOCK} is {what}, not roli's lock file; move it away"
             ) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise BadValue(f"run directory {self.path.parent}: its lock {LOCK} is not a plain file; move it away")
+            raise BadValue(f"{self.what} {self.path.parent}: its lock {LOCK} is not a plain file; move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
+                other = "--run-dir" if self.what == "run directory" else "--out"
                 raise BadValue(
-                    f"run directory {self.path.parent} is in use ({holder}); wait for it to finish, or "
-                    "use another --run-dir"
+                    f"{self.what} {self.path.parent} is in use ({holder}); wait for it to finish, or use another "
+                    f"{other}"
                 ) from None
             raise
         before = os.read(fd, 200).decode(errors="replace").strip()
@@ -354,11 +355,17 @@ def data_fingerprint(name: str, data) -> dict:
     return {name: {"n": len(data), **{part: _digest(*v) for part, v in data.sample_parts().items()}}}
 
 
+def settings(options: dict) -> dict:
+    """The options that decide what a run computes: config.json's, how it executes aside (EXECUTION), options
+    added later at their defaults dropped (ADDED_OPTIONS)."""
+    return without_added_defaults({k: v for k, v in options.items() if k not in EXECUTION})
+
+
 def fingerprint(options: dict, splits, classes=None) -> dict:
     """A run's fingerprint: its options (config.json's, execution settings aside), the class count and names,
     and each split's data_fingerprint."""
     train, val, test, num_classes = splits
-    options = without_added_defaults({k: v for k, v in options.items() if k not in EXECUTION})
+    options = settings(options)
     out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d)

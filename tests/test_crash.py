@@ -23,12 +23,13 @@ from roli.train import main as train
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per kill")
 
 DIGITS = ["--dataset", "digits", "--classes", "0-3", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
-          "--val-steps", "1", "--epochs", "2", "--warmup", "0", "--random-backbone", "--batch-size", "64", "--alp-lr", "0.5", "--lr", "0.1"]  # fmt: skip
+          "--val-steps", "1", "--epochs", "2", "--warmup", "0", "--random-backbone", "--batch-size", "64",
+          "--alp-lr", "0.5", "--lr", "0.1"]  # fmt: skip
 
 
-def in_child(call, kill_at: int = 0, count_to: Path | None = None) -> int | str:
-    """call() in a forked child with one thread; SIGKILLed before its kill_at-th rename (1-based; 0: never).
-    Returns call()'s exit code, or "killed". count_to: the child writes how many renames it made there."""
+def in_child(main, argv: list[str], kill_at: int = 0, count_to: Path | None = None) -> int | str:
+    """main(argv) in a forked child with one thread; SIGKILLed before its kill_at-th rename (1-based; 0: never).
+    Returns main's exit code, or "killed". count_to: the child writes how many renames it made there."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 70
@@ -46,7 +47,7 @@ def in_child(call, kill_at: int = 0, count_to: Path | None = None) -> int | str:
                 return rename
 
             os.replace, os.rename = counting(os.replace), counting(os.rename)
-            code = call()
+            code = main(argv)
             if count_to is not None:
                 count_to.write_text(str(renames[0]))
         except BaseException as e:  # noqa: BLE001 - reported through the exit code
@@ -91,20 +92,20 @@ def kill_everywhere(tmp_path: Path, argv: list[str], run: Path) -> tuple[int, in
     """(writes, how many kills came before the run directory existed): each k from 1 to the run's count."""
     count = tmp_path / "count"
     assert train([*argv, "--run-dir", str(tmp_path / "warm")]) == 0  # imports all it needs before the forks
-    assert in_child(lambda: train([*argv, "--run-dir", str(run)]), count_to=count) == 0
+    assert in_child(train, [*argv, "--run-dir", str(run)], count_to=count) == 0
     writes, expected = int(count.read_text()), outcome(run)
     assert writes >= 10, writes
     before_dir = 0
     for k in range(1, writes + 1):
         where = tmp_path / f"k{k}" / "run"
-        assert in_child(lambda: train([*argv, "--run-dir", str(where)]), kill_at=k) == "killed", k
+        assert in_child(train, [*argv, "--run-dir", str(where)], kill_at=k) == "killed", k
         if where.exists():  # a run directory exists only whole: marker, manifest, config and fingerprint
             assert all((where / n).is_file() for n in (".roli-run", ".roli-manifest.jsonl", "config.json")), k
             assert manifest(where), k
-            assert in_child(lambda: train(["--resume", str(where)])) == 0, k
+            assert in_child(train, ["--resume", str(where)]) == 0, k
         else:
             before_dir += 1
-            assert in_child(lambda: train([*argv, "--run-dir", str(where)])) == 0, k
+            assert in_child(train, [*argv, "--run-dir", str(where)]) == 0, k
         assert same(outcome(where), expected), f"killed before write {k}: resumed differently"
         leftovers = [p.name for p in where.parent.iterdir() if p.name != "run"]
         assert not leftovers, (k, leftovers)  # a killed start's temporary sibling was removed

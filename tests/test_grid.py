@@ -225,3 +225,38 @@ def test_local_runs_get_one_gpu_each_and_the_same_figures_forked_or_fresh(tmp_pa
         assert train(["--config", str(files["ranli_lora"]), "--run-dir", str(solo)]) == 0
         assert losses(out / "ranli_lora" / "ft") == losses(solo / "ft")
     assert results(out / "ranli_lora")["ft (lora, init random)"]["test"]["n"] == 193
+
+
+def test_grid_out_is_its_own_locked_folder_and_an_edited_config_is_not_stale(tmp_path, capsys):
+    """--out: never a folder a grid did not make; one grid at a time; a run whose config changed since it was
+    trained is refused (naming --rerun-changed), then trained again with it: no stale figures."""
+    from roli.rundir import RunLock
+
+    files = configs(tmp_path / "c")
+    mine = tmp_path / "paper"
+    mine.mkdir()
+    (mine / "report").mkdir()
+    (mine / "grid.json").write_text("my own")
+    assert main([str(files["ranli_lora"]), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a grid's folder" in err[0], err
+    assert sorted(p.name for p in mine.iterdir()) == ["grid.json", "report"]
+    out = tmp_path / "grid"
+    assert main([str(files["ranli_lora"]), "--out", str(out)]) == 0
+    assert (out / ".roli-grid").is_file()
+    first = results(out / "ranli_lora")["ft (lora, init random)"]["test"]
+    with RunLock(out, "roli grid", what="grid folder"):  # a grid still running on this --out
+        capsys.readouterr()
+        assert main([str(files["ranli_lora"]), "--out", str(out)]) == 2
+        assert f"grid folder {out} is in use (pid" in capsys.readouterr().err
+    files["ranli_lora"].write_text(files["ranli_lora"].read_text().replace("lr: 0.001", "lr: 0.05"))
+    stamp = (out / "ranli_lora" / "results.json").read_bytes()
+    assert main([str(files["ranli_lora"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with other settings (lr)" in err[0] and "--rerun-changed" in err[0], err
+    assert (out / "ranli_lora" / "results.json").read_bytes() == stamp
+    assert main([str(files["ranli_lora"]), "--out", str(out), "--rerun-changed"]) == 0
+    assert json.loads((out / "ranli_lora" / "config.json").read_text())["lr"] == 0.05
+    again = results(out / "ranli_lora")["ft (lora, init random)"]["test"]
+    assert again != first  # trained again at the new rate, and the report shows it
+    assert f"{again['clean'] * 100:.2f}" in (out / "report" / "report.md").read_text()
