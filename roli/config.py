@@ -53,6 +53,7 @@ class StageSettings:
 
 # --select-by: the validation figure that picks each stage's best epoch (a key of metrics.jsonl's rows)
 SELECT_BY = {"pgd": "val_robust", "reference-pgd": "val_robust_reference"}
+DATA_HASH = ("full", "stat")  # --data-hash: what a fingerprint hashes of image files
 
 ConfigError = BadValue  # the public name of roli's one user-error type (roli.training exports it)
 
@@ -308,6 +309,9 @@ class TrainConfig:
     # CIFAR's record order: file (the pickles'), or tfds (TensorFlow Datasets', in which the reference reads its
     # train[:45000] / train[45000:] and its test batches; the shipped CIFAR configs)
     record_order: str = "file"
+    # What a run's fingerprint hashes of image files: full (every file's bytes, streamed, with its size and mtime)
+    # or stat (sizes and mtimes only: for very large folders, said in the log). Array data is always hashed whole.
+    data_hash: str = "full"
     # optimisation
     epochs: int = 20
     warmup: int = 10
@@ -384,6 +388,7 @@ class TrainConfig:
         )
         need(self.n_ex is None or is_int(self.n_ex, 1), f"n-ex: must be an integer >= 1; got {self.n_ex!r}")
         self._check_optimisation()
+        need(self.data_hash in DATA_HASH, f"data-hash: {self.data_hash!r} is not one of {', '.join(DATA_HASH)}")
         need(self.select_by in SELECT_BY, f"select-by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
         self.device = auto_device(self.device)
         need(

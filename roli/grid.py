@@ -67,6 +67,7 @@ NOT_ALP = {
     "channels_last",
     "download",
     "log",
+    "data_hash",
 } | {f.name for f in PeftSpec.options()}
 
 

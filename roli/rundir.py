@@ -314,7 +314,8 @@ class RunLock:
 
 # What --resume and evaluate --run compare: the options that decide what a run computes (config.json minus how
 # it executes), and the data.
-EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir", "log"}
+EXECUTION = {"device", "workers", "channels_last", "compile", "cuda_graph", "download", "autoattack", "run_dir", "log",
+             "data_hash"}  # fmt: skip
 # Options added after fingerprint format 1, with their defaults: in the digest only when set to something else,
 # so a run written before they existed (its config.json reads back with the default) keeps its fingerprint.
 ADDED_OPTIONS = {
@@ -350,9 +351,13 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(name: str, data) -> dict:
-    """Sizes, a hash of the labels and of a sample of 64 images (arrays), or of the file list with sizes."""
-    return {name: {"n": len(data), **{part: _digest(*v) for part, v in data.sample_parts().items()}}}
+def data_fingerprint(name: str, data, content: str | None = None) -> dict:
+    """Sizes, a hash of the labels and of a sample of 64 images (arrays), or of the file list with sizes; with
+    `content` ("full" or "stat", roli's --data-hash), the hash of all of it (data.content_digest)."""
+    parts = {part: _digest(*v) for part, v in data.sample_parts().items()}
+    if content is not None:
+        parts["content"] = data.content_digest(content)
+    return {name: {"n": len(data), **parts}}
 
 
 def settings(options: dict) -> dict:
@@ -361,15 +366,28 @@ def settings(options: dict) -> dict:
     return without_added_defaults({k: v for k, v in options.items() if k not in EXECUTION})
 
 
-def fingerprint(options: dict, splits, classes=None) -> dict:
+def fingerprint(options: dict, splits, classes=None, inputs: dict[str, Path] | None = None) -> dict:
     """A run's fingerprint: its options (config.json's, execution settings aside), the class count and names,
-    and each split's data_fingerprint."""
+    each split's data_fingerprint with the hash of all its content (options' data_hash), and the sha256 of each
+    input file in `inputs` ({flag: path}: the backbone checkpoint, the --init head, the config file)."""
     train, val, test, num_classes = splits
-    options = settings(options)
-    out = {"options": _digest(options), "num_classes": num_classes, "classes": _digest(classes)}
+    mode = options.get("data_hash") or "full"
+    out = {"options": _digest(settings(options)), "num_classes": num_classes, "classes": _digest(classes)}
     for name, d in (("train", train), ("val", val), ("test", test)):
-        out |= data_fingerprint(name, d)
+        out |= data_fingerprint(name, d, mode)
+    hashed = {flag: file_sha256(p) for flag, p in (inputs or {}).items() if Path(p).is_file()}
+    if hashed:
+        out["inputs"] = hashed
     return out
+
+
+def hash_note(splits, mode: str, seconds: float) -> str | None:
+    """What hashing image files for the fingerprint took, for the log (None for array data)."""
+    files = sum(len(d) for d in splits[:3] if getattr(d, "streamed", False))
+    if not files:
+        return None
+    how = "every file's bytes" if mode == "full" else "sizes and mtimes only (--data-hash stat)"
+    return f"data fingerprint: {files} image files, {how}, in {seconds:.1f} s"
 
 
 def changed(saved: dict, now: dict) -> list[str]:
@@ -380,19 +398,24 @@ def changed(saved: dict, now: dict) -> list[str]:
         "classes": "the class names (labels.json)",
     }
     out = []
-    for key in saved:
+    for key in saved:  # what both hold: a run of an earlier roli has fewer parts; evaluate reads no checkpoint
         if key in ("train", "val", "test"):
             for part, v in saved[key].items():
-                if now.get(key, {}).get(part) != v:
-                    what = {"n": "size", "labels": "labels", "pixels": "images", "files": "files"}[part]
+                if part in now.get(key, {}) and now[key][part] != v:
+                    what = {"n": "size", "labels": "labels", "pixels": "images", "files": "files",
+                            "content": "images"}.get(part, part)  # fmt: skip
                     out.append(f"the {key} split's {what}")
-        elif now.get(key) != saved[key]:
+        elif key == "inputs" and isinstance(saved[key], dict):
+            for flag, sha in saved[key].items():
+                if flag in now.get("inputs", {}) and now["inputs"][flag] != sha:
+                    out.append(f"the file of {flag} (its sha256)")
+        elif key in now and now[key] != saved[key]:
             out.append(words.get(key, key))
-    return out
+    return list(dict.fromkeys(out))  # a sample and the whole content changed: said once
 
 
 def write_fingerprint(run_dir: Path, fp: dict) -> None:
-    save_json({"format": "roli run fingerprint 1", **fp}, run_dir / FINGERPRINT)
+    save_json({"format": "roli run fingerprint 2", **fp}, run_dir / FINGERPRINT)
 
 
 def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None = None) -> list[str]:

@@ -161,6 +161,13 @@ def build_parser() -> OneLineParser:
     g.add_argument("--data-interpolation", choices=["bilinear", "bicubic"], help="of that resize (default bilinear)")
     g.add_argument("--workers", type=int, help="data-loading processes (default: from the CPU count)")
     g.add_argument(
+        "--data-hash",
+        choices=["full", "stat"],
+        help="what the run's fingerprint hashes of image files: full (their bytes, streamed; the time it took is "
+        "logged) or stat (sizes and mtimes only, for very large folders; an explicit opt-out). Array data is "
+        "always hashed whole (default full)",
+    )
+    g.add_argument(
         "--record-order",
         choices=["file", "tfds"],
         help="CIFAR: the order train[:45000] / train[45000:] and the test batches are taken in: file (the pickles', "

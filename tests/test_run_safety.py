@@ -76,7 +76,7 @@ def _fingerprint_of(run: Path) -> dict:
     cfg = TrainConfig.from_file(run / "config.json", run_dir=str(run))
     splits = cfg.data_spec.load()
     return {
-        "format": "roli run fingerprint 1",
+        "format": "roli run fingerprint 2",
         **fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None)),
     }
 
@@ -280,6 +280,9 @@ def test_evaluate_run_of_a_downloaded_run_does_not_run_its_code(run_copy, capsys
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"] = "payload:make"
     (run / "config.json").write_text(json.dumps(cfg))
+    assert evaluate(["--run", str(run)]) == 2  # edited after roli wrote it: the manifest says so
+    one_line(capsys, "config.json is not the file roli wrote there")
+    save_json(cfg, run / "config.json")  # a downloaded run: its manifest agrees with the edit
     assert evaluate(["--run", str(run)]) == 2
     one_line(capsys, "would import and run that code")
     assert not (tmp_path / "ran").exists()
@@ -477,7 +480,10 @@ def test_a_run_written_before_the_specs_still_matches_its_fingerprint():
     cfg = TrainConfig.from_file(here / "config.json", run_dir="unused", device="cpu")
     splits = cfg.data_spec.load()
     now = fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None))
-    assert {"format": saved.pop("format"), **now} == {"format": "roli run fingerprint 1", **saved}
+    assert saved.pop("format") == "roli run fingerprint 1"
+    old = {k: {p: now[k][p] for p in v} if isinstance(v, dict) else now[k] for k, v in saved.items()}
+    assert old == saved  # every part the old format holds, equal; today's adds the whole content
+    assert set(now["train"]) == {"n", "labels", "pixels", "content"} and len(now["train"]["content"]) == 64
     assert now["train"]["n"] + now["val"]["n"] == 637 + 71 and cfg.peft_spec.method == "lora"
 
 

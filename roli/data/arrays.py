@@ -54,6 +54,16 @@ class ArrayData:
 
         hash_tensors(h, [self.x, self.y])
 
+    def content_digest(self, mode: str = "full") -> str:
+        """The sha256 of every image (in memory: always whole, whatever the mode; the labels are their own part)."""
+        import hashlib
+
+        from roli._io import hash_tensors
+
+        h = hashlib.sha256()
+        hash_tensors(h, [self.x])
+        return h.hexdigest()
+
     def sample_parts(self) -> dict[str, tuple]:
         """What a run's fingerprint hashes: the labels, and the image size with 64 images spread over the set."""
         idx = torch.linspace(0, max(0, len(self) - 1), min(64, len(self))).long()

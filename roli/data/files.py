@@ -96,9 +96,25 @@ class FileData(Dataset):
         return (3, crop_size, crop_size) if crop_size else None
 
     def hash_into(self, h) -> None:
-        """Paths, file sizes and labels into the hashlib object `h` (the feature cache's key)."""
+        """Paths, file sizes, mtimes and labels into the hashlib object `h` (the feature cache's key)."""
         for path, label in self.items:
-            h.update(f"{path}\0{path.stat().st_size}\0{label}\n".encode())
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+
+    def content_digest(self, mode: str = "full") -> str:
+        """The sha256 of every file's path and bytes (streamed), or (mode "stat") of their paths, sizes and mtimes
+        (with the labels): a copied or touched folder keeps its "full" digest, not its "stat" one."""
+        import hashlib
+
+        from roli._io import file_sha256
+
+        h = hashlib.sha256()
+        if mode == "stat":
+            self.hash_into(h)
+            return h.hexdigest()
+        for path, _ in self.items:
+            h.update(f"{path}\0{file_sha256(path)}\n".encode())
+        return h.hexdigest()
 
     def sample_parts(self) -> dict[str, tuple]:
         """What a run's fingerprint hashes: the labels, and the file list with the files' sizes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from roli.rundir import (
     check_run_dir,
     disk_full,
     fingerprint,
+    hash_note,
     open_run_dir,
     stage_dir,
     write_fingerprint,
@@ -46,7 +48,7 @@ def run(
     run_dir = Path(cfg.run_dir)
     D.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, device=D.local_device(cfg.device))  # under torchrun: the rank's own GPU
-    splits, fresh, fp = _validate(cfg, run_dir, resume, overwrite, config_file)
+    splits, fresh, fp, hashed = _validate(cfg, run_dir, resume, overwrite, config_file)
     train = splits[0]
     D.barrier()  # every rank has validated before rank 0 touches the run directory
     lock = trackers = None
@@ -67,6 +69,8 @@ def run(
         D.barrier()
         _log_to(run_dir / "train.log")
         log.info("run directory: %s; device: %s", run_dir, cfg.device)
+        if hashed:
+            log.info(hashed)
         stages = Stages(cfg, splits)
         if cfg.log and D.is_main():
             stages.trackers = trackers = Trackers(cfg.log, run_dir, cfg.to_dict(), resume)
@@ -94,7 +98,8 @@ def run(
 def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, config_file: str | None):
     """Every input checked before anything is written: the run directory, the data, the model and its
     weights (and the head rules), the PEFT method's fit to this model, one forward at the data's size, a head
-    checkpoint to start from, an unchanged run to resume. Returns (splits, fresh, fingerprint): fresh(quiet)
+    checkpoint to start from, an unchanged run to resume. Returns (splits, fresh, fingerprint, the log line of
+    hashing the data): fresh(quiet)
     builds the model every stage that does not continue another starts from."""
     if D.active() and cfg.batch_size % D.world():
         raise BadValue(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
@@ -107,11 +112,16 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
             f"autoattack: AutoAttack {cfg.autoattack}'s DLR loss needs at least 4 classes; this task has "
             f"{num_classes} (drop --autoattack: PGD still runs)"
         )
-    fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None))
+    model_spec = cfg.model_spec
+    weights = model_spec.weights()  # the backbone's file (a registry name resolved): hashed below, not read
+    inputs = {"--checkpoint": weights, "--config": config_file}
+    if cfg.init not in ("random", "lp", "alp"):
+        inputs["--init"] = cfg.init
+    t0 = time.perf_counter()
+    fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None), {k: v for k, v in inputs.items() if v})
+    hashed = hash_note(splits, cfg.data_hash, time.perf_counter() - t0)
     if resume:  # before anything is built from the (possibly edited) config.json
         check_fingerprint(run_dir, fp, "resume")
-    model_spec = cfg.model_spec
-    weights = model_spec.weights()
     shape = train.image_shape() or (3, cfg.crop_size, cfg.crop_size)
     logged = False
 
@@ -132,7 +142,7 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     if cfg.method == "ft" and cfg.init not in ("random", "lp", "alp"):
         load_init(fresh(quiet=True), cfg.init)
     del probe
-    return splits, fresh, fp
+    return splits, fresh, fp, hashed
 
 
 def run_stages(stages: Stages, run_dir: Path, fresh, resume: bool) -> dict:
