@@ -110,9 +110,10 @@ def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:
     return out
 
 
-def quiet_pipe(main) -> int:
+def quiet_pipe(main) -> int:  # noqa: C901 - one handler per way a command ends
     """main()'s exit status, quiet when the output pipe closes early (`roli train --help | head`): the rest of
     the output goes to /dev/null and the status is a SIGPIPE'd process's, 141, with no traceback."""
+    import errno
     import os
     import sys
 
@@ -123,6 +124,27 @@ def quiet_pipe(main) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
         return 141
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves its state and says so itself)
+        print(
+            f"{_name(main)}: interrupted (Ctrl-C); roli replaces its files whole, so none is half-written: run "
+            "the same command again (a run: --resume RUN_DIR)",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"{_name(main)}: error: disk full{where}: free space there and run the same command again", file=sys.stderr
+        )
+        return 2
+
+
+def _name(main) -> str:
+    """The program's name for a one-line message: prog(its command), from main's module (roli.train: train)."""
+    module = getattr(main, "__module__", "") or ""
+    return prog(module.rpartition(".")[2]) if module.startswith("roli.") and module != "roli.cli" else "roli"
 
 
 def exit_with(main) -> None:

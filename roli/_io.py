@@ -12,9 +12,11 @@ exactly the recorded temporaries: never a file roli did not write, whatever its 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 TMP_SUFFIX = ".tmp"
+FULL_BELOW = 64 << 20  # a write that failed with less free space than this failed for want of space
 RUN_MARKER = ".roli-run"  # in every run directory roli creates
 GRID_MARKER = ".roli-grid"  # in every grid --out folder roli creates
 MANIFEST = ".roli-manifest.jsonl"
@@ -105,7 +108,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         if folder is not None:
             record(folder, {"tmp": _rel(tmp, folder)})
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save on a full disk: PytorchStreamWriter's "file write failed"
+            if "write" in str(e) and shutil.disk_usage(path.parent).free < FULL_BELOW:
+                raise OSError(errno.ENOSPC, f"No space left on device (writing {path.name})") from None
+            raise
         _fsync(tmp)
         os.chmod(tmp, 0o666 & ~umask())
         if folder is not None:

@@ -581,7 +581,7 @@ def disk_full(e: OSError, run_dir: Path) -> BadValue | None:
     if e.errno != errno.ENOSPC:
         return None
     free = shutil.disk_usage(nearest_existing(run_dir.resolve())).free
+    then = f"continue with --resume {run_dir}" if (run_dir / MARKER).is_file() else "run the same command again"
     return BadValue(
-        f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and "
-        f"continue with --resume {run_dir}"
+        f"disk full while writing into {run_dir} ({free / 2**20:.0f} MiB free): free space there and {then}"
     )

@@ -307,20 +307,76 @@ def test_ignored_combinations_are_errors(tmp_path, capsys, argv, pattern):
 
 
 def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """At the first write (nothing is left: run the command again) and at a checkpoint, where torch.save fails
+    with PytorchStreamWriter's RuntimeError rather than an OSError (the run resumes)."""
+    import shutil
     import sys
+
+    import torch
 
     run_module = sys.modules["roli.training.run"]  # (roli.training.run is also the name of the function)
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_module, "save_json", full)
-    run = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "save_json", full)
+        run = tmp_path / "r"
+        assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if ": error: " in line]
+        assert "Traceback" not in err and len(lines) == 1 and f"disk full while writing into {run}" in lines[0], err
+        assert "run the same command again" in lines[0] and not run.exists()
+        assert list(tmp_path.iterdir()) == []  # the start's temporary sibling is gone too
+    real_save, usage = torch.save, shutil.disk_usage
+
+    def save_on_a_full_disk(obj, f, *a, **k):
+        if str(f).endswith(".tmp") and ".last.pt." in str(f):
+            Path(f).write_bytes(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")  # fmt: skip
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=1 << 20))
     assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if ": error: " in line]
-    assert "Traceback" not in err and len(lines) == 1 and f"disk full while writing into {run}" in lines[0], err
-    assert f"--resume {run}" in lines[0]
+    assert "Traceback" not in err and len(lines) == 1 and f"disk full while writing into {run} (1 MiB free)" in lines[0]
+    assert f"continue with --resume {run}" in lines[0] and not list(run.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert train(["--resume", str(run)]) == 0
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the test evaluation after a stage (AutoAttack's place) or while a grid or evaluate starts:
+    one line, exit 130, and the run resumes to its end."""
+    import sys
+
+    from roli._cli import quiet_pipe
+    from roli.training.pipeline import Stages
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(Stages, "test", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["x", "--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(run)])
+    assert quiet_pipe(train) == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("python -m roli.train: interrupted")
+    assert err.strip().splitlines()[-1] == lines[0]
+    monkeypatch.undo()
+    assert train(["--resume", str(run)]) == 0 and (run / "results.json").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr("roli.grid.plan", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["x", "cifar10/roli_lora", "--out", str(tmp_path / "g")])
+    from roli.grid import main as grid
+
+    assert quiet_pipe(grid) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("python -m roli.grid: interrupted (Ctrl-C)") and len(err.strip().splitlines()) == 1
 
 
 # values that used to end in a traceback: one line each, nothing written
