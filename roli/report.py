@@ -187,6 +187,37 @@ def _cell(v) -> str:
     return str(v)
 
 
+def check_out(out: Path, runs: list[Path]) -> None:
+    """--out never inside a run directory (its own files), and never over a report.md / report.csv / report.png
+    that is not roli's report (an earlier roli's included: its table starts with the same columns)."""
+    from roli._io import RUN_MARKER, owner
+
+    inside = owner(out / "report.md")
+    if inside is not None and (inside / RUN_MARKER).is_file():
+        raise BadValue(f"--out: {out} lies inside the run directory {inside}; give a folder outside any run")
+    for run in runs:
+        if out.resolve() == run.resolve():
+            raise BadValue(f"--out: {out} is the run {run}; give a folder outside any run")
+    heads = {"report.md": "| run | stage | kind | method |", "report.csv": "run,stage,kind,method,"}
+    for name, head in heads.items():
+        path = out / name
+        if path.is_symlink() or path.exists() and not _starts_with(path, head):
+            raise BadValue(
+                f"--out: {path} exists and is not a roli report; roli replaces only its own reports: give another --out"
+            )
+    png = out / "report.png"
+    if png.is_symlink() or png.exists() and not (out / "report.csv").is_file():
+        raise BadValue(f"--out: {png} exists beside no roli report.csv: not roli's; give another --out")
+
+
+def _starts_with(path: Path, head: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -272,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
                 "read-only; give a writable directory"
             )
+        check_out(out, [Path(r) for r in args.runs])
         labels = {}
         for item in args.label:
             where, sep, name = item.rpartition("=")

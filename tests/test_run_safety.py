@@ -641,3 +641,26 @@ def test_a_symlink_inside_a_run_directory_is_refused(run_copy, capsys, tmp_path)
     assert train(["--resume", str(run)]) == 2
     one_line(capsys, "holds a symlink roli did not make (alp/best.pt)")
     assert (outside / "best.pt").read_bytes() == before
+
+
+def test_report_out_never_replaces_a_run_file_or_a_users_report(run_copy, capsys, tmp_path):
+    from roli.report import main as report
+
+    run, _ = run_copy
+    mine = tmp_path / "paper"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my report, by hand\n")
+    (mine / "report.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "report.png").write_bytes(b"\x89PNG my figure")
+    for out, pattern in ((run, "lies inside the run directory"),
+                         (run / "alp", "lies inside the run directory"),
+                         (mine, "report.md exists and is not a roli report"),
+                         (tmp_path / "figs", "report.png exists beside no roli report.csv")):  # fmt: skip
+        before = tree_hash(run) | tree_hash(tmp_path / "paper") | tree_hash(tmp_path / "figs")
+        assert report([str(run), "--out", str(out)]) == 2
+        one_line(capsys, pattern)
+        assert before == tree_hash(run) | tree_hash(tmp_path / "paper") | tree_hash(tmp_path / "figs")
+    ok = tmp_path / "rep"
+    assert report([str(run), "--out", str(ok)]) == 0
+    assert report([str(run), "--out", str(ok)]) == 0  # its own report: replaced
