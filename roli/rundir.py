@@ -203,11 +203,18 @@ def check_links(run_dir: Path) -> None:
         )
 
 
-def check_as_written(run_dir: Path, what: str, advice: str, only: tuple[str, ...] | None = None) -> None:
+REGENERATED = ("tracking.json", "curves.png", "metrics.csv")  # never read back for a figure: --resume rewrites them
+
+
+def check_as_written(
+    run_dir: Path, what: str, advice: str, only: tuple[str, ...] | None = None, regenerated: bool = False
+) -> None:
     """Refuse (one line) a run holding a symlink, or whose files roli would read or replace are not those it
-    wrote (not_as_written)."""
+    wrote (not_as_written); `regenerated`: files roli never reads back (REGENERATED) are not checked."""
     check_links(run_dir)
     found = not_as_written(run_dir, only)
+    if regenerated and found:
+        found = [f for f in found if f.split(" ", 1)[0].rpartition("/")[2] not in REGENERATED]
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise BadValue(f"{what}: in {run_dir}, {found[0]}{more}; {advice}")
@@ -466,7 +473,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str
                 f"resume: {run_dir} was not written by roli (it has no {MARKER} marker); roli resumes only its own runs"
             )
         check_as_written(
-            run_dir, "resume", "put back the file roli wrote, or move it away and start over with --overwrite"
+            run_dir,
+            "resume",
+            "put back the file roli wrote, or move it away and start over with --overwrite",
+            regenerated=True,
         )
         return
     if run_dir.exists() and any(run_dir.iterdir()):

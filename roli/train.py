@@ -356,7 +356,10 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
                 "again with --overwrite, or use another --run-dir"
             )
         check_as_written(  # before config.json is read: an edited one is refused, not trusted
-            Path(args.resume), "resume", "put back the file roli wrote, or move it away and start over with --overwrite"
+            Path(args.resume),
+            "resume",
+            "put back the file roli wrote, or move it away and start over with --overwrite",
+            regenerated=True,
         )
         if args.overwrite or "run_dir" in flags or args.config:
             given = [

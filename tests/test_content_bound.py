@@ -133,3 +133,37 @@ def test_data_hash_modes_against_a_hand_computation(tmp_path, mode):
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     assert test.content_digest(mode) == h.hexdigest()
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "corrupt", "truncated-jpeg", "bomb"])
+def test_a_bad_image_file_is_found_before_anything_is_written(tmp_path, capsys, monkeypatch, case):
+    root = _bmp_folder(tmp_path / "images")
+    bad = root / "train" / "class1" / "7.bmp"
+    if case == "empty":
+        bad.write_bytes(b"")
+    elif case == "text":
+        bad.write_text("not an image, a note saved with the wrong name\n")
+    elif case == "corrupt":
+        data = bytearray(bad.read_bytes())
+        data[2:6] = b"\xff\xff\xff\x7f"  # the BMP header's file size, then the pixel offset: nonsense
+        data[10:14] = b"\xff\xff\xff\x7f"
+        bad.write_bytes(bytes(data))
+    elif case == "truncated-jpeg":  # a download cut short: its header (and verify()) are fine
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+        bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
+    else:
+        from PIL import Image
+
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # an 8x8 image counts as a bomb: more than twice that
+    run = tmp_path / "run"
+    argv = ["--method", "alp", "--dataset", f"imagefolder:{root}", "--resize", "8", "--crop-size", "8", *QUICK,
+            "--random-backbone", "--workers", "0", "--run-dir", str(run)]  # fmt: skip
+    assert train(argv) == 2
+    line = one_error(capsys, "dataset: train: unreadable image(s): ")
+    assert (str(bad) in line) if case != "bomb" else ("DecompressionBomb" in line)
+    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]

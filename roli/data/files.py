@@ -33,6 +33,33 @@ def _decode(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
 
 
+def _not_an_image(data: bytes) -> str | None:
+    """Why these bytes are no image PIL can read (empty, text, a corrupt header, chunk or pixel data, a
+    decompression bomb: more pixels than PIL's limit), or None. verify() checks the structure (PNG's CRCs), then
+    the pixels are decoded (a JPEG at 1/8 scale through PIL's draft mode: every byte of its data is still read,
+    so a file cut short is found, at a fraction of a full decode's time)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    if not data:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+    return None
+
+
 class FileData(Dataset):
     """(path, label) pairs; __getitem__ returns (uint8 (3, H, W) after `transform`, label)."""
 
@@ -106,14 +133,18 @@ class FileData(Dataset):
         (with the labels): a copied or touched folder keeps its "full" digest, not its "stat" one."""
         import hashlib
 
-        from roli._io import file_sha256
-
         h = hashlib.sha256()
         if mode == "stat":
             self.hash_into(h)
             return h.hexdigest()
+        bad = []
         for path, _ in self.items:
-            h.update(f"{path}\0{file_sha256(path)}\n".encode())
+            data = Path(path).read_bytes()
+            h.update(f"{path}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+            if (why := _not_an_image(data)) is not None and len(bad) < 5:
+                bad.append(f"{path} ({why})")
+        if bad:
+            raise ValueError(f"{self.name}: unreadable image(s): {'; '.join(bad)}")
         return h.hexdigest()
 
     def sample_parts(self) -> dict[str, tuple]:

@@ -16,7 +16,7 @@ import torch
 
 from roli import _dist as D
 from roli._cli import BadValue
-from roli._io import note_written, save_json
+from roli._io import first_line, note_written, save_json
 from roli.config import TrainConfig
 from roli.models import apply_peft, what_trains
 from roli.rundir import (
@@ -118,7 +118,10 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
     if cfg.init not in ("random", "lp", "alp"):
         inputs["--init"] = cfg.init
     t0 = time.perf_counter()
-    fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None), {k: v for k, v in inputs.items() if v})
+    try:  # image files: every one read, hashed and checked to be an image (--data-hash full)
+        fp = fingerprint(cfg.to_dict(), splits, getattr(train, "classes", None), {k: v for k, v in inputs.items() if v})
+    except ValueError as e:
+        raise BadValue(f"dataset: {first_line(e)}; remove or replace the file(s)") from None
     hashed = hash_note(splits, cfg.data_hash, time.perf_counter() - t0)
     if resume:  # before anything is built from the (possibly edited) config.json
         check_fingerprint(run_dir, fp, "resume")
