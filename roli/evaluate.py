@@ -35,7 +35,7 @@ import torch
 from roli import _dist as D
 from roli import _env
 from roli._cli import BadValue, OneLineParser, auto_device, budget_text, parse_budget, parse_kwargs, prog
-from roli._io import file_sha256, first_line, load_tagged, save_json
+from roli._io import file_sha256, first_line, load_tagged, remove_stale_temporaries, save_json
 from roli.attacks.autoattack import VERSIONS as AA_VERSIONS
 from roli.attacks.evaluation import AutoAttackStateError, Evaluation, TensorBatches
 from roli.config import TrainConfig, check_code_from_file
@@ -427,6 +427,9 @@ def _attacks(args, model, data: TensorBatches, eps: float, step: float, sweep: l
     )
     if args.aa_state:
         Path(args.aa_state).mkdir(parents=True, exist_ok=True)
+        # a killed evaluation's half-written state file (atomic_write's ".batch<i>.pt.<8 random>.tmp"), by name
+        ours = re.compile(r"\.batch\d+\.pt\.\w{8}\.tmp")
+        remove_stale_temporaries(args.aa_state, lambda rel: ours.fullmatch(rel) is not None)
     try:
         outcomes = evaluation.run(
             model, data, state_dir=args.aa_state, report=_report, aa_progress=lambda i: _aa_progress(i, data.total)

@@ -117,3 +117,32 @@ def kill_everywhere(tmp_path: Path, argv: list[str], run: Path) -> tuple[int, in
 def test_train_killed_at_every_write_resumes_identically(tmp_path):
     writes, before_dir = kill_everywhere(tmp_path, ["--method", "roli", "--peft", "full", *DIGITS], tmp_path / "ref")
     assert before_dir >= 1 and writes - before_dir >= 10  # both kinds were exercised
+
+
+def figures(path: Path) -> dict:
+    """An evaluation's figures (per example included), without its timings and paths."""
+    out = json.loads(path.read_text())
+    keys = ("n", "clean", "attacks", "worst_case", "per_example", "autoattack_per_attack")
+    return {k: out.get(k) for k in keys}
+
+
+@pytest.mark.slow  # AutoAttack 18 times in one thread: about 3.5 minutes on 2 cores
+def test_evaluate_autoattack_killed_at_every_write_resumes_identically(tmp_path):
+    from roli.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    assert train(["--method", "alp", *DIGITS, "--run-dir", str(run)]) == 0
+    argv = ["--run", str(run), "--attack", "none", "--autoattack", "standard", "--batch-size", "16", "--n-ex", "32"]
+    count = tmp_path / "count"
+    ref = tmp_path / "ref.json"
+    assert evaluate([*argv, "--aa-state", str(tmp_path / "aa-warm"), "--out", str(tmp_path / "warm.json")]) == 0
+    assert in_child(evaluate, [*argv, "--aa-state", str(tmp_path / "aa"), "--out", str(ref)], count_to=count) == 0
+    writes, expected = int(count.read_text()), figures(ref)
+    assert writes == 9 and expected["n"] == 32, writes  # the state of each batch of 16 after each attack, the result
+    for k in range(1, writes + 1):
+        state, out = tmp_path / f"aa{k}", tmp_path / f"out{k}.json"
+        assert in_child(evaluate, [*argv, "--aa-state", str(state), "--out", str(out)], kill_at=k) == "killed"
+        assert not out.exists() and len(list(state.glob("batch*.pt"))) == min(2, (k + 2) // 4)
+        assert in_child(evaluate, [*argv, "--aa-state", str(state), "--out", str(out)]) == 0, k
+        assert figures(out) == expected, f"killed before write {k}: resumed differently"
+        assert not list(state.glob(".*.tmp")), k

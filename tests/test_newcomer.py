@@ -265,7 +265,10 @@ def test_demo_directory_lists_its_runs_and_report_reads_evaluate(tmp_path, capsy
     assert re.search(r"val PGD \d+\.\d\d%", out.out)  # percentages, two decimals
     assert re.search(r"\(40 examples, [\d.]+ s, cpu\)", out.out)  # --device auto's choice, said
     written = sorted((run / "alp" / "evaluations").glob("*.json"))
-    assert len(written) == 1 and {k: v for k, v in tree(run).items() if "evaluations" not in k} == before
+    after = {k: v for k, v in tree(run).items() if "evaluations" not in k and k != ".roli-manifest.jsonl"}
+    assert len(written) == 1 and after == {k: v for k, v in before.items() if k != ".roli-manifest.jsonl"}
+    recorded = [json.loads(line) for line in (run / ".roli-manifest.jsonl").read_text().splitlines()]
+    assert {e.get("file") for e in recorded} >= {written[0].relative_to(run).as_posix()}  # the one new file
     # --n-ex 40 is not the whole test split: report does not take it for the run's AutoAttack figure
     assert report([str(run), "--out", str(tmp_path / "rep")]) == 0
     header, row = (line.split(",") for line in (tmp_path / "rep" / "report.csv").read_text().splitlines()[:2])
