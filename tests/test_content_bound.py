@@ -118,10 +118,16 @@ def test_a_replaced_backbone_file_is_refused(tmp_path, capsys, checkpoint):
     assert train(["--resume", str(run)]) == 0
 
 
-@pytest.mark.parametrize("mode", ["full", "stat"])
-def test_data_hash_modes_against_a_hand_computation(tmp_path, mode):
-    """FileData.content_digest against hashlib over the files as the docstring says, written out here."""
+@pytest.mark.parametrize("mode", ["full", "stat", "full-in-2-processes"])
+def test_data_hash_modes_against_a_hand_computation(tmp_path, mode, monkeypatch):
+    """FileData.content_digest against hashlib over the files as the docstring says, written out here; the pool
+    of processes (large sets) gives the same digest and names a bad file as one process does."""
     import roli
+    import roli.data.files as files
+
+    if mode == "full-in-2-processes":
+        monkeypatch.setattr(files, "PARALLEL_FROM", 2)
+        mode = "full"
 
     root = _bmp_folder(tmp_path / "images")
     test = roli.load_dataset(f"imagefolder:{root}", resize=8, crop_size=8, train_augment=False).test
@@ -132,7 +138,11 @@ def test_data_hash_modes_against_a_hand_computation(tmp_path, mode):
         else:
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
-    assert test.content_digest(mode) == h.hexdigest()
+    assert test.content_digest(mode, workers=2) == h.hexdigest()
+    if mode == "full":
+        (root / "test" / "class1" / "2.bmp").write_text("no image")
+        with pytest.raises(ValueError, match=r"unreadable image\(s\): .*class1/2\.bmp \("):
+            test.content_digest(mode, workers=2)
 
 
 @pytest.mark.parametrize("case", ["empty", "text", "corrupt", "truncated-jpeg", "bomb"])

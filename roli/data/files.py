@@ -9,6 +9,7 @@ naming it when decoded, and verify() scans all of them and names the first few.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,26 @@ def _decode(path: Path) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         raise ValueError(f"unreadable image {path}: {e}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+
+
+PARALLEL_FROM = 2000  # files: fewer are read and checked in this process
+
+
+def _check_file(path: str) -> tuple[str, str | None]:
+    data = Path(path).read_bytes()
+    return hashlib.sha256(data).hexdigest(), _not_an_image(data)
+
+
+def _checked(paths: list[str], workers: int | None = None):
+    """(sha256, why it is no image or None) of each file, in order; large sets in a pool of forked processes
+    (they only read, hash and decode with PIL: no torch)."""
+    import multiprocessing
+
+    workers = workers or os.cpu_count() or 1
+    if len(paths) < PARALLEL_FROM or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return map(_check_file, paths)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_check_file, paths, chunksize=64)
 
 
 def _not_an_image(data: bytes) -> str | None:
@@ -128,20 +149,21 @@ class FileData(Dataset):
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
 
-    def content_digest(self, mode: str = "full") -> str:
+    def content_digest(self, mode: str = "full", workers: int | None = None) -> str:
         """The sha256 of every file's path and bytes (streamed), or (mode "stat") of their paths, sizes and mtimes
-        (with the labels): a copied or touched folder keeps its "full" digest, not its "stat" one."""
-        import hashlib
+        (with the labels): a copied or touched folder keeps its "full" digest, not its "stat" one. "full" also
+        checks that each file is an image (_not_an_image), in `workers` processes for large sets (default: every
+        CPU). Raises ValueError naming the first unreadable files."""
 
         h = hashlib.sha256()
         if mode == "stat":
             self.hash_into(h)
             return h.hexdigest()
+        paths = [str(p) for p, _ in self.items]
         bad = []
-        for path, _ in self.items:
-            data = Path(path).read_bytes()
-            h.update(f"{path}\0{hashlib.sha256(data).hexdigest()}\n".encode())
-            if (why := _not_an_image(data)) is not None and len(bad) < 5:
+        for path, (digest, why) in zip(paths, _checked(paths, workers), strict=True):
+            h.update(f"{path}\0{digest}\n".encode())
+            if why is not None and len(bad) < 5:
                 bad.append(f"{path} ({why})")
         if bad:
             raise ValueError(f"{self.name}: unreadable image(s): {'; '.join(bad)}")
