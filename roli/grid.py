@@ -35,9 +35,9 @@ from pathlib import Path
 
 from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
-from roli._io import GRID_MARKER, save_json
+from roli._io import GRID_MARKER, remove_stale_temporaries, save_json
 from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code, parse_set_options
-from roli.rundir import RunLock, check_links, settings, without_added_defaults
+from roli.rundir import RunLock, check_links, create_whole, settings, without_added_defaults
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -636,14 +636,16 @@ def _earlier_grid(out: Path) -> bool:
 
 
 def open_out(out: Path) -> RunLock:
-    """Take --out for this grid (a second grid on it is refused) and mark it as a grid's folder."""
+    """Take --out for this grid (a second grid on it is refused); a new one is created whole with its marker."""
     check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out, "roli grid", what="grid folder").acquire()
-    if not (out / GRID_MARKER).is_file():
-        save_json({"created_by": "roli grid", "note": "roli grid writes into and reruns only folders holding this"},
-                  out / GRID_MARKER)  # fmt: skip
-    return lock
+    payload = {"created_by": "roli grid", "note": "roli grid writes into and reruns only folders holding this"}
+    if out.is_dir() and any(out.iterdir()):
+        lock = RunLock(out, "roli grid", what="grid folder").acquire()
+        if not (out / GRID_MARKER).is_file():  # a grid of an earlier roli (check_out knew it by its grid.json)
+            save_json(payload, out / GRID_MARKER)
+        remove_stale_temporaries(out)  # those its manifest names: left by a grid killed while writing
+        return lock
+    return create_whole(out, GRID_MARKER, payload, "roli grid", lambda folder: None, what="grid folder")
 
 
 def label(job: Job) -> str:

@@ -522,32 +522,37 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, fir
             lock.release()
             raise
         return lock
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(run_dir)
-    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}{STAGING}"))
+    marker = {
+        "format": MARKER_FORMAT,
+        "created_by": "roli train",
+        "note": "roli deletes (--overwrite) and resumes only directories holding this file, and only the files "
+        f"it wrote there (listed in {MANIFEST})",
+    }
+    return create_whole(run_dir, MARKER, marker, purpose, first)
+
+
+def create_whole(folder: Path, marker: str, payload: dict, purpose: str, first, what: str = "run directory") -> RunLock:
+    """Create `folder` whole: its marker (holding `payload`) and what first(tmp) writes go into a locked temporary
+    sibling, renamed into place at the end; a start killed before leaves nothing under the folder's name (its
+    sibling is removed by the next start). Returns the held lock."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(folder)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}{STAGING}"))
     os.chmod(staging, 0o777 & ~umask())
-    lock = RunLock(staging, purpose).acquire()  # the flock stays on the file through the rename
+    lock = RunLock(staging, purpose, what).acquire()  # the lock stays on the file through the rename
     try:
-        save_json(
-            {
-                "format": MARKER_FORMAT,
-                "created_by": "roli train",
-                "note": "roli deletes (--overwrite) and resumes only directories holding this file, and only "
-                f"the files it wrote there (listed in {MANIFEST})",
-            },
-            staging / MARKER,
-        )
+        save_json(payload, staging / marker)
         first(staging)
         try:
-            os.rename(staging, run_dir)  # onto nothing, or onto an empty directory
+            os.rename(staging, folder)  # onto nothing, or onto an empty directory
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
+            flag = "--run-dir" if what == "run directory" else "--out"
             raise BadValue(
-                f"run directory {run_dir} was filled by another process while this run started; choose another "
-                "--run-dir"
+                f"{what} {folder} was filled by another process while this one started; choose another {flag}"
             ) from None
-        lock.path = run_dir / LOCK
+        lock.path = folder / LOCK
     except BaseException:
         lock.release()
         _remove_staging(staging)

@@ -146,3 +146,80 @@ def test_evaluate_autoattack_killed_at_every_write_resumes_identically(tmp_path)
         assert in_child(evaluate, [*argv, "--aa-state", str(state), "--out", str(out)]) == 0, k
         assert figures(out) == expected, f"killed before write {k}: resumed differently"
         assert not list(state.glob(".*.tmp")), k
+
+
+HOOK = """
+import fcntl, os, signal
+_at, _counter = int(os.environ.get("ROLI_TEST_KILL_AT", "0")), os.environ.get("ROLI_TEST_COUNTER")
+if _counter:
+    def _counting(real):
+        def rename(src, dst, *a, **kw):
+            with open(_counter, "a+") as f:  # one count for the grid and every run it forks
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                n = int(f.read() or 0) + 1
+                f.seek(0)
+                f.truncate()
+                f.write(str(n))
+                f.flush()
+            if n == _at:
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # the grid, its fork server and its runs
+            return real(src, dst, *a, **kw)
+        return rename
+    os.replace, os.rename = _counting(os.replace), _counting(os.rename)
+"""
+
+GRID_CONFIG = """model: vit_tiny_patch16_224
+model_args: {img_size: 8, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}
+dataset: digits
+classes: 0-3
+eps: 0.1
+step_size: 0.025
+steps: 1
+val_steps: 1
+epochs: 2
+warmup: 0
+random_backbone: true
+method: roli
+peft: lora
+"""
+
+
+def grid_in_group(tmp_path: Path, out: Path, kill_at: int = 0) -> int | str:
+    """`python -m roli.grid` in a process group of its own, every process of it counting renames in one file
+    (a sitecustomize on PYTHONPATH) and the whole group SIGKILLed before rename kill_at."""
+    import subprocess
+
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    counter = tmp_path / f"count-{out.name}"
+    counter.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "ROLI_TEST_COUNTER": str(counter), "ROLI_TEST_KILL_AT": str(kill_at), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "roli.grid", str(tmp_path / "roli_lora.yaml"), "--out", str(out)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, start_new_session=True, timeout=600)
+    if proc.returncode == -signal.SIGKILL:
+        return "killed"
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(counter.read_text())
+
+
+def grid_outcome(out: Path) -> dict:
+    runs = {p.parent for p in out.rglob("results.json")}
+    return {r.relative_to(out).as_posix() if "alp" not in r.parts else "alp": outcome(r) for r in runs}
+
+
+@pytest.mark.slow  # a grid (an ALP run and a RoLI run) killed at each of its writes: 12 minutes here (2 cores)
+def test_grid_killed_at_every_write_reruns_to_the_same_figures(tmp_path):
+    (tmp_path / "roli_lora.yaml").write_text(GRID_CONFIG)
+    writes = grid_in_group(tmp_path, tmp_path / "ref")
+    expected = grid_outcome(tmp_path / "ref")
+    assert writes >= 20 and set(expected) == {"alp", "roli_lora"}, (writes, expected.keys())
+    for k in range(1, writes + 1):
+        out = tmp_path / f"g{k}"
+        assert grid_in_group(tmp_path, out, kill_at=k) == "killed", k
+        assert grid_in_group(tmp_path, out) > 0, k  # the same command again: resumes what was killed
+        assert same(grid_outcome(out), expected), f"killed before write {k}: rerun differently"
+        assert not [p for p in out.rglob("*.tmp")], k
+        assert not [p for p in out.rglob(".*roli-new-*")], k
