@@ -37,7 +37,7 @@ from roli import _cli
 from roli._cli import BadValue, OneLineParser, prog
 from roli._io import GRID_MARKER, remove_stale_temporaries, save_json
 from roli.config import SHIPPED, TrainConfig, check_code_from_file, find_config, names_code, parse_set_options
-from roli.rundir import RunLock, check_links, create_whole, settings, without_added_defaults
+from roli.rundir import RunLock, check_links, check_not_dangling, create_whole, settings, without_added_defaults
 from roli.specs import DataSpec, PeftSpec
 
 # TrainConfig fields that do not change what the ALP stage of a run computes (finetuning with its PEFT options,
@@ -617,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_out(out: Path) -> None:
     """--out is new, empty, or a grid's folder (its marker); never a folder roli's grid did not make."""
+    check_not_dangling(out, "--out:", "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / GRID_MARKER).is_file() and not _earlier_grid(out):
         raise BadValue(
             f"--out: {out} holds files and is not a grid's folder (it has no {GRID_MARKER}); roli writes a grid "

@@ -450,6 +450,15 @@ def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None
     return diff
 
 
+def check_not_dangling(path: Path, what: str, flag: str) -> None:
+    """A symlink given as a folder must lead somewhere: roli creates nothing at a dangling link's target."""
+    if path.is_symlink() and not path.exists():
+        raise BadValue(
+            f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist; create that folder or give "
+            f"another {flag}"
+        )
+
+
 def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -458,6 +467,7 @@ def nearest_existing(path: Path) -> Path:
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str, Path] | None = None) -> None:
     """Everything about the run directory that can be wrong, before anything is written."""
+    check_not_dangling(run_dir, "run directory", "--run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise BadValue(f"run directory {run_dir} is a file; choose another --run-dir")
     base = nearest_existing(run_dir.resolve())
@@ -534,7 +544,8 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, fir
 def create_whole(folder: Path, marker: str, payload: dict, purpose: str, first, what: str = "run directory") -> RunLock:
     """Create `folder` whole: its marker (holding `payload`) and what first(tmp) writes go into a locked temporary
     sibling, renamed into place at the end; a start killed before leaves nothing under the folder's name (its
-    sibling is removed by the next start). Returns the held lock."""
+    sibling is removed by the next start). Returns the held lock. A symlink to an empty folder: created there."""
+    folder = folder.resolve() if folder.is_symlink() else folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(folder)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}{STAGING}"))

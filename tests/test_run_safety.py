@@ -664,3 +664,20 @@ def test_report_out_never_replaces_a_run_file_or_a_users_report(run_copy, capsys
     ok = tmp_path / "rep"
     assert report([str(run), "--out", str(ok)]) == 0
     assert report([str(run), "--out", str(ok)]) == 0  # its own report: replaced
+
+
+def test_a_dangling_symlink_as_run_dir_or_grid_out_is_one_line(tmp_path, capsys):
+    from roli.grid import main as grid
+
+    dangling = tmp_path / "runs"
+    dangling.symlink_to(tmp_path / "nowhere" / "x")
+    assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(dangling)]) == 2
+    one_line(capsys, f"run directory {dangling} is a symlink to {tmp_path / 'nowhere' / 'x'}, which does not exist")
+    assert grid(["cifar10/roli_lora", "--out", str(dangling)]) == 2
+    one_line(capsys, "which does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and dangling.is_symlink()
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "linked").symlink_to(real)  # a link to an empty folder: the run is made there
+    assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(tmp_path / "linked")]) == 0
+    assert (real / "results.json").is_file() and (tmp_path / "linked").is_symlink()
