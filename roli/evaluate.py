@@ -42,7 +42,15 @@ from roli.config import TrainConfig, check_code_from_file
 from roli.data import load_dataset
 from roli.models import RobustClassifier
 from roli.ops import requested_impl, unavailable_reason
-from roli.rundir import FINGERPRINT, MARKER, RunLock, check_as_written, check_fingerprint, fingerprint
+from roli.rundir import (
+    FINGERPRINT,
+    MARKER,
+    RunLock,
+    check_as_written,
+    check_fingerprint,
+    check_written_here,
+    fingerprint,
+)
 from roli.specs import DataSpec, ModelSpec, PeftSpec
 
 
@@ -241,6 +249,7 @@ def _run_model(
         elif stage_dir.name != "pretrain":
             peft.apply(model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
+        check_written_here(meta.get("run"), stage_dir.parent, stage_dir / "best.pt", "--run")
     except ValueError as e:  # BadValue included
         raise BadValue(f"--run: {first_line(e)}") from None
     val = meta.get("val_robust")

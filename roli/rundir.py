@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -192,6 +193,25 @@ def not_as_written(run_dir: Path, only: tuple[str, ...] | None = None) -> list[s
         if rel in written and not (run_dir / rel).exists() and (only is None or rel in only):
             out.append(f"{rel} is missing (deleted?)")
     return sorted(out)
+
+
+def run_identity(run_dir: Path) -> str | None:
+    """The identity in a run's marker (a random id made when the run was created), or None (an earlier roli's run,
+    or no run)."""
+    try:
+        ident = json.loads((run_dir / MARKER).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ident if isinstance(ident, str) else None
+
+
+def check_written_here(written_under, run_dir: Path, path: Path, what: str) -> None:
+    """Refuse a best.pt / last.pt whose recorded run identity is another run's (a file copied in)."""
+    here = run_identity(run_dir)
+    if isinstance(written_under, str) and here is not None and written_under != here:
+        raise BadValue(
+            f"{what}: {path} was written by another run (copied in?), not by the run in {run_dir}; move it away"
+        )
 
 
 def check_links(run_dir: Path) -> None:
@@ -534,6 +554,7 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, fir
         return lock
     marker = {
         "format": MARKER_FORMAT,
+        "run": uuid.uuid4().hex,  # this run's identity: every best.pt and last.pt it writes carries it
         "created_by": "roli train",
         "note": "roli deletes (--overwrite) and resumes only directories holding this file, and only the files "
         f"it wrote there (listed in {MANIFEST})",

@@ -681,3 +681,25 @@ def test_a_dangling_symlink_as_run_dir_or_grid_out_is_one_line(tmp_path, capsys)
     (tmp_path / "linked").symlink_to(real)  # a link to an empty folder: the run is made there
     assert train(["--method", "alp", "--dataset", "digits", *QUICK, "--run-dir", str(tmp_path / "linked")]) == 0
     assert (real / "results.json").is_file() and (tmp_path / "linked").is_symlink()
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_refused(run_copy, capsys, tmp_path):
+    """best.pt and last.pt carry the identity of the run that wrote them (its marker's): another run's file, copied
+    in and even recorded in the manifest as roli would, is refused by --resume and evaluate --run."""
+    run, data = run_copy
+    other = tmp_path / "other"
+    assert train(["--method", "alp", "--dataset", f"npz:{data}", *QUICK, "--seed", "7", "--run-dir", str(other)]) == 0
+    mine = {n: (run / "alp" / n).read_bytes() for n in ("best.pt", "last.pt")}
+    for name in ("last.pt", "best.pt"):
+        blob = (other / "alp" / name).read_bytes()
+        atomic_write(run / "alp" / name, lambda tmp, b=blob: Path(tmp).write_bytes(b))  # the manifest agrees
+        (run / "alp" / "done.json").unlink(missing_ok=True)
+        capsys.readouterr()
+        assert train(["--resume", str(run)]) == 2
+        line = [x for x in capsys.readouterr().err.splitlines() if ": error: " in x]
+        assert len(line) == 1 and f"alp/{name} was written by another run (copied in?)" in line[0], line
+        if name == "best.pt":
+            assert evaluate(["--run", str(run)]) == 2
+            one_line(capsys, "best.pt was written by another run (copied in?)")
+        atomic_write(run / "alp" / name, lambda tmp, b=mine[name]: Path(tmp).write_bytes(b))
+    assert train(["--resume", str(run)]) == 0 and evaluate(["--run", str(run), "--out", str(tmp_path / "e.json")]) == 0

@@ -35,6 +35,7 @@ from roli.attacks.accuracy import validation_counts
 from roli.config import OPTIMIZERS, REF_ADAMW_EPS, SELECT_BY
 from roli.features.alp_step import alp_step, backward, micro_batches, tally, update, weighted
 from roli.models import load_checkpoint, save_checkpoint
+from roli.rundir import check_written_here, run_identity
 from roli.schedule import warmup_cosine
 from roli.training.guard import Guard, trained_state
 
@@ -215,8 +216,8 @@ def _state(stage: Stage, epoch: int, step: int, best: dict, partial=(0, 0.0, 0))
 
 
 def _save_state(state: dict, path: Path) -> None:
-    if D.is_main():
-        save_torch(state, path)
+    if D.is_main():  # with the run's identity: a last.pt copied into another run is refused there
+        save_torch(state | {"run": run_identity(path.parent.parent)}, path)
     D.barrier()
 
 
@@ -265,6 +266,7 @@ def fit(
     start_epoch, start_step, best = 0, 0, {"epoch": -1, "val_clean": 0.0, "val_robust": -1.0}
     best_state = None  # run_dir=None: the best model's trained tensors
     partial = (0, 0.0, 0)  # (seen, loss sum, correct) of an epoch interrupted mid-way
+    ident = run_identity(run_dir.parent) if run_dir is not None else None  # the run's: carried by both files
     if resume and last is not None and last.exists():
         start_epoch, start_step, best, partial = _resume(stage, last)
     show = (progress if progress is not None else sys.stderr.isatty()) and D.is_main()
@@ -287,7 +289,7 @@ def fit(
                 if run_dir is None:
                     best_state = trained_state(stage.model)
                 elif D.is_main():
-                    save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best})
+                    save_checkpoint(stage.model, best_path, meta={"stage": stage.name, **best, "run": ident})
             if run_dir is not None:
                 _save_state(_state(stage, epoch + 1, 0, best, (0, 0.0, 0)), last)
             if D.any_(stop.signum is not None):
@@ -297,7 +299,8 @@ def fit(
             stage.model.load_state_dict(best_state, strict=False)
     else:
         D.barrier()
-        load_checkpoint(stage.model, best_path)
+        meta = load_checkpoint(stage.model, best_path)
+        check_written_here(meta.get("run"), run_dir.parent, best_path, "resume")
     return {**best, "train_attack": _attack_name(stage)}
 
 
@@ -306,6 +309,7 @@ def _resume(stage: Stage, last: Path) -> tuple[int, int, dict, tuple]:
     best, partial epoch's tally) to continue from."""
     try:
         state = load_tagged(last, STATE_FORMAT, "roli training state")
+        check_written_here(state.get("run"), last.parent.parent, last, "resume")
         stage.model.load_state_dict(state["model"])
         stage.optimizer.load_state_dict(state["optimizer"])
         if stage.guard is not None:  # before the attack's RNG: a guarded run may have switched attacks
