@@ -83,6 +83,38 @@ def round_robin(runs: dict, reps: int, warmup: int = 1, device: torch.device | s
     return {label: statistics.median(ts) for label, ts in times.items()}
 
 
+def round_robin_spread(
+    runs: dict, reps: int, warmup: int = 2, device: torch.device | str = "cpu", steps: int = 10
+) -> dict:
+    """{label: (median, min, max)} seconds per call: in each of warmup + reps rounds every variant runs `steps`
+    calls back to back, timed as one block (CUDA events on a GPU), the variants interleaved round by round."""
+    times = {label: [] for label in runs}
+    for r in range(warmup + reps):
+        for label, run in runs.items():
+            t = timed(lambda run=run: [run() for _ in range(steps)], device) / steps
+            if r >= warmup:
+                times[label].append(t)
+    return {label: (statistics.median(ts), min(ts), max(ts)) for label, ts in times.items()}
+
+
+def host_syncs(fn, device: torch.device | str = "cpu") -> int | None:
+    """How many times one call of fn made the host wait for the GPU (torch's sync debug mode: .item(), a
+    non_blocking=False copy to the host, nonzero, ...); None off a GPU."""
+    import warnings
+
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def write_results(out: str | Path, name: str, table: str, rows: list[dict], meta: dict, kind: str = "cpu") -> None:
     """The Markdown table to <out>/<name>_<kind>.md (kind: cpu or cuda) and the rows appended to <out>/<name>.csv."""
     out = Path(out)

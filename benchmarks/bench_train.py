@@ -21,6 +21,10 @@ Results: a Markdown table, CSV rows and a PNG bar chart in benchmarks/results/. 
 rounds, then round-robin medians; on a GPU (--device cuda) with CUDA events.
 
     python benchmarks/bench_train.py [--quick] [--models resnet18,vit,cnn] [--device cpu|cuda] [--no-compile]
+
+--settle (gpu_check.sh's perf stage): each round times 10 steps of every variant back to back, >= 3 rounds after
+two warm-up rounds, and the table gives the median with the min-max spread over the rounds and the host
+synchronisations one step makes (torch's sync debug mode: none expected); results as bench_perf_<device>.
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import AutocastModel, matmul_load, optional_torchattacks, publish, reference_pgd, round_robin
+from _common import (
+    AutocastModel,
+    host_syncs,
+    matmul_load,
+    optional_torchattacks,
+    publish,
+    reference_pgd,
+    round_robin_spread,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from roli.attacks import PGD
@@ -48,6 +60,9 @@ MODELS = {
     "cnn": lambda: create_classifier("roli.models.small:small_cnn", 10, in_chans=3, **CIFAR),
     # The paper's setting: ViT-B/16, CIFAR's 32x32 images resized to 224 inside the model (meant for a GPU).
     "vitb": lambda: create_classifier("vit_base_patch16_224", 10, **{**CIFAR, "input_size": 224}),
+    # The paper's backbone (ARES-Swin-B's architecture) and a ResNet-50, at 224 likewise (--settle's models).
+    "swinb": lambda: create_classifier("swin_base_patch4_window7_224", 10, **{**CIFAR, "input_size": 224}),
+    "resnet50": lambda: create_classifier("resnet50", 10, **{**CIFAR, "input_size": 224}),
 }
 EPS, ALPHA, STEPS, BATCH = 8 / 255, 2 / 255, 7, 64
 
@@ -200,6 +215,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timing, and the CUDA-graph row)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--settle", action="store_true", help="10 steps per round, spread and host syncs: bench_perf")
+    ap.add_argument("--steps", type=int, default=10, help="with --settle: timed steps per round (default 10)")
     ap.add_argument(
         "--precisions",
         default="fp32,bf16",
@@ -210,6 +227,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch has no CUDA device; use --device cpu")
     reps = 3 if args.quick else 5
+    steps = max(1, args.steps) if args.settle else 1
     precisions = [p for p in args.precisions.split(",") if p]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         raise SystemExit(f"--precisions: {args.precisions!r} must list fp32 and/or bf16")
@@ -231,8 +249,10 @@ def main() -> None:
         # Two warm-up rounds (compilation, graph recording, allocator), then round-robin medians.
         # The matmul peak is timed as two more variants of the same rounds: the same machine load.
         timed_runs = {**{k: fn for k, (_, fn) in runs.items()}, **{("peak", p): f for p, (f, _) in loads.items()}}
-        times = round_robin(timed_runs, reps, warmup=2, device=device)
+        spread = round_robin_spread(timed_runs, reps, warmup=2, device=device, steps=steps)
+        times = {k: v[0] for k, v in spread.items()}
         peaks = {p: loads[p][1] / times[("peak", p)] / 1e9 for p in loads}
+        syncs = {k: host_syncs(fn, device) for k, fn in timed_runs.items() if k[0] != "peak"} if args.settle else {}
         for p in peaks:
             seen_peaks[p].append(peaks[p])
         for (kind, label), (precision, _) in runs.items():
@@ -250,12 +270,17 @@ def main() -> None:
                     "precision": precision,
                     "gflop_per_step": flops[kind] / 1e9,
                     "peak_gflops": peaks[precision],
+                    "steps_per_s_min": 1 / spread[(kind, label)][2],
+                    "steps_per_s_max": 1 / spread[(kind, label)][1],
+                    "host_syncs": syncs.get((kind, label)),
                 }
             )
     cols = ["model", "step", "variant", "steps/s", "images/s", "vs reference-style", "FLOP utilisation"]
+    if args.settle:
+        cols[4:4] = ["steps/s min-max", "host syncs/step"]
 
     def cells(r):
-        return [
+        out = [
             r["model"],
             r["step"],
             r["variant"],
@@ -264,12 +289,18 @@ def main() -> None:
             f"{r['vs_reference']:.2f}x",
             f"{100 * r['utilisation']:.0f}% ({r['precision']})",
         ]
+        if args.settle:
+            syncs = "-" if r["host_syncs"] is None else str(r["host_syncs"])
+            out[4:4] = [f"{r['steps_per_s_min']:.2f}-{r['steps_per_s_max']:.2f}", syncs]
+        return out
 
-    title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32)"
+    name = "bench_perf" if args.settle else "bench_train"
+    title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32 input)"
+    title += f", {reps} rounds of {steps} steps" if args.settle else ""
     title += " (the peak: interleaved with the steps, median over the models)"
     peaks = {p: statistics.median(v) for p, v in seen_peaks.items()}
-    publish(args.out, "bench_train", title, peaks, cols, cells, rows, device)
-    chart(rows, Path(args.out) / f"bench_train_{device.type}.png")
+    publish(args.out, name, title, peaks, cols, cells, rows, device)
+    chart(rows, Path(args.out) / f"{name}_{device.type}.png")
 
 
 def chart(rows, path: Path) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command that proves roli's GPU path on a CUDA machine (each stage has its own time
-# limit, about 8 minutes in all; a stage that runs out is a failure and the next one starts).
+# limit, 10 minutes in all; a stage that runs out is a failure and the next one starts).
 #   env     device, driver, torch/CUDA/Triton/nvcc versions, Python headers, c++, ninja (benchmarks/gpu_env.py);
 #           fails, naming what is missing, when the just-in-time build of roli._C could not run
 #   build   roli._C with its CUDA kernels: the ahead-of-time build if it has them, else the just-in-time
@@ -10,12 +10,15 @@
 #   attack  the attack benchmark (PGD-10: ours vs torchattacks vs the reference-style loop), resnet18 and
 #           ViT-B/16 at 224, batch 64 (torchattacks' rows are left out, with a note, where it is not installed)
 #   train   the training-step benchmark (PGD-7 finetuning step and ALP step), ViT-B/16 at 224 and resnet18,
-#           with the CUDA-graph row
+#           with the CUDA-graph row (only with --only train: perf supersedes it)
+#   perf    the same step settled (bench_train.py --settle): every variant interleaved, 3 rounds of 10 steps after
+#           2 warm-up rounds, median with min-max, host syncs per step, the same-run matmul peak; ViT-B/16,
+#           Swin-B, ResNet-50 at 224 and resnet18, with the compile and CUDA-graph rows (bench_perf_cuda.*)
 # Tables go to the --out folder (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the whole
 # output to gpu_check_cuda.log there. The default folder is outside the checkout: a copied checkout that is
 # thrown away after the run (a lent machine) would take the results with it.
 #
-# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train] [--out DIR] [--wheels DIR] [--bundle DIR]
+# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train,perf] [--out DIR] [--wheels DIR] [--bundle DIR]
 #   --out     where the tables and the log go (default: $TMPDIR/roli-gpu-check, /tmp/roli-gpu-check)
 #   --only    the stages to run (env and build always run first); e.g. --only attack,train to redo two
 #   --wheels  install the wheels in DIR first, without a network (into a temporary folder on PYTHONPATH),
@@ -29,8 +32,8 @@
 #   pip download --no-deps --only-binary=:all: -d .whl torchattacks==3.5.1        # here, once (.whl is ignored)
 #   PYTHON=python3 bash benchmarks/gpu_check.sh --wheels .whl --out /tmp/gc --bundle $OUT   # there, .whl carried
 set -uo pipefail
-STAGES=env,build,tests,ops,attack,train
-ONLY=$STAGES
+STAGES=env,build,tests,ops,attack,train,perf
+ONLY=env,build,tests,ops,attack,perf  # train: perf's quick predecessor, on request (--only train)
 WHEELS=
 BUNDLE=
 RESULTS=
@@ -116,6 +119,7 @@ stage tests 120 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs
 stage ops 60 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$RESULTS"
 stage attack 90 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$RESULTS"
 stage train 120 "$PY" benchmarks/bench_train.py --quick --device cuda --models vitb,resnet18 --no-compile --out "$RESULTS"
+stage perf 210 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb,swinb,resnet50,resnet18 --out "$RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)"
   sleep 1 && bundle

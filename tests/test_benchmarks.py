@@ -49,6 +49,41 @@ def test_bench_train_runs_and_writes_its_results(tmp_path):
     assert (tmp_path / "bench_train_cpu.png").stat().st_size > 1000
 
 
+def test_round_robin_spread_times_blocks_of_steps_interleaved():
+    from _common import host_syncs, round_robin_spread
+
+    calls = []
+
+    def make(label, seconds):
+        def run():
+            calls.append(label)
+            time.sleep(seconds)
+
+        return run
+
+    out = round_robin_spread({"a": make("a", 0.002), "b": make("b", 0.006)}, reps=3, warmup=1, steps=4)
+    assert calls == (["a"] * 4 + ["b"] * 4) * 4  # every variant's block of 4 in each of 1 + 3 rounds
+    for label, want in (("a", 0.002), ("b", 0.006)):
+        median, lo, hi = out[label]
+        assert lo <= median <= hi and want <= lo < want + 0.004, (label, out[label])  # seconds per call
+    assert host_syncs(lambda: None, "cpu") is None  # counted on a GPU only
+
+
+@pytest.mark.slow  # the whole benchmark on a CPU: ~1.5 minutes on 2 cores
+def test_bench_train_settle_writes_spread_and_sync_columns(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--models", "cnn", "--quick", "--no-compile",
+                          "--precisions", "fp32", "--settle", "--steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "bench_perf_cpu.md").read_text()
+    assert "| model | step | variant | steps/s | steps/s min-max | host syncs/step | images/s |" in table
+    assert "3 rounds of 2 steps" in table
+    rows = list(csv.DictReader((tmp_path / "bench_perf.csv").open()))
+    assert rows and all(float(r["steps_per_s_min"]) <= float(r["steps_per_s"]) <= float(r["steps_per_s_max"])
+                        for r in rows)  # fmt: skip
+    assert not (tmp_path / "bench_train.csv").exists()
+
+
 def test_gpu_check_says_so_without_cuda():
     import torch
 
@@ -120,6 +155,8 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     assert "GPU=1" in next(c for c in runs if "-m pytest" in c)
     assert "vit_base_patch16_224" in next(c for c in runs if "bench_attack" in c)
     assert "vitb" in next(c for c in runs if "bench_train" in c)
+    perf = next(c for c in runs if "bench_train" in c)  # the default run: perf (train only when asked)
+    assert "--settle" in perf and "swinb" in perf and "resnet50" in perf and "--no-compile" not in perf
     assert all("--device cuda" in c for c in runs if "bench_" in c)
     with tarfile.open(tmp_path / "ship" / "gpu_check.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
