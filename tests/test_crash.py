@@ -66,7 +66,8 @@ def outcome(run: Path) -> dict:
     out = {"results": {k: v["test"] for k, v in json.loads((run / "results.json").read_text()).items()}}
     for best in sorted(run.glob("*/best.pt")):
         state = torch.load(best, map_location="cpu", weights_only=True)
-        out[best.parent.name] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} or state
+        meta = {k: v for k, v in state["meta"].items() if k != "run"}  # "run": each run's own random identity
+        out[best.parent.name] = {**state["state_dict"], "meta": meta}
         last = torch.load(best.parent / "last.pt", map_location="cpu", weights_only=True)
         out[best.parent.name + "/last"] = last["model"]  # the final weights, whichever epoch was best
     return out
