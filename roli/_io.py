@@ -110,11 +110,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             record(folder, {"tmp": _rel(tmp, folder)})
         try:
             write(tmp)
+            _fsync(tmp)
         except RuntimeError as e:  # torch.save on a full disk: PytorchStreamWriter's "file write failed"
             if "write" in str(e) and shutil.disk_usage(path.parent).free < FULL_BELOW:
-                raise OSError(errno.ENOSPC, f"No space left on device (writing {path.name})") from None
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
             raise
-        _fsync(tmp)
+        except OSError as e:  # the file that could not be written, named in the one-line message
+            if e.errno == errno.ENOSPC and not e.filename:
+                raise OSError(errno.ENOSPC, e.strerror or "No space left on device", str(path)) from None
+            raise
         os.chmod(tmp, 0o666 & ~umask())
         if folder is not None:
             record(folder, {"file": _rel(path, folder), "size": os.path.getsize(tmp), "sha256": file_sha256(tmp)})

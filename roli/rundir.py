@@ -585,9 +585,11 @@ def create_whole(folder: Path, marker: str, payload: dict, purpose: str, first, 
                 f"{what} {folder} was filled by another process while this one started; choose another {flag}"
             ) from None
         lock.path = folder / LOCK
-    except BaseException:
+    except BaseException as e:
         lock.release()
         _remove_staging(staging)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename:  # named as the user knows it
+            raise OSError(errno.ENOSPC, e.strerror, str(folder / Path(e.filename).name)) from None
         raise
     return lock
 

@@ -703,3 +703,33 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(run_copy, capsys, tm
             one_line(capsys, "best.pt was written by another run (copied in?)")
         atomic_write(run / "alp" / name, lambda tmp, b=mine[name]: Path(tmp).write_bytes(b))
     assert train(["--resume", str(run)]) == 0 and evaluate(["--run", str(run), "--out", str(tmp_path / "e.json")]) == 0
+
+
+def test_a_full_disk_under_evaluate_report_and_grid_is_one_line(run_copy, capsys, tmp_path, monkeypatch):
+    """The commands as run (through their entry point): ENOSPC at their first write is one line naming the file,
+    exit 2, and no file left half-written."""
+    import sys
+
+    import roli._io
+    from roli._cli import quiet_pipe
+    from roli.grid import main as grid
+    from roli.report import main as report
+
+    run, _ = run_copy
+    config = tmp_path / "c.yaml"
+    config.write_text("method: alp\ndataset: digits\nrandom_backbone: true\nepochs: 1\nwarmup: 0\n")
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(roli._io, "_fsync", full)
+    cases = [(evaluate, ["--run", str(run), "--out", str(tmp_path / "e.json")], tmp_path / "e.json"),
+             (report, [str(run), "--out", str(tmp_path / "rep")], tmp_path / "rep" / "report.md"),
+             (grid, [str(config), "--out", str(tmp_path / "g")], tmp_path / "g" / ".roli-grid")]  # fmt: skip
+    for main, argv, first in cases:
+        monkeypatch.setattr(sys, "argv", ["x", *argv])
+        capsys.readouterr()
+        assert quiet_pipe(main) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(err) == 1 and f"disk full ({first.parent}" in err[0] and "run the same command again" in err[0]
+        assert not first.exists() and not list(tmp_path.rglob("*.tmp")), err
