@@ -113,9 +113,9 @@ COMPILE_MODELS = {
 def test_compiled_training_step_equals_the_eager_step(name):
     """--compile's step (torch.compile of the model, the attack's passes and the update through it) against the
     eager step: three PGD-3 + AdamW steps from the same weights and batch. Tolerance: the compiled weights' change
-    within 1% (relative L2 over all parameters) of the eager change (measured 2026-12-06: 0.028% ViT, 0.038% CNN); inductor's fused kernels round differently,
-    and a PGD sign may flip on a near-zero gradient, so bitwise equality is not expected. A compiled step that
-    skipped or doubled the update would be off by 100%."""
+    within 1% (relative L2 over all parameters) of the eager change (measured 2026-12-06: 0.028% ViT, 0.038%
+    CNN); inductor's fused kernels round differently and a PGD sign may flip on a near-zero gradient, so bitwise
+    equality is not expected. A compiled step that skipped or doubled the update would be off by 100%."""
     from roli.training.loop import ft_step, make_optimizer, param_groups
 
     torch.manual_seed(0)
