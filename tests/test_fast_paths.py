@@ -133,3 +133,36 @@ def test_compiled_training_step_equals_the_eager_step(name):
     eager, comp = moved[False].double(), moved[True].double()
     assert eager.norm() > 1e-3  # the steps moved the weights
     assert (comp - eager).norm() / eager.norm() < 0.01, float((comp - eager).norm() / eager.norm())
+
+
+@pytest.mark.parametrize("kind", ["ft", "alp"])
+def test_a_training_step_reads_no_tensor_value_on_the_host(kind, monkeypatch):
+    """The CPU side of "no sync in the step": one finetuning or ALP step (PGD-3 attack + update, after a first
+    step) never reads a tensor's value into Python (item, tolist, bool, int, float, cpu, numpy), each of which
+    would make a GPU step wait for the device. (On a GPU, bench_train.py --settle counts the syncs themselves.)"""
+    from roli.features import alp_step
+    from roli.models import apply_peft
+    from roli.training.loop import ft_step, make_optimizer, param_groups
+
+    torch.manual_seed(0)
+    m = COMPILE_MODELS["cnn"]()
+    if kind == "alp":
+        apply_peft(m, "linear")
+    x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    attack = PGD(m, eps=8 / 255, step_size=2 / 255, steps=3, keep="last", seed=0, deferred=True)
+    opt = make_optimizer(
+        param_groups(m if kind == "ft" else m.head, 0.0), "adamw" if kind == "ft" else "sgd", 1e-3, 0.9
+    )
+    step = ft_step if kind == "ft" else alp_step
+    step(m, attack, opt, x, y, "fp32")
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: reads.append(_n) or _r(self, *a, **k)
+        )
+    before = [p.detach().clone() for p in m.parameters()]
+    step(m, attack, opt, x, y, "fp32")
+    monkeypatch.undo()
+    assert reads == []
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))  # it did update
