@@ -112,3 +112,37 @@ def test_cifar_pickles_that_are_not_batches_are_named(tmp_path):
         roli.load_dataset(f"cifar10:{root}")
     assert f"CIFAR pickle {root / 'test_batch'}: 4 images of shape (3071,) and 4 labels; expected equal counts of " \
            "3072 bytes each" in str(e.value)  # fmt: skip
+
+
+SWIN = dict(img_size=32, window_size=2, embed_dim=24, depths=(1, 1), num_heads=(1, 2))
+
+
+def test_what_trains_names_zero_lora_pairs_and_a_head_only_stage():
+    """The reference's RoLI-LoRA on Swin (A = B = 0): the summary as the log prints it, written out here."""
+    torch.manual_seed(0)
+    m = create_classifier("swin_tiny_patch4_window7_224", 5, **SWIN)
+    apply_peft(m, "lora", peft_init="reference", role="roli")
+    params = dict(m.named_parameters())
+    lora = [n for n in params if ".lora_" in n]
+    dead = sum(params[n].numel() for n in lora)
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    out = what_trains(m)
+    assert out["inert_tensors"] == len(lora) > 0 and out["inert"] == dead
+    assert out["summary"] == (
+        f"{trainable:,} trainable parameters; {dead:,} of them (LoRA A and B (both zero), {len(lora)} tensors) are "
+        "zero on both sides of their branch: they receive no gradient and stay zero; this stage trains the head only"
+    )
+
+
+def test_an_adapter_with_a_non_zero_down_bias_is_not_inert():
+    """down.weight and up.weight zero but down.bias not: GELU(bias) reaches up.weight's gradient, so it trains."""
+    from roli.models import inert_parameters
+
+    torch.manual_seed(0)
+    m = create_classifier("vit_tiny_patch16_224", 5, **VIT)
+    apply_peft(m, "adapter", peft_init="reference", role="roli")
+    assert len(inert_parameters(m)) == 3 * VIT["depth"]  # down weight, down bias, up weight per block
+    adapter = next(mod for mod in m.modules() if hasattr(mod, "down") and hasattr(mod, "up"))
+    with torch.no_grad():
+        adapter.down.bias.fill_(0.5)
+    assert len(inert_parameters(m)) == 3 * (VIT["depth"] - 1)
