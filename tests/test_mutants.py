@@ -146,3 +146,35 @@ def test_an_adapter_with_a_non_zero_down_bias_is_not_inert():
     with torch.no_grad():
         adapter.down.bias.fill_(0.5)
     assert len(inert_parameters(m)) == 3 * (VIT["depth"] - 1)
+
+
+def test_full_and_linear_decide_what_is_trainable_and_the_family_is_named():
+    from roli.models.peft import family
+
+    torch.manual_seed(0)
+    m = create_classifier("vit_tiny_patch16_224", 5, **VIT)
+    apply_peft(m, "full")
+    assert all(p.requires_grad for p in m.parameters())
+    apply_peft(m, "linear")
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert family(m.backbone) == "vit"
+    assert family(create_classifier("swin_tiny_patch4_window7_224", 5, **SWIN).backbone) == "swin"
+    assert family(create_classifier("roli.models.small:small_cnn", 5, in_chans=3).backbone) is None
+
+
+def test_an_adapter_adds_its_branch_to_the_mlp_output():
+    """h + up(GELU(down(h))) with h = mlp(x), in float64 by hand, once the up projection is not zero."""
+    from roli.models.peft import Adapter
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Linear(12, 12).double()
+    a = Adapter(mlp, 12, 4).double()
+    assert a.down.out_features == 3 and not a.up.weight.any()
+    with torch.no_grad():
+        a.up.weight.normal_()
+        a.up.bias.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    h = x @ mlp.weight.T + mlp.bias
+    z = h @ a.down.weight.T + a.down.bias
+    gelu = 0.5 * z * (1 + torch.erf(z / 2**0.5))
+    torch.testing.assert_close(a(x), h + gelu @ a.up.weight.T + a.up.bias, rtol=1e-12, atol=1e-12)
