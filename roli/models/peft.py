@@ -178,10 +178,8 @@ def _blocks_with(model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
 
 def _apply_method(model, method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_reduction, vpt_tokens,
                   vpt_dropout) -> None:  # fmt: skip
-    """The method's branches on model.backbone (standard inits), every parameter frozen but for full FT."""
+    """The method's branches on model.backbone (standard inits); apply_peft then decides what trains."""
     backbone = model.backbone
-    for p in model.parameters():
-        p.requires_grad_(method == "full")
     model.encoder_mode = ENCODER_MODES[method]
     if method == "linear":
         backbone.eval()
