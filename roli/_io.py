@@ -153,9 +153,9 @@ def remove_stale_temporaries(folder: str | Path, ours=None) -> list[Path]:
     return stale
 
 
-def plain_file(folder: Path, rel) -> bool:
-    """`rel` (a manifest path) names a regular file inside `folder` reached without a symlink and without
-    '..': an edited manifest cannot point roli at another file."""
+def plain_file(folder: Path, rel, kind: int = stat.S_IFREG) -> bool:
+    """`rel` (a manifest path) names a regular file (kind S_IFDIR: a folder) inside `folder` reached without a
+    symlink and without '..': an edited manifest cannot point roli at another file."""
     if not isinstance(rel, str) or not rel or rel.startswith("/"):
         return False
     parts = rel.split("/")
@@ -170,7 +170,7 @@ def plain_file(folder: Path, rel) -> bool:
             return False
         if stat.S_ISLNK(mode):
             return False
-    return stat.S_ISREG(mode)
+    return stat.S_IFMT(mode) == kind
 
 
 def first_line(e: BaseException) -> str:

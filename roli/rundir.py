@@ -119,23 +119,20 @@ def remove_outputs(run_dir: Path) -> list[str]:
     if entries is None:
         log.info("--overwrite: %s has no %s (a run of an earlier roli): its files are known by name", run_dir, MANIFEST)
         return _remove_by_name(run_dir)
-    written: dict[str, set] = {}
-    for e in entries:
-        if isinstance(e.get("file"), str):
-            written.setdefault(e["file"], set()).add((e.get("size"), e.get("sha256")))
+    written = _written(entries)
     grown = {e["grown"] for e in entries if isinstance(e.get("grown"), str)}
     removed, changed_since = [], []
     for rel in sorted(written) + sorted(grown - set(written)):
         if rel == MARKER or not plain_file(run_dir, rel):
             continue
         path = run_dir / rel
-        if rel in written and (path.stat().st_size, file_sha256(path)) not in written[rel]:
+        if rel in written and not _as_written(path, written[rel]):
             changed_since.append(rel)
             continue
         path.unlink()
         removed.append(rel)
     for tree in sorted({e["tree"] for e in entries if isinstance(e.get("tree"), str)}):
-        if not _plain_dir(run_dir, tree):
+        if not plain_file(run_dir, tree, stat.S_IFDIR):
             continue
         for root, dirs, files in os.walk(run_dir / tree, followlinks=False):
             for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
@@ -157,10 +154,28 @@ def remove_outputs(run_dir: Path) -> list[str]:
 MARKER_FORMAT = "roli run 2"  # a run with a manifest; a marker without "format" is of an earlier roli
 
 
-def not_as_written(run_dir: Path, only: tuple[str, ...] | None = None) -> list[str] | None:
+def _written(entries: list[dict]) -> dict[str, set]:
+    """{path: {(size, sha256), ...}}: every content roli recorded for each file it wrote."""
+    written: dict[str, set] = {}
+    for e in entries:
+        if isinstance(e.get("file"), str):
+            written.setdefault(e["file"], set()).add((e.get("size"), e.get("sha256")))
+    return written
+
+
+def _as_written(path: Path, recorded: set) -> bool:
+    """The file's content is one roli recorded (sizes compared first: no hash of a file of another size)."""
+    size = os.lstat(path).st_size
+    return any(size == n for n, _ in recorded) and (size, file_sha256(path)) in recorded
+
+
+def not_as_written(
+    run_dir: Path, only: tuple[str, ...] | None = None, unread: tuple[str, ...] = ()
+) -> list[str] | None:
     """roli's files in run_dir that are not what roli wrote there, in words: edited or replaced (content not in
     the manifest), copied in (a name roli writes, never written here), or config.json/fingerprint.json gone.
-    `only`: just these paths. None for a run of an earlier roli (no manifest, an old marker)."""
+    `only`: just these paths; `unread`: file names not checked. None for a run of an earlier roli (no manifest,
+    an old marker)."""
     entries = manifest(run_dir)
     if entries is None:
         try:
@@ -168,10 +183,7 @@ def not_as_written(run_dir: Path, only: tuple[str, ...] | None = None) -> list[s
         except (OSError, ValueError, AttributeError):
             fmt = None
         return [f"its manifest {MANIFEST} is missing"] if fmt == MARKER_FORMAT else None
-    written: dict[str, set] = {}
-    for e in entries:
-        if isinstance(e.get("file"), str):
-            written.setdefault(e["file"], set()).add((e.get("size"), e.get("sha256")))
+    written = _written(entries)
     skip = {LOCK, MANIFEST} | {e.get("grown") for e in entries} | {e.get("tmp") for e in entries}
     trees = tuple(e["tree"] + "/" for e in entries if isinstance(e.get("tree"), str))
     out = []
@@ -180,12 +192,10 @@ def not_as_written(run_dir: Path, only: tuple[str, ...] | None = None) -> list[s
             rel = Path(root, name).relative_to(run_dir).as_posix()
             if rel in skip or rel.startswith(trees) or (only is not None and rel not in only) or _temporary(name):
                 continue  # a temporary is never read: a start removes roli's
+            if name in unread:
+                continue
             if rel in written:
-                size = os.lstat(run_dir / rel).st_size
-                if (
-                    not any(size == n for n, _ in written[rel])
-                    or (size, file_sha256(run_dir / rel)) not in written[rel]
-                ):
+                if not _as_written(run_dir / rel, written[rel]):
                     out.append(f"{rel} is not the file roli wrote there (edited or replaced)")
             elif written_by_roli(rel):
                 out.append(f"{rel} was not written by this run (copied in?)")
@@ -232,25 +242,10 @@ def check_as_written(
     """Refuse (one line) a run holding a symlink, or whose files roli would read or replace are not those it
     wrote (not_as_written); `regenerated`: files roli never reads back (REGENERATED) are not checked."""
     check_links(run_dir)
-    found = not_as_written(run_dir, only)
-    if regenerated and found:
-        found = [f for f in found if f.split(" ", 1)[0].rpartition("/")[2] not in REGENERATED]
+    found = not_as_written(run_dir, only, REGENERATED if regenerated else ())
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise BadValue(f"{what}: in {run_dir}, {found[0]}{more}; {advice}")
-
-
-def _plain_dir(folder: Path, rel: str) -> bool:
-    """`rel` is a folder inside `folder` reached without a symlink or '..'."""
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or {"..", ".", ""} & set(parts):
-        return False
-    path = folder
-    for part in parts:
-        path = path / part
-        if path.is_symlink():
-            return False
-    return path.is_dir()
 
 
 def _restart_manifest(run_dir: Path) -> None:

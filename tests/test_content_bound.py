@@ -11,23 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_run_safety import one_line, tree_hash
 
 from roli.evaluate import main as evaluate
 from roli.train import main as train
 
 QUICK = ["--eps", "0.1", "--step-size", "0.05", "--steps", "1", "--val-steps", "1", "--epochs", "2", "--warmup", "0"]
-
-
-def tree_hash(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
-
-
-def one_error(capsys, pattern: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1 and pattern in lines[0], lines
-    return lines[0]
 
 
 def unfinished(run: Path) -> None:
@@ -53,9 +42,9 @@ def test_one_array_image_outside_any_sample_changed_is_refused(tmp_path, capsys)
     before = tree_hash(run)
     capsys.readouterr()
     assert train(["--resume", str(run)]) == 2
-    one_error(capsys, "resume: the test split's images changed since the run started")
+    one_line(capsys, "resume: the test split's images changed since the run started")
     assert evaluate(["--run", str(run)]) == 2
-    one_error(capsys, "the test split's images changed since the run started")
+    one_line(capsys, "the test split's images changed since the run started")
     assert tree_hash(run) == before
 
 
@@ -88,7 +77,7 @@ def test_same_size_image_files_swapped_are_refused_and_the_hash_is_timed(tmp_pat
     unfinished(run)
     before = tree_hash(run)
     assert train(["--resume", str(run)]) == 2
-    one_error(capsys, "resume: the test split's images changed since the run started")
+    one_line(capsys, "resume: the test split's images changed since the run started")
     assert tree_hash(run) == before
     assert train([*argv, "--data-hash", "stat", "--run-dir", str(tmp_path / "r2")]) == 0  # the explicit opt-out
     assert "data fingerprint: 64 image files, sizes and mtimes only (--data-hash stat), in " in capsys.readouterr().err
@@ -112,7 +101,7 @@ def test_a_replaced_backbone_file_is_refused(tmp_path, capsys, checkpoint):
     before = tree_hash(run)
     capsys.readouterr()
     assert train(["--resume", str(run)]) == 2
-    one_error(capsys, "resume: the file of --checkpoint (its sha256) changed since the run started")
+    one_line(capsys, "resume: the file of --checkpoint (its sha256) changed since the run started")
     assert tree_hash(run) == before
     backbone.write_bytes(checkpoint.read_bytes())  # the original back: resumes
     assert train(["--resume", str(run)]) == 0
@@ -174,6 +163,6 @@ def test_a_bad_image_file_is_found_before_anything_is_written(tmp_path, capsys, 
     argv = ["--method", "alp", "--dataset", f"imagefolder:{root}", "--resize", "8", "--crop-size", "8", *QUICK,
             "--random-backbone", "--workers", "0", "--run-dir", str(run)]  # fmt: skip
     assert train(argv) == 2
-    line = one_error(capsys, "dataset: train: unreadable image(s): ")
+    line = one_line(capsys, "dataset: train: unreadable image(s): ")
     assert (str(bad) in line) if case != "bomb" else ("DecompressionBomb" in line)
     assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]

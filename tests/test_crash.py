@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_grid import BASE
 
 from roli._io import manifest
 from roli.train import main as train
@@ -170,20 +171,7 @@ if _counter:
     os.replace, os.rename = _counting(os.replace), _counting(os.rename)
 """
 
-GRID_CONFIG = """model: vit_tiny_patch16_224
-model_args: {img_size: 8, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}
-dataset: digits
-classes: 0-3
-eps: 0.1
-step_size: 0.025
-steps: 1
-val_steps: 1
-epochs: 2
-warmup: 0
-random_backbone: true
-method: roli
-peft: lora
-"""
+GRID_CONFIG = BASE + "method: roli\npeft: lora\n"  # test_grid's roli_lora: an ALP run and a RoLI run
 
 
 def grid_in_group(tmp_path: Path, out: Path, kill_at: int = 0) -> int | str:
