@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# An attack's precisions: those, and fp8 (its linears' GEMMs in float8, roli.models.fp8; the rest in bf16).
+ATTACK_PRECISIONS = (*PRECISIONS, "fp8")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 # fp16 attacks: the loss is multiplied by this before the input-gradient backward, so that small gradients do not
 # flush to zero in float16 (the sign a Linf step takes, and the direction an L2 step takes, do not change under a
@@ -16,7 +18,8 @@ FP16_ATTACK_SCALE = 1024.0
 
 
 def autocast_for(device: torch.device, precision: str):
-    """bf16 or fp16 autocast on `device` (CPU or GPU) for precision "bf16" / "fp16", else a no-op context."""
+    """bf16 or fp16 autocast on `device` (CPU or GPU) for precision "bf16" / "fp16" (an fp8 attack: bf16 around its
+    float8 linears), else a no-op context."""
     if precision in DTYPES:
         # No cast cache while a CUDA graph records (the cached casts would not be in the graph's pool).
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -352,6 +352,7 @@ class TrainConfig:
     guard_images: int = GuardSpec.images
     # run
     precision: str = "fp32"
+    attack_precision: str | None = None  # the training attacks' (None: precision's); fp8 only here (roli.models.fp8)
     channels_last: bool = False  # conv nets: the model and the attack's images in channels_last
     compile: bool = False  # torch.compile the model used by the attack and the update
     cuda_graph: bool = False  # record the training attack's k steps in a CUDA graph (GPU)
@@ -399,6 +400,11 @@ class TrainConfig:
             not self.cuda_graph or str(self.device).startswith("cuda"),
             f"cuda-graph: records the attack on a GPU and needs --device cuda; got {self.device}",
         )
+        if self.attack_precision == "fp8":
+            from roli.models.fp8 import fp8_supported
+
+            ok, why = fp8_supported(self.device)
+            need(ok, f"attack-precision fp8: {why}; use --attack-precision bf16")
         self._check_method_combinations()
         self.resolved()  # every stage's settings resolve (e.g. no adamw-ref without decay)
 
@@ -521,6 +527,7 @@ class TrainConfig:
             self.fold_bn,
             self.cuda_graph,
             self.channels_last,
+            self.attack_precision,
         )
 
     @cached_property

@@ -347,6 +347,7 @@ ADDED_OPTIONS = {
     "record_order": "file",
     "n_ex": None,
     "accumulate": 1,
+    "attack_precision": None,
 }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from roli import _dist as D
-from roli._amp import PRECISIONS
+from roli._amp import ATTACK_PRECISIONS, PRECISIONS
 from roli._cli import BadValue, parse_budget
 from roli._io import first_line
 from roli.models.registry import HUB_PREFIXES, lookup
@@ -556,14 +556,24 @@ class AttackSpec:
     fold_bn: bool = True
     cuda_graph: bool = False
     channels_last: bool = False
+    attack_precision: str | None = None  # the training attacks' (None: precision's); validation and test: precision
 
     def __post_init__(self):
         need(self.norm in ("linf", "l2"), f"norm: {self.norm!r} is not linf or l2")
         need(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        need(
+            self.attack_precision in (None, *ATTACK_PRECISIONS),
+            f"attack-precision: {self.attack_precision!r} is not one of {', '.join(ATTACK_PRECISIONS)}",
+        )
         need_int("steps", self.steps, 0)
         need_int("val_steps", self.val_steps, 1)
         object.__setattr__(self, "eps", parse_budget(self.eps, "eps", self.norm))
         object.__setattr__(self, "step_size", parse_budget(self.step_size, "step-size"))
+
+    @property
+    def training_precision(self) -> str:
+        """The training attacks' precision: attack_precision where given, else the run's."""
+        return self.attack_precision or self.precision
 
     def clean(self, kind: str) -> bool:
         """A stage of attack `kind` trains on clean images: none, or PGD with 0 steps."""
@@ -589,7 +599,7 @@ class AttackSpec:
             self.steps,
             self.norm,
             random_start=self.random_start,
-            precision=self.precision,
+            precision=self.training_precision,
             seed=derive_seed(self.seed, purpose, rank=D.rank()),
             memory_format="channels_last" if self.channels_last else "auto",
             fold_bn=self.fold_bn,
@@ -618,4 +628,4 @@ class AttackSpec:
         from roli.attacks.fast import training_attack
 
         seed = derive_seed(self.seed, "guard single-step")
-        return training_attack(kind, net, self.eps, precision=self.precision, seed=seed, fold_bn=self.fold_bn)
+        return training_attack(kind, net, self.eps, precision=self.training_precision, seed=seed, fold_bn=self.fold_bn)

@@ -85,6 +85,14 @@ def build_parser() -> OneLineParser:
         "for the update (GPUs without bf16: V100, T4); default fp32",
     )
     g.add_argument(
+        "--attack-precision",
+        choices=["fp32", "bf16", "fp16", "fp8"],
+        help="the training attacks' precision (default: --precision's). fp8: their linear layers through float8 "
+        "GEMMs (e4m3 forward, e5m2 gradients, dynamic scaling, weights cast once per attack), the rest in bf16; "
+        "GPUs of compute capability 8.9+ (L40S, H100, H200), emulated on the CPU. Validation, test and the "
+        "update keep --precision",
+    )
+    g.add_argument(
         "--accumulate",
         type=int,
         help="split each batch into K micro-batches (attack and backward per micro-batch, one update per batch): "

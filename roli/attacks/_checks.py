@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from roli._amp import PRECISIONS
+from roli._amp import ATTACK_PRECISIONS
 from roli.attacks.losses import LOSSES
 
 NORMS = ("linf", "l2")
@@ -51,8 +51,8 @@ def check_config(c) -> None:
         raise ValueError(f"loss must be one of {LOSSES}; got {c.loss!r}")
     if c.keep not in KEEPS:
         raise ValueError(f"keep must be 'best' or 'last'; got {c.keep!r}")
-    if c.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {c.precision!r}")
+    if c.precision not in ATTACK_PRECISIONS:
+        raise ValueError(f"precision must be one of {ATTACK_PRECISIONS}; got {c.precision!r}")
     if c.reference_chunk is not None:
         _count("reference_chunk", c.reference_chunk, 1)
         if c.keep != "best" or c.early_stop or c.cuda_graph:

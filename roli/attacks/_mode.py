@@ -37,6 +37,11 @@ register_module_module_registration_hook(_count_registration)
 register_module_parameter_registration_hook(_count_registration)
 
 
+def registrations() -> int:
+    """How many modules and parameters were registered in this process so far (a cached walk's validity stamp)."""
+    return _registrations
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module an attack should call: DDP's inner module (no gradient all-reduce during attacks)."""
     while isinstance(model, DistributedDataParallel):

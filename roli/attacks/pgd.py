@@ -19,9 +19,10 @@ from torch import nn
 from roli._amp import attack_loss_scale, autocast_for
 from roli.attacks import _checks as C
 from roli.attacks._graph import GraphedSteps
-from roli.attacks._mode import attack_mode
+from roli.attacks._mode import attack_mode, registrations
 from roli.attacks.losses import attack_loss
 from roli.models.fold import BatchNormFolding
+from roli.models.fp8 import FP8Linears, fp8_supported
 from roli.ops import check_clip, keep_best_kernel, pgd_init, step_kernel
 
 INF = float("inf")
@@ -148,7 +149,11 @@ class PGD:
             "last" (the final iterate, as in adversarial training: no extra forward pass).
         early_stop: stop attacking samples whose goal is reached (evaluation: same accuracy, less work).
         precision: "fp32", "bf16" or "fp16" (forward and backward under autocast; CPU and GPU; fp16 scales the
-            loss by roli._amp.FP16_ATTACK_SCALE before the input-gradient backward, so no gradient flushes to 0).
+            loss by roli._amp.FP16_ATTACK_SCALE before the input-gradient backward, so no gradient flushes to 0),
+            or "fp8": bf16 autocast with the model's linear layers (in and out features multiples of 16) run
+            through float8 GEMMs, dynamically scaled, e4m3 forward and e5m2 gradients, their weights cast once
+            per call (roli.models.fp8). Needs a GPU of compute capability 8.9+ (L40S, H100, H200) or the CPU
+            (torch's float8 GEMM: the same numbers, no speed-up); elsewhere a ValueError says why.
         impl: backend of the fused step (roli.ops), default $ROLI_IMPL or "auto".
         seed: seeds the random starts (identical runs); None uses the global generator.
         clip: the pixel range.
@@ -177,7 +182,7 @@ class PGD:
         >>> x_adv = attack(x, y)
     """
 
-    __slots__ = ("model", "config", "seed", "_gen", "_folding", "_invalid", "_graphed")
+    __slots__ = ("model", "config", "seed", "_gen", "_folding", "_invalid", "_graphed", "_fp8")
 
     def __init__(self, model: nn.Module, config: PGDConfig | float | torch.Tensor | None = None, **settings):
         """PGD(model, eps=..., steps=...), PGD(model, 8 / 255, alpha=2 / 255, steps=10) as torchattacks writes it
@@ -202,7 +207,7 @@ class PGD:
         self.seed = config.seed  # the random starts' seed now: reseed() changes it, per batch
         self._invalid: torch.Tensor | None = None
         self._graphed = GraphedSteps(self._plain_loop, config.graph_key()) if config.cuda_graph else None
-        self._gen = self._folding = None  # built on first use
+        self._gen = self._folding = self._fp8 = None  # built on first use
 
     def __getattr__(self, name: str):
         """The settings read as attributes (attack.eps, attack.steps, ...), from the frozen config; setting
@@ -327,12 +332,26 @@ class PGD:
             self._folding = folding = BatchNormFolding(inner)
         # Under bf16 autocast the folded weights are kept in bf16: the same values autocast would make,
         # cast once per attack instead of at every step.
-        return folding.applied(torch.bfloat16 if self.config.precision == "bf16" else None)
+        return folding.applied(torch.bfloat16 if self.config.precision in ("bf16", "fp8") else None)
+
+    def _float8(self, model: nn.Module, device: torch.device):
+        """A context in which `model`'s eligible linears run in float8 (precision "fp8"), else a no-op. The
+        linears are looked for again whenever a module or parameter was registered anywhere since."""
+        if self.config.precision != "fp8":
+            return contextlib.nullcontext()
+        ok, why = fp8_supported(device)
+        if not ok:
+            raise ValueError(f"PGD precision='fp8': {why}; use precision='bf16'")
+        inner = getattr(model, "_orig_mod", model)
+        if self._fp8 is None or self._fp8[1].model is not inner or self._fp8[0] != registrations():
+            linears = FP8Linears(inner)
+            self._fp8 = (registrations(), linears)  # after building: its own FP8Linear modules registered too
+        return self._fp8[1].applied()
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         want = self.config.memory_format
         if want == "auto":
-            want = "channels_last" if (x.dim() == 4 and self.config.precision == "bf16") else "keep"
+            want = "channels_last" if (x.dim() == 4 and self.config.precision in ("bf16", "fp8")) else "keep"
         if want == "channels_last" and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         if want == "contiguous":
@@ -360,7 +379,7 @@ class PGD:
         best_x = x_nat.clone(memory_format=torch.preserve_format) if self.config.scored else None
         best_score = torch.full((batch,), -INF, device=device) if self.config.scored else None
         clean_success = None
-        with attack_mode(self.model) as model, self._folded(model), torch.no_grad():
+        with attack_mode(self.model) as model, self._folded(model), self._float8(model, device), torch.no_grad():
             if self._graphed is not None:  # the static loop, from its recording; the start is drawn eagerly
                 start = self._start(plan, x_nat, gen)
                 x_last = self._graphed.run(plan, model, x_nat, y, target, x_nat if start is None else start)

@@ -18,6 +18,7 @@ from roli.attacks.evaluation import AutoAttackStateError, Evaluation
 from roli.config import StageSettings, TrainConfig
 from roli.features import FeatureCache, fast_layout, train_linear_probes
 from roli.models import apply_peft, load_checkpoint, save_checkpoint
+from roli.models.fp8 import FP8Linears
 from roli.seeds import derive_seed
 from roli.training.guard import Guard, first_images
 from roli.training.loop import (
@@ -137,6 +138,8 @@ class Stages:
         train, val, _, _ = self.splits
         step, attack = make_step(settings.attack)
         a = self.attacks
+        if a.training_precision == "fp8" and attack is not None and D.is_main():
+            log.info("%s: training attack in fp8: %s", name, FP8Linears(model).describe())
         stage = Stage(
             name=name,
             model=model,
