@@ -222,7 +222,8 @@ def tf32_note(device: torch.device | str = "cpu") -> str:
 def header(title: str, device: str, stamp: str, peaks: dict) -> str:
     shown = " / ".join(f"{p} {v:.0f}" for p, v in peaks.items())
     note = f"; {tf32_note('cuda')}" if torch.cuda.is_available() and "CPU" not in device else ""
-    return f"{title} on {device}, {stamp}; torch {torch.__version__}; same-run matmul peak {shown} GFLOP/s{note}"
+    peak = f"; same-run matmul peak {shown} GFLOP/s" if peaks else ""
+    return f"{title} on {device}, {stamp}; torch {torch.__version__}{peak}{note}"
 
 
 def publish(

@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from roli.attacks import PGD
 from roli.features import alp_step, fast_layout
 from roli.models import apply_peft, create_classifier
+from roli.models.fp8 import fp8_supported
 from roli.training.loop import ft_step, make_optimizer, param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,7 +97,7 @@ def trainer_step(step, attack: PGD):
     return run
 
 
-def variants(name: str, use_compile: bool, device: torch.device) -> dict:
+def variants(name: str, use_compile: bool, device: torch.device, fp8: bool = False) -> dict:
     """(step, label) -> (precision, step function) for FT and ALP steps, each on its own copy of the model.
     Ours is what `python -m roli.train` runs: roli's PGD (BatchNorm folded, input-only gradients, fused
     step) and the trainer's optimizer (torch's fused AdamW/SGD). The other two loops use torch.optim as
@@ -107,11 +108,12 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
     conv = any(isinstance(m, torch.nn.Conv2d) for m in base.backbone.modules()) and not name.startswith("vit")
     out = {}
 
-    def ours_ft(label, precision, channels_last=False, compiled=False, graph=False):
+    def ours_ft(label, precision, channels_last=False, compiled=False, graph=False, attack_precision=None):
         m = copy.deepcopy(base)
         if channels_last:
             m.to(memory_format=torch.channels_last)
-        net = torch.compile(m) if compiled else m
+        # compiled: True (inductor's default mode: --compile) or "reduce-overhead" (inductor's own CUDA graphs)
+        net = m if not compiled else torch.compile(m, mode=None if compiled is True else compiled)
         layout = "channels_last" if channels_last else "auto"
         attack = PGD(
             net,
@@ -119,7 +121,7 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
             step_size=ALPHA,
             steps=STEPS,
             keep="last",
-            precision=precision,
+            precision=attack_precision or precision,
             seed=0,
             memory_format=layout,
             cuda_graph=graph,
@@ -136,6 +138,16 @@ def variants(name: str, use_compile: bool, device: torch.device) -> dict:
         ours_ft("ours all fast (+compile)", "bf16", channels_last=conv, compiled=True)
     if device.type == "cuda":
         ours_ft("ours all fast (+CUDA graph)", "bf16", channels_last=conv, graph=True)
+        if use_compile:  # item 2 of the GPU issue: which CUDA graph wins around compiled passes
+            ours_ft("ours all fast (+compile +CUDA graph)", "bf16", channels_last=conv, compiled=True, graph=True)
+            ours_ft("ours all fast (+compile reduce-overhead)", "bf16", channels_last=conv, compiled="reduce-overhead")
+    if (
+        fp8 and not conv
+    ):  # the attack's linears in float8, the update bf16 (--attack-precision fp8); a conv net has none
+        label = (
+            "ours all fast (+CUDA graph, fp8 attack)" if device.type == "cuda" else "ours bf16 (fp8 attack, emulated)"
+        )
+        ours_ft(label, "bf16", graph=device.type == "cuda", attack_precision="fp8")
     ref = copy.deepcopy(base)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-5)
 
@@ -207,6 +219,75 @@ def step_flops(model, kind: str) -> int:
     return STEPS * attack + update
 
 
+LARGEST = "ours all fast (+CUDA graph)"  # the variant --largest-batch compares with torchattacks + loop bf16
+
+
+def measure(name, label, args, device, fp8, loads, precisions, reps, steps, keep=None) -> tuple[list[dict], dict]:
+    """Rows of every variant of model `name` at the current X, Y (labelled `label`), and the run's matmul peaks."""
+    runs = {
+        k: v
+        for k, v in variants(name, use_compile=not args.no_compile, device=device, fp8=fp8).items()
+        if v[0] in precisions and (keep is None or keep(k))
+    }
+    torch.manual_seed(0)
+    probe = MODELS[name]().to(device).eval()
+    flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}
+    # Two warm-up rounds (compilation, graph recording, allocator), then round-robin medians.
+    # The matmul peak is timed as two more variants of the same rounds: the same machine load.
+    timed_runs = {**{k: fn for k, (_, fn) in runs.items()}, **{("peak", p): f for p, (f, _) in loads.items()}}
+    spread = round_robin_spread(timed_runs, reps, warmup=2, device=device, steps=steps)
+    times = {k: v[0] for k, v in spread.items()}
+    peaks = {p: loads[p][1] / times[("peak", p)] / 1e9 for p in loads}
+    syncs = {k: host_syncs(fn, device) for k, fn in timed_runs.items() if k[0] != "peak"} if args.settle else {}
+    rows = []
+    for (kind, variant), (precision, _) in runs.items():
+        t = times[(kind, variant)]
+        ref, peer = times.get((kind, "reference-style")), times.get((kind, "torchattacks+loop bf16"))
+        rows.append(
+            {
+                "model": label,
+                "step": kind,
+                "variant": variant,
+                "seconds": t,
+                "steps_per_s": 1 / t,
+                "images_per_s": len(Y) / t,
+                "vs_reference": ref / t if ref else None,
+                "vs_peer_bf16": peer / t if peer else None,
+                "utilisation": flops[kind] / t / 1e9 / peaks[precision],
+                "precision": precision,
+                "gflop_per_step": flops[kind] / 1e9,
+                "peak_gflops": peaks[precision],
+                "steps_per_s_min": 1 / spread[(kind, variant)][2],
+                "steps_per_s_max": 1 / spread[(kind, variant)][1],
+                "host_syncs": syncs.get((kind, variant)),
+            }
+        )
+    return rows, peaks
+
+
+def largest_batch(name: str, candidates: list[int], device) -> int | None:
+    """The largest of `candidates` (tried in order, stopping at the first that does not fit) at which two FT steps
+    of `name` (ours + CUDA graph, bf16) and of torchattacks + loop bf16 run without running out of memory."""
+    global X, Y
+    best = None
+    for batch in candidates:
+        X, Y = torch.rand(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+        try:
+            runs = variants(name, use_compile=False, device=device)
+            for key in (("FT", LARGEST), ("FT", "ours bf16"), ("FT", "torchattacks+loop bf16")):
+                if key in runs:
+                    runs[key][1]()
+                    runs[key][1]()
+            best = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            runs = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return best
+
+
 def main() -> None:
     global X, Y
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -222,8 +303,17 @@ def main() -> None:
         default="fp32,bf16",
         help="precisions to time (fp32 only on a CPU without native bf16: emulated bf16 is slow)",
     )
+    ap.add_argument("--fp8", choices=["auto", "on", "off"], default="auto",
+                    help="the fp8-attack row (auto: on a GPU with FP8 GEMMs, compute capability 8.9+)")  # fmt: skip
+    ap.add_argument("--largest-batch", metavar="MODEL", help="with --settle: MODEL's FT step also at the largest "
+                    "batch of --batches that fits (ours + CUDA graph vs torchattacks + loop bf16)")  # fmt: skip
+    ap.add_argument("--batches", default="128,256,512,1024", help="--largest-batch's candidates, tried in order")
+    ap.add_argument("--compile-only", action="store_true", help="the FT step's compile rows, the eager CUDA-graph "
+                    "row and torchattacks + loop bf16 only (gpu_check.sh's compile stage)")  # fmt: skip
+    ap.add_argument("--name", help="the results' file name (default: bench_perf with --settle, else bench_train)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    fp8 = args.fp8 == "on" or (args.fp8 == "auto" and device.type == "cuda" and fp8_supported(device)[0])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch has no CUDA device; use --device cpu")
     reps = 3 if args.quick else 5
@@ -238,46 +328,28 @@ def main() -> None:
     X, Y = torch.rand(BATCH, 3, 32, 32, device=device), torch.randint(0, 10, (BATCH,), device=device)
     rows = []
     for name in args.models.split(","):
-        runs = {
-            k: v
-            for k, v in variants(name, use_compile=not args.no_compile, device=device).items()
-            if v[0] in precisions
-        }
-        torch.manual_seed(0)
-        probe = MODELS[name]().to(device).eval()
-        flops = {"FT": step_flops(probe, "FT"), "ALP": step_flops(probe, "ALP")}
-        # Two warm-up rounds (compilation, graph recording, allocator), then round-robin medians.
-        # The matmul peak is timed as two more variants of the same rounds: the same machine load.
-        timed_runs = {**{k: fn for k, (_, fn) in runs.items()}, **{("peak", p): f for p, (f, _) in loads.items()}}
-        spread = round_robin_spread(timed_runs, reps, warmup=2, device=device, steps=steps)
-        times = {k: v[0] for k, v in spread.items()}
-        peaks = {p: loads[p][1] / times[("peak", p)] / 1e9 for p in loads}
-        syncs = {k: host_syncs(fn, device) for k, fn in timed_runs.items() if k[0] != "peak"} if args.settle else {}
-        for p in peaks:
-            seen_peaks[p].append(peaks[p])
-        for (kind, label), (precision, _) in runs.items():
-            t, ref = times[(kind, label)], times[(kind, "reference-style")]
-            rows.append(
-                {
-                    "model": name,
-                    "step": kind,
-                    "variant": label,
-                    "seconds": t,
-                    "steps_per_s": 1 / t,
-                    "images_per_s": BATCH / t,
-                    "vs_reference": ref / t,
-                    "utilisation": flops[kind] / t / 1e9 / peaks[precision],
-                    "precision": precision,
-                    "gflop_per_step": flops[kind] / 1e9,
-                    "peak_gflops": peaks[precision],
-                    "steps_per_s_min": 1 / spread[(kind, label)][2],
-                    "steps_per_s_max": 1 / spread[(kind, label)][1],
-                    "host_syncs": syncs.get((kind, label)),
-                }
-            )
+        keep = None
+        if args.compile_only:  # the compile rows beside the eager CUDA-graph row and the peer
+            keep = lambda k: k[0] == "FT" and ("compile" in k[1] or k[1] in (LARGEST, "torchattacks+loop bf16"))  # noqa: E731
+        found = measure(name, name, args, device, fp8 and not args.compile_only, loads, precisions, reps, steps, keep)
+        rows += found[0]
+        for p, v in found[1].items():
+            seen_peaks[p].append(v)
+    if args.settle and args.largest_batch:
+        batch = largest_batch(args.largest_batch, [int(b) for b in args.batches.split(",") if b], device)
+        if batch:
+            X, Y = torch.rand(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+            ours = LARGEST if device.type == "cuda" else "ours bf16"  # the CUDA graph needs a GPU
+            keep = {("FT", ours), ("FT", "torchattacks+loop bf16")}.__contains__
+            label = f"{args.largest_batch} @batch {batch}"
+            rows += measure(args.largest_batch, label, args, device, False, loads, precisions, reps, steps, keep)[0]
     cols = ["model", "step", "variant", "steps/s", "images/s", "vs reference-style", "FLOP utilisation"]
     if args.settle:
         cols[4:4] = ["steps/s min-max", "host syncs/step"]
+        cols[-1:-1] = ["vs torchattacks+loop bf16"]
+
+    def ratio(v):
+        return "-" if v is None else f"{v:.2f}x"
 
     def cells(r):
         out = [
@@ -286,16 +358,17 @@ def main() -> None:
             r["variant"],
             f"{r['steps_per_s']:.2f}",
             f"{r['images_per_s']:.1f}",
-            f"{r['vs_reference']:.2f}x",
+            ratio(r["vs_reference"]),
             f"{100 * r['utilisation']:.0f}% ({r['precision']})",
         ]
         if args.settle:
             syncs = "-" if r["host_syncs"] is None else str(r["host_syncs"])
             out[4:4] = [f"{r['steps_per_s_min']:.2f}-{r['steps_per_s_max']:.2f}", syncs]
+            out[-1:-1] = [ratio(r["vs_peer_bf16"])]
         return out
 
-    name = "bench_perf" if args.settle else "bench_train"
-    title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH}, 32x32 input)"
+    name = args.name or ("bench_perf" if args.settle else "bench_train")
+    title = f"One adversarial training step (PGD-{STEPS}, batch {BATCH} unless the model says, 32x32 input)"
     title += f", {reps} rounds of {steps} steps" if args.settle else ""
     title += " (the peak: interleaved with the steps, median over the models)"
     peaks = {p: statistics.median(v) for p, v in seen_peaks.items()}
@@ -315,7 +388,7 @@ def chart(rows, path: Path) -> None:
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
         vals = [
-            next((r["vs_reference"] for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
+            next((r["vs_reference"] or 0 for r in rows if (r["model"], r["step"]) == g and r["variant"] == label), 0)
             for g in groups
         ]
         ax.bar([i + j * width for i in range(len(groups))], vals, width, label=label)

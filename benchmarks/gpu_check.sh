@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command that proves roli's GPU path on a CUDA machine (each stage has its own time
-# limit, 10 minutes in all; a stage that runs out is a failure and the next one starts).
+# limit, 9 minutes in all for the default stages; a stage that runs out is a failure and the next one starts).
 #   env     device, driver, torch/CUDA/Triton/nvcc versions, Python headers, c++, ninja (benchmarks/gpu_env.py);
 #           fails, naming what is missing, when the just-in-time build of roli._C could not run
 #   build   roli._C with its CUDA kernels: the ahead-of-time build if it has them, else the just-in-time
@@ -13,17 +13,25 @@
 #           with the CUDA-graph row (only with --only train: perf supersedes it)
 #   perf    the same step settled (bench_train.py --settle): every variant interleaved, 3 rounds of 10 steps after
 #           2 warm-up rounds, median with min-max, host syncs per step, the same-run matmul peak; ViT-B/16,
-#           Swin-B, ResNet-50 at 224 and resnet18, with the compile and CUDA-graph rows (bench_perf_cuda.*)
+#           Swin-B, ResNet-50 at 224 and resnet18, with the CUDA-graph and (sm89+) fp8-attack rows, and ViT-B at
+#           the largest batch that fits (bench_perf_cuda.*)
+#   fp8     what an fp8 attack costs (benchmarks/bench_fp8.py): input-gradient sign agreement with fp32 (ViT-B,
+#           Swin-B), PGD-10 strength of fp8 vs bf16 PGD, and a small ViT trained both ways (clean, PGD-10,
+#           AutoAttack-lite) on --data's npz (else digits) (bench_fp8_cuda.*); skipped below sm89, said so
+#   compile the compile rows (inductor default + roli's CUDA graph, inductor's reduce-overhead CUDA graphs) for
+#           ViT-B (bench_perf_compile_cuda.*); not in the default run (minutes of compilation): --only compile
 # Tables go to the --out folder (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the whole
 # output to gpu_check_cuda.log there. The default folder is outside the checkout: a copied checkout that is
 # thrown away after the run (a lent machine) would take the results with it.
 #
-# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train,perf] [--out DIR] [--wheels DIR] [--bundle DIR]
+# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train,perf,fp8,compile] [--out DIR] [--wheels DIR]
+#                                [--bundle DIR] [--data FILE.npz]
 #   --out     where the tables and the log go (default: $TMPDIR/roli-gpu-check, /tmp/roli-gpu-check)
 #   --only    the stages to run (env and build always run first); e.g. --only attack,train to redo two
 #   --wheels  install the wheels in DIR first, without a network (into a temporary folder on PYTHONPATH),
 #             for a machine that lacks a dependency (the benchmarks compare with torchattacks)
 #   --bundle  after each stage, pack the --out folder into DIR/gpu_check.tgz (a killed run keeps what ran)
+#   --data    the fp8 stage's training data: an npz with x_train, y_train, x_test, y_test (e.g. a CIFAR-10 subset)
 # Python: $PYTHON, else `python` if it imports torch, else `python3`. The checkout's roli is the one tested
 # (its folder goes first on PYTHONPATH). Exit status: 0 when every stage passed, 3 when one failed (named on
 # the last line), 2 for a bad argument, 1 without CUDA.
@@ -32,8 +40,9 @@
 #   pip download --no-deps --only-binary=:all: -d .whl torchattacks==3.5.1        # here, once (.whl is ignored)
 #   PYTHON=python3 bash benchmarks/gpu_check.sh --wheels .whl --out /tmp/gc --bundle $OUT   # there, .whl carried
 set -uo pipefail
-STAGES=env,build,tests,ops,attack,train,perf
-ONLY=env,build,tests,ops,attack,perf  # train: perf's quick predecessor, on request (--only train)
+STAGES=env,build,tests,ops,attack,train,perf,fp8,compile
+ONLY=env,build,tests,ops,attack,perf,fp8  # on request: train (perf's quick predecessor), compile (long)
+DATA=
 WHEELS=
 BUNDLE=
 RESULTS=
@@ -45,6 +54,7 @@ while [ $# -gt 0 ]; do
     --wheels) [ $# -ge 2 ] || bad "--wheels needs a folder of .whl files"; WHEELS=$(absolute "$2"); shift 2 ;;
     --out) [ $# -ge 2 ] || bad "--out needs a folder"; RESULTS=$(absolute "$2"); shift 2 ;;
     --bundle) [ $# -ge 2 ] || bad "--bundle needs a folder to write gpu_check.tgz into"; BUNDLE=$(absolute "$2"); shift 2 ;;
+    --data) [ $# -ge 2 ] || bad "--data needs an .npz file"; DATA=$(absolute "$2"); shift 2 ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) bad "unknown argument '$1' (see --help)" ;;
   esac
@@ -54,6 +64,7 @@ for s in ${ONLY//,/ }; do
 done
 if [ -n "$WHEELS" ] && ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then bad "--wheels: no .whl files in '$WHEELS'"; fi
 if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then bad "--bundle: '$BUNDLE' is not a folder"; fi
+if [ -n "$DATA" ] && [ ! -f "$DATA" ]; then bad "--data: '$DATA' is not a file"; fi
 cd "$(dirname "$0")/.." || exit 2
 RESULTS=${RESULTS:-${TMPDIR:-/tmp}/roli-gpu-check}
 if [ -n "${PYTHON:-}" ]; then
@@ -105,8 +116,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, note a fa
 
 "$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| arch list', '$TORCH_CUDA_ARCH_LIST')"
 echo "gpu_check: results in $RESULTS"
-stage env 30 "$PY" benchmarks/gpu_env.py
-stage build 90 "$PY" -c "
+stage env 20 "$PY" benchmarks/gpu_env.py
+stage build 60 "$PY" -c "
 import time
 from roli import _ext, info
 t = time.time()
@@ -115,11 +126,19 @@ print(f'roli._C: {_ext.EXT_MODE} build, loaded in {time.time() - t:.0f} s' if _e
 info.main()
 raise SystemExit(0 if ok else 'roli._C has no CUDA kernels (see the cuda line above)')
 "
-stage tests 120 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_gpu.py
-stage ops 60 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$RESULTS"
-stage attack 90 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$RESULTS"
+stage tests 100 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_gpu.py
+stage ops 40 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$RESULTS"
+stage attack 60 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$RESULTS"
 stage train 120 "$PY" benchmarks/bench_train.py --quick --device cuda --models vitb,resnet18 --no-compile --out "$RESULTS"
-stage perf 210 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb,swinb,resnet50,resnet18 --out "$RESULTS"
+stage perf 150 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb,swinb,resnet50,resnet18 \
+  --no-compile --largest-batch vitb --out "$RESULTS"
+if "$PY" -c "import sys; from roli.models.fp8 import fp8_supported; sys.exit(0 if fp8_supported('cuda')[0] else 1)"; then
+  stage fp8 110 "$PY" benchmarks/bench_fp8.py --device cuda ${DATA:+--dataset "npz:$DATA"} --out "$RESULTS"
+elif case ",$ONLY," in *",fp8,"*) true ;; *) false ;; esac; then
+  echo "== fp8: skipped: $("$PY" -c "from roli.models.fp8 import fp8_supported; print(fp8_supported('cuda')[1])")"
+fi
+stage compile 300 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb --compile-only \
+  --name bench_perf_compile --out "$RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)"
   sleep 1 && bundle

@@ -103,6 +103,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 args="$*"
 echo "CALL ${args//$'\n'/ } | PYTHONPATH=$PYTHONPATH | ARCH=$TORCH_CUDA_ARCH_LIST | GPU=$ROLI_TEST_GPU" >>"$FAKE_LOG"
 case "$1 $2" in
+  *fp8_supported*) [[ $FAKE_FAIL == *nofp8* ]] && { echo "A100 (compute capability 8.0): no FP8"; exit 1; } ;;
   *get_device_capability*) echo 9.0 ;;
   "-m pip") ;;
   "-m pytest") [[ $FAKE_FAIL == *tests* ]] && { echo "1 failed"; exit 1; } ;;
@@ -151,7 +152,8 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     assert r.returncode == 3, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED: attack")
     runs = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
-    order = ["gpu_env.py", "_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py"]
+    order = ["gpu_env.py", "_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py",
+             "bench_fp8.py"]  # fmt: skip
     assert [next(k for k in order[::-1] if k in c) for c in runs] == order
     assert all(f"PYTHONPATH={BENCH.parent}:" in c and "ARCH=9.0" in c for c in runs)  # then the wheels' folder
     assert any(c.startswith("CALL -m pip install") and str(tmp_path / "wheels") in c for c in calls)
@@ -159,7 +161,9 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     assert "vit_base_patch16_224" in next(c for c in runs if "bench_attack" in c)
     assert "vitb" in next(c for c in runs if "bench_train" in c)
     perf = next(c for c in runs if "bench_train" in c)  # the default run: perf (train only when asked)
-    assert "--settle" in perf and "swinb" in perf and "resnet50" in perf and "--no-compile" not in perf
+    assert "--settle" in perf and "swinb" in perf and "resnet50" in perf and "--largest-batch vitb" in perf
+    assert "--no-compile" in perf and "--compile-only" not in " ".join(runs)  # compile: on request only
+    assert "--dataset" not in next(c for c in runs if "bench_fp8" in c)  # no --data: digits
     assert all("--device cuda" in c for c in runs if "bench_" in c)
     with tarfile.open(tmp_path / "ship" / "gpu_check.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
@@ -179,6 +183,23 @@ def test_gpu_check_only_reruns_the_named_stages_and_refuses_bad_arguments(tmp_pa
                       (["--bundle", "nowhere"], "is not a folder"), (["--fast"], "unknown argument")]:  # fmt: skip
         r, calls = _gpu_check(tmp_path, *args)
         assert r.returncode == 2 and r.stdout == "" and why in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_gpu_check_fp8_and_compile_stages(tmp_path):
+    data = tmp_path / "c10.npz"
+    data.write_bytes(b"npz")
+    r, calls = _gpu_check(tmp_path, "--only", "fp8,compile", "--data", "c10.npz", "--out", "res")
+    assert r.returncode == 0, r.stdout + r.stderr
+    fp8 = next(c for c in calls if c.startswith("CALL benchmarks/bench_fp8.py"))
+    assert f"--dataset npz:{data}" in fp8 and "--device cuda" in fp8
+    comp = next(c for c in calls if c.startswith("CALL benchmarks/bench_train.py"))
+    assert "--compile-only" in comp and "--name bench_perf_compile" in comp and "--no-compile" not in comp
+    (tmp_path / "calls.log").unlink()
+    r, calls = _gpu_check(tmp_path, "--only", "fp8", "--out", "res", fail="nofp8")  # an A100: said, not failed
+    assert r.returncode == 0 and "== fp8: skipped: A100 (compute capability 8.0): no FP8" in r.stdout
+    assert not any("bench_fp8" in c for c in calls if c.startswith("CALL benchmarks/"))
+    r, _ = _gpu_check(tmp_path, "--data", "missing.npz")
+    assert r.returncode == 2 and "--data: " in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_gpu_check_takes_python3_and_writes_outside_the_checkout_by_default(tmp_path):
