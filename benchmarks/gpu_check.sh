@@ -18,13 +18,16 @@
 #   fp8     what an fp8 attack costs (benchmarks/bench_fp8.py): input-gradient sign agreement with fp32 (ViT-B,
 #           Swin-B), PGD-10 strength of fp8 vs bf16 PGD, and a small ViT trained both ways (clean, PGD-10,
 #           AutoAttack-lite) on --data's npz (else digits) (bench_fp8_cuda.*); skipped below sm89, said so
+#   sdpa    which attention kernel runs in the attack for timm's ViT-B and Swin-B, and Swin-B with timm's fused
+#           attention forced on (benchmarks/sdpa_kernels.py: sdpa_kernels_cuda.md)
 #   compile the compile rows (inductor default + roli's CUDA graph, inductor's reduce-overhead CUDA graphs) for
 #           ViT-B (bench_perf_compile_cuda.*); not in the default run (minutes of compilation): --only compile
 # Tables go to the --out folder (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the whole
 # output to gpu_check_cuda.log there. The default folder is outside the checkout: a copied checkout that is
 # thrown away after the run (a lent machine) would take the results with it.
 #
-# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train,perf,fp8,compile] [--out DIR] [--wheels DIR]
+# usage: benchmarks/gpu_check.sh [--only env,build,tests,ops,attack,train,perf,fp8,sdpa,compile] [--out DIR]
+#                                [--wheels DIR]
 #                                [--bundle DIR] [--data FILE.npz]
 #   --out     where the tables and the log go (default: $TMPDIR/roli-gpu-check, /tmp/roli-gpu-check)
 #   --only    the stages to run (env and build always run first); e.g. --only attack,train to redo two
@@ -40,8 +43,8 @@
 #   pip download --no-deps --only-binary=:all: -d .whl torchattacks==3.5.1        # here, once (.whl is ignored)
 #   PYTHON=python3 bash benchmarks/gpu_check.sh --wheels .whl --out /tmp/gc --bundle $OUT   # there, .whl carried
 set -uo pipefail
-STAGES=env,build,tests,ops,attack,train,perf,fp8,compile
-ONLY=env,build,tests,ops,attack,perf,fp8  # on request: train (perf's quick predecessor), compile (long)
+STAGES=env,build,tests,ops,attack,train,perf,fp8,sdpa,compile
+ONLY=env,build,tests,ops,attack,perf,fp8,sdpa  # on request: train (perf's quick predecessor), compile (long)
 DATA=
 WHEELS=
 BUNDLE=
@@ -126,17 +129,18 @@ print(f'roli._C: {_ext.EXT_MODE} build, loaded in {time.time() - t:.0f} s' if _e
 info.main()
 raise SystemExit(0 if ok else 'roli._C has no CUDA kernels (see the cuda line above)')
 "
-stage tests 100 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_gpu.py
+stage tests 90 env ROLI_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_gpu.py
 stage ops 40 "$PY" benchmarks/bench_pgd_step.py --quick --device cuda --no-compile --out "$RESULTS"
 stage attack 60 "$PY" benchmarks/bench_attack.py --quick --device cuda --models resnet18,vit_base_patch16_224 --out "$RESULTS"
 stage train 120 "$PY" benchmarks/bench_train.py --quick --device cuda --models vitb,resnet18 --no-compile --out "$RESULTS"
-stage perf 150 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb,swinb,resnet50,resnet18 \
+stage perf 140 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb,swinb,resnet50,resnet18 \
   --no-compile --largest-batch vitb --out "$RESULTS"
 if "$PY" -c "import sys; from roli.models.fp8 import fp8_supported; sys.exit(0 if fp8_supported('cuda')[0] else 1)"; then
-  stage fp8 110 "$PY" benchmarks/bench_fp8.py --device cuda ${DATA:+--dataset "npz:$DATA"} --out "$RESULTS"
+  stage fp8 100 "$PY" benchmarks/bench_fp8.py --device cuda ${DATA:+--dataset "npz:$DATA"} --out "$RESULTS"
 elif case ",$ONLY," in *",fp8,"*) true ;; *) false ;; esac; then
   echo "== fp8: skipped: $("$PY" -c "from roli.models.fp8 import fp8_supported; print(fp8_supported('cuda')[1])")"
 fi
+stage sdpa 30 "$PY" benchmarks/sdpa_kernels.py --device cuda --models vitb,swinb --out "$RESULTS"
 stage compile 300 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb --compile-only \
   --name bench_perf_compile --out "$RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then

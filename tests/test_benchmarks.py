@@ -153,7 +153,7 @@ def test_gpu_check_runs_every_stage_on_the_checkout_and_bundles_the_results(tmp_
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED: attack")
     runs = [c for c in calls if c.startswith(("CALL benchmarks/", "CALL -m pytest")) or "_ext.load" in c]
     order = ["gpu_env.py", "_ext.load", "-m pytest", "bench_pgd_step.py", "bench_attack.py", "bench_train.py",
-             "bench_fp8.py"]  # fmt: skip
+             "bench_fp8.py", "sdpa_kernels.py"]  # fmt: skip
     assert [next(k for k in order[::-1] if k in c) for c in runs] == order
     assert all(f"PYTHONPATH={BENCH.parent}:" in c and "ARCH=9.0" in c for c in runs)  # then the wheels' folder
     assert any(c.startswith("CALL -m pip install") and str(tmp_path / "wheels") in c for c in calls)
@@ -183,6 +183,19 @@ def test_gpu_check_only_reruns_the_named_stages_and_refuses_bad_arguments(tmp_pa
                       (["--bundle", "nowhere"], "is not a folder"), (["--fast"], "unknown argument")]:  # fmt: skip
         r, calls = _gpu_check(tmp_path, *args)
         assert r.returncode == 2 and r.stdout == "" and why in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_sdpa_kernels_names_the_attention_backend_per_model(tmp_path):
+    argv = [sys.executable, str(BENCH / "sdpa_kernels.py"), "--device", "cpu", "--models", "tiny", "--batch", "4"]
+    out = subprocess.run([*argv, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["model"]: r for r in csv.DictReader((tmp_path / "sdpa_kernels.csv").open())}
+    assert rows["vit-tiny"]["fused_attn"] == "True" and rows["vit-tiny"]["backends"] == "flash"  # the CPU's flash
+    assert "flash_attention_for_cpu_backward" in rows["vit-tiny"]["ops"]  # the attack's backward too
+    swin = rows["swin-tiny"]  # timm keeps Swin's fused path off ("experimental"): the explicit softmax runs
+    assert swin["fused_attn"] == "False" and swin["backends"] == "none (explicit softmax)" and swin["ops"] == "-"
+    forced = rows["swin-tiny (fused_attn forced on)"]
+    assert forced["fused_attn"] == "True" and forced["backends"] == "flash" and float(forced["ms"]) > 0
 
 
 def test_gpu_check_fp8_and_compile_stages(tmp_path):
