@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dataset", help="npz:PATH (x_train, y_train, x_test, y_test); default: digits")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--aa-images", type=int, default=500)
     ap.add_argument("--big", default="vitb,swinb", help="(a)'s 224 models (empty: none; ViT-B and Swin-B)")

@@ -21,7 +21,8 @@
 #   sdpa    which attention kernel runs in the attack for timm's ViT-B and Swin-B, and Swin-B with timm's fused
 #           attention forced on (benchmarks/sdpa_kernels.py: sdpa_kernels_cuda.md)
 #   compile the compile rows (inductor default + roli's CUDA graph, inductor's reduce-overhead CUDA graphs) for
-#           ViT-B (bench_perf_compile_cuda.*); not in the default run (minutes of compilation): --only compile
+#           ViT-B (bench_perf_compile_cuda.*) after the slow compile test of test_gpu.py (compiled attack in roli's
+#           CUDA graph equals eager); not in the default run (minutes of compilation): --only compile
 # Tables go to the --out folder (*_cuda.md, the CSVs, a PNG) with the device name and versions, and the whole
 # output to gpu_check_cuda.log there. The default folder is outside the checkout: a copied checkout that is
 # thrown away after the run (a lent machine) would take the results with it.
@@ -141,8 +142,9 @@ elif case ",$ONLY," in *",fp8,"*) true ;; *) false ;; esac; then
   echo "== fp8: skipped: $("$PY" -c "from roli.models.fp8 import fp8_supported; print(fp8_supported('cuda')[1])")"
 fi
 stage sdpa 30 "$PY" benchmarks/sdpa_kernels.py --device cuda --models vitb,swinb --out "$RESULTS"
-stage compile 300 "$PY" benchmarks/bench_train.py --settle --quick --device cuda --models vitb --compile-only \
-  --name bench_perf_compile --out "$RESULTS"
+stage compile 300 bash -c '"$0" -m pytest -q -p no:cacheprovider -m slow -k compile tests/test_gpu.py && "$0" \
+  benchmarks/bench_train.py --settle --quick --device cuda --models vitb --compile-only --name bench_perf_compile \
+  --out "$1"' "$PY" "$RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_check: FAILED: ${FAILED[*]} (log: $LOG)"
   sleep 1 && bundle

@@ -205,6 +205,7 @@ def test_gpu_check_fp8_and_compile_stages(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     fp8 = next(c for c in calls if c.startswith("CALL benchmarks/bench_fp8.py"))
     assert f"--dataset npz:{data}" in fp8 and "--device cuda" in fp8
+    assert any(c.startswith("CALL -m pytest") and "-m slow -k compile tests/test_gpu.py" in c for c in calls)
     comp = next(c for c in calls if c.startswith("CALL benchmarks/bench_train.py"))
     assert "--compile-only" in comp and "--name bench_perf_compile" in comp and "--no-compile" not in comp
     (tmp_path / "calls.log").unlink()

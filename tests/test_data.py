@@ -282,3 +282,12 @@ def test_imagefolder_test_class_missing_from_train_is_an_error(tmp_path):
             _png(tmp_path / split / c / "1.png", rng)
     with pytest.raises(ValueError, match="class folders that the train split does not have: c"):
         load_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_gather_without_pinning_is_plain_indexing():
+    """The CPU side of the pinned batch gather (the pinned path itself: tests/test_gpu.py)."""
+    from roli.data.arrays import gather
+
+    x = torch.randint(0, 255, (50, 3, 4, 4), dtype=torch.uint8)
+    rows = torch.randperm(50)[:7]
+    assert torch.equal(gather(x, rows, pinned=False), x[rows])

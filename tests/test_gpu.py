@@ -238,3 +238,102 @@ def test_cuda_graph_attack_on_another_gpu():
         out = [graphed(x, y) for _ in range(2)]
         ref = [eager(x, y) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+def _fp8_or_skip():
+    from roli.models.fp8 import fp8_supported
+
+    ok, why = fp8_supported("cuda")
+    if not ok:
+        pytest.skip(why)
+
+
+def _tiny_vit():
+    from roli.models import create_classifier
+
+    torch.manual_seed(0)
+    return create_classifier("vit_tiny_patch16_224", 10, img_size=32, patch_size=4, depth=2, input_size=None,
+                             mean=(0.5,) * 3, std=(0.25,) * 3).cuda().eval()  # fmt: skip
+
+
+def test_fp8_gemm_on_the_gpu_matches_the_emulation():
+    """The FP8 tensor-core GEMM (torch._scaled_mm) against the float32 emulation the CPU tests check, forward
+    (e4m3 x e4m3, fast accumulation) and input gradient (e5m2 x e4m3)."""
+    _fp8_or_skip()
+    from roli.models.fp8 import FP8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384).cuda().requires_grad_(False)
+    x = torch.randn(4, 50, 256, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 50, 384, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for where in ("cuda", "cpu"):
+        m = FP8Linear(lin.to(where))
+        m.refresh()
+        xi = x.detach().to(where).requires_grad_()
+        y = m(xi)
+        out[where] = (y.float().cpu(), torch.autograd.grad(y, xi, dy.to(where))[0].float().cpu())
+    for a, b in zip(out["cuda"], out["cpu"], strict=True):
+        assert (a - b).norm() / b.norm() < 1e-2, float((a - b).norm() / b.norm())
+
+
+def test_fp8_attack_in_a_cuda_graph_sees_each_steps_weights():
+    """The fp8 weights are cast before each replay into buffers the graph reads by address: after an in-place
+    update the replayed attack equals the eager fp8 attack with the new weights."""
+    _fp8_or_skip()
+    from roli.attacks import PGD
+
+    model = _tiny_vit()
+    x, y = torch.rand(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    kw = dict(eps=8 / 255, step_size=2 / 255, steps=5, keep="last", precision="fp8")
+    graphed, eager = PGD(model, cuda_graph=True, seed=1, **kw), PGD(model, seed=1, **kw)
+    for update in (False, True, False):
+        if update:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.5)
+        a, b = graphed(x, y), eager(x, y)
+        assert (a - b).abs().gt(1e-5).float().mean().item() < 1e-2
+    assert len(graphed._graphed.recorded) == 1
+
+
+def test_fp8_training_step_does_not_synchronise():
+    _fp8_or_skip()
+    from roli.attacks import PGD
+    from roli.training.loop import ft_step
+
+    model = _tiny_vit()
+    x, y = torch.rand(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    attack = PGD(model, eps=8 / 255, step_size=2 / 255, steps=3, keep="last", precision="fp8", deferred=True)
+    ft_step(model, attack, opt, x, y, "bf16")  # warm-up (builds the FP8 linears)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ft_step(model, attack, opt, x, y, "bf16")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_array_batches_come_from_pinned_memory():
+    """The uint8 batch is gathered straight into page-locked memory, so its copy to the GPU does not wait."""
+    from roli.data.arrays import gather
+
+    x = torch.randint(0, 255, (100, 3, 8, 8), dtype=torch.uint8)
+    rows = torch.tensor([5, 1, 99, 42])
+    out = gather(x, rows, pinned=True)
+    assert out.is_pinned() and torch.equal(out, x[rows])
+
+
+@pytest.mark.slow  # inductor compiles: gpu_check.sh's compile stage runs it
+def test_compiled_attack_with_the_cuda_graph_matches_eager():
+    """--compile --cuda-graph: roli's CUDA graph recorded around the compiled model's passes."""
+    from roli.attacks import PGD
+
+    model = _tiny_vit()
+    x, y = torch.rand(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    kw = dict(eps=8 / 255, step_size=2 / 255, steps=3, keep="last", precision="bf16", seed=1)
+    a, b = PGD(torch.compile(model), cuda_graph=True, **kw), PGD(model, **kw)
+    for _ in range(2):
+        diff = (a(x, y) - b(x, y)).abs().gt(1e-5).float().mean().item()
+        assert diff < 0.02, diff  # inductor's bf16 kernels round differently: a few signs may flip

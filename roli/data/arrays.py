@@ -154,10 +154,22 @@ class ArrayLoader:
 
     def __iter__(self):
         idx = self._order()
+        pinned = self.device.type == "cuda"
         for i in range(len(self)):
             b = idx[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.data.x[b].to(self.device, non_blocking=True)
-            yield to_float(x), self.data.y[b].to(self.device, non_blocking=True)
+            x = gather(self.data.x, b, pinned).to(self.device, non_blocking=True)
+            yield to_float(x), gather(self.data.y, b, pinned).to(self.device, non_blocking=True)
+
+
+def gather(t: torch.Tensor, rows: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """t[rows], written straight into page-locked memory when `pinned` (a GPU run): the copy to the device is then
+    truly asynchronous. From pageable memory a non_blocking copy still makes the host wait until the GPU has
+    finished the work queued before it, so the next step's launches would only start once the GPU is idle.
+    The pinned block comes from torch's caching host allocator, which reuses it only after its copy is done."""
+    if not pinned:
+        return t[rows]
+    out = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+    return torch.index_select(t, 0, rows, out=out)
 
 
 def _labels(y, source: str, num_classes: int | None = None) -> torch.Tensor:
