@@ -78,7 +78,7 @@ def manifest(folder: str | Path) -> list[dict] | None:
 def note_written(path: str | Path, kind: str = "grown") -> None:
     """Record a file roli appends to (kind "grown": train.log, a TensorBoard event file) or a folder a tracker
     library fills ("tree": wandb/) in the manifest of the folder it lies in, if roli made that folder."""
-    folder = owner(Path(path) / "x" if kind == "tree" else path)
+    folder = owner(path)  # a folder's owner is looked for from its parent up, as a file's
     if folder is not None:
         record(folder, {kind: _rel(path, folder)})
 

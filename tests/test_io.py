@@ -1,0 +1,88 @@
+"""roli._io's small guarantees, one by one (mutmut's survivors of 2026-12-06 on roli/_io.py): the manifest's mode
+and tolerance of damaged bytes, the legacy clean-up of killed writes, the manifest path check, atomic writes into
+new folders, JSON layout and error texts. Expected values are written here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from roli import _io
+
+
+def test_the_manifest_gets_the_users_umask_and_skips_damaged_lines(tmp_path):
+    old = os.umask(0o027)
+    try:
+        _io.record(tmp_path, {"file": "a.json"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / _io.MANIFEST).stat().st_mode & 0o777 == 0o640
+    with open(tmp_path / _io.MANIFEST, "ab") as f:  # bytes that are not UTF-8, a cut line, a list
+        f.write(b'\xff\xfe{"file": \n[1, 2]\n{"tmp": ".a.json.x1.tmp"}\n')
+    assert _io.manifest(tmp_path) == [{"file": "a.json"}, {"tmp": ".a.json.x1.tmp"}]
+
+
+def test_a_trackers_folder_is_recorded_in_the_run_that_holds_it(tmp_path):
+    (tmp_path / _io.RUN_MARKER).write_text("{}")
+    (tmp_path / "wandb").mkdir()
+    _io.note_written(tmp_path / "wandb", kind="tree")
+    _io.note_written(tmp_path / "train.log")
+    assert _io.manifest(tmp_path) == [{"tree": "wandb"}, {"grown": "train.log"}]
+    _io.note_written(tmp_path.parent / "elsewhere.log")  # outside any roli folder: recorded nowhere
+    assert not (tmp_path.parent / _io.MANIFEST).exists()
+
+
+def test_an_earlier_rolis_temporaries_are_removed_by_their_pattern_only(tmp_path):
+    """A folder without a manifest (an earlier roli's run): ".<name>.<random>.tmp" files that `ours` accepts."""
+    names = [".best.pt.k3j2.tmp", "sub/.results.json.q9.tmp", ".x.y.tmp", ".notes.tmp", "plain.tmp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    (tmp_path / ".dir.a.tmp").mkdir()  # a folder, not a file
+    (tmp_path / "target").write_text("keep")
+    (tmp_path / ".link.a.tmp").symlink_to(tmp_path / "target")  # a link: neither it nor its target
+    ours = {".best.pt.k3j2.tmp", "sub/.results.json.q9.tmp"}.__contains__
+    removed = _io.remove_stale_temporaries(tmp_path, ours)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [".best.pt.k3j2.tmp",
+                                                                           "sub/.results.json.q9.tmp"]  # fmt: skip
+    assert all((tmp_path / n).exists() for n in names[2:]) and (tmp_path / "target").read_text() == "keep"
+    removed = _io.remove_stale_temporaries(tmp_path)  # no `ours`: every ".<name>.<random>.tmp" file
+    assert [p.name for p in removed] == [".x.y.tmp"]
+    assert (
+        (tmp_path / ".notes.tmp").exists()
+        and (tmp_path / ".dir.a.tmp").is_dir()
+        and (tmp_path / ".link.a.tmp").is_symlink()
+    )
+
+
+@pytest.mark.parametrize("rel", [5, None, "", "/etc/passwd", "a//b", "a/./b", "a/../b", "lnk/f", "a", "missing"])
+def test_a_manifest_path_must_name_a_plain_file_inside_the_folder(tmp_path, rel):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").write_text("x")
+    (tmp_path / "b").write_text("x")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("x")
+    (tmp_path / "lnk").symlink_to(tmp_path / "real")
+    assert _io.plain_file(tmp_path, rel) is False
+    assert _io.plain_file(tmp_path, "a/b") is True and _io.plain_file(tmp_path, "a", kind=0o040000) is True
+
+
+def test_atomic_writes_make_missing_folders_and_json_is_indented(tmp_path):
+    path = tmp_path / "new" / "deeper" / "r.json"
+    _io.save_json({"a": 1, "b": [1, 2]}, path)
+    assert path.read_text() == '{\n  "a": 1,\n  "b": [\n    1,\n    2\n  ]\n}'
+
+
+def test_error_texts_name_what_failed(tmp_path):
+    assert _io.first_line(ValueError()) == "ValueError"
+    assert _io.first_line(OSError("disk gone\nmore")) == "disk gone"
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as e:
+        _io.load_tagged(bad, "roli-state-1", "training state")
+    assert str(e.value).startswith(f"training state {bad} is unreadable (") and str(e.value).endswith(")")
+    torch.save({"format": "other"}, bad)
+    with pytest.raises(ValueError, match=f"^{bad} is not a training state$"):
+        _io.load_tagged(bad, "roli-state-1", "training state")
