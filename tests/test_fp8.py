@@ -52,6 +52,10 @@ def test_fp8_linear_equals_a_float64_computation_of_the_recipe(bias):
     assert y.dtype == torch.bfloat16 and dx.dtype == x.dtype and dx.shape == x.shape
     torch.testing.assert_close(y.double(), y64, rtol=8e-3, atol=1e-2)  # bf16 output rounding
     torch.testing.assert_close(dx.double(), dx64, rtol=8e-3, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside an attack: the GEMM stays float32 all the same
+        y_ac = fp8(x)
+        (dx_ac,) = torch.autograd.grad(y_ac, x, dy)
+    assert torch.equal(y_ac, y) and torch.equal(dx_ac, dx)
     # and it is float8, not bf16: the unquantised product is measurably farther away than the rounding
     exact = x.detach().double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
     assert (exact - y64).norm() / exact.norm() > 5 * ((y.double() - y64).norm() / y64.norm())

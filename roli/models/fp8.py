@@ -77,7 +77,8 @@ def scaled_mm(
     if a8.is_cuda:
         return torch._scaled_mm(a8, b8, scale_a=a_inv, scale_b=b_inv, bias=bias, out_dtype=torch.bfloat16,
                                 use_fast_accum=fast_accum)  # fmt: skip
-    y = torch.mm(a8.float(), b8.float()) * (a_inv * b_inv)
+    with torch.autocast(a8.device.type, enabled=False):  # the attack runs under bf16 autocast: this GEMM is float32
+        y = torch.mm(a8.float(), b8.float()) * (a_inv * b_inv)
     return (y if bias is None else y + bias.float()).to(torch.bfloat16)
 
 
