@@ -167,14 +167,22 @@ def test_fp8_attack_follows_the_bf16_attacks_direction_and_leaves_the_update_alo
 
 
 def test_fp8_refuses_gpus_without_fp8_and_weight_gradients(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
-    ok, why = F8.fp8_supported("cuda")
-    assert not ok and "A100" in why and "8.0" in why and "8.9" in why
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    assert F8.fp8_supported("cuda") == (True, "") and F8.fp8_supported("cpu") == (True, "")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: asked.append(d) or "NVIDIA A100-SXM4-80GB")
+    for cap, ok in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: asked.append(d) or c)
+        got, why = F8.fp8_supported("cuda:1")
+        assert got is ok and (why == "" if ok else f"A100-SXM4-80GB (compute capability {cap[0]}.{cap[1]})" in why)
+    assert set(asked) == {torch.device("cuda:1")}  # the GPU asked about, not the current one
+    assert F8.fp8_supported("cpu") == (True, "")
+    ok, why = F8.fp8_supported("meta")
+    assert not ok and "not on meta" in why
+    monkeypatch.delattr(torch, "_scaled_mm")
+    ok, why = F8.fp8_supported("cpu")
+    assert not ok and "has no float8 GEMM" in why
     lin = FP8Linear(nn.Linear(16, 16))  # not frozen: an FP8Linear computes no weight gradient, so it refuses
     lin.refresh()
+    assert sorted(lin.state_dict()) == ["linear.bias", "linear.weight"]  # its float8 copies are never saved
     with pytest.raises(RuntimeError, match="input gradients only"):
         lin(torch.randn(2, 16))
 
