@@ -153,7 +153,7 @@ class PGD:
             or "fp8": bf16 autocast with the model's linear layers (in and out features multiples of 16) run
             through float8 GEMMs, dynamically scaled, e4m3 forward and e5m2 gradients, their weights cast once
             per call (roli.models.fp8). Needs a GPU of compute capability 8.9+ (L40S, H100, H200) or the CPU
-            (torch's float8 GEMM: the same numbers, no speed-up); elsewhere a ValueError says why.
+            (the same numbers emulated in a float32 GEMM, no speed-up); elsewhere a ValueError says why.
         impl: backend of the fused step (roli.ops), default $ROLI_IMPL or "auto".
         seed: seeds the random starts (identical runs); None uses the global generator.
         clip: the pixel range.
