@@ -118,7 +118,9 @@ def remove_outputs(run_dir: Path) -> list[str]:
     entries = manifest(run_dir)
     if entries is None:
         log.info("--overwrite: %s has no %s (a run of an earlier roli): its files are known by name", run_dir, MANIFEST)
-        return _remove_by_name(run_dir)
+        kept = _remove_by_name(run_dir)
+        save_json(new_marker(), run_dir / MARKER)  # one of this roli's runs from here on: a manifest, an identity
+        return kept
     written = _written(entries)
     grown = {e["grown"] for e in entries if isinstance(e.get("grown"), str)}
     removed, changed_since = [], []
@@ -274,9 +276,9 @@ def _remove_by_name(run_dir: Path) -> list[str]:
         if path.is_dir() and not path.is_symlink():
             if not any(path.iterdir()):
                 path.rmdir()
-        elif written_by_roli(rel) and rel != LOCK:
+        elif written_by_roli(rel) and rel not in (LOCK, MARKER):
             path.unlink()
-        elif rel != LOCK:
+        elif rel not in (LOCK, MARKER):
             kept.append(rel)
     return sorted(kept)
 
@@ -548,14 +550,18 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, fir
             lock.release()
             raise
         return lock
-    marker = {
+    return create_whole(run_dir, MARKER, new_marker(), purpose, first)
+
+
+def new_marker() -> dict:
+    """A run directory's marker, with a new identity."""
+    return {
         "format": MARKER_FORMAT,
         "run": uuid.uuid4().hex,  # this run's identity: every best.pt and last.pt it writes carries it
         "created_by": "roli train",
         "note": "roli deletes (--overwrite) and resumes only directories holding this file, and only the files "
         f"it wrote there (listed in {MANIFEST})",
     }
-    return create_whole(run_dir, MARKER, marker, purpose, first)
 
 
 def create_whole(folder: Path, marker: str, payload: dict, purpose: str, first, what: str = "run directory") -> RunLock:

@@ -1,0 +1,356 @@
+"""roli.rundir's functions one by one on small run directories written by roli's own writer (no training):
+which names roli writes, what --overwrite deletes and keeps (a run with a manifest, an earlier roli's run, a
+tracker's tree), what not_as_written reports, the restarted manifest, the fingerprint's words, a start's temporary
+sibling. Written for mutmut's survivors of 2026-12-06 on roli/rundir.py; every expected value is written here."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from roli import rundir
+from roli._cli import BadValue
+from roli._io import MANIFEST, RUN_MARKER, manifest, note_written, save_json
+
+CONFIG = {"lr": 0.01, "eps": 8}
+
+
+def new_run(path: Path, files: dict[str, dict] | None = None) -> Path:
+    """A run directory as roli creates it (marker, manifest, config.json), plus `files` written by roli."""
+
+    def first(folder: Path) -> None:
+        save_json(CONFIG, folder / "config.json")
+
+    rundir.open_run_dir(path, False, False, "a test", first).release()
+    for rel, payload in (files or {}).items():
+        save_json(payload, path / rel)
+    return path
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "rel, ours",
+    [
+        ("config.json", True),
+        ("alp/best.pt", True),
+        ("autoattack/alp/batch3.pt", True),
+        ("tensorboard/events.out.tfevents.17.host", True),
+        ("wandb/run-1/files/config.yaml", True),
+        (".config.json.k3j2.tmp", True),  # atomic_write's temporary of a top-level file
+        ("alp/.best.pt.k3j2.tmp", True),
+        ("autoattack/alp/.batch3.pt.k3j2.tmp", True),  # two folders deep: the name is after the last '/'
+        ("notes.txt", False),
+        ("alp/notes.txt", False),
+        ("alp/sub/best.pt", False),  # a * never matches across a '/'
+        ("tensorboard/sub/events.out.tfevents.1", False),
+        (".notes.txt.k3j2.tmp", False),  # a temporary of a name roli never writes
+        ("my.config.json", False),
+    ],
+)
+def test_which_names_roli_writes(rel, ours):
+    assert rundir.written_by_roli(rel) is ours
+
+
+@pytest.mark.parametrize(
+    "name, temporary",
+    [(".a.b.tmp", True), (".best.pt.x.tmp", True), (".a.tmp", False), ("a.b.c.tmp", False), ("a.b.c.d", False),
+     (".a.b.c", False)],
+)  # fmt: skip
+def test_what_counts_as_an_atomic_writes_temporary(name, temporary):
+    assert rundir._temporary(name) is temporary
+
+
+def test_foreign_links_lists_each_link_once_without_walking_into_it(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    (run / "alp").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "a.txt").write_text("x")
+    (outside / "inner").symlink_to(outside / "a.txt")  # a link inside a linked folder: not the run's
+    (run / "alp" / "best.pt").symlink_to(outside / "a.txt")
+    (run / "linked").symlink_to(outside)
+    assert rundir.foreign_links(run) == ["alp/best.pt", "linked"]
+
+
+def test_check_overwrite_refuses_an_input_inside_the_run_in_one_sentence(tmp_path):
+    run = new_run(tmp_path / "run")
+    (run / "head.pt").write_bytes(b"a user's head")
+    rundir.check_overwrite(run, {"--init": tmp_path / "head.pt"})  # outside: fine
+    with pytest.raises(BadValue) as e:
+        rundir.check_overwrite(run, {"--init": run / "head.pt"})
+    assert str(e.value) == (
+        f"--overwrite: --init {run / 'head.pt'} lies inside the run directory {run}, whose contents --overwrite "
+        "replaces; move it out first (or choose another --run-dir)"
+    )
+
+
+def test_not_as_written_names_each_kind_of_change(tmp_path):
+    run = new_run(tmp_path / "run", {"results.json": {"alp": {}}, "alp/done.json": {"epochs": 3}})
+    assert rundir.not_as_written(run) == []
+    text = (run / "config.json").read_text()
+    (run / "config.json").write_text(text.replace("0.01", "0.02"))  # the same size, other bytes
+    (run / "lp").mkdir()
+    (run / "lp" / "best.pt").write_bytes(b"copied in")
+    (run / "notes.txt").write_text("a user's own file: not roli's business")
+    (run / ".results.json.k3j.tmp").write_text("a killed write")
+    (run / "alp" / "done.json").unlink()  # a stage file gone: not reported (only config and fingerprint)
+    assert rundir.not_as_written(run) == [
+        "config.json is not the file roli wrote there (edited or replaced)",
+        "lp/best.pt was not written by this run (copied in?)",
+    ]
+    assert rundir.not_as_written(run, only=("results.json",)) == []
+    assert rundir.not_as_written(run, unread=("config.json",)) == [
+        "lp/best.pt was not written by this run (copied in?)"
+    ]
+    (run / "config.json").unlink()
+    assert rundir.not_as_written(run, only=("config.json",)) == ["config.json is missing (deleted?)"]
+    assert rundir.not_as_written(run, only=("results.json",)) == []
+
+
+def test_not_as_written_skips_a_trackers_tree_and_never_walks_through_a_link(tmp_path):
+    run = new_run(tmp_path / "run")
+    (run / "wandb" / "run-1" / "files").mkdir(parents=True)
+    note_written(run / "wandb", kind="tree")
+    (run / "wandb" / "run-1" / "files" / "config.yaml").write_text("the tracker's own file")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "best.pt").write_bytes(b"not in the run")
+    (run / "alp").symlink_to(elsewhere)
+    assert rundir.not_as_written(run) == []
+
+
+def test_a_missing_manifest_is_reported_only_for_a_run_that_had_one(tmp_path):
+    run = new_run(tmp_path / "run")
+    (run / MANIFEST).unlink()
+    assert rundir.not_as_written(run) == [f"its manifest {MANIFEST} is missing"]
+    (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))  # an earlier roli's marker
+    assert rundir.not_as_written(run) is None
+    (run / RUN_MARKER).write_text("[1, 2]")  # unreadable as a marker
+    assert rundir.not_as_written(run) is None
+
+
+def test_check_as_written_says_how_many_more_and_honours_only_and_regenerated(tmp_path):
+    run = new_run(tmp_path / "run", {"results.json": {}, "alp/metrics.csv": {}})
+    for rel in ("config.json", "results.json", "alp/metrics.csv"):
+        (run / rel).write_text("edited")
+    with pytest.raises(BadValue) as e:
+        rundir.check_as_written(run, "resume", "put it back")
+    assert str(e.value) == (
+        f"resume: in {run}, alp/metrics.csv is not the file roli wrote there (edited or replaced) (and 2 more); "
+        "put it back"
+    )
+    with pytest.raises(BadValue) as e:
+        rundir.check_as_written(run, "resume", "put it back", regenerated=True)  # metrics.csv is rewritten
+    assert "config.json is not the file" in str(e.value) and "(and 1 more)" in str(e.value)
+    with pytest.raises(BadValue) as e:
+        rundir.check_as_written(run, "x", "y", only=("results.json",))
+    assert str(e.value) == f"x: in {run}, results.json is not the file roli wrote there (edited or replaced); y"
+    rundir.check_as_written(run, "x", "y", only=("alp/done.json",))  # nothing of these changed
+
+
+def test_overwrite_removes_what_roli_wrote_keeps_the_rest_and_restarts_the_manifest(tmp_path):
+    run = new_run(tmp_path / "run", {"results.json": {}, "alp/done.json": {}, "autoattack/alp/x/batch0.pt": {}})
+    (run / "alp" / "evaluations").mkdir()
+    save_json({"pgd": 0.5}, run / "alp" / "evaluations" / "e1.json")
+    (run / "train.log").write_text("log\n")
+    note_written(run / "train.log")
+    (run / "results.json").write_text("{ edited }")
+    (run / "alp" / "notes.txt").write_text("mine")
+    removed = rundir.remove_outputs(run)
+    assert removed == ["alp/notes.txt", "results.json (changed since roli wrote it)"]
+    assert names(run) == [rundir.LOCK, MANIFEST, RUN_MARKER, "alp/notes.txt", "results.json"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["alp"]  # emptied folders removed, deepest first
+    assert manifest(run) == [{"file": RUN_MARKER, "size": (run / RUN_MARKER).stat().st_size,
+                              "sha256": sha(run / RUN_MARKER)}]  # fmt: skip
+    assert rundir.not_as_written(run) == ["results.json was not written by this run (copied in?)"]  # the marker
+    # is vouched for by the restarted manifest; the kept results.json by nothing
+
+
+def test_the_restarted_manifest_has_the_usual_mode_and_is_empty_without_a_marker(tmp_path):
+    run = new_run(tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        rundir.remove_outputs(run)
+        assert (run / MANIFEST).stat().st_mode & 0o777 == 0o644
+        (run / RUN_MARKER).unlink()
+        rundir._restart_manifest(run)
+    finally:
+        os.umask(old)
+    assert (run / MANIFEST).read_bytes() == b"" and names(run) == [rundir.LOCK, MANIFEST]
+
+
+def test_overwrite_empties_a_trackers_tree_without_following_its_links(tmp_path):
+    run = new_run(tmp_path / "run")
+    tree = run / "wandb" / "run-1"
+    (tree / "files").mkdir(parents=True)
+    note_written(run / "wandb", kind="tree")
+    (tree / "files" / "config.yaml").write_text("the tracker's")
+    (tree / "run.wandb").write_bytes(b"\x00events")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("a user's")
+    (tree / "media").symlink_to(outside)  # a link to a folder: the link goes, never what it points to
+    (tree / "latest").symlink_to(outside / "keep.txt")
+    assert rundir.remove_outputs(run) == []
+    assert not (run / "wandb").exists() and names(outside) == ["keep.txt"]
+    (run / "wandb").symlink_to(outside)  # a tree replaced by a link: nothing through it
+    with open(run / MANIFEST, "a") as f:
+        f.write(json.dumps({"tree": "wandb"}) + "\n")
+    assert rundir.remove_outputs(run) == ["wandb"]
+    assert names(outside) == ["keep.txt"]
+
+
+def test_overwrite_of_an_earlier_rolis_run_goes_by_name(tmp_path, caplog):
+    run = tmp_path / "old"
+    (run / "alp" / "empty").mkdir(parents=True)
+    (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))
+    for rel in ("config.json", "alp/best.pt", "alp/.best.pt.k3.tmp", "notes.txt", "alp/mine.txt", rundir.LOCK):
+        (run / rel).write_text(rel)
+    with caplog.at_level("INFO", logger="roli.train"):
+        assert rundir.remove_outputs(run) == ["alp/mine.txt", "notes.txt"]
+    assert (
+        f"--overwrite: {run} has no {MANIFEST} (a run of an earlier roli): its files are known by name" in caplog.text
+    )
+    assert names(run) == [rundir.LOCK, MANIFEST, RUN_MARKER, "alp/mine.txt", "notes.txt"]
+    assert (run / rundir.LOCK).read_text() == rundir.LOCK and not (run / "alp" / "empty").exists()
+    assert json.loads((run / RUN_MARKER).read_text())["format"] == "roli run 2"  # the marker is this roli's now
+    assert rundir.not_as_written(run) == []
+
+
+def test_an_earlier_rolis_run_overwritten_can_be_resumed_and_overwritten_again(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))
+    (run / "config.json").write_text("{}")
+    rundir.open_run_dir(run, False, True, "x", lambda d: save_json(CONFIG, d / "config.json")).release()
+    assert rundir.run_identity(run) is not None and rundir.not_as_written(run) == []
+    rundir.check_run_dir(run, resume=True, overwrite=False)  # a marker and a manifest: resumable
+    rundir.check_run_dir(run, resume=False, overwrite=True)
+    rundir.open_run_dir(run, False, True, "x", lambda d: save_json(CONFIG, d / "config.json")).release()
+    assert names(run) == [rundir.LOCK, MANIFEST, RUN_MARKER, "config.json"]
+
+
+FP = {
+    "options": "a1",
+    "num_classes": 10,
+    "classes": "c1",
+    "train": {"n": 100, "labels": "l1", "pixels": "p1", "content": "h1"},
+    "val": {"n": 10, "labels": "l2", "files": "f1"},
+    "test": {"n": 50, "labels": "l3"},
+    "inputs": {"--checkpoint": "s1", "--init": "s2"},
+}
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"options": "a2"}, ["the settings in config.json"]),
+        ({"num_classes": 5}, ["the number of classes"]),
+        ({"classes": "c2"}, ["the class names (labels.json)"]),
+        ({"train": {"n": 99, "labels": "l1", "pixels": "p9", "content": "h9"}}, ["the train split's size",
+                                                                                 "the train split's images"]),
+        ({"val": {"n": 10, "labels": "l9", "files": "f9"}}, ["the val split's labels", "the val split's files"]),
+        ({"test": {"n": 50, "labels": "l3", "extra": 1}}, []),  # a part the saved run does not have
+        ({"inputs": {"--checkpoint": "s9", "--init": "s2"}}, ["the file of --checkpoint (its sha256)"]),
+        ({"inputs": {}}, []),  # evaluate reads no checkpoint: not compared
+        ({"test": {}}, []),
+        ({"other": 1}, []),
+    ],
+)  # fmt: skip
+def test_changed_names_what_differs_in_words(edit, words):
+    assert rundir.changed(FP, FP | edit) == words
+    assert rundir.changed(FP | {"future": 1}, FP | {"future": 2}) == ["future"]
+
+
+def test_check_fingerprint_names_the_change_and_the_flag(tmp_path, caplog):
+    run = new_run(tmp_path / "run")
+    with caplog.at_level("INFO", logger="roli.train"):
+        assert rundir.check_fingerprint(run, FP, "evaluate") == []
+    assert f"evaluate: {run} has no fingerprint.json (a run of an earlier roli): its data is not checked" in caplog.text
+    rundir.write_fingerprint(run, FP)
+    assert rundir.check_fingerprint(run, FP, "resume") == []
+    now = FP | {"num_classes": 5, "options": "a2"}
+    with pytest.raises(BadValue) as e:
+        rundir.check_fingerprint(run, now, "evaluate", "--allow-changed")
+    assert str(e.value) == (
+        f"evaluate: the settings in config.json, the number of classes changed since the run started in {run}; "
+        "start a new run for changed data or settings (--allow-changed to evaluate anyway, recorded in the results)"
+    )
+    with pytest.raises(BadValue) as e:
+        rundir.check_fingerprint(run, now, "resume")
+    assert str(e.value).endswith("start a new run for changed data or settings")
+    assert rundir.check_fingerprint(run, now, "evaluate", "allowed") == [
+        "the settings in config.json", "the number of classes"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [{"options": "a1", "train": {}, "val": {}}, {"train": {}, "val": {}, "test": {}}, {"options": "a1", "train": {},
+     "val": {}, "test": []}, []],
+)  # fmt: skip
+def test_a_damaged_fingerprint_is_refused(tmp_path, saved):
+    run = new_run(tmp_path / "run")
+    (run / rundir.FINGERPRINT).write_text(json.dumps({"format": "x", **saved} if isinstance(saved, dict) else saved))
+    with pytest.raises(BadValue) as e:
+        rundir.check_fingerprint(run, FP, "resume")
+    assert str(e.value) == f"resume: {run / rundir.FINGERPRINT} is damaged; the run cannot be checked"
+
+
+def test_a_new_run_is_created_whole_with_the_users_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        lock = rundir.open_run_dir(tmp_path / "run", False, False, "training x", lambda d: None)
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    assert (run / rundir.LOCK).read_text() == f"pid {os.getpid()}: training x"
+    lock.release()
+    assert (run / rundir.LOCK).read_text() == ""
+    assert run.stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the staging sibling was renamed
+    marker = json.loads((run / RUN_MARKER).read_text())
+    assert marker["format"] == "roli run 2" and len(marker["run"]) == 32
+
+
+def test_a_failed_start_leaves_nothing_and_a_full_disk_names_the_run(tmp_path):
+    def full(folder: Path) -> None:
+        save_json(CONFIG, folder / "config.json")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "fingerprint.json"))
+
+    with pytest.raises(OSError) as e:
+        rundir.open_run_dir(tmp_path / "run", False, False, "x", full)
+    assert e.value.filename == str(tmp_path / "run" / "fingerprint.json")
+    assert list(tmp_path.iterdir()) == []
+    err = rundir.disk_full(e.value, tmp_path / "run")
+    assert str(err).endswith("free space there and run the same command again")
+    new_run(tmp_path / "run")
+    assert str(rundir.disk_full(e.value, tmp_path / "run")).endswith(f"continue with --resume {tmp_path / 'run'}")
+    assert rundir.disk_full(OSError(errno.EACCES, "denied"), tmp_path / "run") is None
+
+
+def test_a_staging_sibling_is_removed_only_when_it_holds_nothing_but_roli_files(tmp_path):
+    staging = new_run(tmp_path / ".run.roli-new-abc")
+    assert rundir._remove_staging(staging) is True and not staging.exists()
+    staging = new_run(tmp_path / ".run.roli-new-def")
+    (staging / "mine.txt").write_text("a user's")
+    assert rundir._remove_staging(staging) is False and names(staging) == [
+        rundir.LOCK,
+        MANIFEST,
+        RUN_MARKER,
+        "mine.txt",
+    ]
+    (tmp_path / "dir").mkdir()
+    (tmp_path / ".run.roli-new-lnk").symlink_to(tmp_path / "dir")
+    assert rundir._remove_staging(tmp_path / ".run.roli-new-lnk") is False
+    assert rundir._remove_staging(tmp_path / "absent") is False
