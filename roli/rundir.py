@@ -118,9 +118,7 @@ def remove_outputs(run_dir: Path) -> list[str]:
     entries = manifest(run_dir)
     if entries is None:
         log.info("--overwrite: %s has no %s (a run of an earlier roli): its files are known by name", run_dir, MANIFEST)
-        kept = _remove_by_name(run_dir)
-        save_json(new_marker(), run_dir / MARKER)  # one of this roli's runs from here on: a manifest, an identity
-        return kept
+        return _remove_by_name(run_dir)  # the marker stays: open_run_dir makes it this roli's
     written = _written(entries)
     grown = {e["grown"] for e in entries if isinstance(e.get("grown"), str)}
     removed, changed_since = [], []
@@ -186,7 +184,7 @@ def not_as_written(
             fmt = None
         return [f"its manifest {MANIFEST} is missing"] if fmt == MARKER_FORMAT else None
     written = _written(entries)
-    skip = {LOCK, MANIFEST} | {e.get("grown") for e in entries} | {e.get("tmp") for e in entries}
+    skip = {LOCK, MANIFEST} | {e.get("grown") for e in entries}  # atomic_write's temporaries: by _temporary
     trees = tuple(e["tree"] + "/" for e in entries if isinstance(e.get("tree"), str))
     out = []
     for root, _, files in os.walk(run_dir, followlinks=False):
@@ -427,8 +425,7 @@ def changed(saved: dict, now: dict) -> list[str]:
         if key in ("train", "val", "test"):
             for part, v in saved[key].items():
                 if part in now.get(key, {}) and now[key][part] != v:
-                    what = {"n": "size", "labels": "labels", "pixels": "images", "files": "files",
-                            "content": "images"}.get(part, part)  # fmt: skip
+                    what = {"n": "size", "pixels": "images", "content": "images"}.get(part, part)
                     out.append(f"the {key} split's {what}")
         elif key == "inputs" and isinstance(saved[key], dict):
             for flag, sha in saved[key].items():
@@ -536,7 +533,10 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, purpose: str, fir
         lock = RunLock(run_dir, purpose).acquire()  # before --overwrite deletes anything: no one else uses it
         try:
             if overwrite and not resume:
+                earlier = manifest(run_dir) is None
                 kept = remove_outputs(run_dir)
+                if earlier:  # one of this roli's runs from here on: a marker with an identity, a manifest
+                    save_json(new_marker(), run_dir / MARKER)
                 if kept:
                     log.warning(
                         "--overwrite: kept %d file(s) roli did not write in %s: %s",

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from roli import rundir
 from roli._cli import BadValue
@@ -34,6 +35,10 @@ def new_run(path: Path, files: dict[str, dict] | None = None) -> Path:
 
 def names(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
 
 
 def sha(path: Path) -> str:
@@ -215,17 +220,18 @@ def test_overwrite_of_an_earlier_rolis_run_goes_by_name(tmp_path, caplog):
     run = tmp_path / "old"
     (run / "alp" / "empty").mkdir(parents=True)
     (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))
-    for rel in ("config.json", "alp/best.pt", "alp/.best.pt.k3.tmp", "notes.txt", "alp/mine.txt", rundir.LOCK):
+    (run / "lp").mkdir()
+    for rel in ("config.json", "alp/best.pt", "alp/.best.pt.k3.tmp", "lp/best.pt", "notes.txt", "alp/mine.txt",
+                rundir.LOCK):  # fmt: skip
         (run / rel).write_text(rel)
     with caplog.at_level("INFO", logger="roli.train"):
         assert rundir.remove_outputs(run) == ["alp/mine.txt", "notes.txt"]
     assert (
         f"--overwrite: {run} has no {MANIFEST} (a run of an earlier roli): its files are known by name" in caplog.text
     )
-    assert names(run) == [rundir.LOCK, MANIFEST, RUN_MARKER, "alp/mine.txt", "notes.txt"]
+    assert names(run) == [rundir.LOCK, RUN_MARKER, "alp/mine.txt", "notes.txt"]  # the marker stays
     assert (run / rundir.LOCK).read_text() == rundir.LOCK and not (run / "alp" / "empty").exists()
-    assert json.loads((run / RUN_MARKER).read_text())["format"] == "roli run 2"  # the marker is this roli's now
-    assert rundir.not_as_written(run) == []
+    assert not (run / "lp").exists()  # emptied by the removal: its files go before it
 
 
 def test_an_earlier_rolis_run_overwritten_can_be_resumed_and_overwritten_again(tmp_path):
@@ -234,6 +240,7 @@ def test_an_earlier_rolis_run_overwritten_can_be_resumed_and_overwritten_again(t
     (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))
     (run / "config.json").write_text("{}")
     rundir.open_run_dir(run, False, True, "x", lambda d: save_json(CONFIG, d / "config.json")).release()
+    assert json.loads((run / RUN_MARKER).read_text())["format"] == "roli run 2"  # the marker is this roli's now
     assert rundir.run_identity(run) is not None and rundir.not_as_written(run) == []
     rundir.check_run_dir(run, resume=True, overwrite=False)  # a marker and a manifest: resumable
     rundir.check_run_dir(run, resume=False, overwrite=True)
@@ -266,18 +273,29 @@ FP = {
         ({"inputs": {}}, []),  # evaluate reads no checkpoint: not compared
         ({"test": {}}, []),
         ({"other": 1}, []),
+        ({"test": {"n": 50, "labels": "l3", "extra": 2}}, []),
+        ({"val": {"n": 10, "labels": "l2", "files": "f1", "extra": 2}}, []),
     ],
 )  # fmt: skip
 def test_changed_names_what_differs_in_words(edit, words):
     assert rundir.changed(FP, FP | edit) == words
-    assert rundir.changed(FP | {"future": 1}, FP | {"future": 2}) == ["future"]
+
+
+def test_changed_compares_only_what_both_fingerprints_hold():
+    without = {k: v for k, v in FP.items() if k not in ("test", "inputs")}  # a run of an earlier roli, evaluate
+    assert rundir.changed(FP, without) == [] and rundir.changed(without, FP) == []
+    saved = FP | {"val": FP["val"] | {"extra": 1}, "future": {"a": 1}}
+    assert rundir.changed(saved, FP | {"val": FP["val"] | {"extra": 2}, "future": {"a": 2}}) == [
+        "the val split's extra", "future"]  # fmt: skip
 
 
 def test_check_fingerprint_names_the_change_and_the_flag(tmp_path, caplog):
     run = new_run(tmp_path / "run")
     with caplog.at_level("INFO", logger="roli.train"):
         assert rundir.check_fingerprint(run, FP, "evaluate") == []
-    assert f"evaluate: {run} has no fingerprint.json (a run of an earlier roli): its data is not checked" in caplog.text
+    assert messages(caplog) == [
+        f"evaluate: {run} has no fingerprint.json (a run of an earlier roli): its data is not checked"
+    ]
     rundir.write_fingerprint(run, FP)
     assert rundir.check_fingerprint(run, FP, "resume") == []
     now = FP | {"num_classes": 5, "options": "a2"}
@@ -354,3 +372,292 @@ def test_a_staging_sibling_is_removed_only_when_it_holds_nothing_but_roli_files(
     (tmp_path / ".run.roli-new-lnk").symlink_to(tmp_path / "dir")
     assert rundir._remove_staging(tmp_path / ".run.roli-new-lnk") is False
     assert rundir._remove_staging(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize(
+    "label, folder",
+    [("pretrain", "pretrain"), ("lp", "lp"), ("alp", "alp"), ("RoLI-full", "roli-ft"), ("RanLI-lora", "ranli-ft"),
+     ("full", "ft"), ("roli-full", "ft"), ("ALP", "ft")],
+)  # fmt: skip
+def test_each_stage_label_has_its_folder(label, folder):
+    assert rundir.stage_dir(label) == folder
+
+
+class Split:
+    """A stand-in for a dataset: its sample parts, its content digest, its length."""
+
+    def __init__(self, n: int, seed: int, streamed: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        self.n, self.streamed = n, streamed
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+        self.pixels = torch.rand(4, 3, 2, 2, generator=g)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample_parts(self) -> dict:
+        return {"labels": (self.labels,), "pixels": (self.pixels, "a note")}
+
+    def content_digest(self, mode: str) -> str:
+        return f"all of it, {mode}"
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def test_the_fingerprint_holds_settings_data_classes_and_inputs(tmp_path):
+    ckpt = tmp_path / "backbone.pt"
+    ckpt.write_bytes(b"weights")
+    splits = (Split(20, 0), Split(5, 1), Split(8, 2), 10)
+    options = {"lr": 0.01, "peft": "lora", "device": "cpu", "workers": 4, "accumulate": 1, "n_ex": 100,
+               "data_hash": "stat", "record_order": "file"}  # fmt: skip
+    fp = rundir.fingerprint(options, splits, ["cat", "dog"], {"--checkpoint": ckpt, "--init": tmp_path / "gone.pt"})
+    split = lambda d: {"n": d.n, "labels": digest(d.labels), "pixels": digest(d.pixels, "a note"),  # noqa: E731
+                       "content": "all of it, stat"}  # fmt: skip
+    assert fp == {
+        "options": digest({"lr": 0.01, "peft": "lora", "n_ex": 100}),  # execution and added defaults left out
+        "num_classes": 10,
+        "classes": digest(["cat", "dog"]),
+        "train": split(splits[0]),
+        "val": split(splits[1]),
+        "test": split(splits[2]),
+        "inputs": {"--checkpoint": hashlib.sha256(b"weights").hexdigest()},  # a missing file is not hashed
+    }
+    assert rundir.fingerprint({"lr": 0.01}, splits)["train"]["content"] == "all of it, full"  # the default
+    assert "inputs" not in rundir.fingerprint({"lr": 0.01}, splits)
+    assert rundir.settings({"lr": 1, "attack_precision": "fp8", "compile": True}) == {
+        "lr": 1,
+        "attack_precision": "fp8",
+    }
+    assert rundir.without_added_defaults({"accumulate": 2, "n_ex": None, "lr": None}) == {"accumulate": 2, "lr": None}
+    rundir.write_fingerprint(tmp_path, fp)
+    assert json.loads((tmp_path / rundir.FINGERPRINT).read_text()) == {"format": "roli run fingerprint 2", **fp}
+
+
+def test_hash_note_counts_the_image_files_only():
+    arrays, files = Split(20, 0), Split(30, 1, streamed=True)
+    assert rundir.hash_note((arrays, arrays, arrays, 10), "full", 1.0) is None
+    assert rundir.hash_note((files, arrays, files, files), "full", 2.25) == (
+        "data fingerprint: 60 image files, every file's bytes, in 2.2 s")  # fmt: skip
+    assert rundir.hash_note((files, files, arrays, 10), "stat", 0.04) == (
+        "data fingerprint: 60 image files, sizes and mtimes only (--data-hash stat), in 0.0 s")  # fmt: skip
+
+
+def test_a_checkpoint_from_another_run_is_refused(tmp_path):
+    run = new_run(tmp_path / "run")
+    here = rundir.run_identity(run)
+    assert isinstance(here, str) and len(here) == 32
+    rundir.check_written_here(here, run, run / "alp" / "best.pt", "resume")
+    rundir.check_written_here(None, run, run / "alp" / "best.pt", "resume")  # written before identities
+    with pytest.raises(BadValue) as e:
+        rundir.check_written_here("0" * 32, run, run / "alp" / "best.pt", "resume")
+    assert str(e.value) == (
+        f"resume: {run / 'alp' / 'best.pt'} was written by another run (copied in?), not by the run in {run}; move it "
+        "away"
+    )
+    (run / RUN_MARKER).write_text(json.dumps({"run": 5}))
+    assert rundir.run_identity(run) is None
+    rundir.check_written_here("0" * 32, run, run / "best.pt", "resume")  # no identity here: not compared
+    rundir.check_written_here("0" * 32, tmp_path / "absent", run / "best.pt", "resume")
+
+
+def refusal(call, *args, **kwargs) -> str:
+    with pytest.raises(BadValue) as e:
+        call(*args, **kwargs)
+    return str(e.value)
+
+
+def test_check_run_dir_refuses_each_wrong_run_directory_in_words(tmp_path):
+    run = tmp_path / "run"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert refusal(rundir.check_run_dir, tmp_path / "link", False, False) == (
+        f"run directory {tmp_path / 'link'} is a symlink to {tmp_path / 'nowhere'}, which does not exist; create that "
+        "folder or give another --run-dir"
+    )
+    (tmp_path / "afile").write_text("x")
+    assert refusal(rundir.check_run_dir, tmp_path / "afile", False, False) == (
+        f"run directory {tmp_path / 'afile'} is a file; choose another --run-dir")  # fmt: skip
+    assert refusal(rundir.check_run_dir, tmp_path / "afile" / "run", False, False) == (
+        f"run directory {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, not a directory; choose another "
+        "--run-dir"
+    )
+    rundir.check_run_dir(run, False, False)  # a new one: fine
+    rundir.check_run_dir(tmp_path / "new" / "deeper", False, False)
+    run.mkdir()
+    (run / "mine.txt").write_text("a user's")
+    assert refusal(rundir.check_run_dir, run, False, False) == (
+        f"run directory {run} is not empty; pass --resume {run} to continue it or --overwrite to start over"
+    )
+    assert refusal(rundir.check_run_dir, run, False, True) == (
+        f"--overwrite: {run} was not written by roli (it has no {RUN_MARKER} marker), and roli deletes only what it "
+        "wrote; choose another --run-dir"
+    )
+    assert refusal(rundir.check_run_dir, run, True, False) == (
+        f"resume: {run} was not written by roli (it has no {RUN_MARKER} marker); roli resumes only its own runs"
+    )
+    (run / "mine.txt").unlink()
+    run.rmdir()
+    new_run(run, {"alp/metrics.csv": {}, "results.json": {}})
+    rundir.check_run_dir(run, True, False)
+    rundir.check_run_dir(run, False, True, {"--checkpoint": tmp_path / "b.pt"})
+    assert refusal(rundir.check_run_dir, run, False, True, {"--init": run / "alp" / "best.pt"}).startswith(
+        f"--overwrite: --init {run / 'alp' / 'best.pt'} lies inside the run directory"
+    )
+    (run / "alp" / "metrics.csv").write_text("edited")  # rewritten by --resume, never read back
+    rundir.check_run_dir(run, True, False)
+    assert refusal(rundir.check_run_dir, run, False, True) == (
+        f"--overwrite: in {run}, alp/metrics.csv is not the file roli wrote there (edited or replaced); --overwrite "
+        "replaces only the files roli wrote: move it away first"
+    )
+    (run / "results.json").write_text("edited")
+    assert refusal(rundir.check_run_dir, run, True, False) == (
+        f"resume: in {run}, results.json is not the file roli wrote there (edited or replaced); put back the file roli "
+        "wrote, or move it away and start over with --overwrite"
+    )
+    (run / "results.json").unlink()
+    (run / "alp" / "metrics.csv").unlink()
+    (run / "lp").symlink_to(tmp_path)
+    for resume, overwrite in ((True, False), (False, True)):
+        assert refusal(rundir.check_run_dir, run, resume, overwrite) == (
+            f"run directory {run} holds a symlink roli did not make (lp): roli would write or delete through it; "
+            "remove it, or choose another --run-dir"
+        )
+
+
+def test_check_run_dir_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    asked = []
+    monkeypatch.setattr(
+        rundir.os, "access", lambda path, mode: asked.append((path, mode)) or False
+    )  # root writes anywhere
+    assert refusal(rundir.check_run_dir, tmp_path / "ro" / "run", False, False) == (
+        f"run directory {tmp_path / 'ro' / 'run'}: {tmp_path / 'ro'} is not writable; choose another --run-dir"
+    )
+    assert asked == [(tmp_path / "ro", os.W_OK | os.X_OK)]
+
+
+def test_the_lock_says_who_holds_it_and_is_never_a_link_or_a_folder(tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    old = os.umask(0o022)
+    try:
+        lock = rundir.RunLock(run, "roli train --method alp").acquire()
+    finally:
+        os.umask(old)
+    assert (run / rundir.LOCK).stat().st_mode & 0o777 == 0o644
+    assert (run / rundir.LOCK).read_text() == f"pid {os.getpid()}: roli train --method alp"
+    assert refusal(rundir.RunLock(run, "evaluate").acquire) == (
+        f"run directory {run} is in use (pid {os.getpid()}: roli train --method alp); wait for it to finish, or use "
+        "another --run-dir"
+    )
+    assert "use another --out" in refusal(rundir.RunLock(run, "x", "grid folder").acquire)
+    lock.release()
+    lock.release()  # twice: nothing more
+    with open(run / rundir.LOCK, "wb") as f:
+        f.write(b"pid 1: \xff\xfe old")  # left by a process that is gone, not UTF-8
+    with caplog.at_level("INFO", logger="roli.train"):
+        with rundir.RunLock(run, "resume"):
+            assert (run / rundir.LOCK).read_text() == f"pid {os.getpid()}: resume"
+    assert messages(caplog) == [f"run directory {run}: took over the lock left by pid 1: \ufffd\ufffd old (no longer "
+                                "running)"]  # fmt: skip
+    import fcntl
+
+    with open(run / rundir.LOCK, "wb") as f:  # held by a process that wrote nothing readable
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert f"{run} is in use (another process)" in refusal(rundir.RunLock(run, "x").acquire)
+        f.write(b"\xff held")
+        f.flush()
+        assert f"{run} is in use (\ufffd held)" in refusal(rundir.RunLock(run, "x").acquire)
+    (run / rundir.LOCK).unlink()
+    (run / rundir.LOCK).symlink_to(tmp_path / "users-file")
+    assert refusal(rundir.RunLock(run, "x").acquire) == (
+        f"run directory {run}: its lock .roli-lock is a symlink, not roli's lock file; move it away"
+    )
+    assert not (tmp_path / "users-file").exists()
+    (run / rundir.LOCK).unlink()
+    (run / rundir.LOCK).mkdir()
+    assert refusal(rundir.RunLock(run, "x", "grid folder").acquire) == (
+        f"grid folder {run}: its lock .roli-lock is a directory, not roli's lock file; move it away"
+    )
+
+
+def test_a_start_is_staged_beside_the_run_and_a_full_disk_named_as_the_user_knows_it(tmp_path):
+    seen = []
+    lock = rundir.create_whole(tmp_path / "run", RUN_MARKER, {"a": 1}, "x", seen.append)
+    lock.release()
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".run.roli-new-")
+    assert lock.path == tmp_path / "run" / rundir.LOCK
+    assert json.loads((tmp_path / "run" / RUN_MARKER).read_text()) == {"a": 1}
+
+    def fill(folder: Path) -> None:  # another process takes the name meanwhile
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "x").write_text("theirs")
+
+    assert refusal(rundir.create_whole, tmp_path / "taken", RUN_MARKER, {}, "x", fill) == (
+        f"run directory {tmp_path / 'taken'} was filled by another process while this one started; choose another "
+        "--run-dir"
+    )
+    grid = refusal(rundir.create_whole, tmp_path / "taken", RUN_MARKER, {}, "x", lambda d: None, "grid folder")
+    assert grid.endswith("choose another --out")
+
+    def broken(folder: Path) -> None:
+        raise ValueError("not an OSError")
+
+    with pytest.raises(ValueError, match="not an OSError"):
+        rundir.create_whole(tmp_path / "run2", RUN_MARKER, {}, "x", broken)
+
+    def full(folder: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "config.json"))
+
+    with pytest.raises(OSError) as e:
+        rundir.create_whole(tmp_path / "run3", RUN_MARKER, {}, "x", full)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (
+        errno.ENOSPC, "No space left on device", str(tmp_path / "run3" / "config.json"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "taken"]
+
+
+def test_a_killed_starts_sibling_is_removed_by_the_next_start_and_nothing_else(tmp_path, caplog):
+    killed = new_run(tmp_path / ".run.roli-new-k1")
+    users = tmp_path / ".run.roli-new-mine"
+    users.mkdir()
+    (users / "a.txt").write_text("a user's folder with that name")
+    busy = new_run(tmp_path / ".run.roli-new-b2")
+    (tmp_path / ".run.roli-new-lnk").symlink_to(busy)
+    with rundir.RunLock(busy, "starting"):
+        with caplog.at_level("INFO", logger="roli.train"):
+            new_run(tmp_path / "run")
+    assert not killed.exists() and users.is_dir() and busy.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.roli-new-b2", ".run.roli-new-lnk",
+                                                          ".run.roli-new-mine", "run"]  # fmt: skip
+    assert messages(caplog) == [f"removed .run.roli-new-k1, left by a start of {tmp_path / 'run'} that was killed"]
+
+
+def test_overwrite_warns_of_the_files_it_kept(tmp_path, caplog):
+    run = new_run(tmp_path / "run")
+    for i in range(6):
+        (run / f"mine{i}.txt").write_text("a user's")
+    with caplog.at_level("WARNING", logger="roli.train"):
+        rundir.open_run_dir(run, False, True, "x", lambda d: None).release()
+    assert messages(caplog) == [f"--overwrite: kept 6 file(s) roli did not write in {run}: mine0.txt, mine1.txt, "
+                                "mine2.txt, mine3.txt, mine4.txt ..."]  # fmt: skip
+    (run / "mine5.txt").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="roli.train"):
+        rundir.open_run_dir(run, False, True, "x", lambda d: None).release()
+        rundir.open_run_dir(run, True, True, "x", lambda d: None).release()  # --resume: nothing removed, no warning
+    assert messages(caplog) == [f"--overwrite: kept 5 file(s) roli did not write in {run}: mine0.txt, mine1.txt, "
+                                "mine2.txt, mine3.txt, mine4.txt"]  # fmt: skip
+
+
+def test_a_start_removes_roli_temporaries_and_keeps_a_users(tmp_path):
+    run = new_run(tmp_path / "run")
+    with open(run / MANIFEST, "a") as f:
+        f.write(json.dumps({"tmp": ".results.json.k1.tmp"}) + "\n")
+    (run / ".results.json.k1.tmp").write_text("a killed write")
+    (run / ".notes.txt.k2.tmp").write_text("a user's")
+    rundir.open_run_dir(run, True, False, "x", lambda d: None).release()
+    assert names(run) == [".notes.txt.k2.tmp", rundir.LOCK, MANIFEST, RUN_MARKER, "config.json"]
