@@ -452,7 +452,7 @@ def check_fingerprint(run_dir: Path, fp: dict, what: str, allow_flag: str | None
         saved.pop("format")
         parts = ("train", "val", "test")
         if not all(isinstance(saved.get(k), dict) for k in parts) or "options" not in saved:
-            raise ValueError("missing or malformed parts")
+            raise ValueError  # said below
     except (ValueError, KeyError, OSError, AttributeError, TypeError):
         raise BadValue(f"{what}: {path} is damaged; the run cannot be checked") from None
     diff = changed(saved, fp)

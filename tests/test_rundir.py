@@ -109,6 +109,8 @@ def test_not_as_written_names_each_kind_of_change(tmp_path):
     (run / "lp" / "best.pt").write_bytes(b"copied in")
     (run / "notes.txt").write_text("a user's own file: not roli's business")
     (run / ".results.json.k3j.tmp").write_text("a killed write")
+    (run / "train.log").write_text("appended to\n")
+    note_written(run / "train.log")
     (run / "alp" / "done.json").unlink()  # a stage file gone: not reported (only config and fingerprint)
     assert rundir.not_as_written(run) == [
         "config.json is not the file roli wrote there (edited or replaced)",
@@ -226,9 +228,9 @@ def test_overwrite_of_an_earlier_rolis_run_goes_by_name(tmp_path, caplog):
         (run / rel).write_text(rel)
     with caplog.at_level("INFO", logger="roli.train"):
         assert rundir.remove_outputs(run) == ["alp/mine.txt", "notes.txt"]
-    assert (
-        f"--overwrite: {run} has no {MANIFEST} (a run of an earlier roli): its files are known by name" in caplog.text
-    )
+    assert messages(caplog) == [
+        f"--overwrite: {run} has no {MANIFEST} (a run of an earlier roli): its files are known by name"
+    ]
     assert names(run) == [rundir.LOCK, RUN_MARKER, "alp/mine.txt", "notes.txt"]  # the marker stays
     assert (run / rundir.LOCK).read_text() == rundir.LOCK and not (run / "alp" / "empty").exists()
     assert not (run / "lp").exists()  # emptied by the removal: its files go before it
@@ -368,9 +370,13 @@ def test_a_staging_sibling_is_removed_only_when_it_holds_nothing_but_roli_files(
         RUN_MARKER,
         "mine.txt",
     ]
-    (tmp_path / "dir").mkdir()
-    (tmp_path / ".run.roli-new-lnk").symlink_to(tmp_path / "dir")
+    target = new_run(tmp_path / "target")
+    (tmp_path / ".run.roli-new-lnk").symlink_to(target)
     assert rundir._remove_staging(tmp_path / ".run.roli-new-lnk") is False
+    assert names(target) == [rundir.LOCK, MANIFEST, RUN_MARKER, "config.json"]  # nothing through the link
+    staging = new_run(tmp_path / ".run.roli-new-ghi")
+    (staging / "mine").mkdir()  # an empty folder of a user's: not roli's to remove
+    assert rundir._remove_staging(staging) is False and (staging / "mine").is_dir()
     assert rundir._remove_staging(tmp_path / "absent") is False
 
 
@@ -441,7 +447,7 @@ def test_the_fingerprint_holds_settings_data_classes_and_inputs(tmp_path):
 def test_hash_note_counts_the_image_files_only():
     arrays, files = Split(20, 0), Split(30, 1, streamed=True)
     assert rundir.hash_note((arrays, arrays, arrays, 10), "full", 1.0) is None
-    assert rundir.hash_note((files, arrays, files, files), "full", 2.25) == (
+    assert rundir.hash_note((files, [1, 2, 3], files, files), "full", 2.25) == (
         "data fingerprint: 60 image files, every file's bytes, in 2.2 s")  # fmt: skip
     assert rundir.hash_note((files, files, arrays, 10), "stat", 0.04) == (
         "data fingerprint: 60 image files, sizes and mtimes only (--data-hash stat), in 0.0 s")  # fmt: skip
@@ -661,3 +667,65 @@ def test_a_start_removes_roli_temporaries_and_keeps_a_users(tmp_path):
     (run / ".notes.txt.k2.tmp").write_text("a user's")
     rundir.open_run_dir(run, True, False, "x", lambda d: None).release()
     assert names(run) == [".notes.txt.k2.tmp", rundir.LOCK, MANIFEST, RUN_MARKER, "config.json"]
+
+
+def test_digests_write_paths_as_text():
+    assert rundir._digest({"ckpt": Path("/a/b.pt"), "lr": 0.1}) == digest({"ckpt": "/a/b.pt", "lr": 0.1})
+
+
+def test_the_lock_refuses_a_fifo_and_names_an_error_it_cannot_open_with(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / rundir.LOCK)
+    assert refusal(rundir.RunLock(run, "x").acquire) == (
+        f"run directory {run}: its lock .roli-lock is not a plain file; move it away"
+    )
+    (run / rundir.LOCK).unlink()
+
+    def denied(*args):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rundir.os, "open", denied)
+    assert refusal(rundir.RunLock(run, "x").acquire) == (
+        f"run directory {run}: its lock .roli-lock is Permission denied, not roli's lock file; move it away"
+    )
+
+
+def test_a_non_empty_folder_without_flags_is_not_empty_before_it_is_linked(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lp").symlink_to(tmp_path)
+    assert refusal(rundir.check_run_dir, run, False, False).startswith(f"run directory {run} is not empty;")
+    assert "holds a symlink roli did not make (lp)" in refusal(rundir.check_run_dir, run, True, False)
+
+
+def test_a_new_run_in_an_empty_folder_or_through_a_link_to_one(tmp_path):
+    held = []
+    for run in (tmp_path / "empty", tmp_path / "link"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        if run.name == "link":
+            (tmp_path / "real").mkdir()
+            run.symlink_to(tmp_path / "real")
+        lock = rundir.open_run_dir(
+            run, False, False, "roli train x", lambda d: held.append((d / rundir.LOCK).read_text())
+        )
+        lock.release()
+        marker = json.loads((run / RUN_MARKER).read_text())
+        assert marker == {"format": "roli run 2", "run": marker["run"], "created_by": "roli train",
+                          "note": "roli deletes (--overwrite) and resumes only directories holding this file, and "
+                          "only the files it wrote there (listed in .roli-manifest.jsonl)"}  # fmt: skip
+    assert run.is_symlink() and (tmp_path / "real" / RUN_MARKER).is_file()
+    rundir.open_run_dir(
+        tmp_path / "empty", True, False, "roli train y", lambda d: held.append((d / rundir.LOCK).read_text())
+    ).release()
+    assert held == [f"pid {os.getpid()}: roli train x"] * 2 + [f"pid {os.getpid()}: roli train y"]
+
+
+def test_resuming_an_earlier_rolis_run_removes_only_rolis_temporaries(tmp_path):
+    run = tmp_path / "old"
+    (run / "alp").mkdir(parents=True)
+    (run / RUN_MARKER).write_text(json.dumps({"created_by": "roli train"}))
+    for rel in ("alp/.best.pt.k1.tmp", ".notes.txt.k2.tmp", "config.json"):
+        (run / rel).write_text(rel)
+    rundir.open_run_dir(run, True, False, "x", lambda d: None).release()
+    assert names(run) == [".notes.txt.k2.tmp", rundir.LOCK, RUN_MARKER, "config.json"]
