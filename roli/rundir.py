@@ -190,10 +190,10 @@ def not_as_written(
     for root, _, files in os.walk(run_dir, followlinks=False):
         for name in files:
             rel = Path(root, name).relative_to(run_dir).as_posix()
-            if rel in skip or rel.startswith(trees) or (only is not None and rel not in only) or _temporary(name):
-                continue  # a temporary is never read: a start removes roli's
-            if name in unread:
+            if rel in skip or rel.startswith(trees) or (only is not None and rel not in only) or name in unread:
                 continue
+            if _temporary(name):
+                continue  # never read: a start removes roli's
             if rel in written:
                 if not _as_written(run_dir / rel, written[rel]):
                     out.append(f"{rel} is not the file roli wrote there (edited or replaced)")

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,7 @@ def test_overwrite_empties_a_trackers_tree_without_following_its_links(tmp_path)
     run = new_run(tmp_path / "run")
     tree = run / "wandb" / "run-1"
     (tree / "files").mkdir(parents=True)
+    note_written(run / "absent", kind="tree")  # a tree that was never made: the next one is still emptied
     note_written(run / "wandb", kind="tree")
     (tree / "files" / "config.yaml").write_text("the tracker's")
     (tree / "run.wandb").write_bytes(b"\x00events")
@@ -343,7 +345,7 @@ def test_a_new_run_is_created_whole_with_the_users_mode(tmp_path):
     assert marker["format"] == "roli run 2" and len(marker["run"]) == 32
 
 
-def test_a_failed_start_leaves_nothing_and_a_full_disk_names_the_run(tmp_path):
+def test_a_failed_start_leaves_nothing_and_a_full_disk_names_the_run(tmp_path, monkeypatch):
     def full(folder: Path) -> None:
         save_json(CONFIG, folder / "config.json")
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "fingerprint.json"))
@@ -352,8 +354,10 @@ def test_a_failed_start_leaves_nothing_and_a_full_disk_names_the_run(tmp_path):
         rundir.open_run_dir(tmp_path / "run", False, False, "x", full)
     assert e.value.filename == str(tmp_path / "run" / "fingerprint.json")
     assert list(tmp_path.iterdir()) == []
-    err = rundir.disk_full(e.value, tmp_path / "run")
-    assert str(err).endswith("free space there and run the same command again")
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 9 << 30, 3 << 20))
+    assert str(rundir.disk_full(e.value, tmp_path / "run")) == (
+        f"disk full while writing into {tmp_path / 'run'} (3 MiB free): free space there and run the same command again"
+    )
     new_run(tmp_path / "run")
     assert str(rundir.disk_full(e.value, tmp_path / "run")).endswith(f"continue with --resume {tmp_path / 'run'}")
     assert rundir.disk_full(OSError(errno.EACCES, "denied"), tmp_path / "run") is None
@@ -624,6 +628,8 @@ def test_a_start_is_staged_beside_the_run_and_a_full_disk_named_as_the_user_know
     assert (e.value.errno, e.value.strerror, e.value.filename) == (
         errno.ENOSPC, "No space left on device", str(tmp_path / "run3" / "config.json"))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "taken"]
+    rundir.create_whole(tmp_path / "a" / "b" / "run", RUN_MARKER, {}, "x", lambda d: None).release()
+    assert (tmp_path / "a" / "b" / "run" / RUN_MARKER).is_file()
 
 
 def test_a_killed_starts_sibling_is_removed_by_the_next_start_and_nothing_else(tmp_path, caplog):
