@@ -354,10 +354,13 @@ def test_a_failed_start_leaves_nothing_and_a_full_disk_names_the_run(tmp_path, m
         rundir.open_run_dir(tmp_path / "run", False, False, "x", full)
     assert e.value.filename == str(tmp_path / "run" / "fingerprint.json")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 9 << 30, 3 << 20))
+    asked = []
+    usage = shutil._ntuple_diskusage(10 << 30, 9 << 30, 3 << 20)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: asked.append(path) or usage)
     assert str(rundir.disk_full(e.value, tmp_path / "run")) == (
         f"disk full while writing into {tmp_path / 'run'} (3 MiB free): free space there and run the same command again"
     )
+    assert asked == [tmp_path]  # the run's nearest existing folder: the run is not there yet
     new_run(tmp_path / "run")
     assert str(rundir.disk_full(e.value, tmp_path / "run")).endswith(f"continue with --resume {tmp_path / 'run'}")
     assert rundir.disk_full(OSError(errno.EACCES, "denied"), tmp_path / "run") is None
