@@ -271,7 +271,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     ax.set_ylabel("test robust accuracy (%)")
     ax.set_title("clean vs robust accuracy per stage\n(robust: AutoAttack where the run had it, else PGD)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if seen:  # a report without a robust figure plots nothing
+        ax.legend(fontsize=8)
     shown = key if len(key) <= 40 else [*key[:39], f"... and {len(key) - 39} more (report.md)"]
     fig.text(0.64, 0.95, "\n".join(line[:60] for line in shown), fontsize=6.5, va="top", family="monospace")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -299,10 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         while not base.exists() and base != base.parent:
             base = base.parent
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-            raise BadValue(
-                f"--out: cannot create {out}: {base} is {'a file' if base.exists() else 'missing'} or "
-                "read-only; give a writable directory"
-            )
+            what = "read-only" if base.is_dir() else "a file"
+            raise BadValue(f"--out: cannot create {out}: {base} is {what}; give a writable directory")
         check_out(out, [Path(r) for r in args.runs])
         labels = {}
         for item in args.label:
