@@ -260,3 +260,144 @@ def test_grid_out_is_its_own_locked_folder_and_an_edited_config_is_not_stale(tmp
     again = results(out / "ranli_lora")["ft (lora, init random)"]["test"]
     assert again != first  # trained again at the new rate, and the report shows it
     assert f"{again['clean'] * 100:.2f}" in (out / "report" / "report.md").read_text()
+
+
+# run_slurm against a stand-in submitit (what each job asks SLURM for, exactly), and a forked run's body
+
+
+class FakeSubmitit:
+    """submitit's surface that run_slurm uses: executors recording their parameters, jobs numbered from 7."""
+
+    def __init__(self):
+        self.executors, self.waited = [], []
+        fake = self
+
+        class Executor:
+            def __init__(self, folder):
+                self.folder, self.params = folder, {}
+                fake.executors.append(self)
+
+            def update_parameters(self, **params):
+                self.params |= params
+
+            def submit(self, fn):
+                self.command = fn.command
+                me = self
+
+                class Job:
+                    job_id = 7 + len(fake.executors) - 1
+
+                    def result(self):
+                        fake.waited.append(me.command)
+
+                return Job()
+
+        self.SlurmExecutor = self.LocalExecutor = Executor
+
+        class CommandFunction:
+            def __init__(self, command):
+                self.command = command
+
+        self.helpers = type("helpers", (), {"CommandFunction": CommandFunction})
+
+
+def slurm_args(**kw):
+    import types
+
+    return types.SimpleNamespace(**{"launcher": "slurm", "gpus_per_run": 1, "slurm_cpus": 8, "slurm_time": None,
+                                    "slurm_partition": None, "trust_code": False} | kw)  # fmt: skip
+
+
+def test_run_slurm_asks_for_each_jobs_resources_and_dependencies(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from roli.grid import run_slurm
+
+    fake = FakeSubmitit()
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    jobs = plan(load_configs([str(files["roli_lora"]), str(files["ranli_lora"])], {}, False), out)
+    alp = jobs[0].name
+    status = run_slurm(jobs, out, slurm_args(gpus_per_run=2, slurm_cpus=4, slurm_partition="gpu"))
+    assert [e.folder for e in fake.executors] == [out / "slurm"] * 3
+    common = {"gpus_per_node": 2, "ntasks_per_node": 1, "cpus_per_task": 4, "time": 1440, "partition": "gpu"}
+    assert [e.params for e in fake.executors] == [
+        {"job_name": f"roli-{alp.replace('/', '-')}", **common},
+        {"job_name": "roli-roli_lora", **common, "additional_parameters": {"dependency": "afterok:7"}},
+        {"job_name": "roli-ranli_lora", **common},
+    ]
+    assert fake.executors[1].command[-4:] == ["-m", "roli.train", "--config", str(out / "jobs" / "roli_lora.json")]
+    assert {n: {k: v for k, v in s.items() if k != "job"} for n, s in status.items()} == {
+        alp: {"status": "submitted", "job_id": "7"},
+        "roli_lora": {"status": "submitted", "job_id": "8"},
+        "ranli_lora": {"status": "submitted", "job_id": "9"},
+    }
+    assert capsys.readouterr().out.splitlines() == [f"grid: {alp}: submitted as job 7",
+                                                    f"grid: roli_lora: submitted as job 8 (after {alp})",
+                                                    "grid: ranli_lora: submitted as job 9"]  # fmt: skip
+    assert fake.waited == []  # SLURM orders them itself
+
+    done = jobs[0].run_dir  # the ALP run finished before: not submitted, and nothing waits for it
+    (done / "alp").mkdir(parents=True)
+    for rel in (".roli-run", "results.json", "alp/done.json"):
+        (done / rel).write_text("{}")
+    fake.executors.clear()
+    status = run_slurm(jobs, out, slurm_args(slurm_time=30, trust_code=True))
+    assert status[alp] == {"status": "done before"}
+    assert [e.params for e in fake.executors] == [
+        {"job_name": "roli-roli_lora", "gpus_per_node": 1, "ntasks_per_node": 1, "cpus_per_task": 8, "time": 30},
+        {"job_name": "roli-ranli_lora", "gpus_per_node": 1, "ntasks_per_node": 1, "cpus_per_task": 8, "time": 30},
+    ]
+    assert fake.executors[0].command[-1] == "--trust-code"
+    jobs[0].rerun = True  # --rerun-changed: trained again although done
+    fake.executors.clear()
+    run_slurm(jobs, out, slurm_args())
+    assert len(fake.executors) == 3
+
+
+def test_submitit_local_waits_for_a_shared_alp_before_its_finetuning(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from roli.grid import run_slurm
+
+    fake = FakeSubmitit()
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    files = configs(tmp_path / "c")
+    jobs = plan(load_configs([str(files["roli_lora"]), str(files["ranli_lora"])], {}, False), tmp_path / "grid")
+    run_slurm(jobs, tmp_path / "grid", slurm_args(launcher="submitit-local"))
+    assert [e.params for e in fake.executors] == [{"timeout_min": 1440}] * 3
+    assert fake.waited == [fake.executors[0].command]  # the ALP job only: the others have no dependents
+    fake.executors.clear()
+    run_slurm(jobs, tmp_path / "grid", slurm_args(launcher="submitit-local", slurm_time=5))
+    assert [e.params for e in fake.executors] == [{"timeout_min": 5}] * 3
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    with pytest.raises(ValueError) as e:
+        run_slurm(jobs, tmp_path / "grid", slurm_args())
+    assert str(e.value) == "--launcher slurm needs submitit: pip install submitit"
+
+
+def _child(log: str) -> None:
+    import sys
+
+    from roli.grid import _train_in_child
+
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # fd 1 and 2, as in a forkserver's child (not pytest's)
+    _train_in_child(["--epochs", "nonsense"], log, {"CUDA_VISIBLE_DEVICES": "3"}, "roli")
+
+
+def test_a_forked_run_writes_its_header_and_errors_into_its_log(tmp_path):
+    import multiprocessing
+
+    log = tmp_path / "run.log"
+    old = os.umask(0o022)
+    try:
+        proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(log),))
+        proc.start()
+        proc.join(60)
+    finally:
+        os.umask(old)
+    lines = log.read_text().splitlines()
+    assert proc.exitcode == 2 and log.stat().st_mode & 0o777 == 0o644
+    assert lines[0] == "grid: roli train --epochs nonsense (CUDA_VISIBLE_DEVICES=3)"
+    assert lines[-1].startswith("roli train: error: argument --epochs")  # stderr too, named as the user typed it
