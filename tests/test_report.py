@@ -60,34 +60,77 @@ def write_run(run: Path, results: dict, cfg: dict = CFG, metrics: dict | None = 
 RESULTS = {
     "alp": {"dir": "alp", "test": {"clean": 0.5, "pgd10": 0.25, "pgd10_reference": 0.24, "n": 100, "of": 1000},
             "val": {"epoch": 3}},
+    "broken": [1, 2],
     "RoLI-lora": {"test": {"clean": 0.8, "pgd10_reference": 0.39, "pgd10": 0.4, "autoattack": 0.35, "n": 1000,
                            "of": 1000}, "val": {"epoch": 7}},
+    "odd val": {"test": {"clean": 0.1}, "val": [3]},
     "RanLI-lora": {"test": {"clean": 0.7, "pgd10": 0.3, "n": True}},
-    "lp": {"test": {"clean": 1, "n": 50}},
-    "broken": [1, 2],
+    "mine": {"dir": "ranli-ft", "test": {"clean": 0.6}},  # results.json names the folder
+    "full": {"test": {"clean": 0.9}},
+    "untested": {"val": {"epoch": 1}},
+    "lp": {"test": {"clean": 0, "n": 50}},
 }  # fmt: skip
-METRICS = {"alp": ['{"seconds": 10, "images_per_s": 100}', "", '{"seconds": 30, "images_per_s": 200}',
-                   '{"seconds": -1}', "not json", '{"seconds": true}', '{"images_per_s": NaN}', "[1]"]}  # fmt: skip
+METRICS = {"alp": ['{"seconds": 10.26, "images_per_s": 100}', "", '{"seconds": 30, "images_per_s": 200}',
+                   '{"images_per_s": 50}', '{"seconds": 5}', '{"seconds": 0, "images_per_s": 0}', '{"seconds": -1}',
+                   "not json", '{"seconds": true}', '{"images_per_s": NaN}', '{"seconds": Infinity}',
+                   "[1]"]}  # fmt: skip
 
 
 def test_each_stage_is_one_row_with_its_figures(tmp_path, capsys):
     run = write_run(tmp_path / "a", RESULTS, metrics=METRICS)
+    with open(run / "alp" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"seconds": 1\xff\xfe}\n')  # not UTF-8: skipped, not a crash
     rows = rep.rows_of(run, "mine")
     blank = {c: None for c in rep.COLUMNS} | {"run": "mine"}
     assert rows == [
         blank | {"stage": "alp", "kind": "ALP", "method": "alp", "test clean": 0.5, "test PGD": 0.25,
-                 "test PGD (ref. scoring)": 0.24, "test images": "100 of 1000 (partial)", "best epoch": 3, "epochs": 2,
-                 "wall s": 40.0, "images/s": 175.0},  # (10*100 + 30*200) / 40
+                 "test PGD (ref. scoring)": 0.24, "test images": "100 of 1000 (partial)", "best epoch": 3, "epochs": 5,
+                 "wall s": 45.3, "images/s": 155.2},  # 45.26 s; (10.26*100 + 30*200) / 45.26
         blank | {"stage": "RoLI-lora", "kind": "RoLI", "method": "lora", "test clean": 0.8, "test PGD": 0.4,
                  "test PGD (ref. scoring)": 0.39, "AutoAttack": 0.35, "test images": "1000", "best epoch": 7},
         blank | {"stage": "RanLI-lora", "kind": "RanLI", "method": "lora", "test clean": 0.7, "test PGD": 0.3},
-        blank | {"stage": "lp", "kind": "LP", "method": "lp", "test clean": 1, "test images": "50"},
+        blank | {"stage": "mine", "kind": "RanLI", "method": "lora", "test clean": 0.6},
+        blank | {"stage": "full", "kind": "FT", "method": "lora", "test clean": 0.9},
+        blank | {"stage": "untested", "kind": "FT", "method": "lora", "best epoch": 1},
+        blank | {"stage": "lp", "kind": "LP", "method": "lp", "test clean": 0, "test images": "50"},
     ]  # fmt: skip
     err = capsys.readouterr().err.splitlines()
-    metrics = run / "alp" / "metrics.jsonl"
-    assert err == [f"report: skipped line {i} of {metrics}: not an epoch record of roli" for i in (4, 5, 6, 7, 8)] + [
-        f"report: skipped 'broken' in {run / 'results.json'}: not a stage record"]  # fmt: skip
+    metrics, results = run / "alp" / "metrics.jsonl", run / "results.json"
+    assert err == [f"report: skipped line {i} of {metrics}: not an epoch record of roli" for i in range(7, 14)] + [
+        f"report: skipped 'broken' in {results}: not a stage record",
+        f"report: skipped 'odd val' in {results}: not a stage record"]  # fmt: skip
     assert rep.rows_of(run)[0]["run"] == "a"
+
+
+@pytest.mark.parametrize(
+    "key, word",
+    [("clean", "clean"), ("pgd10", "PGD"), ("pgd10_reference", "PGD reference scoring"), ("autoattack", "AutoAttack")],
+)
+def test_a_figure_that_is_no_accuracy_is_named_in_the_refusal(tmp_path, key, word):
+    run = write_run(tmp_path / "a", {"RoLI-lora": {"test": {"clean": 0.5, key: 1.5}}})
+    with pytest.raises(BadValue) as e:
+        rep.rows_of(run)
+    assert str(e.value) == (f"{run / 'results.json'}: RoLI-lora test {word} is 1.5, not an accuracy in [0, 1]: the "
+                            "file was edited or is damaged")  # fmt: skip
+
+
+def test_a_run_needs_both_files_each_an_object(tmp_path):
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    for text, why in ((None, f"{run} has no results.json and config.json: not a finished run of python -m roli.train"),
+                      ("{", f"{run}: cannot read its results (Expecting property name enclosed in double quotes: "
+                            "line 1 column 2 (char 1))"),
+                      ("[]", f"{run}: results.json and config.json must each hold a JSON object")):  # fmt: skip
+        if text is not None:
+            (run / "config.json").write_text(text)
+        with pytest.raises(BadValue) as e:
+            rep.rows_of(run)
+        assert str(e.value) == why
+    (run / "config.json").write_text("{}")
+    (run / "results.json").unlink()
+    with pytest.raises(BadValue, match="has no results.json and config.json"):
+        rep.rows_of(run)
 
 
 @pytest.mark.parametrize(
@@ -101,15 +144,15 @@ def test_each_stage_has_its_kind(label, folder, cfg, kind):
 
 
 def test_cells_and_the_markdown_table():
-    assert [rep._cell(v) for v in (None, 0.5, 1.0, 0.12345, 1, 2.5, "x")] == ["-", "50.00%", "100.00%", "12.35%", "1",
-                                                                             "2.5", "x"]  # fmt: skip
+    assert [rep._cell(v) for v in (None, 0.5, 1.0, 0.12345, 1, 1.5, 2.5, "x")] == [
+        "-", "50.00%", "100.00%", "12.35%", "1", "1.5", "2.5", "x"]  # fmt: skip
     row = {c: None for c in rep.COLUMNS} | {"run": "a", "stage": "alp", "test clean": 0.5, "epochs": 2,
-                                            "wall s": 0.5, "notes": "n"}  # fmt: skip
+                                            "wall s": 0.5, "notes": "n", "AutoAttack": 0.35}  # fmt: skip
     assert rep.markdown([row]).splitlines() == [
         "| run | stage | kind | method | test clean | test PGD | test PGD (ref. scoring) | AutoAttack | test images "
         "| best epoch | epochs | wall s | images/s | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        "| a | alp | - | - | 50.00% | - | - | - | - | - | 2 | 0.5 | - | n |",
+        "| a | alp | - | - | 50.00% | - | - | 35.00% | - | - | 2 | 0.5 | - | n |",
     ]
 
 
@@ -146,7 +189,7 @@ def test_autoattack_comes_from_the_newest_matching_evaluation_of_the_present_bes
     record = evaluation(stage, "5-other-best.json", aa=0.5)
     record["checkpoint"]["sha256"] = "0" * 64
     (stage / "evaluations" / "5-other-best.json").write_text(json.dumps(record))
-    record.pop("checkpoint")
+    record["checkpoint"] = "abc"  # not an object: names no best.pt
     (stage / "evaluations" / "6-unnamed.json").write_text(json.dumps(record))
     assert rep.evaluated_autoattack(stage, CFG)[0] == 0.32
     ev = stage / "evaluations"
@@ -169,8 +212,10 @@ def test_a_report_row_takes_autoattack_from_an_evaluation(tmp_path):
     assert [(r["AutoAttack"], r["notes"]) for r in rep.rows_of(run)] == [(0.3, "AutoAttack on changed data: x")]
 
 
-@pytest.mark.parametrize("value", [1.5, -0.1, float("nan"), True, "0.5", [0.5]])
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan"), float("inf"), True, "0.5", [0.5]])
 def test_figures_that_are_not_accuracies_are_refused(value):
+    for fine in (0, 0.0, 1, 1.0, 0.5, None):
+        rep._accuracy(fine, "here")
     with pytest.raises(BadValue) as e:
         rep._accuracy(value, "here")
     assert str(e.value) == f"here is {value!r}, not an accuracy in [0, 1]: the file was edited or is damaged"
@@ -260,3 +305,92 @@ def test_out_must_be_a_writable_folder(tmp_path, capsys, monkeypatch):
             f"--out: cannot create {tmp_path / 'new' / 'sub'}: {tmp_path} is read-only; give a writable directory"
         )
     )
+
+
+def test_main_writes_the_table_the_csv_and_the_plot_into_out(tmp_path, capsys, monkeypatch):
+    stages = {"alp": {"test": {"clean": 0.5, "pgd10": 0.25}},
+              "RoLI-lora": {"test": {"clean": 0.8, "pgd10": 0.4, "autoattack": 0.35}}}  # fmt: skip
+    run = write_run(tmp_path / "a", stages)
+    monkeypatch.chdir(tmp_path)
+    assert rep.main([str(run)]) == 0  # --out: here
+    out = capsys.readouterr().out.splitlines()
+    md = (tmp_path / "report.md").read_text()
+    assert md == "\n".join(out[:-1]) + "\n" and len(md.splitlines()) == 4
+    assert (
+        md.splitlines()[3] == "| a | RoLI-lora | RoLI | lora | 80.00% | 40.00% | - | 35.00% | - | - | - | - | - | - |"
+    )
+    assert out[-1] == "written: report.md, report.csv, report.png"
+    with open(tmp_path / "report.csv", newline="") as f:
+        text = f.read()
+    assert text.splitlines()[0] == (
+        "run,stage,kind,method,test clean,test PGD,test PGD (ref. scoring),AutoAttack,"
+        "test images,best epoch,epochs,wall s,images/s,notes"
+    )
+    assert "\r\n" in text and "\r\r\n" not in text  # csv's own line ends, not doubled
+    assert list(csv.DictReader(open(tmp_path / "report.csv")))[1]["AutoAttack"] == "0.35"
+    nested = tmp_path / "reports" / "x" / "y"
+    for _ in range(2):  # new nested folders, then over its own report
+        assert rep.main([str(run), "--out", str(nested)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"written: {nested / 'report.md'}, {nested / 'report.csv'}, {nested / 'report.png'}")  # fmt: skip
+    monkeypatch.setattr(rep, "plot", lambda rows, path: False)  # no matplotlib
+    assert rep.main([str(run), "--out", str(nested)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"written: {nested / 'report.md'}, {nested / 'report.csv'} (no matplotlib: no plot)")  # fmt: skip
+
+
+def test_the_plot_puts_each_stage_at_its_clean_and_robust_accuracy(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    import matplotlib.figure
+
+    points, notes, texts = [], [], []
+    scatter, annotate, text = matplotlib.axes.Axes.scatter, matplotlib.axes.Axes.annotate, matplotlib.figure.Figure.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "scatter", lambda self, *a, **k: points.append((a, k)) or scatter(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "annotate", lambda self, *a, **k: notes.append(a) or annotate(self, *a, **k)
+    )
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, *a, **k: texts.append(a) or text(self, *a, **k))
+    row = {c: None for c in rep.COLUMNS} | {"run": "a"}
+    rows = [row | {"stage": "RoLI-lora", "kind": "RoLI", "test clean": 0.8, "test PGD": 0.4, "AutoAttack": 0.35},
+            row | {"stage": "RanLI-lora", "kind": "RanLI", "test clean": 0.7, "test PGD": 0.3},
+            row | {"stage": "RoLI-bias", "kind": "RoLI", "test clean": 0.6, "test PGD": 0.2},
+            row | {"stage": "lp", "kind": "LP", "test clean": 0.9},  # no robust figure: not drawn
+            row | {"stage": "x", "kind": "other", "test clean": 0.1, "test PGD": 0.05}]  # fmt: skip
+    assert rep.plot(rows, tmp_path / "p.png") is True
+    got = [(round(a[0], 9), round(a[1], 9), k["c"], k["marker"], k["label"]) for a, k in points]
+    assert got == ([(80.0, 35.0, "tab:red", "o", "RoLI"), (70.0, 30.0, "tab:blue", "s", "RanLI"),
+                                 (60.0, 20.0, "tab:red", "o", None), (10.0, 5.0, "gray", ".", "other")])  # fmt: skip
+    assert [(n[0], n[1]) for n in notes] == [("1", (80.0, 35.0)), ("2", (70.0, 30.0)), ("3", (60.0, 20.0)),
+                                             ("4", (10.0, 5.0))]  # fmt: skip
+    assert texts[-1][2] == "1  a: RoLI-lora\n2  a: RanLI-lora\n3  a: RoLI-bias\n4  a: x"
+    png = (tmp_path / "p.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (1170).to_bytes(4, "big") + (546).to_bytes(4, "big")
+    many = [row | {"stage": f"s{i}", "kind": "FT", "test clean": 0.5, "test PGD": 0.25} for i in range(45)]
+    texts.clear()
+    rep.plot(many, tmp_path / "p.png")
+    key = texts[-1][2].splitlines()
+    assert len(key) == 40 and key[38] == "39  a: s38" and key[39] == "... and 6 more (report.md)"
+
+
+def test_check_out_accepts_rolis_own_reports_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("| run | stage | kind | method | test clean |\n")
+    (out / "report.csv").write_text("run,stage,kind,method,test clean\n")
+    rep.check_out(out, [])
+    (out / "report.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(BadValue, match="report.csv exists and is not a roli report"):
+        rep.check_out(out, [])
+    (out / "report.csv").unlink()
+    (out / "report.md").write_bytes(b"\xff\xfe| run | stage")  # not UTF-8: not roli's, and no crash
+    with pytest.raises(BadValue, match="report.md exists and is not a roli report"):
+        rep.check_out(out, [])
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
+    with pytest.raises(BadValue, match="report.md exists and is not a roli report"):
+        rep.check_out(out, [])
