@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,6 +321,7 @@ def test_main_writes_the_table_the_csv_and_the_plot_into_out(tmp_path, capsys, m
         md.splitlines()[3] == "| a | RoLI-lora | RoLI | lora | 80.00% | 40.00% | - | 35.00% | - | - | - | - | - | - |"
     )
     assert out[-1] == "written: report.md, report.csv, report.png"
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "report.csv", newline="") as f:
         text = f.read()
     assert text.splitlines()[0] == (
@@ -360,14 +362,20 @@ def test_the_plot_puts_each_stage_at_its_clean_and_robust_accuracy(tmp_path, mon
             row | {"stage": "RanLI-lora", "kind": "RanLI", "test clean": 0.7, "test PGD": 0.3},
             row | {"stage": "RoLI-bias", "kind": "RoLI", "test clean": 0.6, "test PGD": 0.2},
             row | {"stage": "lp", "kind": "LP", "test clean": 0.9},  # no robust figure: not drawn
+            row | {"stage": "alp", "kind": "ALP", "test clean": 0.5, "test PGD": 0.25},
+            row | {"stage": "lp2", "kind": "LP", "test clean": 0.4, "test PGD": 0.15},
+            row | {"stage": "full", "kind": "FT", "test clean": 0.3, "test PGD": 0.1},
+            row | {"stage": "pretrain", "kind": "pretrain", "test clean": 0.2, "test PGD": 0.0},
             row | {"stage": "x", "kind": "other", "test clean": 0.1, "test PGD": 0.05}]  # fmt: skip
     assert rep.plot(rows, tmp_path / "p.png") is True
     got = [(round(a[0], 9), round(a[1], 9), k["c"], k["marker"], k["label"]) for a, k in points]
     assert got == ([(80.0, 35.0, "tab:red", "o", "RoLI"), (70.0, 30.0, "tab:blue", "s", "RanLI"),
-                                 (60.0, 20.0, "tab:red", "o", None), (10.0, 5.0, "gray", ".", "other")])  # fmt: skip
-    assert [(n[0], n[1]) for n in notes] == [("1", (80.0, 35.0)), ("2", (70.0, 30.0)), ("3", (60.0, 20.0)),
-                                             ("4", (10.0, 5.0))]  # fmt: skip
-    assert texts[-1][2] == "1  a: RoLI-lora\n2  a: RanLI-lora\n3  a: RoLI-bias\n4  a: x"
+                                 (60.0, 20.0, "tab:red", "o", None), (50.0, 25.0, "tab:green", "^", "ALP"),
+                                 (40.0, 15.0, "gray", "v", "LP"), (30.0, 10.0, "tab:purple", "D", "FT"),
+                                 (20.0, 0.0, "black", "x", "pretrain"), (10.0, 5.0, "gray", ".", "other")])  # fmt: skip
+    assert [(n[0], n[1]) for n in notes][::7] == [("1", (80.0, 35.0)), ("8", (10.0, 5.0))]
+    assert texts[-1][2] == ("1  a: RoLI-lora\n2  a: RanLI-lora\n3  a: RoLI-bias\n4  a: alp\n5  a: lp2\n6  a: full\n"
+                            "7  a: pretrain\n8  a: x")  # fmt: skip
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (1170).to_bytes(4, "big") + (546).to_bytes(4, "big")
     many = [row | {"stage": f"s{i}", "kind": "FT", "test clean": 0.5, "test PGD": 0.25} for i in range(45)]
@@ -375,6 +383,13 @@ def test_the_plot_puts_each_stage_at_its_clean_and_robust_accuracy(tmp_path, mon
     rep.plot(many, tmp_path / "p.png")
     key = texts[-1][2].splitlines()
     assert len(key) == 40 and key[38] == "39  a: s38" and key[39] == "... and 6 more (report.md)"
+    texts.clear()
+    rep.plot(many[:39] + [many[39] | {"run": "r" * 80}], tmp_path / "p.png")  # 40 fit; a long name is cut at 60
+    key = texts[-1][2].splitlines()
+    assert len(key) == 40 and key[39] == "40  " + "r" * 56
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no plot, no file
+    (tmp_path / "p.png").unlink()
+    assert rep.plot(rows, tmp_path / "p.png") is False and not (tmp_path / "p.png").exists()
 
 
 def test_check_out_accepts_rolis_own_reports_only(tmp_path):
