@@ -401,3 +401,194 @@ def test_a_forked_run_writes_its_header_and_errors_into_its_log(tmp_path):
     assert proc.exitcode == 2 and log.stat().st_mode & 0o777 == 0o644
     assert lines[0] == "grid: roli train --epochs nonsense (CUDA_VISIBLE_DEVICES=3)"
     assert lines[-1].startswith("roli train: error: argument --epochs")  # stderr too, named as the user typed it
+
+
+# run_local with stand-in processes (which job runs when, on which GPUs, what is logged), and the small helpers
+
+
+class FakePopen:
+    """A finished `roli train` process: exit code from `codes` by the run's name; records argv and env."""
+
+    started: list = []
+    codes: dict = {}
+
+    def __init__(self, argv, stdout, stderr, env):
+        self.argv, self.env = argv, env
+        flag = "--resume" if "--resume" in argv else "--config"
+        self.name = Path(argv[argv.index(flag) + 1]).stem
+        self.returncode, self.polls = None, 0
+        self.alongside = sum(p.returncode is None for p in FakePopen.started)  # runs still going when it starts
+        FakePopen.started.append(self)
+
+    def poll(self):
+        self.polls += 1  # running for one look, then done
+        if self.polls > 1:
+            self.returncode = FakePopen.codes.get(self.name, 0)
+        return self.returncode
+
+
+def finished(run: Path, stages=("alp",), seconds=(2.5, 1.5)) -> None:
+    """A run directory as a finished run leaves it (marker, results.json, each stage's done.json and metrics)."""
+    for stage in stages:
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        (run / stage / "done.json").write_text("{}")
+        (run / stage / "metrics.jsonl").write_text("".join(json.dumps({"seconds": s}) + "\n" for s in seconds))
+    (run / ".roli-run").write_text("{}")
+    (run / "results.json").write_text("{}")
+
+
+def local_jobs(tmp_path):
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    return plan(load_configs([str(files[n]) for n in ("roli_lora", "roli_bias", "ranli_lora")], {}, False), out), out
+
+
+def test_run_local_starts_jobs_after_their_dependencies_on_free_gpus(tmp_path, monkeypatch):
+    from roli import grid
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    FakePopen.started, FakePopen.codes = [], {}
+    jobs, out = local_jobs(tmp_path)
+    alp = jobs[0].name
+    lines = []
+    status = grid.run_local(jobs, out, None, 2, False, log=lines.append)
+    assert [(p.name, p.env["CUDA_VISIBLE_DEVICES"]) for p in FakePopen.started] == [
+        (alp.replace("/", "__"), "4,5"),
+        ("roli_bias-ranli", "6,7"),
+        ("roli_lora", "4,5"),
+        ("roli_bias", "6,7"),
+        ("ranli_lora", "4,5"),
+    ]  # fmt: skip  two slots of two GPUs; finetuning after its ALP
+    assert FakePopen.started[0].argv[:6] == [grid.sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2", "-m"]  # fmt: skip
+    assert {n: s["status"] for n, s in status.items()} == dict.fromkeys(
+        [alp, "roli_bias-ranli", "roli_lora", "roli_bias", "ranli_lora"], "finished"
+    )
+    assert all(s["code"] == 0 and s["seconds"] >= 0 for s in status.values())
+    assert lines[:2] == [f"grid: {alp}: started on GPU 4,5", "grid: roli_bias-ranli: started on GPU 6,7"]
+    assert lines[2].startswith(f"grid: {alp}: finished in ") and lines[2].endswith(" s")
+    log = (out / "logs" / f"{alp.replace('/', '__')}.log").read_text()
+    assert log.splitlines()[0] == f"grid: {' '.join(FakePopen.started[0].argv)} (CUDA_VISIBLE_DEVICES=4,5)"
+    assert max(p.alongside for p in FakePopen.started) == 1
+    FakePopen.started = []
+    grid.run_local(jobs, tmp_path / "again", 2, 1, False, log=lines.append, fresh=True)  # --jobs 2, 4 GPUs
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in FakePopen.started] == ["4", "5", "6", "7", "4"]
+    assert max(p.alongside for p in FakePopen.started) == 1 and FakePopen.started[0].argv[1:3] == ["-m", "roli.train"]
+
+
+def test_run_local_skips_what_depends_on_a_failed_run_and_keeps_finished_ones(tmp_path, monkeypatch):
+    from roli import grid
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    jobs, out = local_jobs(tmp_path)
+    alp = jobs[0].name
+    FakePopen.started, FakePopen.codes = [], {alp.replace("/", "__"): 3}
+    finished(out / "ranli_lora", stages=("ft",))
+    lines = []
+    status = grid.run_local(jobs, out, 1, 1, True, log=lines.append, fresh=True)
+    assert [p.name for p in FakePopen.started] == [alp.replace("/", "__"), "roli_bias-ranli"]  # one at a time
+    assert all(p.argv[-1] == "--trust-code" and "CUDA_VISIBLE_DEVICES" not in p.env or p.env[
+        "CUDA_VISIBLE_DEVICES"] == "" for p in FakePopen.started)  # fmt: skip
+    assert status["ranli_lora"] == {"status": "done before", "seconds": 4.0}
+    assert status[alp] == {"status": "failed", "seconds": status[alp]["seconds"], "code": 3}
+    for name in ("roli_lora", "roli_bias"):
+        assert status[name] == {"status": "skipped", "why": f"{alp} failed", "seconds": 0.0}
+    where = out / "logs" / f"{alp.replace('/', '__')}.log"
+    assert f"grid: {alp}: failed (exit 3); see {where}" in lines
+    assert f"grid: roli_lora: skipped ({alp} failed)" in lines and f"grid: {alp}: started" in lines
+
+
+def test_a_jobs_state_and_its_train_arguments(tmp_path):
+    from roli.grid import command, state_of, train_args
+
+    jobs, out = local_jobs(tmp_path)
+    byname = {j.name: j for j in jobs}
+    alp, lora, ranli = jobs[0], byname["roli_lora"], byname["roli_bias-ranli"]
+    assert [state_of(j) for j in (alp, lora, ranli)] == ["new"] * 3
+    spec = out / "jobs" / f"{alp.name.replace('/', '__')}.json"
+    assert train_args(alp, out, False) == ["--config", str(spec)]
+    (alp.run_dir / "alp").mkdir(parents=True)
+    (alp.run_dir / ".roli-run").write_text("{}")
+    assert state_of(alp) == "partial" and train_args(alp, out, True) == ["--resume", str(alp.run_dir), "--trust-code"]
+    finished(alp.run_dir)
+    assert state_of(alp) == "done"
+    alp.rerun = True
+    assert train_args(alp, out, False) == ["--config", str(spec), "--overwrite"]
+    finished(lora.run_dir, stages=("alp",))  # a RoLI finetuning run: its stage is roli-ft
+    assert state_of(lora) == "partial"
+    finished(lora.run_dir, stages=("roli-ft",))
+    assert state_of(lora) == "done"
+    finished(ranli.run_dir, stages=("roli-ft",))
+    assert state_of(ranli) == "partial"
+    finished(ranli.run_dir, stages=("ranli-ft",))
+    assert state_of(ranli) == "done"
+    (ranli.run_dir / "results.json").unlink()
+    assert state_of(ranli) == "partial"
+    assert command(lora, out, 1, False) == [grid_sys().executable, "-m", "roli.train", "--config",
+                                            str(out / "jobs" / "roli_lora.json")]  # fmt: skip
+
+
+def grid_sys():
+    from roli import grid
+
+    return grid.sys
+
+
+def test_summarize_reports_finished_runs_and_the_time_saved(tmp_path, capsys, monkeypatch):
+    from roli import grid
+
+    jobs, out = local_jobs(tmp_path)
+    byname = {j.name: j for j in jobs}
+    alp = jobs[0]
+    finished(alp.run_dir, seconds=(10.0, 20.0))  # shared by 2 configs: one training saved
+    finished(byname["roli_lora"].run_dir, stages=("roli-ft",), seconds=(5.0,))
+    reported = []
+    monkeypatch.setattr("roli.report.main", lambda argv: reported.append(argv) or 0)
+    status = {alp.name: {"status": "finished", "seconds": 31.0, "code": 0, "job": object()},
+              "roli_bias": {"status": "failed", "seconds": 1.0, "code": 2},
+              "ranli_lora": {"status": "skipped", "why": "x", "seconds": 0.0}}  # fmt: skip
+    assert grid.summarize(jobs, status, out, 12.34) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "grid: 2/5 runs finished, 12 s wall; training time 35 s, 30 s saved by training each shared ALP stage once; "
+        "failed: roli_bias, ranli_lora"]  # fmt: skip
+    assert reported == [
+        [
+            str(alp.run_dir),
+            str(byname["roli_lora"].run_dir),
+            f"--label={alp.run_dir}=alp (shared by 2 configs)",
+            f"--label={byname['roli_lora'].run_dir}=roli_lora",
+            "--out",
+            str(out / "report"),
+        ]
+    ]
+    record = json.loads((out / "grid.json").read_text())
+    assert record["status"][alp.name] == {"status": "finished", "seconds": 31.0, "code": 0}  # the job object left out
+    assert (record["wall_seconds"], record["training_seconds"], record["saved_seconds"]) == (12.3, 35.0, 30.0)
+    assert record["runs"]["roli_lora"] == {"dir": str(byname["roli_lora"].run_dir), "state": "done",
+                                           "deps": [alp.name], "configs": ["roli_lora"]}  # fmt: skip
+    assert grid.summarize(jobs, {}, out, 1) == 0
+
+
+def test_labels_of_shared_alp_stages(tmp_path):
+    from roli.grid import Job, label
+
+    job = Job("alp/abc", None, sources=["cifar10/roli_lora", "cifar10/roli_bias", "pets/roli_lora"])
+    assert label(job) == "cifar10+pets/alp (shared by 3 configs)"
+    assert label(Job("alp/abc", None, sources=["my_run"])) == "alp"
+    assert label(Job("alp/abc", None, sources=["a/x"])) == "a/alp"
+    assert label(Job("cifar10/roli_lora", None)) == "cifar10/roli_lora"
+
+
+def test_seconds_of_a_run_skip_damaged_lines(tmp_path):
+    from roli.grid import Job, _seconds
+
+    job = Job("x", type("Cfg", (), {"run_dir": str(tmp_path)})())
+    (tmp_path / "alp").mkdir()
+    (tmp_path / "alp" / "metrics.jsonl").write_text('{"seconds": 1.5}\nnot json\n[1]\n{"other": 1}\n{"seconds": 2}\n')
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "metrics.jsonl").write_text('{"seconds": "0.5"}\n')
+    assert _seconds(job) == 4.0
