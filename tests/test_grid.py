@@ -592,3 +592,109 @@ def test_seconds_of_a_run_skip_damaged_lines(tmp_path):
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "metrics.jsonl").write_text('{"seconds": "0.5"}\n')
     assert _seconds(job) == 4.0
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    assert (
+        main([str(files[n]) for n in ("roli_lora", "roli_bias", "ranli_lora")] + ["--out", str(out), "--dry-run"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    alp = lines[1].split(":")[0].strip()
+    assert lines == [
+        f"grid: 5 runs in {out}; 1 ALP stage(s) shared by 2 RoLI config(s)",
+        f"  {alp}: alp -> {out / alp} [new]",
+        f"  roli_lora: ft -> {out / 'roli_lora'} [new] (after {alp})",
+        f"  roli_bias: ft -> {out / 'roli_bias'} [new] (after {alp})",
+        f"  roli_bias-ranli: ft -> {out / 'roli_bias-ranli'} [new]",
+        f"  ranli_lora: ft -> {out / 'ranli_lora'} [new]",
+    ]
+    assert alp.startswith("alp/") and not out.exists()
+
+
+def refused(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0].split(": error: ", 1)[1]
+
+
+def test_grid_options_are_checked_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    files = configs(tmp_path / "c")
+    run = [str(files["ranli_lora"]), "--out", str(tmp_path / "grid")]
+    for extra in (["--jobs", "0"], ["--gpus-per-run", "0"]):
+        assert refused(capsys, run + extra) == "--jobs and --gpus-per-run must be >= 1"
+    (tmp_path / "afile").write_text("x")
+    assert refused(capsys, [str(files["ranli_lora"]), "--out", str(tmp_path / "afile")]) == (
+        f"--out: {tmp_path / 'afile'} is a file; give a directory")  # fmt: skip
+    assert refused(capsys, run + ["--launcher", "slurm", "--slurm-time", "0"]) == (
+        "--slurm-time: 0 is not a number of minutes >= 1")  # fmt: skip
+    assert (
+        refused(capsys, run + ["--launcher", "slurm", "--slurm-cpus", "0"]) == "--slurm-cpus: 0 is not a CPU count >= 1"
+    )
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert refused(capsys, run + ["--launcher", "submitit-local"]) == (
+        "--launcher submitit-local needs submitit: pip install submitit (or --launcher local)")  # fmt: skip
+    assert main(run + ["--dry-run"]) == 0  # local needs none of it
+    assert not (tmp_path / "grid").exists()
+
+
+def test_changed_runs_names_the_keys_and_what_comes_after(tmp_path):
+    from roli.grid import changed_runs
+
+    jobs, out = local_jobs(tmp_path)
+    byname = {j.name: j for j in jobs}
+    alp, lora = jobs[0], byname["roli_lora"]
+    assert changed_runs(jobs) == []
+    for job, edits in ((alp, {"eps": 0.2, "steps": 3, "device": "cuda"}), (byname["ranli_lora"], {})):
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / ".roli-run").write_text("{}")
+        (job.run_dir / "config.json").write_text(json.dumps(job.cfg.to_dict() | edits))
+    lora.run_dir.mkdir(parents=True)
+    (lora.run_dir / ".roli-run").write_text("{}")  # started, no config.json yet: not compared
+    assert [(j.name, keys) for j, keys in changed_runs(jobs)] == [(alp.name, ["eps", "steps"])]  # device: execution
+    (lora.run_dir / "config.json").write_text(json.dumps(lora.cfg.to_dict()))
+    assert [(j.name, keys) for j, keys in changed_runs(jobs)] == [(alp.name, ["eps", "steps"]),
+                                                                  ("roli_lora", [f"after {alp.name}"])]  # fmt: skip
+    (byname["ranli_lora"].run_dir / "config.json").write_text("{ damaged")
+    assert ("ranli_lora" in [j.name for j, _ in changed_runs(jobs)]) is True  # unreadable: every setting differs
+
+
+def test_out_is_new_empty_or_a_grids_own(tmp_path, capsys):
+    from roli.grid import check_out, open_out
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError) as e:
+        check_out(tmp_path / "dangling")
+    assert str(e.value) == (f"--out: {tmp_path / 'dangling'} is a symlink to {tmp_path / 'nowhere'}, which does not "
+                            "exist; create that folder or give another --out")  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's")
+    with pytest.raises(ValueError) as e:
+        check_out(mine)
+    assert str(e.value) == (f"--out: {mine} holds files and is not a grid's folder (it has no .roli-grid); roli "
+                            "writes a grid only into a new folder or its own: choose another --out")  # fmt: skip
+    for record in ('{"runs": {}, "status": {}}', "[1]", "{"):  # not an earlier grid's record
+        (mine / "grid.json").write_text(record)
+        with pytest.raises(ValueError, match="is not a grid's folder"):
+            check_out(mine)
+    (mine / "grid.json").write_text('{"runs": {}, "status": {}, "wall_seconds": 1}')  # an earlier roli's grid
+    check_out(mine)
+    open_out(mine).release()
+    assert json.loads((mine / ".roli-grid").read_text())["created_by"] == "roli grid"  # made this roli's
+    (mine / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="holds a symlink roli did not make"):
+        check_out(mine)
+    (tmp_path / "empty").mkdir()
+    open_out(tmp_path / "empty").release()
+    assert (tmp_path / "empty" / ".roli-grid").is_file()
+    with open(tmp_path / "empty" / ".roli-manifest.jsonl", "a") as f:
+        f.write(json.dumps({"tmp": ".grid.json.k1.tmp"}) + "\n")
+    (tmp_path / "empty" / ".grid.json.k1.tmp").write_text("a killed write")
+    (tmp_path / "empty" / ".notes.k2.tmp").write_text("a user's")
+    open_out(tmp_path / "empty").release()
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir() if p.name.endswith(".tmp")) == [".notes.k2.tmp"]
