@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _not_an_image(data: bytes) -> str | None:
                     im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        text = str(e).strip().splitlines()
+        text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip().splitlines()  # no address
         return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
     return None
 
