@@ -255,3 +255,131 @@ def test_an_unreadable_image_is_named_when_decoded(tmp_path):
     assert str(e.value).startswith(f"unreadable image {tmp_path / 'x.png'}: cannot identify image file")
     x = files._decode(png(tmp_path / "y.png", 3, size=(5, 7)))
     assert x.shape == (3, 5, 7) and x.dtype == torch.uint8 and x.is_contiguous()
+
+
+class FakeContext:
+    """multiprocessing's fork context as _checked uses it: a Pool that maps in this process and records itself."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def Pool(self, workers):  # noqa: N802 - multiprocessing's name
+        calls = self.calls
+
+        class Pool:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def map(self, fn, items, chunksize):
+                calls.append((workers, chunksize))
+                return [fn(i) for i in items]
+
+        return Pool()
+
+
+def test_a_pool_checks_large_sets_on_every_cpu(tmp_path, monkeypatch):
+    import multiprocessing
+
+    paths = [str(png(tmp_path / f"{i}.png", i)) for i in range(3)]
+    calls, contexts = [], []
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: contexts.append(kind) or FakeContext(calls))
+    monkeypatch.setattr(files, "PARALLEL_FROM", 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    expected = [(hashlib.sha256(Path(p).read_bytes()).hexdigest(), None) for p in paths]
+    assert list(files._checked(paths)) == expected and calls == [(4, 64)] and contexts == ["fork"]
+    assert list(files._checked(paths, workers=3)) == expected and calls[-1] == (3, 64)
+    assert list(files._checked(paths, workers=2)) == expected and calls[-1] == (2, 64)
+    calls.clear()
+    files._checked(paths, workers=1)  # one worker, or fewer files than PARALLEL_FROM: in this process
+    files._checked(paths[:2], workers=4)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    files._checked(paths)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # no fork on this platform
+    files._checked(paths)
+    assert calls == []
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["fork", "spawn"])
+    data = FileData([(Path(p), 0) for p in paths], 1, "x")
+    data.content_digest("full", workers=3)
+    assert calls == [(3, 64)]
+
+
+def test_a_jpeg_is_checked_at_an_eighth_of_its_size(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    spy = lambda self, mode, size: drafts.append((mode, size)) or draft(self, mode, size)  # noqa: E731
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    files._not_an_image(image_bytes("JPEG", (40, 64)))  # 40 rows, 64 columns
+    files._not_an_image(image_bytes("JPEG", (7, 7)))
+    files._not_an_image(image_bytes("PNG", (40, 64)))
+    assert drafts == [("RGB", (8, 5)), ("RGB", (1, 1))]
+
+
+def test_the_reason_is_the_errors_first_line_cut_at_120(monkeypatch):
+    for error, reason in ((ValueError("x" * 200 + "\nsecond"), "ValueError: " + "x" * 120), (OSError(), "OSError")):
+
+        def broken(*args, error=error, **kw):
+            raise error
+
+        monkeypatch.setattr(Image, "open", broken)
+        assert files._not_an_image(b"bytes") == reason
+
+
+def test_lists_in_messages_stop_at_their_limits(tmp_path):
+    good = png(tmp_path / "a.png", 0)
+    with pytest.raises(ValueError) as e:
+        FileData([(good, 5), (good, 6), (good, 7), (good, 8)], 2, "s")
+    assert str(e.value).endswith(f"[('{good}', 5), ('{good}', 6), ('{good}', 7)]")
+    split = tmp_path / "s.json"
+    split.write_text(json.dumps({f"/x{i}.png": 0 for i in range(5)}))
+    with pytest.raises(ValueError) as e:
+        json_split(split, tmp_path)
+    assert str(e.value).endswith("got e.g. ['/x0.png', '/x1.png', '/x2.png']")
+    split.write_text(json.dumps({f"x{i}.png": -1 for i in range(5)}))
+    with pytest.raises(ValueError) as e:
+        json_split(split, tmp_path)
+    assert str(e.value).endswith("got e.g. [('x0.png', -1), ('x1.png', -1), ('x2.png', -1)]")
+    root = tmp_path / "train"
+    for c in "abcdefg":
+        png(root / c / "1.png", 0)
+    with pytest.raises(ValueError) as e:
+        image_folder(root, classes=["a"])
+    assert str(e.value).endswith("the train split does not have: b, c, d, e, f")
+    for i in range(2):
+        (tmp_path / f"b{i}.png").write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        FileData([(tmp_path / f"b{i}.png", 0) for i in range(2)], 1, "s").verify()
+    assert str(e.value).count("; unreadable image ") == 1
+
+
+def test_derived_data_keep_name_transform_and_the_loaders_defaults(tmp_path):
+    from torch.utils.data.distributed import DistributedSampler
+
+    flip = type("Flip", (), {"__call__": lambda self, img: img.flip(-1)})()
+    data = data_of(tmp_path, n=12, classes=3).with_transform(flip)
+    assert data.name == "tiny" and data.subset(torch.tensor([0])).name == "tiny"
+    assert data.select_classes([2, 0]).transform is flip
+    loader = data.loader(5)
+    assert loader.dl.num_workers == 2 and loader.dl.persistent_workers is True and loader.dl.pin_memory is False
+    assert not isinstance(loader.dl.sampler, DistributedSampler)
+    assert data.loader(5, workers=1).dl.persistent_workers is True
+    assert data.loader(5, workers=0).dl.persistent_workers is False
+
+    def labels(loader, epoch=0):
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert labels(data.loader(5, shuffle=True, workers=0)) == labels(data.loader(5, shuffle=True, seed=0, workers=0))
+    ranks = [data.loader(6, world=2, rank=r, workers=0, seed=4) for r in (0, 1)]
+    assert [labels(r) for r in ranks] == [[0, 2, 1, 0, 2, 1], [1, 0, 2, 1, 0, 2]]  # in order, every other example
+    assert ranks[0].dl.sampler.seed == 4 and ranks[0].dl.sampler.shuffle is False
+    assert data.loader(6, world=2, rank=1, shuffle=True, workers=0).dl.sampler.shuffle is True
+    ordered = [y for _, y in data.batches(12)]
+    assert ordered[0].tolist() == [0, 1, 2] * 4
+    one, two = ([y for _, y in data.batches(12, shuffle=True, seed=s)][0].tolist() for s in (1, 2))
+    assert one != two and sorted(one) == sorted(two)
