@@ -383,3 +383,21 @@ def test_derived_data_keep_name_transform_and_the_loaders_defaults(tmp_path):
     assert ordered[0].tolist() == [0, 1, 2] * 4
     one, two = ([y for _, y in data.batches(12, shuffle=True, seed=s)][0].tolist() for s in (1, 2))
     assert one != two and sorted(one) == sorted(two)
+
+
+def test_defaults_a_user_relies_on(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.arange(20, dtype=np.uint8).reshape(4, 5), mode="L").save(gray)
+    x = files._decode(gray)  # a grayscale file: three equal channels
+    assert x.shape == (3, 4, 5) and torch.equal(x[0], x[2]) and x[1, 3, 4] == 19
+    bad = []
+    for i in range(7):
+        (tmp_path / f"b{i}.png").write_bytes(b"")
+        bad.append((tmp_path / f"b{i}.png", 0))
+    with pytest.raises(ValueError) as e:
+        FileData(bad, 1, "s").verify()
+    assert str(e.value).count("unreadable image ") == 5
+    data = data_of(tmp_path / "d", n=12, classes=3)
+    default, zero = ([y for _, y in b][0].tolist() for b in (data.batches(12, shuffle=True),
+                                                              data.batches(12, shuffle=True, seed=0)))  # fmt: skip
+    assert default == zero and data.batches(12).loader.dl.num_workers == 0
