@@ -544,7 +544,8 @@ def test_summarize_reports_finished_runs_and_the_time_saved(tmp_path, capsys, mo
     jobs, out = local_jobs(tmp_path)
     byname = {j.name: j for j in jobs}
     alp = jobs[0]
-    finished(alp.run_dir, seconds=(10.0, 20.0))  # shared by 2 configs: one training saved
+    finished(alp.run_dir, seconds=(10.04, 20.0))  # shared by 3 configs: two trainings saved
+    alp.sources.append("another")
     finished(byname["roli_lora"].run_dir, stages=("roli-ft",), seconds=(5.0,))
     reported = []
     monkeypatch.setattr("roli.report.main", lambda argv: reported.append(argv) or 0)
@@ -553,13 +554,13 @@ def test_summarize_reports_finished_runs_and_the_time_saved(tmp_path, capsys, mo
               "ranli_lora": {"status": "skipped", "why": "x", "seconds": 0.0}}  # fmt: skip
     assert grid.summarize(jobs, status, out, 12.34) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "grid: 2/5 runs finished, 12 s wall; training time 35 s, 30 s saved by training each shared ALP stage once; "
+        "grid: 2/5 runs finished, 12 s wall; training time 35 s, 60 s saved by training each shared ALP stage once; "
         "failed: roli_bias, ranli_lora"]  # fmt: skip
     assert reported == [
         [
             str(alp.run_dir),
             str(byname["roli_lora"].run_dir),
-            f"--label={alp.run_dir}=alp (shared by 2 configs)",
+            f"--label={alp.run_dir}=alp (shared by 3 configs)",
             f"--label={byname['roli_lora'].run_dir}=roli_lora",
             "--out",
             str(out / "report"),
@@ -567,10 +568,11 @@ def test_summarize_reports_finished_runs_and_the_time_saved(tmp_path, capsys, mo
     ]
     record = json.loads((out / "grid.json").read_text())
     assert record["status"][alp.name] == {"status": "finished", "seconds": 31.0, "code": 0}  # the job object left out
-    assert (record["wall_seconds"], record["training_seconds"], record["saved_seconds"]) == (12.3, 35.0, 30.0)
+    assert (record["wall_seconds"], record["training_seconds"], record["saved_seconds"]) == (12.3, 35.0, 60.1)
     assert record["runs"]["roli_lora"] == {"dir": str(byname["roli_lora"].run_dir), "state": "done",
                                            "deps": [alp.name], "configs": ["roli_lora"]}  # fmt: skip
     assert grid.summarize(jobs, {}, out, 1) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("60 s saved by training each shared ALP stage once")
 
 
 def test_labels_of_shared_alp_stages(tmp_path):
@@ -698,3 +700,56 @@ def test_out_is_new_empty_or_a_grids_own(tmp_path, capsys):
     (tmp_path / "empty" / ".notes.k2.tmp").write_text("a user's")
     open_out(tmp_path / "empty").release()
     assert sorted(p.name for p in (tmp_path / "empty").iterdir() if p.name.endswith(".tmp")) == [".notes.k2.tmp"]
+
+
+def test_grid_helpers_word_for_word(tmp_path, capsys, monkeypatch):
+    from roli import grid
+
+    files = configs(tmp_path / "c")
+    run = [str(files["ranli_lora"]), "--out", str(tmp_path / "grid"), "--dry-run"]
+    assert main(run + ["--launcher", "slurm", "--slurm-time", "1", "--slurm-cpus", "1"]) == 0  # the least accepted
+    assert grid._header(["roli", "train", "--config", "x.json"], {}) == "grid: roli train --config x.json"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert grid.visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, ,5")
+    assert grid.visible_gpus() == ["3", "5"]
+    jobs, out = local_jobs(tmp_path)
+    grid.write_specs(jobs, out)
+    for job in jobs:
+        spec = out / "jobs" / (job.name.replace("/", "__") + ".json")
+        assert json.loads(spec.read_text()) == json.loads(json.dumps(job.cfg.to_dict()))
+    assert grid.label(grid.Job("alp/k", None, sources=["a/b/x", "a/b/y"])) == "a/b/alp (shared by 2 configs)"
+    lock = grid.open_out(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / ".roli-grid").read_text()) == {
+        "created_by": "roli grid", "note": "roli grid writes into and reruns only folders holding this"}  # fmt: skip
+    assert (tmp_path / "new" / ".roli-lock").read_text() == f"pid {os.getpid()}: roli grid"
+    lock.release()
+    (tmp_path / "new" / "report").mkdir()  # no longer empty: taken under its lock
+    lock = grid.open_out(tmp_path / "new")
+    assert (tmp_path / "new" / ".roli-lock").read_text() == f"pid {os.getpid()}: roli grid"
+    with pytest.raises(ValueError) as e:
+        grid.open_out(tmp_path / "new")
+    assert str(e.value) == (f"grid folder {tmp_path / 'new'} is in use (pid {os.getpid()}: roli grid); wait for it "
+                            "to finish, or use another --out")  # fmt: skip
+    lock.release()
+
+
+def test_run_local_slots_without_gpus_and_chained_skips(tmp_path, monkeypatch):
+    from roli import grid
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    jobs, out = local_jobs(tmp_path)
+    for gpus, n_jobs, at_once in (("", None, 0), ("", 2, 1), ("0", None, 0), ("0,1", 1, 0)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+        FakePopen.started, FakePopen.codes = [], {}
+        grid.run_local(jobs, out, n_jobs, 1, False, log=lambda line: None, fresh=True)  # again into the same out
+        assert len(FakePopen.started) == 5 and max(p.alongside for p in FakePopen.started) == at_once, (gpus, n_jobs)
+    byname = {j.name: j for j in jobs}
+    byname["roli_bias"].deps = ["roli_lora"]  # a chain: ALP -> roli_lora -> roli_bias
+    FakePopen.started, FakePopen.codes = [], {jobs[0].name.replace("/", "__"): 1}
+    status = grid.run_local(jobs, out, 1, 1, False, log=lambda line: None, fresh=True)
+    assert status["roli_bias"] == {"status": "skipped", "why": "roli_lora failed", "seconds": 0.0}
+    assert sorted(p.name for p in FakePopen.started) == [jobs[0].name.replace("/", "__"), "ranli_lora",
+                                                         "roli_bias-ranli"]  # fmt: skip
