@@ -429,6 +429,7 @@ class FakePopen:
 
 def finished(run: Path, stages=("alp",), seconds=(2.5, 1.5)) -> None:
     """A run directory as a finished run leaves it (marker, results.json, each stage's done.json and metrics)."""
+    run.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         (run / stage).mkdir(parents=True, exist_ok=True)
         (run / stage / "done.json").write_text("{}")
@@ -753,3 +754,52 @@ def test_run_local_slots_without_gpus_and_chained_skips(tmp_path, monkeypatch):
     assert status["roli_bias"] == {"status": "skipped", "why": "roli_lora failed", "seconds": 0.0}
     assert sorted(p.name for p in FakePopen.started) == [jobs[0].name.replace("/", "__"), "ranli_lora",
                                                          "roli_bias-ranli"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, init, stage_name, ranli, stages",
+    [("pretrain", "alp", None, False, ["pretrain"]), ("lp", "alp", None, False, ["lp"]),
+     ("alp", "alp", None, False, ["alp"]), ("roli", "alp", None, False, ["alp", "roli-ft"]),
+     ("roli", "alp", None, True, ["alp", "roli-ft", "ranli-ft"]), ("ft", "lp", None, False, ["lp", "ft"]),
+     ("ft", "alp", None, False, ["alp", "ft"]), ("ft", "random", None, False, ["ft"]),
+     ("ft", "/x/best.pt", "RoLI-lora", False, ["roli-ft"]), ("ft", "random", "RanLI-lora", False, ["ranli-ft"])],
+)  # fmt: skip
+def test_a_run_is_done_when_each_of_its_stages_is(tmp_path, method, init, stage_name, ranli, stages):
+    import types
+
+    from roli.grid import Job, state_of
+
+    cfg = types.SimpleNamespace(method=method, init=init, stage_name=stage_name, compare_ranli=ranli,
+                                run_dir=str(tmp_path / "run"))  # fmt: skip
+    job = Job("x", cfg)
+    for missing in stages:  # every stage but one done: unfinished
+        finished(tmp_path / "run", stages=[s for s in stages if s != missing])
+        assert state_of(job) == "partial", missing
+        for s in stages:
+            (tmp_path / "run" / s / "done.json").unlink(missing_ok=True)
+    finished(tmp_path / "run", stages=stages)
+    assert state_of(job) == "done"
+
+
+def test_the_plan_of_an_alp_config_and_of_clashing_names(tmp_path):
+    from roli.grid import data_of
+
+    files = configs(tmp_path / "c", alp_only="method: alp\n", plain="method: ft\ninit: random\npeft: bias\n")
+    jobs = plan(load_configs([str(files[n]) for n in ("alp_only", "roli_lora", "plain")], {}, False), tmp_path / "o")
+    assert [(j.name.split("/")[0], j.sources, j.deps) for j in jobs] == [
+        ("alp", ["alp_only", "roli_lora"], []),
+        ("roli_lora", ["roli_lora"], [jobs[0].name]),
+        ("plain", ["plain"], []),
+    ]  # fmt: skip  the ALP config is the shared stage itself: no run of its own
+    assert len(jobs[0].name.split("/")[1]) == 12
+    ranli = plan(load_configs([str(files["roli_bias"])], {}, False), tmp_path / "o")[-1]
+    assert (ranli.name, ranli.sources) == ("roli_bias-ranli", ["roli_bias"])
+    clash = configs(tmp_path / "d", **{"roli_bias-ranli": "method: ft\ninit: random\npeft: lora\n"})
+    with pytest.raises(ValueError) as e:
+        plan(load_configs([str(clash["roli_bias"]), str(clash["roli_bias-ranli"])], {}, False), tmp_path / "o")
+    assert str(e.value) == (f"roli_bias-ranli and roli_bias-ranli would share the run directory "
+                            f"{tmp_path / 'o' / 'roli_bias-ranli'}; give the configs different names")  # fmt: skip
+    cfg = load_configs([str(files["plain"])], {}, False)[0][1]
+    assert sorted(data_of(cfg.data_spec)) == ["classes", "num_classes", "test", "train", "val"]
+    with pytest.raises(ValueError, match=r"^--set: method is the grid's to choose"):
+        parse_sets(["method=ft"])
