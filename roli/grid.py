@@ -540,8 +540,6 @@ def load_configs(names: list[str], sets: dict, trust_code: bool) -> list[tuple[s
         cfg = TrainConfig.from_file(path, **sets)
         if "model" not in sets:
             check_code_from_file(cfg.model, str(path), trust_code)
-        if cfg.method == "roli" and cfg.init != "alp":
-            raise BadValue(f"{text}: --method roli with --init {cfg.init}")
         out.append((name, cfg))
     names_seen = [n for n, _ in out]
     dup = next((n for n in names_seen if names_seen.count(n) > 1), None)

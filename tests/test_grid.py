@@ -803,3 +803,6 @@ def test_the_plan_of_an_alp_config_and_of_clashing_names(tmp_path):
     assert sorted(data_of(cfg.data_spec)) == ["classes", "num_classes", "test", "train", "val"]
     with pytest.raises(ValueError, match=r"^--set: method is the grid's to choose"):
         parse_sets(["method=ft"])
+    bad = configs(tmp_path / "e", bad="method: roli\ninit: random\npeft: lora\n")["bad"]
+    with pytest.raises(ValueError, match=r"^init: --method roli finetunes from the ALP head; got --init random"):
+        load_configs([str(bad)], {}, False)  # the config's own check (TrainConfig), before the grid's plan
