@@ -1,0 +1,293 @@
+"""roli.training.run without training: the stages each method runs (through a stand-in of the stages), the
+finetuning stage's PEFT role and its record of what trains, the final table, the log's handlers, and the
+refusals of _validate that no other test reaches. Every expected value is a literal or counted here."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_run_safety import one_line
+
+from roli import _dist as D
+from roli._cli import BadValue
+from roli.config import TrainConfig
+from roli.models import create_classifier, save_checkpoint
+from roli.train import main as train
+from roli.training.run import run as _  # noqa: F401  (roli.training.run is also the name of the function)
+
+R = sys.modules["roli.training.run"]
+
+VIT = {"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 2}
+
+
+def test_the_final_table_as_written():
+    results = {
+        "alp": {"val": {"train_attack": "PGD-3", "val_clean": 0.5, "val_robust": 0.25},
+                "test": {"clean": 0.123456, "pgd3": 0.1, "n": 40, "of": 40}},
+        "RoLI-lora": {"val": {"val_clean": 0.875},
+                      "test": {"clean": 1.0, "pgd3": 0.0, "pgd3_reference": 0.0625, "autoattack": 0.03125,
+                               "n": 10, "of": 40}},
+        "RanLI-lora": {"val": {}, "test": {"clean": 0.5, "pgd3": 0.25, "n": 5, "of": 40}},
+    }  # fmt: skip
+    assert R.render(results, 3, True) == (
+        "| stage | train attack | val clean | val PGD-3 | test clean | test PGD-3 | test PGD-3 (ref. scoring) "
+        "| AutoAttack |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| alp | PGD-3 | 50.00% | 25.00% | 12.35% | 10.00% | - | - |\n"
+        "| RoLI-lora | - | 87.50% | - | 100.00% | 0.00% | 6.25% | 3.12% |\n"
+        "| RanLI-lora | - | - | - | 50.00% | 25.00% | - | - |\n"
+        "(partial: the test figures are of the first 10 of 40 test images, --n-ex)"
+    )
+    whole = {"lp": {"val": {"val_clean": 0.5}, "test": {"clean": 0.75, "pgd7": 0.5}}}
+    assert R.render(whole, 7, False) == (
+        "| stage | train attack | val clean | val PGD-7 | test clean | test PGD-7 | test PGD-7 (ref. scoring) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| lp | - | 50.00% | - | 75.00% | 50.00% | - |"
+    )
+
+
+def test_the_finetuning_role_is_ranli_only_from_a_random_head():
+    assert R._role("ft", "random") == "ranli"
+    assert [R._role(m, i) for m, i in (("ft", "alp"), ("ft", "lp"), ("ft", "/x/best.pt"), ("roli", "alp"))] == [
+        "roli"
+    ] * 4
+
+
+class Stand:
+    """The stages of a run, stand-in: records each call and what trains in the model it gets; no training."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.calls, self.trackers, self.models = cfg, [], None, []
+
+    def _seen(self, what, model, folder: Path, resume=None):
+        self.models.append(model)
+        live = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        self.calls.append((what, folder.name, resume, live))
+        return {"val_robust": 0.5 + len(self.calls) / 100}
+
+    def alp(self, model, folder, resume):
+        return self._seen("alp", model, folder, resume)
+
+    def linear_probe(self, model, folder):
+        return self._seen("lp", model, folder)
+
+    def full(self, kind, model, folder, resume):
+        return self._seen(f"full:{kind}", model, folder, resume)
+
+    def test(self, model, aa_dir: Path):
+        assert model is self.models[-1]  # the stage's own model is tested
+        self.calls.append(("test", aa_dir.relative_to(aa_dir.parents[1]).as_posix()))
+        return {"clean": 0.25 * len(self.calls), "n": 3, "of": 3}
+
+
+def _fresh(model: str = "roli.models.small:small_cnn", **kwargs):
+    """fresh() as _validate makes it, counted; each model is frozen, so a stage that trains only what its method
+    set shows it."""
+    made = []
+
+    def fresh(quiet: bool = False):
+        torch.manual_seed(0)
+        m = create_classifier(model, 5, in_chans=1, **kwargs)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        made.append(m)
+        return m
+
+    return fresh, made
+
+
+def _stages(tmp_path, **options):
+    tmp_path.mkdir(exist_ok=True)
+    cfg = TrainConfig(run_dir=str(tmp_path), **options)
+    stand = Stand(cfg)
+    fresh, made = _fresh()
+    results = R.run_stages(stand, tmp_path, fresh, resume=True)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    return stand, results, made
+
+
+# small_cnn's parameters: three conv -> BatchNorm pairs (convs without bias) and the head
+BIASES = ["backbone.features.1.bias", "backbone.features.4.bias", "backbone.features.7.bias", "head.bias"]
+CNN = sorted([*BIASES, *(f"backbone.features.{i}.weight" for i in range(9) if i % 3 != 2), "head.weight"])
+
+
+@pytest.mark.parametrize(
+    "options, calls, labels",
+    [
+        ({"method": "pretrain"}, [("full:pretrain", "pretrain", True, "all")], ["pretrain"]),
+        ({"method": "lp"}, [("lp", "lp", None, "none")], ["lp"]),
+        ({"method": "alp"}, [("alp", "alp", True, "none")], ["alp"]),
+        ({"method": "ft", "init": "lp"}, [("lp", "lp", None, "none"), ("full:ft", "ft", True, "all")],
+         ["lp", "ft (full, init lp)"]),
+        ({"method": "ft", "init": "alp", "peft": "bias"},
+         [("alp", "alp", True, "none"), ("full:ft", "ft", True, "bias")], ["alp", "ft (bias, init alp)"]),
+        ({"method": "ft", "init": "random", "stage_name": "RanLI-full"}, [("full:ft", "ranli-ft", True, "all")],
+         ["RanLI-full"]),
+        ({"method": "roli", "compare_ranli": True, "peft": "bias"},
+         [("alp", "alp", True, "none"), ("full:ft", "roli-ft", True, "bias"), ("full:ranli", "ranli-ft", True, "bias")],
+         ["alp", "RoLI-bias", "RanLI-bias"]),
+    ],
+)  # fmt: skip
+def test_each_method_runs_its_stages_in_order_into_their_folders(tmp_path, options, calls, labels):
+    stand, results, made = _stages(tmp_path, **options)
+    live = {"all": CNN, "none": [], "bias": sorted([*BIASES, "head.weight"])}
+    trained = [c for c in stand.calls if c[0] != "test"]
+    assert [c[:3] for c in trained] == [c[:3] for c in calls]
+    assert [c[3] for c in trained] == [live[c[3]] for c in calls]  # the stand-in's models were frozen
+    tests = [c[1] for c in stand.calls if c[0] == "test"]
+    assert tests == [f"autoattack/{c[1]}" for c in calls]  # each stage tested as it finishes
+    assert list(results) == labels
+    assert [r["dir"] for r in results.values()] == [c[1] for c in calls]
+    for i, r in enumerate(results.values()):
+        assert r["val"] == {"val_robust": 0.5 + (2 * i + 1) / 100}
+        assert r["test"] == {"clean": 0.25 * (2 * i + 2), "n": 3, "of": 3}
+        assert ("trainable" in r) == r["dir"].endswith("ft")
+    # one fresh model for the method's stages, another for --compare-ranli's random head
+    assert len(made) == 1 + options.get("compare_ranli", False)
+    assert stand.models[-1] is made[-1]
+
+
+def test_a_head_given_by_path_is_loaded_before_finetuning(tmp_path):
+    torch.manual_seed(3)
+    head = create_classifier("roli.models.small:small_cnn", 5, in_chans=1)
+    save_checkpoint(head, tmp_path / "head.pt")
+    run = tmp_path / "run"
+    stand, results, made = _stages(run, method="ft", init=str(tmp_path / "head.pt"))
+    assert list(results) == ["ft (full, init head.pt)"]
+    assert torch.equal(made[0].head.weight, head.head.weight) and torch.equal(
+        made[0].backbone.features[0].weight, head.backbone.features[0].weight
+    )
+
+
+def test_a_finetuning_stage_records_and_logs_what_can_train(tmp_path, caplog):
+    """The reference's Adapter init (every Adapter weight zero): its parameters are counted as inert, in
+    results.json and in the log line that names the stage as the reference's row."""
+    cfg = TrainConfig(run_dir=str(tmp_path), method="roli", model="vit_tiny_patch16_224", model_args=VIT,
+                      peft="adapter", peft_init="reference", compare_ranli=True)  # fmt: skip
+    stand = Stand(cfg)
+    fresh, made = _fresh("vit_tiny_patch16_224", **VIT)
+    with caplog.at_level(logging.INFO, logger="roli.train"):
+        results = R.run_stages(stand, tmp_path, fresh, resume=False)
+    # one block of width 48, reduction 8: down 48*6 + 6, up 6*48 + 48; head 48*5 + 5. Zero on both sides of the
+    # branch (no gradient reaches them): down's weight and bias and up's weight, 288 + 6 + 288.
+    expected = {"trainable": 630 + 245, "receiving_gradient": 48 + 245, "inert": 582, "inert_tensors": 3,
+                "peft_init": "reference"}  # fmt: skip
+    for label, model in zip(("RoLI-adapter", "RanLI-adapter"), made, strict=True):
+        assert results[label]["trainable"] == expected
+        params = dict(model.named_parameters())
+        assert sum(p.numel() for p in params.values() if p.requires_grad) == 875
+        assert not any(p.any() for n, p in params.items() if ".down." in n or n.endswith(".up.weight"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "roli.train"]
+    assert len(lines) == 2
+    assert lines[0].startswith("RoLI-adapter, peft init reference: ")
+    assert lines[0].endswith(" (as the reference's RoLI-adapter)")
+    assert lines[1].startswith("RanLI-adapter, peft init reference: ")
+    assert lines[1].endswith(" (as the reference's RanLI-adapter)")
+
+
+def test_standard_inits_are_not_named_as_the_references_rows(tmp_path, caplog):
+    cfg = TrainConfig(run_dir=str(tmp_path), method="roli", model="vit_tiny_patch16_224", model_args=VIT,
+                      peft="adapter")  # fmt: skip
+    fresh, made = _fresh("vit_tiny_patch16_224", **VIT)
+    with caplog.at_level(logging.INFO, logger="roli.train"):
+        results = R.run_stages(Stand(cfg), tmp_path, fresh, resume=False)
+    trainable = sum(p.numel() for p in made[0].parameters() if p.requires_grad)
+    assert trainable == 875  # as in the reference init's case: the same parameters, none of them inert
+    assert results["RoLI-adapter"]["trainable"] == {"trainable": 875, "receiving_gradient": 875, "inert": 0,
+                                                    "inert_tensors": 0, "peft_init": "standard"}  # fmt: skip
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "roli.train"]
+    assert line == "RoLI-adapter, peft init standard: 875 trainable parameters, all of them can receive a gradient"
+
+
+def test_each_tested_stage_reaches_the_trackers(tmp_path):
+    seen = []
+
+    class Trackers:
+        def test(self, name, metrics):
+            seen.append((name, metrics["clean"]))
+
+    stand = Stand(TrainConfig(run_dir=str(tmp_path), method="roli"))
+    stand.trackers = Trackers()
+    R.run_stages(stand, tmp_path, _fresh()[0], resume=False)
+    assert seen == [("alp", 0.5), ("RoLI-full", 1.0)]
+
+
+def test_the_log_goes_to_the_current_stderr_and_one_file(tmp_path, monkeypatch):
+    root = logging.getLogger("roli")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.NOTSET)
+    R._log_to(tmp_path / "a.log")
+    R._log_to(tmp_path / "b.log")  # a second run in the same process: one console, the new file only
+    assert root.level == logging.INFO
+    assert [type(h).__name__ for h in root.handlers] == ["_Stderr", "FileHandler"]
+    assert Path(root.handlers[1].baseFilename) == tmp_path / "b.log"
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logging.getLogger("roli.train").info("one %d", 1)
+    monkeypatch.setattr(sys, "stderr", later)  # redirected after the handler was made: followed
+    logging.getLogger("roli.train").warning("two")
+    assert (first.getvalue(), later.getvalue()) == ("one 1\n", "two\n")
+    text = (tmp_path / "b.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in text] == ["INFO one 1", "WARNING two"]
+    assert (tmp_path / "a.log").read_text() == ""
+    for h in root.handlers:
+        h.close()
+    monkeypatch.setattr(D, "is_main", lambda: False)
+    monkeypatch.setattr(root, "handlers", [])
+    R._log_to(tmp_path / "c.log")  # another rank: warnings only, and no file of its own
+    assert root.level == logging.WARNING and root.handlers == [] and not (tmp_path / "c.log").exists()
+
+
+def test_a_batch_that_torchrun_cannot_split_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "active", lambda: True)
+    monkeypatch.setattr(D, "world", lambda: 3)
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), method="alp", random_backbone=True, batch_size=64)
+    with pytest.raises(BadValue, match=r"^batch-size: 64 is not divisible by the 3 torchrun processes$"):
+        R._validate(cfg, tmp_path / "run", False, False, None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_autoattack_on_fewer_than_four_classes_is_one_line(tmp_path, capsys):
+    argv = ["--method", "alp", "--classes", "0-2", "--autoattack", "standard", "--random-backbone"]
+    assert train([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    one_line(capsys, "autoattack: AutoAttack standard's DLR loss needs at least 4 classes; this task has 3 (drop "
+                     "--autoattack: PGD still runs)")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_image_refuses_the_run_and_names_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            (tmp_path / "img" / split / f"c{c}").mkdir(parents=True)
+            for i in range(12):
+                Image.new("RGB", (8, 8), (20 * i, 100 * c, 7)).save(tmp_path / "img" / split / f"c{c}" / f"{i}.png")
+    (tmp_path / "img" / "test" / "c1" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    argv = ["--method", "alp", "--dataset", f"imagefolder:{tmp_path / 'img'}", "--resize", "8", "--crop-size", "8",
+            "--random-backbone", "--workers", "0", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert train(argv) == 2
+    err = one_line(capsys, "dataset: ")
+    assert "2.png" in err and err.endswith("; remove or replace the file(s)"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_init_file_is_bound_to_the_run_and_the_stage_keeps_its_name(tmp_path):
+    import hashlib
+
+    torch.manual_seed(5)
+    head = create_classifier("roli.models.small:small_cnn", 5, in_chans=1)
+    save_checkpoint(head, tmp_path / "head.pt")
+    quick = ["--classes", "0-4", "--eps", "0.1", "--step-size", "0.05", "--steps", "1", "--val-steps", "1",
+             "--epochs", "1", "--warmup", "0", "--random-backbone", "--n-ex", "20"]  # fmt: skip
+    for init, run in ((str(tmp_path / "head.pt"), tmp_path / "a"), ("random", tmp_path / "b")):
+        assert train(["--method", "ft", "--init", init, *quick, "--run-dir", str(run)]) == 0
+    fp = json.loads((tmp_path / "a" / "fingerprint.json").read_text())
+    assert fp["inputs"] == {"--init": hashlib.sha256((tmp_path / "head.pt").read_bytes()).hexdigest()}
+    assert "inputs" not in json.loads((tmp_path / "b" / "fingerprint.json").read_text())
