@@ -473,6 +473,29 @@ class TrainConfig:
             f"compare-ranli: runs the random-head baseline beside --method roli; got --method {self.method}",
         )
 
+    def check_flags_read(self, given: dict) -> None:
+        """Options given on the command line (`given`: TrainConfig's names, the per-stage mappings included) that
+        no stage of this method reads are refused, not ignored: the PEFT options and --init without a finetuning
+        stage, --alp-* without an ALP stage, --ranli-* without a random-head stage."""
+        kinds = set(self.resolved())
+        names = [(k, f"--{k}-{sub}") for k, v in given.items() if k in ("alp", "ranli") for sub in v] + [
+            (k, f"--{k}") for k in given if k not in ("alp", "ranli")
+        ]
+        peft = {"peft", *(f.name for f in PeftSpec.options())}
+        method = f"--method {self.method}" + (f" --init {self.init}" if self.method == "ft" else "")
+        for keys, read, what in (
+            (peft, self.method in ("ft", "roli"), "configures the finetuning stage of --method ft and roli"),
+            ({"init"}, self.method in ("ft", "roli"), "is the head that --method ft finetunes from"),
+            ({"alp", "alp_lr"}, "alp" in kinds, "configures the ALP stage"),
+            ({"ranli", "ranli_lr"}, "ranli" in kinds, "configures the random-head stage (--compare-ranli)"),
+        ):
+            unread = sorted(flag.replace("_", "-") for key, flag in names if key in keys)
+            need(
+                read or not unread,
+                f"{unread[0][2:] if unread else ''}: {unread[0] if unread else ''} {what}; {method} has no such "
+                "stage and would ignore it: drop it",
+            )
+
     # -- what each domain builds from (roli.specs) ------------------------------------------------------------
 
     @cached_property

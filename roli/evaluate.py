@@ -249,9 +249,9 @@ def _run_model(
         elif stage_dir.name != "pretrain":
             peft.apply(model)
         meta = load_checkpoint(model, stage_dir / "best.pt")
-        check_written_here(meta.get("run"), stage_dir.parent, stage_dir / "best.pt", "--run")
     except ValueError as e:  # BadValue included
         raise BadValue(f"--run: {first_line(e)}") from None
+    check_written_here(meta.get("run"), stage_dir.parent, stage_dir / "best.pt", "--run")  # its own "--run: "
     val = meta.get("val_robust")
     val = f"{100 * val:.2f}%" if isinstance(val, float) else "-"
     print(f"run: {stage_dir} (best epoch {meta.get('epoch')}, val PGD {val})")

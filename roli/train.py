@@ -400,10 +400,13 @@ def _config(args, flags: dict) -> tuple[TrainConfig, bool, bool]:
         cfg = TrainConfig.from_file(path, **flags)
         if "model" not in flags:
             check_code_from_file(cfg.model, str(path), args.trust_code)
+        cfg.check_flags_read(flags)
         for note in cfg.notes:
             print(f"{prog('train')}: {note}", file=sys.stderr)
         return cfg, False, bool(args.overwrite)
-    return TrainConfig(**flags), False, bool(args.overwrite)
+    cfg = TrainConfig(**flags)
+    cfg.check_flags_read(flags)
+    return cfg, False, bool(args.overwrite)
 
 
 def _worker_error(e: Exception) -> str:

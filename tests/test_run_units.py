@@ -14,12 +14,12 @@ import pytest
 import torch
 from test_run_safety import one_line
 
+import roli.training.run  # noqa: F401  (the module; roli.training.run is also the name of the function)
 from roli import _dist as D
 from roli._cli import BadValue
 from roli.config import TrainConfig
 from roli.models import create_classifier, save_checkpoint
 from roli.train import main as train
-from roli.training.run import run as _  # noqa: F401  (roli.training.run is also the name of the function)
 
 R = sys.modules["roli.training.run"]
 
@@ -291,3 +291,64 @@ def test_an_init_file_is_bound_to_the_run_and_the_stage_keeps_its_name(tmp_path)
     fp = json.loads((tmp_path / "a" / "fingerprint.json").read_text())
     assert fp["inputs"] == {"--init": hashlib.sha256((tmp_path / "head.pt").read_bytes()).hexdigest()}
     assert "inputs" not in json.loads((tmp_path / "b" / "fingerprint.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "argv, flag, what, method",
+    [
+        (["--method", "alp", "--peft", "lora"], "--peft", "configures the finetuning stage of --method ft and roli",
+         "--method alp"),
+        (["--method", "lp", "--lora-rank", "4"], "--lora-rank",
+         "configures the finetuning stage of --method ft and roli", "--method lp"),
+        (["--method", "alp", "--set", "peft_init=reference"], "--peft-init",
+         "configures the finetuning stage of --method ft and roli", "--method alp"),
+        (["--method", "pretrain", "--init", "random"], "--init", "is the head that --method ft finetunes from",
+         "--method pretrain"),
+        (["--method", "lp", "--alp-lr", "0.1"], "--alp-lr", "configures the ALP stage", "--method lp"),
+        (["--method", "ft", "--init", "lp", "--alp-weight-decay", "0.1"], "--alp-weight-decay",
+         "configures the ALP stage", "--method ft --init lp"),
+        (["--method", "ft", "--init", "random", "--set", "alp.epochs=3"], "--alp-epochs", "configures the ALP stage",
+         "--method ft --init random"),
+        (["--method", "roli", "--ranli-lr", "0.1"], "--ranli-lr",
+         "configures the random-head stage (--compare-ranli)", "--method roli"),
+        (["--method", "ft", "--init", "alp", "--ranli-weight-decay", "0"], "--ranli-weight-decay",
+         "configures the random-head stage (--compare-ranli)", "--method ft --init alp"),
+    ],
+)  # fmt: skip
+def test_a_flag_no_stage_of_the_method_reads_is_refused(tmp_path, capsys, argv, flag, what, method):
+    run = tmp_path / "r"
+    assert train([*argv, "--random-backbone", "--run-dir", str(run)]) == 2
+    one_line(capsys, f"python -m roli.train: error: {flag[2:]}: {flag} {what}; {method} has no such stage and would "
+                     "ignore it: drop it")  # fmt: skip
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--method", "roli", "--peft", "lora", "--lora-rank", "4", "--alp-lr", "0.1", "--compare-ranli",
+          "--ranli-lr", "0.2", "--set", "ranli.weight_decay=0"],
+         {"lora_rank": 4, "alp.lr": 0.1, "ranli.lr": 0.2, "ranli.weight_decay": 0.0}),
+        (["--method", "ft", "--init", "random", "--peft", "bias", "--ranli-lr", "0.3"],
+         {"peft": "bias", "ranli.lr": 0.3}),
+        (["--method", "ft", "--init", "lp", "--peft-init", "reference"], {"peft_init": "reference"}),
+        (["--method", "alp", "--alp-lr", "0.1", "--alp-epochs", "3"], {"alp.lr": 0.1, "alp.epochs": 3}),
+    ],
+)  # fmt: skip
+def test_flags_a_stage_reads_are_taken(capsys, argv, expected):
+    assert train([*argv, "--random-backbone", "--print-config"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    for key, value in expected.items():
+        stage, _, name = key.rpartition(".")
+        assert (record["_resolved"][stage] if stage else record)[name] == value, key
+
+
+def test_a_config_files_peft_options_are_not_flags(tmp_path, capsys):
+    """A config file sets the PEFT method for its finetuning; running only its ALP part (--method alp) is meant."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"method": "roli", "peft": "lora", "lora_rank": 4, "dataset": "digits"}))
+    assert train(["--config", str(config), "--method", "alp", "--random-backbone", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "alp"
+    assert train(["--config", str(config), "--method", "alp", "--lora-rank", "8", "--random-backbone"]) == 2
+    one_line(capsys, "lora-rank: --lora-rank configures the finetuning stage of --method ft and roli; --method alp "
+                     "has no such stage and would ignore it: drop it")  # fmt: skip

@@ -1,0 +1,231 @@
+"""roli evaluate: --run's refusals word for word, which files it reads (and so may not have changed), the stage's
+model as the stage trained it (a linear probe and a pretraining run whose config names a PEFT method for
+another stage, a backbone file gone since), --trust-code, the line that names the stage evaluated, and the
+--model path's --interpolation, --non-strict and --out rules. Tiny runs of the digits (seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_run_safety import one_line
+
+from roli.evaluate import main as evaluate
+from roli.train import main as train
+
+QUICK = ["--dataset", "digits", "--classes", "0-4", "--eps", "0.1", "--step-size", "0.05", "--steps", "1",
+         "--val-steps", "2", "--epochs", "2", "--warmup", "0", "--n-ex", "40"]  # fmt: skip
+VIT = {"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2}
+ERR = "python -m roli.evaluate: error: "
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint) -> Path:
+    """A finished RoLI run from a backbone file that is then moved away, and beside it nothing else."""
+    root = tmp_path_factory.mktemp("evaluate_run")
+    backbone = root / "backbone.pt"
+    shutil.copy(checkpoint, backbone)
+    assert train(["--method", "roli", "--checkpoint", str(backbone), *QUICK, "--run-dir", str(root / "roli")]) == 0
+    backbone.rename(root / "gone.pt")  # the run holds its model: evaluating it needs no backbone file
+    return root
+
+
+@pytest.fixture
+def run(runs, tmp_path) -> Path:
+    shutil.copytree(runs / "roli", tmp_path / "roli")
+    return tmp_path / "roli"
+
+
+def _results(run: Path, stage: str) -> dict:
+    return json.loads((run / "results.json").read_text())[stage]
+
+
+def test_a_run_is_evaluated_as_it_tested_itself_and_the_stage_is_named(run, capsys):
+    out = run.parent / "r.json"
+    assert evaluate(["--run", str(run), "--n-ex", "40", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    best = torch.load(run / "roli-ft" / "best.pt", map_location="cpu", weights_only=True)["meta"]
+    robust = f"{100 * best['val_robust']:.2f}%"
+    assert printed[0] == f"run: {run / 'roli-ft'} (best epoch {best['epoch']}, val PGD {robust})"
+    res, ran = json.loads(out.read_text()), _results(run, "RoLI-full")["test"]
+    assert (res["n"], res["clean"]) == (ran["n"], ran["clean"])
+    assert res["attacks"] == {"PGD-2 (linf, eps=0.1)": ran["pgd2"]}
+    assert evaluate(["--run", str(run), "--stage", "alp", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"run: {run / 'alp'} (best epoch ")
+    assert json.loads(out.read_text())["clean"] == _results(run, "alp")["test"]["clean"]
+
+
+def test_a_folder_of_runs_lists_them_and_a_folder_without_one_is_named(tmp_path, runs, capsys):
+    for name in ("b", "a"):
+        shutil.copytree(runs / "roli", tmp_path / "runs" / name)
+    assert evaluate(["--run", str(tmp_path / "runs")]) == 2
+    line = one_line(capsys, ERR)
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    assert line == f"{ERR}--run: {tmp_path / 'runs'} holds 2 runs, evaluate one of them: --run {a} | --run {b}"
+    for empty in (tmp_path / "runs" / "a" / "alp", tmp_path / "nothing"):
+        assert evaluate(["--run", str(empty)]) == 2
+        line = one_line(capsys, ERR)
+        assert line == f"{ERR}--run: {empty} holds no config.json: not a run directory of python -m roli.train"
+
+
+def test_model_flags_with_run_are_all_named(run, capsys):
+    flags = ["--model", "m", "--checkpoint", "c.pt", "--model-arg", "a=1", "--mean", "0.5", "--std", "0.5",
+             "--input-size", "9", "--num-classes", "5", "--ema", "--timm-pretrained"]  # fmt: skip
+    assert evaluate(["--run", str(run), *flags]) == 2
+    assert one_line(capsys, ERR) == (
+        f"{ERR}--run rebuilds the model as the run trained it: drop --model, --checkpoint, --model-arg, --mean, "
+        "--std, --input-size, --num-classes, --ema, --timm-pretrained"
+    )
+
+
+def test_only_the_files_it_reads_must_be_as_roli_wrote_them(run, capsys):
+    log = run / "train.log"
+    log.write_text(log.read_text() + "a line of the user's\n")  # not read by evaluate
+    other = run / "alp" / "best.pt"
+    kept = other.read_bytes()
+    other.write_bytes(kept[:-1] + bytes([kept[-1] ^ 1]))  # another stage's checkpoint than the one evaluated
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 0
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--stage", "alp", "--attack", "none"]) == 2
+    assert one_line(capsys, ERR) == (
+        f"{ERR}--run: in {run}, alp/best.pt is not the file roli wrote there (edited or replaced); evaluate the files "
+        "roli wrote (or train the run again)"
+    )
+    other.write_bytes(kept)
+    best = run / "roli-ft" / "best.pt"
+    best.write_bytes(best.read_bytes() + b"\0")
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 2  # the default stage's: the last finished
+    assert one_line(capsys, ERR).startswith(f"{ERR}--run: in {run}, roli-ft/best.pt ")
+
+
+def test_a_stage_that_is_not_there_names_those_that_are(run, tmp_path, capsys):
+    assert evaluate(["--run", str(run), "--stage", "lp"]) == 2
+    assert one_line(capsys, ERR) == (
+        f"{ERR}--stage: {run} has no finished stage 'lp' (stages with a best.pt: roli-ft, alp)"
+    )
+    for stage in ("roli-ft", "alp"):
+        shutil.rmtree(run / stage)
+    assert evaluate(["--run", str(run)]) == 2
+    assert one_line(capsys, ERR) == f"{ERR}--stage: {run} has no finished stage None (stages with a best.pt: none)"
+
+
+def test_a_checkpoint_copied_from_another_run_is_one_line_naming_it(run, tmp_path, capsys):
+    from roli._io import atomic_write
+
+    other = tmp_path / "other"
+    assert train(["--method", "alp", "--random-backbone", *QUICK, "--run-dir", str(other)]) == 0
+    capsys.readouterr()
+    blob = (other / "alp" / "best.pt").read_bytes()
+    atomic_write(run / "alp" / "best.pt", lambda tmp: Path(tmp).write_bytes(blob))  # the manifest agrees
+    assert evaluate(["--run", str(run), "--stage", "alp", "--attack", "none"]) == 2
+    assert one_line(capsys, ERR) == (
+        f"{ERR}--run: {run / 'alp' / 'best.pt'} was written by another run (copied in?), not by the run in {run}; "
+        "move it away"
+    )
+
+
+@pytest.mark.parametrize("method", ["lp", "pretrain"])
+def test_a_stage_without_finetuning_is_rebuilt_without_the_configs_peft(tmp_path, method, capsys):
+    """A config file may name a PEFT method (for its finetuning); --method lp or pretrain has no finetuning stage,
+    so the stage's model is the plain classifier, and evaluate --run builds that (a LoRA branch would not load)."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"peft": "lora", "model": "vit_tiny_patch16_224", "model_args": VIT}))
+    run = tmp_path / method
+    extra = ["--random-backbone"] if method == "lp" else ["--epochs", "1"]
+    assert train(["--config", str(config), "--method", method, *QUICK, *extra, "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert evaluate(["--run", str(run), "--n-ex", "40", "--out", str(out)]) == 0
+    res, ran = json.loads(out.read_text()), _results(run, method)["test"]
+    assert (res["clean"], res["attacks"]["PGD-2 (linf, eps=0.1)"]) == (ran["clean"], ran["pgd2"])
+
+
+def test_trust_code_builds_a_run_of_a_users_module(tmp_path, monkeypatch, capsys):
+    (tmp_path / "usernet.py").write_text(
+        "from roli.models.small import small_cnn\n\ndef make(in_chans=1):\n    return small_cnn(in_chans=in_chans)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    assert (
+        train(["--method", "alp", "--model", "usernet:make", "--random-backbone", *QUICK, "--run-dir", str(run)]) == 0
+    )
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 2
+    assert "would import and run that code" in one_line(capsys, ERR)
+    argv = ["--run", str(run), "--attack", "none", "--trust-code", "--n-ex", "40", "--out", str(tmp_path / "r.json")]
+    assert evaluate(argv) == 0
+    meta = torch.load(run / "alp" / "best.pt", map_location="cpu", weights_only=True)["meta"]
+    assert 0 < meta["val_robust"] < 1  # (the other test's run is robust on every validation image)
+    line = f"run: {run / 'alp'} (best epoch {meta['epoch']}, val PGD {100 * meta['val_robust']:.2f}%)"
+    assert capsys.readouterr().out.splitlines()[0] == line
+    assert json.loads((tmp_path / "r.json").read_text())["clean"] == _results(run, "alp")["test"]["clean"]
+
+
+BASE = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "120", "--attack", "none"]
+
+
+def _hand_bits(checkpoint, **resize) -> str:
+    """Which of the first 120 digits test images the checkpoint classifies correctly, computed here."""
+    from roli.data.arrays import digits
+    from roli.models.small import small_cnn
+
+    x, y = digits()[1].to_float()
+    x, y = x[:120], y[:120]
+    if resize:
+        x = F.interpolate(x, align_corners=False, **resize)
+    model = small_cnn(10, 1)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        return "".join("1" if c else "0" for c in (model.eval()(x).argmax(1) == y).tolist())
+
+
+def test_the_resize_inside_the_model_is_the_interpolation_asked_for(checkpoint, tmp_path):
+    bits = {}
+    for mode in ("bilinear", "bicubic"):
+        out = tmp_path / f"{mode}.json"
+        argv = [*BASE, "--checkpoint", str(checkpoint), "--input-size", "7", "--interpolation", mode]
+        assert evaluate([*argv, "--out", str(out)]) == 0
+        bits[mode] = json.loads(out.read_text())["per_example"]["clean"]
+        assert bits[mode] == _hand_bits(checkpoint, size=7, mode=mode)
+    assert bits["bilinear"] != bits["bicubic"]  # the two resizes differ on these images: the test can tell them
+
+
+def test_non_strict_loads_a_checkpoint_with_a_key_too_many(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["state_dict"]["extra.weight"] = torch.randn(3)
+    extra = tmp_path / "extra.pt"
+    torch.save(state, extra)
+    assert evaluate([*BASE, "--checkpoint", str(extra)]) == 2
+    assert "extra.weight" in one_line(capsys, ERR)
+    out = tmp_path / "r.json"
+    assert evaluate([*BASE, "--checkpoint", str(extra), "--non-strict", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["per_example"]["clean"] == _hand_bits(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "content, replaced",
+    [
+        ('{"n": 1, "clean": 1.0, "attacks": {}, "per_example": {}}', True),  # exactly a result's keys
+        ('{"n": 1, "clean": 1.0, "attacks": {}}', False),
+        ('[{"n": 1, "clean": 1.0, "attacks": {}, "per_example": {}}]', False),
+        ("not json", False),
+        (b"\xff\xfe", False),
+    ],
+)
+def test_out_replaces_only_an_earlier_result(checkpoint, tmp_path, capsys, content, replaced):
+    out = tmp_path / "r.json"
+    out.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = evaluate([*BASE, "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert code == (0 if replaced else 2)
+    if replaced:
+        assert json.loads(out.read_text())["n"] == 120
+    else:
+        assert (
+            one_line(capsys, ERR)
+            == f"{ERR}--out: {out} exists and is not a result of roli evaluate; give another file name"
+        )
+        assert out.read_bytes() == (content if isinstance(content, bytes) else content.encode())
