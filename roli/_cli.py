@@ -85,9 +85,10 @@ def parse_budget(value, name: str = "eps", norm: str | None = None) -> float:
 
 
 def budget_text(eps: float) -> str:
-    """A budget as people write it: 8/255 where it is a whole number of 255ths, else its shortest decimal."""
+    """A budget as people write it: 8/255 where it is a whole number of 255ths (to 1e-4 of one: a budget read back
+    from 6 significant digits, like evaluate's sweep keys, is one too), else its shortest decimal."""
     k = eps * 255
-    if 0 < eps <= 1 and abs(k - round(k)) < 1e-6:
+    if 0 < eps <= 1 and abs(k - round(k)) < 1e-4:
         return f"{round(k)}/255"
     return f"{eps:g}"
 

@@ -491,7 +491,7 @@ def render(results: dict) -> str:
         rows.append(("worst case (all attacks)", results["worst_case"]))
     rows += list(results.get("attacks_reference_scoring", {}).items())
     rows += [(f"PGD sweep eps={budget_text(float(e))}", a) for e, a in results.get("eps_sweep", {}).items()]
-    width = max(len(r[0]) for r in rows)
+    width = max(len("evaluation"), *(len(r[0]) for r in rows))
     lines = [f"{'evaluation':<{width}} | accuracy", f"{'-' * width}-|---------"]
     lines += [f"{name:<{width}} | {100 * acc:7.2f}%" for name, acc in rows]
     procs = f", {results['processes']} processes" if results.get("processes", 1) > 1 else ""

@@ -229,3 +229,46 @@ def test_out_replaces_only_an_earlier_result(checkpoint, tmp_path, capsys, conte
             == f"{ERR}--out: {out} exists and is not a result of roli evaluate; give another file name"
         )
         assert out.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+def test_the_table_as_written():
+    from roli.evaluate import render
+
+    results = {"n": 7, "seconds": 1.5, "clean": 0.5, "worst_case": 0.0625, "processes": 2, "device": "cpu",
+               "attacks": {"PGD-2 (linf, eps=8/255)": 0.25, "AutoAttack-standard (linf, eps=8/255)": 0.125},
+               "attacks_reference_scoring": {"PGD-2 reference scoring (per batch of 64)": 0.3},
+               "eps_sweep": {f"{4 / 255:.6g}": 0.4, "0.05": 0.123456}}  # fmt: skip
+    assert render(results) == (
+        "evaluation                                | accuracy\n"
+        "------------------------------------------|---------\n"
+        "clean                                     |   50.00%\n"
+        "PGD-2 (linf, eps=8/255)                   |   25.00%\n"
+        "AutoAttack-standard (linf, eps=8/255)     |   12.50%\n"
+        "worst case (all attacks)                  |    6.25%\n"
+        "PGD-2 reference scoring (per batch of 64) |   30.00%\n"
+        "PGD sweep eps=4/255                       |   40.00%\n"
+        "PGD sweep eps=0.05                        |   12.35%\n"
+        "(7 examples, 1.5 s, 2 processes, cpu)"
+    )
+    alone = {"n": 3, "seconds": 0.25, "clean": 1.0, "attacks": {}, "worst_case": 1.0}
+    assert render(alone) == "evaluation | accuracy\n-----------|---------\nclean      |  100.00%\n(3 examples, 0.25 s)"
+    # (the header is the widest name here: the rows are as wide as it)
+
+
+def test_the_results_name_each_attack_as_run(checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "70", "--batch-size", "32",
+            "--checkpoint", str(checkpoint), "--steps", "2", "--restarts", "2",
+            "--eps-sweep", "8/255,0.05"]  # fmt: skip
+    assert evaluate([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["attacks"]) == ["PGD-2 (linf, eps=8/255, 2 restarts)"]
+    assert list(res["eps_sweep"]) == ["0.0313725", "0.05"]
+    # scored as the reference scores: per batch of its 64 examples, whatever the evaluation's batch
+    assert list(res["attacks_reference_scoring"]) == ["PGD-2 reference scoring (per batch of 64)"]
+    assert list(res["per_example"]) == ["clean", "pgd", "pgd_reference", "worst_case"]
+    assert {k: len(v) for k, v in res["per_example"].items()} == dict.fromkeys(res["per_example"], 70)
+    assert (res["n"], res["processes"], res["device"]) == (70, 1, "cpu")
+    assert res["config"]["restarts"] == 2 and res["config"]["eps_sweep"] == "8/255,0.05"
+    for name, key in (("clean", "clean"), ("worst_case", "worst_case")):
+        assert res[key] == res["per_example"][name].count("1") / 70
