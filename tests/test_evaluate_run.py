@@ -272,3 +272,74 @@ def test_the_results_name_each_attack_as_run(checkpoint, tmp_path):
     assert res["config"]["restarts"] == 2 and res["config"]["eps_sweep"] == "8/255,0.05"
     for name, key in (("clean", "clean"), ("worst_case", "worst_case")):
         assert res[key] == res["per_example"][name].count("1") / 70
+
+
+def test_autoattack_from_the_command_line_and_its_state_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    """A budget that APGD-CE already breaks everywhere (fast: the later attacks have no point left to attack):
+    what the results name, the progress lines, the state folder made with its parents, a killed evaluation's
+    temporary removed (and nothing else), and a second evaluation that reads the states instead of attacking."""
+    monkeypatch.setenv("ROLI_PROGRESS_SECONDS", "0")
+    state = tmp_path / "deep" / "aa"
+    argv = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "10", "--batch-size", "4",
+            "--checkpoint", str(checkpoint), "--eps", "0.4", "--steps", "2", "--autoattack", "standard",
+            "--aa-state", str(state)]  # fmt: skip
+    out = tmp_path / "r.json"
+    assert evaluate([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    label = "AutoAttack-standard (linf, eps=102/255)"
+    assert list(res["attacks"]) == ["PGD-2 (linf, eps=102/255)", label]
+    assert res["attacks"][label] == 0.0 and res["attacks"]["PGD-2 (linf, eps=102/255)"] > 0
+    assert res["autoattack_per_attack"] == {"apgd-ce": 0.0, "apgd-t": 0.0, "fab-t": 0.0, "square": 0.0}
+    assert res["per_example"]["autoattack"] == "0" * 10 and res["per_example"]["worst_case"] == "0" * 10
+    assert res["worst_case"] == 0.0 and res["autoattack_warnings"] == []
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        "evaluate: AutoAttack-standard on 10 images in 3 batches (a progress line at most every 0 s: "
+        "ROLI_PROGRESS_SECONDS)"
+    )
+    aa_lines = [e for e in err if "AutoAttack apgd-ce" in e]
+    assert [e.split(":")[1] for e in aa_lines] == [" batch 1/3", " batch 2/3", " batch 3/3"]
+    assert all(e.endswith("still robust (0 s)") for e in aa_lines)
+    progress = [e for e in err if ", ETA " in e]
+    assert [e.split(",")[0] for e in progress[-2:]] == ["evaluate: batch 1/3", "evaluate: batch 2/3"]
+    assert sorted(p.name for p in state.iterdir()) == ["batch0.pt", "batch1.pt", "batch2.pt"]
+    # a killed evaluation's temporary (atomic_write's name) goes; a file of the user's stays
+    for name in (".batch1.pt.abcdefgh.tmp", ".batch1.pt.abc.tmp", "notes.txt"):
+        (state / name).write_text("x")
+    assert evaluate([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["per_example"] == res["per_example"]
+    assert sorted(p.name for p in state.iterdir()) == [".batch1.pt.abc.tmp", "batch0.pt", "batch1.pt", "batch2.pt",
+                                                       "notes.txt"]  # fmt: skip
+    assert not [e for e in capsys.readouterr().err.splitlines() if "AutoAttack apgd" in e]  # read, not attacked
+
+
+def test_autoattack_figures_of_points_it_cannot_break(tmp_path, monkeypatch):
+    """A linear model whose bias decides (weights of 1e-3: a budget of 0.1 moves a logit by at most 0.0064 < 1):
+    the digits of class 0 are robust to every attack, the others are wrong from the start. Each figure is then
+    the share of 0s among the images, counted here."""
+    from test_evaluate import LOGITS_MODULE
+
+    from roli.data.arrays import digits
+
+    (tmp_path / "tiny_logits.py").write_text(LOGITS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    ck = tmp_path / "ck.pt"
+    bias = torch.zeros(10)
+    bias[0] = 1.0
+    torch.save({"1.weight": 1e-3 * torch.randn(10, 64), "1.bias": bias}, ck)
+    y = digits()[1].y[:30]
+    zeros = "".join("1" if v == 0 else "0" for v in y.tolist())
+    share = zeros.count("1") / 30
+    assert 0 < share < 1
+    out = tmp_path / "r.json"
+    argv = ["--model", "tiny_logits:net", "--checkpoint", str(ck), "--dataset", "digits", "--n-ex", "30",
+            "--input-size", "8", "--eps", "0.1", "--steps", "2", "--autoattack", "standard",
+            "--out", str(out)]  # fmt: skip
+    assert evaluate(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["clean"] == share and res["worst_case"] == share
+    assert res["attacks"] == {"PGD-2 (linf, eps=0.1)": share, "AutoAttack-standard (linf, eps=0.1)": share}
+    assert res["autoattack_per_attack"] == dict.fromkeys(("apgd-ce", "apgd-t", "fab-t", "square"), share)
+    assert res["per_example"] == dict.fromkeys(("clean", "pgd", "pgd_reference", "autoattack", "worst_case"), zeros)
+    assert res["autoattack_warnings"] == []
