@@ -343,3 +343,79 @@ def test_autoattack_figures_of_points_it_cannot_break(tmp_path, monkeypatch):
     assert res["autoattack_per_attack"] == dict.fromkeys(("apgd-ce", "apgd-t", "fab-t", "square"), share)
     assert res["per_example"] == dict.fromkeys(("clean", "pgd", "pgd_reference", "autoattack", "worst_case"), zeros)
     assert res["autoattack_warnings"] == []
+
+
+def test_ema_evaluates_the_checkpoints_ema_weights(checkpoint, tmp_path):
+    """A timm CheckpointSaver file: the model under "state_dict", its EMA under "state_dict_ema" (here: other
+    weights with noise added). --ema evaluates the EMA's, computed here."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    torch.manual_seed(1)
+    ema = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() and v.dim() > 1 else v for k, v in state.items()}
+    saver = tmp_path / "saver.pth.tar"
+    torch.save({"state_dict": state, "state_dict_ema": ema}, saver)
+    torch.save({"state_dict": ema}, tmp_path / "ema.pt")
+    bits = {}
+    for name, extra in (("plain", []), ("ema", ["--ema"])):
+        out = tmp_path / f"{name}.json"
+        assert evaluate([*BASE, "--checkpoint", str(saver), *extra, "--out", str(out)]) == 0
+        bits[name] = json.loads(out.read_text())["per_example"]["clean"]
+    assert bits["plain"] == _hand_bits(checkpoint)
+    assert bits["ema"] == _hand_bits(tmp_path / "ema.pt") != bits["plain"]
+
+
+def test_download_and_timm_pretrained_reach_the_model(tmp_path, monkeypatch, capsys):
+    """Offline here: --download tries the registry's URL (refused in one line when unreachable), and without it
+    the file is asked for; --timm-pretrained asks timm's hub (offline: one line), and without it the model has
+    no weights to evaluate."""
+    import urllib.request
+
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tried = []
+
+    def offline(url, timeout=None):
+        tried.append(url)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    zoo = ["--model", "ares_vit_b", "--dataset", "digits", "--n-ex", "4", "--attack", "none"]
+    assert evaluate(zoo) == 2
+    assert "or add --download where the host is reachable" in one_line(capsys, ERR) and tried == []
+    assert evaluate([*zoo, "--download"]) == 2
+    assert "ares_vit_b: cannot download https://" in one_line(capsys, ERR) and len(tried) == 1
+    timm = ["--model", "vit_tiny_patch16_224", "--dataset", "digits", "--n-ex", "4", "--attack", "none"]
+    assert evaluate([*timm, "--timm-pretrained"]) == 2
+    assert "timm's weights are not in the local cache" in one_line(capsys, ERR)
+    assert evaluate(timm) == 2  # no weights asked for: nothing holds a classifier to evaluate
+    assert "--checkpoint: nothing supplies a classifier for 10 classes (no --checkpoint)" in one_line(capsys, ERR)
+
+
+def test_out_inside_a_run_only_under_evaluations(run, capsys):
+    ok = run / "roli-ft" / "evaluations" / "mine.json"
+    ok.parent.mkdir()
+    assert evaluate(["--run", str(run), "--attack", "none", "--n-ex", "1", "--out", str(ok)]) == 0
+    res = json.loads(ok.read_text())
+    assert res["n"] == 1 and res["clean"] in (0.0, 1.0) and res["clean"] == int(res["per_example"]["clean"])
+    capsys.readouterr()
+    bad = run / "roli-ft" / "mine.json"
+    assert evaluate(["--run", str(run), "--attack", "none", "--out", str(bad)]) == 2
+    assert one_line(capsys, ERR) == (
+        f"{ERR}--out: {bad} lies inside the run directory {run}; give a file outside it (or no --out with --run: "
+        "the result goes to STAGE/evaluations/)"
+    )
+    assert not bad.exists()
+
+
+def test_out_is_never_the_dataset_even_under_a_colon(checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    data = tmp_path / "a:b" / "d.npz"
+    data.parent.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(data, x_test=(rng.random((6, 8, 8)) * 255).astype(np.uint8), y_test=np.arange(6) % 10)
+    before = data.read_bytes()
+    argv = ["--model", "roli.models.small:small_cnn", "--dataset", f"npz:{data}", "--num-classes", "10",
+            "--checkpoint", str(checkpoint), "--attack", "none", "--out", str(data)]  # fmt: skip
+    assert evaluate(argv) == 2
+    assert one_line(capsys, ERR) == f"{ERR}--out: {data} is an input of this evaluation; give another file name"
+    assert data.read_bytes() == before
