@@ -234,7 +234,18 @@ def npz(path: str | Path) -> tuple[ArrayData | None, ArrayData | None]:
 
 
 def _npz(path: Path) -> tuple[ArrayData | None, ArrayData | None]:
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except ValueError:  # neither a zip nor a .npy: numpy reads it as a pickle, refuses, and advises allow_pickle
+        raise ValueError(
+            f"cannot read {path} as an npz file (it is not a zip of arrays); write it with numpy.savez"
+        ) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a single array (numpy.save's .npy): no labels in it
+        raise ValueError(
+            f"{path} holds one array of shape {f.shape}, not arrays x_train/y_train and/or x_test/y_test (or x/y); "
+            "write them with numpy.savez"
+        )
+    with f:
         keys = set(f.keys())
         pairs = [(f"x_{s}", f"y_{s}") for s in ("train", "test")] if {"x_train", "x_test"} & keys else [("x", "y")]
         if not any(set(p) <= keys for p in pairs):
