@@ -343,18 +343,17 @@ def _data(
     """(images, labels, classes) of the split evaluated. With --run: the run's own splits (`spec`: its class
     subset, label mapping, validation split), checked against the fingerprint in `run_dir` of the run's
     `options`."""
+    if spec is not None:
+        try:
+            splits = dataclasses.replace(spec, dataset=args.dataset, image_root=args.image_root).load()
+            fp = fingerprint(options, splits, getattr(splits[0], "classes", None))
+        except ValueError as e:  # BadValue included
+            raise BadValue(f"--dataset: {first_line(e)}") from None
+        allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
+        # the run's settings and data as they were when it trained (its own "--run: " refusal)
+        args.changed_since_run = check_fingerprint(run_dir, fp, "--run", allowed)
     try:
         if spec is not None:
-            try:
-                splits = dataclasses.replace(spec, dataset=args.dataset, image_root=args.image_root).load()
-                allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
-                fp = fingerprint(options, splits, getattr(splits[0], "classes", None))
-            except BadValue as e:
-                raise ValueError(str(e)) from None
-            try:  # the run's settings and data as they were when it trained
-                args.changed_since_run = check_fingerprint(run_dir, fp, "--run", allowed)
-            except BadValue as e:
-                raise BadValue(str(e)) from None
             data, num_classes = splits[("train", "val", "test").index(args.split)], splits[3]
         else:
             splits = load_dataset(args.dataset, image_root=args.image_root)

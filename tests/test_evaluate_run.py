@@ -155,7 +155,9 @@ def test_trust_code_builds_a_run_of_a_users_module(tmp_path, monkeypatch, capsys
     )
     capsys.readouterr()
     assert evaluate(["--run", str(run), "--attack", "none"]) == 2
-    assert "would import and run that code" in one_line(capsys, ERR)
+    assert one_line(capsys, ERR).startswith(
+        f"{ERR}--run: model: usernet:make (from {run / 'config.json'}) would import and run that code; "
+    )
     argv = ["--run", str(run), "--attack", "none", "--trust-code", "--n-ex", "40", "--out", str(tmp_path / "r.json")]
     assert evaluate(argv) == 0
     meta = torch.load(run / "alp" / "best.pt", map_location="cpu", weights_only=True)["meta"]
@@ -419,3 +421,64 @@ def test_out_is_never_the_dataset_even_under_a_colon(checkpoint, tmp_path, capsy
     assert evaluate(argv) == 2
     assert one_line(capsys, ERR) == f"{ERR}--out: {data} is an input of this evaluation; give another file name"
     assert data.read_bytes() == before
+
+
+def test_moved_data_is_evaluated_where_it_now_is_and_changed_data_is_named(tmp_path, capsys):
+    import numpy as np
+    from test_run_safety import make_npz
+
+    data = make_npz(tmp_path / "old" / "d.npz")
+    run = tmp_path / "run"
+    argv = ["--method", "alp", "--dataset", f"npz:{data}", *QUICK[4:], "--random-backbone", "--run-dir", str(run)]
+    assert train(argv) == 0
+    moved = tmp_path / "new" / "d.npz"
+    moved.parent.mkdir()
+    data.rename(moved)
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert evaluate(["--run", str(run), "--dataset", f"npz:{moved}", "--n-ex", "40", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["clean"] == _results(run, "alp")["test"]["clean"]
+    with np.load(moved) as f:
+        arrays = dict(f)
+    arrays["y_test"] = np.roll(arrays["y_test"], 1)
+    np.savez(moved, **arrays)
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--dataset", f"npz:{moved}"]) == 2
+    assert one_line(capsys, ERR) == (  # (it said "--dataset: --run: ...")
+        f"{ERR}--run: the test split's labels changed since the run started in {run}; start a new run for changed "
+        "data or settings (--allow-changed-data to evaluate anyway, recorded in the results)"
+    )
+
+
+def test_the_validation_split_of_a_run_is_the_one_it_validated_on(run, capsys):
+    out = run.parent / "val.json"
+    assert evaluate(["--run", str(run), "--stage", "alp", "--split", "val", "--attack", "none", "--out", str(out)]) == 0
+    meta = torch.load(run / "alp" / "best.pt", map_location="cpu", weights_only=True)["meta"]
+    res = json.loads(out.read_text())
+    assert res["clean"] == meta["val_clean"]
+    assert (
+        evaluate(["--run", str(run), "--stage", "alp", "--split", "train", "--attack", "none", "--out", str(out)]) == 0
+    )
+    n_train = json.loads(out.read_text())["n"]
+    from roli.data.arrays import digits
+
+    five = int((digits()[0].y < 5).sum())  # digits 0-4 in the fixed 80% split: train and validation share them
+    assert n_train + res["n"] == five and abs(res["n"] - five / 10) < 5
+
+
+def test_without_out_the_result_goes_into_the_stages_evaluations(run, capsys):
+    import re
+
+    assert evaluate(["--run", str(run), "--attack", "none", "--n-ex", "5"]) == 0
+    (written,) = (run / "roli-ft" / "evaluations").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}-\d+\.json", written.name), written.name
+    assert capsys.readouterr().out.splitlines()[-1] == f"results written to {written}"
+    assert json.loads(written.read_text())["checkpoint"]["file"] == "best.pt"
+
+
+def test_a_best_pt_that_does_not_load_is_one_line(run, capsys):
+    from roli._io import atomic_write
+
+    atomic_write(run / "roli-ft" / "best.pt", lambda tmp: Path(tmp).write_bytes(b"not a checkpoint"))
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 2
+    assert one_line(capsys, ERR).startswith(f"{ERR}--run: ")
