@@ -396,6 +396,8 @@ def fingerprint(options: dict, splits, classes=None, inputs: dict[str, Path] | N
     train, val, test, num_classes = splits
     mode = options.get("data_hash") or "full"
     out = {"options": _digest(settings(options)), "num_classes": num_classes, "classes": _digest(classes)}
+    if getattr(train, "source_classes", None) is not None:  # what a roli before 2026-12-06 recorded as the names
+        out["classes_before_subset"] = _digest(train.source_classes)
     for name, d in (("train", train), ("val", val), ("test", test)):
         out |= data_fingerprint(name, d, mode)
     hashed = {flag: file_sha256(p) for flag, p in (inputs or {}).items() if Path(p).is_file()}
@@ -431,6 +433,8 @@ def changed(saved: dict, now: dict) -> list[str]:
             for flag, sha in saved[key].items():
                 if flag in now.get("inputs", {}) and now["inputs"][flag] != sha:
                     out.append(f"the file of {flag} (its sha256)")
+        elif key == "classes_before_subset" or key == "classes" and saved[key] == now.get("classes_before_subset"):
+            continue  # an earlier roli recorded a class subset of array data with the whole dataset's names
         elif key in now and now[key] != saved[key]:
             out.append(words.get(key, key))
     return list(dict.fromkeys(out))  # a sample and the whole content changed: said once

@@ -69,6 +69,8 @@ def test_classes_are_relabelled_in_the_order_given():
     assert relabel_table(5, [3, 1]).tolist() == [-1, 1, -1, 0, -1]
     sub = data(12, k=4).select_classes([3, 1])
     assert sub.num_classes == 2 and sub.y.tolist() == [1, 0, 1, 0, 1, 0]  # labels 1,3,1,3,1,3 in the data's order
+    assert sub.classes == ["c3", "c1"] and sub.source_classes == ["c0", "c1", "c2", "c3"]  # (it kept all four)
+    assert sub.subset(torch.tensor([0])).classes == ["c3", "c1"]
     assert torch.equal(sub.x, data(12, k=4).x[[1, 3, 5, 7, 9, 11]])
 
 

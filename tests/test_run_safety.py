@@ -536,9 +536,14 @@ def test_a_run_written_before_the_specs_still_matches_its_fingerprint():
     cfg = TrainConfig.from_file(here / "config.json", run_dir="unused", device="cpu")
     splits = cfg.data_spec.load()
     now = fingerprint(cfg.to_dict(), splits, getattr(splits[0], "classes", None))
+    from roli.rundir import changed
+
     assert saved.pop("format") == "roli run fingerprint 1"
     old = {k: {p: now[k][p] for p in v} if isinstance(v, dict) else now[k] for k, v in saved.items()}
-    assert old == saved  # every part the old format holds, equal; today's adds the whole content
+    # every part the old format holds, equal (today's adds the whole content), but the class names: that roli
+    # recorded digits 0-4 with the names of all ten digits, today's the five kept (the old ones are recognised)
+    assert old | {"classes": now["classes_before_subset"]} == saved and now["classes"] != saved["classes"]
+    assert changed(saved, now) == []
     assert set(now["train"]) == {"n", "labels", "pixels", "content"} and len(now["train"]["content"]) == 64
     assert now["train"]["n"] + now["val"]["n"] == 637 + 71 and cfg.peft_spec.method == "lora"
 

@@ -352,3 +352,25 @@ def test_a_config_files_peft_options_are_not_flags(tmp_path, capsys):
     assert train(["--config", str(config), "--method", "alp", "--lora-rank", "8", "--random-backbone"]) == 2
     one_line(capsys, "lora-rank: --lora-rank configures the finetuning stage of --method ft and roli; --method alp "
                      "has no such stage and would ignore it: drop it")  # fmt: skip
+
+
+def test_labels_json_names_the_classes_of_a_subset_and_earlier_fingerprints_still_match(tmp_path, capsys):
+    """--classes 3,1 of the digits: class 0 is the digit 3 (labels.json said "0", the whole dataset's names). A
+    run whose fingerprint an earlier roli wrote with those names is still the same data to evaluate --run."""
+    from roli._io import save_json
+    from roli.evaluate import main as evaluate
+    from roli.rundir import _digest
+
+    run = tmp_path / "run"
+    argv = ["--method", "lp", "--classes", "3,1", "--random-backbone", "--n-ex", "10", "--run-dir", str(run)]
+    assert train(argv) == 0
+    assert json.loads((run / "labels.json").read_text())["classes"] == ["3", "1"]
+    fp = json.loads((run / "fingerprint.json").read_text())
+    assert fp["classes"] == _digest(["3", "1"]) and fp["classes_before_subset"] == _digest([str(i) for i in range(10)])
+    earlier = {k: v for k, v in fp.items() if k != "classes_before_subset"} | {"classes": fp["classes_before_subset"]}
+    save_json(earlier, run / "fingerprint.json")  # as a roli before this one wrote it (recorded in the manifest)
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--attack", "none", "--out", str(tmp_path / "r.json")]) == 0
+    save_json(earlier | {"classes": _digest(["1", "3"])}, run / "fingerprint.json")  # other names: a change
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 2
+    assert "the class names (labels.json) changed since the run started" in one_line(capsys, "error")

@@ -25,12 +25,13 @@ class ArrayData:
     num_classes: int
     name: str
     classes: list[str] | None = None
+    source_classes: list[str] | None = None  # a class subset's: the whole dataset's names (run fingerprints)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> ArrayData:
-        return ArrayData(self.x[idx], self.y[idx], self.num_classes, self.name, self.classes)
+        return ArrayData(self.x[idx], self.y[idx], self.num_classes, self.name, self.classes, self.source_classes)
 
     def to_float(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """All images as float in [0, 1] on `device` (for evaluation of small sets)."""
@@ -70,10 +71,12 @@ class ArrayData:
         return {"labels": (self.y,), "pixels": (list(self.x.shape[1:]), self.x[idx])}
 
     def select_classes(self, classes: list[int]) -> ArrayData:
-        """The examples of `classes`, relabelled 0..k-1 in that order."""
+        """The examples of `classes`, relabelled 0..k-1 in that order, with those classes' names."""
         table = relabel_table(self.num_classes, classes)
         sub = self.subset(torch.nonzero(table[self.y] >= 0)[:, 0])
         sub.y, sub.num_classes = table[sub.y], len(classes)
+        if self.classes is not None:
+            sub.classes, sub.source_classes = [self.classes[c] for c in classes], self.classes
         return sub
 
     def loader(
