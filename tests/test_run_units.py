@@ -374,3 +374,33 @@ def test_labels_json_names_the_classes_of_a_subset_and_earlier_fingerprints_stil
     save_json(earlier | {"classes": _digest(["1", "3"])}, run / "fingerprint.json")  # other names: a change
     assert evaluate(["--run", str(run), "--attack", "none"]) == 2
     assert "the class names (labels.json) changed since the run started" in one_line(capsys, "error")
+
+
+def test_the_python_api_starts_fresh_and_refuses_a_full_folder(tmp_path, capsys):
+    """roli.run(cfg) as a script calls it: a new run (not a resume), printed as the CLI prints it; a second call
+    into the same folder is refused (no overwrite unless asked), and config.json records the validation split."""
+    import roli
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), method="lp", random_backbone=True, classes="0-4", n_ex=10)
+    results = roli.run(cfg)
+    out = capsys.readouterr().out
+    assert results == json.loads((tmp_path / "run" / "results.json").read_text())
+    assert out.startswith("| stage | train attack |") and f"outputs: {tmp_path / 'run'} (results.json" in out
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["_data"] == {"validation": "10% of train, stratified by class, seed 0"}
+    with pytest.raises(BadValue, match="is not empty; pass --resume"):
+        roli.run(cfg)
+    assert roli.run(cfg, overwrite=True, announce=False)["lp"]["test"] == results["lp"]["test"]
+    assert capsys.readouterr().out == ""
+
+
+def test_a_reference_init_with_nothing_inert_is_not_named_a_reference_row(tmp_path, caplog):
+    """ViT's LoRA under the reference's init: A random, B zero in both roles (nothing is zero on both sides)."""
+    cfg = TrainConfig(run_dir=str(tmp_path), method="roli", model="vit_tiny_patch16_224", model_args=VIT,
+                      peft="lora", peft_init="reference")  # fmt: skip
+    fresh, made = _fresh("vit_tiny_patch16_224", **VIT)
+    with caplog.at_level(logging.INFO, logger="roli.train"):
+        results = R.run_stages(Stand(cfg), tmp_path, fresh, resume=False)
+    assert results["RoLI-lora"]["trainable"]["inert"] == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "roli.train"]
+    assert line.startswith("RoLI-lora, peft init reference: ") and line.endswith("can receive a gradient"), line
