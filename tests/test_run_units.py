@@ -404,3 +404,22 @@ def test_a_reference_init_with_nothing_inert_is_not_named_a_reference_row(tmp_pa
     assert results["RoLI-lora"]["trainable"]["inert"] == 0
     (line,) = [r.getMessage() for r in caplog.records if r.name == "roli.train"]
     assert line.startswith("RoLI-lora, peft init reference: ") and line.endswith("can receive a gradient"), line
+
+
+def test_the_runs_log_and_csv_tracking(tmp_path):
+    import csv
+
+    quick = ["--method", "alp", "--random-backbone", "--classes", "0-4", "--n-ex", "10", "--epochs", "2", "--warmup",
+             "0", "--steps", "1", "--val-steps", "1"]  # fmt: skip
+    run, plain = tmp_path / "tracked", tmp_path / "plain"
+    assert train([*quick, "--log", "csv", "--run-dir", str(run)]) == 0
+    assert train([*quick, "--run-dir", str(plain)]) == 0
+    lines = [line.split(" ", 3)[3] for line in (run / "train.log").read_text().splitlines()]
+    assert lines[:2] == [f"run directory: {run}; device: cpu", "tracking: csv"]
+    assert not [line for line in (plain / "train.log").read_text().splitlines() if "tracking:" in line]
+    assert not (plain / "alp" / "metrics.csv").exists()
+    jsonl = [json.loads(line) for line in (run / "alp" / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "alp" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [r["epoch"] for r in jsonl] == [0, 1]
+    assert [float(r["val_robust"]) for r in rows] == [r["val_robust"] for r in jsonl]
