@@ -490,11 +490,9 @@ class TrainConfig:
             ({"ranli", "ranli_lr"}, "ranli" in kinds, "configures the random-head stage (--compare-ranli)"),
         ):
             unread = sorted(flag.replace("_", "-") for key, flag in names if key in keys)
-            need(
-                read or not unread,
-                f"{unread[0][2:] if unread else ''}: {unread[0] if unread else ''} {what}; {method} has no such "
-                "stage and would ignore it: drop it",
-            )
+            if unread and not read:
+                raise BadValue(f"{unread[0][2:]}: {unread[0]} {what}; {method} has no such stage and would ignore it: "
+                               "drop it")  # fmt: skip
 
     # -- what each domain builds from (roli.specs) ------------------------------------------------------------
 
