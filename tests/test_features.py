@@ -86,6 +86,65 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
     assert not cache.get(model, train, "train").hit
 
 
+@pytest.mark.parametrize("damage", ["truncated", "replaced", "labels", "meta", "shape"])
+def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage, caplog):
+    """Files of an entry cut short (a full disk), replaced by other numbers of the same size (an edit, a copy),
+    meta.json unreadable, or arrays of another shape than recorded: the features are computed again, with a
+    warning naming the entry, and the new entry is whole."""
+    import hashlib
+    import json
+    import logging
+
+    import numpy as np
+
+    net, train, _, _ = transfer
+    model = classifier(net)
+    cache = FeatureCache(tmp_path)
+    first = cache.get(model, train, "train")
+    expected = first.x.clone()
+    entry = tmp_path / first.key
+    meta = json.loads((entry / "meta.json").read_text())
+    for name in ("features.npy", "labels.npy"):  # recorded as written, computed here
+        assert meta["sha256"][name] == hashlib.sha256((entry / name).read_bytes()).hexdigest()
+    features = entry / "features.npy"
+    if damage == "truncated":
+        features.write_bytes(features.read_bytes()[:-100])
+    elif damage == "replaced":
+        arr = np.load(features)
+        np.save(features, arr + 1.0)  # same size and header: only the numbers differ
+    elif damage == "labels":
+        np.save(entry / "labels.npy", np.load(entry / "labels.npy")[::-1].copy())
+    elif damage == "meta":
+        (entry / "meta.json").write_text("{not json")
+    else:  # an entry of an earlier roli (no sha256) whose arrays are not the recorded size
+        del meta["sha256"]
+        meta["n"] += 1
+        (entry / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="roli.features"):
+        again = cache.get(model, train, "train")
+    assert not again.hit and torch.equal(again.x, expected)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "roli.features"]
+    assert line.startswith(f"feature cache entry {entry} is damaged (") and line.endswith(
+        ": computing the features again"
+    )
+    assert cache.get(model, train, "train").hit  # whole again
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.key]  # nothing left beside it
+
+
+def test_an_entry_of_an_earlier_roli_without_digests_is_read(transfer, tmp_path):
+    import json
+
+    net, train, _, _ = transfer
+    model = classifier(net)
+    cache = FeatureCache(tmp_path)
+    first = cache.get(model, train, "train")
+    meta = json.loads((tmp_path / first.key / "meta.json").read_text())
+    del meta["sha256"]
+    (tmp_path / first.key / "meta.json").write_text(json.dumps(meta))
+    again = cache.get(model, train, "train")
+    assert again.hit and torch.equal(again.x, first.x)
+
+
 def test_cache_refuses_random_augmentation(tmp_path):
     from PIL import Image
 

@@ -11,7 +11,9 @@ hash of everything that changes the features: backbone name and the content of i
 preprocessing (resize, mean/std, the deterministic transform), dataset identity (array content, or
 file paths, sizes and labels), split, dtype and roli version. An entry is written into a temporary
 folder and renamed into place only when complete, so a run killed while writing leaves nothing that
-reads as valid. Under torchrun each rank computes its shard; rank 0 assembles the entry once.
+reads as valid. meta.json records the sha256 of both arrays' files: an entry whose files were cut short or
+replaced since (a full disk, a copy, an edit) is computed again, with a warning, never read. Under torchrun each
+rank computes its shard; rank 0 assembles the entry once.
 
 Root: $ROLI_CACHE_DIR/features, else ~/.cache/roli/features.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -34,9 +37,11 @@ import roli
 from roli import _env
 from roli._amp import autocast_for
 from roli._dist import rank_world
-from roli._io import hash_tensors
+from roli._io import file_sha256, hash_tensors
 
 DTYPES = ("fp32", "bf16")
+FILES = ("features.npy", "labels.npy")
+log = logging.getLogger("roli.features")
 
 
 def default_root() -> Path:
@@ -129,16 +134,36 @@ class FeatureCache:
         shutil.rmtree(self.path(key), ignore_errors=True)
 
     def load(self, key: str) -> Features:
+        """The entry `key` as written: ValueError naming what is wrong when its files are not the ones recorded."""
         d = self.path(key)
-        x = torch.from_numpy(np.load(d / "features.npy", mmap_mode="c"))  # copy-on-write: the file stays as is
-        y = torch.from_numpy(np.load(d / "labels.npy"))
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            recorded = meta.get("sha256", {})  # an entry of an earlier roli has none: its shapes are checked
+            for name in FILES:
+                if name in recorded and file_sha256(d / name) != recorded[name]:
+                    raise ValueError(f"{name} is not the file written there (its sha256 differs)")
+            x = torch.from_numpy(np.load(d / "features.npy", mmap_mode="c"))  # copy-on-write: the file stays as is
+            y = torch.from_numpy(np.load(d / "labels.npy"))
+        except (OSError, ValueError, AttributeError, TypeError) as e:  # cut short, not JSON, not an array
+            raise ValueError(f"feature cache entry {d} is damaged ({e})") from None
+        if tuple(x.shape) != (meta.get("n"), meta.get("dim")) or y.shape != (meta.get("n"),):
+            raise ValueError(f"feature cache entry {d} is damaged (arrays of {tuple(x.shape)} and {tuple(y.shape)})")
         return Features(x, y, key, hit=True)
 
     def get(self, model, data, split: str, dtype: str = "fp32", batch_size: int = 256, device="cpu") -> Features:
-        """The cached features of (model, data, split, dtype), computed and stored on a miss."""
+        """The cached features of (model, data, split, dtype), computed and stored on a miss (and in place of a
+        damaged entry)."""
         key, desc = cache_key(model, data, split, dtype)
         if self.valid(key):
-            return self.load(key)
+            try:
+                return self.load(key)
+            except ValueError as e:
+                rank, world = rank_world()
+                if world > 1:
+                    dist.barrier()  # every rank has read the entry (and found it damaged) before rank 0 moves it
+                if rank == 0:
+                    log.warning("%s: computing the features again", e)
+                    self._set_aside(key)
         rank, world = rank_world()
         tmp = self.root / f".tmp-{key}"
         if world == 1:
@@ -167,7 +192,9 @@ class FeatureCache:
         out.flush()
         del out
         np.save(tmp / "labels.npy", y.numpy())
-        (tmp / "meta.json").write_text(json.dumps({**desc, "n": len(y), "dim": int(x.shape[1])}, indent=1))
+        sha = {name: file_sha256(tmp / name) for name in FILES}
+        meta = {**desc, "n": len(y), "dim": int(x.shape[1]), "sha256": sha}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.glob("shard*.pt"):
             f.unlink()
         final = self.path(key)
@@ -175,3 +202,12 @@ class FeatureCache:
             os.rename(tmp, final)  # atomic: the entry appears complete or not at all
         except OSError:  # another process committed the same key first
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _set_aside(self, key: str) -> None:
+        """A damaged entry (roli's own folder) renamed out of the way, then removed: a new one takes its place."""
+        aside = self.root / f".damaged-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path(key), aside)
+        except OSError:  # another process set it aside (or replaced it) first
+            return
+        shutil.rmtree(aside, ignore_errors=True)
