@@ -251,6 +251,15 @@ def test_a_batch_that_torchrun_cannot_split_is_refused_before_writing(tmp_path, 
     with pytest.raises(BadValue, match=r"^batch-size: 64 is not divisible by the 3 torchrun processes$"):
         R._validate(cfg, tmp_path / "run", False, False, None)
     assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(D, "world", lambda: 2)  # 32 images per process: taken
+    splits = R._validate(cfg, tmp_path / "run", False, False, None)[0]
+    assert splits[3] == 10 and not (tmp_path / "run").exists()
+
+
+def test_autoattack_needs_four_classes_and_four_are_enough(tmp_path):
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), method="alp", random_backbone=True, classes="0-3",
+                      autoattack="standard")  # fmt: skip
+    assert R._validate(cfg, tmp_path / "run", False, False, None)[0][3] == 4
 
 
 def test_autoattack_on_fewer_than_four_classes_is_one_line(tmp_path, capsys):
