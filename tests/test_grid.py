@@ -806,3 +806,73 @@ def test_the_plan_of_an_alp_config_and_of_clashing_names(tmp_path):
     bad = configs(tmp_path / "e", bad="method: roli\ninit: random\npeft: lora\n")["bad"]
     with pytest.raises(ValueError, match=r"^init: --method roli finetunes from the ALP head; got --init random"):
         load_configs([str(bad)], {}, False)  # the config's own check (TrainConfig), before the grid's plan
+
+
+class TrainingPopen(FakePopen):
+    """A `roli train` process that leaves its run finished (marker, stages, config.json as its spec) when it exits
+    0: what main goes on with, without training."""
+
+    def poll(self):
+        code = super().poll()
+        if code == 0 and "--config" in self.argv:
+            spec = json.loads(Path(self.argv[self.argv.index("--config") + 1]).read_text())
+            run = Path(spec["run_dir"])
+            name = spec.get("stage_name") or ""
+            stage = "alp" if spec["method"] == "alp" else {"RoLI": "roli-ft", "RanLI": "ranli-ft"}.get(name[:4], "ft")
+            finished(run, stages=(stage,))
+            (run / "config.json").write_text(json.dumps(spec))
+        return code
+
+
+def test_main_launches_reports_and_refuses_changed_runs(tmp_path, monkeypatch, capsys):
+    from roli import grid
+
+    monkeypatch.setattr(grid.subprocess, "Popen", TrainingPopen)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    FakePopen.started, FakePopen.codes = [], {"ranli_lora": 3}
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    argv = [str(files[n]) for n in ("roli_lora", "ranli_lora")] + ["--out", str(out), "--fresh-processes"]
+    assert main(argv) == 1  # one run failed
+    text = capsys.readouterr().out
+    assert "grid: 2/3 runs finished, " in text and text.rstrip().endswith("; failed: ranli_lora")
+    names = [p.name for p in FakePopen.started]  # the spec files' names: alp__<key>, then the two after it
+    assert len(names) == 3 and names[0].startswith("alp__") and sorted(names[1:]) == ["ranli_lora", "roli_lora"]
+    record = json.loads((out / "grid.json").read_text())
+    failed = record["status"]["ranli_lora"]
+    assert (failed["status"], failed["code"], sorted(failed)) == ("failed", 3, ["code", "seconds", "status"])
+    assert {n: r["state"] for n, r in record["runs"].items()} == {
+        next(n for n in record["runs"] if n.startswith("alp/")): "done",
+        "roli_lora": "done",
+        "ranli_lora": "new",
+    }
+    # the failed one again: it alone trains (the others are done)
+    FakePopen.started, FakePopen.codes = [], {}
+    assert main(argv) == 0
+    assert [p.name for p in FakePopen.started] == ["ranli_lora"]
+    assert "grid: 3/3 runs finished, " in capsys.readouterr().out
+    # a config changed in five settings since its run: refused, naming four and "..."
+    text = files["ranli_lora"].read_text()
+    for old, new in (("eps: 0.1", "eps: 0.2"), ("steps: 1", "steps: 2"), ("val_steps: 2", "val_steps: 3"),
+                     ("epochs: 2", "epochs: 3"), ("lr: 0.001", "lr: 0.002")):  # fmt: skip
+        text = text.replace(old, new)
+    files["ranli_lora"].write_text(text)
+    assert main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"python -m roli.grid: error: ranli_lora: {out / 'ranli_lora'} was trained with other settings (epochs, eps, "
+        "lr, steps ...) than its config now gives; pass --rerun-changed to train it again (its outputs are replaced), "
+        "or restore the config"
+    )
+    assert main([*argv, "--dry-run", "--rerun-changed"]) == 0
+    assert f"  ranli_lora: ft -> {out / 'ranli_lora'} [changed: trained again]" in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):
+        main([*argv, "--jobs", "x"])
+    capsys.readouterr()
+    for bad in (["--jobs", "0"], ["--gpus-per-run", "0"]):
+        assert main([*argv, *bad]) == 2
+        assert capsys.readouterr().err.strip() == "python -m roli.grid: error: --jobs and --gpus-per-run must be >= 1"
+    (tmp_path / "file").write_text("x")
+    assert main([str(files["ranli_lora"]), "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out: {tmp_path / 'file'} is a file; give a directory")
