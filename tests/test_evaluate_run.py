@@ -484,3 +484,46 @@ def test_a_best_pt_that_does_not_load_is_one_line(run, capsys):
     atomic_write(run / "roli-ft" / "best.pt", lambda tmp: Path(tmp).write_bytes(b"not a checkpoint"))
     assert evaluate(["--run", str(run), "--attack", "none"]) == 2
     assert one_line(capsys, ERR).startswith(f"{ERR}--run: ")
+
+
+def test_each_attack_setting_reaches_the_attack(checkpoint, tmp_path, capsys):
+    """--seed, --restarts and --loss each change which images PGD breaks (so each reached it), the same settings
+    twice give the same images, and --attack none runs no attack at all. (--precision bf16 flips at most one of
+    these images on a CPU: too few to tell; test_evaluate's bf16 test compares its figures.)"""
+    base = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "360", "--checkpoint",
+            str(checkpoint), "--eps", "0.16", "--steps", "3"]  # fmt: skip
+
+    def bits(*extra):
+        out = tmp_path / "r.json"
+        assert evaluate([*base, *extra, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["per_example"]
+
+    default = bits()["pgd"]
+    assert bits()["pgd"] == default
+    for extra in (["--seed", "5"], ["--restarts", "2"], ["--loss", "dlr"]):
+        changed = bits(*extra)["pgd"]
+        assert changed != default and bits(*extra)["pgd"] == changed, extra
+    none = tmp_path / "none.json"
+    capsys.readouterr()
+    assert evaluate([*base, "--attack", "none", "--out", str(none)]) == 0
+    res = json.loads(none.read_text())
+    assert res["attacks"] == {} and sorted(res["per_example"]) == ["clean", "worst_case"]
+    assert res["worst_case"] == res["clean"] and capsys.readouterr().err == ""  # no AutoAttack line without it
+
+
+def test_a_moved_run_is_evaluated_where_it_is(runs, tmp_path, capsys):
+    """config.json names the folder the run trained in; a run moved since is read (and locked) where it is now,
+    and its config.json as roli wrote it."""
+    shutil.copytree(runs / "roli", tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    run = tmp_path / "b"
+    assert json.loads((run / "config.json").read_text())["run_dir"] == str(runs / "roli")
+    shutil.copytree(run, tmp_path / "c")
+    out = tmp_path / "r.json"
+    assert evaluate(["--run", str(run), "--attack", "none", "--n-ex", "5", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 5
+    config = run / "config.json"
+    config.write_text(config.read_text().replace('"seed": 0', '"seed": 1'))  # edited: not what roli wrote
+    capsys.readouterr()
+    assert evaluate(["--run", str(run), "--attack", "none"]) == 2
+    assert one_line(capsys, ERR).startswith(f"{ERR}--run: in {run}, config.json is not the file roli wrote there")
