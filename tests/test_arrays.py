@@ -288,3 +288,65 @@ def test_cifar_files_read_from_either_folder_and_their_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         cifar(tmp_path, "cifar100")
     assert str(e.value) == f"{base}: labels out of range at indices [1] (values [100])"
+
+
+def test_cifar_pickles_written_by_python_2_are_read(tmp_path):
+    """The published CIFAR batches were pickled by Python 2: their keys are py2 strings, which only
+    encoding="bytes" reads as b"data" / b"labels". A stream with such keys (SHORT_BINSTRING), written here."""
+    rng = np.random.default_rng(3)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (2, 3072), dtype=np.int64)  # int64 rows: stored as uint8
+        labels = rng.integers(0, 10, 2).tolist()
+        body = b"\x80\x02}(" + b"U\x04data" + pickle.dumps(data, protocol=3)[2:-1]
+        body += b"U\x06labels" + pickle.dumps(labels, protocol=3)[2:-1] + b"u."
+        (base / name).write_bytes(body)
+    train, test = cifar(tmp_path, "cifar10")
+    assert len(train) == 10 and len(test) == 2 and train.x.dtype == torch.uint8
+    assert test.y.tolist() == labels and torch.equal(test.x, torch.from_numpy(data.astype(np.uint8)).view(2, 3, 32, 32))
+
+
+def test_the_loaders_defaults_and_edges():
+    d = data(10)
+    assert [y.tolist() for _, y in d.loader(4, shuffle=True)][0] == [i % 4 for i in _order(10, 0, 0)[:4]]  # seed 0
+    batches = d.batches(10, shuffle=True, seed=2)
+    assert [y.tolist() for _, y in batches] == [[i % 4 for i in _order(10, 2, 0)]]
+    assert [len(y) for _, y in d.loader(1)] == [1] * 10  # one image per batch is a batch
+    halves = [torch.cat([y for _, y in d.loader(8, rank=r, world=2)]).tolist() for r in range(2)]
+    assert halves == [[0, 2, 0, 2, 0], [1, 3, 1, 3, 1]]  # every other of 0..9 (labels i % 4)
+    thirds = [len(torch.cat([y for _, y in d.loader(8, rank=r, world=3)])) for r in range(3)]
+    assert thirds == [4, 4, 4]  # 10 padded to 12, not doubled
+    ep = Epochs(d.loader(5))
+    for expected in (0, 1, 2):
+        list(ep)
+        assert ep.loader.epoch == expected and ep.epoch == expected + 1
+    assert data(6, k=3).select_classes([2, 0]).subset(torch.tensor([1])).source_classes == ["c0", "c1", "c2"]
+
+
+def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ValueError) as e:
+        digits()
+    assert str(e.value) == "dataset 'digits' needs scikit-learn: pip install scikit-learn"
+
+
+def test_npz_train_only_and_bad_images_named_by_path(tmp_path):
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "t.npz", x_train=rng.integers(0, 256, (4, 5, 5), dtype=np.uint8), y_train=[0, 1, 0, 1])
+    train, test = npz(tmp_path / "t.npz")
+    assert test is None and len(train) == 4 and train.num_classes == 2
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 2, 5, 5), np.uint8), y=[0, 1])
+    with pytest.raises(ValueError) as e:
+        npz(tmp_path / "c.npz")
+    assert str(e.value).startswith(f"{tmp_path / 'c.npz'}: images must have 1 (grey) or 3 (RGB) channels; ")
+
+
+def test_tfds_order_is_md5_of_split_and_key_as_a_128_bit_integer():
+    from roli.data.arrays import tfds_order
+
+    for split in ("train", "test"):
+        digest = [int.from_bytes(hashlib.md5(f"{split}{i}".encode()).digest(), "big") for i in range(300)]
+        assert tfds_order(split, 300).tolist() == sorted(range(300), key=lambda i: digest[i])
