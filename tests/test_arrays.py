@@ -350,3 +350,23 @@ def test_tfds_order_is_md5_of_split_and_key_as_a_128_bit_integer():
     for split in ("train", "test"):
         digest = [int.from_bytes(hashlib.md5(f"{split}{i}".encode()).digest(), "big") for i in range(300)]
         assert tfds_order(split, 300).tolist() == sorted(range(300), key=lambda i: digest[i])
+
+
+def test_cifar_counts_that_differ_are_named_and_cifar10_is_the_default(tmp_path):
+    rng = np.random.default_rng(5)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [1, 2]}, f)
+    train, test = cifar(tmp_path)  # which: cifar10
+    assert (train.name, train.num_classes, len(train)) == ("cifar10", 10, 10)
+    assert [y.tolist() for _, y in train.batches(4)] == [[1, 2, 1, 2], [1, 2, 1, 2], [1, 2]]  # in order by default
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [1, 2, 3]}, f)
+    with pytest.raises(ValueError) as e:
+        cifar(tmp_path)
+    assert str(e.value) == (
+        f"CIFAR pickle {base / 'test_batch'}: 4 images of shape (3072,) and 3 labels; expected equal counts of 3072 "
+        "bytes each"
+    )
