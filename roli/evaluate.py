@@ -346,8 +346,12 @@ def _data(
     if spec is not None:
         try:
             splits = dataclasses.replace(spec, dataset=args.dataset, image_root=args.image_root).load()
+        except BadValue as e:  # the spec names its field: the dataset (--dataset here) or a setting of the run's
+            field, _, reason = first_line(e).partition(": ")
+            raise BadValue(f"--dataset: {reason}" if field == "dataset" else f"--run: {first_line(e)}") from None
+        try:
             fp = fingerprint(options, splits, getattr(splits[0], "classes", None))
-        except ValueError as e:  # BadValue included
+        except ValueError as e:  # an image file that cannot be read
             raise BadValue(f"--dataset: {first_line(e)}") from None
         allowed = "allowed" if args.allow_changed_data else "--allow-changed-data"
         # the run's settings and data as they were when it trained (its own "--run: " refusal)

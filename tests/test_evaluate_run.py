@@ -450,6 +450,12 @@ def test_moved_data_is_evaluated_where_it_now_is_and_changed_data_is_named(tmp_p
         f"{ERR}--run: the test split's labels changed since the run started in {run}; start a new run for changed "
         "data or settings (--allow-changed-data to evaluate anyway, recorded in the results)"
     )
+    argv = ["--run", str(run), "--dataset", f"npz:{moved}", "--allow-changed-data", "--out", str(out)]
+    assert evaluate(argv) == 0
+    assert json.loads(out.read_text())["config"]["changed_since_run"] == ["the test split's labels"]
+    capsys.readouterr()
+    assert evaluate(["--run", str(run)]) == 2  # the run's own path: gone
+    assert one_line(capsys, ERR) == f"{ERR}--dataset: npz file not found: {data}"
 
 
 def test_the_validation_split_of_a_run_is_the_one_it_validated_on(run, capsys):
@@ -527,3 +533,35 @@ def test_a_moved_run_is_evaluated_where_it_is(runs, tmp_path, capsys):
     capsys.readouterr()
     assert evaluate(["--run", str(run), "--attack", "none"]) == 2
     assert one_line(capsys, ERR).startswith(f"{ERR}--run: in {run}, config.json is not the file roli wrote there")
+
+
+def test_a_split_the_data_lacks_and_an_image_root_elsewhere(checkpoint, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "t.npz", x_test=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8), y_test=[0, 1, 2, 3])
+    base = ["--model", "roli.models.small:small_cnn", "--checkpoint", str(checkpoint), "--num-classes", "10",
+            "--attack", "none"]  # fmt: skip
+    assert evaluate([*base, "--dataset", f"npz:{tmp_path / 't.npz'}", "--split", "train"]) == 2
+    assert one_line(capsys, ERR) == f"{ERR}--dataset: npz:{tmp_path / 't.npz'} has no train split"
+    images, splits = tmp_path / "images", tmp_path / "splits"
+    splits.mkdir()
+    mapping = {}
+    for i in range(30):
+        rel = f"{i % 2}/{i}.png"
+        (images / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(images / rel)
+        mapping[rel] = i % 2
+    for name in ("train.json", "test.json"):
+        (splits / name).write_text(json.dumps(mapping))
+    from roli.models.small import small_cnn
+
+    torch.save({"state_dict": small_cnn(10, 3).state_dict()}, tmp_path / "rgb.pt")  # image files load as RGB
+    base[3] = str(tmp_path / "rgb.pt")
+    data = ["--dataset", f"json:{splits}"]
+    assert evaluate([*base, *data]) == 2  # the images are not under the split files' folder
+    assert one_line(capsys, ERR).startswith(f"{ERR}--dataset: ")
+    out = tmp_path / "r.json"
+    assert evaluate([*base, *data, "--image-root", str(images), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 30
