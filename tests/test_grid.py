@@ -876,3 +876,39 @@ def test_main_launches_reports_and_refuses_changed_runs(tmp_path, monkeypatch, c
     (tmp_path / "file").write_text("x")
     assert main([str(files["ranli_lora"]), "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"--out: {tmp_path / 'file'} is a file; give a directory")
+
+
+def test_main_passes_trust_code_on_and_keeps_one_grid_per_folder(tmp_path, monkeypatch, capsys):
+    """--trust-code reaches every run; a model typed with --set names code the user typed, so it is trusted too;
+    four changed settings are named without "..."; --jobs 1 is a number of jobs; a grid folder in use is one line."""
+    from roli import grid
+    from roli.rundir import RunLock
+
+    monkeypatch.setattr(grid.subprocess, "Popen", TrainingPopen)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    (tmp_path / "usernet.py").write_text("from roli.models.small import small_cnn as make\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = configs(tmp_path / "c")
+    out = tmp_path / "grid"
+    argv = [str(files["ranli_lora"]), "--out", str(out), "--fresh-processes", "--jobs", "1"]
+    for i, (extra, trusted) in enumerate(
+        (([], False), (["--trust-code"], True), (["--set", "model=usernet:make"], True))
+    ):
+        FakePopen.started, FakePopen.codes = [], {}
+        assert main([*argv, *extra, "--out", str(tmp_path / f"grid{i}")]) == 0
+        (proc,) = FakePopen.started
+        assert ("--trust-code" in proc.argv) == trusted, (extra, proc.argv)
+    assert main(argv) == 0
+    capsys.readouterr()
+    text = files["ranli_lora"].read_text()
+    for old, new in (("eps: 0.1", "eps: 0.2"), ("steps: 1", "steps: 2"), ("epochs: 2", "epochs: 3"),
+                     ("lr: 0.001", "lr: 0.002")):  # fmt: skip
+        text = text.replace(old, new)
+    files["ranli_lora"].write_text(text)
+    assert main([*argv, "--dry-run"]) == 2
+    assert "(epochs, eps, lr, steps) than its config now gives" in capsys.readouterr().err
+    with RunLock(out, "roli grid", what="grid folder"):  # another grid working in this folder
+        assert main([*argv, "--rerun-changed"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"python -m roli.grid: error: grid folder {out} is in use (pid ")
