@@ -373,7 +373,10 @@ def test_labels_json_names_the_classes_of_a_subset_and_earlier_fingerprints_stil
     run = tmp_path / "run"
     argv = ["--method", "lp", "--classes", "3,1", "--random-backbone", "--n-ex", "10", "--run-dir", str(run)]
     assert train(argv) == 0
-    assert json.loads((run / "labels.json").read_text())["classes"] == ["3", "1"]
+    assert json.loads((run / "labels.json").read_text()) == {
+        "classes": ["3", "1"],
+        "note": "class i is the i-th entry (the dataset's label)",
+    }
     fp = json.loads((run / "fingerprint.json").read_text())
     assert fp["classes"] == _digest(["3", "1"]) and fp["classes_before_subset"] == _digest([str(i) for i in range(10)])
     earlier = {k: v for k, v in fp.items() if k != "classes_before_subset"} | {"classes": fp["classes_before_subset"]}
@@ -432,3 +435,35 @@ def test_the_runs_log_and_csv_tracking(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [r["epoch"] for r in jsonl] == [0, 1]
     assert [float(r["val_robust"]) for r in rows] == [r["val_robust"] for r in jsonl]
+
+
+@pytest.mark.parametrize("options", [{"method": "roli", "compare_ranli": True}, {"method": "ft", "init": "random"}])
+def test_swin_lora_under_the_reference_init_is_head_only_for_roli_and_trains_for_ranli(tmp_path, options):
+    """The reference's Swin LoRA: RoLI sets A = B = 0 (no gradient reaches either: the head alone trains), RanLI
+    keeps A random. Each finetuning stage must get its own role's init: the RanLI stage is not inert."""
+    from conftest import TINY_SWIN
+
+    model = "swin_tiny_patch4_window7_224"
+    cfg = TrainConfig(run_dir=str(tmp_path), model=model, model_args=TINY_SWIN, peft="lora", peft_init="reference",
+                      **options)  # fmt: skip
+    fresh, made = _fresh(model, **TINY_SWIN)
+    results = R.run_stages(Stand(cfg), tmp_path, fresh, resume=False)
+    inert = {label: r["trainable"]["inert"] for label, r in results.items() if "trainable" in r}
+    loras = {label: [p for n, p in m.named_parameters() if "lora_" in n] for label, m in zip(inert, made, strict=True)}
+    for label, count in inert.items():
+        ranli = label.startswith("RanLI") or options["method"] == "ft"
+        lora_a_zero = all(not p.any() for p in loras[label])
+        assert (count == 0) == ranli and lora_a_zero != ranli, (label, count)
+    assert sorted(inert) == (["RanLI-lora", "RoLI-lora"] if options["method"] == "roli" else ["ft (lora, init random)"])
+
+
+def test_a_run_with_autoattack_prints_its_column(tmp_path, capsys):
+    """digits 0-3 under a budget of the whole pixel range (APGD-CE breaks every image at once: fast): the final
+    table has the AutoAttack column."""
+    argv = ["--method", "alp", "--classes", "0-3", "--random-backbone", "--autoattack", "standard", "--eps", "1",
+            "--step-size", "0.5", "--steps", "1", "--val-steps", "1", "--epochs", "1", "--warmup", "0", "--n-ex", "8",
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert train(argv) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage |"))
+    assert header.endswith("| test PGD-1 (ref. scoring) | AutoAttack |")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["alp"]["test"]["autoattack"] == 0.0
