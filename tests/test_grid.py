@@ -840,6 +840,7 @@ def test_main_launches_reports_and_refuses_changed_runs(tmp_path, monkeypatch, c
     names = [p.name for p in FakePopen.started]  # the spec files' names: alp__<key>, then the two after it
     assert len(names) == 3 and names[0].startswith("alp__") and sorted(names[1:]) == ["ranli_lora", "roli_lora"]
     record = json.loads((out / "grid.json").read_text())
+    assert 0 <= record["wall_seconds"] < 600  # this call's own seconds
     failed = record["status"]["ranli_lora"]
     assert (failed["status"], failed["code"], sorted(failed)) == ("failed", 3, ["code", "seconds", "status"])
     assert {n: r["state"] for n, r in record["runs"].items()} == {
@@ -900,6 +901,12 @@ def test_main_passes_trust_code_on_and_keeps_one_grid_per_folder(tmp_path, monke
         (proc,) = FakePopen.started
         assert ("--trust-code" in proc.argv) == trusted, (extra, proc.argv)
     assert main(argv) == 0
+    coded = tmp_path / "c" / "coded.yaml"  # a config file naming code: refused, unless --trust-code
+    coded.write_text(files["ranli_lora"].read_text().replace("model: vit_tiny_patch16_224", "model: usernet:make"))
+    capsys.readouterr()
+    assert main([str(coded), "--out", str(tmp_path / "coded"), "--dry-run"]) == 2
+    assert "would import and run that code" in capsys.readouterr().err
+    assert main([str(coded), "--out", str(tmp_path / "coded"), "--dry-run", "--trust-code"]) == 0
     capsys.readouterr()
     text = files["ranli_lora"].read_text()
     for old, new in (("eps: 0.1", "eps: 0.2"), ("steps: 1", "steps: 2"), ("epochs: 2", "epochs: 3"),
