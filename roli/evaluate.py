@@ -23,6 +23,7 @@ the clean image and under every attack that ran. Results print as a table and ar
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -227,7 +228,7 @@ def _from_run(args):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not args.out:  # into the run, where roli report finds it; one file per evaluation, none replaced
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")  # (to the second, two in a process collided)
         args.out, args.out_in_run = str(run / stage / "evaluations" / f"{stamp}-{os.getpid()}.json"), True
         if not os.access(run / stage, os.W_OK | os.X_OK):
             raise BadValue(f"--run: {run / stage} is read-only; give --out FILE for the results")

@@ -475,13 +475,21 @@ def test_the_validation_split_of_a_run_is_the_one_it_validated_on(run, capsys):
 
 
 def test_without_out_the_result_goes_into_the_stages_evaluations(run, capsys):
+    import hashlib
     import re
 
     assert evaluate(["--run", str(run), "--attack", "none", "--n-ex", "5"]) == 0
     (written,) = (run / "roli-ft" / "evaluations").iterdir()
-    assert re.fullmatch(r"\d{8}-\d{6}-\d+\.json", written.name), written.name
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}-\d+\.json", written.name), written.name  # to the microsecond, pid
     assert capsys.readouterr().out.splitlines()[-1] == f"results written to {written}"
-    assert json.loads(written.read_text())["checkpoint"]["file"] == "best.pt"
+    record = json.loads(written.read_text())["checkpoint"]
+    assert record == {
+        "file": "best.pt",
+        "sha256": hashlib.sha256((run / "roli-ft" / "best.pt").read_bytes()).hexdigest(),
+    }
+    assert evaluate(["--run", str(run), "--attack", "none", "--n-ex", "5"]) == 0  # a second one beside it (it
+    # replaced the first when both started in the same second)
+    assert len(list((run / "roli-ft" / "evaluations").iterdir())) == 2
 
 
 def test_a_best_pt_that_does_not_load_is_one_line(run, capsys):
@@ -565,3 +573,42 @@ def test_a_split_the_data_lacks_and_an_image_root_elsewhere(checkpoint, tmp_path
     out = tmp_path / "r.json"
     assert evaluate([*base, *data, "--image-root", str(images), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n"] == 30
+
+
+def test_flag_refusals_and_defaults_word_for_word(checkpoint, tmp_path, capsys):
+    base = ["--model", "roli.models.small:small_cnn", "--dataset", "digits", "--n-ex", "60", "--checkpoint",
+            str(checkpoint)]  # fmt: skip
+    cases = [
+        (["--eps", "0"], "--step-size must be > 0 (with --eps 0, give --step-size explicitly)"),
+        (["--num-classes", "1"], "--num-classes must be >= 2; got 1"),
+        (["--num-classes", "2"], "--num-classes 2 but the labels go up to 9"),  # 2 is a class count: the labels decide
+        (["--input-size", "0"], "--input-size must be >= 1; got 0"),
+        (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "--mean/--std have 2 channels but the images have 1"),
+        (["--stage", "alp"], "--stage goes with --run"),
+        (["--aa-state", str(checkpoint)], f"--aa-state: {checkpoint} is a file; give a directory (one state file per "
+                                          "batch goes there)"),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+    for extra, message in cases:
+        assert evaluate([*base, *extra]) == 2, extra
+        assert one_line(capsys, ERR) == f"{ERR}{message}", extra
+    for partial in (base[:2], base[2:4]):
+        assert evaluate(partial) == 2
+        assert one_line(capsys, ERR) == f"{ERR}give --model and --dataset (or --run RUN_DIR)"
+    (tmp_path / "aa").mkdir()
+    (tmp_path / "aa" / "batch0.pt").write_bytes(b"not a state")
+    assert evaluate([*base, "--aa-state", str(tmp_path / "aa"), "--autoattack", "standard"]) == 2
+    assert one_line(capsys, ERR).startswith(f"{ERR}--aa-state: ")
+    out = tmp_path / "r.json"
+    assert evaluate([*base, "--eps", "0", "--attack", "none", "--out", str(out)]) == 0  # no attack: no step needed
+    bits = {}
+    for name, extra in (("default", []), ("quarter", ["--step-size", "0.025"])):  # default step: eps / 4
+        assert evaluate([*base, "--eps", "0.1", "--steps", "3", *extra, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        bits[name] = res["per_example"]["pgd"]
+        assert 0 <= res["seconds"] < 600 and res["seconds"] == round(res["seconds"], 2)
+    assert bits["default"] == bits["quarter"]
+    assert list(json.loads(out.read_text())["attacks"]) == ["PGD-3 (linf, eps=0.1)"]
+    assert evaluate([*base, "--out", str(out)]) == 0  # the defaults: PGD-10 at 8/255
+    assert list(json.loads(out.read_text())["attacks"]) == ["PGD-10 (linf, eps=8/255)"]
