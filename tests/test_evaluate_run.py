@@ -266,6 +266,7 @@ def test_the_results_name_each_attack_as_run(checkpoint, tmp_path):
     res = json.loads(out.read_text())
     assert list(res["attacks"]) == ["PGD-2 (linf, eps=8/255, 2 restarts)"]
     assert list(res["eps_sweep"]) == ["0.0313725", "0.05"]
+    assert 1 >= res["eps_sweep"]["0.0313725"] >= res["eps_sweep"]["0.05"] >= 0  # fractions, falling with the budget
     # scored as the reference scores: per batch of its 64 examples, whatever the evaluation's batch
     assert list(res["attacks_reference_scoring"]) == ["PGD-2 reference scoring (per batch of 64)"]
     assert list(res["per_example"]) == ["clean", "pgd", "pgd_reference", "worst_case"]
@@ -512,8 +513,11 @@ def test_each_attack_setting_reaches_the_attack(checkpoint, tmp_path, capsys):
         assert evaluate([*base, *extra, "--out", str(out)]) == 0
         return json.loads(out.read_text())["per_example"]
 
-    default = bits()["pgd"]
+    first = bits()
+    default = first["pgd"]
     assert bits()["pgd"] == default
+    both = "".join("1" if c == p == "1" else "0" for c, p in zip(first["clean"], default, strict=True))
+    assert first["worst_case"] == both and "0" in default and default != first["clean"]  # PGD broke some
     for extra in (["--seed", "5"], ["--restarts", "2"], ["--loss", "dlr"]):
         changed = bits(*extra)["pgd"]
         assert changed != default and bits(*extra)["pgd"] == changed, extra
@@ -582,6 +586,7 @@ def test_flag_refusals_and_defaults_word_for_word(checkpoint, tmp_path, capsys):
         (["--eps", "0"], "--step-size must be > 0 (with --eps 0, give --step-size explicitly)"),
         (["--num-classes", "1"], "--num-classes must be >= 2; got 1"),
         (["--num-classes", "2"], "--num-classes 2 but the labels go up to 9"),  # 2 is a class count: the labels decide
+        (["--num-classes", "9"], "--num-classes 9 but the labels go up to 9"),
         (["--input-size", "0"], "--input-size must be >= 1; got 0"),
         (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "--mean/--std have 2 channels but the images have 1"),
         (["--stage", "alp"], "--stage goes with --run"),
@@ -612,3 +617,18 @@ def test_flag_refusals_and_defaults_word_for_word(checkpoint, tmp_path, capsys):
     assert list(json.loads(out.read_text())["attacks"]) == ["PGD-3 (linf, eps=0.1)"]
     assert evaluate([*base, "--out", str(out)]) == 0  # the defaults: PGD-10 at 8/255
     assert list(json.loads(out.read_text())["attacks"]) == ["PGD-10 (linf, eps=8/255)"]
+
+
+def test_autoattack_takes_four_classes(tmp_path):
+    from test_run_safety import make_npz
+
+    from roli.models.small import small_cnn
+
+    data = make_npz(tmp_path / "d.npz")  # 4 classes
+    torch.manual_seed(0)
+    torch.save({"state_dict": small_cnn(4, 1).state_dict()}, tmp_path / "four.pt")
+    argv = ["--model", "roli.models.small:small_cnn", "--checkpoint", str(tmp_path / "four.pt"), "--dataset",
+            f"npz:{data}", "--n-ex", "4", "--eps", "1", "--steps", "1", "--autoattack", "standard",
+            "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert evaluate(argv) == 0
+    assert "AutoAttack-standard (linf, eps=255/255)" in json.loads((tmp_path / "r.json").read_text())["attacks"]
