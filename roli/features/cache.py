@@ -131,7 +131,14 @@ class FeatureCache:
         return (self.path(key) / "meta.json").is_file()
 
     def invalidate(self, key: str) -> None:
-        shutil.rmtree(self.path(key), ignore_errors=True)
+        """The entry `key` (roli's own folder) renamed out of the way, then removed: a reader never sees it half
+        deleted, and a new entry can take its place at once."""
+        aside = self.root / f".removing-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path(key), aside)
+        except OSError:  # absent, or another process set it aside (or replaced it) first
+            return
+        shutil.rmtree(aside, ignore_errors=True)
 
     def load(self, key: str) -> Features:
         """The entry `key` as written: ValueError naming what is wrong when its files are not the ones recorded."""
@@ -154,17 +161,16 @@ class FeatureCache:
         """The cached features of (model, data, split, dtype), computed and stored on a miss (and in place of a
         damaged entry)."""
         key, desc = cache_key(model, data, split, dtype)
+        rank, world = rank_world()
         if self.valid(key):
             try:
                 return self.load(key)
             except ValueError as e:
-                rank, world = rank_world()
                 if world > 1:
                     dist.barrier()  # every rank has read the entry (and found it damaged) before rank 0 moves it
                 if rank == 0:
                     log.warning("%s: computing the features again", e)
-                    self._set_aside(key)
-        rank, world = rank_world()
+                    self.invalidate(key)
         tmp = self.root / f".tmp-{key}"
         if world == 1:
             tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -202,12 +208,3 @@ class FeatureCache:
             os.rename(tmp, final)  # atomic: the entry appears complete or not at all
         except OSError:  # another process committed the same key first
             shutil.rmtree(tmp, ignore_errors=True)
-
-    def _set_aside(self, key: str) -> None:
-        """A damaged entry (roli's own folder) renamed out of the way, then removed: a new one takes its place."""
-        aside = self.root / f".damaged-{key}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(self.path(key), aside)
-        except OSError:  # another process set it aside (or replaced it) first
-            return
-        shutil.rmtree(aside, ignore_errors=True)
