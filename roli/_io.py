@@ -173,6 +173,29 @@ def plain_file(folder: Path, rel, kind: int = stat.S_IFREG) -> bool:
     return stat.S_IFMT(mode) == kind
 
 
+def lock_file(path: str | Path, shared: bool = False, wait: bool = True) -> int | None:
+    """An open descriptor of `path` (created 0644 if absent) holding an flock on it: shared or exclusive, waited for
+    or (wait=False) None when another process holds a conflicting one. Never through a symlink, never a folder
+    (ValueError). The kernel drops the lock when the descriptor is closed or the process ends, however it ends."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be a lock file ({e.strerror}): move it away") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a plain file, so not a lock file: move it away")
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if not wait and e.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type when the message is empty."""
     text = str(e).strip()

@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 from conftest import adversarially_train
+from torch import nn
 
 import roli
 from roli.attacks import robust_accuracy
-from roli.data.arrays import digits
+from roli.data.arrays import ArrayData, digits
 from roli.features import FeatureCache, compute_features, train_linear_probe, train_linear_probes
 from roli.models import NormalizedModel, create_classifier, load_checkpoint
 from roli.models.small import small_cnn
@@ -198,6 +199,90 @@ def test_killed_writer_leaves_no_valid_entry(tmp_path):
             proc.kill()
     entries = [d for d in root.iterdir() if not d.name.startswith(".tmp-")]
     assert entries == [] and not list(root.glob("*/meta.json"))
+    left = list(root.glob(".tmp-*"))
+    assert len(left) == 1 and (left[0] / "features.npy").exists() is False  # killed while computing
+    # the next miss (any key) removes the folder the killed writer left: its lock is nobody's now
+    x = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    model = create_classifier(nn.Flatten(), 2, mean=None, std=None, feat_dim=16)
+    FeatureCache(root).get(model, ArrayData(x, torch.tensor([0, 1] * 3), 2, "other"), "train")
+    assert not left[0].exists() and not list(root.glob(".tmp-*"))
+    assert len(list(root.glob("*/meta.json"))) == 1
+
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def _leftover(root, name, files=("features.npy", "meta.json"), age=0.0):
+    d = root / name
+    d.mkdir(parents=True)
+    for f in files:
+        (d / f).write_bytes(os.urandom(16))
+    if age:
+        os.utime(d, (time.time() - age, time.time() - age))
+    return d
+
+
+def test_sweep_removes_only_what_dead_writers_left(tmp_path):
+    from roli._io import lock_file
+
+    root = tmp_path / "cache"
+    dead = _leftover(root, f".tmp-{KEY}-0badc0de", files=("features.npy", ".lock", "shard1.pt"))
+    removing = _leftover(root, f".removing-{KEY}-00000001", files=("features.npy", "labels.npy", "meta.json"), age=61)
+    old_roli = _leftover(root, f".tmp-{KEY}", files=("shard0.pt",), age=3600)  # an earlier roli's: no lock
+    live = _leftover(root, f".tmp-{KEY}-11111111", files=("features.npy", ".lock"), age=3600)
+    fresh = _leftover(root, f".removing-{KEY}-00000002", files=("meta.json",), age=5)  # being removed right now
+    users = _leftover(root, f".tmp-{KEY}-22222222", files=("features.npy", ".lock", "notes.txt"), age=3600)
+    other_name = _leftover(root, f".tmp-{KEY}-XYZ", files=("features.npy",), age=3600)
+    kept_by_caller = _leftover(root, f".tmp-{KEY}-33333333", files=(".lock",), age=3600)
+    target = _leftover(tmp_path, "elsewhere", files=("features.npy",), age=3600)
+    (root / f".tmp-{KEY}-44444444").symlink_to(target)
+    entry = _leftover(root, KEY, files=("features.npy", "labels.npy", "meta.json"), age=3600)
+    fd = lock_file(live / ".lock", shared=True)  # a writer at work (its own open file: flock conflicts in-process)
+    try:
+        removed = FeatureCache(root).sweep(keep=kept_by_caller.name)
+    finally:
+        os.close(fd)
+    assert sorted(removed) == sorted([dead, removing, old_roli])
+    assert not dead.exists() and not removing.exists() and not old_roli.exists()
+    for d in (live, fresh, users, other_name, kept_by_caller, entry, target):
+        assert d.is_dir() and os.listdir(d), d
+    assert (root / f".tmp-{KEY}-44444444").is_symlink() and (target / "features.npy").is_file()
+    assert FeatureCache(root).sweep(keep=kept_by_caller.name) == [live]  # its writer gone now
+    assert FeatureCache(tmp_path / "absent").sweep() == []
+
+
+def test_an_error_while_computing_leaves_no_folder(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("out of memory (a stand-in)")
+
+    x = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    model = create_classifier(Broken(), 2, mean=None, std=None, feat_dim=16)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        FeatureCache(tmp_path).get(model, ArrayData(x, torch.tensor([0, 1] * 3), 2, "d"), "train")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_writer_holds_its_folders_lock_and_the_entry_has_none(tmp_path, monkeypatch):
+    from roli._io import lock_file
+    from roli.features import cache as C
+
+    seen = []
+    real = C.compute_features
+
+    def spy(model, data, *args):
+        (tmp,) = tmp_path.glob(".tmp-*")
+        seen.append(lock_file(tmp / ".lock", wait=False))  # None: the writer holds it
+        return real(model, data, *args)
+
+    monkeypatch.setattr(C, "compute_features", spy)
+    x = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    model = create_classifier(nn.Flatten(), 2, mean=None, std=None, feat_dim=16)
+    got = FeatureCache(tmp_path).get(model, ArrayData(x, torch.tensor([0, 1] * 3), 2, "d"), "train")
+    assert seen == [None]
+    assert sorted(os.listdir(tmp_path)) == [got.key]
+    assert sorted(os.listdir(tmp_path / got.key)) == ["features.npy", "labels.npy", "meta.json"]
+    assert torch.equal(got.x, x.reshape(6, 16).float() / 255)
 
 
 def test_torchrun_shards_assemble_once(transfer, tmp_path):
@@ -207,7 +292,7 @@ def test_torchrun_shards_assemble_once(transfer, tmp_path):
     script.write_text(textwrap.dedent(
         f"""
         import torch, torch.distributed as dist
-        from roli.data.arrays import digits
+        from roli.data.arrays import ArrayData, digits
         from roli.features import FeatureCache
         from roli.models import create_classifier
         from roli.models.small import small_cnn

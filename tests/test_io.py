@@ -89,3 +89,29 @@ def test_error_texts_name_what_failed(tmp_path):
         torch.save(other, bad)
         with pytest.raises(ValueError, match=f"^{bad} is not a training state$"):
             _io.load_tagged(bad, "roli-state-1", "training state")
+
+
+def test_lock_file_shared_and_exclusive_and_never_through_a_link(tmp_path):
+    path = tmp_path / "x.lock"
+    a = _io.lock_file(path, shared=True)
+    b = _io.lock_file(path, shared=True)  # shared locks share (two open files: flock conflicts in one process too)
+    assert _io.lock_file(path, wait=False) is None  # an exclusive one waits for both
+    os.close(a)
+    assert _io.lock_file(path, wait=False) is None
+    os.close(b)
+    c = _io.lock_file(path, wait=False)
+    assert c is not None and _io.lock_file(path, shared=True, wait=False) is None
+    os.close(c)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644 & ~_io.umask())
+    target = tmp_path / "users.txt"
+    target.write_text("mine")
+    (tmp_path / "link.lock").symlink_to(target)
+    with pytest.raises(ValueError, match=r"^.*link\.lock cannot be a lock file \(.*\): move it away$"):
+        _io.lock_file(tmp_path / "link.lock")
+    (tmp_path / "dir.lock").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.lock cannot be a lock file \(Is a directory\): move it away$"):
+        _io.lock_file(tmp_path / "dir.lock")
+    os.mkfifo(tmp_path / "fifo.lock")
+    with pytest.raises(ValueError, match=r"fifo\.lock is not a plain file, so not a lock file: move it away$"):
+        _io.lock_file(tmp_path / "fifo.lock", wait=False)
+    assert target.read_text() == "mine"

@@ -467,3 +467,64 @@ def test_a_run_with_autoattack_prints_its_column(tmp_path, capsys):
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage |"))
     assert header.endswith("| test PGD-1 (ref. scoring) | AutoAttack |")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["alp"]["test"]["autoattack"] == 0.0
+
+
+def _stand_in_pretraining(calls, started=None, release=None):
+    def stand_in(cfg, announce=True):
+        calls.append(cfg.run_dir)
+        best = Path(cfg.run_dir) / "pretrain" / "best.pt"
+        best.parent.mkdir(parents=True)
+        torch.save({"state_dict": {"backbone.w": torch.randn(3), "head.weight": torch.randn(2, 3)}}, best)
+        if started is not None:
+            started.set()
+            assert release.wait(60)
+        return {}
+
+    return stand_in
+
+
+def test_two_first_demos_at_once_train_the_source_backbone_once(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    import roli.training.demo  # noqa: F401
+
+    demo = sys.modules["roli.training.demo"]
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path))
+    calls, started, release, out = [], threading.Event(), threading.Event(), {}
+    monkeypatch.setattr(demo, "run", _stand_in_pretraining(calls, started, release))
+    first = threading.Thread(target=lambda: out.setdefault("first", demo.source_backbone(epochs=2)))
+    first.start()
+    try:
+        assert started.wait(60)
+        second = threading.Thread(target=lambda: out.setdefault("second", demo.source_backbone(epochs=2)))
+        second.start()
+        time.sleep(1.0)  # the second has started: it waits, neither training nor clearing the first's folder
+        assert len(calls) == 1 and (Path(calls[0]) / "pretrain" / "best.pt").is_file()
+        assert "second" not in out
+    finally:
+        release.set()
+        first.join(60)
+    second.join(60)
+    assert out["first"] == out["second"] and len(calls) == 1
+    assert list(torch.load(out["first"], weights_only=True)) == ["backbone.w"]
+    printed = capsys.readouterr().out
+    assert printed.count("1/3 adversarially pretraining") == 1
+    assert "another process is training the robust source backbone in " in printed and "cached at" in printed
+    assert sorted(p.name for p in out["first"].parent.iterdir()) == [".lock", "backbone.pt"]
+
+
+def test_a_damaged_cached_source_backbone_is_trained_again(tmp_path, monkeypatch, capsys):
+    import roli.training.demo  # noqa: F401
+
+    demo = sys.modules["roli.training.demo"]
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(demo, "run", _stand_in_pretraining(calls))
+    weights = demo.source_backbone(epochs=2)
+    assert demo.source_backbone(epochs=2) == weights and len(calls) == 1  # cached
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short (a full disk, a copy)
+    capsys.readouterr()
+    assert demo.source_backbone(epochs=2) == weights and len(calls) == 2
+    assert "the cached source backbone is unreadable (" in capsys.readouterr().out
+    assert list(torch.load(weights, weights_only=True)) == ["backbone.w"]

@@ -15,6 +15,11 @@ reads as valid. meta.json records the sha256 of both arrays' files: an entry who
 replaced since (a full disk, a copy, an edit) is computed again, with a warning, never read. Under torchrun each
 rank computes its shard; rank 0 assembles the entry once.
 
+What a killed writer leaves (its ".tmp-<key>..." folder, a ".removing-<key>-..." folder whose removal was cut short)
+is removed by the next miss (sweep): a writer holds a shared flock on ".lock" in its folder for as long as it writes,
+so a folder whose lock can be taken is nobody's. Only folders of those names that hold nothing but the files roli
+writes there are removed.
+
 Root: $ROLI_CACHE_DIR/features, else ~/.cache/roli/features.
 """
 
@@ -24,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +44,14 @@ import roli
 from roli import _env
 from roli._amp import autocast_for
 from roli._dist import rank_world
-from roli._io import file_sha256, hash_tensors
+from roli._io import file_sha256, hash_tensors, lock_file
 
 DTYPES = ("fp32", "bf16")
 FILES = ("features.npy", "labels.npy")
+LOCK = ".lock"  # in a folder being written: a shared flock held by each writer (every rank under torchrun)
+LEFTOVER = re.compile(r"\.(?:tmp|removing)-[0-9a-f]{32}(?:-[0-9a-f]{8})?")  # the folders a killed writer leaves
+WRITTEN = re.compile(r"features\.npy|labels\.npy|meta\.json|shard\d+\.pt|\.lock")  # what roli writes in them
+QUIET_FOR = 60.0  # seconds: a folder without a lock (an earlier roli's, or being removed) this long untouched is stale
 log = logging.getLogger("roli.features")
 
 
@@ -140,6 +151,33 @@ class FeatureCache:
             return
         shutil.rmtree(aside, ignore_errors=True)
 
+    def sweep(self, keep: str | None = None) -> list[Path]:
+        """Remove the folders killed writers left in the root (see the module docstring), except `keep` (a name this
+        process is about to write in). Returns what was removed."""
+        removed = []
+        for d in sorted(self.root.glob(".*-*")) if self.root.is_dir() else []:
+            if d.name == keep or not LEFTOVER.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
+                continue
+            try:
+                names = os.listdir(d)
+                if not all(WRITTEN.fullmatch(n) and (d / n).is_file() and not (d / n).is_symlink() for n in names):
+                    continue  # something roli does not write there: not touched
+                if LOCK in names:
+                    fd = lock_file(d / LOCK, wait=False)
+                    if fd is None:
+                        continue  # a writer is at work
+                    os.close(fd)
+                elif time.time() - d.stat().st_mtime < QUIET_FOR:
+                    continue  # just created (its writer takes its lock next), or another process removing it
+                for n in names:
+                    (d / n).unlink(missing_ok=True)
+                d.rmdir()
+            except (OSError, ValueError):  # gone meanwhile, or a file appeared: left for a later sweep
+                continue
+            log.info("feature cache: removed %s, left by a writer that did not finish", d)
+            removed.append(d)
+        return removed
+
     def load(self, key: str) -> Features:
         """The entry `key` as written: ValueError naming what is wrong when its files are not the ones recorded."""
         d = self.path(key)
@@ -174,9 +212,27 @@ class FeatureCache:
         tmp = self.root / f".tmp-{key}"
         if world == 1:
             tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        if rank == 0:
+            self.sweep(keep=tmp.name)
         tmp.mkdir(parents=True, exist_ok=True)
+        fd = lock_file(tmp / LOCK, shared=True)  # held while this process writes: no sweep removes the folder
+        try:
+            x, y = self._write(key, desc, tmp, model, data, (batch_size, dtype, device))
+        except BaseException:
+            if world == 1:
+                shutil.rmtree(tmp, ignore_errors=True)  # an error or ^C: nothing left behind
+            raise
+        finally:
+            os.close(fd)
+        if rank:
+            loaded = self.load(key)
+            return Features(loaded.x, loaded.y, key, hit=False)
+        return Features(x, y, key, hit=False)
+
+    def _write(self, key, desc, tmp: Path, model, data, how) -> tuple[torch.Tensor, torch.Tensor]:
+        rank, world = rank_world()
         shard = torch.arange(len(data)).tensor_split(world)[rank]
-        x, y = compute_features(model, data, batch_size, dtype, device, shard)
+        x, y = compute_features(model, data, *how, shard)
         if world > 1:
             torch.save({"x": x, "y": y}, tmp / f"shard{rank}.pt")
             dist.barrier()
@@ -187,10 +243,7 @@ class FeatureCache:
             self._commit(key, desc, tmp, x, y)
         if world > 1:
             dist.barrier()
-        if rank:
-            loaded = self.load(key)
-            return Features(loaded.x, loaded.y, key, hit=False)
-        return Features(x, y, key, hit=False)
+        return x, y
 
     def _commit(self, key, desc, tmp: Path, x: torch.Tensor, y: torch.Tensor) -> None:
         out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=tuple(x.shape))
@@ -201,8 +254,8 @@ class FeatureCache:
         sha = {name: file_sha256(tmp / name) for name in FILES}
         meta = {**desc, "n": len(y), "dim": int(x.shape[1]), "sha256": sha}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.glob("shard*.pt"):
-            f.unlink()
+        for f in [*tmp.glob("shard*.pt"), tmp / LOCK]:
+            f.unlink(missing_ok=True)  # the lock too (the writers' descriptors still hold it): not part of the entry
         final = self.path(key)
         try:
             os.rename(tmp, final)  # atomic: the entry appears complete or not at all

@@ -11,9 +11,11 @@ that resolution). Whatever the comparison shows is printed; RoLI's gain depends 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,8 +24,9 @@ import torch
 
 import roli
 from roli import _env
-from roli._io import save_json, save_torch
+from roli._io import lock_file, save_json, save_torch
 from roli.config import TrainConfig
+from roli.models import read_state_dict
 from roli.training.run import run
 
 COMMON = dict(
@@ -46,17 +49,43 @@ def source_backbone(epochs: int = 15) -> Path:
     ).hexdigest()[:16]
     base = _env.cache_root() / "demo" / key
     weights = base / "backbone.pt"
-    if weights.is_file():
-        print(f"robust source backbone (digits 0-4): cached at {weights}")
-        return weights
-    print("1/3 adversarially pretraining the source backbone on digits 0-4 (cached for later runs) ...")
-    work = base / "run"
-    shutil.rmtree(work, ignore_errors=True)  # an interrupted earlier attempt, inside roli's own cache
-    run(dataclasses.replace(cfg, run_dir=str(work)), announce=False)
-    state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
-    save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
-    shutil.rmtree(work, ignore_errors=True)
+    with _training_lock(base):
+        if _readable(weights):
+            print(f"robust source backbone (digits 0-4): cached at {weights}")
+            return weights
+        print("1/3 adversarially pretraining the source backbone on digits 0-4 (cached for later runs) ...")
+        work = base / "run"
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted earlier attempt (the lock says none is running)
+        run(dataclasses.replace(cfg, run_dir=str(work)), announce=False)
+        state = torch.load(work / "pretrain" / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
+        save_torch({k: v for k, v in state.items() if k.startswith("backbone.")}, weights)  # the backbone only
+        shutil.rmtree(work, ignore_errors=True)
     return weights
+
+
+@contextlib.contextmanager
+def _training_lock(base: Path):
+    """One process trains the source backbone; a second one started meanwhile waits for it, then finds it cached."""
+    base.mkdir(parents=True, exist_ok=True)
+    fd = lock_file(base / ".lock", wait=False)
+    if fd is None:
+        print(f"another process is training the robust source backbone in {base}: waiting for it ...", flush=True)
+        fd = lock_file(base / ".lock")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _readable(weights: Path) -> bool:
+    if not weights.is_file():
+        return False
+    try:
+        read_state_dict(weights)
+        return True
+    except ValueError as e:  # roli's own cache file, damaged since: made again
+        print(f"the cached source backbone is unreadable ({e}): training it again")
+        return False
 
 
 def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 15) -> dict:
