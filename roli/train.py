@@ -421,10 +421,7 @@ def _worker_error(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        from roli.training.demo import run_demo
-
-        run_demo()
-        return 0
+        return _demo()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_configs:
@@ -441,6 +438,24 @@ def main(argv: list[str] | None = None) -> int:
         return _main(parser, args)
     finally:
         D.shutdown()  # a gloo group left alive at exit aborts the process
+
+
+def _demo() -> int:
+    from roli.training.demo import run_demo
+
+    me = prog("train")
+    try:
+        run_demo()
+    except BadValue as e:
+        print(f"{me}: error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:  # its runs saved their state; the demonstration starts over (the source stays cached)
+        print(f"{me}: the demonstration was {e}; run `{me}` again to start it over", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLoss as e:
+        print(f"{me}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _main(parser, args) -> int:

@@ -528,3 +528,78 @@ def test_a_damaged_cached_source_backbone_is_trained_again(tmp_path, monkeypatch
     assert demo.source_backbone(epochs=2) == weights and len(calls) == 2
     assert "the cached source backbone is unreadable (" in capsys.readouterr().out
     assert list(torch.load(weights, weights_only=True)) == ["backbone.w"]
+
+
+def test_the_demo_makes_its_folder_first_and_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    import roli.training.demo  # noqa: F401
+
+    demo = sys.modules["roli.training.demo"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("trained before its folder was made"))
+    monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20260101-000000")
+    (tmp_path / "runs").write_text("a user's file")
+    assert train([]) == 2
+    assert one_line(capsys, "") == (
+        "python -m roli.train: error: demo: cannot create runs/roli-demo-20260101-000000: runs is a file, not a "
+        "folder; run it from another directory"
+    )
+    assert (tmp_path / "runs").read_text() == "a user's file" and not (tmp_path / "cache").exists()
+
+
+def test_two_demos_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    import roli.training.demo  # noqa: F401
+
+    demo = sys.modules["roli.training.demo"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20260101-000000")
+    made = [demo.demo_dir() for _ in range(3)]
+    assert made == [Path("runs/roli-demo-20260101-000000"), Path("runs/roli-demo-20260101-000000-2"),
+                    Path("runs/roli-demo-20260101-000000-3")]  # fmt: skip
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+    real, raced = Path.exists, []
+
+    def exists_then_raced(self, *a, **k):  # another demonstration makes the folder just after this one looked
+        got = real(self, *a, **k)
+        if self.name == "roli-demo-20260101-000000-4" and not raced:
+            raced.append(self.mkdir())
+        return got
+
+    monkeypatch.setattr(Path, "exists", exists_then_raced)
+    assert demo.demo_dir() == Path("runs/roli-demo-20260101-000000-5") and raced == [None]
+    monkeypatch.setattr(Path, "exists", real)
+    (tmp_path / "given").mkdir()
+    assert demo.demo_dir(str(tmp_path / "given")) == tmp_path / "given"  # an empty folder is taken
+    assert demo.demo_dir(str(tmp_path / "new" / "demo")).is_dir()
+    (tmp_path / "given" / "mine.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for bad in ("given", "given/mine.txt", "link"):
+        with pytest.raises(BadValue, match=rf"^demo: {tmp_path / bad} exists and is not an empty folder; give a new"):
+            demo.demo_dir(str(tmp_path / bad))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_an_interrupted_demo_says_so_in_one_line(monkeypatch, capsys):
+    import signal
+
+    import roli.training.demo  # noqa: F401
+    from roli.training.loop import Interrupted, NonFiniteLoss
+
+    demo = sys.modules["roli.training.demo"]
+
+    def interrupted(*a, **k):
+        raise Interrupted(signal.SIGTERM, Path("runs/x/lp"))
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert train([]) == 128 + signal.SIGTERM
+    assert one_line(capsys, "") == (
+        "python -m roli.train: the demonstration was interrupted by SIGTERM; run `python -m roli.train` again to "
+        "start it over"
+    )
+
+    def diverged(*a, **k):
+        raise NonFiniteLoss("the loss is nan at epoch 3")
+
+    monkeypatch.setattr(demo, "run_demo", diverged)
+    assert train([]) == 1
+    assert one_line(capsys, "") == "python -m roli.train: error: the loss is nan at epoch 3"

@@ -24,6 +24,7 @@ import torch
 
 import roli
 from roli import _env
+from roli._cli import BadValue
 from roli._io import lock_file, save_json, save_torch
 from roli.config import TrainConfig
 from roli.models import read_state_dict
@@ -88,9 +89,43 @@ def _readable(weights: Path) -> bool:
         return False
 
 
+def demo_dir(run_dir: str | None = None) -> Path:
+    """The demonstration's folder, made now, before anything trains: `run_dir` when it is new or an empty folder,
+    else a new runs/roli-demo-<time>[-n] (two demonstrations started in the same second get two). BadValue when it
+    cannot be made."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise BadValue(f"demo: {path} exists and is not an empty folder; give a new one")
+        return _made(path, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = Path("runs") / (f"roli-demo-{stamp}" if n == 1 else f"roli-demo-{stamp}-{n}")
+        if not path.exists() and not path.is_symlink():
+            try:
+                return _made(path, exist_ok=False)
+            except BadValue:
+                if not path.exists():  # anything but a folder made meanwhile by another demonstration
+                    raise
+    raise BadValue(f"demo: runs/roli-demo-{stamp}-1..999 all exist; move some away")
+
+
+def _made(path: Path, exist_ok: bool) -> Path:
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise BadValue(f"demo: cannot create {path}: {base} is a file, not a folder; run it from another directory")
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except OSError as e:
+        raise BadValue(f"demo: cannot create {path} ({e.strerror}); run it from a writable directory") from None
+    return path
+
+
 def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 15) -> dict:
     t0 = time.time()
-    run_dir = Path(run_dir or f"runs/roli-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = demo_dir(run_dir)
     weights = source_backbone(source_epochs)
     target = dict(COMMON, classes="5-9", checkpoint=str(weights))
     print("2/3 clean linear probing on digits 5-9 (through the feature cache) ...")
