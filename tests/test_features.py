@@ -60,6 +60,7 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
     first = cache.get(model, train, "train")
     again = cache.get(model, train, "train")
     assert not first.hit and again.hit and torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    assert again.key == first.key == sorted(p.name for p in tmp_path.iterdir())[0]
     torch.testing.assert_close(first.x, compute_features(model, train)[0])
     keys = {first.key}
 
@@ -73,6 +74,8 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
         changed.backbone.features[0].weight[0, 0, 0, 0] += 1e-3  # another checkpoint
     miss(m=changed)
     miss(m=create_classifier(copy.deepcopy(net), 5, mean=(0.5,), std=(0.25,)))  # preprocessing
+    miss(m=create_classifier(copy.deepcopy(net), 5, mean=(0.5,), std=(0.3,)))  # its std alone
+    miss(m=create_classifier(copy.deepcopy(net), 5, mean=(0.6,), std=(0.3,)))  # its mean alone
     miss(m=create_classifier(copy.deepcopy(net), 5, input_size=16))  # resize inside the model
     other = copy.deepcopy(train)
     other.x[0, 0, 0, 0] ^= 1  # one pixel: another dataset
@@ -87,7 +90,7 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
     assert not cache.get(model, train, "train").hit
 
 
-@pytest.mark.parametrize("damage", ["truncated", "replaced", "labels", "meta", "shape"])
+@pytest.mark.parametrize("damage", ["truncated", "replaced", "labels", "meta", "shape", "short labels"])
 def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage, caplog):
     """Files of an entry cut short (a full disk), replaced by other numbers of the same size (an edit, a copy),
     meta.json unreadable, or arrays of another shape than recorded: the features are computed again, with a
@@ -117,10 +120,14 @@ def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage
         np.save(entry / "labels.npy", np.load(entry / "labels.npy")[::-1].copy())
     elif damage == "meta":
         (entry / "meta.json").write_text("{not json")
-    else:  # an entry of an earlier roli (no sha256) whose arrays are not the recorded size
+    elif damage == "shape":  # an entry of an earlier roli (no sha256) whose arrays are not the recorded size
         del meta["sha256"]
         meta["n"] += 1
         (entry / "meta.json").write_text(json.dumps(meta))
+    else:  # an earlier roli's entry whose labels alone are cut short
+        del meta["sha256"]
+        (entry / "meta.json").write_text(json.dumps(meta))
+        np.save(entry / "labels.npy", np.load(entry / "labels.npy")[:-1].copy())
     with caplog.at_level(logging.WARNING, logger="roli.features"):
         again = cache.get(model, train, "train")
     assert not again.hit and torch.equal(again.x, expected)
@@ -128,6 +135,9 @@ def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage
     assert line.startswith(f"feature cache entry {entry} is damaged (") and line.endswith(
         ": computing the features again"
     )
+    if damage in ("truncated", "replaced", "labels"):
+        name = "labels.npy" if damage == "labels" else "features.npy"
+        assert f"is damaged ({name} is not the file written there (its sha256 differs))" in line
     assert cache.get(model, train, "train").hit  # whole again
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.key]  # nothing left beside it
 
@@ -144,6 +154,16 @@ def test_an_entry_of_an_earlier_roli_without_digests_is_read(transfer, tmp_path)
     (tmp_path / first.key / "meta.json").write_text(json.dumps(meta))
     again = cache.get(model, train, "train")
     assert again.hit and torch.equal(again.x, first.x)
+
+
+def test_a_transform_without_a_train_flag_is_cached(transfer):
+    from roli.features.cache import cache_key
+
+    net, train, _, _ = transfer
+    view = copy.copy(train)
+    view.transform = "Resize(8) (a user's transform: no .train attribute)"
+    key, desc = cache_key(classifier(net), view, "train", "fp32")
+    assert desc["transform"] == repr(view.transform) and len(key) == 32
 
 
 def test_cache_refuses_random_augmentation(tmp_path):

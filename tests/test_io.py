@@ -115,3 +115,20 @@ def test_lock_file_shared_and_exclusive_and_never_through_a_link(tmp_path):
     with pytest.raises(ValueError, match=r"fifo\.lock is not a plain file, so not a lock file: move it away$"):
         _io.lock_file(tmp_path / "fifo.lock", wait=False)
     assert target.read_text() == "mine"
+
+
+def test_a_folder_with_a_manifest_loses_only_the_temporaries_listed_there(tmp_path):
+    (tmp_path / "stage").mkdir()
+    for name in (".a.json.x1.tmp", "stage/.best.pt.x2.tmp", ".mine.b.tmp", "stage/.notes.c.tmp"):
+        (tmp_path / name).write_text("x")
+    for entry in ({"tmp": ".a.json.x1.tmp"}, {"tmp": "stage/.best.pt.x2.tmp"}, {"tmp": "stage/.gone.x3.tmp"},
+                  {"file": "a.json"}, {"tmp": "../outside.tmp"}):  # fmt: skip
+        _io.record(tmp_path, entry)
+    (tmp_path.parent / "outside.tmp").write_text("a user's")
+    removed = _io.remove_stale_temporaries(tmp_path, ours=lambda rel: True)
+    assert removed == [tmp_path / ".a.json.x1.tmp", tmp_path / "stage/.best.pt.x2.tmp"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.tmp")) == [
+        ".mine.b.tmp",
+        "stage/.notes.c.tmp",
+    ]
+    assert (tmp_path.parent / "outside.tmp").read_text() == "a user's"

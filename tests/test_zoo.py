@@ -196,6 +196,20 @@ def test_roli_reference_vit_checkpoint_is_evaluated_as_it_was_trained(tmp_path):
     torch.save({"model": state}, tmp_path / "lora.pth")
     with pytest.raises(ValueError, match="PEFT parameters roli cannot convert"):
         load_pretrained(create_classifier("ares_vit_b", 7, **REDUCED["vit"], img_size=224), tmp_path / "lora.pth")
+    del state["1.enc.transformer.encoder.layer.0.attn.query.lora_A"]
+    extra = {"1.enc.transformer.extra_norm.weight": torch.rand(48), **state}  # first: a name the conversion keeps
+    torch.save({"model": extra}, tmp_path / "extra.pth")
+    fresh = create_classifier("ares_vit_b", 7, **REDUCED["vit"], img_size=224)
+    with pytest.raises(ValueError, match=r"1 unexpected keys \(transformer\.extra_norm\.weight\)\. To load it anyway"):
+        load_pretrained(fresh, tmp_path / "extra.pth")
+    report = load_pretrained(fresh, tmp_path / "extra.pth", strict=False, keep_head=True)
+    assert report.unexpected == ["transformer.extra_norm.weight"] and report.missing == []
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), src(fresh.pre(x)), rtol=1e-5, atol=1e-5)  # every block loaded
+    del state["1.enc.transformer.encoder.layer.1.attn.key.bias"]
+    torch.save({"model": state}, tmp_path / "no_key.pth")
+    with pytest.raises(ValueError, match=r"^the RoLI reference ViT block 1 lacks some of attn\.query/key/value\.bias$"):
+        load_pretrained(fresh, tmp_path / "no_key.pth")
 
 
 def test_roli_reference_swin_checkpoint(tmp_path):
