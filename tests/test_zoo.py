@@ -332,6 +332,48 @@ def test_download_checks_the_sha256_and_lands_atomically(tmp_path, monkeypatch):
         zoo.fetch(REGISTRY["liu2023_swin_b"])
 
 
+def test_a_download_waits_for_another_and_clears_what_a_killed_one_left(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import os
+    import threading
+    import time
+    import urllib.request
+
+    from roli._io import lock_file
+    from roli.models import registry as zoo
+
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
+    payload = tmp_path / "published.pth"
+    payload.write_bytes(os.urandom(64))
+    entry = dataclasses.replace(REGISTRY["ares_vit_b"], url=payload.as_uri())
+    dest = zoo.cached_path(entry)
+    dest.parent.mkdir(parents=True)
+    name = entry.filename
+    killed, users = dest.parent / f".{name}.k1ll_d0w.tmp", dest.parent / f".{name}.notes.tmp"
+    other, link = dest.parent / ".other.pth.k1ll_d0w.tmp", dest.parent / f".{name}.l1nk_abc.tmp"
+    for p in (killed, users, other, tmp_path / "target"):
+        p.write_bytes(b"x")
+    link.symlink_to(tmp_path / "target")
+    assert zoo.fetch(entry) == dest and dest.read_bytes() == payload.read_bytes()
+    assert not killed.exists() and users.exists() and other.exists() and link.is_symlink()
+    assert (tmp_path / "target").read_bytes() == b"x"
+    dest.unlink()
+    fd = lock_file(dest.parent / f".{name}.lock")  # another process is downloading it
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(zoo.fetch(entry)))
+    waiting.start()
+    try:
+        time.sleep(1.0)
+        assert got == []
+        dest.write_bytes(payload.read_bytes())  # the other process's download lands
+    finally:
+        os.close(fd)
+    waiting.join(60)
+    assert got == [dest] and dest.read_bytes() == payload.read_bytes()
+    assert f"ares_vit_b: another process is downloading {dest}: waiting for it ..." in capsys.readouterr().err
+
+
 # RobustBench's own preprocessing per ImageNet Linf entry (robustbench/model_zoo/imagenet.py and utils.py, read
 # 2026-12-04): normalize_model(ImageNet mean/std) or none, and the named test transform (data.py PREPROCESSINGS:
 # Res256Crop224 = bilinear Resize(256) + CenterCrop(224); BicubicRes256Crop224; Res224 = bilinear Resize(224)).

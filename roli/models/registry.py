@@ -16,11 +16,14 @@ repositories: thu-ml/ares (robust_training/README.md and its training script), R
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from roli import _env
-from roli._io import atomic_write
+from roli._io import TMP_SUFFIX, atomic_write, lock_file
 from roli.models.wrapper import IMAGENET_MEAN, IMAGENET_STD
 
 LINF_4 = ("Linf", 4 / 255, "4/255")
@@ -218,7 +221,8 @@ def _direct_url(url: str) -> str | None:
 
 def fetch(entry: Published, timeout: float = 60.0) -> Path:
     """Download an entry's file into the cache (atomically), checking its sha256 where the publisher gives
-    one. Raises ValueError with what to do instead when the host cannot be reached."""
+    one. Raises ValueError with what to do instead when the host cannot be reached. One process downloads a file at
+    a time (a lock beside it): a second one waits, then finds it there; what a killed download left is removed."""
     dest = cached_path(entry)
     url = _direct_url(entry.url or "")
     if url is None:
@@ -226,6 +230,27 @@ def fetch(entry: Published, timeout: float = 60.0) -> Path:
             f"{entry.name}: {entry.url} cannot be fetched by a plain download (Google Drive); fetch "
             f"it in a browser or with gdown and put it at {dest}"
         )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = dest.parent / f".{entry.filename}.lock"
+    fd = lock_file(lock, wait=False)
+    if fd is None:
+        print(f"{entry.name}: another process is downloading {dest}: waiting for it ...", file=sys.stderr, flush=True)
+        fd = lock_file(lock)
+    try:
+        if dest.is_file():
+            return dest  # downloaded meanwhile
+        killed = re.compile(rf"\.{re.escape(entry.filename)}\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+        for p in dest.parent.iterdir():  # atomic_write's temporaries of an earlier download of this file, killed
+            if killed.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+        data = _download(entry, url, dest, timeout)
+        atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+    finally:
+        os.close(fd)
+    return dest
+
+
+def _download(entry: Published, url: str, dest: Path, timeout: float) -> bytes:
     import urllib.request
 
     try:
@@ -238,8 +263,7 @@ def fetch(entry: Published, timeout: float = 60.0) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if entry.sha256 is not None and digest != entry.sha256:
         raise ValueError(f"{entry.name}: the download's sha256 is {digest}, the publisher's {entry.sha256}")
-    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
-    return dest
+    return data
 
 
 def resolve_checkpoint(model: str, checkpoint: str | None, download: bool = False) -> str | None:
