@@ -105,22 +105,45 @@ def _jit_build() -> None:
     _load(src, CPU_SOURCES, _env.ext_dir() / f"{tag}-cpu")
 
 
+BUILD_LOCK = ".roli-build.lock"  # an flock held by the roli process that builds or loads in a build folder
+TORCH_BATON = "lock"  # torch's own (cpp_extension's FileBaton): a file that exists while a build runs
+
+
 def _load(src: Path, names: tuple[str, ...], build_dir: Path) -> None:
+    """torch's just-in-time load, one roli process at a time per build folder. torch marks a build in progress by
+    the existence of a file, which a killed build (SIGKILL, SIGTERM, a closed terminal) leaves behind: every later
+    load would then wait for it forever. Under roli's flock no other roli process is building there, so that file
+    is a dead build's and is removed."""
     from torch.utils.cpp_extension import load
 
+    from roli._io import lock_file
+
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        print("roli: building the C++ extension just in time (first use only) ...", file=sys.stderr)
-    load(
-        name="roli_C",
-        sources=[str(src / s) for s in names],
-        extra_cflags=cpu_cflags(),
-        extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3", "-std=c++20"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=_env.verbose_build(),
-    )
+    fd = lock_file(build_dir / BUILD_LOCK, wait=False)
+    if fd is None:
+        print(
+            f"roli: another process is building the C++ extension in {build_dir}: waiting for it ...", file=sys.stderr
+        )
+        fd = lock_file(build_dir / BUILD_LOCK)
+    try:
+        baton = build_dir / TORCH_BATON
+        if baton.is_file() and not baton.is_symlink():
+            baton.unlink()
+            print(f"roli: removed {baton}, left by a build that was killed", file=sys.stderr)
+        if not any(build_dir.glob("*.so")):
+            print("roli: building the C++ extension just in time (first use only) ...", file=sys.stderr)
+        load(
+            name="roli_C",
+            sources=[str(src / s) for s in names],
+            extra_cflags=cpu_cflags(),
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3", "-std=c++20"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=_env.verbose_build(),
+        )
+    finally:
+        os.close(fd)
 
 
 def _register_fakes() -> None:

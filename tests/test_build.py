@@ -127,3 +127,73 @@ def test_jit_build_falls_back_to_the_cpu_kernels_when_the_cuda_build_fails(tmp_p
     env["ROLI_BUILD_CUDA"] = "1"  # asked for CUDA explicitly: the failure is an error, not a fallback
     forced = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
     assert forced.returncode != 0 and "ROLI_BUILD_CUDA=1" in forced.stderr
+
+
+def _torch_like_load(calls):
+    """torch.utils.cpp_extension.load's locking: its FileBaton, whose file left by a killed build makes it wait
+    forever (here: fail at once)."""
+    from torch.utils.file_baton import FileBaton
+
+    def load(name, sources, build_directory, **kw):
+        baton = FileBaton(os.path.join(build_directory, "lock"))
+        assert baton.try_acquire(), "torch would wait for this file forever"
+        try:
+            calls.append(build_directory)
+        finally:
+            baton.release()
+
+    return load
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch, capsys):
+    import threading
+
+    from torch.utils import cpp_extension
+
+    from roli import _ext
+    from roli._io import lock_file
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", _torch_like_load(calls))
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "lock").write_text("")  # a build killed before: torch's file, roli's flock free
+    _ext._load(_ext.source_dir(), _ext.CPU_SOURCES, build)
+    assert calls == [str(build)] and not (build / "lock").exists()
+    assert f"roli: removed {build / 'lock'}, left by a build that was killed" in capsys.readouterr().err
+    fd = lock_file(build / _ext.BUILD_LOCK)  # a live build in another process: roli's flock and torch's file
+    (build / "lock").write_text("")
+    waiting = threading.Thread(target=_ext._load, args=(_ext.source_dir(), _ext.CPU_SOURCES, build))
+    waiting.start()
+    try:
+        time.sleep(1.0)
+        assert calls == [str(build)] and (build / "lock").exists()  # waits; the live build's file stays
+    finally:
+        (build / "lock").unlink()  # the live build ends
+        os.close(fd)
+    waiting.join(60)
+    assert calls == [str(build)] * 2
+    err = capsys.readouterr().err
+    assert f"roli: another process is building the C++ extension in {build}: waiting for it ..." in err
+    assert "left by a build that was killed" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PATH"), reason="no PATH for the compiler")
+def test_a_build_killed_half_way_does_not_hang_the_next_process(tmp_path):
+    import signal
+
+    env = dict(os.environ, ROLI_EXT_DIR=str(tmp_path))
+    first = subprocess.Popen([sys.executable, "-c", CODE], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "building the C++ extension" in first.stderr.readline()
+        time.sleep(2.0)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert list(tmp_path.glob("*/lock")), "the killed build left no torch lock: nothing was tested"
+    second = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and second.stdout.startswith("ok"), second.stderr[-3000:]
+    assert "left by a build that was killed" in second.stderr
