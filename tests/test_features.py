@@ -61,6 +61,7 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
     again = cache.get(model, train, "train")
     assert not first.hit and again.hit and torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     assert again.key == first.key == sorted(p.name for p in tmp_path.iterdir())[0]
+    assert again.x.dtype == first.x.dtype == torch.float32 and again.y.dtype == torch.int64
     torch.testing.assert_close(first.x, compute_features(model, train)[0])
     keys = {first.key}
 
@@ -448,3 +449,25 @@ def test_alp_bf16_uses_channels_last_and_matches_fp32_roughly(transfer):
     (acc16, head16), (acc32, head32) = results["bf16"], results["fp32"]
     assert float((head16 - head32).norm() / head32.norm()) < 0.02
     assert abs(acc16 - acc32) <= 2 / len(val) + 1e-9
+
+
+def test_the_default_root_and_a_writer_that_lost_the_race(tmp_path, monkeypatch):
+    from roli.features import cache as C
+
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "base"))
+    assert FeatureCache().root == tmp_path / "base" / "features"
+    real = C.compute_features
+    x = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    data = ArrayData(x, torch.tensor([0, 1] * 3), 2, "d")
+    model = create_classifier(nn.Flatten(), 2, mean=None, std=None, feat_dim=16)
+    key, _ = C.cache_key(model, data, "train", "fp32")
+
+    def another_process_commits_first(*args):
+        (tmp_path / "c" / key).mkdir()
+        (tmp_path / "c" / key / "meta.json").write_text("{}")  # its entry (whatever it holds is its own)
+        return real(*args)
+
+    monkeypatch.setattr(C, "compute_features", another_process_commits_first)
+    got = FeatureCache(tmp_path / "c").get(model, data, "train")
+    assert torch.equal(got.x, x.reshape(6, 16).float() / 255) and not got.hit
+    assert os.listdir(tmp_path / "c") == [key] and os.listdir(tmp_path / "c" / key) == ["meta.json"]

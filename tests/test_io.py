@@ -132,3 +132,17 @@ def test_a_folder_with_a_manifest_loses_only_the_temporaries_listed_there(tmp_pa
         "stage/.notes.c.tmp",
     ]
     assert (tmp_path.parent / "outside.tmp").read_text() == "a user's"
+
+
+def test_hash_tensors_tells_shape_and_dtype_apart_from_equal_bytes():
+    import hashlib
+
+    def digest(*tensors):
+        h = hashlib.sha256()
+        _io.hash_tensors(h, tensors)
+        return h.hexdigest()
+
+    t = torch.randn(4, 6)
+    want = hashlib.sha256(b"(4, 6)torch.float32" + t.numpy().tobytes()).hexdigest()
+    assert digest(t) == want and digest(t.t().contiguous().t()) == want  # the values, whatever the layout
+    assert len({digest(t), digest(t.reshape(6, 4)), digest(t.view(torch.int32)), digest(t.reshape(24))}) == 4

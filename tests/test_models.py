@@ -233,6 +233,56 @@ def test_own_checkpoints_full_and_trainable_only(tmp_path, monkeypatch):
         load_checkpoint(create_classifier("vit_tiny_patch16_224", 7, **VIT), tmp_path / "full.pt")
 
 
+def test_own_checkpoints_that_do_not_fit_are_named_key_by_key(tmp_path):
+    from torch import nn
+
+    class Two(nn.Module):
+        def __init__(self, extra=False, width=3):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, width), nn.Linear(width, 2)
+            if extra:
+                self.c = nn.Linear(2, 2)
+
+    torch.manual_seed(0)
+    save_checkpoint(Two(), tmp_path / "two.pt")
+    save_checkpoint(Two(extra=True), tmp_path / "three.pt")
+    cases = {
+        "missing": (Two(extra=True), "two.pt", "2 missing (c.weight, c.bias), 0 unexpected (), 0 with other shapes ()"),
+        "unexpected": (Two(), "three.pt", "0 missing (), 2 unexpected (c.weight, c.bias), 0 with other shapes ()"),
+        "shapes": (Two(width=4), "two.pt", "0 missing (), 0 unexpected (), 3 with other shapes (a.weight: (3, 2) vs "
+                   "(4, 2), a.bias: (3,) vs (4,))"),
+    }  # fmt: skip
+    for model, name, what in cases.values():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(model, tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name} does not fit this model: {what}"
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(Two(), tmp_path / "absent.pt")
+    assert str(e.value) == f"checkpoint not found: {tmp_path / 'absent.pt'}"
+    torch.save({"a.weight": torch.rand(3, 2)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(Two(), tmp_path / "plain.pt")
+    assert (
+        str(e.value) == f"{tmp_path / 'plain.pt'} is not a roli checkpoint (for published weights use load_pretrained)"
+    )
+
+
+def test_the_load_report_reads_as_one_line():
+    from roli.models import LoadReport
+
+    report = LoadReport("w.pth", "module.", 12, "not in checkpoint", ["normalizer.mean", "normalizer.std"],
+                        ["x"], [], ["EMA weights (state_dict_ema)"])  # fmt: skip
+    assert str(report) == (
+        "loaded 12 backbone tensors from w.pth; head: not in checkpoint; stripped prefix 'module.'; ignored 2 wrapper "
+        "entries; EMA weights (state_dict_ema); NOT STRICT: 1 missing, 0 unexpected keys"
+    )
+    assert (
+        str(LoadReport("w.pth", "", 3, "dropped (...)")) == "loaded 3 backbone tensors from w.pth; head: dropped (...)"
+    )
+
+
 # -- PEFT -----------------------------------------------------------------------------------------------
 
 
