@@ -81,6 +81,23 @@ def parse_classes(text: str | None) -> list[int] | None:
 # -- the model ---------------------------------------------------------------------------------------------------
 
 
+TIMM_WEIGHT_ARGS = {  # timm.create_model's arguments that would load weights the run does not record, or no backbone
+    "pretrained": "would load timm's weights without the run recording them: drop it and use --pretrained",
+    "pretrained_cfg": "would choose weights for timm to load without the run recording them: drop it and use "
+    "--checkpoint FILE or --pretrained",
+    "pretrained_cfg_overlay": "would choose weights for timm to load without the run recording them: drop it and use "
+    "--checkpoint FILE or --pretrained",
+    "checkpoint_path": "would make timm load a file without the run recording it: drop it and use --checkpoint FILE",
+    "features_only": "would make timm return feature maps, not a backbone a head goes on: drop it",
+}
+OWN_ARGS = {  # constructor arguments roli sets itself
+    "num_classes": "is set by roli (the backbone is built without a classifier; the head's classes come from the "
+    "data): drop it",
+    "in_chans": "is set by roli (from the data's channels): drop it",
+    **TIMM_WEIGHT_ARGS,
+}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A classifier: architecture (`name`: a registry backbone, a timm name or package.module:function, with
@@ -127,6 +144,9 @@ class ModelSpec:
             self.input_size is None or is_int(self.input_size, 1),
             f"input-size: must be an integer >= 1; got {self.input_size!r}",
         )
+        for key, why in OWN_ARGS.items():
+            factory = ":" in self.name and not self.name.startswith(HUB_PREFIXES)  # a user's function: its own args
+            need(key not in self.args or factory and key in TIMM_WEIGHT_ARGS, f"model-arg: {key} {why}")
         moved = sorted(set(self.args) & {"mean", "std", "input_size", "interpolation"})
         need(
             not moved,

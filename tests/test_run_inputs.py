@@ -123,9 +123,9 @@ def test_train_switches_over_a_config(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["autoattack"] is None  # the file's "standard" turned off
     assert shown["model_args"] == {"drop_path_rate": 0.5, "img_size": 32}  # merged into the file's
-    assert train(["--config", "cifar10/roli_lora", "--model", "resnet18", "--model-arg", "num_classes=3",
+    assert train(["--config", "cifar10/roli_lora", "--model", "resnet18", "--model-arg", "drop_rate=0.25",
                   "--print-config"]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out)["model_args"] == {"num_classes": 3}  # another model: its own only
+    assert json.loads(capsys.readouterr().out)["model_args"] == {"drop_rate": 0.25}  # another model: its own only
 
 
 @pytest.mark.parametrize(

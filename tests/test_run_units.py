@@ -603,3 +603,42 @@ def test_an_interrupted_demo_says_so_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", diverged)
     assert train([]) == 1
     assert one_line(capsys, "") == "python -m roli.train: error: the loss is nan at epoch 3"
+
+
+def test_constructor_arguments_that_roli_sets_or_that_load_unrecorded_weights_are_refused(tmp_path, capsys):
+    from roli.specs import ModelSpec
+
+    said = {
+        "num_classes": "is set by roli (the backbone is built without a classifier; the head's classes come from the "
+        "data): drop it",
+        "in_chans": "is set by roli (from the data's channels): drop it",
+        "pretrained": "would load timm's weights without the run recording them: drop it and use --pretrained",
+        "pretrained_cfg": "would choose weights for timm to load without the run recording them: drop it and use "
+        "--checkpoint FILE or --pretrained",
+        "pretrained_cfg_overlay": "would choose weights for timm to load without the run recording them: drop it and "
+        "use --checkpoint FILE or --pretrained",
+        "checkpoint_path": "would make timm load a file without the run recording it: drop it and use --checkpoint "
+        "FILE",
+        "features_only": "would make timm return feature maps, not a backbone a head goes on: drop it",
+    }
+    for name in ("vit_tiny_patch16_224", "ares_vit_b", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"):
+        for key, why in said.items():
+            with pytest.raises(BadValue) as e:
+                ModelSpec(name, {"img_size": 8, key: "x"})
+            assert str(e.value) == f"model-arg: {key} {why}"
+    for key in ("pretrained", "checkpoint_path", "features_only", "pretrained_cfg"):  # a user's function's own
+        assert ModelSpec("mypackage.models:net", {key: True}).args == {key: True}
+    for key in ("num_classes", "in_chans"):
+        with pytest.raises(BadValue, match=f"^model-arg: {key} is set by roli"):
+            ModelSpec("mypackage.models:net", {key: 3})
+    with pytest.raises(
+        BadValue, match=r"^model-arg: mean, std is preprocessing, not a constructor argument: use --mean"
+    ):
+        ModelSpec("vit_tiny_patch16_224", {"std": 1, "mean": 0})
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: vit_tiny_patch16_224\nmodel_args: {{img_size: 8, checkpoint_path: {tmp_path}/w.pt}}\n")
+    run = ["--config", str(config), "--dataset", "digits", "--method", "lp", "--random-backbone", "--epochs", "1",
+           "--warmup", "0", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert train(run) == 2
+    assert one_line(capsys, "") == f"python -m roli.train: error: model-arg: checkpoint_path {said['checkpoint_path']}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
