@@ -119,12 +119,10 @@ def _load(src: Path, names: tuple[str, ...], build_dir: Path) -> None:
     from roli._io import lock_file
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    fd = lock_file(build_dir / BUILD_LOCK, wait=False)
-    if fd is None:
-        print(
-            f"roli: another process is building the C++ extension in {build_dir}: waiting for it ...", file=sys.stderr
-        )
-        fd = lock_file(build_dir / BUILD_LOCK)
+    fd = lock_file(
+        build_dir / BUILD_LOCK,
+        waiting=f"roli: another process is building the C++ extension in {build_dir}: waiting for it ...",
+    )
     try:
         baton = build_dir / TORCH_BATON
         if baton.is_file() and not baton.is_symlink():

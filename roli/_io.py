@@ -173,11 +173,13 @@ def plain_file(folder: Path, rel, kind: int = stat.S_IFREG) -> bool:
     return stat.S_IFMT(mode) == kind
 
 
-def lock_file(path: str | Path, shared: bool = False, wait: bool = True) -> int | None:
+def lock_file(path: str | Path, shared: bool = False, wait: bool = True, waiting: str = "") -> int | None:
     """An open descriptor of `path` (created 0644 if absent) holding an flock on it: shared or exclusive, waited for
-    or (wait=False) None when another process holds a conflicting one. Never through a symlink, never a folder
-    (ValueError). The kernel drops the lock when the descriptor is closed or the process ends, however it ends."""
+    (saying `waiting` on stderr first, when given and the lock is held) or (wait=False) None when another process
+    holds a conflicting one. Never through a symlink, never a folder (ValueError). The kernel drops the lock when
+    the descriptor is closed or the process ends, however it ends."""
     import fcntl
+    import sys
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -186,12 +188,22 @@ def lock_file(path: str | Path, shared: bool = False, wait: bool = True) -> int 
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"{path} is not a plain file, so not a lock file: move it away")
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-    except OSError as e:
-        os.close(fd)
-        if not wait and e.errno in (errno.EAGAIN, errno.EACCES):
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)
             return None
+        if waiting:
+            print(waiting, file=sys.stderr, flush=True)
+        try:
+            fcntl.flock(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        os.close(fd)
         raise
     return fd
 

@@ -508,9 +508,11 @@ def test_two_first_demos_at_once_train_the_source_backbone_once(tmp_path, monkey
     second.join(60)
     assert out["first"] == out["second"] and len(calls) == 1
     assert list(torch.load(out["first"], weights_only=True)) == ["backbone.w"]
-    printed = capsys.readouterr().out
-    assert printed.count("1/3 adversarially pretraining") == 1
-    assert "another process is training the robust source backbone in " in printed and "cached at" in printed
+    printed = capsys.readouterr()
+    assert printed.out.count("1/3 adversarially pretraining") == 1 and "cached at" in printed.out
+    assert f"another process is training the robust source backbone in {out['first'].parent}: waiting for it ..." in (
+        printed.err
+    )
     assert sorted(p.name for p in out["first"].parent.iterdir()) == [".lock", "backbone.pt"]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,11 +230,10 @@ def fetch(entry: Published, timeout: float = 60.0) -> Path:
             f"it in a browser or with gdown and put it at {dest}"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = dest.parent / f".{entry.filename}.lock"
-    fd = lock_file(lock, wait=False)
-    if fd is None:
-        print(f"{entry.name}: another process is downloading {dest}: waiting for it ...", file=sys.stderr, flush=True)
-        fd = lock_file(lock)
+    fd = lock_file(
+        dest.parent / f".{entry.filename}.lock",
+        waiting=f"{entry.name}: another process is downloading {dest}: waiting for it ...",
+    )
     try:
         if dest.is_file():
             return dest  # downloaded meanwhile

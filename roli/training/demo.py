@@ -68,10 +68,13 @@ def source_backbone(epochs: int = 15) -> Path:
 def _training_lock(base: Path):
     """One process trains the source backbone; a second one started meanwhile waits for it, then finds it cached."""
     base.mkdir(parents=True, exist_ok=True)
-    fd = lock_file(base / ".lock", wait=False)
-    if fd is None:
-        print(f"another process is training the robust source backbone in {base}: waiting for it ...", flush=True)
-        fd = lock_file(base / ".lock")
+    try:
+        fd = lock_file(
+            base / ".lock",
+            waiting=f"another process is training the robust source backbone in {base}: waiting for it ...",
+        )
+    except ValueError as e:
+        raise BadValue(f"demo: {e}") from None
     try:
         yield
     finally:
