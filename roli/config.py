@@ -181,6 +181,40 @@ def check_code_from_file(model, source: str, trust_code: bool) -> None:
         )
 
 
+def _read_options(path: Path):
+    """A config file's content (YAML by its suffix, else JSON), safely: YAML builds only plain data (no tags that
+    construct objects); a key given twice in one mapping is an error (both readers would keep the last silently)."""
+    text = path.read_text()
+    if path.suffix not in (".yaml", ".yml"):
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):  # SafeLoader's constructors only
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": its keys may be overridden here
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"{key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader
+
+
+def _unique_pairs(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice!r} is given twice")
+    return dict(pairs)
+
+
 SHIPPED = Path(__file__).resolve().parent / "configs"  # roli/configs/<dataset>/<name>.yaml, in the wheel
 
 
@@ -565,17 +599,17 @@ class TrainConfig:
         if not path.is_file():
             raise BadValue(f"config: file not found: {path}")
         try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(path.read_text()) or {}
-            else:
-                data = json.loads(path.read_text())
+            data = _read_options(path)
         except Exception as e:  # noqa: BLE001 - any parse error
             raise BadValue(f"config: cannot parse {path}: {first_line(e)}") from None
         if not isinstance(data, dict):
             raise BadValue(f"config: {path} must hold a mapping of options")
         data = {k: v for k, v in data.items() if not str(k).startswith("_")}  # a run's records, not options
+        spelled = {}
+        for k in data:
+            other = spelled.setdefault(str(k).replace("-", "_"), k)
+            if other != k:
+                raise BadValue(f"config: {path} gives {other!r} twice (also as {k!r}); keep one")
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k.replace("-", "_") not in known)
         if unknown:

@@ -229,3 +229,35 @@ def test_peft_options_are_checked_where_the_spec_is_built(options, message):
 
     with pytest.raises(BadValue, match=message):
         PeftSpec("lora", **options)
+
+
+@pytest.mark.parametrize(
+    "name, text, said",
+    [
+        ("dup.yaml", "method: lp\nlr: 0.1\nmethod: alp\n", "cannot parse {p}: 'method' is given twice (line 3)"),
+        ("nested.yml", "alp:\n  lr: 1\n  lr: 2\n", "cannot parse {p}: 'lr' is given twice (line 3)"),
+        ("dup.json", '{"method": "lp", "method": "alp"}', "cannot parse {p}: 'method' is given twice"),
+        ("inner.json", '{"alp": {"lr": 1, "lr": 2}}', "cannot parse {p}: 'lr' is given twice"),
+        ("dash.yaml", "alp_lr: 0.1\nalp-lr: 0.2\n", "{p} gives 'alp_lr' twice (also as 'alp-lr'); keep one"),
+        ("list.yaml", "- lp\n- alp\n", "{p} must hold a mapping of options"),
+        ("code.yaml", "method: !!python/object/apply:os.system ['touch PWNED']\n",
+         "cannot parse {p}: could not determine a constructor for the tag "
+         "'tag:yaml.org,2002:python/object/apply:os.system'"),
+        ("bytes.yaml", b"\xb7\xff\x00",
+         "cannot parse {p}: 'utf-8' codec can't decode byte 0xb7 in position 0: invalid start"),
+    ],
+)  # fmt: skip
+def test_a_config_file_says_what_is_wrong_with_it(tmp_path, monkeypatch, name, text, said):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(Exception) as e:
+        TrainConfig.from_file(path)
+    assert str(e.value).startswith("config: " + said.format(p=path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing ran
+
+
+def test_a_config_files_merge_keys_and_overrides_are_yaml_as_usual(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("_base: &b {lr: 0.5, epochs: 3}\nmethod: alp\nalp:\n  <<: *b\n  lr: 0.25\n")
+    assert TrainConfig.from_file(path).alp == {"lr": 0.25, "epochs": 3}
