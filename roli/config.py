@@ -119,9 +119,11 @@ def _set_value(text: str):
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return _yaml(text)
     except yaml.YAMLError:
         return text
+    except ValueError as e:  # a key given twice
+        raise BadValue(f"--set: {text}: {e}") from None
 
 
 def parse_set_options(items: list[str] | None) -> dict:
@@ -187,6 +189,11 @@ def _read_options(path: Path):
     text = path.read_text()
     if path.suffix not in (".yaml", ".yml"):
         return json.loads(text, object_pairs_hook=_unique_pairs)
+    return _yaml(text) or {}
+
+
+def _yaml(text: str):
+    """YAML read as plain data (SafeLoader's constructors only), a key given twice in one mapping a ValueError."""
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):  # SafeLoader's constructors only
@@ -198,13 +205,17 @@ def _read_options(path: Path):
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": its keys may be overridden here
                 continue
             key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+            except TypeError:  # an unhashable key: construct_mapping refuses it (a YAMLError)
+                continue
+            if twice:
                 raise ValueError(f"{key!r} is given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return loader.construct_mapping(node, deep)
 
     UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=UniqueKeys) or {}  # noqa: S506 - a SafeLoader
+    return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
 
 
 def _unique_pairs(pairs: list) -> dict:

@@ -261,3 +261,17 @@ def test_a_config_files_merge_keys_and_overrides_are_yaml_as_usual(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("_base: &b {lr: 0.5, epochs: 3}\nmethod: alp\nalp:\n  <<: *b\n  lr: 0.25\n")
     assert TrainConfig.from_file(path).alp == {"lr": 0.25, "epochs": 3}
+
+
+def test_set_values_are_yaml_with_each_key_once():
+    from roli._cli import BadValue
+    from roli.config import parse_set_options
+
+    assert parse_set_options(["model_args={a: 1, b: [2, 3]}", "lr=1e-3", "model=!!python/name:os.system"]) == {
+        "model_args": {"a": 1, "b": [2, 3]},
+        "lr": 1e-3,
+        "model": "!!python/name:os.system",  # an unknown tag: the text itself, never an object
+    }
+    with pytest.raises(BadValue) as e:
+        parse_set_options(["model_args={a: 1, a: 2}"])
+    assert str(e.value) == "--set: {a: 1, a: 2}: 'a' is given twice (line 1)"
