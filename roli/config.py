@@ -192,8 +192,14 @@ def _read_options(path: Path):
     return _yaml(text) or {}
 
 
+# Numbers with an exponent that YAML 1.1 (PyYAML) reads as strings: 1e-3, 5E4, 1.5e3 (it wants a dot and a signed
+# exponent); YAML 1.2 and every user read them as numbers.
+EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
 def _yaml(text: str):
-    """YAML read as plain data (SafeLoader's constructors only), a key given twice in one mapping a ValueError."""
+    """YAML read as plain data (SafeLoader's constructors only; 1e-3 is a number), a key given twice in one mapping
+    a ValueError."""
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):  # SafeLoader's constructors only
@@ -215,6 +221,7 @@ def _yaml(text: str):
         return loader.construct_mapping(node, deep)
 
     UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789."))
     return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
 
 

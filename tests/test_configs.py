@@ -275,3 +275,18 @@ def test_set_values_are_yaml_with_each_key_once():
     with pytest.raises(BadValue) as e:
         parse_set_options(["model_args={a: 1, a: 2}"])
     assert str(e.value) == "--set: {a: 1, a: 2}: 'a' is given twice (line 1)"
+
+
+def test_numbers_with_an_exponent_are_numbers_in_config_files_and_set(tmp_path):
+    import yaml
+
+    from roli.config import parse_set_options
+
+    path = tmp_path / "e.yaml"
+    path.write_text("method: alp\nlr: 1e-3\nweight_decay: 5E-2\nalp: {lr: 1.5e-2, weight_decay: 2e-4}\n")
+    cfg = TrainConfig.from_file(path)
+    assert (cfg.lr, cfg.weight_decay, cfg.alp) == (0.001, 0.05, {"lr": 0.015, "weight_decay": 0.0002})
+    assert parse_set_options(["lr=1e-3", "alp.lr=-2e-2", "seed=7"]) == {
+        "lr": 0.001, "alp": {"lr": -0.02}, "seed": 7}  # fmt: skip
+    assert parse_set_options(["model=1e-3x"]) == {"model": "1e-3x"}
+    assert yaml.safe_load("1e-3") == "1e-3"  # PyYAML's own loader is left as it is
