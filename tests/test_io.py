@@ -146,3 +146,15 @@ def test_hash_tensors_tells_shape_and_dtype_apart_from_equal_bytes():
     want = hashlib.sha256(b"(4, 6)torch.float32" + t.numpy().tobytes()).hexdigest()
     assert digest(t) == want and digest(t.t().contiguous().t()) == want  # the values, whatever the layout
     assert len({digest(t), digest(t.reshape(6, 4)), digest(t.view(torch.int32)), digest(t.reshape(24))}) == 4
+
+
+def test_load_tagged_never_runs_a_files_code(tmp_path):
+    class Mkdir:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "code-ran"),))
+
+    torch.save({"format": "roli-state-1", "x": Mkdir()}, tmp_path / "state.pt")
+    with pytest.raises(ValueError) as e:
+        _io.load_tagged(tmp_path / "state.pt", "roli-state-1", "training state")
+    assert str(e.value).startswith(f"training state {tmp_path / 'state.pt'} is unreadable (")
+    assert not (tmp_path / "code-ran").exists()

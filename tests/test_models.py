@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -193,13 +194,48 @@ class _Evil:
         return (print, ("pwned",))
 
 
+class _Mkdir:
+    """Unpickled, it makes a folder: the proof that a file ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
 def test_refuses_arbitrary_pickles_and_missing_files(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"state_dict": {"w": _Evil()}}, f)
     with pytest.raises(ValueError, match="weights-only"):
         load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "evil.pt")
+    src = small_resnet(10).state_dict()
+    marker = tmp_path / "code-ran"
+    for i, payload in enumerate([{"state_dict": {**src, "x": _Mkdir(marker)}}, {**src, "x": _Mkdir(marker)}]):
+        torch.save(payload, tmp_path / f"saved{i}.pt")  # torch's own format: a valid state dict beside the payload
+        with pytest.raises(ValueError) as e:
+            load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / f"saved{i}.pt")
+        assert str(e.value).startswith(f"cannot read {tmp_path / f'saved{i}.pt'} as a weights-only checkpoint (")
+        assert str(e.value).endswith("re-save it as a plain state dict or .safetensors") and not marker.exists()
     with pytest.raises(ValueError, match="checkpoint not found"):
         load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "nope.pt")
+
+
+def test_what_counts_as_a_state_dict_and_what_as_its_wrapper(tmp_path):
+    src = small_resnet(10)
+    state = src.state_dict()
+    notes = {f"note{i}": "x" for i in range(len(state))}  # exactly half of the entries are not tensors
+    for i, payload in enumerate([{"model": state, "steps": torch.tensor(5), "epoch": 5}, {**state, **notes}]):
+        torch.save(payload, tmp_path / f"{i}.pt")
+        target = create_classifier(small_resnet(0), 10)
+        assert load_pretrained(target, tmp_path / f"{i}.pt", keep_head=True).head_loaded
+        torch.testing.assert_close(target.eval()(images()), src.eval()(target.pre(images())), rtol=0, atol=0)
+    torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError) as e:
+        load_pretrained(create_classifier(small_resnet(0), 10), tmp_path / "empty.pt")
+    assert str(e.value) == (
+        f"{tmp_path / 'empty.pt'} holds no state dict of tensors (looked under state_dict, model, model_state, net)"
+    )
 
 
 def test_own_checkpoints_full_and_trainable_only(tmp_path, monkeypatch):

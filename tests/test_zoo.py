@@ -206,6 +206,18 @@ def test_roli_reference_vit_checkpoint_is_evaluated_as_it_was_trained(tmp_path):
     assert report.unexpected == ["transformer.extra_norm.weight"] and report.missing == []
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), src(fresh.pre(x)), rtol=1e-5, atol=1e-5)  # every block loaded
+    for extra, said in (
+        ({"1.head.mlp.0.weight": torch.rand(4, 48)}, "the RoLI reference model has an MLP head (1.head.mlp.0.weight, "
+         "...): roli's head is linear"),
+        ({"1.enc.transformer.encoder.layer.0.adapter.down.weight": torch.rand(8, 48)}, "PEFT parameters roli cannot "
+         "convert (transformer.encoder.layer.0.adapter.down.weight, 1 in all); merge them into the backbone first"),
+        ({"1.enc.transformer.prompt_embeddings": torch.rand(1, 10, 48)}, "PEFT parameters roli cannot convert "
+         "(transformer.prompt_embeddings, 1 in all)"),
+    ):  # fmt: skip
+        torch.save({"model": {**state, **extra}}, tmp_path / "peft.pth")
+        with pytest.raises(ValueError) as e:
+            load_pretrained(fresh, tmp_path / "peft.pth")
+        assert said in str(e.value)
     del state["1.enc.transformer.encoder.layer.1.attn.key.bias"]
     torch.save({"model": state}, tmp_path / "no_key.pth")
     with pytest.raises(ValueError, match=r"^the RoLI reference ViT block 1 lacks some of attn\.query/key/value\.bias$"):
