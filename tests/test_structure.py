@@ -70,3 +70,66 @@ def test_no_two_modules_share_a_file_name():
     shared = {name: where for name, where in seen.items() if len(where) > 1 and name not in paired}
     assert not shared, shared
     assert sorted(seen["pgd_step.py"]) == ["kernels/pgd_step.py", "ops/pgd_step.py"]
+
+
+def unsafe_loads(source: str, where: str) -> list[str]:
+    """Calls that could run code from a file: torch.load without weights_only=True, np.load with allow_pickle other
+    than False, pickle.load(s)/Unpickler (roli's restricted unpickler aside), yaml.load outside config._yaml (whose
+    loader is a SafeLoader), yaml.unsafe_load/full_load, eval, exec, marshal."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        bad = (
+            (name == "torch.load" and kw.get("weights_only") != "True")
+            or (name == "np.load" and kw.get("allow_pickle", "False") != "False")
+            or name
+            in (
+                "pickle.load",
+                "pickle.loads",
+                "marshal.loads",
+                "eval",
+                "exec",
+                "yaml.unsafe_load",
+                "yaml.full_load",
+                "yaml.load",
+            )  # fmt: skip
+        )
+        if bad:
+            out.append(f"{where}:{node.lineno} {ast.unparse(node)[:80]}")
+    return out
+
+
+def test_no_code_runs_from_a_file_roli_reads():
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        found += unsafe_loads(path.read_text(), str(path.relative_to(ROOT)))
+    where = [(f.split(":")[0], f.split(" ", 1)[1]) for f in found]
+    assert where == [("config.py", "yaml.load(text, Loader=UniqueKeys)")], found  # UniqueKeys is a SafeLoader
+    assert unsafe_loads("torch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\ntorch.load(p)\n", "x") == [
+        "x:1 torch.load(p, weights_only=False)", "x:2 np.load(p, allow_pickle=True)", "x:3 torch.load(p)"]  # fmt: skip
+    import yaml
+
+    from roli.config import _yaml
+
+    assert issubclass(_loader_of(_yaml), yaml.SafeLoader)
+
+
+def _loader_of(fn):
+    import yaml
+
+    seen = []
+    real = yaml.load
+
+    def spy(text, Loader):  # noqa: N803 - yaml's own argument name
+        seen.append(Loader)
+        return real(text, Loader=Loader)
+
+    yaml.load = spy
+    try:
+        fn("a: 1")
+    finally:
+        yaml.load = real
+    return seen[0]
