@@ -165,6 +165,10 @@ def test_a_transform_without_a_train_flag_is_cached(transfer):
     view.transform = "Resize(8) (a user's transform: no .train attribute)"
     key, desc = cache_key(classifier(net), view, "train", "fp32")
     assert desc["transform"] == repr(view.transform) and len(key) == 32
+    other = copy.copy(train)
+    other.transform = "Resize(16) (another deterministic view of the same images)"
+    assert cache_key(classifier(net), other, "train", "fp32")[0] != key  # another view: other features
+    assert cache_key(classifier(net), train, "train", "fp32")[1]["transform"] is None
 
 
 def test_cache_refuses_random_augmentation(tmp_path):

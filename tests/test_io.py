@@ -158,3 +158,15 @@ def test_load_tagged_never_runs_a_files_code(tmp_path):
         _io.load_tagged(tmp_path / "state.pt", "roli-state-1", "training state")
     assert str(e.value).startswith(f"training state {tmp_path / 'state.pt'} is unreadable (")
     assert not (tmp_path / "code-ran").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_users_umask_not_mkstemps_0600(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        _io.save_json({"a": 1}, tmp_path / "a.json")
+        _io.save_torch({"t": torch.randn(2)}, tmp_path / "sub" / "t.pt")
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "a.json", tmp_path / "sub" / "t.pt"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))
