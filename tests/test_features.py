@@ -91,7 +91,7 @@ def test_cache_hit_and_miss_on_every_key_component(transfer, tmp_path, monkeypat
     assert not cache.get(model, train, "train").hit
 
 
-@pytest.mark.parametrize("damage", ["truncated", "replaced", "labels", "meta", "shape", "short labels"])
+@pytest.mark.parametrize("damage", ["truncated", "replaced", "labels", "meta", "shape", "short labels", "another"])
 def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage, caplog):
     """Files of an entry cut short (a full disk), replaced by other numbers of the same size (an edit, a copy),
     meta.json unreadable, or arrays of another shape than recorded: the features are computed again, with a
@@ -125,6 +125,8 @@ def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage
         del meta["sha256"]
         meta["n"] += 1
         (entry / "meta.json").write_text(json.dumps(meta))
+    elif damage == "another":  # the folder of another entry copied or renamed to this key (here: the val split's)
+        (entry / "meta.json").write_text(json.dumps({**meta, "split": "val"}))
     else:  # an earlier roli's entry whose labels alone are cut short
         del meta["sha256"]
         (entry / "meta.json").write_text(json.dumps(meta))
@@ -136,6 +138,8 @@ def test_a_damaged_entry_is_computed_again_never_read(transfer, tmp_path, damage
     assert line.startswith(f"feature cache entry {entry} is damaged (") and line.endswith(
         ": computing the features again"
     )
+    if damage == "another":
+        assert "is damaged (its meta.json describes another entry (copied or renamed?))" in line
     if damage in ("truncated", "replaced", "labels"):
         name = "labels.npy" if damage == "labels" else "features.npy"
         assert f"is damaged ({name} is not the file written there (its sha256 differs))" in line

@@ -12,7 +12,8 @@ preprocessing (resize, mean/std, the deterministic transform), dataset identity 
 file paths, sizes and labels), split, dtype and roli version. An entry is written into a temporary
 folder and renamed into place only when complete, so a run killed while writing leaves nothing that
 reads as valid. meta.json records the sha256 of both arrays' files: an entry whose files were cut short or
-replaced since (a full disk, a copy, an edit) is computed again, with a warning, never read. Under torchrun each
+replaced since (a full disk, a copy, an edit), or whose meta.json describes another key (a folder copied or renamed),
+is computed again, with a warning, never read. Under torchrun each
 rank computes its shard; rank 0 assembles the entry once.
 
 What a killed writer leaves (its ".tmp-<key>..." folder, a ".removing-<key>-..." folder whose removal was cut short)
@@ -98,7 +99,13 @@ def cache_key(model, data, split: str, dtype: str) -> tuple[str, dict]:
         "dtype": dtype,
         "roli": roli.__version__,
     }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32], desc
+    return key_of(desc), desc
+
+
+def key_of(desc: dict) -> str:
+    """The key of an entry's description (meta.json holds it, with n, dim and sha256 beside it)."""
+    desc = {k: v for k, v in desc.items() if k not in ("n", "dim", "sha256")}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _batches(data, batch_size: int, device, indices):
@@ -183,6 +190,8 @@ class FeatureCache:
         d = self.path(key)
         try:
             meta = json.loads((d / "meta.json").read_text())
+            if key_of(meta) != key:
+                raise ValueError("its meta.json describes another entry (copied or renamed?)")
             recorded = meta.get("sha256", {})  # an entry of an earlier roli has none: its shapes are checked
             for name in FILES:
                 if name in recorded and file_sha256(d / name) != recorded[name]:
