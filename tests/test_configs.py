@@ -290,3 +290,59 @@ def test_numbers_with_an_exponent_are_numbers_in_config_files_and_set(tmp_path):
         "lr": 0.001, "alp": {"lr": -0.02}, "seed": 7}  # fmt: skip
     assert parse_set_options(["model=1e-3x"]) == {"model": "1e-3x"}
     assert yaml.safe_load("1e-3") == "1e-3"  # PyYAML's own loader is left as it is
+
+
+def test_find_config_files_names_and_what_it_says_otherwise(tmp_path, monkeypatch):
+    from roli._cli import BadValue
+    from roli.config import SHIPPED, find_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert (
+        find_config("cifar10/roli_lora") == find_config("cifar10/roli_lora.yaml") == SHIPPED / "cifar10/roli_lora.yaml"
+    )
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "roli_lora").write_text("method: lp\n")  # a file of that name wins over the setting
+    assert find_config("cifar10/roli_lora") == Path("cifar10/roli_lora")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "mine.yaml").write_text("method: lp\n")
+    assert find_config("~/mine.yaml") == tmp_path / "home" / "mine.yaml"
+    names = ", ".join(sorted(NAMES))
+    for text, said in (
+        ("cifar100/roli_lorax", f"cifar100/roli_lorax is neither a file nor a shipped setting (cifar100 has: {names}); "
+         "roli train --list-configs lists them"),
+        ("cifar100/x.yaml", f"cifar100/x.yaml is neither a file nor a shipped setting (cifar100 has: {names}); "
+         "roli train --list-configs lists them"),
+        ("mnist/roli_lora", "mnist/roli_lora is neither a file nor a shipped setting; roli train --list-configs lists "
+         "them"),
+        ("nope.yaml", "file not found: nope.yaml (shipped settings by name: roli train --list-configs)"),
+        ("a/b/c.yaml", "file not found: a/b/c.yaml (shipped settings by name: roli train --list-configs)"),
+    ):  # fmt: skip
+        with pytest.raises(BadValue) as e:
+            find_config(text)
+        assert str(e.value) == f"config: {said}"
+
+
+@pytest.mark.parametrize(
+    "data, overrides, warmup, note",
+    [
+        ({"epochs": 20, "warmup": 10}, {"epochs": 5}, 2, "--epochs 5 over the file's 20: its warmup 10 scaled to 2"),
+        ({"warmup": 4}, {"epochs": 10}, 2, "--epochs 10 over the file's 20: its warmup 4 scaled to 2"),
+        ({"epochs": 20, "warmup": 10}, {"epochs": 1}, 0, "--epochs 1 over the file's 20: its warmup 10 scaled to 0"),
+        ({"epochs": 20, "warmup": 9}, {"epochs": 40}, 18, "--epochs 40 over the file's 20: its warmup 9 scaled to 18"),
+        ({"epochs": 20, "warmup": 10}, {"epochs": 20}, 10, None),
+        ({"epochs": 20, "warmup": 10}, {}, 10, None),
+        ({"epochs": 20, "warmup": 10}, {"epochs": 5, "warmup": 3}, 10, None),
+        ({"epochs": 20}, {"epochs": 5}, None, None),
+        ({"epochs": 0, "warmup": 1}, {"epochs": 5}, 1, None),
+        ({"epochs": 20, "warmup": "x"}, {"epochs": 5}, "x", None),
+        ({"epochs": 20, "warmup": 10}, {"epochs": 0}, 10, None),
+        ({"epochs": 20, "warmup": 10}, {"epochs": True}, 10, None),
+    ],
+)  # fmt: skip
+def test_the_files_warmup_scales_with_epochs_given_over_it(data, overrides, warmup, note):
+    from roli.config import _scale_warmup
+
+    data = dict(data)
+    assert _scale_warmup(data, dict(overrides)) == note
+    assert data.get("warmup") == warmup
