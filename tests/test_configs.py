@@ -240,6 +240,8 @@ def test_peft_options_are_checked_where_the_spec_is_built(options, message):
         ("inner.json", '{"alp": {"lr": 1, "lr": 2}}', "cannot parse {p}: 'lr' is given twice"),
         ("dash.yaml", "alp_lr: 0.1\nalp-lr: 0.2\n", "{p} gives 'alp_lr' twice (also as 'alp-lr'); keep one"),
         ("list.yaml", "- lp\n- alp\n", "{p} must hold a mapping of options"),
+        ("merged.yaml", "_b: &b {lr: 1}\nalp:\n  <<: *b\n  epochs: 2\n  epochs: 3\n",
+         "cannot parse {p}: 'epochs' is given twice (line 5)"),
         ("code.yaml", "method: !!python/object/apply:os.system ['touch PWNED']\n",
          "cannot parse {p}: could not determine a constructor for the tag "
          "'tag:yaml.org,2002:python/object/apply:os.system'"),

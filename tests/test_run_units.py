@@ -559,6 +559,14 @@ def test_two_demos_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     assert made == [Path("runs/roli-demo-20260101-000000"), Path("runs/roli-demo-20260101-000000-2"),
                     Path("runs/roli-demo-20260101-000000-3")]  # fmt: skip
     assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    import re
+
+    assert re.fullmatch(r"runs/roli-demo-20\d{6}-\d{6}", demo.demo_dir().as_posix())  # the time it was made
+    with pytest.raises(BadValue, match=r"^demo: cannot create x{300} \(File name too long\); give another folder$"):
+        demo.demo_dir("x" * 300)
+    monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20260101-000000")
     real, raced = Path.exists, []
 
     def exists_then_raced(self, *a, **k):  # another demonstration makes the folder just after this one looked

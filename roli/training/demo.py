@@ -98,7 +98,11 @@ def demo_dir(run_dir: str | None = None) -> Path:
     cannot be made."""
     if run_dir is not None:
         path = Path(run_dir)
-        if path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir())):
+        try:
+            taken = path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir()))
+        except OSError as e:  # a name too long, a folder that cannot be read
+            raise BadValue(f"demo: cannot create {path} ({e.strerror}); give another folder") from None
+        if taken:
             raise BadValue(f"demo: {path} exists and is not an empty folder; give a new one")
         return _made(path, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
