@@ -111,10 +111,10 @@ def parse_kwargs(items: list[str] | None, flag: str = "--model-arg") -> dict:
     return out
 
 
-def quiet_pipe(main) -> int:  # noqa: C901 - one handler per way a command ends
+def quiet_pipe(main, name: str = "") -> int:  # noqa: C901 - one handler per way a command ends
     """main()'s exit status, quiet when the output pipe closes early (`roli train --help | head`): the rest of
-    the output goes to /dev/null and the status is a SIGPIPE'd process's, 141, with no traceback."""
-    import errno
+    the output goes to /dev/null and the status is a SIGPIPE'd process's, 141, with no traceback. `name`: the
+    program's name in its messages (default: from main's module)."""
     import os
     import sys
 
@@ -127,24 +127,42 @@ def quiet_pipe(main) -> int:  # noqa: C901 - one handler per way a command ends
         return 141
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves its state and says so itself)
         print(
-            f"{_name(main)}: interrupted (Ctrl-C); roli replaces its files whole, so none is half-written: run "
+            f"{name or _name(main)}: interrupted (Ctrl-C); roli replaces its files whole, so none is half-written: run "
             "the same command again (a run: --resume RUN_DIR)",
             file=sys.stderr,
         )
         return 130
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        said = os_error(e)
+        if said is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(
-            f"{_name(main)}: error: disk full{where}: free space there and run the same command again", file=sys.stderr
-        )
+        print(f"{name or _name(main)}: error: {said}", file=sys.stderr)
         return 2
+
+
+def os_error(e: OSError) -> str | None:
+    """What a command says, in one line, when a path it was given cannot be used (the file system refused it, not
+    roli): a full disk, a name too long, no permission, a read-only file system; None for any other error."""
+    import errno
+
+    name = str(e.filename or "")
+    where = f" ({name if len(name) <= 160 else name[:80] + '...' + name[-60:]})" if name else ""
+    return {
+        errno.ENOSPC: f"disk full{where}: free space there and run the same command again",
+        errno.ENAMETOOLONG: f"a name in a path is longer than the file system allows{where}: give a shorter one",
+        errno.EACCES: f"permission denied{where}: give a path this user may read (and write, for outputs)",
+        errno.EPERM: f"operation not permitted{where}: give a path this user may read (and write, for outputs)",
+        errno.EROFS: f"read-only file system{where}: give an output path on a writable one",
+    }.get(e.errno)
 
 
 def _name(main) -> str:
     """The program's name for a one-line message: prog(its command), from main's module (roli.train: train)."""
+    import sys
+
     module = getattr(main, "__module__", "") or ""
+    if module == "__main__":  # python -m roli.<command>: the module's own name is in its spec
+        module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", "") or ""
     return prog(module.rpartition(".")[2]) if module.startswith("roli.") and module != "roli.cli" else "roli"
 
 

@@ -28,7 +28,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The console command (and `python -m roli`): quiet, exit status 141, when its output pipe closes early."""
-    return _cli.quiet_pipe(lambda: _main(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    return _cli.quiet_pipe(lambda: _main(argv), f"roli {args[0]}" if args and args[0] in COMMANDS else "roli")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -146,3 +147,58 @@ def test_grid_validates_before_writing(tmp_path, capsys, extra, pattern):
     assert grid(["cifar10/alp", "--out", str(out), *data, *extra]) == 2
     _one_line(capsys, pattern)
     assert not out.exists()
+
+
+def test_a_path_the_file_system_refuses_is_one_line(capsys):
+    import errno
+
+    from roli._cli import quiet_pipe
+
+    long = "/data/" + "x" * 300 + "/config.json"
+    for code, said in (
+        (errno.ENAMETOOLONG, "a name in a path is longer than the file system allows (/data/" + "x" * 74 + "..."
+         + "x" * 48 + "/config.json): give a shorter one"),
+        (errno.EACCES, f"permission denied ({long[:80]}...{long[-60:]}): give a path this user may read (and write, "
+         "for outputs)"),
+        (errno.EPERM, f"operation not permitted ({long[:80]}...{long[-60:]}): give a path this user may read (and "
+         "write, for outputs)"),
+        (errno.EROFS, f"read-only file system ({long[:80]}...{long[-60:]}): give an output path on a writable one"),
+        (errno.ENOSPC, f"disk full ({long[:80]}...{long[-60:]}): free space there and run the same command again"),
+    ):  # fmt: skip
+
+        def main(code=code):
+            raise OSError(code, os.strerror(code), long)
+
+        assert quiet_pipe(main, "roli train") == 2
+        assert _one_line(capsys, "") == f"roli train: error: {said}"
+
+    def short():
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/w.pt")
+
+    assert quiet_pipe(short, "roli evaluate") == 2
+    assert _one_line(capsys, "") == (
+        "roli evaluate: error: permission denied (/root/w.pt): give a path this user may read (and write, for outputs)"
+    )
+
+    def other():
+        raise OSError(errno.EIO, "Input/output error", "/dev/sdz")
+
+    with pytest.raises(OSError, match="Input/output error"):  # not a path the user gave: the traceback stays
+        quiet_pipe(other, "roli train")
+
+
+@pytest.mark.parametrize(
+    "argv, program",
+    [(["-m", "roli.train", "--config"], "python -m roli.train"), (["-m", "roli", "report"], "roli report"),
+     (["-m", "roli.grid", "cifar10/alp", "--out"], "python -m roli.grid")],
+)  # fmt: skip
+def test_a_name_too_long_is_one_line_from_every_entry_point(tmp_path, argv, program):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *argv, str(tmp_path / ("x" * 300))], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{program}: error: a name in a path is longer than the file system allows (")
+    assert os.listdir(tmp_path) == []
