@@ -348,3 +348,77 @@ def test_the_files_warmup_scales_with_epochs_given_over_it(data, overrides, warm
     data = dict(data)
     assert _scale_warmup(data, dict(overrides)) == note
     assert data.get("warmup") == warmup
+
+
+def test_set_options_parse_key_by_key_and_say_what_is_wrong():
+    from roli._cli import BadValue
+    from roli.config import parse_set_options
+
+    assert parse_set_options(
+        ["model=a=b", "alp-lr=0.5", "model_args.drop_path_rate=0.1", "alp.epochs=3", "alp.epochs=3", "ft.lr=1"]
+    ) == {  # fmt: skip
+        "model": "a=b",
+        "alp_lr": 0.5,
+        "model_args": {"drop_path_rate": 0.1},
+        "alp": {"epochs": 3},
+        "ft": {"lr": 1},
+    }
+    stages = ", ".join(("optimizer", "lr", "weight_decay", "epochs", "warmup", "attack"))
+    for items, said in (
+        (["lr"], "expected KEY=VALUE or KEY.SUBKEY=VALUE; got 'lr'"),
+        (["=3"], "expected KEY=VALUE or KEY.SUBKEY=VALUE; got '=3'"),
+        (["alp.=3"], "expected KEY=VALUE or KEY.SUBKEY=VALUE; got 'alp.=3'"),
+        (["frob=1"], "frob is not a config option (roli train --print-config lists them)"),
+        (["lr.x=1"], "lr is not a mapping; only model_args, alp, ft, ranli take KEY.SUBKEY"),
+        (["alp.momentum=0.9"], f"alp.momentum: a stage's keys are {stages}"),
+        (["alp=3", "alp.epochs=2"], "alp is set whole and by key; give one of the two"),
+        (["alp.epochs=2", "alp={lr: 1}"], "alp is set twice, to {'epochs': 2} and {'lr': 1}"),
+        (["alp.lr=1", "alp.lr=2"], "alp.lr is set twice, to 1 and 2"),
+        (["seed=1", "seed=2"], "seed is set twice, to 1 and 2"),
+    ):
+        with pytest.raises(BadValue) as e:
+            parse_set_options(items)
+        assert str(e.value) == f"--set: {said}"
+
+
+def test_from_file_names_unknown_options_merges_stage_flags_and_keeps_its_note(tmp_path):
+    from roli._cli import BadValue
+
+    path = tmp_path / "c.yaml"
+    path.write_text("method: roli\nepochs: 20\nwarmup: 10\nalp-lr: 0.5\nalp: {epochs: 3, weight_decay: 0.1}\n"
+                    "ft: {lr: 0.01, epochs: 4}\nranli: {lr: 0.02}\n")  # fmt: skip
+    cfg = TrainConfig.from_file(path, epochs=5, alp={"weight_decay": 0.2}, ft={"epochs": 6}, ranli={"epochs": 7})
+    assert (cfg.alp_lr, cfg.alp) == (0.5, {"epochs": 3, "weight_decay": 0.2})
+    assert (cfg.ft, cfg.ranli) == ({"lr": 0.01, "epochs": 6}, {"lr": 0.02, "epochs": 7})
+    assert cfg.notes == ["--epochs 5 over the file's 20: its warmup 10 scaled to 2"] and cfg.warmup == 2
+    assert TrainConfig.from_file(path).notes == []
+    path.write_text("method: lp\nfrob: 1\nalp-frob: 2\n_record: 3\n")
+    with pytest.raises(BadValue) as e:
+        TrainConfig.from_file(path)
+    assert str(e.value) == f"config: unknown options in {path}: alp-frob, frob"
+    with pytest.raises(BadValue) as e:
+        TrainConfig.from_file(tmp_path / "absent.yaml")
+    assert str(e.value) == f"config: file not found: {tmp_path / 'absent.yaml'}"
+
+
+def test_model_spec_refusals_word_for_word():
+    from roli._cli import BadValue
+    from roli.specs import ModelSpec
+
+    for kwargs, said in (
+        ({"head_init": "xavier"}, "head-init: 'xavier' is not one of reference, torch, zero"),
+        ({"interpolation": "nearest"}, "interpolation: 'nearest' is not bilinear or bicubic"),
+        ({"mean": "a,b", "std": [1]}, "mean: expected comma-separated numbers, one per channel; got 'a,b'"),
+        ({"mean": [0.5], "std": "x"}, "std: expected comma-separated numbers, one per channel; got 'x'"),
+        ({"mean": [0.5], "std": [float("inf")]}, "std: expected finite numbers, one per channel; got [inf]"),
+        ({"mean": [0.5]}, "mean: goes with std; give both or neither"),
+        ({"std": [0.5]}, "std: goes with mean; give both or neither"),
+        ({"mean": [0.5, 0.5], "std": [1]}, "mean, std: 2 and 1 channels differ"),
+        ({"mean": [0.5], "std": [0.0]}, "std: must be > 0 per channel; got [0.0]"),
+        ({"input_size": 0}, "input-size: must be an integer >= 1; got 0"),
+        ({"checkpoint": " "}, "checkpoint: ' ' is not a path; give --checkpoint FILE, or leave it out"),
+    ):
+        with pytest.raises(BadValue) as e:
+            ModelSpec("vit_tiny_patch16_224", **kwargs)
+        assert str(e.value) == said
+    assert ModelSpec("x", mean="0.5, 0.25", std=[1, 2]).mean == [0.5, 0.25]
