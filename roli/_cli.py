@@ -142,7 +142,8 @@ def quiet_pipe(main, name: str = "") -> int:  # noqa: C901 - one handler per way
 
 def os_error(e: OSError) -> str | None:
     """What a command says, in one line, when a path it was given cannot be used (the file system refused it, not
-    roli): a full disk, a name too long, no permission, a read-only file system; None for any other error."""
+    roli): a full disk, a name too long, no permission, a read-only file system, a file where a folder should be;
+    None for any other error."""
     import errno
 
     name = str(e.filename or "")
@@ -153,6 +154,7 @@ def os_error(e: OSError) -> str | None:
         errno.EACCES: f"permission denied{where}: give a path this user may read (and write, for outputs)",
         errno.EPERM: f"operation not permitted{where}: give a path this user may read (and write, for outputs)",
         errno.EROFS: f"read-only file system{where}: give an output path on a writable one",
+        errno.ENOTDIR: f"a path goes through a file where a folder should be{where}: give another path",
     }.get(e.errno)
 
 

@@ -164,6 +164,8 @@ def test_a_path_the_file_system_refuses_is_one_line(capsys):
          "write, for outputs)"),
         (errno.EROFS, f"read-only file system ({long[:80]}...{long[-60:]}): give an output path on a writable one"),
         (errno.ENOSPC, f"disk full ({long[:80]}...{long[-60:]}): free space there and run the same command again"),
+        (errno.ENOTDIR, f"a path goes through a file where a folder should be ({long[:80]}...{long[-60:]}): give "
+         "another path"),
     ):  # fmt: skip
 
         def main(code=code):

@@ -652,3 +652,16 @@ def test_constructor_arguments_that_roli_sets_or_that_load_unrecorded_weights_ar
     assert train(run) == 2
     assert one_line(capsys, "") == f"python -m roli.train: error: model-arg: checkpoint_path {said['checkpoint_path']}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_feature_cache_under_a_file_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("a user's file")
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "afile"))
+    lp = ["--method", "lp", "--dataset", "digits", "--model", "roli.models.small:small_cnn", "--random-backbone",
+          "--epochs", "1", "--warmup", "0", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert train(lp) == 2
+    assert one_line(capsys, "") == (
+        f"python -m roli.train: error: the feature cache's folder {tmp_path / 'afile' / 'features'} lies under "
+        f"{tmp_path / 'afile'}, which is a file: point ROLI_CACHE_DIR at a folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -60,6 +60,19 @@ def default_root() -> Path:
     return _env.cache_root() / "features"
 
 
+def check_root(root: str | Path | None = None) -> None:
+    """ValueError naming the path when the cache's root cannot be a folder (it, or a folder above it, is a file):
+    checked before a run writes anything."""
+    path = Path(root) if root is not None else default_root()
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(
+            f"the feature cache's folder {path} lies under {base}, which is a file: point ROLI_CACHE_DIR at a folder"
+        )
+
+
 @dataclass
 class Features:
     """x: (N, D) float32 (memory-mapped from the cache when loaded); y: (N,) int64."""

@@ -18,6 +18,7 @@ from roli import _dist as D
 from roli._cli import BadValue
 from roli._io import first_line, note_written, save_json
 from roli.config import TrainConfig
+from roli.features.cache import check_root as check_cache_root
 from roli.models import apply_peft, what_trains
 from roli.rundir import (
     check_fingerprint,
@@ -105,6 +106,11 @@ def _validate(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, co
         raise BadValue(f"batch-size: {cfg.batch_size} is not divisible by the {D.world()} torchrun processes")
     check_run_dir(run_dir, resume, overwrite, cfg.inputs(config_file))
     check_trackers(cfg.log)
+    if cfg.method == "lp" or cfg.method == "ft" and cfg.init == "lp":  # the stages that go through the feature cache
+        try:
+            check_cache_root()
+        except ValueError as e:
+            raise BadValue(str(e)) from None
     splits = cfg.data_spec.load()
     train, _, _, num_classes = splits
     if cfg.autoattack and num_classes < 4:
