@@ -540,6 +540,15 @@ def test_the_demo_makes_its_folder_first_and_refuses_in_one_line(tmp_path, monke
     monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("trained before its folder was made"))
     monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20260101-000000")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "afile"))
+    assert train([]) == 2
+    assert one_line(capsys, "") == (
+        f"python -m roli.train: error: demo: roli's cache folder {tmp_path / 'afile' / 'demo'} lies under "
+        f"{tmp_path / 'afile'}, which is a file: point ROLI_CACHE_DIR at a folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no demo folder made
+    monkeypatch.setenv("ROLI_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "runs").write_text("a user's file")
     assert train([]) == 2
     assert one_line(capsys, "") == (
@@ -547,6 +556,7 @@ def test_the_demo_makes_its_folder_first_and_refuses_in_one_line(tmp_path, monke
         "folder; run it from another directory"
     )
     assert (tmp_path / "runs").read_text() == "a user's file" and not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "runs"]
 
 
 def test_two_demos_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
@@ -661,7 +671,7 @@ def test_a_feature_cache_under_a_file_is_refused_before_anything_is_written(tmp_
           "--epochs", "1", "--warmup", "0", "--run-dir", str(tmp_path / "run")]  # fmt: skip
     assert train(lp) == 2
     assert one_line(capsys, "") == (
-        f"python -m roli.train: error: the feature cache's folder {tmp_path / 'afile' / 'features'} lies under "
+        f"python -m roli.train: error: roli's cache folder {tmp_path / 'afile' / 'features'} lies under "
         f"{tmp_path / 'afile'}, which is a file: point ROLI_CACHE_DIR at a folder"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -69,7 +69,7 @@ def check_root(root: str | Path | None = None) -> None:
         base = base.parent
     if not base.is_dir():
         raise ValueError(
-            f"the feature cache's folder {path} lies under {base}, which is a file: point ROLI_CACHE_DIR at a folder"
+            f"roli's cache folder {path} lies under {base}, which is a file: point ROLI_CACHE_DIR at a folder"
         )
 
 

@@ -27,6 +27,7 @@ from roli import _env
 from roli._cli import BadValue
 from roli._io import lock_file, save_json, save_torch
 from roli.config import TrainConfig
+from roli.features.cache import check_root as check_cache_root
 from roli.models import read_state_dict
 from roli.training.run import run
 
@@ -132,6 +133,10 @@ def _made(path: Path, exist_ok: bool) -> Path:
 
 def run_demo(run_dir: str | None = None, epochs: int = 10, source_epochs: int = 15) -> dict:
     t0 = time.time()
+    try:
+        check_cache_root(_env.cache_root() / "demo")
+    except ValueError as e:
+        raise BadValue(f"demo: {e}") from None
     run_dir = demo_dir(run_dir)
     weights = source_backbone(source_epochs)
     target = dict(COMMON, classes="5-9", checkpoint=str(weights))
