@@ -422,3 +422,12 @@ def test_model_spec_refusals_word_for_word():
             ModelSpec("vit_tiny_patch16_224", **kwargs)
         assert str(e.value) == said
     assert ModelSpec("x", mean="0.5, 0.25", std=[1, 2]).mean == [0.5, 0.25]
+    assert ModelSpec("x", input_size=1).input_size == 1
+    for args, said in (
+        ({"input_size": 8}, "input_size is preprocessing, not a constructor argument: use --input-size instead"),
+        ({"interpolation": "bicubic"}, "interpolation is preprocessing, not a constructor argument: use "
+         "--interpolation instead"),
+    ):  # fmt: skip
+        with pytest.raises(BadValue) as e:
+            ModelSpec("vit_tiny_patch16_224", args)
+        assert str(e.value) == f"model-arg: {said}"
