@@ -40,8 +40,14 @@ def configs(folder: Path, **extra) -> dict[str, Path]:
         **extra,
     }.items():
         out[name] = folder / f"{name}.yaml"
-        out[name].write_text(BASE + text)
+        out[name].write_text(with_base(text))
     return out
+
+
+def with_base(text: str) -> str:
+    """BASE with the options of `text` in place of its own (a config file gives each option once)."""
+    given = {line.split(":", 1)[0] for line in text.splitlines() if line.strip()}
+    return "".join(line + "\n" for line in BASE.splitlines() if line.split(":", 1)[0] not in given) + text
 
 
 def results(run: Path) -> dict:
