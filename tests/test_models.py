@@ -225,7 +225,9 @@ def test_what_counts_as_a_state_dict_and_what_as_its_wrapper(tmp_path):
     src = small_resnet(10)
     state = src.state_dict()
     notes = {f"note{i}": "x" for i in range(len(state))}  # exactly half of the entries are not tensors
-    for i, payload in enumerate([{"model": state, "steps": torch.tensor(5), "epoch": 5}, {**state, **notes}]):
+    payloads = [{"model": state, "steps": torch.tensor(5), "epoch": 5}, {**state, **notes},
+                {"model": {"state_dict": {"net": state}, "epoch": 2}, "args": {}}]  # nested three deep  # fmt: skip
+    for i, payload in enumerate(payloads):
         torch.save(payload, tmp_path / f"{i}.pt")
         target = create_classifier(small_resnet(0), 10)
         assert load_pretrained(target, tmp_path / f"{i}.pt", keep_head=True).head_loaded
