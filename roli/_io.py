@@ -208,6 +208,13 @@ def lock_file(path: str | Path, shared: bool = False, wait: bool = True, waiting
     return fd
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (where a new path would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type when the message is empty."""
     text = str(e).strip()

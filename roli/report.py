@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from roli._cli import BadValue, OneLineParser, parse_budget, prog
-from roli._io import atomic_write, file_sha256
+from roli._io import atomic_write, file_sha256, nearest_existing
 from roli.rundir import stage_dir as stage_dir_of
 
 COLUMNS = [
@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise BadValue(f"--out: {out} is a file; give a directory")
-        base = out
-        while not base.exists() and base != base.parent:
-            base = base.parent
+        base = nearest_existing(out)
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
             what = "read-only" if base.is_dir() else "a file"
             raise BadValue(f"--out: cannot create {out}: {base} is {what}; give a writable directory")

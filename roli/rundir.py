@@ -40,6 +40,7 @@ from roli._io import (
     RUN_MARKER,
     file_sha256,
     manifest,
+    nearest_existing,
     plain_file,
     remove_stale_temporaries,
     save_json,
@@ -476,12 +477,6 @@ def check_not_dangling(path: Path, what: str, flag: str) -> None:
             f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist; create that folder or give "
             f"another {flag}"
         )
-
-
-def nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, inputs: dict[str, Path] | None = None) -> None:

@@ -45,7 +45,7 @@ import roli
 from roli import _env
 from roli._amp import autocast_for
 from roli._dist import rank_world
-from roli._io import file_sha256, hash_tensors, lock_file
+from roli._io import file_sha256, hash_tensors, lock_file, nearest_existing
 
 DTYPES = ("fp32", "bf16")
 FILES = ("features.npy", "labels.npy")
@@ -64,9 +64,7 @@ def check_root(root: str | Path | None = None) -> None:
     """ValueError naming the path when the cache's root cannot be a folder (it, or a folder above it, is a file):
     checked before a run writes anything."""
     path = Path(root) if root is not None else default_root()
-    base = path
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = nearest_existing(path)
     if not base.is_dir():
         raise ValueError(
             f"roli's cache folder {path} lies under {base}, which is a file: point ROLI_CACHE_DIR at a folder"

@@ -25,7 +25,7 @@ import torch
 import roli
 from roli import _env
 from roli._cli import BadValue
-from roli._io import lock_file, save_json, save_torch
+from roli._io import lock_file, nearest_existing, save_json, save_torch
 from roli.config import TrainConfig
 from roli.features.cache import check_root as check_cache_root
 from roli.models import read_state_dict
@@ -119,9 +119,7 @@ def demo_dir(run_dir: str | None = None) -> Path:
 
 
 def _made(path: Path, exist_ok: bool) -> Path:
-    base = path.parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = nearest_existing(path.parent)
     if not base.is_dir():
         raise BadValue(f"demo: cannot create {path}: {base} is a file, not a folder; run it from another directory")
     try:
